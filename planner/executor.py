@@ -1,0 +1,376 @@
+"""Running a compiled flow: settled-style outcomes, three modes, fail-fast, deadlines.
+
+The scheduler is graphlib's ready-set protocol turned into callbacks: each node keeps a count
+of dependencies not yet settled; when a node settles, its successors' counts drop, and a
+successor whose count reaches zero starts at once (eager). Nothing polls: a task's done
+callback drives everything, and the run's own coroutine only waits for "all settled" or
+"stop". Layered and sequential modes reuse the same machinery with a gate in front of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from planner.errors import FlowFailed, FlowInputError, FlowTimeout, NodeError, NodeTimeout, ReferenceFieldError
+from planner.expr import evaluate
+from planner.graph import CompiledFlow, CompiledNode
+from planner.refs import Unresolved, compile_getter, render
+from planner.results import FlowResult, NodeResult, NodeState
+
+logger = logging.getLogger("planner")
+
+MODES = ("eager", "layered", "sequential")
+_run_ids = itertools.count(1)
+_RUN_PREFIX = os.urandom(3).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class BoundNode:
+    """A node joined to its implementation: `args(values)` then `await run(args)`.
+
+    `args` raises `Unresolved` (the node is skipped) or `LookupError` (a typo: it fails).
+    """
+
+    spec: CompiledNode
+    args: Callable[[dict[str, Any]], Any]
+    run: Callable[[Any], Awaitable[Any]]
+
+
+def template_args(spec: CompiledNode) -> Callable[[dict[str, Any]], Any]:
+    """The `args` of a node whose arguments are its `with:` template."""
+    return compile_getter(spec.args)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying by default: lost connections, serialization failures, deadlocks..."""
+    return bool(getattr(exc, "transient", False)) or isinstance(exc, ConnectionError)
+
+
+def resolve_mode(flow: CompiledFlow, mode: str | None) -> str:
+    """`PLANNER_MODE` beats the call's `mode=`, which beats the flow's `settings.mode`."""
+    chosen = os.environ.get("PLANNER_MODE") or mode or flow.settings.mode
+    if chosen not in MODES:
+        raise FlowInputError(f"unknown mode {chosen!r} (choose eager, layered or sequential)", flow=flow.name)
+    return chosen
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "list": (list, tuple),
+    "dict": (dict,),
+}
+
+
+def bind_inputs(flow: CompiledFlow, given: dict[str, Any]) -> dict[str, Any]:
+    """Check the inputs against the flow's declaration and fill defaults. Raises `FlowInputError`."""
+    unknown = sorted(set(given) - set(flow.inputs))
+    if unknown:
+        raise FlowInputError(f"unknown input {unknown[0]!r} (declared: {', '.join(flow.inputs) or 'none'})", flow=flow.name, input=unknown[0])
+    values: dict[str, Any] = {}
+    for name, spec in flow.inputs.items():
+        if name not in given:
+            if spec.required:
+                raise FlowInputError(f"missing input {name!r} ({spec.type})", flow=flow.name, input=name)
+            values[name] = copy.deepcopy(spec.default)
+            continue
+        value = given[name]
+        allowed = _TYPES.get(spec.type)
+        bad_bool = isinstance(value, bool) and spec.type in ("int", "float")
+        if value is not None and allowed and (bad_bool or not isinstance(value, allowed)):
+            raise FlowInputError(f"input {name!r} must be {spec.type}, got {type(value).__name__}", flow=flow.name, input=name)
+        values[name] = value
+    return values
+
+
+async def execute(
+    flow: CompiledFlow,
+    bound: dict[str, BoundNode],
+    inputs: dict[str, Any],
+    *,
+    mode: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> FlowResult:
+    """Run `flow` once. Returns the result, or raises `FlowFailed` (carrying it) on failure."""
+    run = _Run(flow, bound, bind_inputs(flow, inputs), resolve_mode(flow, mode), overrides or {})
+    return await run.main()
+
+
+class _Run:
+    """The state of one run. Every node ends in `results` exactly once, through `_settle`."""
+
+    def __init__(
+        self, flow: CompiledFlow, bound: dict[str, BoundNode], values: dict[str, Any], mode: str, overrides: dict[str, Any]
+    ) -> None:
+        self.flow, self.bound, self.values, self.mode, self.overrides = flow, bound, values, mode, overrides
+        self.run_id = f"{_RUN_PREFIX}-{next(_run_ids)}"
+        self.loop = asyncio.get_running_loop()
+        self.t0 = self.loop.time()
+        self.active = _needed(flow, overrides) if overrides else flow.nodes.keys()
+        self.waiting = {
+            n: 0 if n in overrides else sum(1 for d in flow.nodes[n].deps if d in self.active) for n in self.active
+        }
+        self.results: dict[str, NodeResult] = {}
+        self.tasks: dict[asyncio.Task[Any], str] = {}
+        self.started: dict[str, float] = {}
+        self.attempts: dict[str, int] = {}
+        self.queue: deque[tuple[BoundNode, Any]] = deque()  # ready with their args, held back by max_concurrency
+        self.limit = flow.settings.max_concurrency or 1 << 30
+        self.ready: deque[str] = deque()
+        self.outstanding = 0
+        self.wake: asyncio.Future[None] = self.loop.create_future()
+        self.failure: str | None = None
+        self.eager = mode == "eager"
+        self.on_done = self._on_done  # one bound method for every task, not one per task
+
+    async def main(self) -> FlowResult:
+        timed_out = False
+        try:
+            async with asyncio.timeout(self.flow.settings.timeout):
+                if self.mode == "eager":
+                    await self._eager()
+                else:
+                    await self._gated(self.flow.groups if self.mode == "layered" else [(n,) for n in self.flow.order])
+        except TimeoutError:
+            timed_out = True
+        finally:
+            await self._stop()
+        return self._finish(timed_out)
+
+    async def _eager(self) -> None:
+        self.outstanding = len(self.active)
+        self.ready.extend(n for n in self.flow.order if n in self.waiting and self.waiting[n] == 0)
+        self._drain()
+        if self.outstanding:
+            await self.wake
+
+    async def _gated(self, steps: Any) -> None:
+        for step in steps:
+            names = [n for n in step if n in self.waiting]
+            if not names:
+                continue
+            self.outstanding = len(names)
+            if self.wake.done():
+                self.wake = self.loop.create_future()
+            self.ready.extend(names)
+            self._drain()
+            if self.outstanding:
+                await self.wake
+            if self.failure:
+                return
+
+    # --- starting nodes -----------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Start every ready node (iteratively: a long chain of skips must not recurse)."""
+        ready = self.ready
+        while ready and self.failure is None:
+            self._start(ready.popleft())
+
+    def _start(self, name: str) -> None:
+        if name in self.overrides:
+            self._settle(name, NodeState.OK, self.overrides[name], None)
+            return
+        node = self.bound[name]
+        spec = node.spec
+        try:
+            if spec.when is not None and not evaluate(spec.when, self.values):
+                self._settle(name, NodeState.SKIPPED, _copy(spec.default), None)
+                return
+            args = node.args(self.values)
+        except Unresolved:
+            self._settle(name, NodeState.SKIPPED, _copy(spec.default), None)
+            return
+        except LookupError as exc:
+            self.started[name] = self._now()
+            self._failed(name, ReferenceFieldError(str(exc).strip("'\"")))
+            return
+        except Exception as exc:  # a `when` that compares the incomparable
+            self.started[name] = self._now()
+            self._failed(name, NodeError(f"when: {exc}"))
+            return
+        if len(self.tasks) >= self.limit:
+            self.queue.append((node, args))
+            return
+        self._launch(node, args)
+
+    def _launch(self, node: BoundNode, args: Any) -> None:
+        spec = node.spec
+        name = spec.name
+        self.started[name] = (self.loop.time() - self.t0) * 1000.0
+        if spec.timeout is None and spec.retry.attempts == 1:
+            coro = node.run(args)  # the fast path: no wrapper coroutine at all
+        else:
+            coro = self._attempt_loop(node, args)
+        task = self.loop.create_task(coro)
+        self.tasks[task] = name
+        task.add_done_callback(self.on_done)
+
+    async def _attempt_loop(self, node: BoundNode, args: Any) -> Any:
+        spec, name = node.spec, node.spec.name
+        for attempt in range(1, spec.retry.attempts + 1):
+            self.attempts[name] = attempt
+            try:
+                if spec.timeout is None:
+                    return await node.run(args)
+                try:
+                    async with asyncio.timeout(spec.timeout):
+                        return await node.run(args)
+                except TimeoutError:
+                    raise NodeTimeout(f"timed out after {spec.timeout * 1000:g} ms") from None
+            except Exception as exc:
+                retryable = spec.retry.on_any or is_transient(exc)
+                if attempt == spec.retry.attempts or not retryable:
+                    raise
+                logger.info(
+                    "node %s of flow %s: attempt %d failed (%s), retrying",
+                    name, self.flow.name, attempt, exc,
+                    extra={"flow": self.flow.name, "node": name, "run_id": self.run_id, "attempt": attempt},
+                )
+                await asyncio.sleep(spec.retry.backoff * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- settling nodes -----------------------------------------------------------------
+
+    def _on_done(self, task: asyncio.Task[Any]) -> None:
+        name = self.tasks.pop(task)
+        try:
+            value = task.result()
+        except asyncio.CancelledError:
+            self._settle(name, NodeState.CANCELLED, None, None)
+        except Exception as exc:
+            self._failed(name, exc)
+        else:
+            self._settle(name, NodeState.OK, value, None)
+        if self.queue and self.failure is None:
+            self._launch(*self.queue.popleft())
+        self._drain()
+
+    def _failed(self, name: str, error: BaseException) -> None:
+        spec = self.flow.nodes[name]
+        if spec.fail:
+            self._settle(name, NodeState.FAILED, None, error)
+            if self.failure is None:
+                self.failure = name
+                self._cancel_all()
+                self._wake()
+            return
+        logger.warning(
+            "node %s of flow %s defaulted: %s: %s",
+            name, self.flow.name, type(error).__name__, error,
+            exc_info=error,
+            extra={"flow": self.flow.name, "node": name, "run_id": self.run_id, "outcome": "defaulted"},
+        )
+        self._settle(name, NodeState.DEFAULTED, _copy(spec.default), error)
+
+    def _settle(self, name: str, state: NodeState, value: Any, error: BaseException | None) -> None:
+        started = self.started.get(name)
+        attempts = 0 if started is None else self.attempts.get(name, 1)
+        self.results[name] = NodeResult(state, value, error, attempts, started, self._now())
+        self.values[name] = value
+        if self.failure is not None:
+            return
+        waiting = self.waiting
+        for successor in self.flow.successors[name]:
+            if successor in waiting:
+                left = waiting[successor] = waiting[successor] - 1
+                if left == 0 and self.eager:
+                    self.ready.append(successor)
+        self.outstanding -= 1
+        if self.outstanding == 0:
+            self._wake()
+
+    def _wake(self) -> None:
+        if not self.wake.done():
+            self.wake.set_result(None)
+
+    # --- stopping -----------------------------------------------------------------------
+
+    def _cancel_all(self) -> None:
+        self.ready.clear()
+        self.queue.clear()
+        for task in self.tasks:
+            task.cancel()
+
+    async def _stop(self) -> None:
+        """Cancel what is still in flight and wait until every node task has finished."""
+        if not self.tasks:
+            return
+        if self.failure is None:
+            self.failure = ""  # stop successors from starting while we wind down
+        self._cancel_all()
+        pending = list(self.tasks)
+        try:
+            await asyncio.wait(pending)
+        except asyncio.CancelledError:
+            await asyncio.wait(pending)  # cancelled again while cleaning up: still no orphans
+            raise
+
+    def _finish(self, timed_out: bool) -> FlowResult:
+        for name in self.active:
+            if name not in self.results:
+                self.results[name] = NodeResult(NodeState.CANCELLED, None, None, 0, self.started.get(name), None)
+        results = {name: self.results[name] for name in self.flow.order if name in self.results}
+        status = "timeout" if timed_out else "failed" if self.failure else "ok"
+        output = self._output() if status == "ok" else None
+        result = FlowResult(self.flow.name, self.run_id, self.mode, status, results, output, self._now())
+        if status == "timeout":
+            raise FlowTimeout(f"flow {self.flow.name!r} hit its deadline of {self.flow.settings.timeout:g}s", result=result)
+        if status == "failed":
+            error = results[self.failure].error if self.failure else None
+            raise FlowFailed(f"flow {self.flow.name!r} failed: node {self.failure!r}: {error}", result=result)
+        return result
+
+    def _output(self) -> Any:
+        if self.flow.output is None:
+            return {name: node.value for name, node in self.results.items()}
+        try:
+            return render(self.flow.output.value, self.values)
+        except (Unresolved, LookupError) as exc:
+            # Everything has run (and written): an output that walks into null is null, not a failure.
+            logger.warning("flow %s: output: %s", self.flow.name, exc, extra={"flow": self.flow.name, "run_id": self.run_id})
+            return {k: _safe_render(v, self.values) for k, v in self.flow.output.value.items()} if isinstance(self.flow.output.value, dict) else None
+
+    def _now(self) -> float:
+        return (self.loop.time() - self.t0) * 1000.0
+
+
+def _safe_render(template: Any, values: dict[str, Any]) -> Any:
+    try:
+        return render(template, values)
+    except (Unresolved, LookupError):
+        return None
+
+
+def _copy(value: Any) -> Any:
+    # Defaults are shared by every run; hand each run its own copy of a mutable one.
+    return copy.deepcopy(value) if isinstance(value, (list, dict)) else value
+
+
+def _needed(flow: CompiledFlow, overrides: dict[str, Any]) -> set[str]:
+    """The nodes a run with `overrides` must settle: overridden ones, and what the rest needs."""
+    unknown = sorted(set(overrides) - set(flow.nodes))
+    if unknown:
+        raise FlowInputError(f"override of unknown node {unknown[0]!r}", flow=flow.name)
+    wanted = {r.root for r in flow.output.refs} if flow.output else set()
+    keep: set[str] = set()
+    for name in reversed(flow.order):
+        successors = flow.successors[name]
+        if (
+            name in overrides
+            or name in wanted
+            or not successors
+            or any(s in keep and s not in overrides for s in successors)
+        ):
+            keep.add(name)
+    return keep

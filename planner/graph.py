@@ -1,0 +1,272 @@
+"""Compiling a validated flow into its graph, and planning it. No I/O, no execution.
+
+`compile_flow` turns a `LoadedFlow` into a `CompiledFlow`: every reference parsed, every
+dependency derived (plus `after:`), the networkx graph checked for unknown names and cycles,
+and the order, groups and successor lists the executor needs precomputed once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from planner.errors import FlowGraphError
+from planner.expr import Expr, ExprSyntaxError, Lit, refs_of
+from planner.expr import parse as parse_expr
+from planner.loader import LoadedFlow, Marks
+from planner.models import CallNode, FlowSpec, InputSpec, Settings, SqlNode
+from planner.refs import CompiledSql, Ref, RefSyntaxError, Template, compile_sql, parse_value
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 1
+    backoff: float = 0.0
+    on_any: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledNode:
+    """One node, ready to run: references parsed, dependencies known."""
+
+    name: str
+    kind: str  # "sql" | "call"
+    index: int
+    deps: tuple[str, ...]
+    refs: tuple[Ref, ...]
+    when: Expr | None
+    default: Any
+    fail: bool
+    timeout: float | None
+    retry: RetryPolicy
+    latency: float | None
+    statements: tuple[CompiledSql, ...] = ()
+    fetch: str = "all"
+    call: str = ""
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompiledFlow:
+    """A flow compiled once and run many times (see `planner.executor`)."""
+
+    name: str
+    loaded: LoadedFlow
+    inputs: dict[str, InputSpec]
+    settings: Settings
+    nodes: dict[str, CompiledNode]
+    graph: nx.DiGraph
+    order: tuple[str, ...]
+    groups: tuple[tuple[str, ...], ...]
+    successors: dict[str, tuple[str, ...]]
+    output: Template | None
+
+    @property
+    def marks(self) -> Marks:
+        return self.loaded.marks
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The parallel groups, the critical path, and the latency estimate of a flow."""
+
+    groups: tuple[tuple[str, ...], ...]
+    critical_path: tuple[str, ...]
+    latency_ms: dict[str, float]
+    sequential_ms: float
+    parallel_ms: float
+    unknown: tuple[str, ...]  # nodes with no latency hint or record (counted as 0)
+
+    @property
+    def speedup(self) -> float:
+        return self.sequential_ms / self.parallel_ms if self.parallel_ms else 1.0
+
+
+def compile_flow(loaded: LoadedFlow) -> CompiledFlow:
+    """Derive the dependency graph of a validated flow. Raises `FlowGraphError`."""
+    spec, marks = loaded.spec, loaded.marks
+    nodes: dict[str, CompiledNode] = {}
+    for index, (name, node) in enumerate(spec.nodes.items()):
+        nodes[name] = _compile_node(name, index, node, spec, marks)
+    output = None
+    if spec.output is not None:
+        try:
+            output = parse_value(spec.output)
+        except RefSyntaxError as exc:
+            raise marks.error(str(exc), ("output",)) from None
+    known = set(spec.inputs) | set(nodes)
+    _check_refs(nodes, output, known, loaded)
+    graph = nx.DiGraph()
+    graph.add_nodes_from(nodes)
+    graph.add_edges_from((dep, name) for name, node in nodes.items() for dep in node.deps)
+    order = _order(graph, nodes, marks)
+    generations = nx.topological_generations(graph)
+    groups = tuple(tuple(sorted(g, key=lambda n: nodes[n].index)) for g in generations)
+    successors = {name: tuple(graph.successors(name)) for name in nodes}
+    return CompiledFlow(
+        name=loaded.name,
+        loaded=loaded,
+        inputs=dict(spec.inputs),
+        settings=spec.settings,
+        nodes=nodes,
+        graph=graph,
+        order=order,
+        groups=groups,
+        successors=successors,
+        output=output,
+    )
+
+
+def _compile_node(name: str, index: int, node: SqlNode | CallNode, spec: FlowSpec, marks: Marks) -> CompiledNode:
+    refs: list[Ref] = []
+    statements: tuple[CompiledSql, ...] = ()
+    args: dict[str, Any] = {}
+    if isinstance(node, SqlNode):
+        texts = [node.sql] if isinstance(node.sql, str) else node.sql
+        compiled = []
+        for i, text in enumerate(texts):
+            where: tuple[str | int, ...] = ("nodes", name, "sql") + ((i,) if isinstance(node.sql, list) else ())
+            try:
+                compiled.append(compile_sql(text))
+            except RefSyntaxError as exc:
+                raise _at_offset(marks, where, text, exc.offset, str(exc)) from None
+            refs.extend(compiled[-1].params)
+        statements = tuple(compiled)
+    else:
+        try:
+            template = parse_value(node.with_)
+        except RefSyntaxError as exc:
+            raise marks.error(str(exc), ("nodes", name, "with")) from None
+        args = template.value
+        refs.extend(template.refs)
+    when: Expr | None = None
+    if isinstance(node.when, bool):
+        when = Lit(node.when)
+    elif isinstance(node.when, str):
+        try:
+            when = parse_expr(node.when)
+        except ExprSyntaxError as exc:
+            line, column = marks.at(("nodes", name, "when"))
+            raise FlowGraphError(
+                f"when: {exc} (at column {exc.offset + 1} of the expression)",
+                file=marks.file, line=line, column=column, node=name, code="PLN120",
+            ) from None
+        refs.extend(refs_of(when))
+    retry = node.retry
+    unique_refs = tuple(dict.fromkeys(refs))
+    deps = dict.fromkeys([r.root for r in unique_refs if r.root in spec.nodes and r.root != name] + node.after)
+    return CompiledNode(
+        name=name,
+        kind="sql" if isinstance(node, SqlNode) else "call",
+        index=index,
+        deps=tuple(deps),
+        refs=unique_refs,
+        when=when,
+        default=node.default,
+        fail=node.on_error == "fail",
+        timeout=node.timeout if node.timeout is not None else spec.settings.node_timeout,
+        retry=RetryPolicy(retry.attempts, retry.backoff, retry.on == "any") if retry else RetryPolicy(),
+        latency=node.latency,
+        statements=statements,
+        fetch=node.fetch if isinstance(node, SqlNode) else "all",
+        call=node.call if isinstance(node, CallNode) else "",
+        args=args,
+    )
+
+
+def _at_offset(marks: Marks, where: tuple[str | int, ...], text: str, offset: int, message: str) -> FlowGraphError:
+    """An error at `offset` inside an SQL text, reported at the text's line in the file."""
+    line, column = marks.at(where)
+    inner_line = text.count("\n", 0, offset)
+    inner_col = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    shown = f"{message} (SQL line {inner_line + 1}, column {inner_col})"
+    return FlowGraphError(shown, file=marks.file, line=line, column=column, node=str(where[1]), code="PLN110")
+
+
+def _check_refs(
+    nodes: dict[str, CompiledNode], output: Template | None, known: set[str], loaded: LoadedFlow
+) -> None:
+    """Refuse references to names that do not exist, and self-references."""
+    marks, spec = loaded.marks, loaded.spec
+    for name, node in nodes.items():
+        for ref in node.refs:
+            if ref.root not in known:
+                raise _graph_error(marks, _unknown(ref, known), ("nodes", name, node.kind if node.kind == "sql" else "with"), name)
+            if ref.root == name:
+                raise _graph_error(marks, f"{name} -> {name}: a node cannot reference itself", ("nodes", name), name, cycle=[name, name])
+        for i, after in enumerate(spec.nodes[name].after):
+            if after not in nodes:
+                raise _graph_error(marks, f"after: unknown node {after!r}{_suggest(after, nodes)}", ("nodes", name, "after", i), name)
+    for ref in output.refs if output else ():
+        if ref.root not in known:
+            raise _graph_error(marks, _unknown(ref, known), ("output",), None)
+
+
+def _unknown(ref: Ref, known: set[str]) -> str:
+    return f"unknown reference {ref}: no input or node is named {ref.root!r}{_suggest(ref.root, known)}"
+
+
+def _suggest(name: str, known: Any) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _graph_error(
+    marks: Marks, message: str, path: tuple[str | int, ...], node: str | None, cycle: list[str] | None = None
+) -> FlowGraphError:
+    line, column = marks.at(path)
+    return FlowGraphError(message, cycle=cycle, file=marks.file, line=line, column=column, node=node, code="PLN200")
+
+
+def _order(graph: nx.DiGraph, nodes: dict[str, CompiledNode], marks: Marks) -> tuple[str, ...]:
+    """Topological order, ties broken by the order of the YAML file (so plans are stable)."""
+    try:
+        return tuple(nx.lexicographical_topological_sort(graph, key=lambda n: nodes[n].index))
+    except nx.NetworkXUnfeasible:
+        cycle = [edge[0] for edge in nx.find_cycle(graph)]
+        cycle.append(cycle[0])
+        first = min(cycle, key=lambda n: nodes[n].index)
+        spelled = " -> ".join(cycle)
+        raise _graph_error(marks, f"cycle: {spelled}", ("nodes", first), first, cycle=cycle) from None
+
+
+def plan(flow: CompiledFlow, recorded_ms: dict[str, float] | None = None) -> Plan:
+    """Groups, critical path and latency estimate, from recorded latencies or `latency:` hints.
+
+    The critical path is the heaviest path through the graph, weighting each node by its
+    expected latency: what eager mode needs at least, however many nodes run beside it.
+    """
+    recorded_ms = recorded_ms or {}
+    latency: dict[str, float] = {}
+    unknown: list[str] = []
+    for name, node in flow.nodes.items():
+        if name in recorded_ms:
+            latency[name] = recorded_ms[name]
+        elif node.latency is not None:
+            latency[name] = node.latency * 1000
+        else:
+            latency[name] = 0.0
+            unknown.append(name)
+    finish: dict[str, float] = {}
+    via: dict[str, str | None] = {}
+    for name in flow.order:
+        deps = flow.nodes[name].deps
+        best = max(deps, key=lambda d: finish[d], default=None)
+        finish[name] = (finish[best] if best else 0.0) + latency[name]
+        via[name] = best
+    path: list[str] = []
+    step = max(flow.order, key=lambda n: finish[n], default=None)
+    while step is not None:
+        path.append(step)
+        step = via[step]
+    return Plan(
+        groups=flow.groups,
+        critical_path=tuple(reversed(path)),
+        latency_ms=latency,
+        sequential_ms=sum(latency.values()),
+        parallel_ms=max(finish.values(), default=0.0),
+        unknown=tuple(unknown),
+    )

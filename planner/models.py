@@ -1,0 +1,161 @@
+"""The flow format as authors write it: pydantic v2 models, strict about keys and types.
+
+These are the "what users write" half of the data flow; `planner.graph` compiles them into
+plain dataclasses. Validators raise `ValueError`; the loader turns pydantic's errors into
+`FlowFileError`s that name the file, line and node.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_DURATION_S = 24 * 3600.0
+
+
+def parse_duration(value: Any) -> float:
+    """`"300ms"`, `"2s"`, `"1.5m"`, `"1h"` -> seconds. A unit is required; 0 < d <= 24h."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError(f"bad duration {value!r}: write a number with a unit, e.g. 300ms, 2s, 1m")
+    match = _DURATION_RE.match(value)
+    if not match:
+        raise ValueError(f"bad duration {value!r}: write a number with a unit, e.g. 300ms, 2s, 1m")
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds <= 0 or seconds > MAX_DURATION_S:
+        raise ValueError(f"bad duration {value!r}: must be above 0 and at most 24h")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""A duration in seconds, written with a unit in YAML (JSON Schema: a string)."""
+
+InputType = Literal["str", "int", "float", "bool", "list", "dict", "json"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class InputSpec(_Strict):
+    """A declared input: `name: str` or `name: {type: int, default: 20}`."""
+
+    type: InputType
+    default: Any = None
+    required: bool = True
+    description: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"type": data}
+        if isinstance(data, dict) and "default" in data and "required" not in data:
+            return {**data, "required": False}
+        return data
+
+
+class Settings(_Strict):
+    mode: Literal["eager", "layered", "sequential"] = "eager"
+    timeout: Duration | None = None
+    node_timeout: Duration | None = None
+    max_concurrency: Annotated[int, Field(ge=1, le=10_000)] | None = None
+
+
+class Retry(_Strict):
+    attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    backoff: Duration = 0.05
+    on: Literal["transient", "any"] = "transient"
+
+
+class _NodeBase(_Strict):
+    description: str | None = None
+    after: list[str] = Field(default_factory=list)
+    when: str | bool | None = None
+    default: Any = None
+    on_error: Literal["default", "fail"] = "default"
+    timeout: Duration | None = None
+    retry: Retry | None = None
+    latency: Duration | None = None
+
+
+class SqlNode(_NodeBase):
+    """A node that runs SQL: one statement, or a list run in one transaction."""
+
+    sql: str | Annotated[list[str], Field(min_length=1)]
+    fetch: Literal["one", "all", "value", "none"] = "all"
+
+    @field_validator("sql")
+    @classmethod
+    def _not_blank(cls, value: str | list[str]) -> str | list[str]:
+        statements = [value] if isinstance(value, str) else value
+        if any(not s.strip() for s in statements):
+            raise ValueError("SQL statement is empty")
+        return value
+
+
+class CallNode(_NodeBase):
+    """A node that calls a Python function, `"package.module:function"`."""
+
+    call: str
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+
+    model_config = ConfigDict(populate_by_name=False)
+
+
+def _node_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        if "sql" in value:
+            return "sql"
+        if "call" in value:
+            return "call"
+    return None
+
+
+Node = Annotated[
+    Annotated[SqlNode, Tag("sql")] | Annotated[CallNode, Tag("call")],
+    Discriminator(
+        _node_kind,
+        custom_error_type="node_kind",
+        custom_error_message="a node needs either `sql:` or `call:`",
+    ),
+]
+
+
+class FlowSpec(_Strict):
+    """One flow file. Node order is kept: it orders nodes within a group."""
+
+    name: str | None = None
+    description: str | None = None
+    inputs: dict[str, InputSpec] = Field(default_factory=dict)
+    settings: Settings = Field(default_factory=Settings)
+    nodes: Annotated[dict[str, Node], Field(min_length=1)]
+    output: dict[str, Any] | None = None
+
+    @field_validator("inputs", "nodes")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not a valid name (letters, digits, _; not first a digit)")
+        return value
+
+    @model_validator(mode="after")
+    def _no_clash(self) -> FlowSpec:
+        clash = sorted(set(self.inputs) & set(self.nodes))
+        if clash:
+            raise ValueError(f"{clash[0]!r} is both an input and a node")
+        return self

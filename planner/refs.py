@@ -1,0 +1,250 @@
+"""The reference language: `$name` and `$node.a.b`, in SQL text and in `with:` / `output:` values.
+
+In SQL, references are found by a small scanner that knows PostgreSQL's lexical rules well
+enough to skip what is not code: string literals (`'..'`, `E'..'`), quoted identifiers,
+comments (`--`, nested `/* */`) and dollar-quoted bodies (`$$..$$`, `$tag$..$tag$`). Each
+distinct reference becomes one bound parameter `$k`; values are never pasted into the text.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SEGMENT = re.compile(r"[A-Za-z0-9_]+")
+_WHOLE_REF = re.compile(r"^\$([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z0-9_]+)*)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """`$root.path...`: `root` is an input or a node; `path` walks into mappings (or list indexes)."""
+
+    root: str
+    path: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return "$" + ".".join((self.root, *self.path))
+
+
+class RefSyntaxError(ValueError):
+    """A reference or SQL text the scanner cannot accept; `.offset` is 0-based into the text."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        self.offset = offset
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class CompiledSql:
+    """SQL text with `$1..$n` in place of references, and the reference each number binds."""
+
+    text: str
+    params: tuple[Ref, ...]
+
+
+def compile_sql(sql: str) -> CompiledSql:
+    """Replace named references by positional parameters; the same reference shares a number.
+
+    >>> compile_sql("SELECT * FROM t WHERE a = $x.id AND b = '$not' AND c = $x.id").text
+    "SELECT * FROM t WHERE a = $1 AND b = '$not' AND c = $1"
+    """
+    out: list[str] = []
+    numbers: dict[Ref, int] = {}
+    last = 0
+    for ref, start, end in scan_sql(sql):
+        number = numbers.setdefault(ref, len(numbers) + 1)
+        out.append(sql[last:start])
+        out.append(f"${number}")
+        last = end
+    out.append(sql[last:])
+    return CompiledSql("".join(out), tuple(numbers))
+
+
+def scan_sql(sql: str) -> list[tuple[Ref, int, int]]:
+    """Every reference in `sql` as `(ref, start, end)`. Raises `RefSyntaxError`."""
+    found: list[tuple[Ref, int, int]] = []
+    i, n = 0, len(sql)
+    while i < n:
+        c = sql[i]
+        if c == "'":
+            escapes = i > 0 and sql[i - 1] in "eE" and (i < 2 or not _is_ident_char(sql[i - 2]))
+            i = _skip_quoted(sql, i, "'", backslash=escapes, what="string literal")
+        elif c == '"':
+            i = _skip_quoted(sql, i, '"', backslash=False, what="quoted identifier")
+        elif sql.startswith("--", i):
+            newline = sql.find("\n", i)
+            i = n if newline < 0 else newline + 1
+        elif sql.startswith("/*", i):
+            i = _skip_block_comment(sql, i)
+        elif c == "$":
+            i = _dollar(sql, i, found)
+        elif _is_ident_char(c):
+            # Skip whole words so `a$b` (a legal identifier in PostgreSQL) is not a reference.
+            while i < n and (_is_ident_char(sql[i]) or sql[i] == "$"):
+                i += 1
+        else:
+            i += 1
+    return found
+
+
+def _is_ident_char(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+def _skip_quoted(sql: str, i: int, quote: str, *, backslash: bool, what: str) -> int:
+    j = i + 1
+    while j < len(sql):
+        if backslash and sql[j] == "\\":
+            j += 2
+            continue
+        if sql[j] == quote:
+            if sql.startswith(quote * 2, j):
+                j += 2
+                continue
+            return j + 1
+        j += 1
+    raise RefSyntaxError(f"unterminated {what}", i)
+
+
+def _skip_block_comment(sql: str, i: int) -> int:
+    depth, j = 0, i
+    while j < len(sql):
+        if sql.startswith("/*", j):
+            depth, j = depth + 1, j + 2
+        elif sql.startswith("*/", j):
+            depth, j = depth - 1, j + 2
+            if depth == 0:
+                return j
+        else:
+            j += 1
+    raise RefSyntaxError("unterminated /* comment", i)
+
+
+def _dollar(sql: str, i: int, found: list[tuple[Ref, int, int]]) -> int:
+    """At a `$`: a dollar-quoted body, a positional parameter (refused) or a reference."""
+    if sql.startswith("$$", i):
+        return _skip_dollar_body(sql, i, "$$")
+    nxt = sql[i + 1] if i + 1 < len(sql) else ""
+    if nxt.isdigit():
+        raise RefSyntaxError(
+            f"positional parameter ${nxt}... is not allowed in flow SQL: name what you mean, "
+            "e.g. $user_phone or $conversation.id",
+            i,
+        )
+    ident = _IDENT.match(sql, i + 1)
+    if not ident:
+        raise RefSyntaxError("`$` must start a reference such as $name or $node.field", i)
+    if sql.startswith("$", ident.end()):
+        return _skip_dollar_body(sql, i, sql[i : ident.end() + 1])
+    path: list[str] = []
+    j = ident.end()
+    while j + 1 < len(sql) and sql[j] == "." and (seg := _SEGMENT.match(sql, j + 1)):
+        path.append(seg.group())
+        j = seg.end()
+    found.append((Ref(ident.group(), tuple(path)), i, j))
+    return j
+
+
+def _skip_dollar_body(sql: str, i: int, tag: str) -> int:
+    end = sql.find(tag, i + len(tag))
+    if end < 0:
+        raise RefSyntaxError(f"unterminated dollar-quoted string {tag}", i)
+    return end + len(tag)
+
+
+# --- `with:` and `output:` values -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A YAML value that may hold references: a `Ref`, a literal, or a list/dict of those."""
+
+    value: Any
+    refs: tuple[Ref, ...]
+
+
+def parse_value(value: Any) -> Template:
+    """A string that is exactly `$name` or `$node.a.b` is a reference; `$$...` is a literal `$...`.
+
+    Any other string starting with `$` is an error, so a typo cannot pass as a literal.
+    """
+    refs: list[Ref] = []
+    return Template(_parse(value, refs), tuple(dict.fromkeys(refs)))
+
+
+def _parse(value: Any, refs: list[Ref]) -> Any:
+    if isinstance(value, str):
+        if value.startswith("$$"):
+            return value[1:]
+        if value.startswith("$"):
+            match = _WHOLE_REF.match(value)
+            if not match:
+                raise RefSyntaxError(f"{value!r} is not a reference (write $name or $node.field; $$ for a literal $)", 0)
+            ref = Ref(match.group(1), tuple(p for p in match.group(2).split(".") if p))
+            refs.append(ref)
+            return ref
+        return value
+    if isinstance(value, list):
+        return [_parse(v, refs) for v in value]
+    if isinstance(value, dict):
+        return {k: _parse(v, refs) for k, v in value.items()}
+    return value
+
+
+class Unresolved(Exception):
+    """A reference walked into a null value: the node that needs it is skipped."""
+
+
+_MISSING = object()
+
+
+def resolve(ref: Ref, values: dict[str, Any]) -> Any:
+    """The value of `ref`. Raises `Unresolved` on a null step, `KeyError`-like `LookupError` on a typo."""
+    value = values[ref.root]
+    for i, key in enumerate(ref.path):
+        if value is None:
+            raise Unresolved(str(ref))
+        if isinstance(value, dict):
+            value = value.get(key, _MISSING)
+        elif isinstance(value, (list, tuple)) and key.isdigit():
+            index = int(key)
+            value = value[index] if index < len(value) else _MISSING
+        else:
+            value = getattr(value, "get", lambda _k, _d: _MISSING)(key, _MISSING)
+        if value is _MISSING:
+            holder = "$" + ".".join((ref.root, *ref.path[:i]))
+            raise LookupError(f"{ref}: the value of {holder} has no field {key!r}")
+    return value
+
+
+def render(template: Any, values: dict[str, Any]) -> Any:
+    """Fill a parsed template with values (see `parse_value`)."""
+    if isinstance(template, Ref):
+        return resolve(template, values)
+    if isinstance(template, list):
+        return [render(v, values) for v in template]
+    if isinstance(template, dict):
+        return {k: render(v, values) for k, v in template.items()}
+    return template
+
+
+Getter = Callable[[dict[str, Any]], Any]
+
+
+def compile_getter(template: Any) -> Getter:
+    """`render` specialised once per node: a closure per reference, no type checks per run."""
+    if isinstance(template, Ref):
+        if not template.path:
+            return operator.itemgetter(template.root)
+        return lambda values: resolve(template, values)
+    if isinstance(template, dict):
+        items = [(k, compile_getter(v)) for k, v in template.items()]
+        return lambda values: {k: get(values) for k, get in items}
+    if isinstance(template, list):
+        getters = [compile_getter(v) for v in template]
+        return lambda values: [get(values) for get in getters]
+    return lambda values: template

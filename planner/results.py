@@ -1,0 +1,109 @@
+"""What a run returns: each node's outcome, and the flow's output."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import enum
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+
+class NodeState(enum.StrEnum):
+    """The five ways a node can end; every node of a run ends in exactly one."""
+
+    OK = "ok"
+    DEFAULTED = "defaulted"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(slots=True)
+class NodeResult:
+    """One node's outcome. Times are milliseconds from the start of the run."""
+
+    state: NodeState
+    value: Any = None
+    error: BaseException | None = None
+    attempts: int = 0
+    started_ms: float | None = None
+    finished_ms: float | None = None
+
+    @property
+    def duration_ms(self) -> float | None:
+        if self.started_ms is None or self.finished_ms is None:
+            return None
+        return self.finished_ms - self.started_ms
+
+
+@dataclass
+class FlowResult:
+    """The result of one run.
+
+    `status` is "ok" when no node failed, "failed" when an `on_error: fail` node failed and
+    "timeout" when the run hit its deadline (the last two are raised as `FlowFailed`).
+    """
+
+    flow: str
+    run_id: str
+    mode: str
+    status: str
+    nodes: dict[str, NodeResult]
+    output: Any
+    elapsed_ms: float
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Every node's value (its default when defaulted or skipped)."""
+        return {name: node.value for name, node in self.nodes.items()}
+
+    def states(self) -> dict[str, str]:
+        """`{node: state}`, handy in tests and logs."""
+        return {name: node.state.value for name, node in self.nodes.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready summary: output, and each node's state, value, error, attempts and times."""
+        return {
+            "flow": self.flow,
+            "run_id": self.run_id,
+            "mode": self.mode,
+            "status": self.status,
+            "elapsed_ms": round(self.elapsed_ms, 3),
+            "output": jsonable(self.output),
+            "nodes": {
+                name: {
+                    "state": node.state.value,
+                    "value": jsonable(node.value),
+                    "error": f"{type(node.error).__name__}: {node.error}" if node.error else None,
+                    "attempts": node.attempts,
+                    "started_ms": _round(node.started_ms),
+                    "finished_ms": _round(node.finished_ms),
+                }
+                for name, node in self.nodes.items()
+            },
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def jsonable(value: Any) -> Any:
+    """Database values made JSON-friendly: datetimes as ISO text, decimals and UUIDs as text."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, (decimal.Decimal, uuid.UUID)):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    return str(value)
