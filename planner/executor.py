@@ -193,7 +193,7 @@ class _Run:
             return
         except LookupError as exc:
             self.started[name] = self._now()
-            self._failed(name, ReferenceFieldError(str(exc).strip("'\"")))
+            self._failed(name, ReferenceFieldError(str(exc)))
             return
         except Exception as exc:  # a `when` that compares the incomparable
             self.started[name] = self._now()

@@ -202,7 +202,7 @@ def _check_refs(
                 raise _graph_error(marks, f"after: unknown node {after!r}{_suggest(after, nodes)}", ("nodes", name, "after", i), name)
     for ref in output.refs if output else ():
         if ref.root not in known:
-            raise _graph_error(marks, _unknown(ref, known), ("output",), None)
+            raise _graph_error(marks, "output: " + _unknown(ref, known), ("output",), None)
 
 
 def _unknown(ref: Ref, known: set[str]) -> str:

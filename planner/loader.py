@@ -7,6 +7,7 @@ map from each key path to its line, so that every error can name the file, line 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,21 @@ def load_text(text: str, *, file: str | Path = "<string>", name: str = "flow") -
     return LoadedFlow(name=name, path=Path(file), spec=spec, marks=marks)
 
 
-# libyaml's parser when present (several times faster on large flows); marks are the same.
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BOOL = "tag:yaml.org,2002:bool"
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """The safe loader (libyaml's parser when present: several times faster), with YAML 1.2
+    booleans: only true/false. YAML 1.1 reads `on`, `off`, `yes`, `no` as booleans, which
+    would turn `retry: {on: any}` into `{True: "any"}`."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def _parse_yaml(text: str, file: str) -> tuple[Any, Marks]:

@@ -203,7 +203,11 @@ _MISSING = object()
 
 
 def resolve(ref: Ref, values: dict[str, Any]) -> Any:
-    """The value of `ref`. Raises `Unresolved` on a null step, `KeyError`-like `LookupError` on a typo."""
+    """The value of `ref`.
+
+    Raises `Unresolved` when a step meets null (or a list too short for an index) and
+    `LookupError` when a non-null mapping lacks the field: a typo, not an absence.
+    """
     value = values[ref.root]
     for i, key in enumerate(ref.path):
         if value is None:
@@ -212,7 +216,9 @@ def resolve(ref: Ref, values: dict[str, Any]) -> Any:
             value = value.get(key, _MISSING)
         elif isinstance(value, (list, tuple)) and key.isdigit():
             index = int(key)
-            value = value[index] if index < len(value) else _MISSING
+            if index >= len(value):
+                raise Unresolved(str(ref))  # lists vary in length at run time: like a missing row
+            value = value[index]
         else:
             value = getattr(value, "get", lambda _k, _d: _MISSING)(key, _MISSING)
         if value is _MISSING:

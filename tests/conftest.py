@@ -1,0 +1,41 @@
+"""Fixtures shared by the suite. Database fixtures live in `tests/db_fixtures.py`."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from planner import Planner
+from tests import nodes
+
+pytest_plugins = ["tests.db_fixtures"]
+
+
+@pytest.fixture(autouse=True)
+def _reset_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    nodes.calls.clear()
+    nodes.cancelled.clear()
+    nodes.attempts.clear()
+    monkeypatch.delenv("PLANNER_MODE", raising=False)
+    monkeypatch.delenv("PLANNER_ALLOWED_MODULES", raising=False)
+
+
+@pytest.fixture
+def write_flow(tmp_path: Path) -> Callable[..., Path]:
+    """Write a flow file into a fresh flows folder: `write_flow(yaml, name="t")`."""
+
+    def write(text: str, name: str = "t") -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(textwrap.dedent(text).lstrip("\n"))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def planner(tmp_path: Path) -> Planner:
+    """A Planner over `write_flow`'s folder, allowed to call `tests.nodes`."""
+    return Planner(flows=tmp_path, allowed_modules=["tests"])

@@ -1,0 +1,62 @@
+"""Python callables that test flows call (allowed as module `tests`)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+calls: list[str] = []
+cancelled: list[str] = []
+attempts: dict[str, int] = {}
+
+
+async def echo(value: Any = None, **deps: Any) -> Any:
+    return value
+
+
+async def sleep(ms: float, value: Any = None, tag: str = "", **deps: Any) -> Any:
+    calls.append(tag or f"sleep{ms}")
+    try:
+        await asyncio.sleep(ms / 1000)
+    except asyncio.CancelledError:
+        cancelled.append(tag)
+        raise
+    return value
+
+
+async def fail(message: str = "boom", **deps: Any) -> Any:
+    raise ValueError(message)
+
+
+async def flaky(key: str, failures: int, transient: bool = True, value: Any = "done") -> Any:
+    """Fails `failures` times, then returns `value`; counts attempts in `attempts[key]`."""
+    attempts[key] = attempts.get(key, 0) + 1
+    if attempts[key] <= failures:
+        raise ConnectionError("lost connection") if transient else ValueError("bad data")
+    return value
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+async def row(**fields: Any) -> dict[str, Any]:
+    return dict(fields)
+
+
+not_a_function = print
+
+
+running = {"now": 0}
+
+
+async def work(ms: float, fail: bool = False, **deps: Any) -> int:
+    """Sleeps `ms`, then fails or returns 1 + the sum of its dependencies' values."""
+    running["now"] += 1
+    try:
+        await asyncio.sleep(ms / 1000)
+        if fail:
+            raise ValueError("injected failure")
+        return 1 + sum(v for v in deps.values() if isinstance(v, int))
+    finally:
+        running["now"] -= 1

@@ -1,0 +1,142 @@
+"""The public API: exports, Planner's flow cache and reloads, the call allow-list, run_flow."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import planner as planner_pkg
+from planner import FlowError, FlowFileError, FlowInputError, Planner, load_flows, run_flow
+from planner.runners import module_allowed
+
+Write = Callable[..., Path]
+
+
+def test_the_public_api_is_exactly_all() -> None:
+    public = {name for name in dir(planner_pkg) if not name.startswith("_")}
+    modules = {"api", "db", "errors", "executor", "expr", "graph", "loader", "models", "refs", "results", "runners", "logging", "demo", "cli", "render", "stats", "trace", "schema"}
+    assert public - modules == set(planner_pkg.__all__)
+    assert planner_pkg.__all__ == sorted(planner_pkg.__all__)
+
+
+def test_every_error_is_a_flow_error() -> None:
+    for name in planner_pkg.__all__:
+        obj = getattr(planner_pkg, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, FlowError), name
+
+
+async def test_an_edited_flow_is_picked_up_on_the_next_run(write_flow: Write, planner: Planner) -> None:
+    path = write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n")
+    assert (await planner.run("t")).values["a"] == 1
+    path.write_text("nodes:\n  a: {call: tests.nodes:echo, with: {value: 22}}\n")
+    assert (await planner.run("t")).values["a"] == 22
+
+
+async def test_a_flow_is_compiled_once_while_unchanged(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:echo}\n")
+    assert planner.load("t") is planner.load("t")
+
+
+async def test_a_broken_edit_keeps_the_last_good_version_and_reports(write_flow: Write, planner: Planner, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n")
+    await planner.run("t")
+    path.write_text("nodes:\n  a: {call: tests.nodes:echo, with: {value: $nope}}\n")
+    result = await planner.run("t")
+    assert result.values["a"] == 1
+    assert "unknown reference $nope" in str(planner.reload_errors["t"])
+    assert any("last good version" in r.getMessage() for r in caplog.records)
+    path.write_text("nodes:\n  a: {call: tests.nodes:echo, with: {value: 3}}\n")
+    assert (await planner.run("t")).values["a"] == 3 and "t" not in planner.reload_errors
+
+
+async def test_a_broken_flow_with_no_good_version_raises(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: $nope}}\n")
+    with pytest.raises(FlowFileError):
+        await planner.run("t")
+
+
+async def test_an_unknown_flow_is_a_flow_file_error(planner: Planner) -> None:
+    with pytest.raises(FlowFileError, match="no flow named 'missing'"):
+        await planner.run("missing")
+
+
+async def test_a_flow_name_cannot_walk_out_of_the_folder(planner: Planner) -> None:
+    with pytest.raises(FlowInputError):
+        await planner.run("../etc/passwd")
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        pytest.param("os:system", "not allowed", id="os-system"),
+        pytest.param("builtins:eval", "not allowed", id="builtins-eval"),
+        pytest.param("tests.nodes:os.system", "must look like", id="attribute-walk"),
+        pytest.param(".nodes:echo", "must look like", id="relative"),
+        pytest.param("tests_evil:echo", "not allowed", id="prefix-trick"),
+        pytest.param("tests.nodes:not_a_function", "not a function defined in", id="builtin-alias"),
+        pytest.param("tests.nodes:asyncio", "not a function defined in", id="module-attribute"),
+        pytest.param("tests.nodes:missing", "has no function", id="missing"),
+        pytest.param("tests.nodes:Any", "not a function defined in", id="imported-name"),
+    ],
+)
+async def test_call_targets_outside_the_allow_list_are_refused(write_flow: Write, planner: Planner, target: str, why: str) -> None:
+    path = write_flow(f"nodes:\n  a:\n    call: '{target}'\n")
+    with pytest.raises(FlowFileError, match=why) as info:
+        await planner.run("t")
+    assert info.value.node == "a" and info.value.line == 3 and info.value.file == str(path)
+
+
+async def test_with_keys_are_checked_against_the_signature(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:add, with: {a: 1, c: 2}}\n")
+    with pytest.raises(FlowFileError, match="does not fit"):
+        await planner.run("t")
+
+
+def test_a_package_allows_its_submodules_only() -> None:
+    assert module_allowed("myflows.tasks", ["myflows"])
+    assert module_allowed("myflows", ["myflows"])
+    assert not module_allowed("myflows_evil", ["myflows"])
+    assert not module_allowed("my", ["myflows"])
+
+
+async def test_the_allow_list_comes_from_the_environment(write_flow: Write, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:echo}\n")
+    monkeypatch.setenv("PLANNER_ALLOWED_MODULES", "planner.demo")
+    with pytest.raises(FlowFileError, match="not allowed"):
+        await Planner(flows=tmp_path).run("t")
+    monkeypatch.setenv("PLANNER_ALLOWED_MODULES", "tests.nodes, other")
+    assert (await Planner(flows=tmp_path).run("t")).status == "ok"
+
+
+async def test_modules_next_to_the_flows_are_allowed_by_default(write_flow: Write, tmp_path: Path) -> None:
+    (tmp_path / "localrules.py").write_text("async def double(x):\n    return 2 * x\n")
+    write_flow("nodes:\n  a: {call: localrules:double, with: {x: 4}}\n")
+    assert (await Planner(flows=tmp_path).run("t")).values["a"] == 8
+
+
+async def test_run_flow_uses_planner_flows(write_flow: Write, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_flow("nodes:\n  a: {call: localmod:f}\n", name="hello")
+    (tmp_path / "localmod.py").write_text("async def f():\n    return 'hi'\n")
+    monkeypatch.setenv("PLANNER_FLOWS", os.fspath(tmp_path))
+    import planner.api
+
+    monkeypatch.setattr(planner.api, "_default", type(planner.api._default)())
+    assert (await run_flow("hello")).output == {"a": "hi"}
+
+
+async def test_a_closed_planner_refuses_to_run(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:echo}\n")
+    async with planner:
+        pass
+    with pytest.raises(FlowError, match="closed"):
+        await planner.run("t")
+
+
+def test_load_flows_reads_a_folder(write_flow: Write, tmp_path: Path) -> None:
+    write_flow("nodes:\n  a: {sql: SELECT 1}\n", name="one")
+    write_flow("nodes:\n  b: {sql: SELECT 2}\n", name="two")
+    assert sorted(load_flows(tmp_path)) == ["one", "two"]

@@ -1,0 +1,298 @@
+"""The executor: settled outcomes, when and skip, timeouts, retries, fail-fast, modes, overrides."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from planner import FlowFailed, FlowInputError, FlowTimeout, NodeState, NodeTimeout, Planner, ReferenceFieldError
+from tests import nodes
+
+Write = Callable[..., Path]
+
+
+async def test_independent_nodes_run_together(write_flow: Write, planner: Planner) -> None:
+    write_flow("""
+        nodes:
+          a: {call: tests.nodes:sleep, with: {ms: 150, value: 1}}
+          b: {call: tests.nodes:sleep, with: {ms: 150, value: 2}}
+          c: {call: tests.nodes:add, with: {a: $a, b: $b}}
+        """)
+    result = await planner.run("t")
+    assert result.values == {"a": 1, "b": 2, "c": 3}
+    assert result.status == "ok"
+    # a and b overlap: each started before the other finished.
+    a, b = result.nodes["a"], result.nodes["b"]
+    assert a.started_ms < b.finished_ms and b.started_ms < a.finished_ms
+    assert result.nodes["c"].started_ms >= max(a.finished_ms, b.finished_ms)
+
+
+async def test_a_node_starts_as_soon_as_its_own_dependencies_settle(write_flow: Write, planner: Planner) -> None:
+    write_flow("""
+        nodes:
+          fast: {call: tests.nodes:sleep, with: {ms: 10, tag: fast}}
+          slow: {call: tests.nodes:sleep, with: {ms: 300, tag: slow}}
+          after_fast: {call: tests.nodes:sleep, with: {ms: 10, tag: after_fast, x: $fast}}
+        """)
+    result = await planner.run("t")
+    assert result.nodes["after_fast"].finished_ms < result.nodes["slow"].finished_ms
+    layered = await planner.run("t", mode="layered")
+    assert layered.nodes["after_fast"].started_ms >= layered.nodes["slow"].finished_ms
+
+
+async def test_output_maps_references(write_flow: Write, planner: Planner) -> None:
+    write_flow("""
+        inputs: {x: int}
+        nodes:
+          r: {call: tests.nodes:row, with: {id: $x, name: n}}
+        output: {id: $r.id, both: [$x, $r.name], lit: "$$x"}
+        """)
+    result = await planner.run("t", {"x": 7})
+    assert result.output == {"id": 7, "both": [7, "n"], "lit": "$x"}
+
+
+async def test_without_output_the_caller_gets_every_value(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 5}}\n")
+    assert (await planner.run("t")).output == {"a": 5}
+
+
+async def test_a_failed_node_is_defaulted_and_the_run_goes_on(write_flow: Write, planner: Planner, caplog: pytest.LogCaptureFixture) -> None:
+    write_flow("""
+        nodes:
+          webhook: {call: tests.nodes:fail, with: {message: no config}, default: {url: null}}
+          next: {call: tests.nodes:echo, with: {value: $webhook.url}}
+        """)
+    with caplog.at_level(logging.WARNING, logger="planner"):
+        result = await planner.run("t")
+    node = result.nodes["webhook"]
+    assert node.state is NodeState.DEFAULTED and node.value == {"url": None}
+    assert isinstance(node.error, ValueError) and str(node.error) == "no config"
+    assert result.nodes["next"].state is NodeState.OK and result.status == "ok"
+    record = next(r for r in caplog.records if getattr(r, "node", None) == "webhook")
+    assert record.flow == "t" and record.run_id == result.run_id and record.exc_info is not None
+
+
+async def test_default_is_null_when_none_is_given(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:fail}\n")
+    result = await planner.run("t")
+    assert result.nodes["a"].state is NodeState.DEFAULTED and result.nodes["a"].value is None
+
+
+async def test_a_mutable_default_is_not_shared_between_runs(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:fail, default: []}\n")
+    first = await planner.run("t")
+    first.values["a"].append("leak")
+    assert (await planner.run("t")).values["a"] == []
+
+
+async def test_when_false_skips_with_the_default(write_flow: Write, planner: Planner) -> None:
+    write_flow("""
+        inputs: {enabled: bool}
+        nodes:
+          esc: {call: tests.nodes:sleep, with: {ms: 1, value: true, tag: esc}, when: $enabled, default: false}
+        """)
+    result = await planner.run("t", {"enabled": False})
+    assert result.nodes["esc"].state is NodeState.SKIPPED
+    assert result.values["esc"] is False and nodes.calls == []
+    assert result.nodes["esc"].attempts == 0
+
+
+async def test_a_null_upstream_skips_what_walks_into_it_and_on_down(write_flow: Write, planner: Planner) -> None:
+    write_flow("""
+        nodes:
+          conv: {call: tests.nodes:echo, with: {value: null}}
+          history: {call: tests.nodes:echo, with: {value: $conv.id}, default: []}
+          count: {call: tests.nodes:echo, with: {value: $history.0.n}, default: 0}
+          whole: {call: tests.nodes:echo, with: {value: $conv}}
+        """)
+    result = await planner.run("t")
+    assert result.states() == {"conv": "ok", "history": "skipped", "count": "skipped", "whole": "ok"}
+    assert result.values["history"] == [] and result.values["count"] == 0
+    assert result.values["whole"] is None  # a whole null value is passed on, not a skip
+
+
+async def test_a_missing_field_on_a_row_is_an_error_not_a_skip(write_flow: Write, planner: Planner) -> None:
+    write_flow("""
+        nodes:
+          conv: {call: tests.nodes:row, with: {id: 1}}
+          history: {call: tests.nodes:echo, with: {value: $conv.idd}, default: []}
+        """)
+    node = (await planner.run("t")).nodes["history"]
+    assert node.state is NodeState.DEFAULTED
+    assert isinstance(node.error, ReferenceFieldError) and "'idd'" in str(node.error)
+
+
+async def test_a_node_timeout_counts_as_a_failure(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  slow: {call: tests.nodes:sleep, with: {ms: 5000, tag: slow}, timeout: 50ms, default: late}\n")
+    result = await planner.run("t")
+    node = result.nodes["slow"]
+    assert node.state is NodeState.DEFAULTED and node.value == "late"
+    assert isinstance(node.error, NodeTimeout)
+    assert nodes.cancelled == ["slow"]
+    assert result.elapsed_ms < 3000
+
+
+async def test_transient_errors_are_retried(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:flaky, with: {key: a, failures: 2}, retry: {attempts: 3, backoff: 1ms}}\n")
+    result = await planner.run("t")
+    assert result.nodes["a"].state is NodeState.OK and result.nodes["a"].attempts == 3
+    assert nodes.attempts["a"] == 3
+
+
+async def test_other_errors_are_not_retried_by_default(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:flaky, with: {key: a, failures: 1, transient: false}, retry: {attempts: 3, backoff: 1ms}}\n")
+    result = await planner.run("t")
+    assert result.nodes["a"].state is NodeState.DEFAULTED and result.nodes["a"].attempts == 1
+    assert nodes.attempts["a"] == 1
+
+
+async def test_retry_on_any_retries_every_error(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:flaky, with: {key: a, failures: 1, transient: false}, retry: {attempts: 2, backoff: 1ms, on: any}}\n")
+    result = await planner.run("t")
+    assert result.nodes["a"].state is NodeState.OK and result.nodes["a"].attempts == 2
+
+
+async def test_retries_stop_at_the_attempt_limit(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:flaky, with: {key: a, failures: 9}, retry: {attempts: 3, backoff: 1ms}}\n")
+    result = await planner.run("t")
+    assert result.nodes["a"].state is NodeState.DEFAULTED and nodes.attempts["a"] == 3
+
+
+async def test_a_failing_fail_node_stops_the_run_and_cancels_in_flight(write_flow: Write, planner: Planner) -> None:
+    write_flow("""
+        nodes:
+          must: {call: tests.nodes:fail, with: {x: $gate}, on_error: fail}
+          gate: {call: tests.nodes:sleep, with: {ms: 20, tag: gate}}
+          slow: {call: tests.nodes:sleep, with: {ms: 5000, tag: slow}}
+          later: {call: tests.nodes:echo, with: {value: $must}}
+        """)
+    with pytest.raises(FlowFailed) as info:
+        await planner.run("t")
+    result = info.value.result
+    assert result.status == "failed"
+    assert result.states() == {"gate": "ok", "must": "failed", "slow": "cancelled", "later": "cancelled"}
+    assert nodes.cancelled == ["slow"]
+    assert "must" in str(info.value) and isinstance(result.nodes["must"].error, ValueError)
+
+
+async def test_the_run_deadline_cancels_what_is_unfinished(write_flow: Write, planner: Planner) -> None:
+    write_flow("""
+        settings: {timeout: 100ms}
+        nodes:
+          quick: {call: tests.nodes:echo, with: {value: 1}}
+          slow: {call: tests.nodes:sleep, with: {ms: 5000, tag: slow, x: $quick}}
+          after: {call: tests.nodes:echo, with: {value: $slow}}
+        """)
+    with pytest.raises(FlowTimeout) as info:
+        await planner.run("t")
+    assert info.value.result.states() == {"quick": "ok", "slow": "cancelled", "after": "cancelled"}
+    assert info.value.result.status == "timeout"
+    assert nodes.cancelled == ["slow"]
+
+
+async def test_max_concurrency_bounds_nodes_in_flight(write_flow: Write, planner: Planner) -> None:
+    body = "\n".join(f"  n{i}: {{call: tests.nodes:sleep, with: {{ms: 30, tag: n{i}}}}}" for i in range(6))
+    write_flow("settings: {max_concurrency: 2}\nnodes:\n" + body + "\n")
+    result = await planner.run("t")
+    spans = [(n.started_ms, n.finished_ms) for n in result.nodes.values()]
+    most = max(sum(1 for s, f in spans if s <= t < f) for t, _ in spans)
+    assert most == 2
+
+
+async def test_overrides_replace_a_node_and_prune_what_only_it_needed(write_flow: Write, planner: Planner) -> None:
+    write_flow("""
+        nodes:
+          instance: {call: tests.nodes:sleep, with: {ms: 1, tag: instance, value: {id: 1}}}
+          webhook: {call: tests.nodes:sleep, with: {ms: 1, tag: webhook, x: $instance.id}}
+          other: {call: tests.nodes:sleep, with: {ms: 1, tag: other, x: $instance.id}}
+        """)
+    result = await planner.run("t", overrides={"webhook": {"url": "x"}, "instance": {"id": 9}})
+    assert result.values == {"instance": {"id": 9}, "webhook": {"url": "x"}, "other": None}
+    assert sorted(nodes.calls) == ["other"]
+    assert result.nodes["webhook"].attempts == 0
+
+
+async def test_an_override_of_an_unknown_node_is_an_input_error(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:echo}\n")
+    with pytest.raises(FlowInputError, match="unknown node 'b'"):
+        await planner.run("t", overrides={"b": 1})
+
+
+@pytest.mark.parametrize("mode", ["eager", "layered", "sequential"])
+async def test_every_mode_gives_the_same_values_and_states(write_flow: Write, planner: Planner, mode: str) -> None:
+    write_flow("""
+        inputs: {x: int}
+        nodes:
+          a: {call: tests.nodes:row, with: {v: $x}}
+          b: {call: tests.nodes:fail, default: 0}
+          c: {call: tests.nodes:add, with: {a: $a.v, b: $b}}
+          d: {call: tests.nodes:echo, with: {value: $c}, when: $c > 100}
+        """)
+    result = await planner.run("t", {"x": 2}, mode=mode)
+    assert result.mode == mode
+    assert result.states() == {"a": "ok", "b": "defaulted", "c": "ok", "d": "skipped"}
+    assert result.values["c"] == 2
+
+
+async def test_sequential_runs_one_node_at_a_time(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:sleep, with: {ms: 20}}\n  b: {call: tests.nodes:sleep, with: {ms: 20}}\n")
+    result = await planner.run("t", mode="sequential")
+    assert result.nodes["b"].started_ms >= result.nodes["a"].finished_ms
+
+
+async def test_planner_mode_environment_overrides_everything(write_flow: Write, planner: Planner, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_flow("settings: {mode: eager}\nnodes:\n  a: {call: tests.nodes:echo}\n")
+    monkeypatch.setenv("PLANNER_MODE", "sequential")
+    assert (await planner.run("t", mode="layered")).mode == "sequential"
+
+
+async def test_an_unknown_mode_is_an_input_error(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:echo}\n")
+    with pytest.raises(FlowInputError, match="unknown mode"):
+        await planner.run("t", mode="parallel")
+
+
+async def test_sync_functions_run_in_a_worker_thread(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:add, with: {a: 1, b: 2}}\n")
+    assert (await planner.run("t")).values["a"] == 3
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        pytest.param({}, "missing input 'phone'", id="missing"),
+        pytest.param({"phone": "1", "zzz": 1}, "unknown input 'zzz'", id="unknown"),
+        pytest.param({"phone": 1}, "must be str", id="wrong-type"),
+        pytest.param({"phone": "1", "limit": True}, "must be int", id="bool-is-not-int"),
+    ],
+)
+async def test_inputs_are_checked_before_any_node_runs(write_flow: Write, planner: Planner, inputs: dict, message: str) -> None:
+    write_flow("inputs: {phone: str, limit: {type: int, default: 20}}\nnodes:\n  a: {call: tests.nodes:sleep, with: {ms: 1}}\n")
+    with pytest.raises(FlowInputError, match=message):
+        await planner.run("t", inputs)
+    assert nodes.calls == []
+
+
+async def test_input_defaults_are_filled(write_flow: Write, planner: Planner) -> None:
+    write_flow("inputs: {limit: {type: int, default: 20}}\nnodes:\n  a: {call: tests.nodes:echo, with: {value: $limit}}\n")
+    assert (await planner.run("t")).values["a"] == 20
+
+
+async def test_cancelling_the_caller_cancels_every_node(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:sleep, with: {ms: 5000, tag: a}}\n  b: {call: tests.nodes:sleep, with: {ms: 5000, tag: b}}\n")
+    task = asyncio.create_task(planner.run("t"))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sorted(nodes.cancelled) == ["a", "b"]
+
+
+async def test_every_node_reports_times_and_attempts(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:sleep, with: {ms: 20}}\n")
+    node = (await planner.run("t")).nodes["a"]
+    assert node.attempts == 1 and node.duration_ms is not None and node.duration_ms >= 15
