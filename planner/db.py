@@ -92,10 +92,14 @@ class Database:
                 )
         return self._pool
 
+    async def drain(self) -> None:
+        """Wait until every connection a node used is back in the pool."""
+        while self._releases:
+            await asyncio.wait(list(self._releases))
+
     async def close(self) -> None:
         """Wait for background releases; close the pool if this object created it."""
-        if self._releases:
-            await asyncio.wait(list(self._releases))
+        await self.drain()
         if self._pool is not None and self._owned:
             pool, self._pool = self._pool, None
             await pool.close()

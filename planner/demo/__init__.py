@@ -1,0 +1,1 @@
+"""The seed's chat backend: its schema, a data generator, and the escalation rules."""
