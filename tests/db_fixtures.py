@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -53,18 +54,27 @@ async def demo_template(pg_dsn: str) -> str:
     return TEMPLATE
 
 
-@pytest.fixture
-async def demo_dsn(pg_dsn: str, demo_template: str) -> AsyncIterator[str]:
-    """A database of its own for one test, cloned from the demo template (~100 ms)."""
+@asynccontextmanager
+async def fresh_database(pg_dsn: str, template: str) -> AsyncIterator[str]:
+    """A new database cloned from `template`, dropped afterwards."""
     name = f"planner_test_{os.getpid()}_{next(_numbers)}"
     admin = await asyncpg.connect(pg_dsn)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{demo_template}"')
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
     finally:
         await admin.close()
-    yield with_database(pg_dsn, name)
-    admin = await asyncpg.connect(pg_dsn)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield with_database(pg_dsn, name)
     finally:
-        await admin.close()
+        admin = await asyncpg.connect(pg_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+async def demo_dsn(pg_dsn: str, demo_template: str) -> AsyncIterator[str]:
+    """A database of its own for one test, cloned from the demo template (~100 ms)."""
+    async with fresh_database(pg_dsn, demo_template) as dsn:
+        yield dsn
