@@ -44,19 +44,19 @@ def translate(exc: BaseException, statement: CompiledSql | None = None) -> BaseE
         transient = bool(sqlstate) and (sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08"))
         message = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, asyncpg.DataError) and statement is not None:
-            message = _name_params(message, statement)
+            message = name_params(message, statement)
         return QueryError(message, sqlstate=sqlstate, transient=transient)
     if isinstance(exc, asyncpg.InterfaceError):
         message = f"{type(exc).__name__}: {exc}"
         if statement is not None:
-            message = _name_params(message, statement)
+            message = name_params(message, statement)
         return QueryError(message, transient=isinstance(exc, asyncpg.ConnectionDoesNotExistError))
     if isinstance(exc, (ConnectionError, OSError)):
         return QueryError(f"connection lost: {exc}", transient=True)
     return exc
 
 
-def _name_params(message: str, statement: CompiledSql) -> str:
+def name_params(message: str, statement: CompiledSql) -> str:
     """`query argument $2` means nothing to a flow author: say which reference it is."""
 
     def name(match: re.Match[str]) -> str:

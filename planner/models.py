@@ -17,6 +17,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -40,7 +41,11 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema({"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)\s*$", "examples": ["300ms", "2s"]}),
+]
 """A duration in seconds, written with a unit in YAML (JSON Schema: a string)."""
 
 InputType = Literal["str", "int", "float", "bool", "list", "dict", "json"]
@@ -77,7 +82,7 @@ class Settings(_Strict):
 
 class Retry(_Strict):
     attempts: Annotated[int, Field(ge=1, le=100)] = 3
-    backoff: Duration = 0.05
+    backoff: Duration = Field(default="50ms", validate_default=True)  # type: ignore[assignment]
     on: Literal["transient", "any"] = "transient"
 
 

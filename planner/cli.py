@@ -1,0 +1,388 @@
+"""The `planner` command line: thin commands over the library.
+
+Exit codes follow sqlfluff and dbt: 0 ok, 1 findings or a failed run, 2 usage, environment or
+internal error. Data goes to stdout, diagnostics to stderr; Rich is used only on a terminal
+(and honours NO_COLOR). No command ever shows a traceback (set PLANNER_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from planner.errors import FlowError, FlowFailed, FlowFileError, FlowInputError
+
+app = typer.Typer(
+    name="planner",
+    help="Run YAML flows of database lookups, each as soon as what it needs has settled.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+FlowsOpt = Annotated[Path | None, typer.Option("--flows", help="Folder of flows (default: $PLANNER_FLOWS or ./flows).")]
+DbOpt = Annotated[str | None, typer.Option("--db", help="PostgreSQL DSN (default: $DATABASE_URL, else the embedded server).")]
+
+
+class UsageError(Exception):
+    """A mistake in the command line itself: exit 2."""
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"planner: {message}", err=True)
+    sys.exit(code)
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _is_tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def print_table(title: str | None, headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> None:
+    """A Rich table on a terminal, plain aligned columns in a pipe."""
+    right = right or set()
+    if _is_tty():
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left")
+        for i, header in enumerate(headers):
+            table.add_column(header, justify="right" if i in right else "left")
+        for row in rows:
+            table.add_row(*row)
+        _console().print(table)
+        return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    if title:
+        typer.echo(title)
+    typer.echo(line(headers))
+    typer.echo(line(["-" * w for w in widths]))
+    for row in rows:
+        typer.echo(line(row))
+
+
+def _resolve_flow(flow: str, flows: Path | None) -> tuple[Path, str]:
+    """A flow given by name (looked up in the flows folder) or by path."""
+    if flow.endswith((".yaml", ".yml")) or os.sep in flow:
+        path = Path(flow)
+        if not path.exists():
+            raise UsageError(f"no such flow file: {flow}")
+        return path.parent, path.stem
+    folder = flows or Path(os.environ.get("PLANNER_FLOWS", "flows"))
+    if not any((folder / f"{flow}{s}").exists() for s in (".yaml", ".yml")):
+        raise UsageError(f"no flow named {flow!r} in {folder}/ (give a name from --flows or a path to a .yaml file)")
+    return folder, flow
+
+
+def _planner(folder: Path, db: str | None) -> Any:
+    from planner.api import Planner
+
+    return Planner(flows=folder, dsn=db)
+
+
+def _parse_inputs(planner: Any, name: str, pairs: list[str], file: Path | None) -> dict[str, Any]:
+    flow = planner.load(name)
+    values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            values.update(json.loads(file.read_text()))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--inputs {file}: {exc}") from None
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"-i {pair!r}: write key=value")
+        spec = flow.inputs.get(key)
+        if spec is None:
+            raise UsageError(f"-i {key}: flow {name!r} has no input {key!r} (inputs: {', '.join(flow.inputs) or 'none'})")
+        values[key] = _convert(key, raw, spec.type)
+    return values
+
+
+def _convert(key: str, raw: str, kind: str) -> Any:
+    try:
+        if kind == "str":
+            return raw
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            lowered = raw.lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise ValueError("expected true or false")
+        return json.loads(raw)
+    except ValueError as exc:
+        raise UsageError(f"-i {key}={raw!r}: not a valid {kind} ({exc})") from None
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    flow: Annotated[str, typer.Argument(help="Flow name or path to a .yaml file.")],
+    inputs: Annotated[list[str] | None, typer.Option("-i", "--input", help="An input, key=value; typed by the flow.")] = None,
+    inputs_file: Annotated[Path | None, typer.Option("--inputs", help="A JSON file of inputs.")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="eager, layered or sequential.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    trace: Annotated[Path | None, typer.Option("--trace", help="Write a Chrome trace-event JSON of the run.")] = None,
+    flows: FlowsOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Run a flow once and show each node's outcome.
+
+    Example: planner run process_buffered -i instance_name=acme -i user_phone=+15550000001 -i message=hi
+    """
+    folder, name = _resolve_flow(flow, flows)
+
+    async def go() -> tuple[Any, Any, int]:
+        async with _planner(folder, db) as planner:
+            values = _parse_inputs(planner, name, inputs or [], inputs_file)
+            try:
+                result = await planner.run(name, values, mode=mode)
+                code = 0
+            except FlowFailed as exc:
+                result, code = exc.result, 1
+            return planner.load(name), result, code
+
+    compiled, result, code = asyncio.run(go())
+    from planner import stats
+
+    stats.record(result)
+    if trace is not None:
+        from planner.trace import write_trace
+
+        write_trace(result, compiled, trace)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2, default=str))
+    else:
+        group_of = {n: i + 1 for i, g in enumerate(compiled.groups) for n in g}
+        rows = [
+            [n, str(group_of[n]), r.state.value, "" if r.duration_ms is None else f"{r.duration_ms:.1f}", str(r.attempts),
+             "" if r.error is None else f"{type(r.error).__name__}: {r.error}"[:120]]
+            for n, r in result.nodes.items()
+        ]
+        print_table(f"{name}: {result.status} in {result.elapsed_ms:.1f} ms ({result.mode})",
+                    ["node", "group", "state", "ms", "tries", "error"], rows, right={1, 3, 4})
+        if result.output is not None:
+            from planner.results import jsonable
+
+            typer.echo(json.dumps(jsonable(result.output), indent=2))
+    if code:
+        typer.echo(f"planner: flow {name!r} {result.status}", err=True)
+        raise typer.Exit(code)
+
+
+@app.command()
+def plan(
+    flow: Annotated[str, typer.Argument(help="Flow name or path to a .yaml file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    flows: FlowsOpt = None,
+) -> None:
+    """Show the parallel groups, the critical path and the expected gain.
+
+    Example: planner plan process_buffered
+    """
+    from planner.graph import plan as make_plan
+    from planner.render import plan_json, plan_rows
+    from planner.stats import recorded_latencies
+
+    folder, name = _resolve_flow(flow, flows)
+    compiled = _planner(folder, None).load(name)
+    recorded = recorded_latencies(name)
+    source = "recorded runs" if recorded else "latency: hints"
+    p = make_plan(compiled, recorded)
+    if as_json:
+        typer.echo(json.dumps(plan_json(compiled, p, source), indent=2))
+        return
+    rows = [
+        [r.node, r.kind, ", ".join(r.waits_for) or "-", str(r.group), "?" if r.expected_ms is None else f"{r.expected_ms:g}",
+         "*" if r.critical else "", r.when or ""]
+        for r in plan_rows(compiled, p)
+    ]
+    print_table(f"{name}: {len(p.groups)} groups, expected times from {source}",
+                ["node", "kind", "waits for", "group", "expected ms", "critical", "when"], rows, right={3, 4})
+    typer.echo(f"critical path: {' -> '.join(p.critical_path)}")
+    typer.echo(f"sequential {p.sequential_ms:g} ms, parallel {p.parallel_ms:g} ms: "
+               f"{(1 - p.parallel_ms / p.sequential_ms) * 100 if p.sequential_ms else 0:.0f}% lower ({p.speedup:.2f}x)")
+    if p.unknown:
+        typer.echo(f"no latency hint or record for: {', '.join(p.unknown)} (counted as 0)", err=True)
+
+
+@app.command()
+def visualize(
+    flow: Annotated[str, typer.Argument(help="Flow name or path to a .yaml file.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="mermaid, dot, svg or html.")] = "mermaid",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write to this file instead of stdout.")] = None,
+    trace: Annotated[Path | None, typer.Option("--trace", help="A trace from `planner run --trace`: colour nodes by state.")] = None,
+    flows: FlowsOpt = None,
+) -> None:
+    """Draw the graph: nodes by group, left to right, the critical path marked.
+
+    Example: planner visualize process_buffered --format html -o graph.html
+    """
+    from planner import render
+    from planner.graph import plan as make_plan
+
+    if fmt not in ("mermaid", "dot", "svg", "html"):
+        raise UsageError(f"--format {fmt!r}: choose mermaid, dot, svg or html")
+    folder, name = _resolve_flow(flow, flows)
+    compiled = _planner(folder, None).load(name)
+    p = make_plan(compiled)
+    run_data = None
+    if trace is not None:
+        from planner.trace import read_trace
+
+        run_data = read_trace(trace)
+    states = run_data.states if run_data else None
+    try:
+        if fmt == "mermaid":
+            text = render.mermaid(compiled, p, states)
+        elif fmt == "dot":
+            text = render.dot(compiled, p, states)
+        else:
+            from planner import draw
+
+            text = draw.svg(compiled, p, run_data) if fmt == "svg" else draw.html(compiled, p, run_data)
+    except render.RenderError as exc:
+        raise UsageError(str(exc)) from None
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        typer.echo(f"wrote {output}", err=True)
+
+
+@app.command()
+def validate(
+    flow_args: Annotated[list[str] | None, typer.Argument(metavar="[FLOW]...", help="Flows (names or paths); default: every flow of --flows.")] = None,
+    db: Annotated[str | None, typer.Option("--db", help="Also prepare every statement on this database.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="text, json or github.")] = "text",
+    flows: FlowsOpt = None,
+) -> None:
+    """Check flows: YAML, schema, references, cycles, call targets; with --db, against the real schema.
+
+    Example: planner validate --db postgresql://localhost/app
+    """
+    from planner.validate import render_findings, validate_paths
+
+    if fmt not in ("text", "json", "github"):
+        raise UsageError(f"--format {fmt!r}: choose text, json or github")
+    paths = _validate_targets(flow_args or [], flows)
+    findings = asyncio.run(validate_paths(paths, db))
+    out = render_findings(findings, fmt, checked=len(paths))
+    if out:
+        typer.echo(out)
+    if findings:
+        typer.echo(f"planner: {len(findings)} problem(s) in {len({f.file for f in findings})} of {len(paths)} file(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"planner: {len(paths)} flow(s) ok", err=True)
+
+
+def _validate_targets(args: list[str], flows: Path | None) -> list[Path]:
+    if not args:
+        folder = flows or Path(os.environ.get("PLANNER_FLOWS", "flows"))
+        paths = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
+        if not paths:
+            raise UsageError(f"no flows in {folder}/")
+        return paths
+    out = []
+    for arg in args:
+        folder, name = _resolve_flow(arg, flows)
+        out.append(next(folder / f"{name}{s}" for s in (".yaml", ".yml") if (folder / f"{name}{s}").exists()))
+    return out
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the flow format, for editors (yaml-language-server).
+
+    Example: planner schema > flow.schema.json
+    """
+    from planner.schema import flow_schema
+
+    typer.echo(json.dumps(flow_schema(), indent=2))
+
+
+@app.command()
+def demo(
+    runs: Annotated[int, typer.Option("--runs", min=1, max=10_000, help="Runs per mode and flow.")] = 30,
+    db: DbOpt = None,
+) -> None:
+    """Run both seed flows on the demo database and compare the three modes.
+
+    Starts (or reuses) the embedded PostgreSQL, loads the demo schema and data if missing,
+    prints each flow's plan and a table of measured latency per mode.
+
+    Example: planner demo --runs 50
+    """
+    from planner.demo.run import main_sync
+
+    figures = main_sync(db or os.environ.get("DATABASE_URL"), runs)
+    typer.echo(f"database: {figures['database']}\n")
+    for name, info in figures["flows"].items():
+        p = info["plan"]
+        typer.echo(f"== {name} ==")
+        group_text = "; ".join(", ".join(g) for g in p.groups)
+        typer.echo(f"groups: {group_text}")
+        typer.echo(f"critical path: {' -> '.join(p.critical_path)}")
+        typer.echo(f"estimate from latency hints: sequential {p.sequential_ms:g} ms, parallel {p.parallel_ms:g} ms "
+                   f"({(1 - p.parallel_ms / p.sequential_ms) * 100:.0f}% lower)")
+        base = next(f for f in info["figures"] if f.mode == "sequential").p50
+        rows = [[f.mode, f"{f.p50:.2f}", f"{f.p95:.2f}", f"{f.p50 / base:.2f}", f"{f.queries_per_run:.1f}"] for f in info["figures"]]
+        print_table(f"measured over {runs} runs per mode (local database, no network delay)",
+                    ["mode", "p50 ms", "p95 ms", "x sequential", "queries/run"], rows, right={1, 2, 3, 4})
+        typer.echo("")
+
+
+def main() -> None:
+    """Entry point: run the app, turning every error into one line and an exit code."""
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        _fail("aborted", 2)
+    except UsageError as exc:
+        _fail(str(exc), 2)
+    except FlowInputError as exc:
+        _fail(str(exc), 2)
+    except FlowFileError as exc:
+        _fail(str(exc), 1)
+    except FlowError as exc:
+        _fail(str(exc), 1)
+    except Exception as exc:  # click's own usage errors (exit 2), and the database's
+        if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
+            _fail(exc.format_message(), exc.exit_code)
+        if os.environ.get("PLANNER_DEBUG"):
+            raise
+        _fail(_environment_message(exc), 2)
+
+
+def _environment_message(exc: BaseException) -> str:
+    if isinstance(exc, (OSError, ConnectionError)) or type(exc).__module__.startswith("asyncpg"):
+        return f"cannot reach the database: {type(exc).__name__}: {exc}"
+    return f"internal error: {type(exc).__name__}: {exc} (PLANNER_DEBUG=1 shows the traceback)"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,157 @@
+"""`planner validate`: every static check, and with a database, every statement prepared.
+
+Findings carry file, line, column, node, code and message, and render as text
+(`path:line:col: CODE message`), JSON, or GitHub workflow annotations. Every file is checked
+and reported; one broken file does not hide the next.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import asyncpg
+
+from planner.db import name_params
+from planner.errors import FlowFileError
+from planner.graph import CompiledFlow, compile_flow
+from planner.loader import load_spec
+from planner.refs import CompiledSql, Ref
+from planner.runners import resolve_call
+
+
+@dataclass(frozen=True)
+class Finding:
+    file: str
+    line: int | None
+    column: int | None
+    node: str | None
+    code: str
+    message: str
+    severity: str = "error"
+
+
+def _from_error(exc: FlowFileError, path: Path) -> Finding:
+    return Finding(exc.file or str(path), exc.line, exc.column, exc.node, exc.code, exc.message)
+
+
+def check_static(path: Path, allowed: list[str] | None = None) -> tuple[CompiledFlow | None, list[Finding]]:
+    """Load, compile and resolve the call targets of one file."""
+    from planner.api import _allowed_from_env
+
+    try:
+        flow = compile_flow(load_spec(path))
+    except FlowFileError as exc:
+        return None, [_from_error(exc, path)]
+    allowed = allowed if allowed is not None else _allowed_from_env(path.parent)
+    findings = []
+    for name, node in flow.nodes.items():
+        if node.kind == "call":
+            try:
+                resolve_call(node.call, allowed)
+            except ValueError as exc:
+                findings.append(_at(flow, name, ("nodes", name, "call"), "PLN300", str(exc)))
+    return flow, findings
+
+
+def _at(flow: CompiledFlow, node: str | None, where: tuple[str | int, ...], code: str, message: str) -> Finding:
+    line, column = flow.marks.at(where)
+    return Finding(flow.marks.file, line, column, node, code, message)
+
+
+async def check_database(flow: CompiledFlow, con: asyncpg.Connection) -> list[Finding]:
+    """Prepare every statement on the server; check `$node.field` against the columns returned."""
+    findings: list[Finding] = []
+    columns: dict[str, set[str]] = {}
+    for name, node in flow.nodes.items():
+        if node.kind != "sql":
+            continue
+        for index, statement in enumerate(node.statements):
+            where: tuple[str | int, ...] = ("nodes", name, "sql") + ((index,) if len(node.statements) > 1 else ())
+            try:
+                prepared = await con.prepare(statement.text)
+            except asyncpg.PostgresError as exc:
+                findings.append(_sql_finding(flow, name, where, statement, exc))
+                continue
+            if index == len(node.statements) - 1:
+                columns[name] = {a.name for a in prepared.get_attributes()}
+    for name, node in flow.nodes.items():
+        for ref in node.refs:
+            problem = _field_problem(flow, ref, columns)
+            if problem:
+                findings.append(_at(flow, name, ("nodes", name), "PLN410", problem))
+    return findings
+
+
+def _sql_finding(
+    flow: CompiledFlow, node: str, where: tuple[str | int, ...], statement: CompiledSql, exc: asyncpg.PostgresError
+) -> Finding:
+    line, column = flow.marks.at(where)
+    text = statement.text
+    message = name_params(f"{type(exc).__name__}: {exc}", statement)
+    position = getattr(exc, "position", None)
+    if position and line is not None:
+        offset = int(position) - 1
+        sql_line = text.count("\n", 0, offset)
+        # A block scalar (`sql: |`) starts on the line after its key.
+        line = line + sql_line + (1 if "\n" in text else 0)
+        message += f" (SQL line {sql_line + 1})"
+    return Finding(flow.marks.file, line, column, node, "PLN400", message)
+
+
+def _field_problem(flow: CompiledFlow, ref: Ref, columns: dict[str, set[str]]) -> str | None:
+    """`$node.field` where `node` is SQL: does its statement return `field`?"""
+    node = flow.nodes.get(ref.root)
+    if node is None or node.kind != "sql" or not ref.path or ref.root not in columns:
+        return None
+    path = list(ref.path)
+    if node.fetch == "all":
+        if not path[0].isdigit():
+            return f"{ref}: node {ref.root!r} fetches all rows (a list); index it, e.g. ${ref.root}.0.{path[0]}"
+        path = path[1:]
+        if not path:
+            return None
+    if node.fetch in ("value", "none"):
+        return f"{ref}: node {ref.root!r} fetches {'a single value' if node.fetch == 'value' else 'a status'}, which has no fields"
+    if path[0] not in columns[ref.root]:
+        have = ", ".join(sorted(columns[ref.root])) or "no columns"
+        return f"{ref}: node {ref.root!r} returns no column {path[0]!r} (it returns: {have})"
+    return None
+
+
+async def validate_paths(paths: list[Path], dsn: str | None) -> list[Finding]:
+    findings: list[Finding] = []
+    flows: list[CompiledFlow] = []
+    for path in paths:
+        flow, found = check_static(path)
+        findings += found
+        if flow is not None:
+            flows.append(flow)
+    if dsn is None or not flows:
+        return findings
+    con = await asyncpg.connect(dsn)
+    try:
+        for flow in flows:
+            findings += await check_database(flow, con)
+    finally:
+        await con.close()
+    return findings
+
+
+def render_findings(findings: list[Finding], fmt: str, *, checked: int) -> str:
+    if fmt == "json":
+        return json.dumps({"checked": checked, "findings": [asdict(f) for f in findings]}, indent=2)
+    lines = []
+    for f in findings:
+        where = f"{f.file}:{f.line or 1}:{f.column or 1}"
+        node = f"node {f.node!r}: " if f.node else ""
+        if fmt == "github":
+            lines.append(f"::error file={f.file},line={f.line or 1},col={f.column or 1},title={f.code}::{node}{_gh_escape(f.message)}")
+        else:
+            lines.append(f"{where}: {f.code} {node}{f.message}")
+    return "\n".join(lines)
+
+
+def _gh_escape(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
