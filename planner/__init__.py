@@ -7,6 +7,7 @@ import logging
 
 from planner.api import Planner, load_flow, load_flows, run_flow
 from planner.errors import (
+    DatabaseUnavailable,
     FlowError,
     FlowFailed,
     FlowFileError,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompiledFlow",
+    "DatabaseUnavailable",
     "FlowError",
     "FlowFailed",
     "FlowFileError",

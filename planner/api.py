@@ -21,7 +21,7 @@ import asyncpg
 
 from planner.db import Database
 from planner.errors import FlowError, FlowFileError, FlowInputError
-from planner.executor import BoundNode, execute
+from planner.executor import BoundNode, bind_inputs, execute_checked, resolve_mode
 from planner.graph import CompiledFlow, Plan, compile_flow, plan
 from planner.loader import load_spec
 from planner.models import NAME_RE
@@ -38,6 +38,7 @@ class _Entry:
     stamp: tuple[int, int]
     flow: CompiledFlow
     bound: dict[str, BoundNode]
+    needs_db: bool
 
 
 class Planner:
@@ -117,7 +118,11 @@ class Planner:
         if self._closed:
             raise FlowError("this Planner is closed")
         entry = self._entry(name)
-        return await execute(entry.flow, entry.bound, inputs or {}, mode=mode or self.mode, overrides=overrides)
+        values = bind_inputs(entry.flow, inputs or {})
+        chosen = resolve_mode(entry.flow, mode or self.mode)
+        if entry.needs_db and not self.db.opened:
+            await self.db.pool()  # raises DatabaseUnavailable before any node runs
+        return await execute_checked(entry.flow, entry.bound, values, chosen, overrides)
 
     def _entry(self, name: str) -> _Entry:
         path = self.path_of(name)
@@ -138,7 +143,7 @@ class Planner:
             self.reload_errors[name] = exc
             return entry
         self.reload_errors.pop(name, None)
-        entry = _Entry(stamp, flow, bound)
+        entry = _Entry(stamp, flow, bound, any(node.kind == "sql" for node in flow.nodes.values()))
         self._cache[name] = entry
         return entry
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from planner.errors import FlowError, FlowFailed, FlowFileError, FlowInputError
+from planner.errors import DatabaseUnavailable, FlowError, FlowFailed, FlowFileError, FlowInputError
 
 app = typer.Typer(
     name="planner",
@@ -357,14 +357,15 @@ def demo(
 def main() -> None:
     """Entry point: run the app, turning every error into one line and an exit code."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns the code of a `typer.Exit` raised inside
+        sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         _fail("aborted", 2)
     except UsageError as exc:
         _fail(str(exc), 2)
-    except FlowInputError as exc:
+    except (FlowInputError, DatabaseUnavailable) as exc:
         _fail(str(exc), 2)
     except FlowFileError as exc:
         _fail(str(exc), 1)

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from planner.errors import QueryError
+from planner.errors import DatabaseUnavailable, QueryError
 from planner.executor import BoundNode
 from planner.graph import CompiledNode
 from planner.refs import CompiledSql, compile_getter
@@ -80,6 +80,10 @@ class Database:
         self._lock = asyncio.Lock()
         self._releases: set[asyncio.Task[None]] = set()
 
+    @property
+    def opened(self) -> bool:
+        return self._pool is not None
+
     async def pool(self) -> asyncpg.Pool:
         """The pool, created at the first call: from `dsn`, else `DATABASE_URL`, else embedded."""
         if self._pool is not None:
@@ -87,9 +91,12 @@ class Database:
         async with self._lock:
             if self._pool is None:
                 dsn = self._dsn or os.environ.get("DATABASE_URL") or embedded_dsn()
-                self._pool = await asyncpg.create_pool(
-                    dsn, min_size=self._sizes[0], max_size=self._sizes[1], init=_init_connection
-                )
+                try:
+                    self._pool = await asyncpg.create_pool(
+                        dsn, min_size=self._sizes[0], max_size=self._sizes[1], init=_init_connection
+                    )
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                    raise DatabaseUnavailable(f"cannot reach the database: {type(exc).__name__}: {exc}") from exc
         return self._pool
 
     async def drain(self) -> None:
@@ -113,8 +120,11 @@ class Database:
 
         async def run(params: list[list[Any]]) -> Any:
             pool = self._pool or await self.pool()
-            con = await pool.acquire()
             statement = statements[0]
+            try:
+                con = await pool.acquire()
+            except Exception as exc:
+                raise _mapped(exc, None) from exc
             try:
                 if len(statements) == 1:
                     value = await _fetch(con, fetch, statement, params[0])
@@ -124,10 +134,7 @@ class Database:
                             value = await _fetch(con, fetch, statement, values)
             except BaseException as exc:  # CancelledError too: the connection must still go back
                 self._release_later(pool, con)
-                mapped = translate(exc, statement)
-                if mapped is exc:
-                    raise
-                raise mapped from exc
+                raise _mapped(exc, statement) from exc
             self._release_later(pool, con)
             return value
 
@@ -137,6 +144,11 @@ class Database:
         task = asyncio.get_running_loop().create_task(_release(pool, con))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
+
+
+def _mapped(exc: BaseException, statement: CompiledSql | None) -> BaseException:
+    mapped = translate(exc, statement)
+    return exc if mapped is exc else mapped
 
 
 async def _fetch(con: asyncpg.Connection, fetch: str, statement: CompiledSql, params: list[Any]) -> Any:

@@ -4,6 +4,7 @@
      ├── FlowFileError      a flow file that does not load: YAML, schema, references, call targets
      │    └── FlowGraphError     unknown references, cycles (the cycle is spelled out)
      ├── FlowInputError     inputs that do not match the flow's declared inputs
+     ├── DatabaseUnavailable  the pool could not be opened (no node ran)
      ├── FlowFailed         a run failed (an `on_error: fail` node failed); `.result` is the partial result
      │    └── FlowTimeout        the run hit its deadline
      └── NodeError          the error kept on a node's result (`NodeResult.error`)
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from planner.results import FlowResult
 
 __all__ = [
+    "DatabaseUnavailable",
     "FlowError",
     "FlowFailed",
     "FlowFileError",
@@ -91,6 +93,14 @@ class FlowInputError(FlowError):
         self.flow = flow
         self.input = input
         super().__init__(f"flow {flow!r}: {message}" if flow else message)
+
+
+class DatabaseUnavailable(FlowError):
+    """The database could not be reached when the pool was first opened; no node ran.
+
+    Once a pool is open, a lost connection is a node's (transient) error instead, settled by
+    the node's `retry` and `on_error`.
+    """
 
 
 class FlowFailed(FlowError):

@@ -102,8 +102,14 @@ async def execute(
     overrides: dict[str, Any] | None = None,
 ) -> FlowResult:
     """Run `flow` once. Returns the result, or raises `FlowFailed` (carrying it) on failure."""
-    run = _Run(flow, bound, bind_inputs(flow, inputs), resolve_mode(flow, mode), overrides or {})
-    return await run.main()
+    return await execute_checked(flow, bound, bind_inputs(flow, inputs), resolve_mode(flow, mode), overrides)
+
+
+async def execute_checked(
+    flow: CompiledFlow, bound: dict[str, BoundNode], values: dict[str, Any], mode: str, overrides: dict[str, Any] | None
+) -> FlowResult:
+    """`execute` for inputs already passed through `bind_inputs` and a mode from `resolve_mode`."""
+    return await _Run(flow, bound, values, mode, overrides or {}).main()
 
 
 class _Run:

@@ -217,3 +217,12 @@ async def test_a_dsn_planner_owns_and_closes_its_pool(write_flow: Write, tmp_pat
     pool = await planner.db.pool()
     await planner.close()
     assert pool.is_closing()
+
+
+async def test_an_unreachable_database_fails_before_any_node_runs(write_flow: Write, tmp_path: Path) -> None:
+    from planner import DatabaseUnavailable
+
+    write_flow("nodes:\n  a: {sql: SELECT 1, default: 0}\n")
+    planner = Planner(flows=tmp_path, dsn="postgresql://nobody@127.0.0.1:1/none")
+    with pytest.raises(DatabaseUnavailable, match="cannot reach the database"):
+        await planner.run("t")

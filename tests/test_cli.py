@@ -1,0 +1,246 @@
+"""The `planner` console script, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FLOWS = ROOT / "flows"
+PLANNER = str(Path(sys.executable).parent / "planner")
+
+
+def cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "NO_COLOR": "1", **(env or {})}
+    full_env.pop("PLANNER_MODE", None)
+    return subprocess.run([PLANNER, *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=120)
+
+
+@pytest.fixture(autouse=True)
+def _own_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recorded latencies go to a folder of the test's own, never the user's."""
+    monkeypatch.setenv("PLANNER_HOME", str(tmp_path / "planner-home"))
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("planner: ")
+    return lines[0]
+
+
+def test_plan_prints_the_seed_table() -> None:
+    proc = cli("plan", "process_buffered")
+    assert proc.returncode == 0, proc.stderr
+    assert "critical path: instance -> conversation -> history -> store_message" in proc.stdout
+    assert "sequential 530 ms, parallel 250 ms: 53% lower" in proc.stdout
+    history = next(line for line in proc.stdout.splitlines() if line.startswith("history "))
+    assert re.search(r"conversation\s+3\s+100\s+\*", history)
+
+
+def test_plan_json_has_groups_and_estimate() -> None:
+    data = json.loads(cli("plan", "escalation", "--json").stdout)
+    assert data["groups"] == [["settings", "interactions"], ["decide"], ["record"]]
+    assert data["latency_source"] == "latency: hints"
+    assert data["sequential_ms"] == 151 and data["parallel_ms"] == 101
+
+
+def test_plan_uses_recorded_latencies_after_runs(demo_dsn: str) -> None:
+    env: dict[str, str] = {}
+    proc = cli("run", "escalation", "-i", "instance_id=1", "-i", "user_phone=+15550000001", "-i", "message=hi", "--db", demo_dsn, env=env)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(cli("plan", "escalation", "--json", env=env).stdout)
+    assert data["latency_source"] == "recorded runs"
+    assert data["nodes"][0]["expected_ms"] < 50  # a local query, not the 50 ms hint
+
+
+def test_run_prints_a_node_table_and_the_output(demo_dsn: str) -> None:
+    proc = cli("run", "escalation", "-i", "instance_id=1", "-i", "user_phone=+15550000001", "-i", "message=a human please", "--db", demo_dsn)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^record\s+3\s+ok\s", proc.stdout, re.M)
+    assert '"reason": "keyword: human"' in proc.stdout
+
+
+def test_run_json_is_machine_readable(demo_dsn: str, tmp_path: Path) -> None:
+    inputs = tmp_path / "in.json"
+    inputs.write_text(json.dumps({"instance_name": "acme", "user_phone": "+15550000001", "message": "hi"}))
+    proc = cli("run", "process_buffered", "--inputs", str(inputs), "--json", "--mode", "layered", "--db", demo_dsn)
+    data = json.loads(proc.stdout)
+    assert data["status"] == "ok" and data["mode"] == "layered"
+    assert data["nodes"]["store_message"]["state"] == "ok"
+    assert isinstance(data["output"]["history"][0]["created_at"], str)  # datetimes as ISO text
+
+
+def test_run_writes_a_trace_with_a_lane_per_concurrent_node(demo_dsn: str, tmp_path: Path) -> None:
+    trace = tmp_path / "run.json"
+    proc = cli("run", "process_buffered", "-i", "instance_name=acme", "-i", "user_phone=+15550000001", "-i", "message=x",
+               "--trace", str(trace), "--db", demo_dsn)
+    assert proc.returncode == 0, proc.stderr
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert {e["name"] for e in events} >= {"instance", "conversation", "history"}
+    by_lane: dict[int, list[tuple[float, float]]] = {}
+    for e in events:
+        by_lane.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e["dur"]))
+    for spans in by_lane.values():
+        spans.sort()
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
+
+
+def test_a_failed_run_exits_1(tmp_path: Path, demo_dsn: str) -> None:
+    (tmp_path / "f.yaml").write_text("nodes:\n  a: {sql: SELECT 1/0, on_error: fail}\n")
+    proc = cli("run", "f", "--flows", str(tmp_path), "--db", demo_dsn)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert re.search(r"^a\s+1\s+failed", proc.stdout, re.M)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        pytest.param(["run", "nope"], 2, "no flow named 'nope'", id="unknown-flow"),
+        pytest.param(["run", "escalation", "-i", "instance_id=abc"], 2, "not a valid int", id="bad-input-type"),
+        pytest.param(["run", "escalation", "-i", "instance_id"], 2, "write key=value", id="bad-input-form"),
+        pytest.param(["run", "escalation", "-i", "zzz=1"], 2, "has no input 'zzz'", id="unknown-input"),
+        pytest.param(["run", "escalation", "-i", "instance_id=1"], 2, "missing input", id="missing-input"),
+        pytest.param(["plan"], 2, "Missing argument", id="missing-argument"),
+        pytest.param(["frobnicate"], 2, "No such command", id="unknown-command"),
+        pytest.param(["visualize", "escalation", "--format", "png"], 2, "--format 'png'", id="bad-format"),
+        pytest.param(["run", "escalation", "--mode", "fast", "-i", "instance_id=1", "-i", "user_phone=x", "-i", "message=m", "--db", "postgresql://u@127.0.0.1:1/x"], 2, "unknown mode", id="bad-mode"),
+    ],
+)
+def test_usage_mistakes_print_one_line_and_exit_2(args: list[str], code: int, needle: str) -> None:
+    assert needle in _one_line_error(cli(*args), code)
+
+
+def test_a_broken_flow_file_prints_one_line_and_exits_1(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("nodes:\n  a:\n    sql: SELECT 1\n    fetch: many\n")
+    line = _one_line_error(cli("plan", "bad", "--flows", str(tmp_path)), 1)
+    assert f"{tmp_path / 'bad.yaml'}:4:" in line and "node 'a'" in line
+
+
+def test_an_unreachable_database_prints_one_line_and_exits_2() -> None:
+    proc = cli("run", "escalation", "-i", "instance_id=1", "-i", "user_phone=x", "-i", "message=m", "--db", "postgresql://u@127.0.0.1:1/x")
+    assert "cannot reach the database" in _one_line_error(proc, 2)
+
+
+def test_help_shows_an_example() -> None:
+    for command in ("run", "plan", "visualize", "validate", "schema", "demo"):
+        proc = cli(command, "--help")
+        assert proc.returncode == 0 and "Example: planner" in proc.stdout, command
+
+
+def test_mermaid_has_every_edge_and_survives_a_node_named_end(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text("nodes:\n  end: {sql: SELECT 1}\n  o: {sql: SELECT $end}\n  x: {sql: 'SELECT $o, $end', when: '$o != \"<b>\"'}\n")
+    out = cli("visualize", "m", "--flows", str(tmp_path), "--format", "mermaid").stdout
+    edges = set(re.findall(r"^\s+(n_\w+) [-=.]+> (n_\w+)$", out, re.M))
+    assert edges == {("n_end", "n_o"), ("n_o", "n_x"), ("n_end", "n_x")}
+    assert '"x<br/>sql<br/>when $o != #quot;#lt;b#gt;#quot;"' in out
+    assert re.search(r'subgraph g1\["group 1"\]', out)
+
+
+def test_mermaid_refuses_more_than_500_edges(tmp_path: Path) -> None:
+    lines = ["nodes:", "  root: {sql: SELECT 1}"] + [f"  n{i}: {{sql: SELECT $root}}" for i in range(501)]
+    (tmp_path / "big.yaml").write_text("\n".join(lines) + "\n")
+    assert "500 edges" in _one_line_error(cli("visualize", "big", "--flows", str(tmp_path)), 2)
+
+
+def test_dot_has_clusters_and_every_edge() -> None:
+    out = cli("visualize", "process_buffered", "--format", "dot").stdout
+    assert out.count("subgraph cluster_g") == 4
+    edges = set(re.findall(r'^\s+"(\w+)" -> "(\w+)"', out, re.M))
+    assert ("instance", "conversation") in edges and ("history", "store_message") in edges
+    assert len(edges) == 11
+
+
+def test_schema_validates_the_seed_flows_and_rejects_a_bad_one() -> None:
+    import jsonschema
+    import yaml
+
+    schema = json.loads(cli("schema").stdout)
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    jsonschema.Draft7Validator.check_schema(schema)
+    for path in FLOWS.glob("*.yaml"):
+        data = yaml.safe_load(path.read_text())
+        data["nodes"] = {k: {kk: (vv if kk != "retry" else {("on" if k2 is True else k2): v2 for k2, v2 in vv.items()}) for kk, vv in v.items()} for k, v in data["nodes"].items()}
+        assert list(jsonschema.Draft7Validator(schema).iter_errors(data)) == [], path
+        assert list(jsonschema.Draft202012Validator(schema).iter_errors(data)) == [], path
+    both = {"nodes": {"a": {"sql": "SELECT 1", "call": "m:f"}}}
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(both))
+    assert list(jsonschema.Draft7Validator(schema).iter_errors({"nodes": {"a": {"sql": "x", "timeout": "3 parsecs"}}}))
+
+
+def test_the_shipped_schema_file_is_current() -> None:
+    shipped = json.loads((ROOT / "planner" / "flow.schema.json").read_text())
+    assert shipped == json.loads(cli("schema").stdout)
+
+
+def test_the_seed_flows_point_editors_at_the_schema() -> None:
+    for path in FLOWS.glob("*.yaml"):
+        assert path.read_text().startswith("# yaml-language-server: $schema=../planner/flow.schema.json")
+
+
+def test_validate_passes_the_seed_flows() -> None:
+    proc = cli("validate")
+    assert proc.returncode == 0 and "2 flow(s) ok" in proc.stderr
+
+
+def test_validate_reports_every_broken_file(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("nodes:\n  x: {sql: SELECT $nope}\n")
+    (tmp_path / "b.yaml").write_text("nodes:\n  y: {call: 'os:system'}\n")
+    (tmp_path / "c.yaml").write_text("nodes:\n  z: {sql: SELECT 1}\n")
+    proc = cli("validate", "--flows", str(tmp_path))
+    assert proc.returncode == 1
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{tmp_path / 'a.yaml'}:2:") and "PLN200" in lines[0]
+    assert lines[1].startswith(f"{tmp_path / 'b.yaml'}:2:") and "not allowed" in lines[1]
+
+
+def test_validate_github_and_json_formats(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("nodes:\n  x: {sql: SELECT $nope}\n")
+    gh = cli("validate", "--flows", str(tmp_path), "--format", "github").stdout
+    assert gh.startswith(f"::error file={tmp_path / 'a.yaml'},line=2,")
+    data = json.loads(cli("validate", "--flows", str(tmp_path), "--format", "json").stdout)
+    assert data["findings"][0]["node"] == "x" and data["findings"][0]["code"] == "PLN200"
+
+
+def test_validate_against_the_database_catches_schema_mistakes(tmp_path: Path, demo_dsn: str) -> None:
+    (tmp_path / "v.yaml").write_text(
+        "nodes:\n"
+        "  inst:\n    sql: SELECT id, instance_nme FROM whatsapp_instances\n    fetch: one\n"
+        "  table:\n    sql: SELECT id FROM whatsapp_instance\n    fetch: one\n"
+        "  ok:\n    sql: SELECT id FROM whatsapp_instances LIMIT 1\n    fetch: one\n"
+        "  uses:\n    sql: SELECT $ok.webhook_url\n"
+    )
+    proc = cli("validate", "--flows", str(tmp_path), "--db", demo_dsn)
+    assert proc.returncode == 1
+    out = proc.stdout
+    assert re.search(r"v\.yaml:3:\d+: PLN400 node 'inst': UndefinedColumnError: column \"instance_nme\" does not exist", out)
+    assert re.search(r"v\.yaml:6:\d+: PLN400 node 'table': UndefinedTableError: relation \"whatsapp_instance\" does not exist", out)
+    assert "node 'uses': $ok.webhook_url: node 'ok' returns no column 'webhook_url' (it returns: id)" in out
+
+
+def test_validate_against_the_database_passes_the_seed_flows(demo_dsn: str) -> None:
+    proc = cli("validate", "--db", demo_dsn)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_visualize_writes_svg_with_every_node_and_edge(tmp_path: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    out = tmp_path / "g.svg"
+    proc = cli("visualize", "process_buffered", "--format", "svg", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    root = ET.fromstring(out.read_text())
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    nodes = {g.get("data-node") for g in root.iterfind(".//s:g[@data-node]", ns)}
+    edges = {(p.get("data-from"), p.get("data-to")) for p in root.iterfind(".//s:path[@data-from]", ns)}
+    assert nodes == {"instance", "conversation", "webhook_config", "is_escalated", "is_duplicate", "history",
+                     "recent_messages", "store_message", "mark_duplicate_processed"}
+    assert len(edges) == 11 and ("conversation", "history") in edges
