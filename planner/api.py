@@ -49,7 +49,9 @@ class Planner:
 
     `dsn=` gives planner a pool of its own (closed with the planner); `pool=` borrows yours
     (never closed here). With neither, `DATABASE_URL` is used, else the embedded PostgreSQL;
-    the pool is opened on the first SQL node, so flows of Python calls need no database.
+    the pool is opened before the first flow with SQL runs, so flows of Python calls need no
+    database. `min_size`/`max_size` size an owned pool; `full_reset=True` keeps asyncpg's reset
+    query on release (see `planner.db.Database` for why it is skipped by default).
     `allowed_modules` (default: `PLANNER_ALLOWED_MODULES`, else `planner.demo` and the Python
     modules in the flows folder) limits what `call:` nodes may call.
     """
@@ -64,10 +66,11 @@ class Planner:
         allowed_modules: list[str] | None = None,
         min_size: int = 2,
         max_size: int = 10,
+        full_reset: bool = False,
     ) -> None:
         self.flows_dir = Path(flows if flows is not None else os.environ.get("PLANNER_FLOWS", "flows"))
         self.mode = mode
-        self.db = Database(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size)
+        self.db = Database(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset)
         self.allowed = allowed_modules if allowed_modules is not None else _allowed_from_env(self.flows_dir)
         self.reload_errors: dict[str, FlowError] = {}
         self._cache: dict[str, _Entry] = {}

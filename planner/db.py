@@ -66,17 +66,38 @@ def name_params(message: str, statement: CompiledSql) -> str:
     return re.sub(r"\$(\d+)", name, message)
 
 
+async def _keep_session(con: asyncpg.Connection) -> None:
+    """Release without asyncpg's reset round trip (see `Database`); asyncpg still rolls back
+    an open transaction and drops listeners before calling this."""
+
+
 async def _init_connection(con: asyncpg.Connection) -> None:
     for kind in ("json", "jsonb"):
         await con.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
 class Database:
-    """A pool, owned (`dsn=`) or borrowed (`pool=`), opened on first use. Never closes a borrowed pool."""
+    """A pool, owned (`dsn=`) or borrowed (`pool=`), opened on first use. Never closes a borrowed pool.
 
-    def __init__(self, *, dsn: str | None = None, pool: asyncpg.Pool | None = None, min_size: int = 2, max_size: int = 10) -> None:
+    A pool planner owns skips asyncpg's reset query on release (`SELECT pg_advisory_unlock_all();
+    CLOSE ALL; UNLISTEN *; RESET ALL`), a full round trip that would double how long each
+    connection is held per statement. Flow statements leave no session state behind, and an open
+    transaction is still rolled back. A `call:` function that changes session state through its
+    `db` pool should restore it, or ask for `full_reset=True`. A borrowed pool keeps its own reset.
+    """
+
+    def __init__(
+        self,
+        *,
+        dsn: str | None = None,
+        pool: asyncpg.Pool | None = None,
+        min_size: int = 2,
+        max_size: int = 10,
+        full_reset: bool = False,
+    ) -> None:
         self._dsn, self._pool, self._owned = dsn, pool, pool is None
         self._sizes = (min_size, max_size)
+        self._full_reset = full_reset
         self._lock = asyncio.Lock()
         self._releases: set[asyncio.Task[None]] = set()
 
@@ -93,7 +114,11 @@ class Database:
                 dsn = self._dsn or os.environ.get("DATABASE_URL") or embedded_dsn()
                 try:
                     self._pool = await asyncpg.create_pool(
-                        dsn, min_size=self._sizes[0], max_size=self._sizes[1], init=_init_connection
+                        dsn,
+                        min_size=self._sizes[0],
+                        max_size=self._sizes[1],
+                        init=_init_connection,
+                        reset=None if self._full_reset else _keep_session,
                     )
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                     raise DatabaseUnavailable(f"cannot reach the database: {type(exc).__name__}: {exc}") from exc

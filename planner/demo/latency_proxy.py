@@ -1,0 +1,121 @@
+"""A TCP proxy that adds a fixed one-way delay in each direction (10 ms -> 20 ms round trip).
+
+It stands between asyncpg and PostgreSQL to give a local database the network delay of the
+seed's backend. Each chunk is delivered `delay` after it was read, in order; reading never
+waits for delivery, so bandwidth is not limited. It also counts the chunks the client sends,
+which for PostgreSQL's protocol is the number of round trips the client started.
+
+    async with LatencyProxy(upstream_dsn, one_way_ms=10) as proxy:
+        pool = await asyncpg.create_pool(proxy.dsn)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+
+def _upstream_of(dsn: str) -> tuple[str | None, str, int]:
+    """(unix socket path or None, host, port) of a PostgreSQL DSN."""
+    parts = urlsplit(dsn)
+    query = parse_qs(parts.query)
+    host = query.get("host", [parts.hostname or "localhost"])[0]
+    port = int(query.get("port", [parts.port or 5432])[0])
+    if host.startswith("/"):
+        return f"{host}/.s.PGSQL.{port}", host, port
+    return None, host, port
+
+
+class LatencyProxy:
+    """Listen on 127.0.0.1 (a free port); forward each connection to `upstream_dsn`'s server."""
+
+    def __init__(self, upstream_dsn: str, one_way_ms: float) -> None:
+        self.upstream_dsn = upstream_dsn
+        self.delay = one_way_ms / 1000
+        self.requests = 0  # chunks sent by clients: round trips started
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    @property
+    def dsn(self) -> str:
+        """The upstream DSN, pointed at the proxy."""
+        parts = urlsplit(self.upstream_dsn)
+        query = "&".join(f"{k}={v[0]}" for k, v in parse_qs(parts.query).items() if k not in ("host", "port"))
+        user = parts.username or "postgres"
+        netloc = f"{user}{':' + parts.password if parts.password else ''}@127.0.0.1:{self.port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+    async def __aenter__(self) -> LatencyProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        path, host, port = _upstream_of(self.upstream_dsn)
+        try:
+            if path:
+                server_r, server_w = await asyncio.open_unix_connection(path)
+            else:
+                server_r, server_w = await asyncio.open_connection(host, port)
+        except OSError:
+            client_w.close()
+            return
+        pumps = [
+            asyncio.create_task(self._pump(client_r, server_w, count=True)),
+            asyncio.create_task(self._pump(server_r, client_w, count=False)),
+        ]
+        for task in pumps:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for task in pumps:
+            task.cancel()
+        for writer in (client_w, server_w):
+            writer.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, count: bool) -> None:
+        loop = asyncio.get_running_loop()
+        queue: deque[tuple[float, bytes]] = deque()
+        ready = asyncio.Event()
+        done = False
+
+        async def deliver() -> None:
+            while True:
+                while not queue:
+                    if done:
+                        return
+                    ready.clear()
+                    await ready.wait()
+                due, data = queue.popleft()
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.create_task(deliver())
+        try:
+            while data := await reader.read(65536):
+                if count:
+                    self.requests += 1
+                queue.append((loop.time() + self.delay, data))
+                ready.set()
+            done = True
+            ready.set()
+            await sender
+        finally:
+            sender.cancel()

@@ -1,0 +1,43 @@
+"""The benchmarks' latency proxy adds the round trip it is asked for."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import asyncpg
+
+from benchmarks.latency_proxy import LatencyProxy
+
+
+async def _median_ping_ms(dsn: str, pings: int = 25) -> float:
+    con = await asyncpg.connect(dsn)
+    try:
+        await con.fetchval("SELECT 1")
+        samples = []
+        for _ in range(pings):
+            t0 = time.perf_counter()
+            await con.fetchval("SELECT 1")
+            samples.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(samples)
+    finally:
+        await con.close()
+
+
+async def test_the_proxy_adds_the_round_trip_asked_for(pg_dsn: str) -> None:
+    async with LatencyProxy(pg_dsn, one_way_ms=0) as bare:
+        base = await _median_ping_ms(bare.dsn)
+    async with LatencyProxy(pg_dsn, one_way_ms=10) as proxy:
+        delayed = await _median_ping_ms(proxy.dsn)
+        assert proxy.requests >= 25
+    assert abs((delayed - base) - 20.0) < 1.0, f"added {delayed - base:.2f} ms"
+
+
+async def test_the_proxy_keeps_large_results_whole_and_in_order(pg_dsn: str) -> None:
+    async with LatencyProxy(pg_dsn, one_way_ms=1) as proxy:
+        con = await asyncpg.connect(proxy.dsn)
+        try:
+            rows = await con.fetch("SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 20000) g")
+        finally:
+            await con.close()
+    assert [r["g"] for r in rows] == list(range(1, 20001))
