@@ -205,7 +205,7 @@ def machine() -> str:
             f"asyncpg {md.version('asyncpg')}, planner {md.version('planner')}")
 
 
-async def main(args: argparse.Namespace) -> None:
+async def main(args: argparse.Namespace) -> str:
     server = args.dsn or os.environ.get("DATABASE_URL")
     dsn = await demo_dsn(server, lambda m: print(m, flush=True))
     con = await asyncpg.connect(dsn)
@@ -239,9 +239,7 @@ async def main(args: argparse.Namespace) -> None:
             text = goals(figures, rtts)
             print(text)
             report += ["Goals (issue 5):", "", text]
-    if args.out:
-        Path(args.out).write_text("\n".join(report))
-        print(f"wrote {args.out}")
+    return "\n".join(report)
 
 
 async def profile(runs: int) -> None:
@@ -297,4 +295,10 @@ if __name__ == "__main__":
     if args.smoke:
         args.runs, args.rtts, args.seconds, args.out = 3, "0,2", 0.3, None
         args.pools, args.flights = [4], [1, 4]
-    asyncio.run(profile(500) if args.profile else main(args))
+    if args.profile:
+        asyncio.run(profile(500))
+    else:
+        text = asyncio.run(main(args))
+        if args.out:
+            Path(args.out).write_text(text)
+            print(f"wrote {args.out}")
