@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ from planner.runners import bind_flow
 logger = logging.getLogger("planner")
 
 DEFAULT_ALLOWED = ("planner.demo",)
+
+NodeRun = Callable[[Any], Awaitable[Any]]
+NodeWrapper = Callable[[str, str, NodeRun], NodeRun]
+"""`wrapper(flow, node, run) -> run`: wraps each node's execution (tests inject faults with it;
+instrumentation can time it). It sees the node's resolved arguments and returns its value."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,8 @@ class Planner:
     database. `min_size`/`max_size` size an owned pool; `full_reset=True` keeps asyncpg's reset
     query on release (see `planner.db.Database` for why it is skipped by default).
     `allowed_modules` (default: `PLANNER_ALLOWED_MODULES`, else `planner.demo` and the Python
-    modules in the flows folder) limits what `call:` nodes may call.
+    modules in the flows folder) limits what `call:` nodes may call. `node_wrapper` wraps
+    every node's execution (see `NodeWrapper`).
     """
 
     def __init__(
@@ -67,11 +74,13 @@ class Planner:
         min_size: int = 2,
         max_size: int = 10,
         full_reset: bool = False,
+        node_wrapper: NodeWrapper | None = None,
     ) -> None:
         self.flows_dir = Path(flows if flows is not None else os.environ.get("PLANNER_FLOWS", "flows"))
         self.mode = mode
         self.db = Database(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset)
         self.allowed = allowed_modules if allowed_modules is not None else _allowed_from_env(self.flows_dir)
+        self.node_wrapper = node_wrapper
         self.reload_errors: dict[str, FlowError] = {}
         self._cache: dict[str, _Entry] = {}
         self._closed = False
@@ -137,6 +146,9 @@ class Planner:
         try:
             flow = compile_flow(load_spec(path))
             bound = bind_flow(flow, allowed=self.allowed, pool=self.db.pool, sql=self.db.bind_sql)
+            if self.node_wrapper is not None:
+                wrap = self.node_wrapper
+                bound = {n: BoundNode(b.spec, b.args, wrap(flow.name, b.spec.name, b.run)) for n, b in bound.items()}
         except FlowError as exc:
             if entry is None:
                 raise

@@ -13,7 +13,7 @@ from typing import Any
 
 import networkx as nx
 
-from planner.errors import FlowGraphError
+from planner.errors import FlowFileError, FlowGraphError
 from planner.expr import Expr, ExprSyntaxError, Lit, refs_of
 from planner.expr import parse as parse_expr
 from planner.loader import LoadedFlow, Marks
@@ -150,7 +150,7 @@ def _compile_node(name: str, index: int, node: SqlNode | CallNode, spec: FlowSpe
             when = parse_expr(node.when)
         except ExprSyntaxError as exc:
             line, column = marks.at(("nodes", name, "when"))
-            raise FlowGraphError(
+            raise FlowFileError(
                 f"when: {exc} (at column {exc.offset + 1} of the expression)",
                 file=marks.file, line=line, column=column, node=name, code="PLN120",
             ) from None
@@ -177,13 +177,13 @@ def _compile_node(name: str, index: int, node: SqlNode | CallNode, spec: FlowSpe
     )
 
 
-def _at_offset(marks: Marks, where: tuple[str | int, ...], text: str, offset: int, message: str) -> FlowGraphError:
+def _at_offset(marks: Marks, where: tuple[str | int, ...], text: str, offset: int, message: str) -> FlowFileError:
     """An error at `offset` inside an SQL text, reported at the text's line in the file."""
     line, column = marks.at(where)
     inner_line = text.count("\n", 0, offset)
     inner_col = offset - (text.rfind("\n", 0, offset) + 1) + 1
     shown = f"{message} (SQL line {inner_line + 1}, column {inner_col})"
-    return FlowGraphError(shown, file=marks.file, line=line, column=column, node=str(where[1]), code="PLN110")
+    return FlowFileError(shown, file=marks.file, line=line, column=column, node=str(where[1]), code="PLN110")
 
 
 def _check_refs(
@@ -192,17 +192,37 @@ def _check_refs(
     """Refuse references to names that do not exist, and self-references."""
     marks, spec = loaded.marks, loaded.spec
     for name, node in nodes.items():
+        in_when = set(refs_of(node.when)) if node.when is not None else set()
         for ref in node.refs:
+            where = ("nodes", name, "when" if ref in in_when else "sql" if node.kind == "sql" else "with")
             if ref.root not in known:
-                raise _graph_error(marks, _unknown(ref, known), ("nodes", name, node.kind if node.kind == "sql" else "with"), name)
+                raise _graph_error(marks, _unknown(ref, known), where, name)
             if ref.root == name:
-                raise _graph_error(marks, f"{name} -> {name}: a node cannot reference itself", ("nodes", name), name, cycle=[name, name])
+                raise _graph_error(marks, f"{name} -> {name}: a node cannot reference itself", where, name, cycle=[name, name])
         for i, after in enumerate(spec.nodes[name].after):
             if after not in nodes:
                 raise _graph_error(marks, f"after: unknown node {after!r}{_suggest(after, nodes)}", ("nodes", name, "after", i), name)
     for ref in output.refs if output else ():
         if ref.root not in known:
-            raise _graph_error(marks, "output: " + _unknown(ref, known), ("output",), None)
+            raise _graph_error(marks, "output: " + _unknown(ref, known), ("output", *_path_to(output.value, ref)), None)
+
+
+def _path_to(template: Any, ref: Ref) -> tuple[str | int, ...]:
+    """Where `ref` first stands inside a parsed template (for the error's line)."""
+    if template == ref:
+        return ()
+    items = template.items() if isinstance(template, dict) else enumerate(template) if isinstance(template, list) else ()
+    for key, value in items:
+        if value == ref or (isinstance(value, (dict, list)) and ref in _refs_in(value)):
+            return (key, *_path_to(value, ref))
+    return ()
+
+
+def _refs_in(template: Any) -> list[Ref]:
+    if isinstance(template, Ref):
+        return [template]
+    values = template.values() if isinstance(template, dict) else template if isinstance(template, list) else []
+    return [r for v in values for r in _refs_in(v)]
 
 
 def _unknown(ref: Ref, known: set[str]) -> str:

@@ -83,6 +83,8 @@ def load_text(text: str, *, file: str | Path = "<string>", name: str = "flow") -
         spec = FlowSpec.model_validate(data)
     except ValidationError as exc:
         raise _translate(exc, marks) from None
+    for clash in [n for n in spec.nodes if n in spec.inputs]:
+        raise marks.error(f"{clash!r} is both an input and a node", ("nodes", clash))
     if spec.name is not None and spec.name != name:
         raise marks.error(f"`name: {spec.name}` does not match the file name {name!r}", ("name",))
     return LoadedFlow(name=name, path=Path(file), spec=spec, marks=marks)

@@ -157,10 +157,3 @@ class FlowSpec(_Strict):
             if not NAME_RE.match(name):
                 raise ValueError(f"{name!r} is not a valid name (letters, digits, _; not first a digit)")
         return value
-
-    @model_validator(mode="after")
-    def _no_clash(self) -> FlowSpec:
-        clash = sorted(set(self.inputs) & set(self.nodes))
-        if clash:
-            raise ValueError(f"{clash[0]!r} is both an input and a node")
-        return self
