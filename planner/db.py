@@ -34,7 +34,7 @@ logger = logging.getLogger("planner")
 # Class 08 (connection exceptions) and these: serialization failure, deadlock, too many
 # connections, admin/crash shutdown, cannot connect now.
 _TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "53300", "57P01", "57P02", "57P03"})
-_RELEASE_TIMEOUT_S = 5.0
+_RELEASE_TIMEOUT_S = 2.0  # a connection that cannot be reset in this time (a frozen backend) is terminated
 
 
 def translate(exc: BaseException, statement: CompiledSql | None = None) -> BaseException:

@@ -14,6 +14,18 @@ from tests import nodes
 pytest_plugins = ["tests.db_fixtures"]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", help="long reliability runs (also PLANNER_SOAK=1)")
+
+
+@pytest.fixture(scope="session")
+def soak(request: pytest.FixtureRequest) -> bool:
+    """True for the long reliability runs: `pytest --soak` or PLANNER_SOAK=1."""
+    import os
+
+    return bool(request.config.getoption("--soak") or os.environ.get("PLANNER_SOAK"))
+
+
 @pytest.fixture(autouse=True)
 def _reset_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
     nodes.calls.clear()

@@ -81,11 +81,15 @@ class LatencyProxy:
         for task in pumps:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        for task in pumps:
-            task.cancel()
-        for writer in (client_w, server_w):
-            writer.close()
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            pass  # the proxy is closing: end this connection quietly
+        finally:
+            for task in pumps:
+                task.cancel()
+            for writer in (client_w, server_w):
+                writer.close()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, count: bool) -> None:
         loop = asyncio.get_running_loop()

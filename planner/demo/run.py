@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import statistics
 import sys
@@ -101,16 +102,27 @@ async def measure(planner: Planner, flow: str, runs: int) -> list[ModeFigures]:
     return list(figures.values())
 
 
-async def run_demo(server_dsn: str | None, runs: int, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict[str, Any]:
-    """Everything `planner demo` shows, as data (the CLI renders it)."""
+async def run_demo(
+    server_dsn: str | None, runs: int, rtt_ms: float = 0.0, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
+) -> dict[str, Any]:
+    """Everything `planner demo` shows, as data (the CLI renders it).
+
+    With `rtt_ms`, the queries go through `LatencyProxy`, which adds that round trip: the
+    network the seed's backend had, and where running lookups together pays.
+    """
+    from planner.demo.latency_proxy import LatencyProxy
+
     dsn = await demo_dsn(server_dsn, log)
-    out: dict[str, Any] = {"database": dsn.split("?")[0], "flows": {}}
-    async with Planner(flows=seed_flows_dir(), dsn=dsn, allowed_modules=["planner.demo"]) as planner:
+    out: dict[str, Any] = {"database": dsn.split("?")[0], "rtt_ms": rtt_ms, "flows": {}}
+    async with contextlib.AsyncExitStack() as stack:
+        if rtt_ms:
+            dsn = (await stack.enter_async_context(LatencyProxy(dsn, rtt_ms / 2))).dsn
+        planner = await stack.enter_async_context(Planner(flows=seed_flows_dir(), dsn=dsn, allowed_modules=["planner.demo"]))
         for flow in ("process_buffered", "escalation"):
             figures = await measure(planner, flow, runs)
             out["flows"][flow] = {"plan": planner.plan(flow), "compiled": planner.load(flow), "figures": figures}
     return out
 
 
-def main_sync(server_dsn: str | None, runs: int) -> dict[str, Any]:
-    return asyncio.run(run_demo(server_dsn, runs))
+def main_sync(server_dsn: str | None, runs: int, rtt_ms: float = 0.0) -> dict[str, Any]:
+    return asyncio.run(run_demo(server_dsn, runs, rtt_ms))

