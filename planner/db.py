@@ -190,13 +190,12 @@ async def _fetch(con: asyncpg.Connection, fetch: str, statement: CompiledSql, pa
 async def _release(pool: asyncpg.Pool, con: asyncpg.Connection) -> None:
     try:
         await pool.release(con, timeout=_RELEASE_TIMEOUT_S)
-    except (Exception, asyncio.CancelledError):
-        # A connection that cannot be reset is not given to anyone else.
-        con.terminate()
-        try:
-            await pool.release(con)
-        except Exception:  # noqa: S110 - already terminated; the pool replaces it
-            pass
+    except asyncpg.InternalClientError:
+        pass  # its connection died and asyncpg already took the holder back
+    except (Exception, asyncio.CancelledError) as exc:
+        # asyncpg terminates a connection it cannot reset in time (a cancel the server never
+        # acknowledged: a frozen backend); the pool replaces it. Nothing is given to anyone else.
+        logger.warning("connection terminated instead of returned: %s: %s", type(exc).__name__, exc)
 
 
 # --- the embedded server ------------------------------------------------------------------

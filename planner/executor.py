@@ -28,6 +28,7 @@ from planner.results import FlowResult, NodeResult, NodeState
 logger = logging.getLogger("planner")
 
 MODES = ("eager", "layered", "sequential")
+STOP_GRACE_S = 1.0  # how long a stopping run waits for cancelled nodes to finish
 _run_ids = itertools.count(1)
 _RUN_PREFIX = os.urandom(3).hex()
 
@@ -253,7 +254,10 @@ class _Run:
         try:
             value = task.result()
         except asyncio.CancelledError:
-            self._settle(name, NodeState.CANCELLED, None, None)
+            if self.failure is None:  # not cancelled by the run: the node cancelled itself
+                self._failed(name, NodeError("the node's own code raised CancelledError"))
+            else:
+                self._settle(name, NodeState.CANCELLED, None, None)
         except Exception as exc:
             self._failed(name, exc)
         else:
@@ -317,10 +321,15 @@ class _Run:
         self._cancel_all()
         pending = list(self.tasks)
         try:
-            await asyncio.wait(pending)
+            _, stuck = await asyncio.wait(pending, timeout=STOP_GRACE_S)
         except asyncio.CancelledError:
-            await asyncio.wait(pending)  # cancelled again while cleaning up: still no orphans
+            await asyncio.wait(pending, timeout=STOP_GRACE_S)  # cancelled again while cleaning up
             raise
+        if stuck:
+            # A node that swallows cancellation must not hold the run past its deadline.
+            logger.error("flow %s: %d node(s) ignored cancellation and were left running: %s", self.flow.name,
+                         len(stuck), ", ".join(sorted(self.tasks[t] for t in stuck if t in self.tasks)),
+                         extra={"flow": self.flow.name, "run_id": self.run_id})
 
     def _finish(self, timed_out: bool) -> FlowResult:
         for name in self.active:
@@ -340,12 +349,17 @@ class _Run:
     def _output(self) -> Any:
         if self.flow.output is None:
             return {name: node.value for name, node in self.results.items()}
+        template = self.flow.output.value
         try:
-            return render(self.flow.output.value, self.values)
+            return render(template, self.values)
         except (Unresolved, LookupError) as exc:
-            # Everything has run (and written): an output that walks into null is null, not a failure.
-            logger.warning("flow %s: output: %s", self.flow.name, exc, extra={"flow": self.flow.name, "run_id": self.run_id})
-            return {k: _safe_render(v, self.values) for k, v in self.flow.output.value.items()} if isinstance(self.flow.output.value, dict) else None
+            # Everything has run (and written): an entry that walks into null is null, not a
+            # failure. A missing field is a typo worth a warning.
+            if isinstance(exc, LookupError):
+                logger.warning("flow %s: output: %s", self.flow.name, exc, extra={"flow": self.flow.name, "run_id": self.run_id})
+            if isinstance(template, dict):
+                return {key: _safe_render(value, self.values) for key, value in template.items()}
+            return None
 
     def _now(self) -> float:
         return (self.loop.time() - self.t0) * 1000.0

@@ -60,3 +60,18 @@ async def work(ms: float, fail: bool = False, **deps: Any) -> int:
         return 1 + sum(v for v in deps.values() if isinstance(v, int))
     finally:
         running["now"] -= 1
+
+
+async def stubborn(ms: float) -> str:
+    """Swallows cancellation: a badly written node."""
+    end = asyncio.get_running_loop().time() + ms / 1000
+    while asyncio.get_running_loop().time() < end:
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            continue
+    return "finished anyway"
+
+
+async def cancels_itself() -> None:
+    raise asyncio.CancelledError

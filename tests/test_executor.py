@@ -296,3 +296,18 @@ async def test_every_node_reports_times_and_attempts(write_flow: Write, planner:
     write_flow("nodes:\n  a: {call: tests.nodes:sleep, with: {ms: 20}}\n")
     node = (await planner.run("t")).nodes["a"]
     assert node.attempts == 1 and node.duration_ms is not None and node.duration_ms >= 15
+
+
+async def test_a_node_that_ignores_cancellation_cannot_hold_the_run(write_flow: Write, planner: Planner) -> None:
+    write_flow("settings: {timeout: 100ms}\nnodes:\n  a: {call: tests.nodes:stubborn, with: {ms: 3000}}\n")
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(FlowTimeout):
+        await planner.run("t")
+    assert loop.time() - t0 < 2.5  # deadline plus the stop grace, not the node's 3 s
+
+
+async def test_a_node_that_cancels_itself_is_a_failure_not_a_cancellation(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:cancels_itself, default: d}\n")
+    result = await planner.run("t")
+    assert result.nodes["a"].state is NodeState.DEFAULTED and result.status == "ok"
