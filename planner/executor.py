@@ -14,6 +14,7 @@ import copy
 import itertools
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ logger = logging.getLogger("planner")
 MODES = ("eager", "layered", "sequential")
 STOP_GRACE_S = 1.0  # how long a stopping run waits for cancelled nodes to finish
 _run_ids = itertools.count(1)
+_monotonic = time.monotonic
 _RUN_PREFIX = os.urandom(3).hex()
 
 
@@ -122,11 +124,15 @@ class _Run:
         self.flow, self.bound, self.values, self.mode, self.overrides = flow, bound, values, mode, overrides
         self.run_id = f"{_RUN_PREFIX}-{next(_run_ids)}"
         self.loop = asyncio.get_running_loop()
-        self.t0 = self.loop.time()
-        self.active = _needed(flow, overrides) if overrides else flow.nodes.keys()
-        self.waiting = {
-            n: 0 if n in overrides else sum(1 for d in flow.nodes[n].deps if d in self.active) for n in self.active
-        }
+        self.t0 = _monotonic()  # the loop's clock (asyncio's loop.time() is time.monotonic())
+        if overrides:
+            self.active = _needed(flow, overrides)
+            self.waiting = {
+                n: 0 if n in overrides else sum(1 for d in flow.nodes[n].deps if d in self.active) for n in self.active
+            }
+        else:
+            self.active = flow.nodes.keys()
+            self.waiting = flow.indegree.copy()
         self.results: dict[str, NodeResult] = {}
         self.tasks: dict[asyncio.Task[Any], str] = {}
         self.started: dict[str, float] = {}
@@ -214,7 +220,7 @@ class _Run:
     def _launch(self, node: BoundNode, args: Any) -> None:
         spec = node.spec
         name = spec.name
-        self.started[name] = (self.loop.time() - self.t0) * 1000.0
+        self.started[name] = (_monotonic() - self.t0) * 1000.0
         if spec.timeout is None and spec.retry.attempts == 1:
             coro = node.run(args)  # the fast path: no wrapper coroutine at all
         else:
@@ -264,7 +270,8 @@ class _Run:
             self._settle(name, NodeState.OK, value, None)
         if self.queue and self.failure is None:
             self._launch(*self.queue.popleft())
-        self._drain()
+        if self.ready:
+            self._drain()
 
     def _failed(self, name: str, error: BaseException) -> None:
         spec = self.flow.nodes[name]
@@ -286,7 +293,7 @@ class _Run:
     def _settle(self, name: str, state: NodeState, value: Any, error: BaseException | None) -> None:
         started = self.started.get(name)
         attempts = 0 if started is None else self.attempts.get(name, 1)
-        self.results[name] = NodeResult(state, value, error, attempts, started, self._now())
+        self.results[name] = NodeResult(state, value, error, attempts, started, (_monotonic() - self.t0) * 1000.0)
         self.values[name] = value
         if self.failure is not None:
             return
@@ -362,7 +369,7 @@ class _Run:
             return None
 
     def _now(self) -> float:
-        return (self.loop.time() - self.t0) * 1000.0
+        return (_monotonic() - self.t0) * 1000.0
 
 
 def _safe_render(template: Any, values: dict[str, Any]) -> Any:

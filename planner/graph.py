@@ -62,6 +62,7 @@ class CompiledFlow:
     order: tuple[str, ...]
     groups: tuple[tuple[str, ...], ...]
     successors: dict[str, tuple[str, ...]]
+    indegree: dict[str, int]  # how many dependencies each node waits for
     output: Template | None
 
     @property
@@ -116,6 +117,7 @@ def compile_flow(loaded: LoadedFlow) -> CompiledFlow:
         order=order,
         groups=groups,
         successors=successors,
+        indegree={name: len(node.deps) for name, node in nodes.items()},
         output=output,
     )
 
