@@ -9,6 +9,7 @@ in `Planner.reload_errors`).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import sys
@@ -79,7 +80,7 @@ class Planner:
         self.flows_dir = Path(flows if flows is not None else os.environ.get("PLANNER_FLOWS", "flows"))
         self.mode = mode
         self.db = Database(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset)
-        self.allowed = allowed_modules if allowed_modules is not None else _allowed_from_env(self.flows_dir)
+        self.allowed = allowed_modules if allowed_modules is not None else default_allowed_modules(self.flows_dir)
         self.node_wrapper = node_wrapper
         self.reload_errors: dict[str, FlowError] = {}
         self._cache: dict[str, _Entry] = {}
@@ -163,7 +164,8 @@ class Planner:
         return entry
 
 
-def _allowed_from_env(flows_dir: Path) -> list[str]:
+def default_allowed_modules(flows_dir: Path) -> list[str]:
+    """`PLANNER_ALLOWED_MODULES` when set; else `planner.demo` and the modules in `flows_dir`."""
     configured = os.environ.get("PLANNER_ALLOWED_MODULES")
     if configured is not None:
         return [m.strip() for m in configured.split(",") if m.strip()]
@@ -174,11 +176,22 @@ def _allowed_from_env(flows_dir: Path) -> list[str]:
 
 
 def _modules_in(folder: Path) -> list[str]:
+    """Python modules in `folder`, except any whose name is taken by the standard library or an
+    installed package: a file `flows/os.py` must not make `os:popen` callable."""
     if not folder.is_dir():
         return []
     names = [p.stem for p in folder.glob("*.py") if NAME_RE.match(p.stem)]
     names += [p.parent.name for p in folder.glob("*/__init__.py") if NAME_RE.match(p.parent.name)]
-    return sorted(set(names))
+    return sorted(n for n in set(names) if n not in sys.stdlib_module_names and not _installed_elsewhere(n, folder))
+
+
+def _installed_elsewhere(name: str, folder: Path) -> bool:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    origin = spec.origin if spec is not None else None
+    return origin is not None and not Path(origin).resolve().is_relative_to(folder.resolve())
 
 
 def load_flow(path: str | os.PathLike[str]) -> CompiledFlow:

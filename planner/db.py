@@ -19,7 +19,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -138,10 +138,8 @@ class Database:
 
     def bind_sql(self, spec: CompiledNode) -> BoundNode:
         """A `sql:` node: `args` resolves each statement's references to parameter lists."""
-        statements = spec.statements
+        statements, fetch = spec.statements, spec.fetch
         args = compile_getter([list(st.params) for st in statements])
-
-        fetch = spec.fetch
 
         async def run(params: list[list[Any]]) -> Any:
             pool = self._pool or await self.pool()
@@ -149,7 +147,7 @@ class Database:
             try:
                 con = await pool.acquire()
             except Exception as exc:
-                raise _mapped(exc, None) from exc
+                _reraise(exc, None)
             try:
                 if len(statements) == 1:
                     value = await _fetch(con, fetch, statement, params[0])
@@ -159,7 +157,7 @@ class Database:
                             value = await _fetch(con, fetch, statement, values)
             except BaseException as exc:  # CancelledError too: the connection must still go back
                 self._release_later(pool, con)
-                raise _mapped(exc, statement) from exc
+                _reraise(exc, statement)
             self._release_later(pool, con)
             return value
 
@@ -171,9 +169,11 @@ class Database:
         task.add_done_callback(self._releases.discard)
 
 
-def _mapped(exc: BaseException, statement: CompiledSql | None) -> BaseException:
+def _reraise(exc: BaseException, statement: CompiledSql | None) -> NoReturn:
     mapped = translate(exc, statement)
-    return exc if mapped is exc else mapped
+    if mapped is exc:
+        raise exc
+    raise mapped from exc
 
 
 async def _fetch(con: asyncpg.Connection, fetch: str, statement: CompiledSql, params: list[Any]) -> Any:

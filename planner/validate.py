@@ -38,13 +38,13 @@ def _from_error(exc: FlowFileError, path: Path) -> Finding:
 
 def check_static(path: Path, allowed: list[str] | None = None) -> tuple[CompiledFlow | None, list[Finding]]:
     """Load, compile and resolve the call targets of one file."""
-    from planner.api import _allowed_from_env
+    from planner.api import default_allowed_modules
 
     try:
         flow = compile_flow(load_spec(path))
     except FlowFileError as exc:
         return None, [_from_error(exc, path)]
-    allowed = allowed if allowed is not None else _allowed_from_env(path.parent)
+    allowed = allowed if allowed is not None else default_allowed_modules(path.parent)
     findings = []
     for name, node in flow.nodes.items():
         if node.kind == "call":

@@ -161,3 +161,15 @@ def test_the_allowed_function_itself_resolves() -> None:
     assert resolve_call("planner.demo.escalation:needs_escalation", ["planner.demo"]) is needs_escalation
 
 
+
+
+def test_a_flows_folder_module_cannot_borrow_a_standard_library_name(tmp_path: Path) -> None:
+    from planner.api import default_allowed_modules
+
+    (tmp_path / "os.py").write_text("def popen(cmd):\n    return cmd\n")
+    (tmp_path / "json.py").write_text("")
+    (tmp_path / "mytasks.py").write_text("def ok():\n    return 1\n")
+    allowed = default_allowed_modules(tmp_path)
+    assert "mytasks" in allowed and "os" not in allowed and "json" not in allowed
+    with pytest.raises(ValueError, match="not allowed"):
+        resolve_call("os:popen", allowed)
