@@ -244,3 +244,14 @@ def test_visualize_writes_svg_with_every_node_and_edge(tmp_path: Path) -> None:
     assert nodes == {"instance", "conversation", "webhook_config", "is_escalated", "is_duplicate", "history",
                      "recent_messages", "store_message", "mark_duplicate_processed"}
     assert len(edges) == 11 and ("conversation", "history") in edges
+
+
+def test_demo_prints_plans_and_a_latency_table_per_mode(pg_dsn: str) -> None:
+    proc = cli("demo", "--db", pg_dsn, "--runs", "3", "--rtt", "2")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "groups: instance; conversation, webhook_config, is_escalated; is_duplicate, history, recent_messages" in out
+    assert "groups: settings, interactions; decide; record" in out
+    for mode in ("eager", "layered", "sequential"):
+        assert len(re.findall(rf"^{mode}\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+$", out, re.M)) == 2
+    assert "2 ms round trip added" in out
