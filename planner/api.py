@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ logger = logging.getLogger("planner")
 
 DEFAULT_ALLOWED = ("planner.demo",)
 
-NodeRun = Callable[[Any], Awaitable[Any]]
+NodeRun = Callable[[Any], Coroutine[Any, Any, Any]]
 NodeWrapper = Callable[[str, str, NodeRun], NodeRun]
 """`wrapper(flow, node, run) -> run`: wraps each node's execution (tests inject faults with it;
 instrumentation can time it). It sees the node's resolved arguments and returns its value."""

@@ -375,8 +375,9 @@ def main() -> None:
     except FlowError as exc:
         _fail(str(exc), 1)
     except Exception as exc:  # click's own usage errors (exit 2), and the database's
-        if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
-            _fail(exc.format_message(), exc.exit_code)
+        code = getattr(exc, "exit_code", None)
+        if hasattr(exc, "format_message") and isinstance(code, int):
+            _fail(exc.format_message(), code)
         if os.environ.get("PLANNER_DEBUG"):
             raise
         _fail(_environment_message(exc), 2)

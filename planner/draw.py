@@ -24,7 +24,7 @@ FONT = "font-family:Helvetica,Arial,sans-serif"
 
 
 def _layout(plan: Plan) -> dict[str, tuple[float, float]]:
-    positions = {}
+    positions: dict[str, tuple[float, float]] = {}
     for col, group in enumerate(plan.groups):
         for row, name in enumerate(group):
             positions[name] = (MARGIN + col * (NODE_W + GAP_X), MARGIN + HEADER + row * (NODE_H + GAP_Y))

@@ -16,7 +16,8 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,7 @@ class BoundNode:
 
     spec: CompiledNode
     args: Callable[[dict[str, Any]], Any]
-    run: Callable[[Any], Awaitable[Any]]
+    run: Callable[[Any], Coroutine[Any, Any, Any]]
 
 
 def template_args(spec: CompiledNode) -> Callable[[dict[str, Any]], Any]:
@@ -125,6 +126,7 @@ class _Run:
         self.run_id = f"{_RUN_PREFIX}-{next(_run_ids)}"
         self.loop = asyncio.get_running_loop()
         self.t0 = _monotonic()  # the loop's clock (asyncio's loop.time() is time.monotonic())
+        self.active: AbstractSet[str]
         if overrides:
             self.active = _needed(flow, overrides)
             self.waiting = {

@@ -204,9 +204,10 @@ def _check_refs(
         for i, after in enumerate(spec.nodes[name].after):
             if after not in nodes:
                 raise _graph_error(marks, f"after: unknown node {after!r}{_suggest(after, nodes)}", ("nodes", name, "after", i), name)
-    for ref in output.refs if output else ():
+    for ref in output.refs if output is not None else ():
         if ref.root not in known:
-            raise _graph_error(marks, "output: " + _unknown(ref, known), ("output", *_path_to(output.value, ref)), None)
+            at = ("output", *_path_to(output.value if output is not None else None, ref))
+            raise _graph_error(marks, "output: " + _unknown(ref, known), at, None)
 
 
 def _path_to(template: Any, ref: Ref) -> tuple[str | int, ...]:

@@ -7,6 +7,7 @@ map from each key path to its line, so that every error can name the file, line 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ class LoadedFlow:
     marks: Marks
 
 
-def load_spec(path: str | Path) -> LoadedFlow:
+def load_spec(path: str | os.PathLike[str]) -> LoadedFlow:
     """Read and validate one flow file. Raises `FlowFileError`."""
     path = Path(path)
     try:

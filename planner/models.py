@@ -82,7 +82,7 @@ class Settings(_Strict):
 
 class Retry(_Strict):
     attempts: Annotated[int, Field(ge=1, le=100)] = 3
-    backoff: Duration = Field(default="50ms", validate_default=True)  # type: ignore[assignment]
+    backoff: Duration = Field(default="50ms", validate_default=True)
     on: Literal["transient", "any"] = "transient"
 
 

@@ -183,11 +183,11 @@ def dot(flow: CompiledFlow, plan: Plan, states: dict[str, str] | None = None) ->
             lines.append(f"    {_dot_str(name)} [" + ", ".join(f"{k}={_dot_str(v)}" for k, v in attrs.items()) + "];")
         lines.append("  }")
     for a, b, ordering in _edges(flow):
-        attrs = []
+        edge_attrs = []
         if ordering:
-            attrs.append('style="dashed"')
+            edge_attrs.append('style="dashed"')
         if (a, b) in critical:
-            attrs.append('color="#c0392b", penwidth="2.5"')
-        lines.append(f"  {_dot_str(a)} -> {_dot_str(b)}" + (f" [{', '.join(attrs)}]" if attrs else "") + ";")
+            edge_attrs.append('color="#c0392b", penwidth="2.5"')
+        lines.append(f"  {_dot_str(a)} -> {_dot_str(b)}" + (f" [{', '.join(edge_attrs)}]" if edge_attrs else "") + ";")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -44,7 +44,7 @@ async def is_loaded(con: asyncpg.Connection, scale: Scale) -> bool:
     if not exists:
         return False
     label = await con.fetchval("SELECT value FROM planner_demo_meta WHERE key = 'scale'")
-    return label == f"{DATA_VERSION}:{scale.label()}"
+    return bool(label == f"{DATA_VERSION}:{scale.label()}")
 
 
 async def load(con: asyncpg.Connection, scale: Scale) -> None:
