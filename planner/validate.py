@@ -74,6 +74,7 @@ async def check_database(flow: CompiledFlow, con: asyncpg.Connection) -> list[Fi
             except asyncpg.PostgresError as exc:
                 findings.append(_sql_finding(flow, name, where, statement, exc))
                 continue
+            findings += _param_types(flow, name, where, statement, [t.name for t in prepared.get_parameters()])
             if index == len(node.statements) - 1:
                 columns[name] = {a.name for a in prepared.get_attributes()}
     for name, node in flow.nodes.items():
@@ -98,6 +99,31 @@ def _sql_finding(
         line = line + sql_line + (1 if "\n" in text else 0)
         message += f" (SQL line {sql_line + 1})"
     return Finding(flow.marks.file, line, column, node, "PLN400", message)
+
+
+# What a declared input type may be bound to; a parameter PostgreSQL could not type ("unknown")
+# and `json` inputs are accepted everywhere.
+_PG_TYPES = {
+    "str": {"text", "varchar", "bpchar", "name", "char", "citext", "uuid", "unknown"},
+    "int": {"int2", "int4", "int8", "numeric", "float4", "float8", "oid"},
+    "float": {"float4", "float8", "numeric"},
+    "bool": {"bool"},
+    "dict": {"json", "jsonb"},
+}
+
+
+def _param_types(flow: CompiledFlow, node: str, where: tuple[str | int, ...], statement: CompiledSql, pg_types: list[str]) -> list[Finding]:
+    """Inputs bound to parameters of another type (`phone: int` compared with a text column)."""
+    out = []
+    for ref, pg_type in zip(statement.params, pg_types, strict=False):
+        spec = flow.inputs.get(ref.root) if not ref.path else None
+        if spec is None or spec.type == "json":
+            continue
+        fits = pg_type.startswith("_") if spec.type == "list" else pg_type in _PG_TYPES.get(spec.type, set())
+        if not fits and pg_type != "unknown":
+            out.append(_at(flow, node, where, "PLN420",
+                           f"{ref} is declared {spec.type} but the statement needs {pg_type} there"))
+    return out
 
 
 def _field_problem(flow: CompiledFlow, ref: Ref, columns: dict[str, set[str]]) -> str | None:

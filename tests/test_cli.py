@@ -217,12 +217,15 @@ def test_validate_against_the_database_catches_schema_mistakes(tmp_path: Path, d
         "  table:\n    sql: SELECT id FROM whatsapp_instance\n    fetch: one\n"
         "  ok:\n    sql: SELECT id FROM whatsapp_instances LIMIT 1\n    fetch: one\n"
         "  uses:\n    sql: SELECT $ok.webhook_url\n"
+        "  typed:\n    sql: SELECT id FROM whatsapp_instances WHERE instance_name = $limit\n"
     )
+    (tmp_path / "v.yaml").write_text("inputs: {limit: int}\n" + (tmp_path / "v.yaml").read_text())
     proc = cli("validate", "--flows", str(tmp_path), "--db", demo_dsn)
     assert proc.returncode == 1
     out = proc.stdout
-    assert re.search(r"v\.yaml:3:\d+: PLN400 node 'inst': UndefinedColumnError: column \"instance_nme\" does not exist", out)
-    assert re.search(r"v\.yaml:6:\d+: PLN400 node 'table': UndefinedTableError: relation \"whatsapp_instance\" does not exist", out)
+    assert re.search(r"v\.yaml:4:\d+: PLN400 node 'inst': UndefinedColumnError: column \"instance_nme\" does not exist", out)
+    assert re.search(r"v\.yaml:7:\d+: PLN400 node 'table': UndefinedTableError: relation \"whatsapp_instance\" does not exist", out)
+    assert "node 'typed': $limit is declared int but the statement needs text there" in out
     assert "node 'uses': $ok.webhook_url: node 'ok' returns no column 'webhook_url' (it returns: id)" in out
 
 
