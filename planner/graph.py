@@ -151,7 +151,7 @@ def _compile_node(name: str, index: int, node: SqlNode | CallNode, spec: FlowSpe
         try:
             when = parse_expr(node.when)
         except ExprSyntaxError as exc:
-            line, column = marks.at(("nodes", name, "when"))
+            line, column = marks.inside(("nodes", name, "when"), node.when, exc.offset)
             raise FlowFileError(
                 f"when: {exc} (at column {exc.offset + 1} of the expression)",
                 file=marks.file, line=line, column=column, node=name, code="PLN120",
@@ -180,8 +180,8 @@ def _compile_node(name: str, index: int, node: SqlNode | CallNode, spec: FlowSpe
 
 
 def _at_offset(marks: Marks, where: tuple[str | int, ...], text: str, offset: int, message: str) -> FlowFileError:
-    """An error at `offset` inside an SQL text, reported at the text's line in the file."""
-    line, column = marks.at(where)
+    """An error at `offset` inside an SQL text, reported where that character is in the file."""
+    line, column = marks.inside(where, text, offset)
     inner_line = text.count("\n", 0, offset)
     inner_col = offset - (text.rfind("\n", 0, offset) + 1) + 1
     shown = f"{message} (SQL line {inner_line + 1}, column {inner_col})"

@@ -33,6 +33,8 @@ class Marks:
 
     file: str
     positions: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    # Where each scalar value's text starts: (line, column) of its first character, 1-based.
+    texts: dict[Path_, tuple[int, int]] = field(default_factory=dict)
 
     def at(self, path: Path_) -> tuple[int | None, int | None]:
         """The position of `path`, or of its nearest ancestor that has one."""
@@ -41,6 +43,18 @@ class Marks:
             if pos:
                 return pos
         return None, None
+
+    def inside(self, path: Path_, text: str, offset: int) -> tuple[int | None, int | None]:
+        """The file position of character `offset` of the scalar at `path` (SQL, `when:`)."""
+        start = self.texts.get(path)
+        if start is None:
+            return self.at(path)
+        inner_line = text.count("\n", 0, offset)
+        inner_col = offset - (text.rfind("\n", 0, offset) + 1)
+        if inner_line == 0:
+            return start[0], start[1] + inner_col
+        # Later lines of a block scalar keep its indentation, which is the first line's.
+        return start[0] + inner_line, start[1] + inner_col
 
     def error(self, message: str, path: Path_, *, node: str | None = None, **kw: Any) -> FlowFileError:
         line, column = self.at(path)
@@ -115,7 +129,7 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, Marks]:
         marks = Marks(file)
         if root is not None:
             _check_size(root)
-            _walk(root, (), marks, set())
+            _walk(root, (), marks, set(), text.splitlines())
         data = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -160,14 +174,16 @@ def _check_size(root: yaml.Node) -> None:
     size(root)
 
 
-def _walk(node: yaml.Node, path: Path_, marks: Marks, done: set[int]) -> None:
+def _walk(node: yaml.Node, path: Path_, marks: Marks, done: set[int], lines: list[str]) -> None:
     # An aliased node is walked once: its positions are those of its first appearance.
     if id(node) in done:
         return
     done.add(id(node))
     if node.tag not in _STANDARD_TAGS:
         raise yaml.MarkedYAMLError(problem=f"tag {node.tag!r} is not allowed", problem_mark=node.start_mark)
-    if isinstance(node, yaml.MappingNode):
+    if isinstance(node, yaml.ScalarNode):
+        marks.texts[path] = _text_start(node, lines)
+    elif isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node)
@@ -179,11 +195,23 @@ def _walk(node: yaml.Node, path: Path_, marks: Marks, done: set[int]) -> None:
                 )
             seen[key] = key_node.start_mark.line + 1
             marks.positions[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            _walk(value_node, path + (key,), marks, done)
+            _walk(value_node, path + (key,), marks, done, lines)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             marks.positions[path + (index,)] = (item.start_mark.line + 1, item.start_mark.column + 1)
-            _walk(item, path + (index,), marks, done)
+            _walk(item, path + (index,), marks, done, lines)
+
+
+def _text_start(node: yaml.ScalarNode, lines: list[str]) -> tuple[int, int]:
+    """Where a scalar's text begins: after a quote, or on the line after a `|`/`>` indicator."""
+    line, column = node.start_mark.line, node.start_mark.column
+    if node.style in ("|", ">"):
+        line += 1
+        while line < len(lines) and not lines[line].strip():
+            line += 1
+        content = lines[line] if line < len(lines) else ""
+        return line + 1, len(content) - len(content.lstrip(" ")) + 1
+    return line + 1, column + 1 + (1 if node.style in ("'", '"') else 0)
 
 
 def node_name(path: Path_) -> str:

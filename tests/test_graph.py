@@ -121,14 +121,14 @@ def test_an_unknown_reference_in_output_is_refused() -> None:
 def test_a_when_syntax_error_points_at_its_column() -> None:
     with pytest.raises(FlowFileError) as info:
         _flow("nodes:\n  a:\n    sql: SELECT 1\n    when: $x and and\n")
-    assert info.value.line == 4 and "column 8" in str(info.value)
+    assert (info.value.line, info.value.column) == (4, 18) and "column 8" in str(info.value)  # the second `and`
 
 
 def test_positional_parameters_in_sql_point_to_the_named_form(write_flow: Callable[..., Path]) -> None:
     path = write_flow("nodes:\n  a:\n    sql: |\n      SELECT 1\n      WHERE x = $1\n")
     with pytest.raises(FlowFileError) as info:
         load_flow(path)
-    assert info.value.node == "a" and info.value.line == 3
+    assert (info.value.node, info.value.line, info.value.column) == ("a", 5, 17)  # the `$1` itself
     assert "SQL line 2" in str(info.value) and "$user_phone" in str(info.value)
 
 
