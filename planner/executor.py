@@ -238,10 +238,13 @@ class _Run:
             try:
                 if spec.timeout is None:
                     return await node.run(args)
+                timer = asyncio.timeout(spec.timeout)
                 try:
-                    async with asyncio.timeout(spec.timeout):
+                    async with timer:
                         return await node.run(args)
                 except TimeoutError:
+                    if not timer.expired():
+                        raise  # the node's own TimeoutError, not ours
                     raise NodeTimeout(f"timed out after {spec.timeout * 1000:g} ms") from None
             except Exception as exc:
                 retryable = spec.retry.on_any or is_transient(exc)

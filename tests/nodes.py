@@ -75,3 +75,7 @@ async def stubborn(ms: float) -> str:
 
 async def cancels_itself() -> None:
     raise asyncio.CancelledError
+
+
+async def own_timeout() -> None:
+    raise TimeoutError("the remote API timed out")

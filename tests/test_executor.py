@@ -311,3 +311,9 @@ async def test_a_node_that_cancels_itself_is_a_failure_not_a_cancellation(write_
     write_flow("nodes:\n  a: {call: tests.nodes:cancels_itself, default: d}\n")
     result = await planner.run("t")
     assert result.nodes["a"].state is NodeState.DEFAULTED and result.status == "ok"
+
+
+async def test_a_nodes_own_timeout_error_is_not_mistaken_for_its_timeout(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:own_timeout, timeout: 5s}\n")
+    error = (await planner.run("t")).nodes["a"].error
+    assert isinstance(error, TimeoutError) and not isinstance(error, NodeTimeout)
