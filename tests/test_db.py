@@ -226,3 +226,12 @@ async def test_an_unreachable_database_fails_before_any_node_runs(write_flow: Wr
     planner = Planner(flows=tmp_path, dsn="postgresql://nobody@127.0.0.1:1/none")
     with pytest.raises(DatabaseUnavailable, match="cannot reach the database"):
         await planner.run("t")
+
+
+async def test_the_pytest_plugin_gives_each_test_an_empty_database(planner_database: str) -> None:
+    con = await asyncpg.connect(planner_database)
+    try:
+        assert await con.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 0
+        assert (await con.fetchval("SELECT current_database()")).startswith("planner_test_")
+    finally:
+        await con.close()

@@ -172,11 +172,11 @@ async def test_escalation_on_troubled_interactions_above_the_threshold(seed: Pla
 
 
 async def test_the_three_modes_give_the_same_results_on_the_seed_flows(pg_dsn: str, demo_template: str) -> None:
-    from tests.db_fixtures import fresh_database
+    from planner.pytest_plugin import fresh_database
 
     outputs = []
     for mode in ("eager", "layered", "sequential"):
-        async with fresh_database(pg_dsn, demo_template) as dsn, Planner(flows=FLOWS, dsn=dsn) as planner:
+        async with fresh_database(pg_dsn, template=demo_template) as dsn, Planner(flows=FLOWS, dsn=dsn) as planner:
             one = await planner.run("process_buffered", _message(), mode=mode)
             two = await planner.run("process_buffered", _message(), mode=mode)
             esc = await planner.run("escalation", {"instance_id": ACME, "user_phone": "+15550000001", "message": "agent!"}, mode=mode)
