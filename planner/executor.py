@@ -21,6 +21,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
+from planner import telemetry
 from planner.errors import FlowFailed, FlowInputError, FlowTimeout, NodeError, NodeTimeout, ReferenceFieldError
 from planner.expr import evaluate
 from planner.graph import CompiledFlow, CompiledNode
@@ -147,19 +148,27 @@ class _Run:
         self.failure: str | None = None
         self.eager = mode == "eager"
         self.on_done = self._on_done  # one bound method for every task, not one per task
+        self.tracer = telemetry.tracer()
+        self.spans: dict[str, Any] = {}
 
     async def main(self) -> FlowResult:
-        timed_out = False
+        timed_out = completed = False
+        flow_span = telemetry.start_flow(self.tracer, self.flow.name, self.mode, self.run_id) if self.tracer else None
+        self.flow_span = flow_span
         try:
             async with asyncio.timeout(self.flow.settings.timeout):
                 if self.mode == "eager":
                     await self._eager()
                 else:
                     await self._gated(self.flow.groups if self.mode == "layered" else [(n,) for n in self.flow.order])
+            completed = True
         except TimeoutError:
             timed_out = True
         finally:
             await self._stop()
+            if flow_span is not None:
+                status = "timeout" if timed_out else "failed" if self.failure else "ok" if completed else "cancelled"
+                telemetry.end_flow(flow_span, status)
         return self._finish(timed_out)
 
     async def _eager(self) -> None:
@@ -227,6 +236,9 @@ class _Run:
             coro = node.run(args)  # the fast path: no wrapper coroutine at all
         else:
             coro = self._attempt_loop(node, args)
+        if self.tracer is not None:
+            span = self.spans[name] = telemetry.start_node(self.tracer, self.flow_span, self.flow.name, name, spec.kind)
+            coro = telemetry.within(span, coro)
         task = self.loop.create_task(coro)
         self.tasks[task] = name
         task.add_done_callback(self.on_done)
@@ -300,6 +312,8 @@ class _Run:
         attempts = 0 if started is None else self.attempts.get(name, 1)
         self.results[name] = NodeResult(state, value, error, attempts, started, (_monotonic() - self.t0) * 1000.0)
         self.values[name] = value
+        if self.spans and name in self.spans:
+            telemetry.end_node(self.spans.pop(name), state.value, error)
         if self.failure is not None:
             return
         waiting = self.waiting
