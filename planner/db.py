@@ -25,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from planner.errors import DatabaseUnavailable, QueryError
-from planner.executor import BoundNode
+from planner.executor import BoundNode, timed
 from planner.graph import CompiledNode
 from planner.refs import CompiledSql, compile_getter
 
@@ -138,30 +138,33 @@ class Database:
 
     def bind_sql(self, spec: CompiledNode) -> BoundNode:
         """A `sql:` node: `args` resolves each statement's references to parameter lists."""
-        statements, fetch = spec.statements, spec.fetch
+        statements, fetch, timeout = spec.statements, spec.fetch, spec.timeout
         args = compile_getter([list(st.params) for st in statements])
+
+        async def query(con: asyncpg.Connection, params: list[list[Any]]) -> Any:
+            if len(statements) == 1:
+                return await _fetch(con, fetch, statements[0], params[0])
+            async with con.transaction():
+                for statement, values in zip(statements, params, strict=True):
+                    value = await _fetch(con, fetch, statement, values)
+            return value
 
         async def run(params: list[list[Any]]) -> Any:
             pool = self._pool or await self.pool()
-            statement = statements[0]
             try:
                 con = await pool.acquire()
             except Exception as exc:
                 _reraise(exc, None)
             try:
-                if len(statements) == 1:
-                    value = await _fetch(con, fetch, statement, params[0])
-                else:
-                    async with con.transaction():
-                        for statement, values in zip(statements, params, strict=True):
-                            value = await _fetch(con, fetch, statement, values)
+                # The node's timeout times the statements, not the wait for a connection above.
+                value = await (query(con, params) if timeout is None else timed(query(con, params), timeout))
             except BaseException as exc:  # CancelledError too: the connection must still go back
                 self._release_later(pool, con)
-                _reraise(exc, statement)
+                _reraise(exc, None)  # BEGIN/COMMIT or the socket; statements translate their own
             self._release_later(pool, con)
             return value
 
-        return BoundNode(spec, args, run)
+        return BoundNode(spec, args, run, own_timeout=True)
 
     def _release_later(self, pool: asyncpg.Pool, con: asyncpg.Connection) -> None:
         task = asyncio.get_running_loop().create_task(_release(pool, con))
@@ -177,6 +180,13 @@ def _reraise(exc: BaseException, statement: CompiledSql | None) -> NoReturn:
 
 
 async def _fetch(con: asyncpg.Connection, fetch: str, statement: CompiledSql, params: list[Any]) -> Any:
+    try:
+        return await _fetch_raw(con, fetch, statement, params)
+    except Exception as exc:
+        _reraise(exc, statement)  # here the failing statement is known: `$2` becomes `$conversation.id`
+
+
+async def _fetch_raw(con: asyncpg.Connection, fetch: str, statement: CompiledSql, params: list[Any]) -> Any:
     if fetch == "all":
         return [dict(r) for r in await con.fetch(statement.text, *params)]
     if fetch == "one":

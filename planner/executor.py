@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
@@ -42,11 +42,26 @@ class BoundNode:
     """A node joined to its implementation: `args(values)` then `await run(args)`.
 
     `args` raises `Unresolved` (the node is skipped) or `LookupError` (a typo: it fails).
+    `own_timeout` says `run` applies the node's timeout itself (SQL nodes time the query, not
+    the wait for a connection, which only the run's deadline bounds).
     """
 
     spec: CompiledNode
     args: Callable[[dict[str, Any]], Any]
     run: Callable[[Any], Coroutine[Any, Any, Any]]
+    own_timeout: bool = False
+
+
+async def timed(awaitable: Awaitable[Any], seconds: float) -> Any:
+    """Await with a timeout that raises `NodeTimeout`; a `TimeoutError` of the awaited itself passes."""
+    timer = asyncio.timeout(seconds)
+    try:
+        async with timer:
+            return await awaitable
+    except TimeoutError:
+        if not timer.expired():
+            raise
+        raise NodeTimeout(f"timed out after {seconds * 1000:g} ms") from None
 
 
 def template_args(spec: CompiledNode) -> Callable[[dict[str, Any]], Any]:
@@ -232,7 +247,7 @@ class _Run:
         spec = node.spec
         name = spec.name
         self.started[name] = (_monotonic() - self.t0) * 1000.0
-        if spec.timeout is None and spec.retry.attempts == 1:
+        if (spec.timeout is None or node.own_timeout) and spec.retry.attempts == 1:
             coro = node.run(args)  # the fast path: no wrapper coroutine at all
         else:
             coro = self._attempt_loop(node, args)
@@ -248,16 +263,9 @@ class _Run:
         for attempt in range(1, spec.retry.attempts + 1):
             self.attempts[name] = attempt
             try:
-                if spec.timeout is None:
+                if spec.timeout is None or node.own_timeout:
                     return await node.run(args)
-                timer = asyncio.timeout(spec.timeout)
-                try:
-                    async with timer:
-                        return await node.run(args)
-                except TimeoutError:
-                    if not timer.expired():
-                        raise  # the node's own TimeoutError, not ours
-                    raise NodeTimeout(f"timed out after {spec.timeout * 1000:g} ms") from None
+                return await timed(node.run(args), spec.timeout)
             except Exception as exc:
                 retryable = spec.retry.on_any or is_transient(exc)
                 if attempt == spec.retry.attempts or not retryable:

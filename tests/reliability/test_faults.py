@@ -265,3 +265,15 @@ async def test_a_run_deadline_bounds_waiting_for_a_connection(flows: Callable[[s
         finally:
             await pool.release(held)
         assert (await planner.run("f")).values["a"] == 1
+
+
+async def test_a_node_timeout_times_the_query_not_the_wait_for_a_connection(flows: Callable[[str], Path], fault_dsn: str) -> None:
+    folder = flows("settings: {timeout: 3s}\nnodes:\n  a: {sql: 'SELECT 1', fetch: value, timeout: 100ms}\n")
+    async with Planner(flows=folder, dsn=fault_dsn, min_size=1, max_size=1) as planner:
+        pool = await planner.db.pool()
+        held = await pool.acquire()
+        run = asyncio.create_task(planner.run("f"))
+        await asyncio.sleep(0.4)  # four times the node's timeout, waiting for the only connection
+        await pool.release(held)
+        result = await run
+        assert result.nodes["a"].state is NodeState.OK and result.values["a"] == 1
