@@ -100,9 +100,12 @@ def _parse_inputs(planner: Any, name: str, pairs: list[str], file: Path | None) 
     values: dict[str, Any] = {}
     if file is not None:
         try:
-            values.update(json.loads(file.read_text()))
+            given = json.loads(file.read_text())
         except (OSError, ValueError) as exc:
             raise UsageError(f"--inputs {file}: {exc}") from None
+        if not isinstance(given, dict):
+            raise UsageError(f"--inputs {file}: must hold a JSON object of input names to values")
+        values.update(given)
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:

@@ -118,6 +118,12 @@ def test_usage_mistakes_print_one_line_and_exit_2(args: list[str], code: int, ne
     assert needle in _one_line_error(cli(*args), code)
 
 
+def test_an_inputs_file_that_is_not_an_object_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "in.json").write_text("[1, 2]")
+    line = _one_line_error(cli("run", "escalation", "--inputs", str(tmp_path / "in.json")), 2)
+    assert "JSON object" in line
+
+
 def test_a_broken_flow_file_prints_one_line_and_exits_1(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("nodes:\n  a:\n    sql: SELECT 1\n    fetch: many\n")
     line = _one_line_error(cli("plan", "bad", "--flows", str(tmp_path)), 1)
