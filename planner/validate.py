@@ -18,7 +18,7 @@ from planner.errors import FlowFileError
 from planner.graph import CompiledFlow, compile_flow
 from planner.loader import load_spec
 from planner.refs import CompiledSql, Ref
-from planner.runners import resolve_call
+from planner.runners import bind_call
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,17 @@ def check_static(path: Path, allowed: list[str] | None = None) -> tuple[Compiled
         return None, [_from_error(exc, path)]
     allowed = allowed if allowed is not None else default_allowed_modules(path.parent)
     findings = []
-    for name, node in flow.nodes.items():
+    for node in flow.nodes.values():
         if node.kind == "call":
-            try:
-                resolve_call(node.call, allowed)
-            except ValueError as exc:
-                findings.append(_at(flow, name, ("nodes", name, "call"), "PLN300", str(exc)))
+            try:  # exactly the checks a run makes: the allow-list, and `with:` against the signature
+                bind_call(node, flow.marks, allowed, _no_pool)
+            except FlowFileError as exc:
+                findings.append(_from_error(exc, path))
     return flow, findings
+
+
+async def _no_pool() -> None:  # pragma: no cover - validation never runs a node
+    raise AssertionError("validation does not run nodes")
 
 
 def _at(flow: CompiledFlow, node: str | None, where: tuple[str | int, ...], code: str, message: str) -> Finding:
@@ -88,16 +92,15 @@ async def check_database(flow: CompiledFlow, con: asyncpg.Connection) -> list[Fi
 def _sql_finding(
     flow: CompiledFlow, node: str, where: tuple[str | int, ...], statement: CompiledSql, exc: asyncpg.PostgresError
 ) -> Finding:
-    line, column = flow.marks.at(where)
-    text = statement.text
     message = name_params(f"{type(exc).__name__}: {exc}", statement)
     position = getattr(exc, "position", None)
-    if position and line is not None:
+    if not position:
+        line, column = flow.marks.at(where)
+    else:
+        # The server counts in the compiled text ($1 for $name): lines match the file's exactly.
         offset = int(position) - 1
-        sql_line = text.count("\n", 0, offset)
-        # A block scalar (`sql: |`) starts on the line after its key.
-        line = line + sql_line + (1 if "\n" in text else 0)
-        message += f" (SQL line {sql_line + 1})"
+        line, column = flow.marks.inside(where, statement.text, offset)
+        message += f" (SQL line {statement.text.count(chr(10), 0, offset) + 1})"
     return Finding(flow.marks.file, line, column, node, "PLN400", message)
 
 
