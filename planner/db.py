@@ -255,6 +255,30 @@ def stop_embedded(home: Path | None = None) -> None:
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
 
 
+def quote_ident(name: str) -> str:
+    """A PostgreSQL identifier, quoted. Identifiers cannot be bound parameters; values always are."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def create_database(server_dsn: str, name: str, *, template: str | None = None) -> None:
+    """`CREATE DATABASE name [TEMPLATE template]` on the server of `server_dsn`."""
+    statement = "CREATE DATABASE " + quote_ident(name) + (" TEMPLATE " + quote_ident(template) if template else "")
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(statement)
+    finally:
+        await admin.close()
+
+
+async def drop_database(server_dsn: str, name: str) -> None:
+    """Drop a database if it exists, disconnecting whoever is still on it."""
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute("DROP DATABASE IF EXISTS " + quote_ident(name) + " WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
 def with_database(dsn: str, database: str) -> str:
     """The same server, another database: `postgresql://.../old?x` -> `postgresql://.../database?x`."""
     parts = urlsplit(dsn)

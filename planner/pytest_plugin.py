@@ -17,10 +17,9 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import asyncpg
 import pytest
 
-from planner.db import embedded_dsn, stop_embedded, with_database
+from planner.db import create_database, drop_database, embedded_dsn, stop_embedded, with_database
 
 _numbers = itertools.count(1)
 
@@ -45,20 +44,11 @@ def planner_pg(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 async def fresh_database(server_dsn: str, *, template: str | None = None) -> AsyncIterator[str]:
     """A new database on `server_dsn` (a copy of `template` if given), dropped afterwards."""
     name = f"planner_test_{os.getpid()}_{next(_numbers)}"
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        # Identifiers cannot be bound parameters; both names are made here, never from input.
-        await admin.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
-    finally:
-        await admin.close()
+    await create_database(server_dsn, name, template=template)
     try:
         yield with_database(server_dsn, name)
     finally:
-        admin = await asyncpg.connect(server_dsn)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_database(server_dsn, name)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from planner.db import with_database
+from planner.db import create_database, drop_database, with_database
 from planner.pytest_plugin import fresh_database
 
 TEMPLATE = "planner_test_template"
@@ -26,12 +26,8 @@ async def demo_template(pg_dsn: str) -> str:
     """A template database with the demo schema and a small deterministic data set."""
     from planner.demo import data
 
-    admin = await asyncpg.connect(pg_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{TEMPLATE}"')
-    finally:
-        await admin.close()
+    await drop_database(pg_dsn, TEMPLATE)
+    await create_database(pg_dsn, TEMPLATE)
     con = await asyncpg.connect(with_database(pg_dsn, TEMPLATE))
     try:
         await data.load(con, scale=data.Scale.tiny())

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from planner.api import Planner
-from planner.db import embedded_dsn, with_database
+from planner.db import create_database, embedded_dsn, with_database
 from planner.demo import data
 from planner.executor import MODES
 from planner.graph import CompiledFlow
@@ -38,10 +38,11 @@ async def demo_dsn(server_dsn: str | None, log: Callable[[str], None]) -> str:
     server = server_dsn or embedded_dsn()
     admin = await asyncpg.connect(server)
     try:
-        if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DEMO_DATABASE):
-            await admin.execute(f'CREATE DATABASE "{DEMO_DATABASE}"')
+        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DEMO_DATABASE)
     finally:
         await admin.close()
+    if not exists:
+        await create_database(server, DEMO_DATABASE)
     dsn = with_database(server, DEMO_DATABASE)
     t0 = time.perf_counter()
     if await data.ensure(dsn, data.Scale.demo()):

@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from planner.db import embedded_dsn, stop_embedded, with_database
+from planner.db import create_database, drop_database, embedded_dsn, stop_embedded, with_database
 
 
 @dataclass
@@ -42,12 +42,8 @@ def fault_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultServ
 async def fault_dsn(fault_server: FaultServer) -> str:
     """A fresh database on the fault server with one small table, `items`."""
     name = f"faults_{id(asyncio.current_task())}"
-    admin = await asyncpg.connect(fault_server.dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
+    await drop_database(fault_server.dsn, name)
+    await create_database(fault_server.dsn, name)
     dsn = with_database(fault_server.dsn, name)
     con = await asyncpg.connect(dsn)
     try:
