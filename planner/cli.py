@@ -170,7 +170,10 @@ def run(
     compiled, result, code = asyncio.run(go())
     from planner import stats
 
-    stats.record(result)
+    try:
+        stats.record(result)
+    except OSError as exc:  # statistics are a convenience: never fail a run over them
+        typer.echo(f"planner: could not record latencies: {exc}", err=True)
     if trace is not None:
         from planner.trace import write_trace
 
