@@ -179,7 +179,7 @@ def render(flow: str, f: Figures, rtts: list[int], pools: list[int], flights: li
         lines.append(f"| {v} | {f.round_trips.get(v, float('nan')):.1f} | " + " | ".join(cells)
                      + f" | {p50 / naive:.2f} ({(p50 / naive - 1) * 100:+.0f}%) | {p50 / gather:.2f} |")
     floor = statistics.median(f.floor_trips) if f.floor_trips else float("nan")
-    lines += ["", f"Critical path of an eager run: {floor:g} round trips, so the floor is " +
+    lines += ["", f"Critical path of an eager run (median): {floor:g} round trip{'s' if floor != 1 else ''}, so the floor is " +
               ", ".join(f"{floor * r:g} ms @{r} ms" for r in rtts) + "."]
     if f.throughput:
         lines += ["", f"Throughput at {top} ms round trip: successful runs per second, ratio to naive in brackets, "
@@ -225,7 +225,7 @@ async def main(args: argparse.Namespace) -> str:
     rtts = [int(r) for r in args.rtts.split(",")]
     report = [f"# Benchmarks: the seed flows on PostgreSQL {pg_version}", "",
               f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.",
-              f"Command: `python -m benchmarks.seed_table {' '.join(args.argv)}`; {args.runs} runs per variant and round trip, "
+              f"Command: `{' '.join(['python -m benchmarks.seed_table', *args.argv])}`; {args.runs} runs per variant and round trip, "
               f"throughput over {args.seconds:g} s per cell.", ""]
     for flow in ("process_buffered", "escalation"):
         figures = Figures()
