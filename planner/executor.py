@@ -25,7 +25,7 @@ from planner import telemetry
 from planner.errors import FlowFailed, FlowInputError, FlowTimeout, NodeError, NodeTimeout, ReferenceFieldError
 from planner.expr import evaluate
 from planner.graph import CompiledFlow, CompiledNode
-from planner.refs import Unresolved, compile_getter, render
+from planner.refs import Unresolved, compile_getter
 from planner.results import FlowResult, NodeResult, NodeState
 
 logger = logging.getLogger("planner")
@@ -381,29 +381,23 @@ class _Run:
         return result
 
     def _output(self) -> Any:
-        if self.flow.output is None:
+        if self.flow.output_getters is None:
             return {name: node.value for name, node in self.results.items()}
-        template = self.flow.output.value
-        try:
-            return render(template, self.values)
-        except (Unresolved, LookupError) as exc:
+        output: dict[str, Any] = {}
+        for key, get in self.flow.output_getters.items():
             # Everything has run (and written): an entry that walks into null is null, not a
             # failure. A missing field is a typo worth a warning.
-            if isinstance(exc, LookupError):
-                logger.warning("flow %s: output: %s", self.flow.name, exc, extra={"flow": self.flow.name, "run_id": self.run_id})
-            if isinstance(template, dict):
-                return {key: _safe_render(value, self.values) for key, value in template.items()}
-            return None
+            try:
+                output[key] = get(self.values)
+            except Unresolved:
+                output[key] = None
+            except LookupError as exc:
+                logger.warning("flow %s: output %s: %s", self.flow.name, key, exc, extra={"flow": self.flow.name, "run_id": self.run_id})
+                output[key] = None
+        return output
 
     def _now(self) -> float:
         return (_monotonic() - self.t0) * 1000.0
-
-
-def _safe_render(template: Any, values: dict[str, Any]) -> Any:
-    try:
-        return render(template, values)
-    except (Unresolved, LookupError):
-        return None
 
 
 def _copy(value: Any) -> Any:

@@ -18,7 +18,7 @@ from planner.expr import Expr, ExprSyntaxError, Lit, refs_of
 from planner.expr import parse as parse_expr
 from planner.loader import LoadedFlow, Marks
 from planner.models import CallNode, FlowSpec, InputSpec, Settings, SqlNode
-from planner.refs import CompiledSql, Ref, RefSyntaxError, Template, compile_sql, parse_value
+from planner.refs import CompiledSql, Getter, Ref, RefSyntaxError, Template, compile_getter, compile_sql, parse_value
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +64,7 @@ class CompiledFlow:
     successors: dict[str, tuple[str, ...]]
     indegree: dict[str, int]  # how many dependencies each node waits for
     output: Template | None
+    output_getters: dict[str, Getter] | None  # one per `output:` key
 
     @property
     def marks(self) -> Marks:
@@ -119,6 +120,7 @@ def compile_flow(loaded: LoadedFlow) -> CompiledFlow:
         successors=successors,
         indegree={name: len(node.deps) for name, node in nodes.items()},
         output=output,
+        output_getters=None if output is None else {k: compile_getter(v) for k, v in output.value.items()},
     )
 
 

@@ -98,7 +98,8 @@ def load_text(text: str, *, file: str | Path = "<string>", name: str = "flow") -
         spec = FlowSpec.model_validate(data)
     except ValidationError as exc:
         raise _translate(exc, marks) from None
-    for clash in [n for n in spec.nodes if n in spec.inputs]:
+    clash = next((n for n in spec.nodes if n in spec.inputs), None)
+    if clash is not None:
         raise marks.error(f"{clash!r} is both an input and a node", ("nodes", clash))
     if spec.name is not None and spec.name != name:
         raise marks.error(f"`name: {spec.name}` does not match the file name {name!r}", ("name",))
@@ -188,7 +189,7 @@ def _walk(node: yaml.Node, path: Path_, marks: Marks, done: set[int], lines: lis
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node)
             if key in seen:
-                where = node_name(path + (key,))
+                where = _node_name(path + (key,))
                 raise yaml.MarkedYAMLError(
                     problem=f"duplicate key {key!r}{where} (first at line {seen[key]})",
                     problem_mark=key_node.start_mark,
@@ -214,7 +215,7 @@ def _text_start(node: yaml.ScalarNode, lines: list[str]) -> tuple[int, int]:
     return line + 1, column + 1 + (1 if node.style in ("'", '"') else 0)
 
 
-def node_name(path: Path_) -> str:
+def _node_name(path: Path_) -> str:
     return f" in node {path[1]!r}" if len(path) >= 3 and path[0] == "nodes" else ""
 
 

@@ -227,22 +227,12 @@ def resolve(ref: Ref, values: dict[str, Any]) -> Any:
     return value
 
 
-def render(template: Any, values: dict[str, Any]) -> Any:
-    """Fill a parsed template with values (see `parse_value`)."""
-    if isinstance(template, Ref):
-        return resolve(template, values)
-    if isinstance(template, list):
-        return [render(v, values) for v in template]
-    if isinstance(template, dict):
-        return {k: render(v, values) for k, v in template.items()}
-    return template
-
-
 Getter = Callable[[dict[str, Any]], Any]
 
 
 def compile_getter(template: Any) -> Getter:
-    """`render` specialised once per node: a closure per reference, no type checks per run."""
+    """A function that fills a parsed template (see `parse_value`) with values: built once per
+    node, a closure per reference, so a run does no type checks."""
     if isinstance(template, Ref):
         if not template.path:
             return operator.itemgetter(template.root)
