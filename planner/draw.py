@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 
 from planner.graph import CompiledFlow, Plan
-from planner.render import STATE_FILLS, _edges, when_text
+from planner.render import STATE_FILLS, edges, plan_rows, when_text
 from planner.trace import RunData
 
 NODE_W, NODE_H = 220, 64
@@ -74,7 +74,7 @@ def _group_bands(plan: Plan, graph_h: float) -> list[str]:
 def _edge_paths(flow: CompiledFlow, plan: Plan, pos: dict[str, tuple[float, float]]) -> list[str]:
     critical = set(zip(plan.critical_path, plan.critical_path[1:], strict=False))
     out = []
-    for a, b, ordering in _edges(flow):
+    for a, b, ordering in edges(flow):
         (ax, ay), (bx, by) = pos[a], pos[b]
         x1, y1, x2, y2 = ax + NODE_W, ay + NODE_H / 2, bx - 2, by + NODE_H / 2
         bend = max(40.0, (x2 - x1) / 2)
@@ -154,17 +154,10 @@ def _gantt(flow: CompiledFlow, run: RunData, width: float, top: float) -> tuple[
 def html(flow: CompiledFlow, plan: Plan, run: RunData | None = None) -> str:
     """A self-contained page: the SVG, the plan table, and the run's outcome when given."""
     rows = []
-    group_of = {n: i + 1 for i, g in enumerate(plan.groups) for n in g}
-    for name in (n for g in plan.groups for n in g):
-        node = flow.nodes[name]
-        state = run.states.get(name, "") if run else ""
-        rows.append(
-            "<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in (
-                name, node.kind, ", ".join(node.deps) or "–", group_of[name],
-                "?" if name in plan.unknown else f"{plan.latency_ms[name]:g}",
-                "●" if name in plan.critical_path else "", when_text(flow, name) or "", *([state] if run else []),
-            )) + "</tr>"
-        )
+    for r in plan_rows(flow, plan):
+        cells = [r.node, r.kind, ", ".join(r.waits_for) or "–", r.group, "?" if r.expected_ms is None else f"{r.expected_ms:g}",
+                 "●" if r.critical else "", r.when or "", *([run.states.get(r.node, "")] if run else [])]
+        rows.append("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in cells) + "</tr>")
     summary: dict[str, Any] = {"sequential": f"{plan.sequential_ms:g} ms", "parallel": f"{plan.parallel_ms:g} ms",
                                "gain": f"{(1 - plan.parallel_ms / plan.sequential_ms) * 100:.0f}% lower" if plan.sequential_ms else "–"}
     description = flow.loaded.spec.description or ""

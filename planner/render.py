@@ -97,14 +97,14 @@ def _mermaid_label(parts: list[str]) -> str:
     return '"' + "<br/>".join(escape(p) for p in parts) + '"'
 
 
-def _edges(flow: CompiledFlow) -> list[tuple[str, str, bool]]:
+def edges(flow: CompiledFlow) -> list[tuple[str, str, bool]]:
     """(from, to, ordering_only) for every edge of the flow."""
-    edges = []
+    out = []
     for name, node in flow.nodes.items():
         data = {r.root for r in node.refs}
         for dep in node.deps:
-            edges.append((dep, name, dep not in data))
-    return edges
+            out.append((dep, name, dep not in data))
+    return out
 
 
 def _node_label(flow: CompiledFlow, plan: Plan, name: str, states: dict[str, str] | None) -> list[str]:
@@ -120,9 +120,9 @@ def _node_label(flow: CompiledFlow, plan: Plan, name: str, states: dict[str, str
 
 def mermaid(flow: CompiledFlow, plan: Plan, states: dict[str, str] | None = None) -> str:
     """A Mermaid flowchart: groups as subgraphs left to right, the critical path marked."""
-    edges = _edges(flow)
-    if len(edges) > MERMAID_MAX_EDGES:
-        raise RenderError(f"Mermaid draws at most {MERMAID_MAX_EDGES} edges and this flow has {len(edges)}: use --format dot or svg")
+    all_edges = edges(flow)
+    if len(all_edges) > MERMAID_MAX_EDGES:
+        raise RenderError(f"Mermaid draws at most {MERMAID_MAX_EDGES} edges and this flow has {len(all_edges)}: use --format dot or svg")
     lines = ["flowchart LR"]
     for i, group in enumerate(plan.groups, 1):
         lines.append(f'  subgraph g{i}["group {i}"]')
@@ -134,7 +134,7 @@ def mermaid(flow: CompiledFlow, plan: Plan, states: dict[str, str] | None = None
         lines.append("  end")
     critical = set(zip(plan.critical_path, plan.critical_path[1:], strict=False))
     link_styles = []
-    for index, (a, b, ordering) in enumerate(edges):
+    for index, (a, b, ordering) in enumerate(all_edges):
         arrow = "-.->" if ordering else ("==>" if (a, b) in critical else "-->")
         lines.append(f"  {_mermaid_id(a)} {arrow} {_mermaid_id(b)}")
         if (a, b) in critical:
@@ -182,7 +182,7 @@ def dot(flow: CompiledFlow, plan: Plan, states: dict[str, str] | None = None) ->
                 attrs.update(color="#c0392b", penwidth="2.5")
             lines.append(f"    {_dot_str(name)} [" + ", ".join(f"{k}={_dot_str(v)}" for k, v in attrs.items()) + "];")
         lines.append("  }")
-    for a, b, ordering in _edges(flow):
+    for a, b, ordering in edges(flow):
         edge_attrs = []
         if ordering:
             edge_attrs.append('style="dashed"')
