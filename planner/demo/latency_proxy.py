@@ -5,6 +5,10 @@ seed's backend. Each chunk is delivered `delay` after it was read, in order; rea
 waits for delivery, so bandwidth is not limited. It also counts the chunks the client sends,
 which for PostgreSQL's protocol is the number of round trips the client started.
 
+It runs on an event loop of its own, in a thread, so that its work stays off the event loop
+being measured. A sleep ends a little late (0.3 ms here); the proxy measures by how much when
+it starts and wakes that much early, so the round trip it adds is the one asked for.
+
     async with LatencyProxy(upstream_dsn, one_way_ms=10) as proxy:
         pool = await asyncpg.create_pool(proxy.dsn)
 """
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import selectors
+import threading
 from collections import deque
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -37,6 +43,9 @@ class LatencyProxy:
         self.requests = 0  # chunks sent by clients: round trips started
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._late = 0.0  # how late a sleep on the proxy's loop ends, measured at start
+        self._thread: threading.Thread | None = None
         self.port = 0
 
     @property
@@ -49,11 +58,31 @@ class LatencyProxy:
         return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
     async def __aenter__(self) -> LatencyProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        loop = self._loop = asyncio.SelectorEventLoop(selectors.SelectSelector())
+        self._thread = threading.Thread(target=loop.run_forever, name="latency-proxy", daemon=True)
+        self._thread.start()
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._start(), loop))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._thread is not None
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._stop(), self._loop))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        await asyncio.to_thread(self._thread.join)
+        self._loop.close()
+
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        late = [0.0]
+        for _ in range(15 if self.delay else 0):  # lateness grows with the length of the sleep
+            start = loop.time()
+            await asyncio.sleep(self.delay)
+            late.append(loop.time() - start - self.delay)
+        self._late = sorted(late)[len(late) // 2]
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
         if self._server is not None:
             self._server.close()
         for task in list(self._tasks):
@@ -105,7 +134,7 @@ class LatencyProxy:
                     ready.clear()
                     await ready.wait()
                 due, data = queue.popleft()
-                wait = due - loop.time()
+                wait = due - loop.time() - self._late
                 if wait > 0:
                     await asyncio.sleep(wait)
                 writer.write(data)
