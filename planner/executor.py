@@ -25,6 +25,7 @@ from planner import telemetry
 from planner.errors import FlowFailed, FlowInputError, FlowTimeout, NodeError, NodeTimeout, ReferenceFieldError
 from planner.expr import evaluate
 from planner.graph import CompiledFlow, CompiledNode
+from planner.models import value_fits
 from planner.refs import Unresolved, compile_getter
 from planner.results import FlowResult, NodeResult, NodeState
 
@@ -82,16 +83,6 @@ def resolve_mode(flow: CompiledFlow, mode: str | None) -> str:
     return chosen
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "str": (str,),
-    "int": (int,),
-    "float": (int, float),
-    "bool": (bool,),
-    "list": (list, tuple),
-    "dict": (dict,),
-}
-
-
 def bind_inputs(flow: CompiledFlow, given: dict[str, Any]) -> dict[str, Any]:
     """Check the inputs against the flow's declaration and fill defaults. Raises `FlowInputError`."""
     unknown = sorted(set(given) - set(flow.inputs))
@@ -105,9 +96,7 @@ def bind_inputs(flow: CompiledFlow, given: dict[str, Any]) -> dict[str, Any]:
             values[name] = copy.deepcopy(spec.default)
             continue
         value = given[name]
-        allowed = _TYPES.get(spec.type)
-        bad_bool = isinstance(value, bool) and spec.type in ("int", "float")
-        if value is not None and allowed and (bad_bool or not isinstance(value, allowed)):
+        if not value_fits(spec.type, value):
             raise FlowInputError(f"input {name!r} must be {spec.type}, got {type(value).__name__}", flow=flow.name, input=name)
         values[name] = value
     return values

@@ -51,6 +51,25 @@ Duration = Annotated[
 InputType = Literal["str", "int", "float", "bool", "list", "dict", "json"]
 
 
+_PYTHON_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "list": (list, tuple),
+    "dict": (dict,),
+}
+
+
+def value_fits(type_name: str, value: Any) -> bool:
+    """Whether `value` may be given for an input declared `type_name` (null always may)."""
+    if value is None or type_name == "json":
+        return True
+    if isinstance(value, bool) and type_name in ("int", "float"):
+        return False  # True is an int to Python, never to a flow
+    return isinstance(value, _PYTHON_TYPES[type_name])
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -71,6 +90,12 @@ class InputSpec(_Strict):
         if isinstance(data, dict) and "default" in data and "required" not in data:
             return {**data, "required": False}
         return data
+
+    @model_validator(mode="after")
+    def _default_fits(self) -> InputSpec:
+        if not value_fits(self.type, self.default):
+            raise ValueError(f"default {self.default!r} does not fit type {self.type}")
+        return self
 
 
 class Settings(_Strict):

@@ -190,3 +190,8 @@ def test_yaml_booleans_are_yaml_1_2_so_on_stays_a_key(write_flow: Callable[..., 
     flow = load_flow(write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: yes}, retry: {on: any}}\n"))
     assert flow.nodes["a"].retry.on_any
     assert flow.nodes["a"].args == {"value": "yes"}
+
+
+def test_an_input_default_must_fit_its_type(write_flow: Callable[..., Path]) -> None:
+    err = _error(write_flow, "inputs:\n  limit: {type: int, default: twenty}\nnodes:\n  a: {sql: SELECT $limit}\n")
+    assert err.line == 2 and "does not fit type int" in err.message
