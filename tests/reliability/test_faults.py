@@ -143,7 +143,7 @@ async def test_a_server_restart_during_a_stream_of_runs(flows: Callable[[str], P
     await asyncio.sleep(0.5)
     await asyncio.to_thread(fault_server.restart)
     await asyncio.gather(*streams)
-    assert longest < 3.0 + 1.0, f"a run took {longest:.2f}s past its 3s deadline"
+    assert longest < 3.0 + 1.5, f"a run took {longest:.2f}s, past its 3s deadline and the 1s stop grace"
     assert set(outcomes) <= {"ok", "failed", "timeout"} and "ok" in outcomes
     after = [await planner.run("f") for _ in range(10)]  # the service was not restarted
     assert all(r.status == "ok" and r.nodes["a"].state is NodeState.OK for r in after)
