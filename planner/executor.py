@@ -399,7 +399,7 @@ def _needed(flow: CompiledFlow, overrides: dict[str, Any]) -> set[str]:
     unknown = sorted(set(overrides) - set(flow.nodes))
     if unknown:
         raise FlowInputError(f"override of unknown node {unknown[0]!r}", flow=flow.name)
-    wanted = {r.root for r in flow.output.refs} if flow.output else set()
+    wanted = {r.root for t in (flow.output or {}).values() for r in t.refs}
     keep: set[str] = set()
     for name in reversed(flow.order):
         successors = flow.successors[name]

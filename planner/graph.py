@@ -63,8 +63,8 @@ class CompiledFlow:
     groups: tuple[tuple[str, ...], ...]
     successors: dict[str, tuple[str, ...]]
     indegree: dict[str, int]  # how many dependencies each node waits for
-    output: Template | None
-    output_getters: dict[str, Getter] | None  # one per `output:` key
+    output: dict[str, Template] | None  # `output:`, one parsed template per key
+    output_getters: dict[str, Getter] | None
 
     @property
     def marks(self) -> Marks:
@@ -93,12 +93,14 @@ def compile_flow(loaded: LoadedFlow) -> CompiledFlow:
     nodes: dict[str, CompiledNode] = {}
     for index, (name, node) in enumerate(spec.nodes.items()):
         nodes[name] = _compile_node(name, index, node, spec, marks)
-    output = None
+    output: dict[str, Template] | None = None
     if spec.output is not None:
-        try:
-            output = parse_value(spec.output)
-        except RefSyntaxError as exc:
-            raise marks.error(str(exc), ("output",)) from None
+        output = {}
+        for key, value in spec.output.items():
+            try:
+                output[key] = parse_value(value)
+            except RefSyntaxError as exc:
+                raise marks.error(str(exc), ("output", key)) from None
     known = set(spec.inputs) | set(nodes)
     _check_refs(nodes, output, known, loaded)
     graph = nx.DiGraph()
@@ -120,7 +122,7 @@ def compile_flow(loaded: LoadedFlow) -> CompiledFlow:
         successors=successors,
         indegree={name: len(node.deps) for name, node in nodes.items()},
         output=output,
-        output_getters=None if output is None else {k: compile_getter(v) for k, v in output.value.items()},
+        output_getters=None if output is None else {k: compile_getter(t.value) for k, t in output.items()},
     )
 
 
@@ -191,7 +193,7 @@ def _at_offset(marks: Marks, where: tuple[str | int, ...], text: str, offset: in
 
 
 def _check_refs(
-    nodes: dict[str, CompiledNode], output: Template | None, known: set[str], loaded: LoadedFlow
+    nodes: dict[str, CompiledNode], output: dict[str, Template] | None, known: set[str], loaded: LoadedFlow
 ) -> None:
     """Refuse references to names that do not exist, and self-references."""
     marks, spec = loaded.marks, loaded.spec
@@ -206,28 +208,10 @@ def _check_refs(
         for i, after in enumerate(spec.nodes[name].after):
             if after not in nodes:
                 raise _graph_error(marks, f"after: unknown node {after!r}{_suggest(after, nodes)}", ("nodes", name, "after", i), name)
-    for ref in output.refs if output is not None else ():
-        if ref.root not in known:
-            at = ("output", *_path_to(output.value if output is not None else None, ref))
-            raise _graph_error(marks, "output: " + _unknown(ref, known), at, None)
-
-
-def _path_to(template: Any, ref: Ref) -> tuple[str | int, ...]:
-    """Where `ref` first stands inside a parsed template (for the error's line)."""
-    if template == ref:
-        return ()
-    items = template.items() if isinstance(template, dict) else enumerate(template) if isinstance(template, list) else ()
-    for key, value in items:
-        if value == ref or (isinstance(value, (dict, list)) and ref in _refs_in(value)):
-            return (key, *_path_to(value, ref))
-    return ()
-
-
-def _refs_in(template: Any) -> list[Ref]:
-    if isinstance(template, Ref):
-        return [template]
-    values = template.values() if isinstance(template, dict) else template if isinstance(template, list) else []
-    return [r for v in values for r in _refs_in(v)]
+    for key, template in (output or {}).items():
+        for ref in template.refs:
+            if ref.root not in known:
+                raise _graph_error(marks, "output: " + _unknown(ref, known), ("output", key), None)
 
 
 def _unknown(ref: Ref, known: set[str]) -> str:

@@ -143,8 +143,6 @@ class CallNode(_NodeBase):
     call: str
     with_: dict[str, Any] = Field(default_factory=dict, alias="with")
 
-    model_config = ConfigDict(populate_by_name=False)
-
 
 def _node_kind(value: Any) -> str | None:
     if isinstance(value, dict):
