@@ -29,7 +29,7 @@ import asyncpg
 from benchmarks import handwritten
 from benchmarks.latency_proxy import LatencyProxy
 from planner import FlowFailed, Planner
-from planner.demo.run import demo_dsn, queries_of
+from planner.demo.run import demo_dsn, percentile, queries_of
 from planner.graph import CompiledFlow, plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,11 +160,6 @@ async def _runs_per_second(run: Runner, flow: str, in_flight: int, seconds: floa
     return done / elapsed, failed / elapsed
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def render(flow: str, f: Figures, rtts: list[int], pools: list[int], flights: list[int]) -> str:
     lines = [f"### {flow}", ""]
     head = "| variant | round trips/run | " + " | ".join(f"p50 @{r} ms | p95 @{r} ms" for r in rtts)
@@ -172,7 +167,7 @@ def render(flow: str, f: Figures, rtts: list[int], pools: list[int], flights: li
     head += f" | p50 vs naive @{top} | p50 vs gather @{top} |"
     lines += [head, "|---|---:|" + "---:|---:|" * len(rtts) + "---:|---:|"]
     for v in VARIANTS:
-        cells = [f"{statistics.median(f.latency_ms[r][v]):.2f} | {pct(f.latency_ms[r][v], 0.95):.2f}" for r in rtts]
+        cells = [f"{statistics.median(f.latency_ms[r][v]):.2f} | {percentile(f.latency_ms[r][v], 0.95):.2f}" for r in rtts]
         p50 = statistics.median(f.latency_ms[top][v])
         naive = statistics.median(f.latency_ms[top]["naive"])
         gather = statistics.median(f.latency_ms[top]["gather"])

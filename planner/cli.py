@@ -181,9 +181,8 @@ def run(
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2, default=str))
     else:
-        group_of = {n: i + 1 for i, g in enumerate(compiled.groups) for n in g}
         rows = [
-            [n, str(group_of[n]), r.state.value, "" if r.duration_ms is None else f"{r.duration_ms:.1f}", str(r.attempts),
+            [n, str(compiled.group_of[n]), r.state.value, "" if r.duration_ms is None else f"{r.duration_ms:.1f}", str(r.attempts),
              "" if r.error is None else f"{type(r.error).__name__}: {r.error}"[:120]]
             for n, r in result.nodes.items()
         ]

@@ -61,6 +61,7 @@ class CompiledFlow:
     graph: nx.DiGraph
     order: tuple[str, ...]
     groups: tuple[tuple[str, ...], ...]
+    group_of: dict[str, int]  # each node's group, counted from 1
     successors: dict[str, tuple[str, ...]]
     indegree: dict[str, int]  # how many dependencies each node waits for
     output: dict[str, Template] | None  # `output:`, one parsed template per key
@@ -119,6 +120,7 @@ def compile_flow(loaded: LoadedFlow) -> CompiledFlow:
         graph=graph,
         order=order,
         groups=groups,
+        group_of={name: i + 1 for i, group in enumerate(groups) for name in group},
         successors=successors,
         indegree={name: len(node.deps) for name, node in nodes.items()},
         output=output,

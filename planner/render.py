@@ -26,7 +26,6 @@ class PlanRow:
 
 def plan_rows(flow: CompiledFlow, plan: Plan) -> list[PlanRow]:
     """One row per node, in group order: the table the seed's analysis drew by hand."""
-    group_of = {name: i + 1 for i, group in enumerate(plan.groups) for name in group}
     critical = set(plan.critical_path)
     rows = []
     for group in plan.groups:
@@ -37,7 +36,7 @@ def plan_rows(flow: CompiledFlow, plan: Plan) -> list[PlanRow]:
                     node=name,
                     kind=node.kind,
                     waits_for=node.deps,
-                    group=group_of[name],
+                    group=flow.group_of[name],
                     expected_ms=None if name in plan.unknown else plan.latency_ms[name],
                     critical=name in critical,
                     when=when_text(flow, name),

@@ -53,7 +53,6 @@ def lanes(intervals: list[tuple[str, float, float]]) -> dict[str, int]:
 
 
 def trace_events(result: FlowResult, flow: CompiledFlow) -> dict[str, Any]:
-    group_of = {n: i + 1 for i, g in enumerate(flow.groups) for n in g}
     ran = [(n, r.started_ms, r.finished_ms if r.finished_ms is not None else result.elapsed_ms)
            for n, r in result.nodes.items() if r.started_ms is not None]
     lane_of = lanes([(n, s, e) for n, s, e in ran])
@@ -67,7 +66,7 @@ def trace_events(result: FlowResult, flow: CompiledFlow) -> dict[str, Any]:
         events.append({
             "name": name, "cat": node.state.value, "ph": "X", "pid": 1, "tid": lane_of[name] + 1,
             "ts": round(start * 1000, 1), "dur": round(max(end - start, 0.0) * 1000, 1),
-            "args": {"state": node.state.value, "group": group_of.get(name), "attempts": node.attempts,
+            "args": {"state": node.state.value, "group": flow.group_of.get(name), "attempts": node.attempts,
                      "error": None if node.error is None else f"{type(node.error).__name__}: {node.error}"},
         })
     return {

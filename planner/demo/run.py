@@ -66,8 +66,13 @@ class ModeFigures:
 
     @property
     def p95(self) -> float:
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        return percentile(self.latencies_ms, 0.95)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The `q` quantile of `values` (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def queries_of(flow: CompiledFlow, states: dict[str, str]) -> int:
