@@ -138,10 +138,15 @@ class Planner:
         return await execute_checked(entry.flow, entry.bound, values, chosen, overrides)
 
     def _entry(self, name: str) -> _Entry:
-        path = self.path_of(name)
-        st = path.stat()
-        stamp = (st.st_mtime_ns, st.st_size)
         entry = self._cache.get(name)
+        # One stat per run for a cached flow; the folder is searched only when it is not.
+        path = entry.flow.loaded.path if entry is not None else self.path_of(name)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            path = self.path_of(name)  # renamed (.yaml <-> .yml) or gone: search again
+            st = path.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
         if entry is not None and entry.stamp == stamp:
             return entry
         try:
