@@ -17,20 +17,19 @@ from typing import Any
 
 from benchmarks.reference import reference_run, sequential_awaits
 from benchmarks.shapes import SEED_SHAPE, UNEVEN_SHAPE, chain, fan_out, flow_yaml, random_dag
-from planner.executor import execute
-from planner.graph import CompiledFlow, compile_flow, plan
-from planner.loader import load_text
-from planner.runners import bind_flow
+from planner import CompiledFlow, FlowResult, Planner, load_flow
+from planner.backend import Offline
+from planner.graph import plan
+
+_planner = Planner(backend=Offline("no database in this benchmark"), allowed_modules=["benchmarks"])
 
 
-async def _no_pool() -> Any:
-    raise RuntimeError("no database in this benchmark")
+def build(deps: dict[str, list[str]], call: str, extra: dict[str, str] | None = None) -> tuple[CompiledFlow, None]:
+    return load_flow(text=flow_yaml(deps, call, extra), name="bench"), None
 
 
-def build(deps: dict[str, list[str]], call: str, extra: dict[str, str] | None = None) -> tuple[CompiledFlow, Any]:
-    flow = compile_flow(load_text(flow_yaml(deps, call, extra), name="bench"))
-    bound = bind_flow(flow, allowed=["benchmarks"], pool=_no_pool, sql=lambda spec: None)  # type: ignore[arg-type,return-value]
-    return flow, bound
+async def execute(flow: CompiledFlow, _bound: None, inputs: dict[str, Any], mode: str | None = None) -> FlowResult:
+    return await _planner.run(flow, inputs, mode=mode)
 
 
 async def _time(fn: Callable[..., Awaitable[Any]], *args: Any) -> float:

@@ -94,11 +94,11 @@ async def count_round_trips(server: str, flow: str, runs: int) -> dict[str, floa
                 run = runners(flow, pool, planner)[variant]
                 for _ in range(3):
                     await run(inputs(flow))
-                await planner.db.drain()
+                await planner.backend.drain()
                 before = proxy.requests
                 for _ in range(runs):
                     await run(inputs(flow))
-                await planner.db.drain()
+                await planner.backend.drain()
                 out[variant] = (proxy.requests - before) / runs
             await pool.close()
     return out

@@ -1,43 +1,46 @@
-"""The facade: `Planner` (flows folder + database) and the process-wide `run_flow`.
+"""The facade: `Planner` (flows + database backend) and the process-wide `run_flow`.
 
 It composes the one-way pipeline: file -> `load_spec` -> `compile_flow` -> bind -> `execute`.
-Compiled flows are cached by file stamp; an edited file is recompiled on the next run, and an
-edit that no longer loads leaves the last good version running (the error is logged and kept
-in `Planner.reload_errors`).
+Compiled flows are cached by file stamp. An edited file is recompiled on a later run, off the
+event loop, once it has stopped changing; until then, and when an edit no longer loads, the
+last good version keeps running (the error is logged and kept in `Planner.reload_errors`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import dataclasses
 import logging
 import os
-import sys
+import time
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
-from planner.db import Database
-from planner.errors import FlowError, FlowFileError, FlowInputError
-from planner.executor import BoundNode, bind_inputs, execute_checked, resolve_mode
+from planner.backend import Backend
+from planner.config import CallTargets, FlowSource
+from planner.errors import FlowError, FlowFileError
+from planner.executor import bind_inputs, execute_checked, resolve_mode
 from planner.graph import CompiledFlow, Plan, compile_flow, plan
-from planner.loader import load_spec
-from planner.models import NAME_RE
+from planner.kinds import BindEnv, BoundNode, kind_of
+from planner.kinds.call import DEFAULT_THREADS, CallThreads
+from planner.loader import load_spec, load_text
+from planner.observers import RunObserver, default_observers
 from planner.results import FlowResult
-from planner.runners import bind_flow
 
 logger = logging.getLogger("planner")
-
-DEFAULT_ALLOWED = ("planner.demo",)
 
 NodeRun = Callable[[Any], Coroutine[Any, Any, Any]]
 NodeWrapper = Callable[[str, str, NodeRun], NodeRun]
 """`wrapper(flow, node, run) -> run`: wraps each node's execution (tests inject faults with it;
 instrumentation can time it). It sees the node's resolved arguments and returns its value."""
+
+QUIET_S = 0.25
+"""An edited flow file is taken only once it has not changed for this long: a writer that
+truncates and then writes (`cat >`, scp) is never caught half way. Replacing the file by an
+atomic rename (write elsewhere, then `mv`) is still the best way to edit a running service."""
 
 
 @dataclass(frozen=True)
@@ -49,19 +52,20 @@ class _Entry:
 
 
 class Planner:
-    """Runs the flows of one folder against one database.
+    """Runs flows against one database backend.
 
     >>> async with Planner(flows="flows", dsn="postgresql://localhost/app") as planner:  # doctest: +SKIP
-    ...     result = await planner.run("escalation", {"instance_name": "acme", "user_phone": "+1555"})
+    ...     result = await planner.run("escalation", {"instance_id": 1, "user_phone": "+1555", "message": "hi"})
 
     `dsn=` gives planner a pool of its own (closed with the planner); `pool=` borrows yours
-    (never closed here). With neither, `DATABASE_URL` is used, else the embedded PostgreSQL;
-    the pool is opened before the first flow with SQL runs, so flows of Python calls need no
-    database. `min_size`/`max_size` size an owned pool; `full_reset=True` keeps asyncpg's reset
-    query on release (see `planner.db.Database` for why it is skipped by default).
-    `allowed_modules` (default: `PLANNER_ALLOWED_MODULES`, else `planner.demo` and the Python
-    modules in the flows folder) limits what `call:` nodes may call. `node_wrapper` wraps
-    every node's execution (see `NodeWrapper`).
+    (never closed here); `backend=` takes any `planner.backend.Backend` (a wrapper around
+    `planner.db.PoolBackend`, say). With none, `DATABASE_URL` is used, else the embedded
+    PostgreSQL; nothing is opened until a flow with SQL to run runs. `min_size`/`max_size`
+    size an owned pool; `full_reset=True` keeps asyncpg's reset query on release.
+    `allowed_modules` (default: `PLANNER_ALLOWED_MODULES`, else the demo's flow functions and
+    the Python modules in the flows folder) limits what `call:` nodes may call; `call_threads`
+    bounds the threads that run sync calls. `node_wrapper` wraps every node's execution (see
+    `NodeWrapper`); `observers` watch every run (see `planner.observers.RunObserver`).
     """
 
     def __init__(
@@ -69,22 +73,43 @@ class Planner:
         flows: str | Path | None = None,
         *,
         dsn: str | None = None,
-        pool: asyncpg.Pool | None = None,
+        pool: Any = None,
+        backend: Backend | None = None,
         mode: str | None = None,
         allowed_modules: list[str] | None = None,
         min_size: int = 2,
         max_size: int = 10,
         full_reset: bool = False,
         node_wrapper: NodeWrapper | None = None,
+        observers: Sequence[RunObserver] | None = None,
+        call_threads: int = DEFAULT_THREADS,
     ) -> None:
-        self.flows_dir = Path(flows if flows is not None else os.environ.get("PLANNER_FLOWS", "flows"))
+        self.source = FlowSource.resolve(flows)
         self.mode = mode
-        self.db = Database(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset)
-        self.allowed = allowed_modules if allowed_modules is not None else default_allowed_modules(self.flows_dir)
+        if backend is None:
+            from planner.db import PoolBackend
+
+            backend = PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset)
+        self.backend = backend
+        self.targets = CallTargets(allowed_modules, folder=self.source.folder)
+        self.threads = CallThreads(call_threads)
         self.node_wrapper = node_wrapper
+        self.observers = observers
         self.reload_errors: dict[str, FlowError] = {}
+        self._env = BindEnv(self.targets, self.backend, self.threads)
         self._cache: dict[str, _Entry] = {}
+        self._reloading: dict[str, asyncio.Future[_Entry]] = {}
+        self._objects: weakref.WeakKeyDictionary[CompiledFlow, _Entry] = weakref.WeakKeyDictionary()
+        self._db_open = False
         self._closed = False
+
+    @property
+    def flows_dir(self) -> Path:
+        return self.source.folder
+
+    @property
+    def allowed(self) -> list[str]:
+        return self.targets.allowed
 
     async def __aenter__(self) -> Planner:
         return self
@@ -95,21 +120,19 @@ class Planner:
     async def close(self) -> None:
         """Finish background work and close the pool if this planner owns it."""
         self._closed = True
-        await self.db.close()
+        await self.backend.close()
 
     def path_of(self, name: str) -> Path:
         """The file of flow `name` (`<flows>/<name>.yaml` or `.yml`). Raises `FlowFileError`."""
-        if not NAME_RE.match(name):
-            raise FlowInputError(f"{name!r} is not a flow name")
-        for suffix in (".yaml", ".yml"):
-            path = self.flows_dir / f"{name}{suffix}"
-            if path.exists():
-                return path
-        raise FlowFileError(f"no flow named {name!r} in {self.flows_dir}/", file=self.flows_dir / f"{name}.yaml")
+        return self.source.path_of(name)
 
     def load(self, name: str) -> CompiledFlow:
         """The compiled flow `name`, from the cache unless its file changed."""
-        return self._entry(name).flow
+        entry = self._cache.get(name)
+        path, stamp = self._stamp(name, entry)
+        if entry is not None and entry.stamp == stamp:
+            return entry.flow
+        return self._reload(name, path, stamp, entry).flow
 
     def plan(self, name: str, recorded_ms: dict[str, float] | None = None) -> Plan:
         """Groups, critical path and latency estimate of flow `name`."""
@@ -117,104 +140,123 @@ class Planner:
 
     async def run(
         self,
-        name: str,
+        flow: str | CompiledFlow,
         inputs: dict[str, Any] | None = None,
         *,
         mode: str | None = None,
         overrides: dict[str, Any] | None = None,
     ) -> FlowResult:
-        """Run flow `name` once.
+        """Run a flow once: by name (a file of the flows folder) or a `CompiledFlow` from `load_flow`.
 
         Raises `FlowInputError` for bad inputs, `FlowFailed` (with `.result`) when an
-        `on_error: fail` node fails or the deadline passes, `FlowFileError` for a broken flow.
+        `on_error: fail` node fails or the deadline passes, `FlowFileError` for a broken flow,
+        `DatabaseUnavailable` when the flow has SQL to run and the database cannot be reached.
         """
         if self._closed:
             raise FlowError("this Planner is closed")
-        entry = self._entry(name)
+        entry = await self._entry(flow) if isinstance(flow, str) else self._object(flow)
         values = bind_inputs(entry.flow, inputs or {})
         chosen = resolve_mode(entry.flow, mode or self.mode)
-        if entry.needs_db and not self.db.opened:
-            await self.db.pool()  # raises DatabaseUnavailable before any node runs
-        return await execute_checked(entry.flow, entry.bound, values, chosen, overrides)
+        if not self._db_open and entry.needs_db and _runs_sql(entry, overrides):
+            await self.backend.open()  # raises DatabaseUnavailable before any node runs
+            self._db_open = True
+        observers = self.observers if self.observers is not None else default_observers()
+        return await execute_checked(entry.flow, entry.bound, values, chosen, overrides, observers)
 
-    def _entry(self, name: str) -> _Entry:
+    # --- the flow cache -----------------------------------------------------------------
+
+    async def _entry(self, name: str) -> _Entry:
         entry = self._cache.get(name)
+        path, stamp = self._stamp(name, entry)
+        if entry is not None and entry.stamp == stamp:
+            return entry
+        if entry is not None and time.time_ns() - stamp[0] < QUIET_S * 1e9:
+            return entry  # still being written, perhaps: keep the last good version for now
+        pending = self._reloading.get(name)
+        if pending is None:
+            pending = self._reloading[name] = asyncio.ensure_future(
+                asyncio.to_thread(self._reload, name, path, stamp, entry))
+            pending.add_done_callback(lambda _f: self._reloading.pop(name, None))
+        # Compiling runs on a thread: the loop goes on serving other runs meanwhile.
+        return await asyncio.shield(pending)
+
+    def _stamp(self, name: str, entry: _Entry | None) -> tuple[Path, tuple[int, int]]:
         # One stat per run for a cached flow; the folder is searched only when it is not.
-        path = entry.flow.loaded.path if entry is not None else self.path_of(name)
+        path = entry.flow.loaded.path if entry is not None else self.source.path_of(name)
         try:
             st = path.stat()
         except FileNotFoundError:
-            path = self.path_of(name)  # renamed (.yaml <-> .yml) or gone: search again
+            path = self.source.path_of(name)  # renamed (.yaml <-> .yml) or gone: search again
             st = path.stat()
-        stamp = (st.st_mtime_ns, st.st_size)
-        if entry is not None and entry.stamp == stamp:
-            return entry
+        return path, (st.st_mtime_ns, st.st_size)
+
+    def _reload(self, name: str, path: Path, stamp: tuple[int, int], entry: _Entry | None) -> _Entry:
         try:
             flow = compile_flow(load_spec(path))
-            bound = bind_flow(flow, allowed=self.allowed, pool=self.db.pool, sql=self.db.bind_sql)
-            if self.node_wrapper is not None:
-                wrap = self.node_wrapper
-                bound = {n: BoundNode(b.spec, b.args, wrap(flow.name, b.spec.name, b.run)) for n, b in bound.items()}
+            st = path.stat()
+            if (st.st_mtime_ns, st.st_size) != stamp:
+                raise FlowFileError("the file changed while it was read; trying again on the next run", file=path)
+            new = self._bind(flow, stamp)
         except FlowError as exc:
             if entry is None:
                 raise
-            if self.reload_errors.get(name) is None or str(self.reload_errors[name]) != str(exc):
+            if str(self.reload_errors.get(name)) != str(exc):
                 logger.error("flow %s: edit does not load, still running the last good version: %s", name, exc,
                              extra={"flow": name})
             self.reload_errors[name] = exc
             return entry
         self.reload_errors.pop(name, None)
-        entry = _Entry(stamp, flow, bound, any(node.kind == "sql" for node in flow.nodes.values()))
-        self._cache[name] = entry
+        self._cache[name] = new
+        return new
+
+    def _object(self, flow: CompiledFlow) -> _Entry:
+        entry = self._objects.get(flow)
+        if entry is None:
+            entry = self._objects[flow] = self._bind(flow, (0, 0))
         return entry
 
-
-def default_allowed_modules(flows_dir: Path) -> list[str]:
-    """`PLANNER_ALLOWED_MODULES` when set; else `planner.demo` and the modules in `flows_dir`."""
-    configured = os.environ.get("PLANNER_ALLOWED_MODULES")
-    if configured is not None:
-        return [m.strip() for m in configured.split(",") if m.strip()]
-    local = _modules_in(flows_dir)
-    if local and str(flows_dir.resolve()) not in sys.path:
-        sys.path.append(str(flows_dir.resolve()))  # appended: it can never shadow an installed module
-    return [*DEFAULT_ALLOWED, *local]
-
-
-def _modules_in(folder: Path) -> list[str]:
-    """Python modules in `folder`, except any whose name is taken by the standard library or an
-    installed package: a file `flows/os.py` must not make `os:popen` callable."""
-    if not folder.is_dir():
-        return []
-    names = [p.stem for p in folder.glob("*.py") if NAME_RE.match(p.stem)]
-    names += [p.parent.name for p in folder.glob("*/__init__.py") if NAME_RE.match(p.parent.name)]
-    return sorted(n for n in set(names) if n not in sys.stdlib_module_names and not _installed_elsewhere(n, folder))
+    def _bind(self, flow: CompiledFlow, stamp: tuple[int, int]) -> _Entry:
+        bound: dict[str, BoundNode] = {}
+        for name, spec in flow.nodes.items():
+            node = kind_of(spec.kind).bind(spec, flow.marks, self._env)
+            if self.node_wrapper is not None:
+                node = dataclasses.replace(node, run=self.node_wrapper(flow.name, name, node.run))
+            bound[name] = node
+        needs_db = any(kind_of(spec.kind).needs_database(spec) for spec in flow.nodes.values())
+        return _Entry(stamp, flow, bound, needs_db)
 
 
-def _installed_elsewhere(name: str, folder: Path) -> bool:
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return False
-    origin = spec.origin if spec is not None else None
-    return origin is not None and not Path(origin).resolve().is_relative_to(folder.resolve())
+def _runs_sql(entry: _Entry, overrides: dict[str, Any] | None) -> bool:
+    """Whether a run may send SQL: a flow whose SQL nodes are all overridden opens no pool."""
+    if not overrides:
+        return True
+    return any(kind_of(spec.kind).needs_database(spec) and name not in overrides
+               for name, spec in entry.flow.nodes.items())
 
 
-def load_flow(path: str | os.PathLike[str]) -> CompiledFlow:
-    """Load, validate and compile one flow file (no database; `call:` targets are not imported).
+def load_flow(path: str | os.PathLike[str] | None = None, *, text: str | None = None, name: str = "flow") -> CompiledFlow:
+    """Load, validate and compile one flow: a file, or YAML `text` (no database; `call:`
+    targets are not imported until a `Planner` runs it).
 
     >>> flow = load_flow("flows/escalation.yaml")
     >>> flow.groups
     (('settings', 'interactions'), ('decide',), ('record',))
+    >>> load_flow(text="nodes: {a: {sql: SELECT 1, fetch: value}}", name="one").name
+    'one'
 
     Raises `FlowFileError` (file, line and node in the message) or `FlowGraphError`.
     """
+    if (path is None) == (text is None):
+        raise TypeError("load_flow() takes a path or text=, not both")
+    if text is not None:
+        return compile_flow(load_text(text, name=name, file=f"<{name}>"))
+    assert path is not None
     return compile_flow(load_spec(path))
 
 
 def load_flows(folder: str | os.PathLike[str]) -> dict[str, CompiledFlow]:
     """Every `*.yaml` / `*.yml` flow of a folder, by name. Raises on the first broken file."""
-    paths = sorted([*Path(folder).glob("*.yaml"), *Path(folder).glob("*.yml")])
-    return {path.stem: load_flow(path) for path in paths}
+    return {path.stem: load_flow(path) for path in FlowSource(Path(folder)).paths()}
 
 
 _default: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Planner] = weakref.WeakKeyDictionary()

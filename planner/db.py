@@ -1,12 +1,13 @@
-"""The database: asyncpg pools, SQL nodes, error translation, and the embedded server.
+"""The database: the asyncpg pool backend, error translation, and the embedded server.
 
-This is the one boundary where asyncpg's exceptions become planner's (`QueryError`, with
-`sqlstate` and `transient`), as httpx maps httpcore's in one place.
+This is the one module that imports asyncpg, and the one boundary where its exceptions (and
+the socket's) become planner's: `QueryError` (with `sqlstate`, `transient` and, for a
+statement the server refused, `position`) and `DatabaseUnavailable`, as httpx maps httpcore's
+in one place. `PoolBackend` implements `planner.backend.Backend` over a pool.
 
 Connections are checked out per statement (or per transaction) and never held while a node
-waits for another. Releasing a connection costs a round trip (asyncpg resets it), so a node
-hands its value to its dependents first and the release finishes in the background; the
-`Database` keeps those releases and waits for them on close.
+waits for another. A node hands its value to its dependents first and the connection goes
+back to the pool in the background; `drain()` waits for those releases.
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from planner.errors import DatabaseUnavailable, QueryError
-from planner.executor import BoundNode, timed
-from planner.graph import CompiledNode
-from planner.refs import CompiledSql, compile_getter
+from planner.backend import Described, Query
+from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
+from planner.refs import CompiledSql, name_params
 
 logger = logging.getLogger("planner")
 
@@ -36,18 +37,38 @@ logger = logging.getLogger("planner")
 _TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "53300", "57P01", "57P02", "57P03"})
 _RELEASE_TIMEOUT_S = 2.0  # a connection that cannot be reset in this time (a frozen backend) is terminated
 
+# What a flow statement may leave behind on its session, undone before the connection is
+# reused. RESET ALL leaves the role alone, hence SET SESSION AUTHORIZATION DEFAULT (which
+# also resets the role); asyncpg's own reset query lacks it.
+RESET_SESSION = (
+    "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; CLOSE ALL; UNLISTEN *; "
+    "SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
+)
+# Settings the server reports to the client whenever they change (GUC_REPORT): a change the
+# statement analysis could not see (a function that calls set_config) still shows here.
+_REPORTED = ("TimeZone", "search_path", "session_authorization", "is_superuser", "DateStyle", "IntervalStyle",
+             "application_name", "default_transaction_read_only", "standard_conforming_strings")
 
-def translate(exc: BaseException, statement: CompiledSql | None = None) -> BaseException:
-    """asyncpg's and the socket's errors -> `QueryError`; anything else is returned unchanged."""
+
+def translate(exc: BaseException, statement: CompiledSql | None = None, params: Sequence[Any] | None = None) -> BaseException:
+    """asyncpg's and the socket's errors -> planner's; anything else is returned unchanged.
+
+    Parameter values never reach the message: asyncpg quotes a value it could not encode,
+    and the server quotes an input it could not parse; both are replaced by its type.
+    """
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = getattr(exc, "sqlstate", None)
         transient = isinstance(sqlstate, str) and (sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08"))
         message = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, asyncpg.DataError) and statement is not None:
+        if isinstance(sqlstate, str) and sqlstate.startswith("22"):
+            message = _redact_literals(message)
+        if statement is not None:
             message = name_params(message, statement)
-        return QueryError(message, sqlstate=sqlstate, transient=transient)
+        position = getattr(exc, "position", None)
+        return QueryError(message, sqlstate=sqlstate, transient=transient,
+                          position=int(position) if isinstance(position, str) and position.isdigit() else None)
     if isinstance(exc, asyncpg.InterfaceError):
-        message = f"{type(exc).__name__}: {exc}"
+        message = _redact_argument(f"{type(exc).__name__}: {exc}", params)
         if statement is not None:
             message = name_params(message, statement)
         return QueryError(message, transient=isinstance(exc, asyncpg.ConnectionDoesNotExistError))
@@ -56,19 +77,31 @@ def translate(exc: BaseException, statement: CompiledSql | None = None) -> BaseE
     return exc
 
 
-def name_params(message: str, statement: CompiledSql) -> str:
-    """`query argument $2` means nothing to a flow author: say which reference it is."""
-
-    def name(match: re.Match[str]) -> str:
-        index = int(match.group(1)) - 1
-        return str(statement.params[index]) if 0 <= index < len(statement.params) else match.group(0)
-
-    return re.sub(r"\$(\d+)", name, message)
+_ARGUMENT = re.compile(r"(invalid input for query argument \$(\d+)):.*", re.DOTALL)
+_LITERAL = re.compile(r"\"(?:[^\"]|\"\")*\"|'(?:[^']|'')*'")
 
 
-async def _keep_session(con: asyncpg.Connection) -> None:
-    """Release without asyncpg's reset round trip (see `Database`); asyncpg still rolls back
-    an open transaction and drops listeners before calling this."""
+def _redact_argument(message: str, params: Sequence[Any] | None) -> str:
+    """`invalid input for query argument $1: 'sk_live_..' (...)` -> the value's type only."""
+
+    def replace(match: re.Match[str]) -> str:
+        index = int(match.group(2)) - 1
+        kind = type(params[index]).__name__ if params is not None and 0 <= index < len(params) else "value"
+        return f"{match.group(1)}: a {kind} value that does not fit the parameter's type (value not shown)"
+
+    return _ARGUMENT.sub(replace, message)
+
+
+def _redact_literals(message: str) -> str:
+    """`invalid input syntax for type integer: "abc"` -> `...: "…"` (data errors quote the input)."""
+    return _LITERAL.sub(lambda m: m.group(0)[0] + "…" + m.group(0)[0], message)
+
+
+def _reraise(exc: BaseException, statement: CompiledSql | None = None, params: Sequence[Any] | None = None) -> NoReturn:
+    mapped = translate(exc, statement, params)
+    if mapped is exc:
+        raise exc
+    raise mapped from exc
 
 
 async def _init_connection(con: asyncpg.Connection) -> None:
@@ -76,14 +109,24 @@ async def _init_connection(con: asyncpg.Connection) -> None:
         await con.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
-class Database:
-    """A pool, owned (`dsn=`) or borrowed (`pool=`), opened on first use. Never closes a borrowed pool.
+async def _keep_session(con: asyncpg.Connection) -> None:
+    """Release without asyncpg's reset round trip; `PoolBackend` resets what needs it itself."""
 
-    A pool planner owns skips asyncpg's reset query on release (`SELECT pg_advisory_unlock_all();
-    CLOSE ALL; UNLISTEN *; RESET ALL`), a full round trip that would double how long each
-    connection is held per statement. Flow statements leave no session state behind, and an open
-    transaction is still rolled back. A `call:` function that changes session state through its
-    `db` pool should restore it, or ask for `full_reset=True`. A borrowed pool keeps its own reset.
+
+def _reported(con: Any) -> tuple[str | None, ...]:
+    settings = con.get_settings()
+    return tuple(getattr(settings, name, None) for name in _REPORTED)
+
+
+class PoolBackend:
+    """The direct backend: an asyncpg pool, owned (`dsn=`) or borrowed (`pool=`), opened on first use.
+
+    A pool planner owns skips asyncpg's reset query on release (a full round trip that would
+    double how long each connection is held per statement). Instead a connection is reset
+    (`RESET_SESSION`, in the background, off the run's critical path) only when a statement
+    may have changed its session: the statement analysis says so (`SET`, `set_config(...,
+    false)`, `SET ROLE`, `LISTEN`...), or a setting the server reports changed. A borrowed
+    pool keeps its own reset; `full_reset=True` keeps asyncpg's on an owned one too.
     """
 
     def __init__(
@@ -100,10 +143,14 @@ class Database:
         self._full_reset = full_reset
         self._lock = asyncio.Lock()
         self._releases: set[asyncio.Task[None]] = set()
+        self._baseline: tuple[str | None, ...] | None = None
 
     @property
     def opened(self) -> bool:
         return self._pool is not None
+
+    async def open(self) -> None:
+        await self.pool()
 
     async def pool(self) -> asyncpg.Pool:
         """The pool, created at the first call: from `dsn`, else `DATABASE_URL`, else embedded."""
@@ -117,12 +164,44 @@ class Database:
                         dsn,
                         min_size=self._sizes[0],
                         max_size=self._sizes[1],
-                        init=_init_connection,
+                        init=self._init,
                         reset=None if self._full_reset else _keep_session,
                     )
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, ValueError) as exc:
+                    # ValueError: a DSN asyncpg cannot parse (`:notaport`)
                     raise DatabaseUnavailable(f"cannot reach the database: {type(exc).__name__}: {exc}") from exc
         return self._pool
+
+    async def _init(self, con: asyncpg.Connection) -> None:
+        await _init_connection(con)
+        if self._baseline is None:
+            self._baseline = _reported(con)
+
+    async def run(self, query: Query) -> Any:
+        pool = self._pool or await self.pool()
+        try:
+            con = await pool.acquire()
+        except Exception as exc:
+            _reraise(exc)
+        try:
+            # The node's timeout times the statements, not the wait for a connection above.
+            timeout = query.timeout
+            value = await (_query(con, query) if timeout is None else _timed(_query(con, query), timeout))
+        except BaseException as exc:  # CancelledError too: the connection must still go back
+            self._release_later(pool, con, query.node.session)
+            _reraise(exc)  # BEGIN/COMMIT or the socket; statements translate their own
+        self._release_later(pool, con, query.node.session)
+        return value
+
+    async def describe(self, text: str) -> Described:
+        pool = self._pool or await self.pool()
+        try:
+            async with pool.acquire() as con:
+                prepared = await con.prepare(text)
+                return Described(tuple(t.name for t in prepared.get_parameters()),
+                                 tuple(a.name for a in prepared.get_attributes()))
+        except (Exception, asyncio.CancelledError) as exc:
+            _reraise(exc)
 
     async def drain(self) -> None:
         """Wait until every connection a node used is back in the pool."""
@@ -136,54 +215,40 @@ class Database:
             pool, self._pool = self._pool, None
             await pool.close()
 
-    def bind_sql(self, spec: CompiledNode) -> BoundNode:
-        """A `sql:` node: `args` resolves each statement's references to parameter lists."""
-        statements, fetch, timeout = spec.statements, spec.fetch, spec.timeout
-        args = compile_getter([list(st.params) for st in statements])
-
-        async def query(con: asyncpg.Connection, params: list[list[Any]]) -> Any:
-            if len(statements) == 1:
-                return await _fetch(con, fetch, statements[0], params[0])
-            async with con.transaction():
-                for statement, values in zip(statements, params, strict=True):
-                    value = await _fetch(con, fetch, statement, values)
-            return value
-
-        async def run(params: list[list[Any]]) -> Any:
-            pool = self._pool or await self.pool()
-            try:
-                con = await pool.acquire()
-            except Exception as exc:
-                _reraise(exc, None)
-            try:
-                # The node's timeout times the statements, not the wait for a connection above.
-                value = await (query(con, params) if timeout is None else timed(query(con, params), timeout))
-            except BaseException as exc:  # CancelledError too: the connection must still go back
-                self._release_later(pool, con)
-                _reraise(exc, None)  # BEGIN/COMMIT or the socket; statements translate their own
-            self._release_later(pool, con)
-            return value
-
-        return BoundNode(spec, args, run, own_timeout=True)
-
-    def _release_later(self, pool: asyncpg.Pool, con: asyncpg.Connection) -> None:
-        task = asyncio.get_running_loop().create_task(_release(pool, con))
+    def _release_later(self, pool: asyncpg.Pool, con: asyncpg.Connection, session: bool) -> None:
+        # A borrowed pool, or a full reset, leaves resetting to asyncpg.
+        check = self._owned and not self._full_reset
+        task = asyncio.get_running_loop().create_task(_release(pool, con, check and session, self._baseline if check else None))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
 
-def _reraise(exc: BaseException, statement: CompiledSql | None) -> NoReturn:
-    mapped = translate(exc, statement)
-    if mapped is exc:
-        raise exc
-    raise mapped from exc
+async def _timed(awaitable: Any, seconds: float) -> Any:
+    timer = asyncio.timeout(seconds)
+    try:
+        async with timer:
+            return await awaitable
+    except TimeoutError:
+        if not timer.expired():
+            raise
+        raise NodeTimeout(f"timed out after {seconds * 1000:g} ms") from None
+
+
+async def _query(con: asyncpg.Connection, query: Query) -> Any:
+    statements, fetch, params = query.statements, query.fetch, query.params
+    if len(statements) == 1:
+        return await _fetch(con, fetch, statements[0], params[0])
+    async with con.transaction():
+        for statement, values in zip(statements, params, strict=True):
+            value = await _fetch(con, fetch, statement, values)
+    return value
 
 
 async def _fetch(con: asyncpg.Connection, fetch: str, statement: CompiledSql, params: list[Any]) -> Any:
     try:
         return await _fetch_raw(con, fetch, statement, params)
     except Exception as exc:
-        _reraise(exc, statement)  # here the failing statement is known: `$2` becomes `$conversation.id`
+        _reraise(exc, statement, params)  # here the failing statement is known: `$2` becomes `$conversation.id`
 
 
 async def _fetch_raw(con: asyncpg.Connection, fetch: str, statement: CompiledSql, params: list[Any]) -> Any:
@@ -197,8 +262,17 @@ async def _fetch_raw(con: asyncpg.Connection, fetch: str, statement: CompiledSql
     return await con.execute(statement.text, *params)
 
 
-async def _release(pool: asyncpg.Pool, con: asyncpg.Connection) -> None:
+async def _release(pool: asyncpg.Pool, con: asyncpg.Connection, dirty: bool, baseline: tuple[str | None, ...] | None) -> None:
     try:
+        if not dirty and baseline is not None:
+            dirty = _reported(con) != baseline  # asyncpg.InterfaceError: it died and went back already
+        if dirty:
+            try:
+                async with asyncio.timeout(_RELEASE_TIMEOUT_S):
+                    await con.execute(RESET_SESSION)
+            except Exception as exc:
+                logger.warning("connection terminated: its session could not be reset: %s: %s", type(exc).__name__, exc)
+                con.terminate()  # a session we could not reset must never serve another run
         await pool.release(con, timeout=_RELEASE_TIMEOUT_S)
     except asyncpg.InternalClientError:
         pass  # its connection died and asyncpg already took the holder back

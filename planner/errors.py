@@ -126,11 +126,14 @@ class NodeTimeout(NodeError):
 
 
 class QueryError(NodeError):
-    """The database refused or lost a statement. `.sqlstate` is PostgreSQL's code, when it sent one."""
+    """The database refused or lost a statement. `.sqlstate` is PostgreSQL's code, when it sent
+    one; `.position` the 1-based character of the statement it points at, when it did."""
 
-    def __init__(self, message: str, *, sqlstate: str | None = None, transient: bool = False) -> None:
+    def __init__(self, message: str, *, sqlstate: str | None = None, transient: bool = False,
+                 position: int | None = None) -> None:
         self.sqlstate = sqlstate
         self.transient = transient
+        self.position = position
         super().__init__(message)
 
 

@@ -1,86 +1,65 @@
-"""Running a compiled flow: settled-style outcomes, three modes, fail-fast, deadlines.
+"""Running a compiled, bound flow once: the three modes, fail-fast, deadlines, the result.
 
-The scheduler is graphlib's ready-set protocol turned into callbacks: each node keeps a count
-of dependencies not yet settled; when a node settles, its successors' counts drop, and a
-successor whose count reaches zero starts at once (eager). Nothing polls: a task's done
-callback drives everything, and the run's own coroutine only waits for "all settled" or
-"stop". Layered and sequential modes reuse the same machinery with a gate in front of it.
+The executor drives two smaller parts: the ready set (`planner.scheduler.Ready`), which says
+what may start once something settles, and node policy (`planner.policy`), which says what
+starting, failing and retrying mean for one node. Each node's task reports through a done
+callback that settles it and starts whatever that released; nothing polls, and the run's own
+coroutine only awaits a future resolved by the last settlement (or by a fail-fast). Layered
+and sequential modes reuse the same machinery behind a gate that releases one group (or one
+node) at a time. Observers (`planner.observers`) watch without steering.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import enum
 import itertools
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
-from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Sequence
+from functools import partial
+from typing import Any, Literal
 
-from planner import telemetry
-from planner.errors import FlowFailed, FlowInputError, FlowTimeout, NodeError, NodeTimeout, ReferenceFieldError
-from planner.expr import evaluate
-from planner.graph import CompiledFlow, CompiledNode
+from planner import policy
+from planner.errors import FlowFailed, FlowInputError, FlowTimeout, NodeError
+from planner.graph import CompiledFlow
+from planner.kinds import BoundNode
 from planner.models import value_fits
-from planner.refs import Unresolved, compile_getter
+from planner.observers import RunObserver
+from planner.refs import Unresolved
 from planner.results import FlowResult, NodeResult, NodeState
+from planner.scheduler import Ready
 
 logger = logging.getLogger("planner")
 
-MODES = ("eager", "layered", "sequential")
+Mode = Literal["eager", "layered", "sequential"]
+MODES: tuple[Mode, ...] = ("eager", "layered", "sequential")
 STOP_GRACE_S = 1.0  # how long a stopping run waits for cancelled nodes to finish
 _run_ids = itertools.count(1)
 _monotonic = time.monotonic
 _RUN_PREFIX = os.urandom(3).hex()
+_OK, _SKIPPED, _DEFAULTED, _FAILED, _CANCELLED = (NodeState.OK, NodeState.SKIPPED, NodeState.DEFAULTED,
+                                                   NodeState.FAILED, NodeState.CANCELLED)
 
 
-@dataclass(frozen=True, slots=True)
-class BoundNode:
-    """A node joined to its implementation: `args(values)` then `await run(args)`.
+class Phase(enum.Enum):
+    """Where a run is: nodes start only while it is RUNNING."""
 
-    `args` raises `Unresolved` (the node is skipped) or `LookupError` (a typo: it fails).
-    `own_timeout` says `run` applies the node's timeout itself (SQL nodes time the query, not
-    the wait for a connection, which only the run's deadline bounds).
-    """
-
-    spec: CompiledNode
-    args: Callable[[dict[str, Any]], Any]
-    run: Callable[[Any], Coroutine[Any, Any, Any]]
-    own_timeout: bool = False
+    RUNNING = "running"
+    FAILED = "failed"  # an `on_error: fail` node failed: everything else is cancelled
+    STOPPING = "stopping"  # the deadline passed or the caller cancelled: winding down
 
 
-async def timed(awaitable: Awaitable[Any], seconds: float) -> Any:
-    """Await with a timeout that raises `NodeTimeout`; a `TimeoutError` of the awaited itself passes."""
-    timer = asyncio.timeout(seconds)
-    try:
-        async with timer:
-            return await awaitable
-    except TimeoutError:
-        if not timer.expired():
-            raise
-        raise NodeTimeout(f"timed out after {seconds * 1000:g} ms") from None
-
-
-def template_args(spec: CompiledNode) -> Callable[[dict[str, Any]], Any]:
-    """The `args` of a node whose arguments are its `with:` template."""
-    return compile_getter(spec.args)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying by default: lost connections, serialization failures, deadlocks..."""
-    return bool(getattr(exc, "transient", False)) or isinstance(exc, ConnectionError)
-
-
-def resolve_mode(flow: CompiledFlow, mode: str | None) -> str:
+def resolve_mode(flow: CompiledFlow, mode: str | None) -> Mode:
     """`PLANNER_MODE` beats the call's `mode=`, which beats the flow's `settings.mode`."""
     chosen = os.environ.get("PLANNER_MODE") or mode or flow.settings.mode
-    if chosen not in MODES:
-        raise FlowInputError(f"unknown mode {chosen!r} (choose eager, layered or sequential)", flow=flow.name)
-    return chosen
+    for known in MODES:
+        if chosen == known:
+            return known
+    raise FlowInputError(f"unknown mode {chosen!r} (choose eager, layered or sequential)", flow=flow.name)
 
 
 def bind_inputs(flow: CompiledFlow, given: dict[str, Any]) -> dict[str, Any]:
@@ -109,216 +88,189 @@ async def execute(
     *,
     mode: str | None = None,
     overrides: dict[str, Any] | None = None,
+    observers: Sequence[RunObserver] = (),
 ) -> FlowResult:
     """Run `flow` once. Returns the result, or raises `FlowFailed` (carrying it) on failure."""
-    return await execute_checked(flow, bound, bind_inputs(flow, inputs), resolve_mode(flow, mode), overrides)
+    return await execute_checked(flow, bound, bind_inputs(flow, inputs), resolve_mode(flow, mode), overrides, observers)
 
 
 async def execute_checked(
-    flow: CompiledFlow, bound: dict[str, BoundNode], values: dict[str, Any], mode: str, overrides: dict[str, Any] | None
+    flow: CompiledFlow,
+    bound: dict[str, BoundNode],
+    values: dict[str, Any],
+    mode: Mode,
+    overrides: dict[str, Any] | None,
+    observers: Sequence[RunObserver] = (),
 ) -> FlowResult:
     """`execute` for inputs already passed through `bind_inputs` and a mode from `resolve_mode`."""
-    return await _Run(flow, bound, values, mode, overrides or {}).main()
+    return await _Run(flow, bound, values, mode, overrides or {}, observers).main()
 
 
 class _Run:
     """The state of one run. Every node ends in `results` exactly once, through `_settle`."""
 
-    def __init__(
-        self, flow: CompiledFlow, bound: dict[str, BoundNode], values: dict[str, Any], mode: str, overrides: dict[str, Any]
-    ) -> None:
+    __slots__ = ("flow", "bound", "values", "mode", "overrides", "observers", "run_id", "loop", "t0", "active",
+                 "ready", "results", "tasks", "started", "attempts", "held", "limit", "queue", "released",
+                 "outstanding", "wake", "phase", "failed_node", "eager", "on_done")
+
+    def __init__(self, flow: CompiledFlow, bound: dict[str, BoundNode], values: dict[str, Any], mode: Mode,
+                 overrides: dict[str, Any], observers: Sequence[RunObserver]) -> None:
         self.flow, self.bound, self.values, self.mode, self.overrides = flow, bound, values, mode, overrides
+        self.observers = observers
         self.run_id = f"{_RUN_PREFIX}-{next(_run_ids)}"
         self.loop = asyncio.get_running_loop()
         self.t0 = _monotonic()  # the loop's clock (asyncio's loop.time() is time.monotonic())
-        self.active: AbstractSet[str]
         if overrides:
-            self.active = _needed(flow, overrides)
-            self.waiting = {
-                n: 0 if n in overrides else sum(1 for d in flow.nodes[n].deps if d in self.active) for n in self.active
-            }
+            self.active: Iterable[str] = _needed(flow, overrides)
+            waiting = {n: 0 if n in overrides else sum(1 for d in flow.nodes[n].deps if d in self.active)
+                       for n in self.active}
         else:
             self.active = flow.nodes.keys()
-            self.waiting = flow.indegree.copy()
+            waiting = flow.indegree.copy()
+        self.ready = Ready(flow.successors, waiting)
         self.results: dict[str, NodeResult] = {}
-        self.tasks: dict[asyncio.Task[Any], str] = {}
+        self.tasks: dict[str, asyncio.Task[Any]] = {}
         self.started: dict[str, float] = {}
         self.attempts: dict[str, int] = {}
-        self.queue: deque[tuple[BoundNode, Any]] = deque()  # ready with their args, held back by max_concurrency
+        self.held: dict[str, Any] = {}  # args of running nodes whose kind reports how it was served
         self.limit = flow.settings.max_concurrency or 1 << 30
-        self.ready: deque[str] = deque()
+        self.queue: deque[tuple[BoundNode, Any]] = deque()  # ready with their args, held back by max_concurrency
+        self.released: deque[str] = deque()
         self.outstanding = 0
         self.wake: asyncio.Future[None] = self.loop.create_future()
-        self.failure: str | None = None
+        self.phase = Phase.RUNNING
+        self.failed_node: str | None = None
         self.eager = mode == "eager"
-        self.on_done = self._on_done  # one bound method for every task, not one per task
-        self.tracer = telemetry.tracer()
-        self.spans: dict[str, Any] = {}
+        self.on_done = self._on_done
 
     async def main(self) -> FlowResult:
-        timed_out = completed = False
-        flow_span = telemetry.start_flow(self.tracer, self.flow.name, self.mode, self.run_id) if self.tracer else None
-        self.flow_span = flow_span
+        timed_out = False
+        for observer in self.observers:
+            observer.run_started(self.flow.name, self.run_id, self.mode)
         try:
             async with asyncio.timeout(self.flow.settings.timeout):
-                if self.mode == "eager":
-                    await self._eager()
+                if self.eager:
+                    await self._release(self.ready.roots(self.flow.order), self.ready.unsettled)
                 else:
-                    await self._gated(self.flow.groups if self.mode == "layered" else [(n,) for n in self.flow.order])
-            completed = True
+                    steps = self.flow.groups if self.mode == "layered" else [(n,) for n in self.flow.order]
+                    await self._gated(steps)
         except TimeoutError:
             timed_out = True
         finally:
             await self._stop()
-            if flow_span is not None:
-                status = "timeout" if timed_out else "failed" if self.failure else "ok" if completed else "cancelled"
-                telemetry.end_flow(flow_span, status)
+            for observer in self.observers:
+                observer.run_finished(self.flow.name, self.run_id, self._status(timed_out))
         return self._finish(timed_out)
 
-    async def _eager(self) -> None:
-        self.outstanding = len(self.active)
-        self.ready.extend(n for n in self.flow.order if n in self.waiting and self.waiting[n] == 0)
+    async def _release(self, names: Iterable[str], outstanding: int) -> None:
+        """Start `names` and wait until `outstanding` more nodes have settled (or the run stops)."""
+        self.outstanding = outstanding
+        if self.wake.done():
+            self.wake = self.loop.create_future()
+        self.released.extend(names)
         self._drain()
-        if self.outstanding:
+        if self.outstanding > 0 and self.phase is Phase.RUNNING:
             await self.wake
 
-    async def _gated(self, steps: Any) -> None:
+    async def _gated(self, steps: Sequence[Sequence[str]]) -> None:
+        ready = self.ready
         for step in steps:
-            names = [n for n in step if n in self.waiting]
-            if not names:
-                continue
-            self.outstanding = len(names)
-            if self.wake.done():
-                self.wake = self.loop.create_future()
-            self.ready.extend(names)
-            self._drain()
-            if self.outstanding:
-                await self.wake
-            if self.failure:
+            names = [n for n in step if n in ready]
+            if names:
+                await self._release(names, len(names))
+            if self.phase is not Phase.RUNNING:
                 return
 
     # --- starting nodes -----------------------------------------------------------------
 
     def _drain(self) -> None:
-        """Start every ready node (iteratively: a long chain of skips must not recurse)."""
-        ready = self.ready
-        while ready and self.failure is None:
-            self._start(ready.popleft())
+        """Start every released node (iteratively: a long chain of skips must not recurse)."""
+        released = self.released
+        while released and self.phase is Phase.RUNNING:
+            self._start(released.popleft())
 
     def _start(self, name: str) -> None:
-        if name in self.overrides:
-            self._settle(name, NodeState.OK, self.overrides[name], None)
+        if self.overrides and name in self.overrides:
+            self._settle(name, _OK, self.overrides[name], None)
             return
         node = self.bound[name]
-        spec = node.spec
         try:
-            if spec.when is not None and not evaluate(spec.when, self.values):
-                self._settle(name, NodeState.SKIPPED, _copy(spec.default), None)
-                return
-            args = node.args(self.values)
-        except Unresolved:
-            self._settle(name, NodeState.SKIPPED, _copy(spec.default), None)
-            return
-        except LookupError as exc:
+            args = policy.prepare(node, self.values)
+        except NodeError as exc:
             self.started[name] = self._now()
-            self._failed(name, ReferenceFieldError(str(exc)))
+            self._failed(name, exc)
             return
-        except Exception as exc:  # a `when` that compares the incomparable
-            self.started[name] = self._now()
-            self._failed(name, NodeError(f"when: {exc}"))
-            return
-        if len(self.tasks) >= self.limit:
+        if args is policy.SKIP:
+            self._settle(name, _SKIPPED, policy.copy_default(node.spec.default), None)
+        elif len(self.tasks) >= self.limit:
             self.queue.append((node, args))
-            return
-        self._launch(node, args)
+        else:
+            self._launch(node, args)
 
     def _launch(self, node: BoundNode, args: Any) -> None:
-        spec = node.spec
-        name = spec.name
+        name = node.spec.name
         self.started[name] = (_monotonic() - self.t0) * 1000.0
-        if (spec.timeout is None or node.own_timeout) and spec.retry.attempts == 1:
-            coro = node.run(args)  # the fast path: no wrapper coroutine at all
+        if policy.needs_attempt_loop(node):
+            coro = policy.attempts(node, args, partial(self.attempts.__setitem__, name), self.flow.name, self.run_id)
         else:
-            coro = self._attempt_loop(node, args)
-        if self.tracer is not None:
-            span = self.spans[name] = telemetry.start_node(self.tracer, self.flow_span, self.flow.name, name, spec.kind)
-            coro = telemetry.within(span, coro)
-        task = self.loop.create_task(coro)
-        self.tasks[task] = name
-        task.add_done_callback(self.on_done)
-
-    async def _attempt_loop(self, node: BoundNode, args: Any) -> Any:
-        spec, name = node.spec, node.spec.name
-        for attempt in range(1, spec.retry.attempts + 1):
-            self.attempts[name] = attempt
-            try:
-                if spec.timeout is None or node.own_timeout:
-                    return await node.run(args)
-                return await timed(node.run(args), spec.timeout)
-            except Exception as exc:
-                retryable = spec.retry.on_any or is_transient(exc)
-                if attempt == spec.retry.attempts or not retryable:
-                    raise
-                logger.info(
-                    "node %s of flow %s: attempt %d failed (%s), retrying",
-                    name, self.flow.name, attempt, exc,
-                    extra={"flow": self.flow.name, "node": name, "run_id": self.run_id, "attempt": attempt},
-                )
-                await asyncio.sleep(spec.retry.backoff * 2 ** (attempt - 1))
-        raise AssertionError("unreachable")  # pragma: no cover
+            coro = node.run(args)  # the fast path: no wrapper coroutine at all
+        if node.served is not None:
+            self.held[name] = args
+        for observer in self.observers:
+            coro = observer.node_started(self.flow.name, self.run_id, name, node.spec.kind, coro)
+        task = self.tasks[name] = self.loop.create_task(coro)
+        task.add_done_callback(partial(self.on_done, name))
 
     # --- settling nodes -----------------------------------------------------------------
 
-    def _on_done(self, task: asyncio.Task[Any]) -> None:
-        name = self.tasks.pop(task)
+    def _on_done(self, name: str, task: asyncio.Task[Any]) -> None:
+        del self.tasks[name]
         try:
             value = task.result()
         except asyncio.CancelledError:
-            if self.failure is None:  # not cancelled by the run: the node cancelled itself
+            if self.phase is Phase.RUNNING:  # not cancelled by the run: the node cancelled itself
                 self._failed(name, NodeError("the node's own code raised CancelledError"))
             else:
-                self._settle(name, NodeState.CANCELLED, None, None)
+                self._settle(name, _CANCELLED, None, None)
         except Exception as exc:
             self._failed(name, exc)
         else:
-            self._settle(name, NodeState.OK, value, None)
-        if self.queue and self.failure is None:
+            self._settle(name, _OK, value, None)
+        if self.queue and self.phase is Phase.RUNNING:
             self._launch(*self.queue.popleft())
-        if self.ready:
+        if self.released:
             self._drain()
 
     def _failed(self, name: str, error: BaseException) -> None:
         spec = self.flow.nodes[name]
         if spec.fail:
-            self._settle(name, NodeState.FAILED, None, error)
-            if self.failure is None:
-                self.failure = name
+            self._settle(name, _FAILED, None, error)
+            if self.phase is Phase.RUNNING:
+                self.phase, self.failed_node = Phase.FAILED, name
                 self._cancel_all()
                 self._wake()
             return
-        logger.warning(
-            "node %s of flow %s defaulted: %s: %s",
-            name, self.flow.name, type(error).__name__, error,
-            exc_info=error,
-            extra={"flow": self.flow.name, "node": name, "run_id": self.run_id, "outcome": "defaulted"},
-        )
-        self._settle(name, NodeState.DEFAULTED, _copy(spec.default), error)
+        policy.log_defaulted(self.flow.name, name, self.run_id, error)
+        self._settle(name, _DEFAULTED, policy.copy_default(spec.default), error)
 
     def _settle(self, name: str, state: NodeState, value: Any, error: BaseException | None) -> None:
         started = self.started.get(name)
-        attempts = 0 if started is None else self.attempts.get(name, 1)
-        self.results[name] = NodeResult(state, value, error, attempts, started, (_monotonic() - self.t0) * 1000.0)
+        result = self.results[name] = NodeResult(
+            state, value, error, 0 if started is None else self.attempts.get(name, 1), started,
+            (_monotonic() - self.t0) * 1000.0,
+        )
+        if self.held:
+            args = self.held.pop(name, None)
+            if args is not None:
+                result.served = self.bound[name].served(args)  # type: ignore[misc]
         self.values[name] = value
-        if self.spans and name in self.spans:
-            telemetry.end_node(self.spans.pop(name), state.value, error)
-        if self.failure is not None:
+        for observer in self.observers:
+            observer.node_settled(self.flow.name, self.run_id, name, result)
+        if self.phase is not Phase.RUNNING:
             return
-        waiting = self.waiting
-        for successor in self.flow.successors[name]:
-            if successor in waiting:
-                left = waiting[successor] = waiting[successor] - 1
-                if left == 0 and self.eager:
-                    self.ready.append(successor)
+        released = self.ready.done(name)
+        if released and self.eager:
+            self.released.extend(released)
         self.outstanding -= 1
         if self.outstanding == 0:
             self._wake()
@@ -330,19 +282,19 @@ class _Run:
     # --- stopping -----------------------------------------------------------------------
 
     def _cancel_all(self) -> None:
-        self.ready.clear()
+        self.released.clear()
         self.queue.clear()
-        for task in self.tasks:
+        for task in self.tasks.values():
             task.cancel()
 
     async def _stop(self) -> None:
         """Cancel what is still in flight and wait until every node task has finished."""
         if not self.tasks:
             return
-        if self.failure is None:
-            self.failure = ""  # stop successors from starting while we wind down
+        if self.phase is Phase.RUNNING:
+            self.phase = Phase.STOPPING  # successors must not start while we wind down
         self._cancel_all()
-        pending = list(self.tasks)
+        pending = list(self.tasks.values())
         try:
             _, stuck = await asyncio.wait(pending, timeout=STOP_GRACE_S)
         except asyncio.CancelledError:
@@ -350,23 +302,28 @@ class _Run:
             raise
         if stuck:
             # A node that swallows cancellation must not hold the run past its deadline.
+            names = sorted(name for name, task in self.tasks.items() if task in stuck)
             logger.error("flow %s: %d node(s) ignored cancellation and were left running: %s", self.flow.name,
-                         len(stuck), ", ".join(sorted(self.tasks[t] for t in stuck if t in self.tasks)),
-                         extra={"flow": self.flow.name, "run_id": self.run_id})
+                         len(stuck), ", ".join(names), extra={"flow": self.flow.name, "run_id": self.run_id})
+
+    def _status(self, timed_out: bool) -> str:
+        return "timeout" if timed_out else "failed" if self.phase is Phase.FAILED else "ok"
 
     def _finish(self, timed_out: bool) -> FlowResult:
         for name in self.active:
             if name not in self.results:
-                self.results[name] = NodeResult(NodeState.CANCELLED, None, None, 0, self.started.get(name), None)
-        results = {name: self.results[name] for name in self.flow.order if name in self.results}
-        status = "timeout" if timed_out else "failed" if self.failure else "ok"
+                self.results[name] = NodeResult(_CANCELLED, None, None, 0, self.started.get(name), None)
+        results = self.results
+        if len(results) > 1:
+            results = {name: results[name] for name in self.flow.order if name in results}
+        status = self._status(timed_out)
         output = self._output() if status == "ok" else None
         result = FlowResult(self.flow.name, self.run_id, self.mode, status, results, output, self._now())
         if status == "timeout":
             raise FlowTimeout(f"flow {self.flow.name!r} hit its deadline of {self.flow.settings.timeout:g}s", result=result)
         if status == "failed":
-            error = results[self.failure].error if self.failure else None
-            raise FlowFailed(f"flow {self.flow.name!r} failed: node {self.failure!r}: {error}", result=result)
+            error = results[self.failed_node].error if self.failed_node else None
+            raise FlowFailed(f"flow {self.flow.name!r} failed: node {self.failed_node!r}: {error}", result=result)
         return result
 
     def _output(self) -> Any:
@@ -387,11 +344,6 @@ class _Run:
 
     def _now(self) -> float:
         return (_monotonic() - self.t0) * 1000.0
-
-
-def _copy(value: Any) -> Any:
-    # Defaults are shared by every run; hand each run its own copy of a mutable one.
-    return copy.deepcopy(value) if isinstance(value, (list, dict)) else value
 
 
 def _needed(flow: CompiledFlow, overrides: dict[str, Any]) -> set[str]:

@@ -13,12 +13,14 @@ from typing import Any
 
 import networkx as nx
 
+from planner.backend import Fetch
 from planner.errors import FlowFileError, FlowGraphError
 from planner.expr import Expr, ExprSyntaxError, Lit, refs_of
 from planner.expr import parse as parse_expr
+from planner.kinds import KindName, kind_for_model, kind_of
 from planner.loader import LoadedFlow, Marks
-from planner.models import CallNode, FlowSpec, InputSpec, Settings, SqlNode
-from planner.refs import CompiledSql, Getter, Ref, RefSyntaxError, Template, compile_getter, compile_sql, parse_value
+from planner.models import FlowSpec, InputSpec, Settings
+from planner.refs import CompiledSql, Getter, Ref, RefSyntaxError, Template, compile_getter, parse_value
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +35,7 @@ class CompiledNode:
     """One node, ready to run: references parsed, dependencies known."""
 
     name: str
-    kind: str  # "sql" | "call"
+    kind: KindName
     index: int
     deps: tuple[str, ...]
     refs: tuple[Ref, ...]
@@ -43,13 +45,17 @@ class CompiledNode:
     timeout: float | None
     retry: RetryPolicy
     latency: float | None
+    # sql
     statements: tuple[CompiledSql, ...] = ()
-    fetch: str = "all"
+    fetch: Fetch = "all"
+    read_only: bool = False  # one statement, proven to write nothing (see `planner.sqlinfo`)
+    session: bool = False  # may change its connection's session (reset before reuse)
+    # call
     call: str = ""
     args: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: a Planner keeps what it bound per flow object
 class CompiledFlow:
     """A flow compiled once and run many times (see `planner.executor`)."""
 
@@ -128,28 +134,10 @@ def compile_flow(loaded: LoadedFlow) -> CompiledFlow:
     )
 
 
-def _compile_node(name: str, index: int, node: SqlNode | CallNode, spec: FlowSpec, marks: Marks) -> CompiledNode:
-    refs: list[Ref] = []
-    statements: tuple[CompiledSql, ...] = ()
-    args: dict[str, Any] = {}
-    if isinstance(node, SqlNode):
-        texts = [node.sql] if isinstance(node.sql, str) else node.sql
-        compiled = []
-        for i, text in enumerate(texts):
-            where: tuple[str | int, ...] = ("nodes", name, "sql") + ((i,) if isinstance(node.sql, list) else ())
-            try:
-                compiled.append(compile_sql(text))
-            except RefSyntaxError as exc:
-                raise _at_offset(marks, where, text, exc.offset, str(exc)) from None
-            refs.extend(compiled[-1].params)
-        statements = tuple(compiled)
-    else:
-        try:
-            template = parse_value(node.with_)
-        except RefSyntaxError as exc:
-            raise marks.error(str(exc), ("nodes", name, "with")) from None
-        args = template.value
-        refs.extend(template.refs)
+def _compile_node(name: str, index: int, node: Any, spec: FlowSpec, marks: Marks) -> CompiledNode:
+    kind = kind_for_model(node)
+    body = kind.compile(name, node, marks)
+    refs: list[Ref] = list(body.refs)
     when: Expr | None = None
     if isinstance(node.when, bool):
         when = Lit(node.when)
@@ -168,7 +156,7 @@ def _compile_node(name: str, index: int, node: SqlNode | CallNode, spec: FlowSpe
     deps = dict.fromkeys([r.root for r in unique_refs if r.root in spec.nodes and r.root != name] + node.after)
     return CompiledNode(
         name=name,
-        kind="sql" if isinstance(node, SqlNode) else "call",
+        kind=kind.name,
         index=index,
         deps=tuple(deps),
         refs=unique_refs,
@@ -178,20 +166,8 @@ def _compile_node(name: str, index: int, node: SqlNode | CallNode, spec: FlowSpe
         timeout=node.timeout if node.timeout is not None else spec.settings.node_timeout,
         retry=RetryPolicy(retry.attempts, retry.backoff, retry.on == "any") if retry else RetryPolicy(),
         latency=node.latency,
-        statements=statements,
-        fetch=node.fetch if isinstance(node, SqlNode) else "all",
-        call=node.call if isinstance(node, CallNode) else "",
-        args=args,
+        **body.fields,
     )
-
-
-def _at_offset(marks: Marks, where: tuple[str | int, ...], text: str, offset: int, message: str) -> FlowFileError:
-    """An error at `offset` inside an SQL text, reported where that character is in the file."""
-    line, column = marks.inside(where, text, offset)
-    inner_line = text.count("\n", 0, offset)
-    inner_col = offset - (text.rfind("\n", 0, offset) + 1) + 1
-    shown = f"{message} (SQL line {inner_line + 1}, column {inner_col})"
-    return FlowFileError(shown, file=marks.file, line=line, column=column, node=str(where[1]), code="PLN110")
 
 
 def _check_refs(
@@ -202,7 +178,7 @@ def _check_refs(
     for name, node in nodes.items():
         in_when = set(refs_of(node.when)) if node.when is not None else set()
         for ref in node.refs:
-            where = ("nodes", name, "when" if ref in in_when else "sql" if node.kind == "sql" else "with")
+            where = ("nodes", name, "when" if ref in in_when else kind_of(node.kind).refs_at)
             if ref.root not in known:
                 raise _graph_error(marks, _unknown(ref, known), where, name)
             if ref.root == name:

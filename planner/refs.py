@@ -64,6 +64,16 @@ def compile_sql(sql: str) -> CompiledSql:
     return CompiledSql("".join(out), tuple(numbers))
 
 
+def name_params(message: str, statement: CompiledSql) -> str:
+    """`query argument $2` means nothing to a flow author: say which reference it is."""
+
+    def name(match: re.Match[str]) -> str:
+        index = int(match.group(1)) - 1
+        return str(statement.params[index]) if 0 <= index < len(statement.params) else match.group(0)
+
+    return re.sub(r"\$(\d+)", name, message)
+
+
 def scan_sql(sql: str) -> list[tuple[Ref, int, int]]:
     """Every reference in `sql` as `(ref, start, end)`. Raises `RefSyntaxError`."""
     found: list[tuple[Ref, int, int]] = []

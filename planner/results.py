@@ -6,8 +6,10 @@ import datetime as dt
 import decimal
 import enum
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from planner.backend import Served
 
 
 class NodeState(enum.StrEnum):
@@ -30,6 +32,7 @@ class NodeResult:
     attempts: int = 0
     started_ms: float | None = None
     finished_ms: float | None = None
+    served: Served | None = None  # SQL nodes: from the cache, in a batch of runs, fused with siblings
 
     @property
     def duration_ms(self) -> float | None:
@@ -80,6 +83,7 @@ class FlowResult:
                     "attempts": node.attempts,
                     "started_ms": _round(node.started_ms),
                     "finished_ms": _round(node.finished_ms),
+                    **({"served": asdict(node.served)} if node.served is not None else {}),
                 }
                 for name, node in self.nodes.items()
             },

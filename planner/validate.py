@@ -11,14 +11,13 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import asyncpg
-
-from planner.db import name_params
-from planner.errors import FlowFileError
+from planner.backend import Backend, Offline
+from planner.config import CallTargets
+from planner.errors import FlowFileError, QueryError
 from planner.graph import CompiledFlow, compile_flow
+from planner.kinds import BindEnv, kind_of
 from planner.loader import load_spec
-from planner.refs import CompiledSql, Ref
-from planner.runners import bind_call
+from planner.refs import CompiledSql, Ref, name_params
 
 
 @dataclass(frozen=True)
@@ -37,26 +36,15 @@ def _from_error(exc: FlowFileError, path: Path) -> Finding:
 
 
 def check_static(path: Path, allowed: list[str] | None = None) -> tuple[CompiledFlow | None, list[Finding]]:
-    """Load, compile and resolve the call targets of one file."""
-    from planner.api import default_allowed_modules
-
+    """Load, compile and check one file as a run would bind it (call targets resolved)."""
     try:
         flow = compile_flow(load_spec(path))
     except FlowFileError as exc:
         return None, [_from_error(exc, path)]
-    allowed = allowed if allowed is not None else default_allowed_modules(path.parent)
-    findings = []
-    for node in flow.nodes.values():
-        if node.kind == "call":
-            try:  # exactly the checks a run makes: the allow-list, and `with:` against the signature
-                bind_call(node, flow.marks, allowed, _no_pool)
-            except FlowFileError as exc:
-                findings.append(_from_error(exc, path))
+    env = BindEnv(CallTargets(allowed, folder=path.parent), Offline("validation runs no node"))
+    findings = [_from_error(exc, path) for node in flow.nodes.values()
+                for exc in kind_of(node.kind).check(node, flow.marks, env)]
     return flow, findings
-
-
-async def _no_pool() -> None:  # pragma: no cover - validation never runs a node
-    raise AssertionError("validation does not run nodes")
 
 
 def _at(flow: CompiledFlow, node: str | None, where: tuple[str | int, ...], code: str, message: str) -> Finding:
@@ -64,23 +52,21 @@ def _at(flow: CompiledFlow, node: str | None, where: tuple[str | int, ...], code
     return Finding(flow.marks.file, line, column, node, code, message)
 
 
-async def check_database(flow: CompiledFlow, con: asyncpg.Connection) -> list[Finding]:
+async def check_database(flow: CompiledFlow, backend: Backend) -> list[Finding]:
     """Prepare every statement on the server; check `$node.field` against the columns returned."""
     findings: list[Finding] = []
     columns: dict[str, set[str]] = {}
     for name, node in flow.nodes.items():
-        if node.kind != "sql":
-            continue
         for index, statement in enumerate(node.statements):
             where: tuple[str | int, ...] = ("nodes", name, "sql") + ((index,) if len(node.statements) > 1 else ())
             try:
-                prepared = await con.prepare(statement.text)
-            except asyncpg.PostgresError as exc:
+                described = await backend.describe(statement.text)
+            except QueryError as exc:
                 findings.append(_sql_finding(flow, name, where, statement, exc))
                 continue
-            findings += _param_types(flow, name, where, statement, [t.name for t in prepared.get_parameters()])
+            findings += _param_types(flow, name, where, statement, list(described.parameter_types))
             if index == len(node.statements) - 1:
-                columns[name] = {a.name for a in prepared.get_attributes()}
+                columns[name] = set(described.columns)
     for name, node in flow.nodes.items():
         for ref in node.refs:
             problem = _field_problem(flow, ref, columns)
@@ -89,16 +75,13 @@ async def check_database(flow: CompiledFlow, con: asyncpg.Connection) -> list[Fi
     return findings
 
 
-def _sql_finding(
-    flow: CompiledFlow, node: str, where: tuple[str | int, ...], statement: CompiledSql, exc: asyncpg.PostgresError
-) -> Finding:
-    message = name_params(f"{type(exc).__name__}: {exc}", statement)
-    position = getattr(exc, "position", None)
-    if not position:
+def _sql_finding(flow: CompiledFlow, node: str, where: tuple[str | int, ...], statement: CompiledSql, exc: QueryError) -> Finding:
+    message = name_params(str(exc), statement)
+    if exc.position is None:
         line, column = flow.marks.at(where)
     else:
         # The server counts in the compiled text ($1 for $name): lines match the file's exactly.
-        offset = int(position) - 1
+        offset = exc.position - 1
         line, column = flow.marks.inside(where, statement.text, offset)
         message += f" (SQL line {statement.text.count(chr(10), 0, offset) + 1})"
     return Finding(flow.marks.file, line, column, node, "PLN400", message)
@@ -132,7 +115,7 @@ def _param_types(flow: CompiledFlow, node: str, where: tuple[str | int, ...], st
 def _field_problem(flow: CompiledFlow, ref: Ref, columns: dict[str, set[str]]) -> str | None:
     """`$node.field` where `node` is SQL: does its statement return `field`?"""
     node = flow.nodes.get(ref.root)
-    if node is None or node.kind != "sql" or not ref.path or ref.root not in columns:
+    if node is None or not ref.path or ref.root not in columns:
         return None
     path = list(ref.path)
     if node.fetch == "all":
@@ -150,6 +133,7 @@ def _field_problem(flow: CompiledFlow, ref: Ref, columns: dict[str, set[str]]) -
 
 
 async def validate_paths(paths: list[Path], dsn: str | None) -> list[Finding]:
+    """Every check of every file; with `dsn`, every statement prepared on that server."""
     findings: list[Finding] = []
     flows: list[CompiledFlow] = []
     for path in paths:
@@ -159,12 +143,14 @@ async def validate_paths(paths: list[Path], dsn: str | None) -> list[Finding]:
             flows.append(flow)
     if dsn is None or not flows:
         return findings
-    con = await asyncpg.connect(dsn)
+    from planner.db import PoolBackend
+
+    backend = PoolBackend(dsn=dsn, min_size=1, max_size=1)
     try:
         for flow in flows:
-            findings += await check_database(flow, con)
+            findings += await check_database(flow, backend)
     finally:
-        await con.close()
+        await backend.close()
     return findings
 
 

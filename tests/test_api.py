@@ -10,7 +10,8 @@ import pytest
 
 import planner as planner_pkg
 from planner import FlowError, FlowFileError, FlowInputError, Planner, load_flows, run_flow
-from planner.runners import module_allowed
+from planner.api import QUIET_S
+from planner.config import module_allowed
 
 Write = Callable[..., Path]
 
@@ -31,11 +32,27 @@ def test_every_error_is_a_flow_error() -> None:
             assert issubclass(obj, FlowError), name
 
 
+def _edit(path: Path, text: str, *, age_s: float = 1.0) -> None:
+    """Write `text` as an editor would, last changed `age_s` ago."""
+    path.write_text(text)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(age_s * 1e9)))
+
+
 async def test_an_edited_flow_is_picked_up_on_the_next_run(write_flow: Write, planner: Planner) -> None:
     path = write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n")
     assert (await planner.run("t")).values["a"] == 1
-    path.write_text("nodes:\n  a: {call: tests.nodes:echo, with: {value: 22}}\n")
+    _edit(path, "nodes:\n  a: {call: tests.nodes:echo, with: {value: 22}}\n")
     assert (await planner.run("t")).values["a"] == 22
+
+
+async def test_an_edit_still_being_written_is_not_taken_yet(write_flow: Write, planner: Planner) -> None:
+    path = write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n  b: {call: tests.nodes:echo, with: {value: 2}}\n")
+    await planner.run("t")
+    path.write_text("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n")  # half of a longer write
+    assert set((await planner.run("t")).values) == {"a", "b"}
+    _edit(path, "nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n", age_s=QUIET_S + 0.1)
+    assert set((await planner.run("t")).values) == {"a"}
 
 
 async def test_a_flow_is_compiled_once_while_unchanged(write_flow: Write, planner: Planner) -> None:
@@ -46,12 +63,12 @@ async def test_a_flow_is_compiled_once_while_unchanged(write_flow: Write, planne
 async def test_a_broken_edit_keeps_the_last_good_version_and_reports(write_flow: Write, planner: Planner, caplog: pytest.LogCaptureFixture) -> None:
     path = write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n")
     await planner.run("t")
-    path.write_text("nodes:\n  a: {call: tests.nodes:echo, with: {value: $nope}}\n")
+    _edit(path, "nodes:\n  a: {call: tests.nodes:echo, with: {value: $nope}}\n")
     result = await planner.run("t")
     assert result.values["a"] == 1
     assert "unknown reference $nope" in str(planner.reload_errors["t"])
     assert any("last good version" in r.getMessage() for r in caplog.records)
-    path.write_text("nodes:\n  a: {call: tests.nodes:echo, with: {value: 3}}\n")
+    _edit(path, "nodes:\n  a: {call: tests.nodes:echo, with: {value: 3}}\n")
     assert (await planner.run("t")).values["a"] == 3 and "t" not in planner.reload_errors
 
 

@@ -8,16 +8,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planner import FlowFailed, NodeState
-from planner.executor import execute
-from planner.graph import compile_flow
-from planner.loader import load_text
-from planner.runners import bind_flow
+from planner import CompiledFlow, FlowFailed, FlowResult, NodeState, Planner, load_flow
+from planner.backend import Offline
 from tests import nodes
 
+_planner = Planner(backend=Offline(), allowed_modules=["tests"])  # call nodes only: no database
 
-async def _no_pool() -> Any:
-    raise AssertionError("no database here")
+
+async def execute(flow: CompiledFlow, inputs: dict[str, Any], mode: str | None = None) -> FlowResult:
+    return await _planner.run(flow, inputs, mode=mode)
 
 
 @st.composite
@@ -35,9 +34,8 @@ def dags(draw: st.DrawFn, fail_fast: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _compile(text: str) -> tuple[Any, Any]:
-    flow = compile_flow(load_text(text, name="prop"))
-    return flow, bind_flow(flow, allowed=["tests"], pool=_no_pool, sql=lambda spec: None)  # type: ignore[arg-type,return-value]
+def _compile(text: str) -> CompiledFlow:
+    return load_flow(text=text, name="prop")
 
 
 _settings = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -46,8 +44,8 @@ _settings = settings(max_examples=40, deadline=None, suppress_health_check=[Heal
 @_settings
 @given(text=dags())
 async def test_the_three_modes_agree_on_values_and_states(text: str) -> None:
-    flow, bound = _compile(text)
-    results = [await execute(flow, bound, {}, mode=mode) for mode in ("eager", "layered", "sequential")]
+    flow = _compile(text)
+    results = [await execute(flow, {}, mode=mode) for mode in ("eager", "layered", "sequential")]
     assert results[0].values == results[1].values == results[2].values
     assert results[0].states() == results[1].states() == results[2].states()
 
@@ -55,8 +53,8 @@ async def test_the_three_modes_agree_on_values_and_states(text: str) -> None:
 @_settings
 @given(text=dags())
 async def test_every_node_ends_in_exactly_one_state(text: str) -> None:
-    flow, bound = _compile(text)
-    result = await execute(flow, bound, {})
+    flow = _compile(text)
+    result = await execute(flow, {})
     assert list(result.nodes) == list(flow.order)
     assert all(isinstance(node.state, NodeState) for node in result.nodes.values())
     assert NodeState.CANCELLED not in {n.state for n in result.nodes.values()}
@@ -65,9 +63,9 @@ async def test_every_node_ends_in_exactly_one_state(text: str) -> None:
 @settings(max_examples=15, deadline=None)
 @given(text=dags())
 async def test_eager_is_never_slower_than_layered(text: str) -> None:
-    flow, bound = _compile(text.replace("ms: 1,", "ms: 10,").replace("ms: 3,", "ms: 30,").replace("ms: 8,", "ms: 60,"))
-    eager = await execute(flow, bound, {}, mode="eager")
-    layered = await execute(flow, bound, {}, mode="layered")
+    flow = _compile(text.replace("ms: 1,", "ms: 10,").replace("ms: 3,", "ms: 30,").replace("ms: 8,", "ms: 60,"))
+    eager = await execute(flow, {}, mode="eager")
+    layered = await execute(flow, {}, mode="layered")
     # Generous margin for a noisy machine: the structural gap is what matters (see benchmarks/).
     assert eager.elapsed_ms <= layered.elapsed_ms + 25
 
@@ -75,9 +73,9 @@ async def test_eager_is_never_slower_than_layered(text: str) -> None:
 @_settings
 @given(text=dags(fail_fast=True))
 async def test_after_a_fail_fast_no_node_is_left_running(text: str) -> None:
-    flow, bound = _compile(text)
+    flow = _compile(text)
     try:
-        result = await execute(flow, bound, {})
+        result = await execute(flow, {})
     except FlowFailed as exc:
         result = exc.result
         failed = [n for n, r in result.nodes.items() if r.state is NodeState.FAILED]
@@ -91,13 +89,13 @@ async def test_after_a_fail_fast_no_node_is_left_running(text: str) -> None:
 
 @pytest.mark.parametrize("mode", ["eager", "layered", "sequential"])
 async def test_fail_fast_leaves_nothing_running_in_any_mode(mode: str) -> None:
-    flow, bound = _compile(
+    flow = _compile(
         "nodes:\n"
         "  a: {call: tests.nodes:work, with: {ms: 1, fail: true}, on_error: fail}\n"
         "  b: {call: tests.nodes:work, with: {ms: 500}}\n"
         "  c: {call: tests.nodes:work, with: {ms: 1, x: $a}}\n"
     )
     with pytest.raises(FlowFailed) as info:
-        await execute(flow, bound, {}, mode=mode)
+        await execute(flow, {}, mode=mode)
     assert nodes.running["now"] == 0
     assert info.value.result.states()["c"] == "cancelled"

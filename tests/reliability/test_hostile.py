@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import planner.errors as errors
 from planner import FlowFailed, FlowFileError, NodeState, Planner, QueryError, load_flow
-from planner.runners import resolve_call
+from planner.config import CallTargets
 
 BAD = Path(__file__).resolve().parent.parent / "data" / "bad_flows"
 PLANNER = str(Path(sys.executable).parent / "planner")
@@ -59,14 +59,14 @@ def _needs_binding(path: Path) -> bool:
 
 
 def _bind(path: Path) -> None:
-    from planner.runners import bind_flow
+    from planner.backend import Offline
+    from planner.kinds import BindEnv, kind_of
 
     flow = load_flow(path)
-
-    async def no_pool() -> None:
-        raise AssertionError
-
-    bind_flow(flow, allowed=["planner.demo"], pool=no_pool, sql=lambda spec: None)  # type: ignore[arg-type,return-value]
+    env = BindEnv(CallTargets(["planner.demo"]), Offline())
+    for spec in flow.nodes.values():
+        for exc in kind_of(spec.kind).check(spec, flow.marks, env):
+            raise exc
 
 
 def test_a_very_large_file_is_refused_at_once(tmp_path: Path) -> None:
@@ -152,24 +152,22 @@ async def test_a_nul_character_is_a_clear_node_error_and_writes_nothing(echo_pla
 )
 def test_no_spelling_reaches_outside_the_allowed_modules(target: str) -> None:
     with pytest.raises(ValueError):
-        resolve_call(target, ["planner.demo"])
+        CallTargets(["planner.demo"]).resolve(target)
 
 
 def test_the_allowed_function_itself_resolves() -> None:
     from planner.demo.escalation import needs_escalation
 
-    assert resolve_call("planner.demo.escalation:needs_escalation", ["planner.demo"]) is needs_escalation
+    assert CallTargets(["planner.demo"]).resolve("planner.demo.escalation:needs_escalation") is needs_escalation
 
 
 
 
 def test_a_flows_folder_module_cannot_borrow_a_standard_library_name(tmp_path: Path) -> None:
-    from planner.api import default_allowed_modules
-
     (tmp_path / "os.py").write_text("def popen(cmd):\n    return cmd\n")
     (tmp_path / "json.py").write_text("")
     (tmp_path / "mytasks.py").write_text("def ok():\n    return 1\n")
-    allowed = default_allowed_modules(tmp_path)
+    allowed = CallTargets(folder=tmp_path).allowed
     assert "mytasks" in allowed and "os" not in allowed and "json" not in allowed
     with pytest.raises(ValueError, match="not allowed"):
-        resolve_call("os:popen", allowed)
+        CallTargets(allowed).resolve("os:popen")

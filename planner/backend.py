@@ -1,0 +1,150 @@
+"""The seam between SQL nodes and the database: a `Backend` runs one node's statements.
+
+    sql node --Query--> [wrappers: cache, coalescing, ...] --Query--> PoolBackend (planner.db, asyncpg)
+
+A `Query` is everything a backend needs to run one SQL node once: the compiled statements,
+their bound values, how to fetch, and the node's timeout. Wrappers take an inner backend and
+decide *how* a query reaches the database (served from a cache, batched with other runs'
+queries, sent together with a sibling's), never *what* it returns: a run gets the same value
+with any stack of wrappers. They report what they did on `Query.served`, which the executor
+copies onto the node's result.
+
+This module knows nothing of asyncpg; `planner.db` implements the protocol over a pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from planner.graph import CompiledNode
+    from planner.refs import CompiledSql
+
+Fetch = Literal["one", "all", "value", "none"]
+FETCHES: tuple[Fetch, ...] = ("one", "all", "value", "none")
+
+
+@dataclass(slots=True)
+class Served:
+    """How a query's value was obtained; backends fill it, `NodeResult.served` shows it."""
+
+    cached: bool = False  # from the cache: no statement was sent
+    batch: int = 1  # how many runs shared the statement that answered this one
+    fused: int = 1  # how many nodes of one run shared that statement
+
+
+@dataclass(slots=True)
+class Query:
+    """One SQL node's work for one attempt: `statements` run with `params` (one list each).
+
+    One statement runs on its own; several run in one transaction on one connection, and the
+    last one's result is the value. `timeout` times the statements, never the wait for a
+    connection (only the run's deadline bounds that wait).
+    """
+
+    node: CompiledNode
+    params: list[list[Any]]
+    served: Served = field(default_factory=Served)
+
+    @property
+    def statements(self) -> tuple[CompiledSql, ...]:
+        return self.node.statements
+
+    @property
+    def fetch(self) -> Fetch:
+        return self.node.fetch
+
+    @property
+    def timeout(self) -> float | None:
+        return self.node.timeout
+
+
+@dataclass(frozen=True, slots=True)
+class Described:
+    """What the server says of a statement it prepared: parameter types and result columns."""
+
+    parameter_types: tuple[str, ...]
+    columns: tuple[str, ...]
+
+
+class Backend(Protocol):
+    """Runs queries. Implementations raise planner's errors only (`QueryError`,
+    `DatabaseUnavailable`, `NodeTimeout`), never a driver's."""
+
+    async def open(self) -> None:
+        """Connect now (raises `DatabaseUnavailable`); later calls return at once."""
+
+    async def run(self, query: Query) -> Any:
+        """The value of `query`: rows, one row, a value or a status, as `query.fetch` says."""
+
+    async def describe(self, text: str) -> Described:
+        """Prepare `text` on the server without running it (`planner validate --db`)."""
+
+    async def pool(self) -> Any:
+        """The connection pool handed to `call:` functions that take a `db` parameter."""
+
+    async def drain(self) -> None:
+        """Wait for background work (connection releases) to finish."""
+
+    async def close(self) -> None:
+        """Finish background work and release what this backend owns."""
+
+
+class WrappingBackend:
+    """Base of wrappers: everything is passed to `inner` unless overridden."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def run(self, query: Query) -> Any:
+        return await self.inner.run(query)
+
+    async def describe(self, text: str) -> Described:
+        return await self.inner.describe(text)
+
+    async def pool(self) -> Any:
+        return await self.inner.pool()
+
+    async def drain(self) -> None:
+        await self.inner.drain()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class Offline:
+    """A backend with no database: every query raises `DatabaseUnavailable`.
+
+    For runs whose SQL nodes are all overridden, and for checks that bind a flow but never
+    run it (`planner validate` without `--db`).
+    """
+
+    def __init__(self, reason: str = "no database is configured") -> None:
+        self.reason = reason
+
+    async def open(self) -> None:
+        raise self._error()
+
+    async def run(self, query: Query) -> Any:
+        raise self._error()
+
+    async def describe(self, text: str) -> Described:
+        raise self._error()
+
+    async def pool(self) -> Any:
+        raise self._error()
+
+    async def drain(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _error(self) -> Exception:
+        from planner.errors import DatabaseUnavailable
+
+        return DatabaseUnavailable(self.reason)

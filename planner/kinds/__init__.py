@@ -1,0 +1,114 @@
+"""Node kinds: what a `sql:` or a `call:` node is, each in one module behind one protocol.
+
+A kind compiles its part of a node (its references and fields), binds a compiled node to
+what runs it, says whether it needs the database, and offers the static checks `planner
+validate` runs. Adding a kind is one module and one line in `KINDS`; everything else (graph,
+executor, validate, pictures) asks the registry and never branches on a kind's name, so an
+unknown kind is an error rather than a silent fall into another kind's branch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from planner.errors import FlowError
+
+if TYPE_CHECKING:
+    from planner.backend import Backend, Served
+    from planner.config import CallTargets
+    from planner.errors import FlowFileError
+    from planner.graph import CompiledNode
+    from planner.kinds.call import CallThreads
+    from planner.loader import Marks
+    from planner.refs import Ref
+
+KindName = Literal["sql", "call"]
+NodeRun = Callable[[Any], Coroutine[Any, Any, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class BoundNode:
+    """A node joined to its implementation: `args(values)` then `await run(args)`.
+
+    `args` raises `Unresolved` (the node is skipped) or `LookupError` (a typo: it fails).
+    `own_timeout` says `run` applies the node's timeout itself (SQL nodes time the query, not
+    the wait for a connection, which only the run's deadline bounds). `served(args)` tells how
+    the value was obtained (cache, batch), for kinds that know.
+    """
+
+    spec: CompiledNode
+    args: Callable[[dict[str, Any]], Any]
+    run: NodeRun
+    own_timeout: bool = False
+    served: Callable[[Any], Served | None] | None = None
+
+
+@dataclass(frozen=True)
+class BindEnv:
+    """What binding needs: the allow-list, the database backend, the threads for sync calls."""
+
+    targets: CallTargets
+    backend: Backend
+    threads: CallThreads | None = None
+
+
+@dataclass(frozen=True)
+class Body:
+    """A kind's part of a compiled node: the references it holds and its own fields."""
+
+    refs: tuple[Ref, ...]
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class NodeKind(Protocol):
+    @property
+    def name(self) -> KindName:
+        """The YAML key that makes a node this kind."""
+
+    @property
+    def shape(self) -> Literal["box", "round"]:
+        """How pictures draw it."""
+
+    @property
+    def model(self) -> type[Any]:
+        """Its pydantic model in `planner.models`."""
+
+    @property
+    def refs_at(self) -> str:
+        """The key under which its references are written (errors point there)."""
+
+    def compile(self, name: str, node: Any, marks: Marks) -> Body: ...
+
+    def bind(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> BoundNode: ...
+
+    def needs_database(self, spec: CompiledNode) -> bool: ...
+
+    def check(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> list[FlowFileError]: ...
+
+
+def _registry() -> dict[str, NodeKind]:
+    from planner.kinds.call import CALL
+    from planner.kinds.sql import SQL
+
+    return {kind.name: kind for kind in (SQL, CALL)}
+
+
+KINDS: dict[str, NodeKind] = _registry()
+
+
+def kind_of(name: str) -> NodeKind:
+    """The kind called `name`. Raises `FlowError` for a kind nobody registered."""
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise FlowError(f"unknown node kind {name!r} (known: {', '.join(sorted(KINDS))})") from None
+
+
+def kind_for_model(node: Any) -> NodeKind:
+    """The kind of a validated node model (`SqlNode` -> sql)."""
+    for kind in KINDS.values():
+        if isinstance(node, kind.model):
+            return kind
+    raise FlowError(f"no node kind for {type(node).__name__}")

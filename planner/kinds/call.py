@@ -1,0 +1,191 @@
+"""`call:` nodes: a Python function behind the allow-list, async or sync.
+
+The allow-list is enforced at bind time, before anything runs (see `planner.config.CallTargets`).
+Sync functions run on `CallThreads`, daemon threads of planner's own, never the event loop's
+default executor: a sync call that times out cannot be stopped (Python cannot kill a thread),
+so it keeps its thread until it returns; planner counts such threads, refuses new sync calls
+with a clear error once all are busy instead of queueing them behind the stuck ones, and never
+keeps the process alive for them at exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import queue
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+from planner.errors import FlowFileError, NodeError
+from planner.kinds import BindEnv, Body, BoundNode
+from planner.models import CallNode
+from planner.refs import RefSyntaxError, compile_getter, parse_value
+
+if TYPE_CHECKING:
+    from planner.graph import CompiledNode
+    from planner.loader import Marks
+
+DEFAULT_THREADS = 32
+
+
+class CallKind:
+    name: Literal["call"] = "call"
+    refs_at = "with"
+    shape: Literal["box", "round"] = "round"
+    model = CallNode
+
+    def compile(self, name: str, node: CallNode, marks: Marks) -> Body:
+        try:
+            template = parse_value(node.with_)
+        except RefSyntaxError as exc:
+            raise marks.error(str(exc), ("nodes", name, "with")) from None
+        return Body(refs=template.refs, fields={"call": node.call, "args": template.value})
+
+    def bind(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> BoundNode:
+        fn, wants_db = self._resolve(spec, marks, env)
+        args = compile_getter(spec.args)
+        if inspect.iscoroutinefunction(fn):
+            if not wants_db:
+                # The common case, kept to one coroutine: the executor awaits the function's own.
+                return BoundNode(spec, args, lambda kwargs: fn(**kwargs))
+            backend = env.backend
+
+            async def run_with_db(kwargs: dict[str, Any]) -> Any:
+                kwargs["db"] = await backend.pool()
+                return await fn(**kwargs)
+
+            return BoundNode(spec, args, run_with_db)
+        threads = env.threads or shared_threads()
+        backend = env.backend
+
+        async def run_sync(kwargs: dict[str, Any]) -> Any:
+            if wants_db:
+                kwargs["db"] = await backend.pool()
+            return await threads.run(fn, kwargs)
+
+        return BoundNode(spec, args, run_sync)
+
+    def needs_database(self, spec: CompiledNode) -> bool:
+        return False  # a `db` parameter opens the pool when the function is called
+
+    def check(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> list[FlowFileError]:
+        try:  # exactly the checks a run makes: the allow-list, and `with:` against the signature
+            self._resolve(spec, marks, env)
+        except FlowFileError as exc:
+            return [exc]
+        return []
+
+    def _resolve(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> tuple[Callable[..., Any], bool]:
+        try:
+            fn = env.targets.resolve(spec.call)
+        except ValueError as exc:
+            raise marks.error(str(exc), ("nodes", spec.name, "call"), code="PLN300") from None
+        signature = inspect.signature(fn)
+        wants_db = "db" in signature.parameters
+        try:
+            signature.bind(**dict.fromkeys(spec.args), **({"db": None} if wants_db else {}))
+        except TypeError as exc:
+            raise marks.error(f"with: does not fit {spec.call}{signature}: {exc}", ("nodes", spec.name, "with"),
+                              code="PLN301") from None
+        return fn, wants_db
+
+
+class CallThreads:
+    """At most `size` daemon threads running sync `call:` functions.
+
+    A call finds an idle thread or starts one; when all `size` are busy it fails at once with
+    a `NodeError` that says how many are held by calls that already timed out.
+    """
+
+    def __init__(self, size: int = DEFAULT_THREADS) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._abandoned = 0
+        self._threads = 0
+        self._work: queue.SimpleQueue[tuple[Callable[[], None]] | None] = queue.SimpleQueue()
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    async def run(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._lock:
+            if self._busy >= self.size:
+                raise NodeError(
+                    f"all {self.size} threads for sync calls are busy ({self._abandoned} of them still running "
+                    "calls that timed out: a thread cannot be stopped); not started"
+                )
+            self._busy += 1
+            start = self._busy > self._threads
+            if start:
+                self._threads += 1
+
+        state = {"finished": False, "abandoned": False}
+
+        def work() -> None:
+            try:
+                value = fn(**kwargs)
+            except BaseException as exc:  # handed to the awaiting node, whatever it is
+                _deliver(loop, future, None, exc)
+            else:
+                _deliver(loop, future, value, None)
+            finally:
+                with self._lock:
+                    state["finished"] = True
+                    self._abandoned -= state["abandoned"]
+
+        self._work.put((work,))
+        if start:
+            threading.Thread(target=self._serve, name=f"planner-call-{self._threads}", daemon=True).start()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            with self._lock:
+                if not state["finished"]:
+                    state["abandoned"] = True
+                    self._abandoned += 1
+            raise
+
+    def _serve(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            try:
+                item[0]()
+            finally:
+                with self._lock:
+                    self._busy -= 1
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    def settle() -> None:
+        if future.cancelled():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:
+        pass  # the loop is closed: nobody waits for this value any more
+
+
+_shared: CallThreads | None = None
+
+
+def shared_threads() -> CallThreads:
+    """The process's default `CallThreads` (used when a Planner is given none)."""
+    global _shared
+    if _shared is None:
+        _shared = CallThreads()
+    return _shared
+
+
+CALL = CallKind()

@@ -1,0 +1,75 @@
+"""`sql:` nodes: one statement, or a list run in one transaction, sent through the backend."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from planner.backend import Query
+from planner.errors import FlowFileError
+from planner.kinds import BindEnv, Body, BoundNode
+from planner.models import SqlNode
+from planner.refs import CompiledSql, RefSyntaxError, compile_getter, compile_sql
+from planner.sqlinfo import analyze
+
+if TYPE_CHECKING:
+    from planner.graph import CompiledNode
+    from planner.loader import Marks
+
+
+class SqlKind:
+    name: Literal["sql"] = "sql"
+    refs_at = "sql"
+    shape: Literal["box", "round"] = "box"
+    model = SqlNode
+
+    def compile(self, name: str, node: SqlNode, marks: Marks) -> Body:
+        texts = [node.sql] if isinstance(node.sql, str) else node.sql
+        statements: list[CompiledSql] = []
+        for i, text in enumerate(texts):
+            where: tuple[str | int, ...] = ("nodes", name, "sql") + ((i,) if isinstance(node.sql, list) else ())
+            try:
+                statements.append(compile_sql(text))
+            except RefSyntaxError as exc:
+                raise sql_error(marks, where, text, exc.offset, str(exc)) from None
+        infos = [analyze(s.text) for s in statements]
+        return Body(
+            refs=tuple(ref for s in statements for ref in s.params),
+            fields={
+                "statements": tuple(statements),
+                "fetch": node.fetch,
+                # A list is a transaction: never shared with other runs, whatever it holds.
+                "read_only": len(infos) == 1 and infos[0].read_only,
+                "session": any(i.session for i in infos),
+            },
+        )
+
+    def bind(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> BoundNode:
+        params = compile_getter([list(st.params) for st in spec.statements])
+        backend = env.backend
+
+        def args(values: dict[str, Any]) -> Query:
+            return Query(spec, params(values))
+
+        return BoundNode(spec, args, backend.run, own_timeout=True, served=_served)
+
+    def needs_database(self, spec: CompiledNode) -> bool:
+        return True
+
+    def check(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> list[FlowFileError]:
+        return []
+
+
+def _served(query: Query) -> Any:
+    return query.served
+
+
+def sql_error(marks: Marks, where: tuple[str | int, ...], text: str, offset: int, message: str) -> FlowFileError:
+    """An error at `offset` inside an SQL text, reported where that character is in the file."""
+    line, column = marks.inside(where, text, offset)
+    inner_line = text.count("\n", 0, offset)
+    inner_col = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    shown = f"{message} (SQL line {inner_line + 1}, column {inner_col})"
+    return FlowFileError(shown, file=marks.file, line=line, column=column, node=str(where[1]), code="PLN110")
+
+
+SQL = SqlKind()

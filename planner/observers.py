@@ -1,0 +1,64 @@
+"""Observers: what watches a run without steering it (telemetry, and anything a service adds).
+
+An observer is told when a run starts and ends, and when each node starts and settles; it
+may also wrap a node's coroutine (to make a span current while it runs). The executor calls
+them only when there are any, so a run without observers pays one truth test per node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
+
+from planner import telemetry
+
+if TYPE_CHECKING:
+    from planner.results import NodeResult
+
+
+class RunObserver(Protocol):
+    """Hooks of one run. `flow`, `run_id` and `node` name what is observed."""
+
+    def run_started(self, flow: str, run_id: str, mode: str) -> None: ...
+
+    def node_started(self, flow: str, run_id: str, node: str, kind: str,
+                     coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]:
+        """Return the coroutine to run (the given one, or a wrapper around it)."""
+        ...
+
+    def node_settled(self, flow: str, run_id: str, node: str, result: NodeResult) -> None: ...
+
+    def run_finished(self, flow: str, run_id: str, status: str) -> None: ...
+
+
+class Telemetry:
+    """OpenTelemetry spans: a `planner.flow` span per run, a `planner.node` child per node that runs."""
+
+    def __init__(self, tracer: Any) -> None:
+        self.tracer = tracer
+        self.flows: dict[str, Any] = {}
+        self.nodes: dict[tuple[str, str], Any] = {}
+
+    def run_started(self, flow: str, run_id: str, mode: str) -> None:
+        self.flows[run_id] = telemetry.start_flow(self.tracer, flow, mode, run_id)
+
+    def node_started(self, flow: str, run_id: str, node: str, kind: str,
+                     coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]:
+        span = self.nodes[run_id, node] = telemetry.start_node(self.tracer, self.flows[run_id], flow, node, kind)
+        return telemetry.within(span, coro)
+
+    def node_settled(self, flow: str, run_id: str, node: str, result: NodeResult) -> None:
+        span = self.nodes.pop((run_id, node), None)
+        if span is not None:
+            telemetry.end_node(span, result.state.value, result.error)
+
+    def run_finished(self, flow: str, run_id: str, status: str) -> None:
+        span = self.flows.pop(run_id, None)
+        if span is not None:
+            telemetry.end_flow(span, status)
+
+
+def default_observers() -> tuple[RunObserver, ...]:
+    """Telemetry when an OpenTelemetry SDK is configured; nothing otherwise."""
+    tracer = telemetry.tracer()
+    return (Telemetry(tracer),) if tracer is not None else ()

@@ -1,0 +1,96 @@
+"""Node policy: what happens to one node, apart from when it is scheduled.
+
+`when:` and reference resolution decide whether a node starts (`prepare`); retries with
+backoff and per-node timeouts decide how long it tries (`attempts`); `on_error` decides
+whether a failure defaults the node or fails the run (the executor asks `spec.fail`);
+defaults are copied per run so that no run can change another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from planner.errors import NodeError, NodeTimeout, ReferenceFieldError
+from planner.expr import evaluate
+from planner.kinds import BoundNode
+from planner.refs import Unresolved
+
+logger = logging.getLogger("planner")
+
+SKIP = object()
+"""`prepare` returns it for a node whose `when` is false or whose references walk into null."""
+
+
+def prepare(node: BoundNode, values: dict[str, Any]) -> Any:
+    """The node's arguments, or `SKIP`. Raises `NodeError` for a typo'd field or a bad `when`."""
+    spec = node.spec
+    try:
+        if spec.when is not None and not evaluate(spec.when, values):
+            return SKIP
+        return node.args(values)
+    except Unresolved:
+        return SKIP
+    except LookupError as exc:
+        raise ReferenceFieldError(str(exc)) from None
+    except Exception as exc:  # a `when` that compares the incomparable
+        raise NodeError(f"when: {exc}") from None
+
+
+def needs_attempt_loop(node: BoundNode) -> bool:
+    """False when the node's own coroutine can run bare: one attempt, no timeout to apply."""
+    spec = node.spec
+    return spec.retry.attempts > 1 or (spec.timeout is not None and not node.own_timeout)
+
+
+async def attempts(node: BoundNode, args: Any, count: Callable[[int], None], flow: str, run_id: str) -> Any:
+    """Run `node` with its timeout and retries; `count(n)` is told of each attempt."""
+    spec = node.spec
+    timeout = None if node.own_timeout else spec.timeout
+    for attempt in range(1, spec.retry.attempts + 1):
+        count(attempt)
+        try:
+            if timeout is None:
+                return await node.run(args)
+            return await timed(node.run(args), timeout)
+        except Exception as exc:
+            if attempt == spec.retry.attempts or not (spec.retry.on_any or is_transient(exc)):
+                raise
+            logger.info(
+                "node %s of flow %s: attempt %d failed (%s), retrying", spec.name, flow, attempt, exc,
+                extra={"flow": flow, "node": spec.name, "run_id": run_id, "attempt": attempt},
+            )
+            await asyncio.sleep(spec.retry.backoff * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def timed(awaitable: Awaitable[Any], seconds: float) -> Any:
+    """Await with a timeout that raises `NodeTimeout`; a `TimeoutError` of the awaited itself passes."""
+    timer = asyncio.timeout(seconds)
+    try:
+        async with timer:
+            return await awaitable
+    except TimeoutError:
+        if not timer.expired():
+            raise
+        raise NodeTimeout(f"timed out after {seconds * 1000:g} ms") from None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying by default: lost connections, serialization failures, deadlocks..."""
+    return bool(getattr(exc, "transient", False)) or isinstance(exc, ConnectionError)
+
+
+def copy_default(value: Any) -> Any:
+    # Defaults are shared by every run; hand each run its own copy of a mutable one.
+    return copy.deepcopy(value) if isinstance(value, (list, dict)) else value
+
+
+def log_defaulted(flow: str, node: str, run_id: str, error: BaseException) -> None:
+    logger.warning(
+        "node %s of flow %s defaulted: %s: %s", node, flow, type(error).__name__, error,
+        exc_info=error, extra={"flow": flow, "node": node, "run_id": run_id, "outcome": "defaulted"},
+    )

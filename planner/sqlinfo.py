@@ -1,0 +1,110 @@
+"""What a flow statement does, read from PostgreSQL's own parser (pglast), never from its first word.
+
+`analyze` answers three questions at compile time, once per statement:
+- `read_only`: one plain query that writes nothing and locks nothing: no INSERT/UPDATE/DELETE/
+  MERGE anywhere (data-modifying CTEs included), no `SELECT ... INTO`, no `FOR UPDATE/SHARE`,
+  and no call of a function known to act on the database or the session. Functions of the
+  user's own are listed in `functions` so a backend can ask the server whether they are
+  volatile before treating the statement as shareable between runs.
+- `session`: whether it may change its connection's session (SET, RESET, set_config,
+  SET ROLE, LISTEN, PREPARE, DECLARE, temporary tables, session advisory locks...), in which
+  case the connection is reset before anyone else uses it.
+- `error`: PostgreSQL's syntax error, with its offset, so `planner validate` finds it offline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pglast
+from pglast import ast
+from pglast.visitors import Visitor
+
+# Built-in functions with effects beyond computing a value (or that depend on the session).
+_EFFECTFUL = frozenset({
+    "set_config", "nextval", "setval", "currval", "lastval", "txid_current", "pg_current_xact_id",
+    "pg_notify", "pg_sleep", "pg_sleep_for", "pg_sleep_until", "pg_terminate_backend", "pg_cancel_backend",
+    "pg_reload_conf", "pg_rotate_logfile", "pg_switch_wal", "pg_create_restore_point", "lo_import", "lo_export",
+    "lo_create", "lo_unlink", "lo_put", "lo_from_bytea", "dblink", "dblink_exec", "random", "gen_random_uuid",
+    "uuid_generate_v4", "clock_timestamp", "timeofday", "setseed", "pg_stat_reset", "pg_advisory_lock",
+})
+# Those that change the session itself (the connection must be reset after them).
+_SESSION_FUNCTIONS = frozenset({"set_config", "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
+                                "pg_try_advisory_lock_shared", "setseed", "nextval", "setval"})
+_WRITES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
+_SESSION_STATEMENTS = (ast.VariableSetStmt, ast.ListenStmt, ast.PrepareStmt, ast.DeclareCursorStmt,
+                       ast.DiscardStmt, ast.LoadStmt, ast.LockStmt)
+
+
+@dataclass(frozen=True, slots=True)
+class SqlInfo:
+    read_only: bool = False
+    session: bool = False
+    functions: frozenset[str] = field(default_factory=frozenset)
+    error: str | None = None
+    error_offset: int | None = None
+
+
+class _Walk(Visitor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = self.session = False
+        self.effectful = False
+        self.functions: set[str] = set()
+
+    def visit(self, ancestors: object, node: ast.Node) -> None:
+        if isinstance(node, _WRITES):
+            self.writes = True
+        elif isinstance(node, _SESSION_STATEMENTS):
+            self.session = True
+        elif isinstance(node, ast.SelectStmt):
+            if node.intoClause is not None or node.lockingClause:
+                self.writes = True
+            if node.intoClause is not None and _temporary(node.intoClause.rel):
+                self.session = True
+        elif isinstance(node, ast.CreateStmt | ast.CreateTableAsStmt):
+            self.writes = True
+            rel = node.relation if isinstance(node, ast.CreateStmt) else node.into.rel if node.into else None
+            self.session = self.session or _temporary(rel)
+        elif isinstance(node, ast.FuncCall):
+            parts = [str(getattr(part, "sval", "")) for part in node.funcname or ()]
+            name = parts[-1].lower() if parts else ""
+            qualified = ".".join(parts)
+            if name in _EFFECTFUL or name.startswith(("pg_advisory", "pg_try_advisory")):
+                self.effectful = True
+                if name in _SESSION_FUNCTIONS or (name.startswith(("pg_advisory", "pg_try_advisory"))
+                                                 and "xact" not in name):
+                    self.session = True
+            self.functions.add(qualified)
+        elif isinstance(node, ast.Node) and not isinstance(node, _PLAIN):
+            # Any other statement (DDL, COPY, CALL, DO, VACUUM...) is not a read.
+            if type(node).__name__.endswith("Stmt"):
+                self.writes = True
+                if isinstance(node, ast.DoStmt | ast.CallStmt):
+                    self.session = True  # a procedure or DO block can do anything, SET included
+
+
+_PLAIN = (ast.RawStmt, ast.SelectStmt)
+
+
+def _temporary(rel: ast.RangeVar | None) -> bool:
+    return rel is not None and rel.relpersistence == "t"
+
+
+def analyze(text: str) -> SqlInfo:
+    """Analyse one compiled statement (`$1..$n` parameters). Never raises for bad SQL: a syntax
+    error is reported in `.error` (and the statement is treated as neither read-only nor safe)."""
+    try:
+        tree = pglast.parse_sql(text)
+    except pglast.parser.ParseError as exc:
+        message = str(exc.args[0]) if exc.args else str(exc)
+        offset = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], int) else None
+        return SqlInfo(session=True, error=message, error_offset=offset)
+    walk = _Walk()
+    walk(tree)
+    single = len(tree) == 1 and isinstance(tree[0].stmt, ast.SelectStmt)
+    return SqlInfo(
+        read_only=single and not walk.writes and not walk.effectful,
+        session=walk.session,
+        functions=frozenset(walk.functions),
+    )
