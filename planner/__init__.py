@@ -22,7 +22,31 @@ from planner.errors import (
 from planner.graph import CompiledFlow, Plan
 from planner.results import FlowResult, NodeResult, NodeState
 
-__version__ = "0.1.0"
+_DISTRIBUTION = "planner-flows"  # the name on PyPI (pyproject's `name`); the import name is `planner`
+
+
+def _version() -> str:
+    """pyproject's `version`: the installed distribution's metadata, else (a checkout put on
+    `sys.path` without installing it) the pyproject.toml beside the package."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(_DISTRIBUTION)
+    except PackageNotFoundError:
+        pass
+    import tomllib
+    from pathlib import Path
+
+    try:
+        project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    except (OSError, ValueError, KeyError):
+        return "0+unknown"
+    if project.get("name") != _DISTRIBUTION or not isinstance(project.get("version"), str):
+        return "0+unknown"
+    return str(project["version"])
+
+
+__version__ = _version()
 
 __all__ = [
     "CompiledFlow",

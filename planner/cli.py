@@ -27,6 +27,23 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from planner import __version__
+
+        typer.echo(f"planner {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print planner's version and exit.")] = False,
+) -> None:
+    """Options of `planner` itself (the app's help text is Typer's `help=` above)."""
+
+
 FlowsOpt = Annotated[Path | None, typer.Option("--flows", help="Folder of flows (default: $PLANNER_FLOWS or ./flows).")]
 DbOpt = Annotated[str | None, typer.Option("--db", help="PostgreSQL DSN (default: $DATABASE_URL, else the embedded server).")]
 
