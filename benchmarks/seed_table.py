@@ -29,6 +29,7 @@ import asyncpg
 from benchmarks import handwritten
 from benchmarks.latency_proxy import LatencyProxy
 from planner import FlowFailed, Planner
+from planner import __version__ as planner_version
 from planner.demo.run import demo_dsn, percentile, queries_of
 from planner.graph import CompiledFlow, plan
 
@@ -208,7 +209,7 @@ def machine() -> str:
     import importlib.metadata as md
 
     return (f"{platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"asyncpg {md.version('asyncpg')}, planner {md.version('planner')}")
+            f"asyncpg {md.version('asyncpg')}, planner {planner_version}")
 
 
 async def main(args: argparse.Namespace) -> str:
