@@ -111,7 +111,7 @@ class _Run:
 
     __slots__ = ("flow", "bound", "values", "mode", "overrides", "observers", "run_id", "loop", "t0", "active",
                  "ready", "results", "tasks", "started", "attempts", "held", "limit", "queue", "released",
-                 "outstanding", "wake", "phase", "failed_node", "eager", "on_done")
+                 "outstanding", "wake", "phase", "failed_node", "eager", "on_done", "release")
 
     def __init__(self, flow: CompiledFlow, bound: dict[str, BoundNode], values: dict[str, Any], mode: Mode,
                  overrides: dict[str, Any], observers: Sequence[RunObserver]) -> None:
@@ -128,7 +128,7 @@ class _Run:
             self.active = flow.nodes.keys()
             waiting = flow.indegree.copy()
         self.ready = Ready(flow.successors, waiting)
-        self.results: dict[str, NodeResult] = {}
+        self.results: dict[str, tuple[NodeState, Any, BaseException | None, float | None, float | None]] = {}
         self.tasks: dict[str, asyncio.Task[Any]] = {}
         self.started: dict[str, float] = {}
         self.attempts: dict[str, int] = {}
@@ -141,7 +141,8 @@ class _Run:
         self.phase = Phase.RUNNING
         self.failed_node: str | None = None
         self.eager = mode == "eager"
-        self.on_done = self._on_done
+        self.on_done = self._on_done  # bound once per run, not once per node
+        self.release = self.released.append
 
     async def main(self) -> FlowResult:
         timed_out = False
@@ -210,14 +211,15 @@ class _Run:
     def _launch(self, node: BoundNode, args: Any) -> None:
         name = node.spec.name
         self.started[name] = (_monotonic() - self.t0) * 1000.0
-        if policy.needs_attempt_loop(node):
-            coro = policy.attempts(node, args, partial(self.attempts.__setitem__, name), self.flow.name, self.run_id)
-        else:
+        if node.bare:
             coro = node.run(args)  # the fast path: no wrapper coroutine at all
+        else:
+            coro = policy.attempts(node, args, partial(self.attempts.__setitem__, name), self.flow.name, self.run_id)
         if node.served is not None:
             self.held[name] = args
-        for observer in self.observers:
-            coro = observer.node_started(self.flow.name, self.run_id, name, node.spec.kind, coro)
+        if self.observers:
+            for observer in self.observers:
+                coro = observer.node_started(self.flow.name, self.run_id, name, node.spec.kind, coro)
         task = self.tasks[name] = self.loop.create_task(coro)
         task.add_done_callback(partial(self.on_done, name))
 
@@ -254,26 +256,25 @@ class _Run:
         self._settle(name, _DEFAULTED, policy.copy_default(spec.default), error)
 
     def _settle(self, name: str, state: NodeState, value: Any, error: BaseException | None) -> None:
-        started = self.started.get(name)
-        result = self.results[name] = NodeResult(
-            state, value, error, 0 if started is None else self.attempts.get(name, 1), started,
-            (_monotonic() - self.t0) * 1000.0,
-        )
-        if self.held:
-            args = self.held.pop(name, None)
-            if args is not None:
-                result.served = self.bound[name].served(args)  # type: ignore[misc]
+        # A record, not a NodeResult: those are built only if the caller reads `result.nodes`.
+        self.results[name] = (state, value, error, self.started.get(name), (_monotonic() - self.t0) * 1000.0)
         self.values[name] = value
-        for observer in self.observers:
-            observer.node_settled(self.flow.name, self.run_id, name, result)
+        if self.observers:
+            for observer in self.observers:
+                observer.node_settled(self.flow.name, self.run_id, name, self._node_result(name))
         if self.phase is not Phase.RUNNING:
             return
-        released = self.ready.done(name)
-        if released and self.eager:
-            self.released.extend(released)
+        self.ready.done(name, self.release if self.eager else None)
         self.outstanding -= 1
         if self.outstanding == 0:
             self._wake()
+
+    def _node_result(self, name: str) -> NodeResult:
+        state, value, error, started, finished = self.results[name]
+        args = self.held.get(name)
+        served = self.bound[name].served(args) if args is not None else None  # type: ignore[misc]
+        attempts = 0 if started is None else self.attempts.get(name, 1)
+        return NodeResult(state, value, error, attempts, started, finished, served)
 
     def _wake(self) -> None:
         if not self.wake.done():
@@ -312,23 +313,24 @@ class _Run:
     def _finish(self, timed_out: bool) -> FlowResult:
         for name in self.active:
             if name not in self.results:
-                self.results[name] = NodeResult(_CANCELLED, None, None, 0, self.started.get(name), None)
-        results = self.results
-        if len(results) > 1:
-            results = {name: results[name] for name in self.flow.order if name in results}
+                self.results[name] = (_CANCELLED, None, None, self.started.get(name), None)
         status = self._status(timed_out)
         output = self._output() if status == "ok" else None
-        result = FlowResult(self.flow.name, self.run_id, self.mode, status, results, output, self._now())
+        result = FlowResult(self.flow.name, self.run_id, self.mode, status, self._node_results, output, self._now())
         if status == "timeout":
             raise FlowTimeout(f"flow {self.flow.name!r} hit its deadline of {self.flow.settings.timeout:g}s", result=result)
         if status == "failed":
-            error = results[self.failed_node].error if self.failed_node else None
+            error = self.results[self.failed_node][2] if self.failed_node else None
             raise FlowFailed(f"flow {self.flow.name!r} failed: node {self.failed_node!r}: {error}", result=result)
         return result
 
+    def _node_results(self) -> dict[str, NodeResult]:
+        results = self.results
+        return {name: self._node_result(name) for name in self.flow.order if name in results}
+
     def _output(self) -> Any:
         if self.flow.output_getters is None:
-            return {name: node.value for name, node in self.results.items()}
+            return {name: self.values[name] for name in self.flow.order if name in self.results}
         output: dict[str, Any] = {}
         for key, get in self.flow.output_getters.items():
             # Everything has run (and written): an entry that walks into null is null, not a

@@ -40,12 +40,6 @@ def prepare(node: BoundNode, values: dict[str, Any]) -> Any:
         raise NodeError(f"when: {exc}") from None
 
 
-def needs_attempt_loop(node: BoundNode) -> bool:
-    """False when the node's own coroutine can run bare: one attempt, no timeout to apply."""
-    spec = node.spec
-    return spec.retry.attempts > 1 or (spec.timeout is not None and not node.own_timeout)
-
-
 async def attempts(node: BoundNode, args: Any, count: Callable[[int], None], flow: str, run_id: str) -> Any:
     """Run `node` with its timeout and retries; `count(n)` is told of each attempt."""
     spec = node.spec

@@ -248,6 +248,15 @@ def compile_getter(template: Any) -> Getter:
             return operator.itemgetter(template.root)
         return lambda values: resolve(template, values)
     if isinstance(template, dict):
+        if template and all(isinstance(v, Ref) and not v.path for v in template.values()):
+            # Plain `$name` values only (the usual `with:`): one C-level gather, no per-key call.
+            keys = tuple(template)
+            roots = [v.root for v in template.values()]
+            if len(roots) == 1:
+                key, root = keys[0], roots[0]
+                return lambda values: {key: values[root]}
+            gather = operator.itemgetter(*roots)
+            return lambda values: dict(zip(keys, gather(values), strict=True))
         items = [(k, compile_getter(v)) for k, v in template.items()]
         return lambda values: {k: get(values) for k, get in items}
     if isinstance(template, list):

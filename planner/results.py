@@ -7,6 +7,7 @@ import decimal
 import enum
 import uuid
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from typing import Any
 
 from planner.backend import Served
@@ -41,21 +42,35 @@ class NodeResult:
         return self.finished_ms - self.started_ms
 
 
-@dataclass
 class FlowResult:
     """The result of one run.
 
     `status` is "ok" when no node failed, "failed" when an `on_error: fail` node failed and
     "timeout" when the run hit its deadline (the last two are raised as `FlowFailed`).
+    `nodes` (each node's `NodeResult`, in the flow's order) is built the first time it is read:
+    a service that reads only `output` never pays for it.
     """
 
-    flow: str
-    run_id: str
-    mode: str
-    status: str
-    nodes: dict[str, NodeResult]
-    output: Any
-    elapsed_ms: float
+    __slots__ = ("flow", "run_id", "mode", "status", "output", "elapsed_ms", "_nodes", "_build")
+
+    def __init__(self, flow: str, run_id: str, mode: str, status: str,
+                 nodes: dict[str, NodeResult] | Callable[[], dict[str, NodeResult]], output: Any,
+                 elapsed_ms: float) -> None:
+        self.flow, self.run_id, self.mode, self.status = flow, run_id, mode, status
+        self.output, self.elapsed_ms = output, elapsed_ms
+        self._nodes: dict[str, NodeResult] | None = nodes if isinstance(nodes, dict) else None
+        self._build: Callable[[], dict[str, NodeResult]] | None = None if isinstance(nodes, dict) else nodes
+
+    @property
+    def nodes(self) -> dict[str, NodeResult]:
+        if self._nodes is None:
+            assert self._build is not None
+            self._nodes, self._build = self._build(), None
+        return self._nodes
+
+    def __repr__(self) -> str:
+        return (f"FlowResult(flow={self.flow!r}, run_id={self.run_id!r}, mode={self.mode!r}, "
+                f"status={self.status!r}, output={self.output!r}, elapsed_ms={self.elapsed_ms:.3f})")
 
     @property
     def values(self) -> dict[str, Any]:

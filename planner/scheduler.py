@@ -8,13 +8,14 @@ those that reach zero.
     >>> ready = Ready({"a": ("c",), "b": ("c",), "c": ()}, {"a": 0, "b": 0, "c": 2})
     >>> ready.roots(("a", "b", "c"))
     ['a', 'b']
-    >>> ready.done("a"), ready.done("b")
-    ([], ['c'])
+    >>> released = []
+    >>> ready.done("a", released.append), ready.done("b", released.append), released
+    (0, 1, ['c'])
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 
 class Ready:
@@ -40,14 +41,17 @@ class Ready:
         waiting = self._waiting
         return [n for n in order if waiting.get(n) == 0]
 
-    def done(self, name: str) -> list[str]:
-        """Mark `name` settled; return the successors that now wait for nothing."""
+    def done(self, name: str, released: Callable[[str], object] | None = None) -> int:
+        """Mark `name` settled; pass each successor that now waits for nothing to `released`.
+        Returns how many were released."""
         self._unsettled -= 1
         waiting = self._waiting
-        released = []
+        count = 0
         for successor in self._successors[name]:
             if successor in waiting:
                 left = waiting[successor] = waiting[successor] - 1
                 if left == 0:
-                    released.append(successor)
-        return released
+                    count += 1
+                    if released is not None:
+                        released(successor)
+        return count

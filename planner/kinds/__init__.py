@@ -43,6 +43,12 @@ class BoundNode:
     run: NodeRun
     own_timeout: bool = False
     served: Callable[[Any], Served | None] | None = None
+    bare: bool = field(init=False, default=False)  # `run` needs no retry or timeout wrapper
+
+    def __post_init__(self) -> None:
+        spec = self.spec
+        bare = spec.retry.attempts == 1 and (spec.timeout is None or self.own_timeout)
+        object.__setattr__(self, "bare", bare)
 
 
 @dataclass(frozen=True)
