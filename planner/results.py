@@ -6,8 +6,8 @@ import datetime as dt
 import decimal
 import enum
 import uuid
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from planner.backend import Served
