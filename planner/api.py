@@ -58,8 +58,9 @@ class Planner:
     ...     result = await planner.run("escalation", {"instance_id": 1, "user_phone": "+1555", "message": "hi"})
 
     `dsn=` gives planner a pool of its own (closed with the planner); `pool=` borrows yours
-    (never closed here); `backend=` takes any `planner.backend.Backend` (a wrapper around
-    `planner.db.PoolBackend`, say). With none, `DATABASE_URL` is used, else the embedded
+    (never closed here). Either way the backend is `CoalescingBackend(PoolBackend(...))`:
+    reads of concurrent runs that would wait for a connection share one statement (see
+    `planner.coalesce`). `backend=` takes any `planner.backend.Backend` instead, used as given. With none, `DATABASE_URL` is used, else the embedded
     PostgreSQL; nothing is opened until a flow with SQL to run runs. `min_size`/`max_size`
     size an owned pool; `full_reset=True` keeps asyncpg's reset query on release.
     `allowed_modules` (default: `PLANNER_ALLOWED_MODULES`, else the demo's flow functions and
@@ -87,9 +88,11 @@ class Planner:
         self.source = FlowSource.resolve(flows)
         self.mode = mode
         if backend is None:
+            from planner.coalesce import CoalescingBackend
             from planner.db import PoolBackend
 
-            backend = PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset)
+            backend = CoalescingBackend(
+                PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset))
         self.backend = backend
         self.targets = CallTargets(allowed_modules, folder=self.source.folder)
         self.threads = CallThreads(call_threads)

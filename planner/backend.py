@@ -14,6 +14,7 @@ This module knows nothing of asyncpg; `planner.db` implements the protocol over 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -60,6 +61,10 @@ class Query:
         return self.node.timeout
 
 
+Outcome = tuple[Any, BaseException | None]
+"""One member's share of a batch: its value, or its own error."""
+
+
 @dataclass(frozen=True, slots=True)
 class Described:
     """What the server says of a statement it prepared: parameter types and result columns."""
@@ -80,6 +85,15 @@ class Backend(Protocol):
 
     async def describe(self, text: str) -> Described:
         """Prepare `text` on the server without running it (`planner validate --db`)."""
+
+    def idle(self) -> bool:
+        """Whether a query sent now would start at once (no wait for a connection)."""
+
+    async def run_batch(self, node: CompiledNode, params: list[list[Any]],
+                        started: Callable[[], None]) -> list[Outcome] | None:
+        """Run `node`'s one statement once per parameter list, as one statement; each member
+        gets its own outcome. `started()` is called once the batch has its connection. None
+        when this statement cannot be shared between runs (nothing was sent)."""
 
     async def pool(self) -> Any:
         """The connection pool handed to `call:` functions that take a `db` parameter."""
@@ -105,6 +119,13 @@ class WrappingBackend:
 
     async def describe(self, text: str) -> Described:
         return await self.inner.describe(text)
+
+    def idle(self) -> bool:
+        return self.inner.idle()
+
+    async def run_batch(self, node: CompiledNode, params: list[list[Any]],
+                        started: Callable[[], None]) -> list[Outcome] | None:
+        return await self.inner.run_batch(node, params, started)
 
     async def pool(self) -> Any:
         return await self.inner.pool()
@@ -133,6 +154,13 @@ class Offline:
         raise self._error()
 
     async def describe(self, text: str) -> Described:
+        raise self._error()
+
+    def idle(self) -> bool:
+        return True
+
+    async def run_batch(self, node: CompiledNode, params: list[list[Any]],
+                        started: Callable[[], None]) -> list[Outcome] | None:
         raise self._error()
 
     async def pool(self) -> Any:

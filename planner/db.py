@@ -19,15 +19,16 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from planner.backend import Described, Query
+from planner.backend import Described, Outcome, Query
 from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
+from planner.graph import CompiledNode
 from planner.refs import CompiledSql, name_params
 
 logger = logging.getLogger("planner")
@@ -144,6 +145,7 @@ class PoolBackend:
         self._lock = asyncio.Lock()
         self._releases: set[asyncio.Task[None]] = set()
         self._baseline: tuple[str | None, ...] | None = None
+        self._batches: dict[str, str | None] = {}  # statement -> its combined form (None: not shareable)
 
     @property
     def opened(self) -> bool:
@@ -193,6 +195,69 @@ class PoolBackend:
         self._release_later(pool, con, query.node.session)
         return value
 
+    def idle(self) -> bool:
+        """Whether a statement sent now would find a connection without waiting."""
+        pool = self._pool
+        return pool is None or pool.get_idle_size() > 0 or pool.get_size() < pool.get_max_size()
+
+    async def run_batch(self, node: CompiledNode, params: list[list[Any]], started: Callable[[], None]) -> list[Outcome] | None:
+        """Run `node`'s one statement for each parameter list, as one statement on one connection.
+
+        `started()` is called once a connection is in hand (no more members can join). Each
+        member gets its own outcome: its value exactly as `run` would have returned it, or its
+        own error. When the combined statement fails, each member runs again alone on the same
+        connection, so that one member's bad value fails only that member.
+        """
+        pool = self._pool or await self.pool()
+        try:
+            con = await pool.acquire()
+        except Exception as exc:
+            _reraise(exc)
+        started()
+        try:
+            outcomes = await self._batch_on(con, node, params)
+        except BaseException as exc:  # CancelledError too: the connection must still go back
+            self._release_later(pool, con, node.session)
+            _reraise(exc)
+        self._release_later(pool, con, node.session)
+        return outcomes
+
+    async def _batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | None:
+        statement = node.statements[0]
+        text = await self._batch_text(con, node)
+        if text is None:
+            return None
+        columns = [list(column) for column in zip(*params, strict=True)]
+        try:
+            fetching = con.fetch(text, *columns)
+            rows = await (fetching if node.timeout is None else _timed(fetching, node.timeout))
+        except Exception as exc:
+            if _lost(exc) or isinstance(exc, NodeTimeout):
+                raise
+            # One member's bad value fails the whole statement: each again alone, with its own error.
+            return [await _alone(con, node, statement, member) for member in params]
+        return _split(rows, len(params), node.fetch)
+
+    async def _batch_text(self, con: asyncpg.Connection, node: CompiledNode) -> str | None:
+        """The combined statement for `node` (cached), or None when it cannot be shared safely:
+        a parameter that is itself an array (unnest would flatten it), or a call of a volatile
+        function (two runs must not share one `random()`)."""
+        statement = node.statements[0]
+        if statement.text in self._batches:
+            return self._batches[statement.text]
+        prepared = await con.prepare(statement.text)
+        types = prepared.get_parameters()
+        text: str | None = None
+        if types and all(t.kind == "scalar" for t in types) and not await _volatile(con, node.functions):
+            names = [f"p{i + 1}" for i in range(len(types))]
+            arrays = ", ".join(f"${i + 1}::{quote_ident(t.schema)}.{quote_ident(t.name)}[]" for i, t in enumerate(types))
+            inner = statement.render([f"(b.{n})" for n in names])
+            text = (f'SELECT b."?ord", q.* FROM unnest({arrays}) WITH ORDINALITY AS b({", ".join(names)}, "?ord") '
+                    f'CROSS JOIN LATERAL (SELECT q0.*, row_number() OVER () AS "?row" FROM ({inner}) AS q0) AS q '
+                    'ORDER BY b."?ord", q."?row"')
+        self._batches[statement.text] = text
+        return text
+
     async def describe(self, text: str) -> Described:
         pool = self._pool or await self.pool()
         try:
@@ -232,6 +297,46 @@ async def _timed(awaitable: Any, seconds: float) -> Any:
         if not timer.expired():
             raise
         raise NodeTimeout(f"timed out after {seconds * 1000:g} ms") from None
+
+
+def _lost(exc: BaseException) -> bool:
+    return isinstance(exc, (OSError, ConnectionError, asyncpg.ConnectionDoesNotExistError, asyncio.CancelledError))
+
+
+async def _alone(con: asyncpg.Connection, node: CompiledNode, statement: CompiledSql, params: list[Any]) -> Outcome:
+    try:
+        coro = _fetch(con, node.fetch, statement, params)
+        return (await (coro if node.timeout is None else _timed(coro, node.timeout)), None)
+    except QueryError as exc:
+        if exc.transient:
+            raise
+        return (None, exc)
+    except NodeTimeout as exc:
+        return (None, exc)
+
+
+def _split(rows: list[Any], members: int, fetch: str) -> list[Outcome]:
+    """Rows of the combined statement -> each member's value, as `_fetch_raw` would give it."""
+    grouped: list[list[Any]] = [[] for _ in range(members)]
+    for row in rows:
+        grouped[row[0] - 1].append(row)
+    outcomes: list[Outcome] = []
+    for group in grouped:
+        if fetch == "value":
+            outcomes.append((group[0][1] if group else None, None))
+            continue
+        dicts = [{k: v for k, v in list(r.items())[1:-1]} for r in group]
+        outcomes.append((dicts if fetch == "all" else (dicts[0] if dicts else None), None))
+    return outcomes
+
+
+async def _volatile(con: asyncpg.Connection, functions: frozenset[str]) -> bool:
+    """Whether any function the statement calls (any overload of its name) is volatile."""
+    if not functions:
+        return False
+    names = [f.split(".")[-1].lower() for f in functions]
+    return bool(await con.fetchval("SELECT coalesce(bool_or(provolatile = 'v'), false) FROM pg_proc "
+                                   "WHERE proname = ANY($1::text[])", names))
 
 
 async def _query(con: asyncpg.Connection, query: Query) -> Any:

@@ -50,6 +50,8 @@ class CompiledNode:
     fetch: Fetch = "all"
     read_only: bool = False  # one statement, proven to write nothing (see `planner.sqlinfo`)
     session: bool = False  # may change its connection's session (reset before reuse)
+    functions: frozenset[str] = frozenset()  # functions it calls (a backend may ask if they are volatile)
+    coalesce: bool = False  # may share one statement with other runs' (read-only, and not turned off)
     # call
     call: str = ""
     args: dict[str, Any] = field(default_factory=dict)
@@ -137,6 +139,9 @@ def compile_flow(loaded: LoadedFlow) -> CompiledFlow:
 def _compile_node(name: str, index: int, node: Any, spec: FlowSpec, marks: Marks) -> CompiledNode:
     kind = kind_for_model(node)
     body = kind.compile(name, node, marks)
+    fields = dict(body.fields)
+    if not spec.settings.coalesce and fields.get("coalesce"):
+        fields["coalesce"] = False  # `settings: {coalesce: false}` turns it off for the whole flow
     refs: list[Ref] = list(body.refs)
     when: Expr | None = None
     if isinstance(node.when, bool):
@@ -166,7 +171,7 @@ def _compile_node(name: str, index: int, node: Any, spec: FlowSpec, marks: Marks
         timeout=node.timeout if node.timeout is not None else spec.settings.node_timeout,
         retry=RetryPolicy(retry.attempts, retry.backoff, retry.on == "any") if retry else RetryPolicy(),
         latency=node.latency,
-        **body.fields,
+        **fields,
     )
 
 

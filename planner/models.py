@@ -103,6 +103,8 @@ class Settings(_Strict):
     timeout: Duration | None = None
     node_timeout: Duration | None = None
     max_concurrency: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    coalesce: Annotated[bool, Field(description="Let read-only statements of concurrent runs share one statement "
+                                    "(the default). false turns coalescing off for every node of this flow.")] = True
 
 
 class Retry(_Strict):
@@ -127,6 +129,9 @@ class SqlNode(_NodeBase):
 
     sql: str | Annotated[list[str], Field(min_length=1)]
     fetch: Literal["one", "all", "value", "none"] = "all"
+    coalesce: Annotated[bool | None, Field(description="false: never share this read with other runs. Only single "
+                                           "read-only statements are coalesced; true on a write is refused (not "
+                                           "supported yet).")] = None
 
     @field_validator("sql")
     @classmethod

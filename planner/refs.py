@@ -40,10 +40,24 @@ class RefSyntaxError(ValueError):
 
 @dataclass(frozen=True)
 class CompiledSql:
-    """SQL text with `$1..$n` in place of references, and the reference each number binds."""
+    """SQL text with `$1..$n` in place of references, and the reference each number binds.
+
+    `pieces` and `slots` keep the text around the parameters, so the same statement can be
+    written with other placeholders (`render`): coalescing reads them from an `unnest`.
+    """
 
     text: str
     params: tuple[Ref, ...]
+    pieces: tuple[str, ...] = ("",)
+    slots: tuple[int, ...] = ()  # the 0-based parameter between pieces[i] and pieces[i + 1]
+
+    def render(self, placeholders: list[str]) -> str:
+        """The statement with parameter k written as `placeholders[k]`."""
+        out = [self.pieces[0]]
+        for slot, piece in zip(self.slots, self.pieces[1:], strict=True):
+            out.append(placeholders[slot])
+            out.append(piece)
+        return "".join(out)
 
 
 def compile_sql(sql: str) -> CompiledSql:
@@ -52,16 +66,18 @@ def compile_sql(sql: str) -> CompiledSql:
     >>> compile_sql("SELECT * FROM t WHERE a = $x.id AND b = '$not' AND c = $x.id").text
     "SELECT * FROM t WHERE a = $1 AND b = '$not' AND c = $1"
     """
-    out: list[str] = []
+    pieces: list[str] = []
+    slots: list[int] = []
     numbers: dict[Ref, int] = {}
     last = 0
     for ref, start, end in scan_sql(sql):
-        number = numbers.setdefault(ref, len(numbers) + 1)
-        out.append(sql[last:start])
-        out.append(f"${number}")
+        slots.append(numbers.setdefault(ref, len(numbers)))
+        pieces.append(sql[last:start])
         last = end
-    out.append(sql[last:])
-    return CompiledSql("".join(out), tuple(numbers))
+    pieces.append(sql[last:])
+    compiled = CompiledSql("", tuple(numbers), tuple(pieces), tuple(slots))
+    return CompiledSql(compiled.render([f"${n + 1}" for n in range(len(numbers))]), compiled.params,
+                       compiled.pieces, compiled.slots)
 
 
 def name_params(message: str, statement: CompiledSql) -> str:

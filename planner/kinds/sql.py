@@ -32,14 +32,21 @@ class SqlKind:
             except RefSyntaxError as exc:
                 raise sql_error(marks, where, text, exc.offset, str(exc)) from None
         infos = [analyze(s.text) for s in statements]
+        read_only = len(infos) == 1 and infos[0].read_only
+        if node.coalesce and not read_only:
+            raise marks.error(
+                "coalesce: true on a statement that writes (or a statement list): coalescing writes is not "
+                "supported yet; only single read-only statements are coalesced", ("nodes", name, "coalesce"))
         return Body(
             refs=tuple(ref for s in statements for ref in s.params),
             fields={
                 "statements": tuple(statements),
                 "fetch": node.fetch,
                 # A list is a transaction: never shared with other runs, whatever it holds.
-                "read_only": len(infos) == 1 and infos[0].read_only,
+                "read_only": read_only,
                 "session": any(i.session for i in infos),
+                "functions": frozenset(f for i in infos for f in i.functions),
+                "coalesce": read_only and node.coalesce is not False and node.fetch != "none",
             },
         )
 
