@@ -23,7 +23,7 @@ MASK = "***"
 # `scheme://user:` then everything up to the last `@` before whitespace: asyncpg cuts the user
 # information at the first `@`, libpq at the last, and a password may hold an unencoded `/` or
 # `?` that breaks both; hiding up to the last `@` covers every reading.
-_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/?#@\[\]]*:)(?P<secret>[^\s]*)(?=@)")
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/?#@\[\]]*:)(?P<secret>[^\s]+)(?=@)")
 # `password=value` as a query parameter, a libpq keyword, or a Python repr (`password='x'`),
 # with or without spaces around `=`; a quoted value may contain escaped quotes.
 _KEYWORD_PASSWORD = re.compile(

@@ -37,6 +37,7 @@ def test_redact_dsn_hides_the_password_and_keeps_the_rest(dsn: str, shown: str) 
         pytest.param("postgresql://[::1]:5432/app?sslmode=disable", id="ipv6-host"),
         pytest.param("host=h port=5432 user=u dbname=app", id="keyword"),
         pytest.param("postgresql://h/app?passfile=/home/u/.pgpass", id="passfile"),
+        pytest.param("postgresql://postgres:@/postgres?host=/tmp/sock", id="empty-password"),
     ],
 )
 def test_redact_dsn_leaves_a_dsn_without_a_password_alone(dsn: str) -> None:
