@@ -28,7 +28,8 @@ class TraceError(ValueError):
 
 @dataclass(frozen=True)
 class Span:
-    """One node's time on the clock. Checked on construction: renderers may trust every field."""
+    """One node's time on the clock. Checked on construction: renderers may trust every field.
+    Messages name the fields as a trace file spells them, where a hostile value comes from."""
 
     node: str
     state: str
@@ -39,15 +40,15 @@ class Span:
 
     def __post_init__(self) -> None:
         _check_name(self.node, "name")
-        _check_choice(self.state, STATES, "state")
+        _check_choice(self.state, STATES, "args.state")
         _check_time(self.start_ms, "start")
         _check_time(self.end_ms, "end")
         if self.end_ms < self.start_ms:
-            raise TraceError(f"ends ({self.end_ms:g} ms) before it starts ({self.start_ms:g} ms)")
+            raise TraceError(f"end: {self.end_ms:g} ms is before the start, {self.start_ms:g} ms")
         if type(self.lane) is not int or self.lane < 0:
             raise TraceError(f"lane: {_shown(self.lane)} is not a lane number")
         if self.error is not None:
-            _check_text(self.error, "error")
+            _check_text(self.error, "args.error")
 
 
 @dataclass(frozen=True)
@@ -227,21 +228,18 @@ def _run_data(data: Any) -> RunData:
 
 
 def _span(event: Any, where: str, max_lane: int) -> Span:
-    """A complete ("X") event as a Span, each field checked where the file has it."""
+    """A complete ("X") event as a Span. What Span cannot see is checked here: the file's
+    microseconds (before the arithmetic) and its lane numbers (counted from 1)."""
     name, ts, dur, tid, args = (_field(event, key, where) for key in ("name", "ts", "dur", "tid", "args"))
-    state, error = _field(args, "state", f"{where}.args"), args.get("error")
-    _check_name(name, f"{where}.name")
-    _check_choice(state, STATES, f"{where}.args.state")
+    state = _field(args, "state", f"{where}.args")
     _check_time(ts, f"{where}.ts")
     _check_time(dur, f"{where}.dur")
     if type(tid) is not int or not 1 <= tid <= max_lane:  # never more lanes than events
         raise TraceError(f"{where}.tid: {_shown(tid)} is not a lane (a whole number from 1)")
-    if error is not None:
-        _check_text(error, f"{where}.args.error")
     try:
-        return Span(name, state, ts / 1000, (ts + dur) / 1000, tid - 1, error)
-    except TraceError as exc:  # what only the sum shows: ts + dur beyond a float
-        raise TraceError(f"{where}: {exc}") from None
+        return Span(name, state, ts / 1000, (ts + dur) / 1000, tid - 1, args.get("error"))
+    except TraceError as exc:
+        raise TraceError(f"{where}.{exc}") from None
 
 
 def _check_flow(run: RunData, flow: CompiledFlow) -> None:
