@@ -3,6 +3,7 @@
 Exit codes follow sqlfluff and dbt: 0 ok, 1 findings or a failed run, 2 usage, environment or
 internal error. Data goes to stdout, diagnostics to stderr; Rich is used only on a terminal
 (and honours NO_COLOR). No command ever shows a traceback (set PLANNER_DEBUG=1 to see one).
+No password of a DSN is ever printed: every message goes through `planner.dsn.redact_text`.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import asyncio
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
+from planner.dsn import dsn_secrets, redact_text
 from planner.errors import DatabaseUnavailable, FlowError, FlowFailed, FlowFileError, FlowInputError
+from planner.render import plain
 
 app = typer.Typer(
     name="planner",
@@ -46,6 +50,7 @@ def _app_options(
 
 FlowsOpt = Annotated[Path | None, typer.Option("--flows", help="Folder of flows (default: $PLANNER_FLOWS or ./flows).")]
 DbOpt = Annotated[str | None, typer.Option("--db", help="PostgreSQL DSN (default: $DATABASE_URL, else the embedded server).")]
+ERROR_CELL = 100  # characters of a node's error in `planner run`'s table; the rest is printed below it
 
 
 class UsageError(Exception):
@@ -53,8 +58,31 @@ class UsageError(Exception):
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"planner: {message}", err=True)
+    typer.echo(f"planner: {_one_line(_redact(message))}", err=True)
     sys.exit(code)
+
+
+def _one_line(text: str) -> str:
+    """An error on one line, as scripts and CI annotations read it: asyncpg's DETAIL and HINT
+    lines are joined to the first."""
+    return plain(" / ".join(line.strip() for line in text.splitlines() if line.strip()))
+
+
+def _secrets() -> set[str]:
+    """The passwords this process was given (`--db`, the database variables), to hide wherever
+    they turn up: a parser's error can quote a piece of one without the DSN around it."""
+    dsns = [os.environ.get(name, "") for name in ("DATABASE_URL", "DATABASE_REPLICA_URL")]
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg == "--db" and i + 1 < len(args):
+            dsns.append(args[i + 1])
+        elif arg.startswith("--db="):
+            dsns.append(arg.removeprefix("--db="))
+    return {secret for dsn in dsns for secret in dsn_secrets(dsn)}
+
+
+def _redact(text: str) -> str:
+    return redact_text(text, _secrets())
 
 
 def _console(stderr: bool = False) -> Any:
@@ -68,16 +96,20 @@ def _is_tty() -> bool:
 
 
 def print_table(title: str | None, headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> None:
-    """A Rich table on a terminal, plain aligned columns in a pipe."""
+    """A Rich table on a terminal, plain aligned columns in a pipe. One line per row, whatever
+    the cells hold (a `when:` over several lines, control characters)."""
     right = right or set()
+    rows = [[plain(cell) for cell in row] for row in rows]
     if _is_tty():
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=title, title_justify="left")
+        # Text, not str: Rich would read `[red]` or `[/x]` in a cell as markup, or fail on it.
+        table = Table(title=None if title is None else Text(plain(title)), title_justify="left")
         for i, header in enumerate(headers):
             table.add_column(header, justify="right" if i in right else "left")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(Text(cell) for cell in row))
         _console().print(table)
         return
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
@@ -86,7 +118,7 @@ def print_table(title: str | None, headers: list[str], rows: list[list[str]], ri
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
     if title:
-        typer.echo(title)
+        typer.echo(plain(title))
     typer.echo(line(headers))
     typer.echo(line(["-" * w for w in widths]))
     for row in rows:
@@ -196,15 +228,14 @@ def run(
 
         write_trace(result, compiled, trace)
     if as_json:
-        typer.echo(json.dumps(result.to_json(), indent=2, default=str))
+        typer.echo(json.dumps(result.to_json(), indent=2, default=str))  # data: printed exactly, never redacted
     else:
-        rows = [
-            [n, str(compiled.group_of[n]), r.state.value, "" if r.duration_ms is None else f"{r.duration_ms:.1f}", str(r.attempts),
-             "" if r.error is None else f"{type(r.error).__name__}: {r.error}"[:120]]
-            for n, r in result.nodes.items()
-        ]
+        rows, details = _run_table(compiled, result)
         print_table(f"{name}: {result.status} in {result.elapsed_ms:.1f} ms ({result.mode})",
                     ["node", "group", "state", "ms", "tries", "error"], rows, right={1, 3, 4})
+        for node, error in details:
+            lines = [plain(line) for line in error.splitlines()]
+            typer.echo(f"\n{node}: {lines[0]}" + "".join(f"\n  {line}" for line in lines[1:]))
         if result.output is not None:
             from planner.results import jsonable
 
@@ -212,6 +243,23 @@ def run(
     if code:
         typer.echo(f"planner: flow {name!r} {result.status}", err=True)
         raise typer.Exit(code)
+
+
+def _run_table(compiled: Any, result: Any) -> tuple[list[list[str]], list[tuple[str, str]]]:
+    """`planner run`'s rows, in the plan's group order, one line each; and, for each error the
+    table could not show whole (asyncpg's DETAIL and HINT lines, a long message), the error."""
+    rows, details = [], []
+    for name in (n for group in compiled.groups for n in group if n in result.nodes):
+        node = result.nodes[name]
+        error = "" if node.error is None else _redact(f"{type(node.error).__name__}: {node.error}")
+        first = error.splitlines()[0] if error else ""
+        cell = first if len(first) <= ERROR_CELL else first[: ERROR_CELL - 3] + "..."
+        if cell != error:
+            cell += "" if cell.endswith("...") else " ..."
+            details.append((name, error))
+        duration = "" if node.duration_ms is None else f"{node.duration_ms:.1f}"
+        rows.append([name, str(compiled.group_of[name]), node.state.value, duration, str(node.attempts), cell])
+    return rows, details
 
 
 @app.command()
@@ -272,9 +320,12 @@ def visualize(
     p = make_plan(compiled)
     run_data = None
     if trace is not None:
-        from planner.trace import read_trace
+        from planner.trace import TraceError, read_trace
 
-        run_data = read_trace(trace)
+        try:
+            run_data = read_trace(trace, compiled)
+        except TraceError as exc:
+            raise UsageError(f"--trace {exc}") from None
     states = run_data.states if run_data else None
     try:
         if fmt == "mermaid":
@@ -362,7 +413,7 @@ def demo(
     from planner.demo.run import main_sync
 
     figures = main_sync(db or os.environ.get("DATABASE_URL"), runs, rtt)
-    typer.echo(f"database: {figures['database']}\n")
+    typer.echo(f"database: {_redact(figures['database'])}\n")
     for name, info in figures["flows"].items():
         p = info["plan"]
         typer.echo(f"== {name} ==")
@@ -401,14 +452,24 @@ def main() -> None:
         if hasattr(exc, "format_message") and isinstance(code, int):
             _fail(exc.format_message(), code)
         if os.environ.get("PLANNER_DEBUG"):
-            raise
+            sys.stderr.write(_redact("".join(traceback.format_exception(exc))))
+            sys.exit(2)
         _fail(_environment_message(exc), 2)
 
 
 def _environment_message(exc: BaseException) -> str:
-    if isinstance(exc, (OSError, ConnectionError)) or type(exc).__module__.startswith("asyncpg"):
+    if isinstance(exc, (OSError, ConnectionError)) or type(exc).__module__.startswith("asyncpg") or _raised_in_asyncpg(exc):
         return f"cannot reach the database: {type(exc).__name__}: {exc}"
     return f"internal error: {type(exc).__name__}: {exc} (PLANNER_DEBUG=1 shows the traceback)"
+
+
+def _raised_in_asyncpg(exc: BaseException) -> bool:
+    """asyncpg reports a malformed DSN (a port that is not a number) with plain `ValueError`s:
+    where it was raised says it is the database's address that is wrong, not planner."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("asyncpg.")
 
 
 if __name__ == "__main__":  # pragma: no cover

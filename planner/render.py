@@ -1,4 +1,9 @@
-"""Text renderings of a flow: the plan table, Mermaid and DOT. Pure functions, no I/O."""
+"""Text renderings of a flow: the plan table, Mermaid and DOT. Pure functions, no I/O.
+
+Every string drawn (node names, `when:` text, states, flow names) passes through `plain`
+and then the target format's own escaping, so no text can end a label, a statement or a line.
+Each renderer is linear in the size of the flow: flows of tens of thousands of nodes are drawn.
+"""
 
 from __future__ import annotations
 
@@ -24,9 +29,36 @@ class PlanRow:
     when: str | None
 
 
+def plain(text: str, *, lines: bool = False) -> str:
+    """`text` with nothing a renderer must not pass on: line breaks and tabs become spaces
+    (kept with `lines=True`), other unprintable characters (controls, bidi overrides, lone
+    surrogates, characters XML forbids) become U+FFFD."""
+    if text.isprintable():  # the usual case, checked in C
+        return text
+    out = []
+    for char in text:
+        if char.isprintable():
+            out.append(char)
+        elif char in "\n\r\t":
+            out.append("\n" if lines and char == "\n" else " ")
+        else:
+            out.append("\ufffd")
+    return "".join(out)
+
+
+def expected_ms(plan: Plan) -> dict[str, float]:
+    """Each node's expected latency, for the nodes that have one (a hint or a record).
+
+    `plan.unknown` is a tuple: asking it once per node made drawing quadratic in nodes.
+    """
+    unknown = set(plan.unknown)
+    return {name: ms for name, ms in plan.latency_ms.items() if name not in unknown}
+
+
 def plan_rows(flow: CompiledFlow, plan: Plan) -> list[PlanRow]:
     """One row per node, in group order: the table the seed's analysis drew by hand."""
     critical = set(plan.critical_path)
+    expected = expected_ms(plan)
     rows = []
     for group in plan.groups:
         for name in group:
@@ -37,7 +69,7 @@ def plan_rows(flow: CompiledFlow, plan: Plan) -> list[PlanRow]:
                     kind=node.kind,
                     waits_for=node.deps,
                     group=flow.group_of[name],
-                    expected_ms=None if name in plan.unknown else plan.latency_ms[name],
+                    expected_ms=expected.get(name),
                     critical=name in critical,
                     when=when_text(flow, name),
                 )
@@ -89,11 +121,13 @@ def _mermaid_id(name: str) -> str:
     return "n_" + "".join(c if c.isalnum() or c == "_" else "_" for c in name)
 
 
-def _mermaid_label(parts: list[str]) -> str:
-    def escape(text: str) -> str:
-        return text.replace("&", "#amp;").replace('"', "#quot;").replace("<", "#lt;").replace(">", "#gt;")
+# Mermaid's entity codes. `#` first, or `#quot;` typed by an author would come out as `"`;
+# a backtick opens a Markdown string. Labels are already `plain`: no line break ends a statement.
+_MERMAID_ESCAPES = str.maketrans({"#": "#35;", "&": "#amp;", '"': "#quot;", "<": "#lt;", ">": "#gt;", "`": "#96;"})
 
-    return '"' + "<br/>".join(escape(p) for p in parts) + '"'
+
+def _mermaid_label(parts: list[str]) -> str:
+    return '"' + "<br/>".join(p.translate(_MERMAID_ESCAPES) for p in parts) + '"'
 
 
 def edges(flow: CompiledFlow) -> list[tuple[str, str, bool]]:
@@ -106,15 +140,17 @@ def edges(flow: CompiledFlow) -> list[tuple[str, str, bool]]:
     return out
 
 
-def _node_label(flow: CompiledFlow, plan: Plan, name: str, states: dict[str, str] | None) -> list[str]:
+def _node_label(flow: CompiledFlow, expected: dict[str, float], name: str, states: dict[str, str] | None) -> list[str]:
+    """The lines of a node's label, each `plain`: the caller escapes them for its format."""
     node = flow.nodes[name]
-    parts = [name, f"{node.kind}" + ("" if name in plan.unknown else f" · {plan.latency_ms[name]:g} ms")]
+    ms = expected.get(name)
+    parts = [name, node.kind + ("" if ms is None else f" · {ms:g} ms")]
     when = when_text(flow, name)
     if when:
         parts.append(f"when {when}")
     if states and name in states:
         parts.append(states[name])
-    return parts
+    return [plain(p) for p in parts]
 
 
 def mermaid(flow: CompiledFlow, plan: Plan, states: dict[str, str] | None = None) -> str:
@@ -122,13 +158,14 @@ def mermaid(flow: CompiledFlow, plan: Plan, states: dict[str, str] | None = None
     all_edges = edges(flow)
     if len(all_edges) > MERMAID_MAX_EDGES:
         raise RenderError(f"Mermaid draws at most {MERMAID_MAX_EDGES} edges and this flow has {len(all_edges)}: use --format dot or svg")
+    expected = expected_ms(plan)
     lines = ["flowchart LR"]
     for i, group in enumerate(plan.groups, 1):
         lines.append(f'  subgraph g{i}["group {i}"]')
         lines.append("    direction TB")
         for name in group:
             shape = ("[", "]") if flow.nodes[name].kind == "sql" else ("([", "])")
-            label = _mermaid_label(_node_label(flow, plan, name, states))
+            label = _mermaid_label(_node_label(flow, expected, name, states))
             lines.append(f"    {_mermaid_id(name)}{shape[0]}{label}{shape[1]}")
         lines.append("  end")
     critical = set(zip(plan.critical_path, plan.critical_path[1:], strict=False))
@@ -143,10 +180,13 @@ def mermaid(flow: CompiledFlow, plan: Plan, states: dict[str, str] | None = None
         lines.append(f"  classDef {state} fill:{fill}")
     if plan.critical_path:
         lines.append("  class " + ",".join(_mermaid_id(n) for n in plan.critical_path) + " critical")
-    for state in ("ok", "defaulted", "skipped", "failed", "cancelled"):
-        members = [n for n, s in (states or {}).items() if s == state and n in flow.nodes]
-        if members:
-            lines.append("  class " + ",".join(_mermaid_id(n) for n in members) + f" {state}")
+    by_state: dict[str, list[str]] = {}
+    for name, state in (states or {}).items():
+        if state in STATE_FILLS and name in flow.nodes:  # anything else has no class to name
+            by_state.setdefault(state, []).append(name)
+    for state in STATE_FILLS:
+        if state in by_state:
+            lines.append("  class " + ",".join(_mermaid_id(n) for n in by_state[state]) + f" {state}")
     if link_styles:
         lines.append(f"  linkStyle {','.join(link_styles)} stroke:#c0392b,stroke-width:3px")
     text = "\n".join(lines) + "\n"
@@ -159,20 +199,23 @@ def mermaid(flow: CompiledFlow, plan: Plan, states: dict[str, str] | None = None
 
 
 def _dot_str(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)  # a JSON string is a valid DOT quoted string
+    # A JSON string is a valid DOT quoted string: `"` and `\` escaped, so no text ends it or
+    # becomes one of Graphviz's `\N`/`\G` escapes; a line break becomes the label's `\n`.
+    return json.dumps(plain(text, lines=True), ensure_ascii=False)
 
 
 def dot(flow: CompiledFlow, plan: Plan, states: dict[str, str] | None = None) -> str:
     """Graphviz DOT: one `cluster_` per group (ranked left to right), the critical path in red."""
     critical_nodes = set(plan.critical_path)
     critical = set(zip(plan.critical_path, plan.critical_path[1:], strict=False))
+    expected = expected_ms(plan)
     lines = [f"digraph {_dot_str(flow.name)} {{", "  rankdir=LR;", '  node [fontname="Helvetica", fontsize=11];']
     for i, group in enumerate(plan.groups, 1):
         lines.append(f"  subgraph cluster_g{i} {{")
         lines.append(f'    label="group {i}"; style="rounded,dashed"; color="#999999";')
         for name in group:
             attrs = {
-                "label": "\n".join(_node_label(flow, plan, name, states)),
+                "label": "\n".join(_node_label(flow, expected, name, states)),
                 "shape": "box" if flow.nodes[name].kind == "sql" else "ellipse",
                 "style": "filled" + (",dashed" if when_text(flow, name) else ""),
                 "fillcolor": STATE_FILLS.get((states or {}).get(name, ""), "#ffffff"),

@@ -7,7 +7,10 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -264,3 +267,175 @@ def test_demo_prints_plans_and_a_latency_table_per_mode(pg_dsn: str) -> None:
     for mode in ("eager", "layered", "sequential"):
         assert len(re.findall(rf"^{mode}\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+$", out, re.M)) == 2
     assert "2 ms round trip added" in out
+
+
+# --- a trace given to `visualize` ------------------------------------------------------------
+
+SEED_TRACE = ROOT / "docs" / "process_buffered.trace.json"
+
+
+def _trace_with(tmp_path: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    data = json.loads(SEED_TRACE.read_text())
+    change(data)
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _first_span(data: dict[str, Any]) -> dict[str, Any]:
+    return next(e for e in data["traceEvents"] if e["ph"] == "X")  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("fmt", ["svg", "html"])
+def test_visualize_refuses_a_trace_with_markup_for_a_state(fmt: str, tmp_path: Path) -> None:
+    trace = _trace_with(tmp_path, lambda d: _first_span(d)["args"].update(state="</title><script>alert(1)</script>"))
+    proc = cli("visualize", "process_buffered", "--format", fmt, "--trace", str(trace))
+    line = _one_line_error(proc, 2)
+    assert f"--trace {trace}: not a planner trace: traceEvents[" in line and "].args.state: " in line
+    assert proc.stdout == ""
+
+
+def test_visualize_refuses_a_trace_whose_state_is_not_a_string(tmp_path: Path) -> None:
+    trace = _trace_with(tmp_path, lambda d: d["otherData"]["states"].update(instance=5))
+    line = _one_line_error(cli("visualize", "process_buffered", "--format", "html", "--trace", str(trace)), 2)
+    assert "otherData.states['instance']: 5 is not one of ok, defaulted, skipped, failed, cancelled" in line
+
+
+def test_visualize_refuses_a_missing_trace_file(tmp_path: Path) -> None:
+    line = _one_line_error(cli("visualize", "process_buffered", "--format", "svg", "--trace", str(tmp_path / "nope.json")), 2)
+    assert line == f"planner: --trace {tmp_path / 'nope.json'}: cannot read it: No such file or directory"
+
+
+def test_visualize_refuses_a_trace_of_another_flow() -> None:
+    line = _one_line_error(cli("visualize", "escalation", "--format", "svg", "--trace", str(SEED_TRACE)), 2)
+    assert "a trace of flow 'process_buffered', not of 'escalation'" in line
+
+
+def test_visualize_draws_an_error_with_markup_as_text(tmp_path: Path) -> None:
+    trace = _trace_with(tmp_path, lambda d: _first_span(d)["args"].update(error='QueryError: "><script>alert(1)</script>'))
+    proc = cli("visualize", "process_buffered", "--format", "html", "--trace", str(trace))
+    assert proc.returncode == 0, proc.stderr
+    assert "<script>" not in proc.stdout
+    assert "QueryError: &quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in proc.stdout
+
+
+# --- `planner run`'s table ---------------------------------------------------------------------
+
+
+def _table_rows(out: str) -> list[str]:
+    """The rows of the first plain table in `out`: the lines after its dashes, up to a blank line."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("----")) + 1
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+    return lines[start:end]
+
+
+def test_run_lists_nodes_in_group_order(tmp_path: Path, demo_dsn: str) -> None:
+    (tmp_path / "f.yaml").write_text("nodes:\n  late: {sql: SELECT $middle}\n  middle: {sql: SELECT $early}\n  early: {sql: SELECT 1}\n")
+    proc = cli("run", "f", "--flows", str(tmp_path), "--db", demo_dsn)
+    assert proc.returncode == 0, proc.stderr
+    assert [row.split()[:2] for row in _table_rows(proc.stdout)] == [["early", "1"], ["middle", "2"], ["late", "3"]]
+
+
+RAISE_WITH_HINT = (
+    "nodes:\n"
+    "  first: {sql: SELECT 1}\n"
+    "  boom:\n"
+    "    sql: \"DO $$ BEGIN RAISE EXCEPTION 'boom' USING DETAIL = 'the detail', HINT = 'the hint'; END $$\"\n"
+    "    fetch: none\n"
+    "  last: {sql: SELECT 1, after: [boom]}\n"
+)
+
+
+def test_run_shows_a_multi_line_error_on_one_table_line(tmp_path: Path, demo_dsn: str) -> None:
+    (tmp_path / "f.yaml").write_text(RAISE_WITH_HINT)
+    proc = cli("run", "f", "--flows", str(tmp_path), "--db", demo_dsn)
+    assert proc.returncode == 0, proc.stderr  # `boom` is defaulted: the run goes on
+    rows = _table_rows(proc.stdout)
+    assert [row.split()[0] for row in rows] == ["first", "boom", "last"]
+    assert re.search(r"^boom\s+1\s+defaulted\s.*RaiseError: boom \.\.\.$", rows[1])
+
+
+def test_run_prints_a_multi_line_error_in_full_below_the_table(tmp_path: Path, demo_dsn: str) -> None:
+    (tmp_path / "f.yaml").write_text(RAISE_WITH_HINT)
+    out = cli("run", "f", "--flows", str(tmp_path), "--db", demo_dsn).stdout
+    assert re.search(r"^\nboom: QueryError: RaiseError: boom\n  DETAIL:  the detail\n  HINT:  the hint$", out[out.index("\n\n"):], re.M)
+
+
+def test_plan_shows_a_when_over_several_lines_on_one_row(tmp_path: Path) -> None:
+    (tmp_path / "f.yaml").write_text("nodes:\n  a: {sql: SELECT 1}\n  b:\n    sql: SELECT 2\n    when: |\n      $a\n      != 1\n")
+    proc = cli("plan", "f", "--flows", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    rows = _table_rows(proc.stdout)
+    assert rows[1].startswith("b ") and rows[1].endswith("$a != 1") and rows[2].startswith("critical path: ")
+
+
+def test_a_table_cell_is_never_read_as_rich_markup(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from planner import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_is_tty", lambda: True)
+    cli_module.print_table("[bold]title[/bold]", ["error"], [["[/nope] [red]not red"]])
+    out = capsys.readouterr().out
+    assert "[bold]title[/bold]" in out and "[/nope] [red]not red" in out
+
+
+# --- passwords -------------------------------------------------------------------------------
+
+# asyncpg reads `u:planner-secret/x@h` as host `u`, port `planner-secret`, and its error says so:
+# the password is quoted without the DSN around it.
+SLASHED = "postgresql://u:planner-secret/x@127.0.0.1:1/x"
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        pytest.param(["run", "escalation", "-i", "instance_id=1", "-i", "user_phone=x", "-i", "message=m", "--db", SLASHED], {}, id="run-db"),
+        pytest.param(["run", "escalation", "-i", "instance_id=1", "-i", "user_phone=x", "-i", "message=m", f"--db={SLASHED}"], {}, id="run-db-equals"),
+        pytest.param(["run", "escalation", "-i", "instance_id=1", "-i", "user_phone=x", "-i", "message=m"], {"DATABASE_URL": SLASHED}, id="run-env"),
+        pytest.param(["validate", "--db", SLASHED], {}, id="validate-db"),
+        pytest.param(["demo", "--runs", "1", "--db", SLASHED], {}, id="demo-db"),
+    ],
+)
+def test_an_error_never_shows_the_password(args: list[str], env: dict[str, str]) -> None:
+    proc = cli(*args, env=env)
+    assert proc.returncode == 2
+    assert "planner-secret" not in proc.stdout + proc.stderr
+    assert "***" in _one_line_error(proc, 2)
+
+
+def test_the_debug_traceback_never_shows_the_password() -> None:
+    proc = cli("run", "escalation", "-i", "instance_id=1", "-i", "user_phone=x", "-i", "message=m", "--db", SLASHED,
+               env={"PLANNER_DEBUG": "1"})
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+    assert "planner-secret" not in proc.stderr
+
+
+def _with_password(dsn: str) -> tuple[str, str]:
+    """`dsn` with a password in it (the one it has, or a made-up one: the test server trusts
+    local connections and ignores it), and that password."""
+    parts = urlsplit(dsn)
+    if parts.password:
+        return dsn, parts.password
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:planner-secret-pw@{host}")), "planner-secret-pw"
+
+
+def test_demo_shows_its_database_without_the_password(pg_dsn: str) -> None:
+    dsn, password = _with_password(pg_dsn)
+    proc = cli("demo", "--db", dsn, "--runs", "1", "--rtt", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert password not in proc.stdout + proc.stderr
+    assert re.search(r"^database: postgresql://[^\s:@]*:\*\*\*@", proc.stdout, re.M)
+
+
+def test_a_malformed_dsn_is_a_database_error_not_an_internal_one() -> None:
+    proc = cli("run", "escalation", "-i", "instance_id=1", "-i", "user_phone=x", "-i", "message=m", "--db", "postgresql://u@127.0.0.1:notaport/x")
+    assert _one_line_error(proc, 2).startswith("planner: cannot reach the database: ValueError: ")
+
+
+def test_an_error_over_several_lines_is_printed_on_one(capsys: pytest.CaptureFixture[str]) -> None:
+    from planner import cli as cli_module
+
+    with pytest.raises(SystemExit):
+        cli_module._fail("relation \"x\" does not exist\nDETAIL:  why\nHINT:  \x1b[31mfix", 2)
+    assert capsys.readouterr().err == 'planner: relation "x" does not exist / DETAIL:  why / HINT:  \ufffd[31mfix\n'

@@ -18,6 +18,7 @@ import asyncpg
 from planner.api import Planner
 from planner.db import create_database, embedded_dsn, with_database
 from planner.demo import data
+from planner.dsn import redact_dsn
 from planner.executor import MODES
 from planner.graph import CompiledFlow
 
@@ -119,7 +120,8 @@ async def run_demo(
     from planner.demo.latency_proxy import LatencyProxy
 
     dsn = await demo_dsn(server_dsn, log)
-    out: dict[str, Any] = {"database": dsn.split("?")[0], "rtt_ms": rtt_ms, "flows": {}}
+    # Redacted before the query is cut off: a password may hold an unencoded `?`.
+    out: dict[str, Any] = {"database": redact_dsn(dsn).split("?")[0], "rtt_ms": rtt_ms, "flows": {}}
     async with contextlib.AsyncExitStack() as stack:
         if rtt_ms:
             dsn = (await stack.enter_async_context(LatencyProxy(dsn, rtt_ms / 2))).dsn
