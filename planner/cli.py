@@ -174,7 +174,7 @@ def run(
     """
     folder, name = _resolve_flow(flow, flows)
 
-    async def go() -> tuple[Any, Any, int]:
+    async def go() -> tuple[Any, Any, int, Any]:
         async with _planner(folder, db) as planner:
             values = _parse_inputs(planner, name, inputs or [], inputs_file)
             try:
@@ -182,9 +182,9 @@ def run(
                 code = 0
             except FlowFailed as exc:
                 result, code = exc.result, 1
-            return planner.load(name), result, code
+            return planner.load(name), result, code, planner.cache_stats()
 
-    compiled, result, code = asyncio.run(go())
+    compiled, result, code, cache = asyncio.run(go())
     from planner import stats
 
     try:
@@ -196,7 +196,9 @@ def run(
 
         write_trace(result, compiled, trace)
     if as_json:
-        typer.echo(json.dumps(result.to_json(), indent=2, default=str))
+        from dataclasses import asdict
+
+        typer.echo(json.dumps({**result.to_json(), "cache": asdict(cache)}, indent=2, default=str))
     else:
         rows = [
             [n, str(compiled.group_of[n]), r.state.value, "" if r.duration_ms is None else f"{r.duration_ms:.1f}", str(r.attempts),

@@ -120,6 +120,10 @@ class _NodeBase(_Strict):
     timeout: Duration | None = None
     retry: Retry | None = None
     latency: Duration | None = None
+    invalidates: list[str] = Field(
+        default_factory=list,
+        description="Nodes of this flow that have `cache:`: their kept values are dropped when this node ends ok.",
+    )
 
 
 class SqlNode(_NodeBase):
@@ -127,6 +131,11 @@ class SqlNode(_NodeBase):
 
     sql: str | Annotated[list[str], Field(min_length=1)]
     fetch: Literal["one", "all", "value", "none"] = "all"
+    cache: Duration | None = Field(
+        default=None,
+        description="Keep the value this long per (statement, parameters), in the process; only for one "
+        "read-only statement. Errors and defaults are never kept.",
+    )
 
     @field_validator("sql")
     @classmethod
