@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.backend import Backend
+from planner.cache import DEFAULT_SIZE, CacheBackend, CacheStats
 from planner.config import CallTargets, FlowSource
 from planner.errors import FlowError, FlowFileError
 from planner.executor import bind_inputs, execute_checked, resolve_mode
@@ -67,6 +68,8 @@ class Planner:
     the Python modules in the flows folder) limits what `call:` nodes may call; `call_threads`
     bounds the threads that run sync calls. `node_wrapper` wraps every node's execution (see
     `NodeWrapper`); `observers` watch every run (see `planner.observers.RunObserver`).
+    `cache_size` bounds the values `cache:` nodes keep (see `planner.cache`; `PLANNER_CACHE=0`
+    turns the cache off).
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class Planner:
         node_wrapper: NodeWrapper | None = None,
         observers: Sequence[RunObserver] | None = None,
         call_threads: int = DEFAULT_THREADS,
+        cache_size: int = DEFAULT_SIZE,
     ) -> None:
         self.source = FlowSource.resolve(flows)
         self.mode = mode
@@ -93,7 +97,9 @@ class Planner:
 
             backend = CoalescingBackend(
                 PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset))
-        self.backend = backend
+        # The outermost wrapper: a hit never reaches the database, or anything in between.
+        self.cache = CacheBackend(backend, maxsize=cache_size)
+        self.backend: Backend = self.cache
         self.targets = CallTargets(allowed_modules, folder=self.source.folder)
         self.threads = CallThreads(call_threads)
         self.node_wrapper = node_wrapper
@@ -119,6 +125,15 @@ class Planner:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def invalidate(self, node: str | None = None, *, flow: str | None = None) -> int:
+        """Drop values kept by `cache:` nodes: all when no node is named; else node `node`'s in
+        every flow, or only in `flow` (or every node of `flow`). Returns how many were dropped."""
+        return self.cache.invalidate(node, flow=flow)
+
+    def cache_stats(self) -> CacheStats:
+        """Hits, misses, size and invalidations of this planner's cache."""
+        return self.cache.stats()
 
     async def close(self) -> None:
         """Finish background work and close the pool if this planner owns it."""
@@ -224,6 +239,8 @@ class Planner:
             node = kind_of(spec.kind).bind(spec, flow.marks, self._env)
             if self.node_wrapper is not None:
                 node = dataclasses.replace(node, run=self.node_wrapper(flow.name, name, node.run))
+            if spec.invalidates:  # outermost: only a node that ends ok drops the values
+                node = dataclasses.replace(node, run=self.cache.invalidating(flow.name, spec.invalidates, node.run))
             bound[name] = node
         needs_db = any(kind_of(spec.kind).needs_database(spec) for spec in flow.nodes.values())
         return _Entry(stamp, flow, bound, needs_db)

@@ -206,7 +206,7 @@ def run(
     """
     folder, name = _resolve_flow(flow, flows)
 
-    async def go() -> tuple[Any, Any, int]:
+    async def go() -> tuple[Any, Any, int, Any]:
         async with _planner(folder, db) as planner:
             values = _parse_inputs(planner, name, inputs or [], inputs_file)
             try:
@@ -214,9 +214,9 @@ def run(
                 code = 0
             except FlowFailed as exc:
                 result, code = exc.result, 1
-            return planner.load(name), result, code
+            return planner.load(name), result, code, planner.cache_stats()
 
-    compiled, result, code = asyncio.run(go())
+    compiled, result, code, cache = asyncio.run(go())
     from planner import stats
 
     try:
@@ -228,7 +228,9 @@ def run(
 
         write_trace(result, compiled, trace)
     if as_json:
-        typer.echo(json.dumps(result.to_json(), indent=2, default=str))  # data: printed exactly, never redacted
+        from dataclasses import asdict
+
+        typer.echo(json.dumps({**result.to_json(), "cache": asdict(cache)}, indent=2, default=str))  # data: printed exactly, never redacted
     else:
         rows, details = _run_table(compiled, result)
         print_table(f"{name}: {result.status} in {result.elapsed_ms:.1f} ms ({result.mode})",
@@ -239,7 +241,7 @@ def run(
         if result.output is not None:
             from planner.results import jsonable
 
-            typer.echo(json.dumps(jsonable(result.output), indent=2))
+            typer.echo("\n" + json.dumps(jsonable(result.output), indent=2))  # a blank line ends the table
     if code:
         typer.echo(f"planner: flow {name!r} {result.status}", err=True)
         raise typer.Exit(code)

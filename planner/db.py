@@ -60,7 +60,7 @@ def translate(exc: BaseException, statement: CompiledSql | None = None, params: 
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = getattr(exc, "sqlstate", None)
         transient = isinstance(sqlstate, str) and (sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08"))
-        message = f"{type(exc).__name__}: {exc}"
+        message = _redact_argument(f"{type(exc).__name__}: {exc}", params)
         if isinstance(sqlstate, str) and sqlstate.startswith("22"):
             message = _redact_literals(message)
         if statement is not None:

@@ -45,6 +45,8 @@ class CompiledNode:
     timeout: float | None
     retry: RetryPolicy
     latency: float | None
+    flow: str = ""  # the flow's name (the cache keys values by flow and node)
+    invalidates: tuple[str, ...] = ()  # cached nodes of this flow whose values are dropped when this one is ok
     # sql
     statements: tuple[CompiledSql, ...] = ()
     fetch: Fetch = "all"
@@ -52,6 +54,7 @@ class CompiledNode:
     session: bool = False  # may change its connection's session (reset before reuse)
     functions: frozenset[str] = frozenset()  # functions it calls (a backend may ask if they are volatile)
     coalesce: bool = False  # may share one statement with other runs' (read-only, and not turned off)
+    cache_ttl: float | None = None  # `cache:` in seconds (read-only nodes only; see `planner.cache`)
     # call
     call: str = ""
     args: dict[str, Any] = field(default_factory=dict)
@@ -101,7 +104,7 @@ def compile_flow(loaded: LoadedFlow) -> CompiledFlow:
     spec, marks = loaded.spec, loaded.marks
     nodes: dict[str, CompiledNode] = {}
     for index, (name, node) in enumerate(spec.nodes.items()):
-        nodes[name] = _compile_node(name, index, node, spec, marks)
+        nodes[name] = _compile_node(name, index, node, spec, marks, loaded.name)
     output: dict[str, Template] | None = None
     if spec.output is not None:
         output = {}
@@ -112,6 +115,7 @@ def compile_flow(loaded: LoadedFlow) -> CompiledFlow:
                 raise marks.error(str(exc), ("output", key)) from None
     known = set(spec.inputs) | set(nodes)
     _check_refs(nodes, output, known, loaded)
+    _check_invalidates(nodes, loaded)
     graph = nx.DiGraph()
     graph.add_nodes_from(nodes)
     graph.add_edges_from((dep, name) for name, node in nodes.items() for dep in node.deps)
@@ -136,7 +140,7 @@ def compile_flow(loaded: LoadedFlow) -> CompiledFlow:
     )
 
 
-def _compile_node(name: str, index: int, node: Any, spec: FlowSpec, marks: Marks) -> CompiledNode:
+def _compile_node(name: str, index: int, node: Any, spec: FlowSpec, marks: Marks, flow: str) -> CompiledNode:
     kind = kind_for_model(node)
     body = kind.compile(name, node, marks)
     fields = dict(body.fields)
@@ -171,6 +175,8 @@ def _compile_node(name: str, index: int, node: Any, spec: FlowSpec, marks: Marks
         timeout=node.timeout if node.timeout is not None else spec.settings.node_timeout,
         retry=RetryPolicy(retry.attempts, retry.backoff, retry.on == "any") if retry else RetryPolicy(),
         latency=node.latency,
+        flow=flow,
+        invalidates=tuple(dict.fromkeys(node.invalidates)),
         **fields,
     )
 
@@ -195,6 +201,21 @@ def _check_refs(
         for ref in template.refs:
             if ref.root not in known:
                 raise _graph_error(marks, "output: " + _unknown(ref, known), ("output", key), None)
+
+
+def _check_invalidates(nodes: dict[str, CompiledNode], loaded: LoadedFlow) -> None:
+    """`invalidates:` names nodes of this flow that have `cache:`."""
+    marks, spec = loaded.marks, loaded.spec
+    cached = {name for name, node in nodes.items() if node.cache_ttl is not None}
+    for name in nodes:
+        for i, target in enumerate(spec.nodes[name].invalidates):
+            where = ("nodes", name, "invalidates", i)
+            if target not in nodes:
+                raise _graph_error(marks, f"invalidates: unknown node {target!r}{_suggest(target, nodes)}", where, name)
+            if target not in cached:
+                hint = f"cached nodes: {', '.join(sorted(cached))}" if cached else "no node of this flow has cache:"
+                raise _graph_error(marks, f"invalidates: node {target!r} has no cache:, nothing to drop ({hint})",
+                                   where, name)
 
 
 def _unknown(ref: Ref, known: set[str]) -> str:

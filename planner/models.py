@@ -122,6 +122,10 @@ class _NodeBase(_Strict):
     timeout: Duration | None = None
     retry: Retry | None = None
     latency: Duration | None = None
+    invalidates: list[str] = Field(
+        default_factory=list,
+        description="Nodes of this flow that have `cache:`: their kept values are dropped when this node ends ok.",
+    )
 
 
 class SqlNode(_NodeBase):
@@ -132,6 +136,11 @@ class SqlNode(_NodeBase):
     coalesce: Annotated[bool | None, Field(description="false: never share this read with other runs. Only single "
                                            "read-only statements are coalesced; true on a write is refused (not "
                                            "supported yet).")] = None
+    cache: Duration | None = Field(
+        default=None,
+        description="Keep the value this long per (statement, parameters), in the process; only for one "
+        "read-only statement. Errors and defaults are never kept.",
+    )
 
     @field_validator("sql")
     @classmethod

@@ -15,8 +15,11 @@ FLOWS = Path(__file__).resolve().parent.parent / "flows"
 ACME, QUIET = 1, 2  # ids of the demo's named instances
 
 
-@pytest.fixture
-async def seed(demo_dsn: str) -> AsyncIterator[Planner]:
+@pytest.fixture(params=["cache", "no cache"])
+async def seed(request: pytest.FixtureRequest, demo_dsn: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Planner]:
+    """The seed flows, with their `cache:` values kept and (PLANNER_CACHE=0) without: every test
+    must pass both ways."""
+    monkeypatch.setenv("PLANNER_CACHE", "1" if request.param == "cache" else "0")
     async with Planner(flows=FLOWS, dsn=demo_dsn) as planner:
         yield planner
 
@@ -182,6 +185,27 @@ async def test_the_three_modes_give_the_same_results_on_the_seed_flows(pg_dsn: s
             esc = await planner.run("escalation", {"instance_id": ACME, "user_phone": "+15550000001", "message": "agent!"}, mode=mode)
             outputs.append([(r.states(), _stable(r.output)) for r in (one, two, esc)])
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+async def test_the_cache_changes_no_result_of_the_seed_flows(pg_dsn: str, demo_template: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from planner.pytest_plugin import fresh_database
+
+    outputs, hits = [], []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("PLANNER_CACHE", switch)
+        async with fresh_database(pg_dsn, template=demo_template) as dsn, Planner(flows=FLOWS, dsn=dsn) as planner:
+            runs = [await planner.run("process_buffered", _message(phone=phone, message=text, instance=instance))
+                    for phone, text, instance in [("+15550000001", "hi", "acme"), ("+15550000001", "hi", "acme"),
+                                                  ("+15550000004", "hello", "acme"), ("+15550000001", "hi", "quiet"),
+                                                  ("+15550000005", "yo", "quiet"), ("+15550000001", "x", "nobody")]]
+            for message in ("thanks", "a HUMAN please", "agent!"):
+                runs.append(await planner.run("escalation", {"instance_id": ACME, "user_phone": "+15550000001",
+                                                             "message": message}))
+            outputs.append([(r.states(), _stable(r.output)) for r in runs])
+            hits.append(sum(bool(n.served and n.served.cached) for r in runs for n in r.nodes.values()))
+    assert outputs[0] == outputs[1]
+    assert hits[0] >= 8 and hits[1] == 0  # instance, webhook_config and settings were served from the cache
 
 
 def _stable(output: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from planner.errors import FlowFileError
 from planner.kinds import BindEnv, Body, BoundNode
 from planner.models import SqlNode
 from planner.refs import CompiledSql, RefSyntaxError, compile_getter, compile_sql
-from planner.sqlinfo import analyze
+from planner.sqlinfo import SqlInfo, analyze
 
 if TYPE_CHECKING:
     from planner.graph import CompiledNode
@@ -32,7 +32,11 @@ class SqlKind:
             except RefSyntaxError as exc:
                 raise sql_error(marks, where, text, exc.offset, str(exc)) from None
         infos = [analyze(s.text) for s in statements]
+        # A list is a transaction: never shared with other runs, whatever it holds.
         read_only = len(infos) == 1 and infos[0].read_only
+        if node.cache is not None and not read_only:
+            raise marks.error(f"cache: only one read-only statement can be cached; {_not_read_only(node, infos)}",
+                              ("nodes", name, "cache"), code="PLN130")
         if node.coalesce and not read_only:
             raise marks.error(
                 "coalesce: true on a statement that writes (or a statement list): coalescing writes is not "
@@ -42,11 +46,11 @@ class SqlKind:
             fields={
                 "statements": tuple(statements),
                 "fetch": node.fetch,
-                # A list is a transaction: never shared with other runs, whatever it holds.
                 "read_only": read_only,
                 "session": any(i.session for i in infos),
                 "functions": frozenset(f for i in infos for f in i.functions),
                 "coalesce": read_only and node.coalesce is not False and node.fetch != "none",
+                "cache_ttl": node.cache,
             },
         )
 
@@ -64,6 +68,15 @@ class SqlKind:
 
     def check(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> list[FlowFileError]:
         return []
+
+
+def _not_read_only(node: SqlNode, infos: list[SqlInfo]) -> str:
+    if isinstance(node.sql, list):
+        return "this node is a statement list (a transaction)"
+    if infos[0].error is not None:
+        return f"this statement does not parse: {infos[0].error}"
+    return ("this statement is not proven read-only: it writes, locks rows, changes the session "
+            "or calls a function with effects (nextval, random, set_config...)")
 
 
 def _served(query: Query) -> Any:

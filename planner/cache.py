@@ -1,0 +1,321 @@
+"""The value cache of `cache:` nodes: a `Backend` wrapper, per `Planner`, in process memory.
+
+    sql node --Query--> CacheBackend --miss--> (coalescing) --> PoolBackend
+                             |
+                             +--hit--> a private copy of the kept value (no connection)
+
+- Only nodes with `cache: <duration>` are cached, and the flow loader accepts `cache:` only on a
+  node proven read-only (one statement; `planner.sqlinfo`). Every other query passes straight
+  through: the price for them is one attribute check.
+- A value is kept per (flow, node, statement texts, fetch, parameters) for the node's duration,
+  in a bounded LRU (`cachetools.TLRUCache`: a time-to-use per entry, least recently used
+  evicted first when full).
+- Single flight: concurrent misses for one key send one statement. It runs in a task of its own,
+  awaited by every run that asked; a run that gives up (cancelled, its deadline) leaves the
+  others waiting, and the statement is cancelled only when nobody waits any more.
+- Only values the inner backend returned are kept: never an error (each waiting run gets the
+  failure as its own attempt's, and its own retry policy decides) and never a node's default
+  (defaults are applied above the backend, by the executor).
+- Values are never shared between runs: each run gets its own copy of the kept value (rows
+  are dicts and lists of plain values, copied structurally; anything else is deep-copied).
+- Parameters are part of the key with their types (`1`, `1.0` and `true` are three keys);
+  lists and dicts are keyed by their contents. A parameter that cannot be hashed even so (an
+  object of a class of the caller's) makes that query uncached: it runs every time.
+- Invalidation drops a node's values (`invalidate`) and, through a generation number in every
+  key, orphans the statements in flight for it: a value read before a write that invalidates
+  it is handed to the runs that asked for it but never kept.
+- `PLANNER_CACHE=0` (or `false`, `off`, `no`) in the environment turns the cache off for the
+  process: every query runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime as dt
+import decimal
+import os
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Hashable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from cachetools import TLRUCache
+
+from planner.backend import Backend, Query, WrappingBackend
+
+DEFAULT_SIZE = 4096
+"""How many values a `CacheBackend` keeps at most (all nodes together) before evicting the least
+recently used."""
+
+Pair = tuple[str, str]  # (flow, node)
+Key = tuple[Any, ...]
+# A key: ((flow, node), generation, ttl, statement texts, fetch, frozen parameters).
+_PAIR, _GEN, _TTL = 0, 1, 2
+_MISSING = object()
+NodeRun = Callable[[Any], Coroutine[Any, Any, Any]]
+
+
+def cache_enabled() -> bool:
+    """False when `PLANNER_CACHE` says off (`0`, `false`, `off`, `no`)."""
+    return os.environ.get("PLANNER_CACHE", "").strip().lower() not in ("0", "false", "off", "no")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """What a `CacheBackend` did since it was made."""
+
+    enabled: bool
+    hits: int  # served from the cache: no statement sent
+    misses: int  # statements sent for cached nodes
+    joined: int  # waited for another run's statement for the same key instead of sending one
+    size: int  # values held now
+    maxsize: int
+    invalidations: int  # invalidation requests (`invalidate`, `invalidates:`)
+    dropped: int  # values those requests removed
+    uncacheable: int  # queries run uncached: a parameter that cannot be hashed
+
+
+class _Store(TLRUCache[Key, Any, float]):
+    """The TLRU cache, plus an index (flow, node) -> keys, kept in step with evictions and
+    expiries, so that dropping one node's values never scans the others'."""
+
+    def __init__(self, maxsize: int, timer: Callable[[], float]) -> None:
+        super().__init__(maxsize, _expires, timer)
+        self.index: dict[Pair, set[Key]] = {}
+
+    def __setitem__(self, key: Key, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.index.setdefault(key[_PAIR], set()).add(key)
+
+    def __delitem__(self, key: Key) -> None:
+        try:
+            super().__delitem__(key)
+        finally:
+            self._unindex(key)
+
+    def expire(self, time: float | None = None) -> list[tuple[Key, Any]]:
+        expired = super().expire(time)
+        for key, _ in expired:
+            self._unindex(key)
+        return expired
+
+    def _unindex(self, key: Key) -> None:
+        keys = self.index.get(key[_PAIR])
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self.index[key[_PAIR]]
+
+
+def _expires(key: Key, value: Any, now: float) -> float:
+    ttl: float = key[_TTL]
+    return now + ttl
+
+
+class _Flight:
+    """One statement in flight for a key, and how many runs wait for it."""
+
+    __slots__ = ("task", "waiters")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.waiters = 0
+
+
+class CacheBackend(WrappingBackend):
+    """Serves `cache:` nodes from memory; passes every other query to `inner` untouched.
+
+    `maxsize` bounds how many values are kept; `timer` (seconds, monotonic) decides expiry,
+    and tests inject one; `enabled=None` reads `PLANNER_CACHE` (see `cache_enabled`).
+    """
+
+    def __init__(
+        self,
+        inner: Backend,
+        *,
+        maxsize: int = DEFAULT_SIZE,
+        timer: Callable[[], float] = time.monotonic,
+        enabled: bool | None = None,
+    ) -> None:
+        super().__init__(inner)
+        self.enabled = cache_enabled() if enabled is None else enabled
+        self.maxsize = maxsize
+        self._timer = timer
+        self._store = _Store(maxsize, timer)
+        self._inflight: dict[Key, _Flight] = {}
+        self._gens: dict[Pair, int] = {}  # every (flow, node) seen; bumped by each invalidation
+        self._hits = self._misses = self._joined = self._invalidations = self._dropped = self._uncacheable = 0
+
+    # --- running ------------------------------------------------------------------------
+
+    def run(self, query: Query) -> Coroutine[Any, Any, Any]:  # not async: no coroutine of its own
+        ttl = query.node.cache_ttl
+        if ttl is None or not self.enabled:
+            return self.inner.run(query)  # the inner coroutine itself: uncached nodes pay nothing more
+        return self._cached(query, ttl)
+
+    async def _cached(self, query: Query, ttl: float) -> Any:
+        node = query.node
+        pair = (node.flow, node.name)
+        gen = self._gens.setdefault(pair, 0)
+        key = (pair, gen, ttl, tuple(s.text for s in node.statements), node.fetch, freeze(query.params))
+        try:
+            found = self._store[key]
+        except KeyError:
+            pass
+        except TypeError:  # a parameter that cannot be hashed: run it, uncached
+            self._uncacheable += 1
+            return await self.inner.run(query)
+        else:
+            self._hits += 1
+            query.served.cached = True
+            return private_copy(found)
+        flight = self._inflight.get(key)
+        if flight is None:
+            self._misses += 1
+            query.served.cached = False  # a retry of a run that joined a flight before
+            flight = self._inflight[key] = _Flight(asyncio.get_running_loop().create_task(self._fetch(key, query)))
+            flight.task.add_done_callback(_retrieve)
+        else:
+            self._joined += 1
+            query.served.cached = True  # no statement was sent for this run
+        flight.waiters += 1
+        try:
+            value = await asyncio.shield(flight.task)
+        except asyncio.CancelledError:
+            flight.waiters -= 1
+            if flight.waiters == 0 and not flight.task.done():
+                # Nobody waits any more: stop the statement, and let the next miss start afresh.
+                if self._inflight.get(key) is flight:
+                    del self._inflight[key]
+                flight.task.cancel()
+            raise
+        except Exception as exc:
+            flight.waiters -= 1
+            raise _own(exc) from exc.__cause__
+        flight.waiters -= 1
+        return private_copy(value)
+
+    async def _fetch(self, key: Key, query: Query) -> Any:
+        try:
+            value = await self.inner.run(query)
+        except BaseException:
+            self._landed(key)
+            raise
+        # Kept only if no invalidation came meanwhile (the write may have happened after the read).
+        if self._gens.get(key[_PAIR]) == key[_GEN]:
+            self._store[key] = value  # the inner backend's own object: nobody else holds it
+        self._landed(key)
+        return value
+
+    def _landed(self, key: Key) -> None:
+        flight = self._inflight.get(key)
+        if flight is not None and flight.task is asyncio.current_task():
+            del self._inflight[key]
+
+    # --- invalidation -------------------------------------------------------------------
+
+    def invalidate(self, node: str | None = None, *, flow: str | None = None) -> int:
+        """Drop cached values: all of them, a node's (in every flow, or in `flow`), or a flow's.
+        Returns how many values were dropped. Statements in flight for those nodes are not kept."""
+        self._invalidations += 1
+        if node is None and flow is None:
+            dropped = self.size
+            for pair in self._gens:
+                self._gens[pair] += 1
+            self._store = _Store(self.maxsize, self._timer)
+        else:
+            pairs = [p for p in self._gens if (node is None or p[1] == node) and (flow is None or p[0] == flow)]
+            dropped = self._drop(pairs)
+        self._dropped += dropped
+        return dropped
+
+    def _drop(self, pairs: Iterable[Pair]) -> int:
+        store, gens, dropped = self._store, self._gens, 0
+        for pair in pairs:
+            if pair in gens:
+                gens[pair] += 1
+            for key in store.index.pop(pair, ()):
+                if store.pop(key, _MISSING) is not _MISSING:
+                    dropped += 1
+        return dropped
+
+    def invalidating(self, flow: str, nodes: Iterable[str], run: NodeRun) -> NodeRun:
+        """`run`, followed by dropping `nodes`' values of `flow` when it returns (the node is
+        `ok`); a failure drops nothing. `run` itself when the cache is off."""
+        if not self.enabled:
+            return run
+        pairs = tuple((flow, name) for name in nodes)
+
+        async def run_then_invalidate(args: Any) -> Any:
+            value = await run(args)
+            self._invalidations += 1
+            self._dropped += self._drop(pairs)
+            return value
+
+        return run_then_invalidate
+
+    # --- statistics ---------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        self._store.expire()
+        return len(self._store)
+
+    def stats(self) -> CacheStats:
+        return CacheStats(self.enabled, self._hits, self._misses, self._joined, self.size, self.maxsize,
+                          self._invalidations, self._dropped, self._uncacheable)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a flight's failure as seen: the runs that waited re-raise their own copies."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _own(exc: Exception) -> Exception:
+    """A copy of `exc` for one waiting run (its traceback is that run's alone); `exc` itself when
+    it cannot be copied."""
+    try:
+        twin = copy.copy(exc)
+    except Exception:
+        return exc
+    if type(twin) is not type(exc) or twin.args != exc.args:
+        return exc
+    twin.__traceback__ = None
+    return twin
+
+
+# --- keys and copies ----------------------------------------------------------------------
+
+_ATOMIC: frozenset[type] = frozenset({
+    str, int, float, bool, type(None), bytes, decimal.Decimal, uuid.UUID,
+    dt.datetime, dt.date, dt.time, dt.timedelta,
+})
+
+
+def freeze(value: Any) -> Hashable:
+    """A hashable stand-in for a parameter (or a list of them) that keeps its type: lists,
+    tuples and dicts by their contents. Anything else is itself (and may not hash)."""
+    kind = type(value)
+    if kind is list or kind is tuple:
+        return (kind, tuple(freeze(v) for v in value))
+    if kind is dict:
+        return (dict, tuple((freeze(k), freeze(v)) for k, v in value.items()))
+    return (kind, value)
+
+
+def private_copy(value: Any) -> Any:
+    """A copy of a query's value that shares nothing mutable with it."""
+    kind = type(value)
+    if kind in _ATOMIC:
+        return value
+    if kind is dict:
+        return {k: v if type(v) in _ATOMIC else private_copy(v) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) in _ATOMIC else private_copy(v) for v in value]
+    if kind is tuple:
+        return tuple(private_copy(v) for v in value)
+    return copy.deepcopy(value)
