@@ -99,7 +99,7 @@ class Planner:
 
     def path_of(self, name: str) -> Path:
         """The file of flow `name` (`<flows>/<name>.yaml` or `.yml`). Raises `FlowFileError`."""
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise FlowInputError(f"{name!r} is not a flow name")
         for suffix in (".yaml", ".yml"):
             path = self.flows_dir / f"{name}{suffix}"
