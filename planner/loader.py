@@ -207,19 +207,21 @@ def _problem(message: str, node: yaml.Node) -> yaml.MarkedYAMLError:
     return yaml.MarkedYAMLError(problem=message, problem_mark=node.start_mark)
 
 
-def _number(construct: Callable[[Any, yaml.ScalarNode], Any]) -> Callable[[Any, yaml.ScalarNode], Any]:
-    """PyYAML's int/float constructors, bounded: a huge literal is refused before conversion
-    (str -> int is quadratic, `1:59:59:...` more so), and one Python cannot convert (`0b_`,
-    `._`, past the int-str digit limit) or that overflows to infinity is a YAML error at its line."""
+def _scalar(construct: Callable[[Any, yaml.ScalarNode], Any], kind: str) -> Callable[[Any, yaml.ScalarNode], Any]:
+    """One of PyYAML's scalar constructors, turned into YAML errors at the value's line: a value
+    its type refuses (`2024-02-30`, `0b_`, or anything under an explicit `!!bool`/`!!timestamp`
+    tag, where PyYAML fails with KeyError or AttributeError), and for numbers, a literal too long
+    to convert (str -> int is quadratic; `1:59:59:...` more so) or a float that overflows to inf."""
 
     def build(loader: Any, node: yaml.ScalarNode) -> Any:
         shown = node.value if len(node.value) <= 40 else node.value[:40] + "..."
-        if len(node.value) > MAX_NUMBER_CHARS:
+        if kind == "number" and len(node.value) > MAX_NUMBER_CHARS:
             raise _problem(f"number {shown} is {len(node.value)} characters long (at most {MAX_NUMBER_CHARS})", node)
         try:
             value = construct(loader, node)
-        except ValueError as exc:
-            raise _problem(f"{shown!r} is not a number that can be read: {exc}", node) from None
+        except (ValueError, KeyError, AttributeError) as exc:
+            reason = f": {exc}" if type(exc) is ValueError else ""  # the calendar's or int()'s reason
+            raise _problem(f"{shown!r} is not a valid {kind}{reason}", node) from None
         if isinstance(value, float) and math.isinf(value) and "inf" not in node.value.lower():
             raise _problem(f"number {shown} is too large (write .inf for infinity)", node)
         return value
@@ -227,16 +229,13 @@ def _number(construct: Callable[[Any, yaml.ScalarNode], Any]) -> Callable[[Any, 
     return build
 
 
-def _construct_timestamp(loader: Any, node: yaml.ScalarNode) -> Any:
-    try:
-        return yaml.SafeLoader.construct_yaml_timestamp(loader, node)
-    except ValueError as exc:  # 2024-02-30, 25:00: the pattern matched, the calendar refused
-        raise _problem(f"{node.value!r} is not a valid date or time: {exc}", node) from None
-
-
-_Loader.add_constructor("tag:yaml.org,2002:int", _number(yaml.SafeLoader.construct_yaml_int))
-_Loader.add_constructor("tag:yaml.org,2002:float", _number(yaml.SafeLoader.construct_yaml_float))
-_Loader.add_constructor("tag:yaml.org,2002:timestamp", _construct_timestamp)
+for _tag, _construct, _kind in (
+    ("int", yaml.SafeLoader.construct_yaml_int, "number"),
+    ("float", yaml.SafeLoader.construct_yaml_float, "number"),
+    ("bool", yaml.SafeLoader.construct_yaml_bool, "boolean"),
+    ("timestamp", yaml.SafeLoader.construct_yaml_timestamp, "date or time"),
+):
+    _Loader.add_constructor("tag:yaml.org,2002:" + _tag, _scalar(_construct, _kind))
 
 
 def _parse_yaml(text: str, file: str) -> tuple[Any, Marks]:

@@ -101,7 +101,17 @@ def test_a_float_that_overflows_is_refused_not_read_as_infinity(write_flow: Call
 def test_a_number_python_cannot_read_is_refused(write_flow: Callable[..., Path], value: str) -> None:
     err = _error(write_flow, _default(value))
     assert (err.line, err.node) == (4, "a")
-    assert "not a number that can be read" in err.message
+    assert f"{value!r} is not a valid number" in err.message
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [("!!int x", "number"), ("!!float x", "number"), ("!!bool x", "boolean"), ("!!timestamp x", "date or time")],
+)
+def test_a_value_its_explicit_tag_refuses_is_refused(write_flow: Callable[..., Path], value: str, kind: str) -> None:
+    err = _error(write_flow, _default(value))
+    assert (err.line, err.node) == (4, "a")
+    assert f"'x' is not a valid {kind}" in err.message
 
 
 def test_a_huge_number_as_a_mapping_key_is_refused(write_flow: Callable[..., Path]) -> None:
