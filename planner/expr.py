@@ -147,9 +147,9 @@ class _Parser:
         self.i += 1
         return token
 
-    def nest(self, pos: int, levels: int = 1) -> None:
-        """Go `levels` deeper (negative: come back out), refusing more than MAX_DEPTH."""
-        self.depth += levels
+    def nest(self, pos: int) -> None:
+        """One level deeper (the caller comes back out), refusing more than MAX_DEPTH."""
+        self.depth += 1
         if self.depth > MAX_DEPTH:
             raise ExprSyntaxError(f"expression nested too deeply (more than {MAX_DEPTH} levels of (), [] and not)", pos)
 

@@ -72,7 +72,7 @@ class Marks:
     def node_at(self, where: tuple[int, int]) -> str | None:
         """The node whose text holds file position `where` (line, column), if any: for errors
         that only know a position, such as a YAML value that cannot be constructed."""
-        top = sorted(pos for path, pos in self.positions.items() if len(path) == 1)
+        top = [pos for path, pos in self.positions.items() if len(path) == 1]
         nodes = self.positions.get(("nodes",))
         if nodes is None or where < nodes:
             return None
@@ -200,7 +200,7 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
     }
 
 
-_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)\Z"), list("tTfF"))
 
 
 def _problem(message: str, node: yaml.Node) -> yaml.MarkedYAMLError:
