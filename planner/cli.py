@@ -383,7 +383,10 @@ def _validate_targets(args: list[str], flows: Path | None) -> list[Path]:
     out = []
     for arg in args:
         folder, name = _resolve_flow(arg, flows)
-        out.append(next(folder / f"{name}{s}" for s in (".yaml", ".yml") if (folder / f"{name}{s}").exists()))
+        if arg.endswith((".yaml", ".yml")) or os.sep in arg:
+            out.append(Path(arg))  # a path is checked as given, whatever its name (`x.yaml.bak`, /dev/zero)
+        else:
+            out.append(next(folder / f"{name}{s}" for s in (".yaml", ".yml") if (folder / f"{name}{s}").exists()))
     return out
 
 

@@ -12,24 +12,31 @@ No Python is ever evaluated: the tree holds only the node types below.
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from planner.models import MAX_NUMBER_CHARS
 from planner.refs import Ref, resolve
 
+MAX_DEPTH = 32
+"""How deeply parentheses, lists and `not` may nest: far beyond any real condition, and low
+enough that parsing and evaluating stay far from Python's recursion limit."""
+
 _TOKEN = re.compile(
-    r"""\s*(?:
+    r"""
       (?P<ref>\$[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)
     | (?P<number>-?\d+(?:\.\d+)?)
     | (?P<string>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
     | (?P<op>==|!=|<=|>=|<|>|\(|\)|\[|\]|,)
     | (?P<word>[A-Za-z_]+)
-    )""",
+    """,
     re.VERBOSE,
 )
+_SPACE = re.compile(r"\s*")
 _WORDS = {"and", "or", "not", "in", "true", "false", "null"}
 
 
@@ -84,41 +91,49 @@ def parse(text: str) -> Expr:
 
 def refs_of(tree: Expr) -> list[Ref]:
     """Every reference in the tree, in reading order."""
-    if isinstance(tree, Ref):
-        return [tree]
-    if isinstance(tree, Not):
-        return refs_of(tree.operand)
-    if isinstance(tree, Compare):
-        return refs_of(tree.left) + refs_of(tree.right)
-    if isinstance(tree, (BoolOp, ListOf)):
-        items = tree.operands if isinstance(tree, BoolOp) else tree.items
-        return [r for item in items for r in refs_of(item)]
-    return []
+    found: list[Ref] = []
+    stack: list[Expr] = [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Ref):
+            found.append(item)
+        elif isinstance(item, Not):
+            stack.append(item.operand)
+        elif isinstance(item, Compare):
+            stack += (item.right, item.left)
+        elif isinstance(item, BoolOp):
+            stack.extend(reversed(item.operands))
+        elif isinstance(item, ListOf):
+            stack.extend(reversed(item.items))
+    return found
 
 
 def _tokenize(text: str) -> list[tuple[str, str, int]]:
+    """Each token once, each character looked at a bounded number of times: linear in the text."""
     tokens: list[tuple[str, str, int]] = []
-    pos = 0
+    pos = _skip_space(text, 0)
     while pos < len(text):
-        if text[pos:].strip() == "":
-            break
         match = _TOKEN.match(text, pos)
-        if not match or match.end() == pos:
-            start = len(text) - len(text[pos:].lstrip())
-            raise ExprSyntaxError(f"unexpected character {text[start]!r}", start)
+        if not match:
+            raise ExprSyntaxError(f"unexpected character {text[pos]!r}", pos)
         kind = match.lastgroup or ""
-        value = match.group(kind)
-        start = match.start(kind)
+        value = match.group()
         if kind == "word" and value not in _WORDS:
-            raise ExprSyntaxError(f"unknown word {value!r} (references start with $)", start)
-        tokens.append((kind, value, start))
-        pos = match.end()
+            raise ExprSyntaxError(f"unknown word {value!r} (references start with $)", pos)
+        tokens.append((kind, value, pos))
+        pos = _skip_space(text, match.end())
     return tokens
+
+
+def _skip_space(text: str, pos: int) -> int:
+    space = _SPACE.match(text, pos)
+    return space.end() if space else pos
 
 
 class _Parser:
     def __init__(self, tokens: list[tuple[str, str, int]], length: int) -> None:
         self.tokens, self.i, self.length = tokens, 0, length
+        self.depth = 0
 
     def peek(self) -> str | None:
         return self.tokens[self.i][1] if self.i < len(self.tokens) else None
@@ -132,24 +147,37 @@ class _Parser:
         self.i += 1
         return token
 
+    def nest(self, pos: int) -> None:
+        """One level deeper (the caller comes back out), refusing more than MAX_DEPTH."""
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise ExprSyntaxError(f"expression nested too deeply (more than {MAX_DEPTH} levels of (), [] and not)", pos)
+
     def expr(self) -> Expr:
-        return self._bool("or", self._and)
+        items = [self._and()]
+        while self.peek() == "or":
+            self.take()
+            items.append(self._and())
+        return items[0] if len(items) == 1 else BoolOp("or", tuple(items))
 
     def _and(self) -> Expr:
-        return self._bool("and", self._not)
-
-    def _bool(self, op: str, operand: Callable[[], Expr]) -> Expr:
-        items = [operand()]
-        while self.peek() == op:
+        items = [self._not()]
+        while self.peek() == "and":
             self.take()
-            items.append(operand())
-        return items[0] if len(items) == 1 else BoolOp(op, tuple(items))
+            items.append(self._not())
+        return items[0] if len(items) == 1 else BoolOp("and", tuple(items))
 
     def _not(self) -> Expr:
-        if self.peek() == "not":
-            self.take()
-            return Not(self._not())
-        return self._compare()
+        # A run of `not`s is read in a loop, not by recursion; each still counts as a level.
+        count = 0
+        while self.peek() == "not":
+            self.nest(self.take()[2])
+            count += 1
+        tree = self._compare()
+        for _ in range(count):
+            tree = Not(tree)
+        self.depth -= count
+        return tree
 
     def _compare(self) -> Expr:
         left = self._atom()
@@ -168,24 +196,42 @@ class _Parser:
             parts = value[1:].split(".")
             return Ref(parts[0], tuple(parts[1:]))
         if kind == "number":
-            return Lit(float(value) if "." in value else int(value))
+            return Lit(_number(value, pos))
         if kind == "string":
             return Lit(re.sub(r"\\(.)", r"\1", value[1:-1]))
         if value in ("true", "false", "null"):
             return Lit({"true": True, "false": False, "null": None}[value])
         if value == "(":
+            self.nest(pos)
             inner = self.expr()
             self.take(")")
+            self.depth -= 1
             return inner
         if value == "[":
+            self.nest(pos)
             items: list[Expr] = []
             while self.peek() != "]":
                 items.append(self.expr())
                 if self.peek() != "]":
                     self.take(",")
             self.take("]")
+            self.depth -= 1
             return ListOf(tuple(items))
         raise ExprSyntaxError(f"unexpected {value!r}", pos)
+
+
+def _number(text: str, pos: int) -> int | float:
+    """A number literal, refused before conversion when huge (str -> int is quadratic) and
+    when it does not fit a float."""
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ExprSyntaxError(f"number is {len(text)} characters long (at most {MAX_NUMBER_CHARS})", pos)
+    try:
+        value = float(text) if "." in text else int(text)
+    except ValueError as exc:  # a process may lower Python's int-str digit limit below ours
+        raise ExprSyntaxError(f"number cannot be read: {exc}", pos) from None
+    if isinstance(value, float) and math.isinf(value):
+        raise ExprSyntaxError("number is too large", pos)
+    return value
 
 
 def _contains(container: Any, item: Any) -> bool:

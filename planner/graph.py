@@ -14,11 +14,11 @@ from typing import Any
 import networkx as nx
 
 from planner.backend import Fetch
-from planner.errors import FlowFileError, FlowGraphError
+from planner.errors import FlowError, FlowFileError, FlowGraphError
 from planner.expr import Expr, ExprSyntaxError, Lit, refs_of
 from planner.expr import parse as parse_expr
 from planner.kinds import KindName, kind_for_model, kind_of
-from planner.loader import LoadedFlow, Marks
+from planner.loader import LoadedFlow, Marks, unexpected_error
 from planner.models import FlowSpec, InputSpec, Settings
 from planner.refs import CompiledSql, Getter, Ref, RefSyntaxError, Template, compile_getter, parse_value
 
@@ -100,7 +100,17 @@ class Plan:
 
 
 def compile_flow(loaded: LoadedFlow) -> CompiledFlow:
-    """Derive the dependency graph of a validated flow. Raises `FlowGraphError`."""
+    """Derive the dependency graph of a validated flow. Raises `FlowGraphError` (or, for
+    a malformed reference or expression, `FlowFileError`), never anything else."""
+    try:
+        return _compile(loaded)
+    except (FlowError, MemoryError):
+        raise  # running out of memory is the process's condition, not the file's
+    except Exception as exc:
+        raise unexpected_error(exc, loaded.marks.file) from exc
+
+
+def _compile(loaded: LoadedFlow) -> CompiledFlow:
     spec, marks = loaded.spec, loaded.marks
     nodes: dict[str, CompiledNode] = {}
     for index, (name, node) in enumerate(spec.nodes.items()):

@@ -7,8 +7,12 @@ map from each key path to its line, so that every error can name the file, line 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,15 +20,24 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from planner.errors import FlowFileError
-from planner.models import FlowSpec
+from planner.errors import FlowError, FlowFileError
+from planner.models import MAX_NUMBER_CHARS, FlowSpec
 
 Path_ = tuple[str | int, ...]
 MAX_FILE_BYTES = 2_000_000
+# Deeper than any real flow (a node's `default:` or `with:` is a few levels down); low enough that
+# every recursive step that follows (templates, getters, JSON of results) stays far from
+# Python's recursion limit. Counted with aliases expanded.
+MAX_DEPTH = 64
+MAX_EXPANDED_NODES = 200_000
+UNEXPECTED = "PLN199"
+"""The code of a load failure that no specific check caught (see `unexpected_error`)."""
+
 _STANDARD_TAGS = frozenset(
     "tag:yaml.org,2002:" + t
     for t in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp", "merge", "binary")
 )
+_MERGE = "tag:yaml.org,2002:merge"
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,19 @@ class Marks:
         # Later lines of a block scalar keep its indentation, which is the first line's.
         return start[0] + inner_line, start[1] + inner_col
 
+    def node_at(self, where: tuple[int, int]) -> str | None:
+        """The node whose text holds file position `where` (line, column), if any: for errors
+        that only know a position, such as a YAML value that cannot be constructed."""
+        top = [pos for path, pos in self.positions.items() if len(path) == 1]
+        nodes = self.positions.get(("nodes",))
+        if nodes is None or where < nodes:
+            return None
+        if any(nodes < pos <= where for pos in top):
+            return None  # past the end of `nodes:`, in a later top-level key
+        before = [(pos, path[1]) for path, pos in self.positions.items()
+                  if len(path) == 2 and path[0] == "nodes" and pos <= where]
+        return str(max(before)[1]) if before else None
+
     def error(self, message: str, path: Path_, *, node: str | None = None, **kw: Any) -> FlowFileError:
         line, column = self.at(path)
         if node is None and len(path) >= 2 and path[0] == "nodes":
@@ -71,26 +97,80 @@ class LoadedFlow:
     path: Path
     spec: FlowSpec
     marks: Marks
+    # `(st_mtime_ns, st_size)` of the file as it was read (None for text given directly): a
+    # cache can compare it with a later stat without a race between its stat and this read.
+    stamp: tuple[int, int] | None = None
+
+
+def unexpected_error(exc: Exception, file: str | Path | None) -> FlowFileError:
+    """The backstop at the loading boundary: a failure no specific check caught is still a
+    FlowFileError naming the file, never an internal error of the caller."""
+    what = "nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
+    return FlowFileError(f"cannot load this flow ({what})", file=file, code=UNEXPECTED)
 
 
 def load_spec(path: str | os.PathLike[str]) -> LoadedFlow:
     """Read and validate one flow file. Raises `FlowFileError`."""
     path = Path(path)
+    text, stamp = read_flow_text(path)
+    return dataclasses.replace(load_text(text, file=path, name=path.stem), stamp=stamp)
+
+
+def read_flow_text(path: str | os.PathLike[str], *, limit: int = MAX_FILE_BYTES) -> tuple[str, tuple[int, int]]:
+    """The text of a flow file and its stamp `(st_mtime_ns, st_size)`. Raises `FlowFileError`.
+
+    Only a regular file of at most `limit` bytes is read, and never more than `limit + 1`
+    bytes of it: a FIFO, a device (a link to /dev/zero) or a file that grows while it is read
+    is refused without waiting on it or holding more than that in memory.
+    """
+    path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw, stamp = _read_bounded(path, limit)
     except OSError as exc:
         raise FlowFileError(f"cannot read flow file: {exc.strerror or exc}", file=path) from exc
-    if len(raw) > MAX_FILE_BYTES:
-        raise FlowFileError(f"flow file is larger than {MAX_FILE_BYTES} bytes", file=path, line=1)
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8"), stamp
     except UnicodeDecodeError as exc:
-        raise FlowFileError("flow file is not UTF-8", file=path, line=1) from exc
-    return load_text(text, file=path, name=path.stem)
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise FlowFileError(f"flow file is not UTF-8 (byte {exc.start + 1})", file=path, line=line) from None
+
+
+def _read_bounded(path: Path, limit: int) -> tuple[bytes, tuple[int, int]]:
+    # O_NONBLOCK: opening a FIFO must not wait for a writer to appear. It changes nothing for
+    # the regular files that are read.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FlowFileError(f"not a regular file ({_file_kind(st.st_mode)}): a flow must be a file", file=path)
+        if st.st_size > limit:
+            raise FlowFileError(f"flow file is larger than {limit} bytes ({st.st_size} bytes)", file=path, line=1)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > limit:  # it grew after the stat: refused all the same
+        raise FlowFileError(f"flow file is larger than {limit} bytes", file=path, line=1)
+    return raw, (st.st_mtime_ns, st.st_size)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def load_text(text: str, *, file: str | Path = "<string>", name: str = "flow") -> LoadedFlow:
     """Validate a flow given as YAML text. Raises `FlowFileError`."""
+    try:
+        return _load_text(text, file, name)
+    except (FlowError, MemoryError):
+        raise  # running out of memory is the process's condition, not the file's
+    except Exception as exc:
+        raise unexpected_error(exc, file) from exc
+
+
+def _load_text(text: str, file: str | Path, name: str) -> LoadedFlow:
     data, marks = _parse_yaml(text, str(file))
     if not isinstance(data, dict):
         raise FlowFileError("a flow file must be a mapping with at least `nodes:`", file=file, line=1)
@@ -120,87 +200,171 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
     }
 
 
-_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)\Z"), list("tTfF"))
+
+
+def _problem(message: str, node: yaml.Node) -> yaml.MarkedYAMLError:
+    return yaml.MarkedYAMLError(problem=message, problem_mark=node.start_mark)
+
+
+def _scalar(construct: Callable[[Any, yaml.ScalarNode], Any], kind: str) -> Callable[[Any, yaml.ScalarNode], Any]:
+    """One of PyYAML's scalar constructors, turned into YAML errors at the value's line: a value
+    its type refuses (`2024-02-30`, `0b_`, or anything under an explicit `!!bool`/`!!timestamp`
+    tag, where PyYAML fails with KeyError or AttributeError), and for numbers, a literal too long
+    to convert (str -> int is quadratic; `1:59:59:...` more so) or a float that overflows to inf."""
+
+    def build(loader: Any, node: yaml.ScalarNode) -> Any:
+        shown = node.value if len(node.value) <= 40 else node.value[:40] + "..."
+        if kind == "number" and len(node.value) > MAX_NUMBER_CHARS:
+            raise _problem(f"number {shown} is {len(node.value)} characters long (at most {MAX_NUMBER_CHARS})", node)
+        try:
+            value = construct(loader, node)
+        except (ValueError, KeyError, AttributeError) as exc:
+            reason = f": {exc}" if type(exc) is ValueError else ""  # the calendar's or int()'s reason
+            raise _problem(f"{shown!r} is not a valid {kind}{reason}", node) from None
+        if isinstance(value, float) and math.isinf(value) and "inf" not in node.value.lower():
+            raise _problem(f"number {shown} is too large (write .inf for infinity)", node)
+        return value
+
+    return build
+
+
+for _tag, _construct, _kind in (
+    ("int", yaml.SafeLoader.construct_yaml_int, "number"),
+    ("float", yaml.SafeLoader.construct_yaml_float, "number"),
+    ("bool", yaml.SafeLoader.construct_yaml_bool, "boolean"),
+    ("timestamp", yaml.SafeLoader.construct_yaml_timestamp, "date or time"),
+):
+    _Loader.add_constructor("tag:yaml.org,2002:" + _tag, _scalar(_construct, _kind))
 
 
 def _parse_yaml(text: str, file: str) -> tuple[Any, Marks]:
     loader = _Loader(text)
+    marks = Marks(file)
     try:
         root = loader.get_single_node()
-        marks = Marks(file)
         if root is not None:
-            _check_size(root)
-            _walk(root, (), marks, set(), text.splitlines())
+            marks.positions[()] = _position(root)  # where an error about the whole document points
+            _Walker(loader, marks, text.splitlines()).walk(root, ())
+            _check_expanded(root)
         data = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         column = mark.column + 1 if mark else None
+        node = marks.node_at((line, column)) if line is not None and column is not None else None
         problem = exc.problem or exc.context or "invalid YAML"
-        raise FlowFileError(f"YAML: {problem}", file=file, line=line, column=column) from None
+        raise FlowFileError(f"YAML: {problem}", file=file, line=line, column=column, node=node) from None
+    except yaml.reader.ReaderError as exc:
+        # A character YAML does not allow. Its offset counts bytes (libyaml) or characters
+        # (PyYAML), so the line is found from the character: the first one refused is its first.
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        line = text.count("\n", 0, max(text.find(chr(code)), 0)) + 1
+        raise FlowFileError(f"YAML: {exc.reason} (U+{code:04X})", file=file, line=line) from None
     except yaml.YAMLError as exc:
         raise FlowFileError(f"YAML: {exc}", file=file) from None
-    except RecursionError:
+    except RecursionError:  # PyYAML's pure-Python composer, when libyaml is absent, recurses
         raise FlowFileError("YAML is nested too deeply", file=file) from None
     finally:
         loader.dispose()
     return data, marks
 
 
-MAX_EXPANDED_NODES = 200_000
+class _Walker:
+    """One pass over the composed document, each node once: tags, keys, depth, and the marks.
 
+    It checks the nesting depth as written before going deeper, so it and every later
+    recursive pass over the document are bounded by MAX_DEPTH.
+    """
 
-def _check_size(root: yaml.Node) -> None:
-    """Refuse alias bombs: the size the document has once every alias is expanded."""
-    sizes: dict[int, int] = {}
+    def __init__(self, loader: Any, marks: Marks, lines: list[str]) -> None:
+        self.loader, self.marks, self.lines = loader, marks, lines
+        self.done: set[int] = set()
 
-    def size(node: yaml.Node) -> int:
-        if id(node) in sizes:
-            return sizes[id(node)]
-        sizes[id(node)] = 1  # a recursive alias counts once; construction refuses it later
-        if isinstance(node, yaml.MappingNode):
-            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+    def walk(self, node: yaml.Node, path: Path_) -> None:
+        # An aliased node is walked once: its positions are those of its first appearance.
+        if id(node) in self.done:
+            return
+        self.done.add(id(node))
+        _check_tag(node)
+        if len(path) >= MAX_DEPTH:
+            raise _problem(f"nested more than {MAX_DEPTH} levels deep", node)
+        if isinstance(node, yaml.ScalarNode):
+            self.marks.texts[path] = _text_start(node, self.lines)
+        elif isinstance(node, yaml.MappingNode):
+            self._mapping(node, path)
         elif isinstance(node, yaml.SequenceNode):
-            total = 1 + sum(size(v) for v in node.value)
-        else:
-            total = 1
-        sizes[id(node)] = total
-        if total > MAX_EXPANDED_NODES:
-            raise yaml.MarkedYAMLError(
-                problem=f"document expands to more than {MAX_EXPANDED_NODES} values (alias bomb?)",
-                problem_mark=node.start_mark,
-            )
-        return total
+            for index, item in enumerate(node.value):
+                self.marks.positions[path + (index,)] = _position(item)
+                self.walk(item, path + (index,))
 
-    size(root)
-
-
-def _walk(node: yaml.Node, path: Path_, marks: Marks, done: set[int], lines: list[str]) -> None:
-    # An aliased node is walked once: its positions are those of its first appearance.
-    if id(node) in done:
-        return
-    done.add(id(node))
-    if node.tag not in _STANDARD_TAGS:
-        raise yaml.MarkedYAMLError(problem=f"tag {node.tag!r} is not allowed", problem_mark=node.start_mark)
-    if isinstance(node, yaml.ScalarNode):
-        marks.texts[path] = _text_start(node, lines)
-    elif isinstance(node, yaml.MappingNode):
+    def _mapping(self, node: yaml.MappingNode, path: Path_) -> None:
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node)
+            key = self._key(key_node)
             if key in seen:
-                where = _node_name(path + (key,))
-                raise yaml.MarkedYAMLError(
-                    problem=f"duplicate key {key!r}{where} (first at line {seen[key]})",
-                    problem_mark=key_node.start_mark,
+                raise _problem(
+                    f"duplicate key {key_node.value!r}{_node_name(path + (key_node.value,))} (first at line {seen[key]})",
+                    key_node,
                 )
             seen[key] = key_node.start_mark.line + 1
-            marks.positions[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            _walk(value_node, path + (key,), marks, done, lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            marks.positions[path + (index,)] = (item.start_mark.line + 1, item.start_mark.column + 1)
-            _walk(item, path + (index,), marks, done, lines)
+            step = key if isinstance(key, str) or type(key) is int else key_node.value
+            self.marks.positions[path + (step,)] = _position(key_node)
+            self.walk(value_node, path + (step,))
+
+    def _key(self, key_node: yaml.Node) -> Any:
+        """The key as the document will hold it, so `1` and `0x1` are one duplicated key."""
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise _problem("a key must be a single value, not a list or a mapping", key_node)
+        _check_tag(key_node)
+        if key_node.tag == _MERGE:
+            return key_node.value
+        return self.loader.construct_object(key_node)
+
+
+def _check_tag(node: yaml.Node) -> None:
+    if node.tag not in _STANDARD_TAGS:
+        raise _problem(f"tag {node.tag!r} is not allowed", node)
+
+
+def _position(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _check_expanded(root: yaml.Node) -> None:
+    """Refuse what only expanding aliases reveals: alias bombs, a value that contains itself,
+    and nesting deeper than MAX_DEPTH. The recursion follows the document as written, whose
+    depth the walk has bounded; each node is measured once."""
+    measured: dict[int, tuple[int, int]] = {}  # id -> (size, height), aliases expanded
+    open_: set[int] = set()
+
+    def measure(node: yaml.Node) -> tuple[int, int]:
+        if id(node) in measured:
+            return measured[id(node)]
+        if id(node) in open_:
+            raise _problem("an alias refers to a value that contains it", node)
+        open_.add(id(node))
+        size, height = 1, 1
+        for child in _children(node):
+            child_size, child_height = measure(child)
+            size, height = size + child_size, max(height, child_height + 1)
+            if size > MAX_EXPANDED_NODES:
+                raise _problem(f"document expands to more than {MAX_EXPANDED_NODES} values (alias bomb?)", node)
+            if height > MAX_DEPTH:
+                raise _problem(f"nested more than {MAX_DEPTH} levels deep once aliases are expanded", node)
+        open_.discard(id(node))
+        measured[id(node)] = (size, height)
+        return size, height
+
+    measure(root)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def _text_start(node: yaml.ScalarNode, lines: list[str]) -> tuple[int, int]:

@@ -22,17 +22,22 @@ from pydantic import (
     model_validator,
 )
 
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+# `\A..\Z`, never `^..$`: `$` also matches before a final newline, which would let "a\n" pass as a
+# name. Use `fullmatch` with it; the anchors keep a stray `.match` strict too.
+NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_DURATION_S = 24 * 3600.0
+# A number literal (YAML or `when:`) longer than this is refused before it is converted: Python's
+# str -> int conversion is quadratic, and no flow needs a thousand digits.
+MAX_NUMBER_CHARS = 1000
 
 
 def parse_duration(value: Any) -> float:
     """`"300ms"`, `"2s"`, `"1.5m"`, `"1h"` -> seconds. A unit is required; 0 < d <= 24h."""
     if isinstance(value, bool) or not isinstance(value, str):
         raise ValueError(f"bad duration {value!r}: write a number with a unit, e.g. 300ms, 2s, 1m")
-    match = _DURATION_RE.match(value)
+    match = _DURATION_RE.fullmatch(value)
     if not match:
         raise ValueError(f"bad duration {value!r}: write a number with a unit, e.g. 300ms, 2s, 1m")
     seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
@@ -191,6 +196,6 @@ class FlowSpec(_Strict):
     @classmethod
     def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
         for name in value:
-            if not NAME_RE.match(name):
+            if not NAME_RE.fullmatch(name):
                 raise ValueError(f"{name!r} is not a valid name (letters, digits, _; not first a digit)")
         return value

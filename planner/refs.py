@@ -16,7 +16,12 @@ from typing import Any
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SEGMENT = re.compile(r"[A-Za-z0-9_]+")
-_WHOLE_REF = re.compile(r"^\$([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z0-9_]+)*)$")
+# `\Z`, not `$`: `$` matches before a final newline, and "$a\n" is not the reference $a.
+_WHOLE_REF = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z0-9_]+)*)\Z")
+MAX_TEMPLATE_DEPTH = 64
+"""How deeply lists and mappings may nest in a `with:`/`output:` value (the loader already
+bounds YAML; this bounds values built in Python): parsing, compiling and filling a template
+recurse once per level."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,28 +201,31 @@ class Template:
 def parse_value(value: Any) -> Template:
     """A string that is exactly `$name` or `$node.a.b` is a reference; `$$...` is a literal `$...`.
 
-    Any other string starting with `$` is an error, so a typo cannot pass as a literal.
+    Any other string starting with `$` is an error, so a typo cannot pass as a literal. Lists
+    and mappings nested more than MAX_TEMPLATE_DEPTH deep (or containing themselves) are too.
     """
     refs: list[Ref] = []
-    return Template(_parse(value, refs), tuple(dict.fromkeys(refs)))
+    return Template(_parse(value, refs, 0), tuple(dict.fromkeys(refs)))
 
 
-def _parse(value: Any, refs: list[Ref]) -> Any:
+def _parse(value: Any, refs: list[Ref], depth: int) -> Any:
     if isinstance(value, str):
         if value.startswith("$$"):
             return value[1:]
         if value.startswith("$"):
-            match = _WHOLE_REF.match(value)
+            match = _WHOLE_REF.fullmatch(value)
             if not match:
                 raise RefSyntaxError(f"{value!r} is not a reference (write $name or $node.field; $$ for a literal $)", 0)
             ref = Ref(match.group(1), tuple(p for p in match.group(2).split(".") if p))
             refs.append(ref)
             return ref
         return value
+    if isinstance(value, (list, dict)) and depth >= MAX_TEMPLATE_DEPTH:
+        raise RefSyntaxError(f"value nested too deeply (more than {MAX_TEMPLATE_DEPTH} levels)", 0)
     if isinstance(value, list):
-        return [_parse(v, refs) for v in value]
+        return [_parse(v, refs, depth + 1) for v in value]
     if isinstance(value, dict):
-        return {k: _parse(v, refs) for k, v in value.items()}
+        return {k: _parse(v, refs, depth + 1) for k, v in value.items()}
     return value
 
 

@@ -162,11 +162,26 @@ def render_findings(findings: list[Finding], fmt: str, *, checked: int) -> str:
         where = f"{f.file}:{f.line or 1}:{f.column or 1}"
         node = f"node {f.node!r}: " if f.node else ""
         if fmt == "github":
-            lines.append(f"::error file={f.file},line={f.line or 1},col={f.column or 1},title={f.code}::{node}{_gh_escape(f.message)}")
+            lines.append(_github(f, node + f.message))
         else:
             lines.append(f"{where}: {f.code} {node}{f.message}")
     return "\n".join(lines)
 
 
-def _gh_escape(text: str) -> str:
+def _github(f: Finding, message: str) -> str:
+    """One workflow command (`::error file=..,line=..::message`) that nothing in it can end early."""
+    props = {"file": f.file, "line": str(f.line or 1), "col": str(f.column or 1), "title": f.code}
+    spelled = ",".join(f"{key}={_gh_property(value)}" for key, value in props.items())
+    return f"::error {spelled}::{_gh_data(message)}"
+
+
+def _gh_data(text: str) -> str:
+    """GitHub's escaping of a command's message (actions/toolkit `escapeData`): a newline would
+    start a new command."""
     return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _gh_property(text: str) -> str:
+    """GitHub's escaping of a property value (`escapeProperty`): `,` would start another
+    property (`file=a,line=9`) and `:` could end the properties (`::`)."""
+    return _gh_data(text).replace(":", "%3A").replace(",", "%2C")

@@ -67,3 +67,22 @@ def test_walking_into_null_is_unresolved() -> None:
 def test_comparing_the_incomparable_is_a_type_error() -> None:
     with pytest.raises(TypeError):
         evaluate(parse("$none < 1"), VALUES)
+
+
+@pytest.mark.parametrize(
+    ("text", "column"),
+    [
+        pytest.param("(" * 33 + "$a" + ")" * 33, 32, id="parentheses"),
+        pytest.param("not " * 33 + "$a", 4 * 32, id="not"),
+        pytest.param("$a in " + "[" * 33 + "]" * 33, 6 + 32, id="lists"),
+    ],
+)
+def test_nesting_past_the_limit_points_at_the_first_level_too_deep(text: str, column: int) -> None:
+    with pytest.raises(ExprSyntaxError, match="nested too deeply") as info:
+        parse(text)
+    assert info.value.offset == column
+
+
+@pytest.mark.parametrize(("count", "expected"), [(31, True), (32, False)])
+def test_a_run_of_not_negates_once_per_not(count: int, expected: bool) -> None:
+    assert evaluate(parse("not " * count + "$dup"), VALUES) is expected

@@ -159,6 +159,30 @@ def test_invalid_node_name_is_refused(write_flow: Callable[..., Path]) -> None:
     assert "not a valid name" in err.message
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param('nodes:\n  "a\\n": {sql: SELECT 1}\n', id="node"),
+        pytest.param('inputs:\n  "a\\n": str\nnodes:\n  b: {sql: SELECT 1}\n', id="input"),
+    ],
+)
+def test_a_name_ending_in_a_newline_is_refused(write_flow: Callable[..., Path], text: str) -> None:
+    err = _error(write_flow, text)
+    assert "'a\\n' is not a valid name" in err.message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param('inputs: {x: int}\nnodes:\n  a: {call: tests.nodes:echo, with: {value: "$x\\n"}}\n', id="with"),
+        pytest.param('inputs: {x: int}\nnodes:\n  a: {sql: SELECT 1}\noutput: {o: "$x\\n"}\n', id="output"),
+    ],
+)
+def test_a_reference_ending_in_a_newline_is_refused(write_flow: Callable[..., Path], text: str) -> None:
+    err = _error(write_flow, text)
+    assert "is not a reference" in err.message
+
+
 def test_input_and_node_names_must_differ(write_flow: Callable[..., Path]) -> None:
     err = _error(write_flow, "inputs: {a: str}\nnodes:\n  a: {sql: SELECT 1}\n")
     assert "both an input and a node" in err.message

@@ -59,6 +59,37 @@ def test_a_malformed_value_reference_is_an_error_not_a_literal() -> None:
         parse_value({"a": "$x-y"})
 
 
+@pytest.mark.parametrize("text", ["$x\n", "$x.y\n"])
+def test_a_reference_followed_by_a_newline_is_not_a_reference(text: str) -> None:
+    with pytest.raises(RefSyntaxError, match="not a reference"):
+        parse_value({"a": text})
+
+
+def _nested(depth: int) -> list[object]:
+    value: list[object] = ["$x"]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_value_nested_too_deeply_is_refused_not_a_recursion_error() -> None:
+    with pytest.raises(RefSyntaxError, match="nested too deeply"):
+        parse_value({"a": _nested(5000)})
+
+
+def test_a_value_that_contains_itself_is_refused_not_a_recursion_error() -> None:
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises(RefSyntaxError, match="nested too deeply"):
+        parse_value({"a": loop})
+
+
+def test_a_value_nested_to_the_limit_is_parsed() -> None:
+    from planner.refs import MAX_TEMPLATE_DEPTH
+
+    assert parse_value(_nested(MAX_TEMPLATE_DEPTH - 1)).refs == (Ref("x"),)
+
+
 def test_resolving_into_null_is_unresolved() -> None:
     with pytest.raises(Unresolved):
         resolve(Ref("conv", ("id",)), {"conv": None})
