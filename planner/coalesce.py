@@ -30,10 +30,12 @@ from planner.policy import timed
 
 logger = logging.getLogger("planner")
 
-MAX_BATCH = 500  # members of one statement; more start the next batch
+MAX_BATCH = 500  # runs sharing one read; more start the next batch
+MAX_WRITE_BATCH = 32  # runs sharing one write: past this, the server's cost per member grows
+# (one combined write holds every member's CTEs; planning it grows faster than its size)
 
 
-def enabled() -> bool:
+def _env_enabled() -> bool:
     """`PLANNER_COALESCE=0` (or `false`/`no`/`off`) turns coalescing off for the process."""
     return os.environ.get("PLANNER_COALESCE", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -50,13 +52,23 @@ class _Batch:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
+    def admits(self, params: list[Any], limit: int) -> bool:
+        """Whether a run with `params` may join. Two writes with the same parameters never
+        share a statement: in one statement the second cannot see the first's rows (a
+        find-or-create would find nothing and create nothing), which no order of two
+        separate runs could give."""
+        if len(self.params) >= limit:
+            return False
+        return self.node.read_only or _freeze(params) not in self.keys
+
     def join(self, params: list[Any]) -> int:
         key = _freeze(params)
-        index = self.keys.get(key) if key is not None else None
+        # Two runs reading the same thing share one answer; two runs writing it both write.
+        index = self.keys.get(key) if key is not None and self.node.read_only else None
         if index is None:
             index = len(self.params)
             if key is not None:
-                self.keys[key] = index
+                self.keys.setdefault(key, index)
             self.params.append(params)
             self.waiters.append(0)
             self.joined.append(0)
@@ -70,21 +82,25 @@ class _Batch:
 class CoalescingBackend(WrappingBackend):
     """Coalesces the reads of concurrent runs (see the module's docstring)."""
 
-    def __init__(self, inner: Backend, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, inner: Backend, *, max_batch: int = MAX_BATCH, enabled: bool | None = None) -> None:
         super().__init__(inner)
         self.max_batch = max_batch
+        self.enabled = _env_enabled() if enabled is None else enabled
         self._pending: dict[str, _Batch] = {}
         self._alone: set[str] = set()  # statements the inner backend said cannot be batched
         self.batches = 0  # statements sent for more than one run (a figure for benchmarks)
+        self.alone = 0  # coalescible queries that found a free connection and went alone
 
     async def run(self, query: Query) -> Any:
         node = query.node
-        if not node.coalesce or not enabled():
+        if not node.coalesce or not self.enabled:
             return await self.inner.run(query)
         text = node.statements[0].text
         batch = self._pending.get(text)
-        if batch is None or len(batch.params) >= self.max_batch:
+        limit = self.max_batch if node.read_only else min(self.max_batch, MAX_WRITE_BATCH)
+        if batch is None or not batch.admits(query.params[0], limit):
             if text in self._alone or self.inner.idle():
+                self.alone += 1
                 return await self.inner.run(query)  # a free connection: go now, alone
             batch = self._pending[text] = _Batch(node)
             batch.task = asyncio.get_running_loop().create_task(self._send(text, batch))

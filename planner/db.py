@@ -30,12 +30,14 @@ from planner.backend import Described, Outcome, Query
 from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
 from planner.graph import CompiledNode
 from planner.refs import CompiledSql, name_params
+from planner.sqlinfo import combine_writes
 
 logger = logging.getLogger("planner")
 
 # Class 08 (connection exceptions) and these: serialization failure, deadlock, too many
 # connections, admin/crash shutdown, cannot connect now.
 _TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "53300", "57P01", "57P02", "57P03"})
+STATEMENT_CACHE = 256  # prepared statements kept per connection (asyncpg's default: 100)
 _RELEASE_TIMEOUT_S = 2.0  # a connection that cannot be reset in this time (a frozen backend) is terminated
 
 # What a flow statement may leave behind on its session, undone before the connection is
@@ -145,7 +147,8 @@ class PoolBackend:
         self._lock = asyncio.Lock()
         self._releases: set[asyncio.Task[None]] = set()
         self._baseline: tuple[str | None, ...] | None = None
-        self._batches: dict[str, str | None] = {}  # statement -> its combined form (None: not shareable)
+        self._batches: dict[str, str | None] = {}
+        self._busy = 0  # connections held or waited for by planner's statements  # statement -> its combined form (None: not shareable)
 
     @property
     def opened(self) -> bool:
@@ -168,6 +171,8 @@ class PoolBackend:
                         max_size=self._sizes[1],
                         init=self._init,
                         reset=None if self._full_reset else _keep_session,
+                        # Combined writes are one statement per batch size: room for them.
+                        statement_cache_size=STATEMENT_CACHE,
                     )
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, ValueError) as exc:
                     # ValueError: a DSN asyncpg cannot parse (`:notaport`)
@@ -181,10 +186,7 @@ class PoolBackend:
 
     async def run(self, query: Query) -> Any:
         pool = self._pool or await self.pool()
-        try:
-            con = await pool.acquire()
-        except Exception as exc:
-            _reraise(exc)
+        con = await self._acquire(pool)
         try:
             # The node's timeout times the statements, not the wait for a connection above.
             timeout = query.timeout
@@ -196,9 +198,20 @@ class PoolBackend:
         return value
 
     def idle(self) -> bool:
-        """Whether a statement sent now would find a connection without waiting."""
-        pool = self._pool
-        return pool is None or pool.get_idle_size() > 0 or pool.get_size() < pool.get_max_size()
+        """Whether a statement sent now would find a connection without waiting: fewer of
+        planner's statements hold or wait for one than the pool has. (asyncpg's idle count
+        cannot tell: a connection just released is counted idle while a waiter is about to
+        take it.)"""
+        return self._busy < self._sizes[1] if self._owned or self._pool is None else \
+            self._busy < self._pool.get_max_size()
+
+    async def _acquire(self, pool: asyncpg.Pool) -> asyncpg.Connection:
+        self._busy += 1  # until `_release` has given it back
+        try:
+            return await pool.acquire()
+        except BaseException as exc:
+            self._busy -= 1
+            _reraise(exc)
 
     async def run_batch(self, node: CompiledNode, params: list[list[Any]], started: Callable[[], None]) -> list[Outcome] | None:
         """Run `node`'s one statement for each parameter list, as one statement on one connection.
@@ -209,10 +222,7 @@ class PoolBackend:
         connection, so that one member's bad value fails only that member.
         """
         pool = self._pool or await self.pool()
-        try:
-            con = await pool.acquire()
-        except Exception as exc:
-            _reraise(exc)
+        con = await self._acquire(pool)
         started()
         try:
             outcomes = await self._batch_on(con, node, params)
@@ -223,6 +233,8 @@ class PoolBackend:
         return outcomes
 
     async def _batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | None:
+        if not node.read_only:
+            return await self._write_batch_on(con, node, params)
         statement = node.statements[0]
         text = await self._batch_text(con, node)
         if text is None:
@@ -236,7 +248,37 @@ class PoolBackend:
                 raise
             # One member's bad value fails the whole statement: each again alone, with its own error.
             return [await _alone(con, node, statement, member) for member in params]
-        return _split(rows, len(params), node.fetch)
+        return _split(rows, len(params), node.fetch, row_numbers=True)
+
+    async def _write_batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | None:
+        """Writes an author marked `coalesce: true`: one statement, so one transaction: all of
+        it is written or none, and when it fails each member runs again alone, with its own
+        outcome. (The coalescer keeps write batches small: see `MAX_WRITE_BATCH`.)"""
+        statement = node.statements[0]
+        text = self._write_text(statement.text, len(params))
+        if text is None:
+            return None
+        # Members in one order whatever the batch: two batches that write the same rows take
+        # their locks in the same order, instead of deadlocking (and waiting a second for the
+        # server to notice).
+        order = sorted(range(len(params)), key=lambda i: repr(params[i]))
+        try:
+            fetching = con.fetch(text, *[value for i in order for value in params[i]])
+            rows = await (fetching if node.timeout is None else _timed(fetching, node.timeout))
+        except Exception as exc:
+            if _lost(exc) or isinstance(exc, NodeTimeout):
+                raise
+            return [await _alone(con, node, statement, member) for member in params]
+        outcomes: list[Outcome] = [(None, None)] * len(params)
+        for position, outcome in zip(order, _split(rows, len(params), node.fetch, row_numbers=False), strict=True):
+            outcomes[position] = outcome
+        return outcomes
+
+    def _write_text(self, text: str, members: int) -> str | None:
+        key = f"{members}\0{text}"
+        if key not in self._batches:
+            self._batches[key] = combine_writes(text, members)
+        return self._batches[key]
 
     async def _batch_text(self, con: asyncpg.Connection, node: CompiledNode) -> str | None:
         """The combined statement for `node` (cached), or None when it cannot be shared safely:
@@ -280,10 +322,14 @@ class PoolBackend:
             pool, self._pool = self._pool, None
             await pool.close()
 
+    def _released(self, _task: asyncio.Task[None]) -> None:
+        self._busy -= 1
+
     def _release_later(self, pool: asyncpg.Pool, con: asyncpg.Connection, session: bool) -> None:
         # A borrowed pool, or a full reset, leaves resetting to asyncpg.
         check = self._owned and not self._full_reset
         task = asyncio.get_running_loop().create_task(_release(pool, con, check and session, self._baseline if check else None))
+        task.add_done_callback(self._released)
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
@@ -315,8 +361,9 @@ async def _alone(con: asyncpg.Connection, node: CompiledNode, statement: Compile
         return (None, exc)
 
 
-def _split(rows: list[Any], members: int, fetch: str) -> list[Outcome]:
-    """Rows of the combined statement -> each member's value, as `_fetch_raw` would give it."""
+def _split(rows: list[Any], members: int, fetch: str, *, row_numbers: bool) -> list[Outcome]:
+    """Rows of the combined statement -> each member's value, as `_fetch_raw` would give it.
+    The first column is the member's ordinal; with `row_numbers` the last is a row number."""
     grouped: list[list[Any]] = [[] for _ in range(members)]
     for row in rows:
         grouped[row[0] - 1].append(row)
@@ -325,7 +372,8 @@ def _split(rows: list[Any], members: int, fetch: str) -> list[Outcome]:
         if fetch == "value":
             outcomes.append((group[0][1] if group else None, None))
             continue
-        dicts = [{k: v for k, v in list(r.items())[1:-1]} for r in group]
+        end = -1 if row_numbers else None
+        dicts = [dict(list(r.items())[1:end]) for r in group]
         outcomes.append((dicts if fetch == "all" else (dicts[0] if dicts else None), None))
     return outcomes
 

@@ -138,9 +138,10 @@ class SqlNode(_NodeBase):
 
     sql: str | Annotated[list[str], Field(min_length=1)]
     fetch: Literal["one", "all", "value", "none"] = "all"
-    coalesce: Annotated[bool | None, Field(description="false: never share this read with other runs. Only single "
-                                           "read-only statements are coalesced; true on a write is refused (not "
-                                           "supported yet).")] = None
+    coalesce: Annotated[bool | None, Field(description="Reads (one statement proven read-only) are shared with "
+                                           "concurrent runs unless false. true lets a write with RETURNING join "
+                                           "a batch: one statement, one transaction, split and re-run per run on "
+                                           "error; only when the runs' writes cannot touch the same rows.")] = None
     cache: Duration | None = Field(
         default=None,
         description="Keep the value this long per (statement, parameters), in the process; only for one "

@@ -15,9 +15,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pglast
 from pglast import ast
+from pglast.stream import RawStream
 from pglast.visitors import Visitor
 
 # Built-in functions with effects beyond computing a value (or that depend on the session).
@@ -108,3 +110,83 @@ def analyze(text: str) -> SqlInfo:
         session=walk.session,
         functions=frozenset(walk.functions),
     )
+
+
+def combine_writes(text: str, members: int) -> str | None:
+    """One statement that runs the write `text` once per member, every member's parameters
+    numbered after the previous member's ($1..$k for the first, $k+1..$2k for the second...),
+    and returns each member's rows tagged with its 1-based ordinal in a first column `?ord`.
+
+    Each member's own CTEs are hoisted to the top under names of their own (`found` becomes
+    `found__m2`, still read as `found` inside), its main statement becomes the CTE `r__m2`, and
+    the result is their `UNION ALL`. None when `text` cannot be combined: no rows returned
+    (a write without RETURNING), a recursive or nested WITH, or more than one statement.
+    """
+    pieces: list[str] = []
+    selects: list[str] = []
+    for i in range(members):
+        tree = pglast.parse_sql(text)
+        if len(tree) != 1:
+            return None
+        stmt: Any = tree[0].stmt
+        if stmt is None or not _returns_rows(stmt) or not _plain_with(stmt):
+            return None
+        offset = i * _param_count(stmt)
+        ctes = list(stmt.withClause.ctes or ()) if stmt.withClause else []
+        names = {str(cte.ctename) for cte in ctes}
+        _Renumber(offset, names, f"__m{i + 1}")(tree)
+        if ctes:
+            pieces += [RawStream()(cte) for cte in ctes]
+            stmt.withClause = None
+        pieces.append(f'"r__m{i + 1}" AS ({RawStream()(stmt)})')
+        selects.append(f'SELECT {i + 1} AS "?ord", * FROM "r__m{i + 1}"')
+    return f"WITH {', '.join(pieces)} {' UNION ALL '.join(selects)}"
+
+
+def _returns_rows(stmt: ast.Node) -> bool:
+    if isinstance(stmt, ast.SelectStmt):
+        return True
+    return isinstance(stmt, _WRITES) and bool(getattr(stmt, "returningList", None))
+
+
+def _plain_with(stmt: ast.Node) -> bool:
+    """Only the top-level WITH may define names (a nested one could shadow a renamed CTE)."""
+    top = getattr(stmt, "withClause", None)
+    if top is not None and top.recursive:
+        return False
+    nested = [n for _, n in _nodes(stmt) if isinstance(n, ast.WithClause) and n is not top]
+    return not nested
+
+
+def _param_count(stmt: ast.Node) -> int:
+    return max((int(n.number or 0) for _, n in _nodes(stmt) if isinstance(n, ast.ParamRef)), default=0)
+
+
+def _nodes(tree: ast.Node) -> list[tuple[object, ast.Node]]:
+    found: list[tuple[object, ast.Node]] = []
+
+    class _All(Visitor):
+        def visit(self, ancestors: object, node: ast.Node) -> None:
+            found.append((ancestors, node))
+
+    _All()(tree)
+    return found
+
+
+class _Renumber(Visitor):
+    """Shift parameter numbers by `offset`; give the CTEs in `names` the suffix, keeping the
+    old name as the alias so that `found.id` still means what it meant."""
+
+    def __init__(self, offset: int, names: set[str], suffix: str) -> None:
+        super().__init__()
+        self.offset, self.names, self.suffix = offset, names, suffix
+
+    def visit(self, ancestors: object, node: ast.Node) -> ast.Node | None:
+        if isinstance(node, ast.ParamRef):
+            return ast.ParamRef(number=int(node.number or 0) + self.offset, location=node.location)
+        if isinstance(node, ast.RangeVar) and node.schemaname is None and node.relname in self.names:
+            return ast.RangeVar(relname=node.relname + self.suffix, inh=node.inh, relpersistence=node.relpersistence,
+                                alias=node.alias or ast.Alias(aliasname=node.relname), location=node.location)
+        if isinstance(node, ast.CommonTableExpr) and node.ctename in self.names:
+            node.ctename = node.ctename + self.suffix
+        return None

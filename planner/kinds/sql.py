@@ -37,10 +37,10 @@ class SqlKind:
         if node.cache is not None and not read_only:
             raise marks.error(f"cache: only one read-only statement can be cached; {_not_read_only(node, infos)}",
                               ("nodes", name, "cache"), code="PLN130")
-        if node.coalesce and not read_only:
+        if node.coalesce and not read_only and (len(statements) > 1 or node.fetch == "none"):
             raise marks.error(
-                "coalesce: true on a statement that writes (or a statement list): coalescing writes is not "
-                "supported yet; only single read-only statements are coalesced", ("nodes", name, "coalesce"))
+                "coalesce: true needs one statement that returns rows (RETURNING, fetch: one/all/value): a "
+                "statement list is a transaction of its own and is never shared", ("nodes", name, "coalesce"))
         return Body(
             refs=tuple(ref for s in statements for ref in s.params),
             fields={
@@ -49,7 +49,8 @@ class SqlKind:
                 "read_only": read_only,
                 "session": any(i.session for i in infos),
                 "functions": frozenset(f for i in infos for f in i.functions),
-                "coalesce": read_only and node.coalesce is not False and node.fetch != "none",
+                # Reads are shared unless turned off; a write only when its author says it may be.
+                "coalesce": node.fetch != "none" and (node.coalesce is True or (read_only and node.coalesce is None)),
                 "cache_ttl": node.cache,
             },
         )
