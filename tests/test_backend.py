@@ -88,7 +88,7 @@ async def test_a_flow_whose_sql_nodes_are_all_overridden_opens_nothing(write_flo
     assert result.values == {"a": 10, "b": 20, "c": 30}
     if isinstance(backend, Counting):
         assert (backend.opens, backend.pools, backend.queries) == (0, 0, [])
-        backend = backend.inner  # type: ignore[assignment]
+        backend = backend.inner
     if isinstance(backend, PoolBackend):
         assert not backend.opened
 

@@ -76,7 +76,7 @@ def test_validate_refuses_a_node_of_an_unknown_kind(tmp_path: typing.Any, monkey
 
     def unknown_kind(loaded: typing.Any) -> typing.Any:
         flow = real(loaded)
-        flow.nodes["a"] = dataclasses.replace(flow.nodes["a"], kind="nope")
+        flow.nodes["a"] = dataclasses.replace(flow.nodes["a"], kind="nope")  # type: ignore[arg-type]
         return flow
 
     monkeypatch.setattr("planner.validate.compile_flow", unknown_kind)

@@ -107,7 +107,7 @@ def _imports(module: str, path: Path) -> list[Import]:
         for target in targets:
             resolved = _resolve(target)
             if resolved != module:
-                found.append(Import(module, resolved, typing_only, node.lineno))
+                found.append(Import(module, resolved, typing_only, getattr(node, "lineno", 0)))
         visit(node, typing_only)
 
     visit(tree, False)

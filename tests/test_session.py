@@ -162,14 +162,15 @@ async def test_only_statements_that_may_change_the_session_are_released_dirty(
         await real(pool, con, dirty, baseline)
 
     monkeypatch.setattr(planner.db, "_release", recording)
-    for name, sql in [
+    flows: list[tuple[str, str | list[str]]] = [
         ("plain", "SELECT count(*) FROM whatsapp_instances"),
         ("listed", ["SELECT 1", "SELECT 2"]),
         ("write", "UPDATE whatsapp_instances SET escalation_threshold = 3 WHERE id = 0"),
         ("set", "SET TimeZone = 'UTC'"),
         ("set_config", "SELECT set_config('search_path', 'public', false)"),
         ("role", f"SET ROLE {ROLE}"),
-    ]:
+    ]
+    for name, sql in flows:
         _flow(tmp_path, name, sql, fetch="none")
         released.clear()
         await one_connection.run(name)
