@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -313,9 +314,11 @@ async def test_a_missing_database_or_role_is_database_unavailable(write_flow: Wr
     from planner.db import with_database
 
     write_flow("nodes:\n  a: {sql: SELECT 1, default: 0}\n")
-    for dsn in (with_database(pg_dsn, "no_such_database"), pg_dsn.replace("postgres:@", "no_such_role:@", 1)):
+    parts = urlsplit(pg_dsn)
+    other_role = urlunsplit(parts._replace(netloc="no_such_role@" + parts.netloc.rpartition("@")[2]))
+    for dsn, missing in ((with_database(pg_dsn, "no_such_database"), "no_such_database"), (other_role, "no_such_role")):
         async with Planner(flows=tmp_path, dsn=dsn) as planner:
-            with pytest.raises(DatabaseUnavailable) as info:
+            with pytest.raises(DatabaseUnavailable, match=missing) as info:
                 await planner.run("t")
         _assert_planners(info.value)
 
