@@ -18,6 +18,7 @@ import inspect
 import os
 import re
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -108,10 +109,42 @@ class CallTargets:
         top = module_name.split(".")[0]
         try:
             if top in self.local:
-                return importlib.import_module(f"{self._local_package()}.{module_name}")
+                return self._import_local(module_name)
             return importlib.import_module(module_name)
+        except _NotInFolder as exc:
+            raise ValueError(str(exc)) from None
         except Exception as exc:  # an import runs the module's code: any error is the module's
             raise ValueError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
+
+    def _import_local(self, module_name: str) -> types.ModuleType:
+        """A module of the folder, each level loaded from the very file checked a moment before.
+
+        Never through the import system's own search of the folder, which would take a package
+        directory before a module file, a compiled extension before a source file, and a
+        symlink as readily as a file: each level must be a real file of the folder, checked
+        when it is loaded (not only when the Planner was made).
+        """
+        assert self.folder is not None
+        package = self._local_package()
+        parts = module_name.split(".")
+        module: types.ModuleType | None = None
+        with _LOADING:
+            for depth in range(1, len(parts) + 1):
+                dotted = ".".join(parts[:depth])
+                origin = _module_file(self.folder, parts[:depth])
+                if origin is None:
+                    raise _NotInFolder(f"module {dotted!r} is not a module of the flows folder {self.folder}/ "
+                                       "(its file must be a .py file inside it, not a symlink to one elsewhere)")
+                full = f"{package}.{dotted}"
+                module = sys.modules.get(full)
+                if module is not None:
+                    if getattr(module, "__file__", None) != str(origin):
+                        raise _NotInFolder(f"module {dotted!r} was loaded from another file than {origin}")
+                    continue
+                module = _load_file(full, origin)
+                setattr(sys.modules[full.rpartition(".")[0]], parts[depth - 1], module)
+        assert module is not None
+        return module
 
     def _local_package(self) -> str:
         """A package of its own for this folder: `planner._local.f<hash of the folder>`."""
@@ -131,20 +164,63 @@ class CallTargets:
         return self._package
 
 
+_LOADING = threading.RLock()  # flows are compiled on threads: one folder module is loaded once
+
+
+class _NotInFolder(Exception):
+    pass
+
+
+def _load_file(name: str, origin: Path) -> types.ModuleType:
+    """Execute `origin` as module `name` (a package when it is an `__init__.py`)."""
+    is_package = origin.name == "__init__.py"
+    spec = importlib.util.spec_from_file_location(
+        name, origin, submodule_search_locations=[str(origin.parent)] if is_package else None)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
 def _modules_in(folder: Path) -> list[str]:
-    """Python modules (files and packages) in `folder` whose real file is inside it: a symlink
-    to a file elsewhere (`helpers.py -> /usr/lib/python3/subprocess.py`) is not a module of
-    the folder. Names of standard-library modules are skipped so that `os:popen` can never
-    mean a folder's file."""
+    """The top-level Python modules (files and packages) of `folder` (see `_module_file`)."""
     if not folder.is_dir():
         return []
-    found: list[str] = []
-    for path in [*folder.glob("*.py"), *folder.glob("*/__init__.py")]:
-        name = path.stem if path.name != "__init__.py" else path.parent.name
-        real = path.resolve()
-        if not _NAME.fullmatch(name) or not real.is_relative_to(folder) or name in sys.stdlib_module_names:
+    names = {p.stem for p in folder.glob("*.py")} | {p.parent.name for p in folder.glob("*/__init__.py")}
+    return sorted(name for name in names if _module_file(folder, [name]) is not None)
+
+
+def _module_file(folder: Path, parts: list[str]) -> Path | None:
+    """The file of module `a.b.c` (as `parts`) in `folder`, if it is one of the folder's own.
+
+    As Python does, a package directory `name/` (with an `__init__.py`) comes before a module
+    file `name.py`. Each directory on the way and the file itself must really be inside the
+    folder: a symlink to a file elsewhere (`helpers.py -> .../subprocess.py`) or a symlinked
+    package directory is not a module of the folder. Names of standard-library modules never
+    are (at the top), so that `os:popen` can never mean a folder's file.
+    """
+    if not parts or not all(_NAME.fullmatch(p) for p in parts) or parts[0] in sys.stdlib_module_names:
+        return None
+    base = folder
+    for i, part in enumerate(parts):
+        directory = base / part
+        init = directory / "__init__.py"
+        if directory.is_dir() and init.is_file():
+            if directory.resolve() != directory or not init.resolve().is_relative_to(folder):
+                return None  # a symlinked package directory, or an __init__.py from elsewhere
+            if i == len(parts) - 1:
+                return init
+            base = directory
             continue
-        if path.name == "__init__.py" and path.parent.resolve() != folder / name:
-            continue  # a symlinked package directory
-        found.append(name)
-    return sorted(set(found))
+        if i < len(parts) - 1:
+            return None  # `a.b` needs `a` to be a package of the folder
+        file = base / f"{part}.py"
+        if file.is_file() and file.resolve().is_relative_to(folder):
+            return file  # (a symlink to another file of the folder is the folder's)
+        return None
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 calls: list[str] = []
@@ -79,3 +80,17 @@ async def cancels_itself() -> None:
 
 async def own_timeout() -> None:
     raise TimeoutError("the remote API timed out")
+
+
+# Sync calls (run on planner's threads): `block` holds its thread until `unblock` is set (or `seconds` pass).
+unblock = threading.Event()
+
+
+def block(seconds: float = 2.0, value: Any = "unblocked") -> Any:
+    calls.append("block")
+    unblock.wait(seconds)
+    return value
+
+
+def quick(value: Any = "quick") -> Any:
+    return value

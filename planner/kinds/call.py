@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from planner.loader import Marks
 
 DEFAULT_THREADS = 32
+IDLE_S = 60.0  # an idle thread ends after this long
 
 
 class CallKind:
@@ -95,24 +96,55 @@ class CallThreads:
     """At most `size` daemon threads running sync `call:` functions.
 
     A call finds an idle thread or starts one; when all `size` are busy it fails at once with
-    a `NodeError` that says how many are held by calls that already timed out.
+    a `NodeError` that says how many are held by calls that already timed out. A thread idle
+    for `idle_s` ends, so that the threads of a Planner that is no longer used do not stay.
     """
 
-    def __init__(self, size: int = DEFAULT_THREADS) -> None:
+    def __init__(self, size: int = DEFAULT_THREADS, *, idle_s: float = IDLE_S) -> None:
         self.size = size
+        self.idle_s = idle_s
         self._lock = threading.Lock()
         self._busy = 0
         self._abandoned = 0
         self._threads = 0
-        self._work: queue.SimpleQueue[tuple[Callable[[], None]] | None] = queue.SimpleQueue()
+        self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 
     @property
     def busy(self) -> int:
+        """Threads running a call now (those whose node timed out or was cancelled included)."""
         return self._busy
+
+    @property
+    def threads(self) -> int:
+        """Threads started and not ended (busy or idle)."""
+        return self._threads
+
+    @property
+    def abandoned(self) -> int:
+        """Threads still running a call nobody waits for any more (it timed out or was cancelled)."""
+        return self._abandoned
 
     async def run(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        state = {"finished": False, "abandoned": False}
+
+        def work() -> None:
+            value: Any = None
+            error: BaseException | None = None
+            try:
+                value = fn(**kwargs)
+            except BaseException as exc:  # handed to the awaiting node, whatever it is
+                error = exc
+            # The thread is free before the value wakes anyone up: a node that starts because of
+            # this value must find it idle (with one thread, a chain of sync calls would
+            # otherwise fail as "all threads busy").
+            with self._lock:
+                self._busy -= 1
+                state["finished"] = True
+                self._abandoned -= state["abandoned"]
+            _deliver(loop, future, value, error)
+
         with self._lock:
             if self._busy >= self.size:
                 raise NodeError(
@@ -123,24 +155,10 @@ class CallThreads:
             start = self._busy > self._threads
             if start:
                 self._threads += 1
-
-        state = {"finished": False, "abandoned": False}
-
-        def work() -> None:
-            try:
-                value = fn(**kwargs)
-            except BaseException as exc:  # handed to the awaiting node, whatever it is
-                _deliver(loop, future, None, exc)
-            else:
-                _deliver(loop, future, value, None)
-            finally:
-                with self._lock:
-                    state["finished"] = True
-                    self._abandoned -= state["abandoned"]
-
-        self._work.put((work,))
+            # Queued under the lock: an idle thread about to end sees it and stays.
+            self._work.put(work)
         if start:
-            threading.Thread(target=self._serve, name=f"planner-call-{self._threads}", daemon=True).start()
+            threading.Thread(target=self._serve, name=f"planner-call-{id(self):x}", daemon=True).start()
         try:
             return await future
         except asyncio.CancelledError:
@@ -152,14 +170,15 @@ class CallThreads:
 
     def _serve(self) -> None:
         while True:
-            item = self._work.get()
-            if item is None:
-                return
             try:
-                item[0]()
-            finally:
+                item = self._work.get(timeout=self.idle_s)
+            except queue.Empty:
                 with self._lock:
-                    self._busy -= 1
+                    if not self._work.empty():
+                        continue  # queued while this thread timed out: it is this thread's
+                    self._threads -= 1
+                    return
+            item()
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
