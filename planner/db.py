@@ -302,6 +302,8 @@ class PoolBackend:
         if not node.read_only:
             return await self._write_batch_on(con, node, params)
         statement = node.statements[0]
+        if not statement.params:  # the same statement for every member: run it once
+            return [await _alone(con, node, statement, [])] * len(params)
         text = await self._batch_text(con, node)
         if text is None:
             return None
