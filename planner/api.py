@@ -59,9 +59,11 @@ class Planner:
     ...     result = await planner.run("escalation", {"instance_id": 1, "user_phone": "+1555", "message": "hi"})
 
     `dsn=` gives planner a pool of its own (closed with the planner); `pool=` borrows yours
-    (never closed here). Either way the backend is `CoalescingBackend(PoolBackend(...))`:
-    reads of concurrent runs that would wait for a connection share one statement (see
-    `planner.coalesce`). `backend=` takes any `planner.backend.Backend` instead, used as given. With none, `DATABASE_URL` is used, else the embedded
+    (never closed here). Either way the backend is
+    `FusingBackend(CoalescingBackend(PoolBackend(...)))`: sibling reads of one run that are
+    ready together share one statement (`planner.fuse`), and reads of concurrent runs that
+    would wait for a connection share one (`planner.coalesce`). `backend=` takes any
+    `planner.backend.Backend` instead, used as given. With none, `DATABASE_URL` is used, else the embedded
     PostgreSQL; nothing is opened until a flow with SQL to run runs. `min_size`/`max_size`
     size an owned pool; `full_reset=True` keeps asyncpg's reset query on release.
     `allowed_modules` (default: `PLANNER_ALLOWED_MODULES`, else the demo's flow functions and
@@ -94,9 +96,10 @@ class Planner:
         if backend is None:
             from planner.coalesce import CoalescingBackend
             from planner.db import PoolBackend
+            from planner.fuse import FusingBackend
 
-            backend = CoalescingBackend(
-                PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset))
+            backend = FusingBackend(CoalescingBackend(
+                PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset)))
         # The outermost wrapper: a hit never reaches the database, or anything in between.
         self.cache = CacheBackend(backend, maxsize=cache_size)
         self.backend: Backend = self.cache

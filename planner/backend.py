@@ -47,6 +47,7 @@ class Query:
     node: CompiledNode
     params: list[list[Any]]
     served: Served = field(default_factory=Served)
+    run: object = None  # which run asks (the same object for every query of one run): fusion's key
 
     @property
     def statements(self) -> tuple[CompiledSql, ...]:
@@ -89,6 +90,10 @@ class Backend(Protocol):
     def idle(self) -> bool:
         """Whether a query sent now would start at once (no wait for a connection)."""
 
+    async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
+        """Run the one read statement of each query (all of one run) as one statement on one
+        connection; each gets its own outcome. None when they cannot be fused (nothing sent)."""
+
     async def run_batch(self, node: CompiledNode, params: list[list[Any]],
                         started: Callable[[], None]) -> list[Outcome] | None:
         """Run `node`'s one statement once per parameter list, as one statement; each member
@@ -122,6 +127,9 @@ class WrappingBackend:
 
     def idle(self) -> bool:
         return self.inner.idle()
+
+    async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
+        return await self.inner.run_fused(queries)
 
     async def run_batch(self, node: CompiledNode, params: list[list[Any]],
                         started: Callable[[], None]) -> list[Outcome] | None:
@@ -158,6 +166,9 @@ class Offline:
 
     def idle(self) -> bool:
         return True
+
+    async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
+        raise self._error()
 
     async def run_batch(self, node: CompiledNode, params: list[list[Any]],
                         started: Callable[[], None]) -> list[Outcome] | None:

@@ -348,6 +348,65 @@ class PoolBackend:
             self._batches[key] = combine_writes(text, members)
         return self._batches[key]
 
+    async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
+        """The reads of one run as one statement: each member's statement materialized once,
+        its columns sent back as typed arrays (`ARRAY(SELECT c ...)`), one row in all. None
+        when a member returns a column that cannot travel in an array (an array, a composite)."""
+        pool = self._pool or await self.pool()
+        con = await self._acquire(pool)
+        try:
+            outcomes = await self._fused_on(con, queries)
+        except BaseException as exc:  # CancelledError too: the connection must still go back
+            self._release_later(pool, con, False)
+            _reraise(exc)
+        self._release_later(pool, con, False)
+        return outcomes
+
+    async def _fused_on(self, con: asyncpg.Connection, queries: list[Query]) -> list[Outcome] | None:
+        shapes = [await self._columns(con, q.statements[0].text) for q in queries]
+        if any(shape is None for shape in shapes):
+            return None
+        key = "\0".join(q.statements[0].text for q in queries)
+        text = self._batches.get(key)
+        if text is None:
+            text = self._batches[key] = _fused_text([q.statements[0] for q in queries], [s or () for s in shapes])
+        timeouts = [q.timeout for q in queries if q.timeout is not None]
+        try:
+            fetching = con.fetchrow(text, *[v for q in queries for v in q.params[0]])
+            row = await (fetching if not timeouts else _timed(fetching, min(timeouts)))
+        except Exception as exc:
+            if _lost(exc):
+                raise
+            # A failing (or slow) member: each again alone, with its own error and timeout.
+            return [await _alone(con, q.node, q.statements[0], q.params[0]) for q in queries]
+        assert row is not None
+        outcomes: list[Outcome] = []
+        column = 0
+        for query, shape in zip(queries, shapes, strict=True):
+            names = shape or ()
+            arrays = [row[column + i] for i in range(len(names))]
+            column += len(names)
+            rows = [dict(zip(names, values, strict=True)) for values in zip(*arrays, strict=True)] if names else []
+            fetch = query.fetch
+            if fetch == "all":
+                outcomes.append((rows, None))
+            elif fetch == "one":
+                outcomes.append((rows[0] if rows else None, None))
+            else:
+                outcomes.append((next(iter(rows[0].values())) if rows else None, None))
+        return outcomes
+
+    async def _columns(self, con: asyncpg.Connection, text: str) -> tuple[str, ...] | None:
+        """The names of `text`'s columns, or None if one of them cannot be returned in an array."""
+        key = "\0columns\0" + text
+        if key not in self._batches:
+            prepared = await con.prepare(text)
+            attributes = prepared.get_attributes()
+            fits = attributes and all(a.type.kind == "scalar" for a in attributes)
+            self._batches[key] = "\0".join(a.name for a in attributes) if fits else None
+        names = self._batches[key]
+        return None if names is None else tuple(names.split("\0"))
+
     async def _batch_text(self, con: asyncpg.Connection, node: CompiledNode) -> str | None:
         """The combined statement for `node` (cached), or None when it cannot be shared safely:
         a parameter that is itself an array (unnest would flatten it), or a call of a volatile
@@ -444,6 +503,21 @@ def _split(rows: list[Any], members: int, fetch: str, *, row_numbers: bool) -> l
         dicts = [dict(list(r.items())[1:end]) for r in group]
         outcomes.append((dicts if fetch == "all" else (dicts[0] if dicts else None), None))
     return outcomes
+
+
+def _fused_text(statements: list[CompiledSql], shapes: list[tuple[str, ...]]) -> str:
+    """`WITH m1 AS MATERIALIZED (...), m2 ... SELECT ARRAY(SELECT c1 FROM m1 ORDER BY "?row"), ...`:
+    each statement runs once, with its parameters numbered after the previous one's."""
+    ctes: list[str] = []
+    columns: list[str] = []
+    offset = 0
+    for i, (statement, names) in enumerate(zip(statements, shapes, strict=True)):
+        inner = statement.render([f"${offset + k + 1}" for k in range(len(statement.params))])
+        offset += len(statement.params)
+        aliases = ", ".join(f"c{k + 1}" for k in range(len(names)))
+        ctes.append(f'm{i + 1} AS MATERIALIZED (SELECT q.*, row_number() OVER () AS "?row" FROM ({inner}) AS q({aliases}))')
+        columns += [f'ARRAY(SELECT c{k + 1} FROM m{i + 1} ORDER BY "?row")' for k in range(len(names))]
+    return f"WITH {', '.join(ctes)} SELECT {', '.join(columns)}"
 
 
 async def _volatile(con: asyncpg.Connection, functions: frozenset[str]) -> bool:

@@ -54,6 +54,7 @@ class CompiledNode:
     session: bool = False  # may change its connection's session (reset before reuse)
     functions: frozenset[str] = frozenset()  # functions it calls (a backend may ask if they are volatile)
     coalesce: bool = False  # may share one statement with other runs' (read-only, and not turned off)
+    fuse: bool = False  # may share one statement with sibling reads of its own run
     cache_ttl: float | None = None  # `cache:` in seconds (read-only nodes only; see `planner.cache`)
     # call
     call: str = ""
@@ -156,6 +157,8 @@ def _compile_node(name: str, index: int, node: Any, spec: FlowSpec, marks: Marks
     fields = dict(body.fields)
     if not spec.settings.coalesce and fields.get("coalesce"):
         fields["coalesce"] = False  # `settings: {coalesce: false}` turns it off for the whole flow
+    if not spec.settings.fuse and fields.get("fuse"):
+        fields["fuse"] = False
     refs: list[Ref] = list(body.refs)
     when: Expr | None = None
     if isinstance(node.when, bool):

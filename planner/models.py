@@ -110,6 +110,8 @@ class Settings(_Strict):
     max_concurrency: Annotated[int, Field(ge=1, le=10_000)] | None = None
     coalesce: Annotated[bool, Field(description="Let read-only statements of concurrent runs share one statement "
                                     "(the default). false turns coalescing off for every node of this flow.")] = True
+    fuse: Annotated[bool, Field(description="Let sibling reads of one run that become ready together share one "
+                                "statement (the default). false turns fusion off for every node of this flow.")] = True
 
 
 class Retry(_Strict):
@@ -142,6 +144,8 @@ class SqlNode(_NodeBase):
                                            "concurrent runs unless false. true lets a write with RETURNING join "
                                            "a batch: one statement, one transaction, split and re-run per run on "
                                            "error; only when the runs' writes cannot touch the same rows.")] = None
+    fuse: Annotated[bool | None, Field(description="false: never send this read together with sibling reads "
+                                       "of its run. Only single read-only statements are fused.")] = None
     cache: Duration | None = Field(
         default=None,
         description="Keep the value this long per (statement, parameters), in the process; only for one "

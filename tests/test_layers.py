@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("kinds", {"planner.kinds", "planner.kinds.sql", "planner.kinds.call", "planner.config"}),
     ("graph", {"planner.graph"}),
     ("run", {"planner.policy", "planner.observers", "planner.executor"}),
-    ("database", {"planner.db", "planner.coalesce", "planner.cache", "planner.dsn"}),
+    ("database", {"planner.db", "planner.coalesce", "planner.cache", "planner.fuse", "planner.dsn"}),
     ("facade", {"planner.api"}),
     ("tools", {"planner.validate", "planner.schema", "planner.render", "planner.draw", "planner.trace", "planner.stats"}),
     ("edges", {"planner", "planner.__main__", "planner.cli", "planner.pytest_plugin", "planner.demo", "planner.demo.data",

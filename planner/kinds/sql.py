@@ -52,6 +52,7 @@ class SqlKind:
                 # Reads are shared unless turned off; a write only when its author says it may be.
                 "coalesce": node.fetch != "none" and (node.coalesce is True or (read_only and node.coalesce is None)),
                 "cache_ttl": node.cache,
+                "fuse": read_only and node.fuse is not False,
             },
         )
 
@@ -60,7 +61,7 @@ class SqlKind:
         backend = env.backend
 
         def args(values: dict[str, Any]) -> Query:
-            return Query(spec, params(values))
+            return Query(spec, params(values), run=values)  # one values dict per run: the run's token
 
         return BoundNode(spec, args, backend.run, own_timeout=True, served=_served)
 
