@@ -1,0 +1,182 @@
+"""Fusion: the sibling reads of one run that become ready together go as one statement, and
+each node gets exactly the value, type, state and error it would have had alone."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from planner import NodeState, Planner, QueryError, load_flow
+from planner.backend import Query, WrappingBackend
+from planner.fuse import FusingBackend
+
+SIBLINGS = """
+inputs: {k: int, bad: {type: str, default: "1"}}
+nodes:
+  root: {sql: "SELECT $k::int AS k", fetch: one}
+  rows: {sql: "SELECT id, k, t, n, ts, b, j, u, f FROM fuse_t WHERE k >= $root.k ORDER BY id", fetch: all}
+  first: {sql: "SELECT id, k, t, n, ts, b, j, u, f FROM fuse_t WHERE k = $root.k ORDER BY id DESC", fetch: one}
+  count: {sql: "SELECT count(*) FROM fuse_t WHERE k < $root.k", fetch: value}
+  cast: {sql: "SELECT $bad::text::int + $root.k AS v", fetch: value}
+"""
+
+Row = tuple[int, str | None, decimal.Decimal | None, dt.datetime | None, bool | None, Any, uuid.UUID | None, float | None]
+
+rows_strategy = st.lists(
+    st.tuples(
+        st.integers(0, 3),
+        st.one_of(st.none(), st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=8)),
+        st.one_of(st.none(), st.decimals(allow_nan=False, allow_infinity=False, places=2, min_value=-10**6, max_value=10**6)),
+        st.one_of(st.none(), st.datetimes(min_value=dt.datetime(1970, 1, 1), max_value=dt.datetime(2100, 1, 1), timezones=st.just(dt.UTC))),
+        st.one_of(st.none(), st.booleans()),
+        st.one_of(st.none(), st.dictionaries(st.sampled_from("abc"), st.integers(-5, 5), max_size=3)),
+        st.one_of(st.none(), st.uuids()),
+        st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False, width=32)),
+    ),
+    max_size=12,
+)
+
+
+@pytest.fixture
+async def fuse_db(demo_dsn: str) -> AsyncIterator[str]:
+    con = await asyncpg.connect(demo_dsn)
+    try:
+        await con.execute("CREATE TABLE fuse_t (id serial PRIMARY KEY, k int, t text, n numeric, ts timestamptz, "
+                          "b bool, j jsonb, u uuid, f float4, arr int[] DEFAULT '{1,2}')")
+    finally:
+        await con.close()
+    yield demo_dsn
+
+
+class Counting(WrappingBackend):
+    """Counts what reaches the database: single queries and fused groups."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.single = 0
+        self.fused: list[int] = []
+
+    async def run(self, query: Query) -> Any:
+        self.single += 1
+        return await self.inner.run(query)
+
+    async def run_fused(self, queries: list[Query]) -> Any:
+        self.fused.append(len(queries))
+        return await self.inner.run_fused(queries)
+
+
+def _planner(dsn: str, *, fuse: bool) -> tuple[Planner, Counting]:
+    from planner.db import PoolBackend
+
+    counting = Counting(PoolBackend(dsn=dsn))
+    return Planner(backend=FusingBackend(counting, enabled=fuse)), counting
+
+
+async def _fill(dsn: str, rows: list[Row]) -> None:
+    con = await asyncpg.connect(dsn)
+    try:
+        await con.set_type_codec("jsonb", encoder=__import__("json").dumps, decoder=__import__("json").loads, schema="pg_catalog")
+        await con.execute("TRUNCATE fuse_t")
+        await con.executemany("INSERT INTO fuse_t (k, t, n, ts, b, j, u, f) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)", rows)
+    finally:
+        await con.close()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=rows_strategy, k=st.integers(0, 3))
+async def test_fused_and_unfused_reads_give_the_same_values_and_types(fuse_db: str, rows: list[Row], k: int) -> None:
+    await _fill(fuse_db, rows)
+    flow = load_flow(text=SIBLINGS, name="siblings")
+    fused_planner, fused_count = _planner(fuse_db, fuse=True)
+    plain_planner, _ = _planner(fuse_db, fuse=False)
+    async with fused_planner, plain_planner:
+        fused = await fused_planner.run(flow, {"k": k})
+        plain = await plain_planner.run(flow, {"k": k})
+    assert fused_count.fused == [4]  # rows, first, count and cast: one statement
+    for name in flow.nodes:
+        assert fused.values[name] == plain.values[name], name
+        assert _types(fused.values[name]) == _types(plain.values[name]), name
+    assert fused.states() == plain.states()
+
+
+def _types(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_types(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _types(v) for k, v in value.items()}
+    return type(value)
+
+
+async def test_fused_nodes_say_so_on_their_result(fuse_db: str) -> None:
+    await _fill(fuse_db, [(1, "a", None, None, True, {"a": 1}, None, 1.5)])
+    planner, counting = _planner(fuse_db, fuse=True)
+    async with planner:
+        result = await planner.run(load_flow(text=SIBLINGS, name="siblings"), {"k": 1})
+    assert counting.fused == [4]
+    assert {n: r.served.fused for n, r in result.nodes.items() if r.served} == {
+        "root": 1, "rows": 4, "first": 4, "count": 4, "cast": 4}
+
+
+async def test_a_failing_member_keeps_its_own_error_and_the_others_their_values(fuse_db: str) -> None:
+    await _fill(fuse_db, [(1, "a", None, None, True, None, None, None)])
+    planner, _ = _planner(fuse_db, fuse=True)
+    async with planner:
+        result = await planner.run(load_flow(text=SIBLINGS, name="siblings"), {"k": 1, "bad": "not a number"})
+    assert result.nodes["cast"].state is NodeState.DEFAULTED
+    assert isinstance(result.nodes["cast"].error, QueryError) and result.nodes["cast"].error.sqlstate == "22P02"
+    assert result.nodes["count"].state is NodeState.OK and result.values["count"] == 0
+    assert [r["t"] for r in result.values["rows"]] == ["a"]
+
+
+async def test_a_column_that_cannot_travel_in_an_array_runs_the_group_alone(fuse_db: str) -> None:
+    await _fill(fuse_db, [(2, "b", None, None, None, None, None, None)])
+    planner, counting = _planner(fuse_db, fuse=True)
+    async with planner:
+        result = await planner.run(load_flow(text=SIBLINGS.replace("SELECT id, k, t, n, ts, b, j, u, f FROM", "SELECT * FROM"),
+                                             name="star"), {"k": 2})  # `*` includes arr int[]
+    assert result.values["first"]["arr"] == [1, 2]
+    assert all(r.served is None or r.served.fused == 1 for r in result.nodes.values())
+    assert counting.fused == [4] and counting.single == 5  # asked once, then each alone
+
+
+async def test_a_member_that_would_time_out_alone_still_times_out(fuse_db: str) -> None:
+    flow = load_flow(text="""
+        nodes:
+          root: {sql: "SELECT 1 AS k", fetch: one}
+          slow: {sql: "SELECT pg_sleep(0.5) IS NULL AS slept, $root.k::int AS k", fetch: one, timeout: 100ms}
+          quick: {sql: "SELECT $root.k + 1", fetch: value}
+        """, name="timeouts")
+    planner, _ = _planner(fuse_db, fuse=True)
+    async with planner:
+        result = await planner.run(flow)
+    assert result.nodes["slow"].state is NodeState.DEFAULTED
+    assert "timed out" in str(result.nodes["slow"].error)
+    assert result.values["quick"] == 2
+
+
+@pytest.mark.parametrize("switch", ["node", "settings", "env"])
+async def test_fusion_can_be_turned_off(fuse_db: str, switch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = SIBLINGS
+    if switch == "node":
+        text = text.replace('fetch: value}\n  cast', 'fetch: value, fuse: false}\n  cast')
+    elif switch == "settings":
+        text = "settings: {fuse: false}\n" + text
+    else:
+        monkeypatch.setenv("PLANNER_FUSE", "0")
+    from planner.db import PoolBackend
+
+    counting = Counting(PoolBackend(dsn=fuse_db))
+    async with Planner(backend=FusingBackend(counting)) as planner:
+        result = await planner.run(load_flow(text=text, name="off"), {"k": 1})
+    if switch == "node":
+        assert counting.fused == [3] and result.nodes["count"].served.fused == 1  # type: ignore[union-attr]
+    else:
+        assert counting.fused == [] and counting.single == 5
