@@ -33,7 +33,7 @@ Row = tuple[int, str | None, decimal.Decimal | None, dt.datetime | None, bool | 
 rows_strategy = st.lists(
     st.tuples(
         st.integers(0, 3),
-        st.one_of(st.none(), st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=8)),
+        st.one_of(st.none(), st.text(alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=8)),
         st.one_of(st.none(), st.decimals(allow_nan=False, allow_infinity=False, places=2, min_value=-10**6, max_value=10**6)),
         st.one_of(st.none(), st.datetimes(min_value=dt.datetime(1970, 1, 1), max_value=dt.datetime(2100, 1, 1), timezones=st.just(dt.UTC))),
         st.one_of(st.none(), st.booleans()),
