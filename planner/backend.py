@@ -15,6 +15,7 @@ This module knows nothing of asyncpg; `planner.db` implements the protocol over 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
     from planner.refs import CompiledSql
 
 Fetch = Literal["one", "all", "value", "none"]
+
+ALONE: ContextVar[bool] = ContextVar("planner_alone", default=False)
+"""True inside a run in sequential mode (the rollback switch): its queries are never
+coalesced or fused with anyone else's. The cache still applies."""
 FETCHES: tuple[Fetch, ...] = ("one", "all", "value", "none")
 
 

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from planner.backend import Backend, Outcome, Query, WrappingBackend
+from planner.backend import ALONE, Backend, Outcome, Query, WrappingBackend
 from planner.graph import CompiledNode
 from planner.policy import timed
 
@@ -93,7 +93,7 @@ class CoalescingBackend(WrappingBackend):
 
     async def run(self, query: Query) -> Any:
         node = query.node
-        if not node.coalesce or not self.enabled:
+        if not node.coalesce or not self.enabled or ALONE.get():
             return await self.inner.run(query)
         text = node.statements[0].text
         batch = self._pending.get(text)

@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any, Literal
 
 from planner import policy
+from planner.backend import ALONE
 from planner.errors import FlowFailed, FlowInputError, FlowTimeout, NodeError
 from planner.graph import CompiledFlow
 from planner.kinds import BoundNode
@@ -148,6 +149,9 @@ class _Run:
         timed_out = False
         for observer in self.observers:
             observer.run_started(self.flow.name, self.run_id, self.mode)
+        # Node tasks copy the context they are created in: sequential runs reach the backend
+        # marked, and their queries are never shared with other runs'.
+        alone = ALONE.set(True) if self.mode == "sequential" else None
         try:
             async with asyncio.timeout(self.flow.settings.timeout):
                 if self.eager:
@@ -158,6 +162,8 @@ class _Run:
         except TimeoutError:
             timed_out = True
         finally:
+            if alone is not None:
+                ALONE.reset(alone)
             await self._stop()
             for observer in self.observers:
                 observer.run_finished(self.flow.name, self.run_id, self._status(timed_out))

@@ -20,7 +20,7 @@ import asyncio
 import os
 from typing import Any
 
-from planner.backend import Backend, Outcome, Query, WrappingBackend
+from planner.backend import ALONE, Backend, Outcome, Query, WrappingBackend
 
 
 def _env_enabled() -> bool:
@@ -46,7 +46,7 @@ class FusingBackend(WrappingBackend):
         self.fused = 0  # statements that served more than one node (a figure for benchmarks)
 
     async def run(self, query: Query) -> Any:
-        if not self.enabled or not query.node.fuse or query.run is None:
+        if not self.enabled or not query.node.fuse or query.run is None or ALONE.get():
             return await self.inner.run(query)
         key = id(query.run)
         group = self._groups.get(key)

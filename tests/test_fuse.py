@@ -3,6 +3,7 @@ each node gets exactly the value, type, state and error it would have had alone.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import decimal
 import uuid
@@ -180,3 +181,18 @@ async def test_fusion_can_be_turned_off(fuse_db: str, switch: str, monkeypatch: 
         assert counting.fused == [3] and result.nodes["count"].served.fused == 1  # type: ignore[union-attr]
     else:
         assert counting.fused == [] and counting.single == 5
+
+
+async def test_sequential_mode_neither_fuses_nor_coalesces(fuse_db: str) -> None:
+    from planner.coalesce import CoalescingBackend
+    from planner.db import PoolBackend
+
+    await _fill(fuse_db, [(1, "a", None, None, None, None, None, None)])
+    counting = Counting(CoalescingBackend(PoolBackend(dsn=fuse_db, min_size=1, max_size=1), enabled=True))
+    flow = load_flow(text=SIBLINGS, name="siblings")
+    async with Planner(backend=FusingBackend(counting, enabled=True)) as planner:
+        results = await asyncio.gather(*(planner.run(flow, {"k": 1}, mode="sequential") for _ in range(6)))
+        eager = await asyncio.gather(*(planner.run(flow, {"k": 1}) for _ in range(6)))
+    assert all(r.served is None or (r.served.fused, r.served.batch) == (1, 1) for res in results for r in res.nodes.values())
+    # The same runs in eager mode on the same busy pool do share statements:
+    assert any(r.served is not None and r.served.batch > 1 for res in eager for r in res.nodes.values())
