@@ -29,6 +29,7 @@ import asyncpg
 from planner.backend import Described, Outcome, Query
 from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
 from planner.graph import CompiledNode
+from planner.policy import timed
 from planner.refs import CompiledSql, name_params
 from planner.sqlinfo import combine_writes
 
@@ -256,7 +257,7 @@ class PoolBackend:
         try:
             # The node's timeout times the statements, not the wait for a connection above.
             timeout = query.timeout
-            value = await (_query(con, query) if timeout is None else _timed(_query(con, query), timeout))
+            value = await (_query(con, query) if timeout is None else timed(_query(con, query), timeout))
         except BaseException as exc:  # CancelledError too: the connection must still go back
             self._release_later(pool, con, query.node.session)
             _reraise(exc)  # BEGIN/COMMIT or the socket; statements translate their own
@@ -310,7 +311,7 @@ class PoolBackend:
         columns = [list(column) for column in zip(*params, strict=True)]
         try:
             fetching = con.fetch(text, *columns)
-            rows = await (fetching if node.timeout is None else _timed(fetching, node.timeout))
+            rows = await (fetching if node.timeout is None else timed(fetching, node.timeout))
         except Exception as exc:
             if _lost(exc) or isinstance(exc, NodeTimeout):
                 raise
@@ -332,7 +333,7 @@ class PoolBackend:
         order = sorted(range(len(params)), key=lambda i: repr(params[i]))
         try:
             fetching = con.fetch(text, *[value for i in order for value in params[i]])
-            rows = await (fetching if node.timeout is None else _timed(fetching, node.timeout))
+            rows = await (fetching if node.timeout is None else timed(fetching, node.timeout))
         except Exception as exc:
             if _lost(exc) or isinstance(exc, NodeTimeout):
                 raise
@@ -373,7 +374,7 @@ class PoolBackend:
         timeouts = [q.timeout for q in queries if q.timeout is not None]
         try:
             fetching = con.fetchrow(text, *[v for q in queries for v in q.params[0]])
-            row = await (fetching if not timeouts else _timed(fetching, min(timeouts)))
+            row = await (fetching if not timeouts else timed(fetching, min(timeouts)))
         except Exception as exc:
             if _lost(exc):
                 raise
@@ -461,17 +462,6 @@ class PoolBackend:
         task.add_done_callback(self._releases.discard)
 
 
-async def _timed(awaitable: Any, seconds: float) -> Any:
-    timer = asyncio.timeout(seconds)
-    try:
-        async with timer:
-            return await awaitable
-    except TimeoutError:
-        if not timer.expired():
-            raise
-        raise NodeTimeout(f"timed out after {seconds * 1000:g} ms") from None
-
-
 def _lost(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, ConnectionError, asyncpg.ConnectionDoesNotExistError, asyncio.CancelledError))
 
@@ -479,7 +469,7 @@ def _lost(exc: BaseException) -> bool:
 async def _alone(con: asyncpg.Connection, node: CompiledNode, statement: CompiledSql, params: list[Any]) -> Outcome:
     try:
         coro = _fetch(con, node.fetch, statement, params)
-        return (await (coro if node.timeout is None else _timed(coro, node.timeout)), None)
+        return (await (coro if node.timeout is None else timed(coro, node.timeout)), None)
     except QueryError as exc:
         if exc.transient:
             raise
