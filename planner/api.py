@@ -38,6 +38,9 @@ NodeWrapper = Callable[[str, str, NodeRun], NodeRun]
 """`wrapper(flow, node, run) -> run`: wraps each node's execution (tests inject faults with it;
 instrumentation can time it). It sees the node's resolved arguments and returns its value."""
 
+CACHE_CHANNEL = "planner_cache"
+"""The LISTEN/NOTIFY channel that carries cache invalidations between processes."""
+
 QUIET_S = 0.25
 """An edited flow file is taken only once it has not changed for this long: a writer that
 truncates and then writes (`cat >`, scp) is never caught half way. Replacing the file by an
@@ -71,7 +74,9 @@ class Planner:
     bounds the threads that run sync calls. `node_wrapper` wraps every node's execution (see
     `NodeWrapper`); `observers` watch every run (see `planner.observers.RunObserver`).
     `cache_size` bounds the values `cache:` nodes keep (see `planner.cache`; `PLANNER_CACHE=0`
-    turns the cache off).
+    turns the cache off). Invalidations reach the other processes on the same database through
+    LISTEN/NOTIFY on `cache_channel` (None: this process only); while a process cannot listen,
+    its cache is not used (its values may have gone stale without it knowing).
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class Planner:
         node_wrapper: NodeWrapper | None = None,
         observers: Sequence[RunObserver] | None = None,
         call_threads: int = DEFAULT_THREADS,
+        cache_channel: str | None = CACHE_CHANNEL,
         cache_size: int = DEFAULT_SIZE,
     ) -> None:
         self.source = FlowSource.resolve(flows)
@@ -101,7 +107,7 @@ class Planner:
             backend = FusingBackend(CoalescingBackend(
                 PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset)))
         # The outermost wrapper: a hit never reaches the database, or anything in between.
-        self.cache = CacheBackend(backend, maxsize=cache_size)
+        self.cache = CacheBackend(backend, maxsize=cache_size, channel=cache_channel)
         self.backend: Backend = self.cache
         self.targets = CallTargets(allowed_modules, folder=self.source.folder)
         self.threads = CallThreads(call_threads)

@@ -108,6 +108,13 @@ class Backend(Protocol):
     async def pool(self) -> Any:
         """The connection pool handed to `call:` functions that take a `db` parameter."""
 
+    def subscribe(self, channel: str, on_message: Callable[[str], None], on_state: Callable[[bool], None]) -> None:
+        """Listen on `channel` in the background: payloads to `on_message`, whether it listens
+        to `on_state` (see `PoolBackend.subscribe`)."""
+
+    async def notify(self, channel: str, payload: str) -> None:
+        """Send `payload` to every listener of `channel` (other processes included)."""
+
     async def drain(self) -> None:
         """Wait for background work (connection releases) to finish."""
 
@@ -142,6 +149,12 @@ class WrappingBackend:
 
     async def pool(self) -> Any:
         return await self.inner.pool()
+
+    def subscribe(self, channel: str, on_message: Callable[[str], None], on_state: Callable[[bool], None]) -> None:
+        self.inner.subscribe(channel, on_message, on_state)
+
+    async def notify(self, channel: str, payload: str) -> None:
+        await self.inner.notify(channel, payload)
 
     async def drain(self) -> None:
         await self.inner.drain()
@@ -181,6 +194,12 @@ class Offline:
 
     async def pool(self) -> Any:
         raise self._error()
+
+    def subscribe(self, channel: str, on_message: Callable[[str], None], on_state: Callable[[bool], None]) -> None:
+        return None  # nothing to listen to: a cache over it stays untrusted (and unused)
+
+    async def notify(self, channel: str, payload: str) -> None:
+        return None
 
     async def drain(self) -> None:
         return None

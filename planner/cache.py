@@ -34,6 +34,7 @@ import asyncio
 import copy
 import datetime as dt
 import decimal
+import logging
 import os
 import time
 import uuid
@@ -57,6 +58,10 @@ _MISSING = object()
 NodeRun = Callable[[Any], Coroutine[Any, Any, Any]]
 
 
+logger = logging.getLogger("planner")
+LISTEN_WAIT_S = 2.0  # how long the first cached read waits for the channel between processes
+
+
 def cache_enabled() -> bool:
     """False when `PLANNER_CACHE` says off (`0`, `false`, `off`, `no`)."""
     return os.environ.get("PLANNER_CACHE", "").strip().lower() not in ("0", "false", "off", "no")
@@ -75,6 +80,8 @@ class CacheStats:
     invalidations: int  # invalidation requests (`invalidate`, `invalidates:`)
     dropped: int  # values those requests removed
     uncacheable: int  # queries run uncached: a parameter that cannot be hashed
+    untrusted: int = 0  # queries sent past the cache while the channel between processes was down
+    trusted: bool = True  # whether cached values are served now (the channel is up, or there is none)
 
 
 class _Store(TLRUCache[Key, Any, float]):
@@ -138,15 +145,25 @@ class CacheBackend(WrappingBackend):
         maxsize: int = DEFAULT_SIZE,
         timer: Callable[[], float] = time.monotonic,
         enabled: bool | None = None,
+        channel: str | None = None,
     ) -> None:
         super().__init__(inner)
         self.enabled = cache_enabled() if enabled is None else enabled
+        # With a channel, invalidations travel between processes (LISTEN/NOTIFY), and values
+        # are trusted only while this process listens: one that lost the channel may have
+        # missed a write elsewhere.
+        self.channel = channel
+        self.trusted = channel is None
+        self._first_state: asyncio.Event | None = None
+        self._origin = os.urandom(6).hex()  # who sent a notification: our own are not news
         self.maxsize = maxsize
         self._timer = timer
         self._store = _Store(maxsize, timer)
         self._inflight: dict[Key, _Flight] = {}
         self._gens: dict[Pair, int] = {}  # every (flow, node) seen; bumped by each invalidation
         self._hits = self._misses = self._joined = self._invalidations = self._dropped = self._uncacheable = 0
+        self._untrusted = 0
+        self._sends: set[asyncio.Task[None]] = set()
 
     # --- running ------------------------------------------------------------------------
 
@@ -157,6 +174,11 @@ class CacheBackend(WrappingBackend):
         return self._cached(query, ttl)
 
     async def _cached(self, query: Query, ttl: float) -> Any:
+        if not self.trusted:
+            await self._listen()  # the first cached reads of a process wait until it listens
+            if not self.trusted:
+                self._untrusted += 1
+                return await self.inner.run(query)  # served by the database until the channel is back
         node = query.node
         pair = (node.flow, node.name)
         gen = self._gens.setdefault(pair, 0)
@@ -215,6 +237,63 @@ class CacheBackend(WrappingBackend):
         if flight is not None and flight.task is asyncio.current_task():
             del self._inflight[key]
 
+    # --- the channel between processes ---------------------------------------------------
+
+    async def _listen(self) -> None:
+        if self.channel is None:
+            return
+        if self._first_state is None:
+            self._first_state = asyncio.Event()
+            self.inner.subscribe(self.channel, self._received, self._channel_state)
+        if self._first_state.is_set():
+            return  # it answered once: from now on `trusted` says it all
+        try:
+            async with asyncio.timeout(LISTEN_WAIT_S):
+                await self._first_state.wait()
+        except TimeoutError:
+            pass  # still connecting: untrusted (and uncached) until it does
+
+    def _channel_state(self, listening: bool) -> None:
+        if listening and not self.trusted:
+            self._forget_all()  # what was kept before may have gone stale while nobody listened
+        self.trusted = listening
+        if self._first_state is not None:
+            self._first_state.set()
+
+    def _received(self, payload: str) -> None:
+        origin, _, rest = payload.partition("\t")
+        if origin == self._origin:
+            return  # our own: already dropped here
+        flow, _, node = rest.partition("\t")
+        if flow == "*":
+            self._forget_all()
+            return
+        self._dropped += self._drop([p for p in self._gens if p == (flow, node)] or [(flow, node)])
+
+    def _publish(self, pairs: Iterable[Pair] | None) -> None:
+        """Tell the other processes (in the background: the run does not wait for it)."""
+        if self.channel is None:
+            return
+        pairs = [("*", "*")] if pairs is None else list(pairs)
+        payloads = [f"{self._origin}\t{flow}\t{node}" for flow, node in pairs]
+        channel = self.channel
+
+        async def send() -> None:
+            for payload in payloads:
+                try:
+                    await self.inner.notify(channel, payload)
+                except Exception as exc:  # the others keep their values until their ttl ends
+                    logger.warning("cache: could not tell other processes of an invalidation: %s", exc)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    def _forget_all(self) -> None:
+        for pair in self._gens:
+            self._gens[pair] += 1
+        self._store = _Store(self.maxsize, self._timer)
+
     # --- invalidation -------------------------------------------------------------------
 
     def invalidate(self, node: str | None = None, *, flow: str | None = None) -> int:
@@ -223,12 +302,12 @@ class CacheBackend(WrappingBackend):
         self._invalidations += 1
         if node is None and flow is None:
             dropped = self.size
-            for pair in self._gens:
-                self._gens[pair] += 1
-            self._store = _Store(self.maxsize, self._timer)
+            self._forget_all()
+            self._publish(None)
         else:
             pairs = [p for p in self._gens if (node is None or p[1] == node) and (flow is None or p[0] == flow)]
             dropped = self._drop(pairs)
+            self._publish(pairs)
         self._dropped += dropped
         return dropped
 
@@ -253,6 +332,7 @@ class CacheBackend(WrappingBackend):
             value = await run(args)
             self._invalidations += 1
             self._dropped += self._drop(pairs)
+            self._publish(pairs)
             return value
 
         return run_then_invalidate
@@ -266,7 +346,7 @@ class CacheBackend(WrappingBackend):
 
     def stats(self) -> CacheStats:
         return CacheStats(self.enabled, self._hits, self._misses, self._joined, self.size, self.maxsize,
-                          self._invalidations, self._dropped, self._uncacheable)
+                          self._invalidations, self._dropped, self._uncacheable, self._untrusted, self.trusted)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

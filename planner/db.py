@@ -214,7 +214,9 @@ class PoolBackend:
         self._releases: set[asyncio.Task[None]] = set()
         self._baseline: tuple[str | None, ...] | None = None
         self._batches: dict[str, str | None] = {}
-        self._busy = 0  # connections held or waited for by planner's statements  # statement -> its combined form (None: not shareable)
+        self._busy = 0  # connections held or waited for by planner's statements
+        self._listener: asyncio.Task[None] | None = None
+        self._connected_dsn: str | None = None  # the DSN an owned pool was made from  # statement -> its combined form (None: not shareable)
 
     @property
     def opened(self) -> bool:
@@ -230,6 +232,7 @@ class PoolBackend:
         async with self._lock:
             if self._pool is None:
                 dsn = self._dsn or os.environ.get("DATABASE_URL") or embedded_dsn()
+                self._connected_dsn = dsn
                 try:
                     self._pool = await asyncpg.create_pool(
                         dsn,
@@ -444,11 +447,64 @@ class PoolBackend:
             await asyncio.wait(list(self._releases))
 
     async def close(self) -> None:
-        """Wait for background releases; close the pool if this object created it."""
+        """Stop listening, wait for background releases; close the pool if this object created it."""
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
         await self.drain()
         if self._pool is not None and self._owned:
             pool, self._pool = self._pool, None
             await pool.close()
+
+    # --- notifications (the cache's channel between processes) ----------------------------
+
+    def subscribe(self, channel: str, on_message: Callable[[str], None], on_state: Callable[[bool], None]) -> None:
+        """Keep a connection of its own LISTENing on `channel` until `close()`: `on_message` gets
+        each payload, `on_state(True)` says it listens, `on_state(False)` that it lost the
+        channel (it reconnects, backing off up to 5 s). Not a pool connection: the pool keeps
+        its size. A borrowed pool gives up one of its connections for it."""
+        if self._listener is None:
+            self._listener = asyncio.get_running_loop().create_task(self._listen(channel, on_message, on_state))
+
+    async def _listen(self, channel: str, on_message: Callable[[str], None], on_state: Callable[[bool], None]) -> None:
+        delay = 0.05
+        while True:
+            lost = asyncio.Event()
+            con: Any = None
+            try:
+                pool = self._pool or await self.pool()
+                con = await (asyncpg.connect(self._connected_dsn) if self._connected_dsn else pool.acquire())
+                con.add_termination_listener(lambda _con, lost=lost: lost.set())
+                await con.add_listener(channel, lambda _con, _pid, _channel, payload: on_message(payload))
+                on_state(True)
+                delay = 0.05
+                await lost.wait()
+                logger.warning("cache channel %r lost: cached values are not trusted until it is back", channel)
+            except asyncio.CancelledError:
+                on_state(False)
+                if con is not None and not con.is_closed():
+                    con.terminate()
+                raise
+            except Exception as exc:
+                logger.warning("cache channel %r unavailable (%s: %s): cached values are not trusted until it is back",
+                               channel, type(exc).__name__, exc)
+            on_state(False)
+            if con is not None and not con.is_closed():
+                con.terminate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def notify(self, channel: str, payload: str) -> None:
+        """`pg_notify(channel, payload)` on a pooled connection (delivered when it commits)."""
+        pool = self._pool or await self.pool()
+        con = await self._acquire(pool)
+        try:
+            await con.execute("SELECT pg_notify($1, $2)", channel, payload)
+        except BaseException as exc:
+            self._release_later(pool, con, False)
+            _reraise(exc)
+        self._release_later(pool, con, False)
 
     def _released(self, _task: asyncio.Task[None]) -> None:
         self._busy -= 1

@@ -1,0 +1,177 @@
+"""Cache invalidations between processes: LISTEN/NOTIFY on one channel, and a process that lost
+the channel serving nothing from its cache until it is back.
+
+Two Planners in one process stand for two processes here (each has its own cache and its own
+listening connection); one test runs the other side in a real second process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from planner import FlowResult, Planner
+
+FLOW = """
+inputs: {name: str, threshold: {type: int, default: 5}}
+nodes:
+  instance:
+    sql: SELECT id, escalation_threshold AS threshold FROM whatsapp_instances WHERE instance_name = $name
+    fetch: one
+    cache: 30s
+  edit:
+    sql: UPDATE whatsapp_instances SET escalation_threshold = $threshold WHERE id = $instance.id
+    fetch: none
+    when: $threshold != 5
+    invalidates: [instance]
+"""
+
+
+@pytest.fixture
+def flows(tmp_path: Path) -> Path:
+    (tmp_path / "t.yaml").write_text(FLOW)
+    return tmp_path
+
+
+@pytest.fixture
+async def two(flows: Path, demo_dsn: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Planner, Planner]]:
+    monkeypatch.delenv("PLANNER_CACHE", raising=False)
+    a, b = Planner(flows=flows, dsn=demo_dsn), Planner(flows=flows, dsn=demo_dsn)
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> bool:
+    for _ in range(int(seconds / 0.05)):
+        if await check():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def _threshold(planner: Planner) -> FlowResult:
+    return await planner.run("t", {"name": "acme"})
+
+
+async def test_a_write_in_one_process_drops_the_cached_value_in_another(two: tuple[Planner, Planner]) -> None:
+    a, b = two
+    assert (await _threshold(b)).values["instance"]["threshold"] == 3
+    assert (await _threshold(b)).nodes["instance"].served.cached  # type: ignore[union-attr]
+    await a.run("t", {"name": "acme", "threshold": 8})  # writes, and invalidates `instance`
+
+    async def b_sees_it() -> bool:
+        return bool((await _threshold(b)).values["instance"]["threshold"] == 8)
+
+    assert await _eventually(b_sees_it)
+
+
+async def test_planner_invalidate_reaches_the_other_processes(two: tuple[Planner, Planner], demo_dsn: str) -> None:
+    a, b = two
+    await _threshold(a)
+    await _threshold(b)
+    con = await asyncpg.connect(demo_dsn)
+    try:
+        await con.execute("UPDATE whatsapp_instances SET escalation_threshold = 6 WHERE instance_name = 'acme'")
+    finally:
+        await con.close()
+    assert (await _threshold(b)).values["instance"]["threshold"] == 3  # cached: the write was out of band
+    a.invalidate("instance")
+
+    async def b_sees_it() -> bool:
+        return bool((await _threshold(b)).values["instance"]["threshold"] == 6)
+
+    assert await _eventually(b_sees_it)
+
+
+async def _listeners(dsn: str) -> list[int]:
+    con = await asyncpg.connect(dsn)
+    try:
+        return [r[0] for r in await con.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN %planner_cache%' AND datname = current_database()")]
+    finally:
+        await con.close()
+
+
+async def test_a_process_that_lost_the_channel_trusts_its_cache_again_only_once_it_is_back(
+    two: tuple[Planner, Planner], demo_dsn: str
+) -> None:
+    _, b = two
+    await _threshold(b)
+    assert (await _threshold(b)).nodes["instance"].served.cached  # type: ignore[union-attr]
+    pids = await _listeners(demo_dsn)
+    assert len(pids) == 1
+    con = await asyncpg.connect(demo_dsn)
+    try:
+        await con.execute("SELECT pg_terminate_backend($1)", pids[0])
+    finally:
+        await con.close()
+
+    async def untrusted() -> bool:
+        return not b.cache.trusted
+
+    assert await _eventually(untrusted)
+    lost = await _threshold(b)
+    assert not lost.nodes["instance"].served.cached  # type: ignore[union-attr]  # asked the database
+    assert b.cache_stats().untrusted >= 1
+
+    async def back() -> bool:
+        return b.cache.trusted and len(await _listeners(demo_dsn)) == 1
+
+    assert await _eventually(back)
+    await _threshold(b)
+    assert (await _threshold(b)).nodes["instance"].served.cached  # type: ignore[union-attr]
+
+
+SIDE = textwrap.dedent("""
+    import asyncio, json, sys
+    from planner import Planner
+
+    async def main(flows, dsn):
+        async with Planner(flows=flows, dsn=dsn) as planner:
+            async def read():
+                result = await planner.run("t", {"name": "acme"})
+                return {"threshold": result.values["instance"]["threshold"], "cached": result.nodes["instance"].served.cached}
+            print(json.dumps(await read()), flush=True)
+            print(json.dumps(await read()), flush=True)
+            for line in sys.stdin:  # one line per read the test asks for
+                print(json.dumps(await read()), flush=True)
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+""")
+
+
+async def test_a_real_second_process_drops_its_value_when_this_one_writes(flows: Path, demo_dsn: str) -> None:
+    import json
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    side = subprocess.Popen([sys.executable, "-c", SIDE, str(flows), demo_dsn], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    assert side.stdin is not None and side.stdout is not None
+    try:
+        first, second = json.loads(side.stdout.readline()), json.loads(side.stdout.readline())
+        assert first["threshold"] == 3 and second == {"threshold": 3, "cached": True}
+        async with Planner(flows=flows, dsn=demo_dsn) as planner:
+            await planner.run("t", {"name": "acme", "threshold": 9})
+        for _ in range(100):
+            side.stdin.write("read\n")
+            side.stdin.flush()
+            seen = json.loads(side.stdout.readline())
+            if seen["threshold"] == 9:
+                break
+            await asyncio.sleep(0.05)
+        assert seen == {"threshold": 9, "cached": False}
+    finally:
+        side.stdin.close()
+        side.wait(timeout=30)
+        side.stdout.close()
