@@ -8,8 +8,8 @@ listening connection); one test runs the other side in a real second process.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +19,8 @@ import asyncpg
 import pytest
 
 from planner import FlowResult, Planner
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FLOW = """
 inputs: {name: str, threshold: {type: int, default: 5}}
@@ -152,26 +154,27 @@ SIDE = textwrap.dedent("""
 
 
 async def test_a_real_second_process_drops_its_value_when_this_one_writes(flows: Path, demo_dsn: str) -> None:
-    import json
-
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    side = subprocess.Popen([sys.executable, "-c", SIDE, str(flows), demo_dsn], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    side = await asyncio.create_subprocess_exec(sys.executable, "-c", SIDE, str(flows), demo_dsn, env=env,
+                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     assert side.stdin is not None and side.stdout is not None
+
+    async def line() -> dict[str, object]:
+        assert side.stdout is not None
+        return dict(json.loads(await asyncio.wait_for(side.stdout.readline(), 30)))
+
     try:
-        first, second = json.loads(side.stdout.readline()), json.loads(side.stdout.readline())
+        first, second = await line(), await line()
         assert first["threshold"] == 3 and second == {"threshold": 3, "cached": True}
         async with Planner(flows=flows, dsn=demo_dsn) as planner:
             await planner.run("t", {"name": "acme", "threshold": 9})
         for _ in range(100):
-            side.stdin.write("read\n")
-            side.stdin.flush()
-            seen = json.loads(side.stdout.readline())
+            side.stdin.write(b"read\n")
+            seen = await line()
             if seen["threshold"] == 9:
                 break
             await asyncio.sleep(0.05)
         assert seen == {"threshold": 9, "cached": False}
     finally:
         side.stdin.close()
-        side.wait(timeout=30)
-        side.stdout.close()
+        await asyncio.wait_for(side.wait(), 30)
