@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import planner as planner_pkg
-from planner import FlowError, FlowFileError, FlowInputError, Planner, load_flows, run_flow
+from planner import FlowError, FlowFileError, FlowInputError, Planner, load_flow, load_flows, run_flow
 from planner.api import QUIET_S
 from planner.config import module_allowed
 
@@ -159,3 +161,31 @@ def test_load_flows_reads_a_folder(write_flow: Write, tmp_path: Path) -> None:
     write_flow("nodes:\n  a: {sql: SELECT 1}\n", name="one")
     write_flow("nodes:\n  b: {sql: SELECT 2}\n", name="two")
     assert sorted(load_flows(tmp_path)) == ["one", "two"]
+
+
+async def test_a_flow_is_compiled_off_the_event_loop(tmp_path: Path) -> None:
+    # A large flow takes a while to compile; the loop must go on serving other runs meanwhile.
+    lines = ["nodes:"] + [f"  n{i}: {{call: tests.nodes:echo, with: {{value: {i}, prev: $n{i - 1}}}}}" if i else
+                          "  n0: {call: tests.nodes:echo, with: {value: 0}}" for i in range(3000)]
+    (tmp_path / "big.yaml").write_text("\n".join(lines) + "\n")
+    t0 = time.perf_counter()
+    load_flow(tmp_path / "big.yaml")
+    compile_s = time.perf_counter() - t0
+    gaps: list[float] = []
+    loading = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not loading.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0.01)  # the ticker is ticking
+    planner = Planner(flows=tmp_path, allowed_modules=["tests"])
+    await planner._entry("big")  # the load a first run makes, without running 3,000 nodes
+    loading.set()
+    await tick
+    assert max(gaps) < compile_s / 3, f"the loop stalled {max(gaps) * 1000:.0f} ms of a {compile_s * 1000:.0f} ms compile"
