@@ -1,7 +1,7 @@
 """Loading takes time linear in the size of the flow, in every part of it.
 
 Each case times one part on an input and on one 20 times larger, and asserts the larger takes
-less than 60 times as long: linear work gives about 20, quadratic about 400. Ratios, never
+less than 100 times as long: linear work gives about 20, quadratic about 400. Ratios, never
 wall-clock bounds, so a slow or busy machine does not fail them. Each time is the best of a
 few runs, with Python's cyclic garbage collector paused: when it runs depends on what else
 the process holds, which is noise here, not the loader's own work.
@@ -27,7 +27,9 @@ from planner.loader import load_spec, load_text
 from planner.refs import compile_getter, compile_sql, parse_value
 
 SCALE = 20
-MAX_GROWTH = 60
+# Linear is 20x, quadratic 400x: 100x leaves room for a busy machine (seen: 64x for a linear
+# part while eight other test runs shared two cores) and still catches the quadratic class.
+MAX_GROWTH = 100
 
 
 def _best_of(repeat: int, run: Callable[[], object]) -> float:
@@ -48,7 +50,7 @@ def _growth(make: Callable[[int], Any], run: Callable[[Any], object], n: int) ->
     gc.collect()
     gc.disable()
     try:
-        return _best_of(2, lambda: run(big)) / _best_of(5, lambda: run(small))
+        return _best_of(3, lambda: run(big)) / _best_of(7, lambda: run(small))
     finally:
         gc.enable()
 
