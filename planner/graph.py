@@ -296,3 +296,37 @@ def plan(flow: CompiledFlow, recorded_ms: dict[str, float] | None = None) -> Pla
         parallel_ms=max(finish.values(), default=0.0),
         unknown=tuple(unknown),
     )
+
+
+@dataclass(frozen=True)
+class Trips:
+    """What one run of a flow sends at most (every node running, none skipped), by statement."""
+
+    statements: int  # statements sent, fused reads counted once
+    critical: int  # round trips on the critical path
+    fused_groups: tuple[tuple[str, ...], ...]  # reads that start together and may go as one statement
+
+
+def trips(flow: CompiledFlow, *, warm: bool = False) -> Trips:
+    """Statements and critical-path round trips of one run at most, fusion counted; `warm`
+    counts `cache:` nodes as served from the cache (no statement).
+
+    A statement list costs its statements plus BEGIN and COMMIT. Reads fuse when they wait for
+    exactly the same nodes (so they start at the same moment), may fuse (`fuse`) and are not
+    cached. Nodes whose `when:` excludes each other are both counted: a run sends at most this."""
+    cost: dict[str, int] = {}
+    together: dict[tuple[str, ...], list[str]] = {}
+    for name in flow.order:
+        node = flow.nodes[name]
+        if not node.statements or (warm and node.cache_ttl is not None):
+            cost[name] = 0
+            continue
+        cost[name] = len(node.statements) + (2 if len(node.statements) > 1 else 0)
+        if node.fuse and node.cache_ttl is None:  # a cached read reaches the database a turn later: alone
+            together.setdefault(tuple(sorted(node.deps)), []).append(name)
+    groups = tuple(tuple(names) for names in together.values() if len(names) > 1)
+    statements = sum(cost.values()) - sum(len(g) - 1 for g in groups)
+    finish: dict[str, int] = {}
+    for name in flow.order:
+        finish[name] = max((finish[d] for d in flow.nodes[name].deps), default=0) + cost[name]
+    return Trips(statements, max(finish.values(), default=0), groups)

@@ -14,11 +14,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import pglast
 from pglast import ast
+from pglast.parser import parse_sql_json
 from pglast.stream import RawStream
 from pglast.visitors import Visitor
 
@@ -34,8 +36,6 @@ _EFFECTFUL = frozenset({
 _SESSION_FUNCTIONS = frozenset({"set_config", "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
                                 "pg_try_advisory_lock_shared", "setseed", "nextval", "setval"})
 _WRITES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
-_SESSION_STATEMENTS = (ast.VariableSetStmt, ast.ListenStmt, ast.PrepareStmt, ast.DeclareCursorStmt,
-                       ast.DiscardStmt, ast.LoadStmt, ast.LockStmt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,69 +47,65 @@ class SqlInfo:
     error_offset: int | None = None
 
 
-class _Walk(Visitor):
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes = self.session = False
-        self.effectful = False
-        self.functions: set[str] = set()
-
-    def visit(self, ancestors: object, node: ast.Node) -> None:
-        if isinstance(node, _WRITES):
-            self.writes = True
-        elif isinstance(node, _SESSION_STATEMENTS):
-            self.session = True
-        elif isinstance(node, ast.SelectStmt):
-            if node.intoClause is not None or node.lockingClause:
-                self.writes = True
-            if node.intoClause is not None and _temporary(node.intoClause.rel):
-                self.session = True
-        elif isinstance(node, ast.CreateStmt | ast.CreateTableAsStmt):
-            self.writes = True
-            rel = node.relation if isinstance(node, ast.CreateStmt) else node.into.rel if node.into else None
-            self.session = self.session or _temporary(rel)
-        elif isinstance(node, ast.FuncCall):
-            parts = [str(getattr(part, "sval", "")) for part in node.funcname or ()]
-            name = parts[-1].lower() if parts else ""
-            qualified = ".".join(parts)
-            if name in _EFFECTFUL or name.startswith(("pg_advisory", "pg_try_advisory")):
-                self.effectful = True
-                if name in _SESSION_FUNCTIONS or (name.startswith(("pg_advisory", "pg_try_advisory"))
-                                                 and "xact" not in name):
-                    self.session = True
-            self.functions.add(qualified)
-        elif isinstance(node, ast.Node) and not isinstance(node, _PLAIN):
-            # Any other statement (DDL, COPY, CALL, DO, VACUUM...) is not a read.
-            if type(node).__name__.endswith("Stmt"):
-                self.writes = True
-                if isinstance(node, ast.DoStmt | ast.CallStmt):
-                    self.session = True  # a procedure or DO block can do anything, SET included
-
-
-_PLAIN = (ast.RawStmt, ast.SelectStmt)
-
-
-def _temporary(rel: ast.RangeVar | None) -> bool:
-    return rel is not None and rel.relpersistence == "t"
+_WRITE_NAMES = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+_SESSION_NAMES = frozenset({"VariableSetStmt", "ListenStmt", "PrepareStmt", "DeclareCursorStmt", "DiscardStmt",
+                            "LoadStmt", "LockStmt", "DoStmt", "CallStmt"})
 
 
 def analyze(text: str) -> SqlInfo:
     """Analyse one compiled statement (`$1..$n` parameters). Never raises for bad SQL: a syntax
-    error is reported in `.error` (and the statement is treated as neither read-only nor safe)."""
+    error is reported in `.error` (and the statement is treated as neither read-only nor safe).
+
+    It walks the parser's JSON form (dicts built in C) rather than pglast's node objects:
+    a 5,000-node flow compiles several times faster that way."""
     try:
-        tree = pglast.parse_sql(text)
+        tree = json.loads(parse_sql_json(text))
     except pglast.parser.ParseError as exc:
         message = str(exc.args[0]) if exc.args else str(exc)
         offset = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], int) else None
         return SqlInfo(session=True, error=message, error_offset=offset)
-    walk = _Walk()
-    walk(tree)
-    single = len(tree) == 1 and isinstance(tree[0].stmt, ast.SelectStmt)
-    return SqlInfo(
-        read_only=single and not walk.writes and not walk.effectful,
-        session=walk.session,
-        functions=frozenset(walk.functions),
-    )
+    statements = [s.get("stmt", {}) for s in tree.get("stmts", [])]
+    writes = session = effectful = False
+    functions: set[str] = set()
+    stack: list[Any] = list(statements)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+            continue
+        if not isinstance(item, dict):
+            continue
+        for name, body in item.items():
+            if name in _WRITE_NAMES:
+                writes = True
+            elif name in _SESSION_NAMES:
+                session = True
+                writes = writes or name in ("DoStmt", "CallStmt", "LockStmt")
+            elif name == "SelectStmt" and isinstance(body, dict):
+                into = body.get("intoClause")
+                if into is not None or body.get("lockingClause"):
+                    writes = True
+                if into is not None and into.get("rel", {}).get("relpersistence") == "t":
+                    session = True
+            elif name in ("CreateStmt", "CreateTableAsStmt") and isinstance(body, dict):
+                writes = True
+                rel = body.get("relation") if name == "CreateStmt" else (body.get("into") or {}).get("rel")
+                session = session or (rel or {}).get("relpersistence") == "t"
+            elif name == "FuncCall" and isinstance(body, dict):
+                parts = [str(p.get("String", {}).get("sval", "")) for p in body.get("funcname", [])]
+                function = parts[-1].lower() if parts else ""
+                functions.add(".".join(parts))
+                if function in _EFFECTFUL or function.startswith(("pg_advisory", "pg_try_advisory")):
+                    effectful = True
+                    if function in _SESSION_FUNCTIONS or (function.startswith(("pg_advisory", "pg_try_advisory"))
+                                                          and "xact" not in function):
+                        session = True
+            elif name.endswith("Stmt") and name not in ("SelectStmt", "RawStmt"):
+                writes = True  # DDL, COPY, VACUUM...: not a read
+            if isinstance(body, (dict, list)):
+                stack.append(body)
+    single = len(statements) == 1 and "SelectStmt" in statements[0]
+    return SqlInfo(read_only=single and not writes and not effectful, session=session, functions=frozenset(functions))
 
 
 def combine_writes(text: str, members: int) -> str | None:
