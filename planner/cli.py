@@ -275,29 +275,32 @@ def plan(
     Example: planner plan process_buffered
     """
     from planner.graph import plan as make_plan
-    from planner.render import plan_json, plan_rows
+    from planner.render import estimate, ms_number, plan_json, plan_rows
     from planner.stats import recorded_latencies
 
     folder, name = _resolve_flow(flow, flows)
     compiled = _planner(folder, None).load(name)
     recorded = recorded_latencies(name)
-    source = "recorded runs" if recorded else "latency: hints"
     p = make_plan(compiled, recorded)
+    est = estimate(compiled, p, recorded)
     if as_json:
-        typer.echo(json.dumps(plan_json(compiled, p, source), indent=2))
+        typer.echo(json.dumps(plan_json(compiled, p, recorded=recorded), indent=2))
         return
-    rows = [
-        [r.node, r.kind, ", ".join(r.waits_for) or "-", str(r.group), "?" if r.expected_ms is None else f"{r.expected_ms:g}",
-         "*" if r.critical else "", r.when or ""]
-        for r in plan_rows(compiled, p)
-    ]
-    print_table(f"{name}: {len(p.groups)} groups, expected times from {source}",
+    mixed = est.source == "recorded runs and latency: hints"  # then each figure says which it is
+    rows = []
+    for r in plan_rows(compiled, p, recorded):
+        expected = "?" if r.expected_ms is None else ms_number(r.expected_ms)
+        if mixed and r.latency_from:
+            expected += " (recorded)" if r.latency_from == "recorded" else " (hint)"
+        rows.append([r.node, r.kind, ", ".join(r.waits_for) or "-", str(r.group), expected, "*" if r.critical else "", r.when or ""])
+    title = f"expected times from {est.source}" if est.known else "no latency known"
+    print_table(f"{name}: {len(p.groups)} groups, {title}",
                 ["node", "kind", "waits for", "group", "expected ms", "critical", "when"], rows, right={3, 4})
-    typer.echo(f"critical path: {' -> '.join(p.critical_path)}")
-    typer.echo(f"sequential {p.sequential_ms:g} ms, parallel {p.parallel_ms:g} ms: "
-               f"{(1 - p.parallel_ms / p.sequential_ms) * 100 if p.sequential_ms else 0:.0f}% lower ({p.speedup:.2f}x)")
-    if p.unknown:
-        typer.echo(f"no latency hint or record for: {', '.join(p.unknown)} (counted as 0)", err=True)
+    if est.known:
+        typer.echo(f"critical path: {' -> '.join(est.critical_path)}")
+    typer.echo(est.summary())
+    if est.unknown:
+        typer.echo(f"no latency hint or record for: {', '.join(est.unknown)} (counted as 0)", err=True)
 
 
 @app.command()
@@ -314,12 +317,14 @@ def visualize(
     """
     from planner import render
     from planner.graph import plan as make_plan
+    from planner.stats import recorded_latencies
 
     if fmt not in ("mermaid", "dot", "svg", "html"):
         raise UsageError(f"--format {fmt!r}: choose mermaid, dot, svg or html")
     folder, name = _resolve_flow(flow, flows)
     compiled = _planner(folder, None).load(name)
-    p = make_plan(compiled)
+    recorded = recorded_latencies(name)  # as `planner plan` does: records first, then hints
+    p = make_plan(compiled, recorded)
     run_data = None
     if trace is not None:
         from planner.trace import TraceError, read_trace
@@ -328,16 +333,16 @@ def visualize(
             run_data = read_trace(trace, compiled)
         except TraceError as exc:
             raise UsageError(f"--trace {exc}") from None
-    states = run_data.states if run_data else None
     try:
         if fmt == "mermaid":
-            text = render.mermaid(compiled, p, states)
+            text = render.mermaid(compiled, p, run_data, recorded=recorded)
         elif fmt == "dot":
-            text = render.dot(compiled, p, states)
+            text = render.dot(compiled, p, run_data, recorded=recorded)
         else:
             from planner import draw
 
-            text = draw.svg(compiled, p, run_data) if fmt == "svg" else draw.html(compiled, p, run_data)
+            draw_as = draw.svg if fmt == "svg" else draw.html
+            text = draw_as(compiled, p, run_data, recorded=recorded)
     except render.RenderError as exc:
         raise UsageError(str(exc)) from None
     if output is None:

@@ -1,5 +1,11 @@
 """Text renderings of a flow: the plan table, Mermaid and DOT. Pure functions, no I/O.
 
+What every picture says is worked out here once (`picture`), so the CLI's table, Mermaid, DOT,
+SVG and HTML agree: the latency estimate and where it comes from (`estimate`: recorded medians,
+`latency:` hints, or nothing known, never a made-up 0 ms), the critical path to mark (a traced
+run's own, through its finish times, else the estimate's), each node's error or reason to be
+skipped (`outcomes`), and every figure rounded for people (`ms_number`, `ms_text`).
+
 Every string drawn (node names, `when:` text, states, flow names) passes through `plain`
 and then the target format's own escaping, so no text can end a label, a statement or a line.
 Each renderer is linear in the size of the flow: flows of tens of thousands of nodes are drawn.
@@ -8,14 +14,18 @@ Each renderer is linear in the size of the flow: flows of tens of thousands of n
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from planner.graph import CompiledFlow, Plan
+from planner.trace import RunData
 
 MERMAID_MAX_EDGES = 500
 MERMAID_MAX_TEXT = 50_000
 STATE_FILLS = {"ok": "#e8f6ec", "defaulted": "#fff4d6", "skipped": "#eeeeee", "failed": "#fde2e1", "cancelled": "#f3e5f5"}
+NO_LATENCY = "no latency known: add latency: hints or run the flow"
+OUTCOME_CHARS = 60  # of a node's error or skip reason in a Mermaid or DOT label (the tooltip has it whole)
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,7 @@ class PlanRow:
     expected_ms: float | None
     critical: bool
     when: str | None
+    latency_from: str | None = None  # "recorded" (median of recorded runs), "hint" (`latency:`) or None
 
 
 def plain(text: str, *, lines: bool = False) -> str:
@@ -46,19 +57,197 @@ def plain(text: str, *, lines: bool = False) -> str:
     return "".join(out)
 
 
-def expected_ms(plan: Plan) -> dict[str, float]:
-    """Each node's expected latency, for the nodes that have one (a hint or a record).
+# --- numbers for people ---------------------------------------------------------------------
 
-    `plan.unknown` is a tuple: asking it once per node made drawing quadratic in nodes.
+
+def ms_number(ms: float) -> str:
+    """A duration in milliseconds as people read it: `2.6`, not `2.5725`; `50`, not `50.0`.
+
+    Whole milliseconds from 100 up, one decimal from 1, two below 1 (`0.04`); never `0` for
+    what is not zero (`<0.01`). Every renderer and the CLI use it (and `ms_text`)."""
+    size = abs(ms)
+    if size == 0:
+        return "0"
+    digits = 0 if size >= 100 else 1 if size >= 1 else 2
+    text = f"{size:.{digits}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    if text == "0":
+        text = "<0.01"
+    return ("-" if ms < 0 else "") + text
+
+
+def ms_text(ms: float) -> str:
+    """`ms_number` with its unit: `2.6 ms`."""
+    return f"{ms_number(ms)} ms"
+
+
+# --- what is known of a flow's latency ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A plan's latency figures as the renderers may state them: only what a hint or a record
+    gives. A plan with no latency at all has no estimate (not "0 ms"), and no critical path."""
+
+    plan: Plan
+    expected: dict[str, float]  # each node with a hint or a record: its expected ms
+    origin: dict[str, str]  # the same nodes: "recorded" or "hint"
+
+    @property
+    def known(self) -> bool:
+        return bool(self.expected)
+
+    @property
+    def unknown(self) -> tuple[str, ...]:
+        """Nodes counted as 0 ms in a partial estimate."""
+        return self.plan.unknown if self.known else ()
+
+    @property
+    def source(self) -> str:
+        origins = set(self.origin.values())
+        if not origins:
+            return "none"
+        if origins == {"recorded"}:
+            return "recorded runs"
+        if origins == {"hint"}:
+            return "latency: hints"
+        return "recorded runs and latency: hints"
+
+    @property
+    def critical_path(self) -> tuple[str, ...]:
+        return self.plan.critical_path if self.known else ()
+
+    @property
+    def sequential_ms(self) -> float | None:
+        return self.plan.sequential_ms if self.known else None
+
+    @property
+    def parallel_ms(self) -> float | None:
+        return self.plan.parallel_ms if self.known else None
+
+    @property
+    def lower_percent(self) -> float | None:
+        plan = self.plan
+        return (1 - plan.parallel_ms / plan.sequential_ms) * 100 if self.known and plan.sequential_ms else None
+
+    def summary(self) -> str:
+        """`sequential 530 ms, parallel 250 ms: 53% lower (2.12x)`, or why there is no estimate."""
+        if not self.known:
+            return NO_LATENCY
+        text = f"sequential {ms_text(self.plan.sequential_ms)}, parallel {ms_text(self.plan.parallel_ms)}"
+        lower = self.lower_percent
+        return text + ("" if lower is None else f": {lower:.0f}% lower ({self.plan.speedup:.2f}x)")
+
+
+def estimate(flow: CompiledFlow, plan: Plan, recorded: Mapping[str, float] | None = None) -> Estimate:
+    """What `plan` knows of each node's latency, and where it comes from.
+
+    `recorded` is what the plan was made with (`planner.stats.recorded_latencies`); without it,
+    a node with no hint whose latency is known must have had a record. A linear pass:
+    `plan.unknown` is a tuple, and asking it once per node made drawing quadratic in nodes.
     """
     unknown = set(plan.unknown)
-    return {name: ms for name, ms in plan.latency_ms.items() if name not in unknown}
+    recorded = recorded or {}
+    expected, origin = {}, {}
+    for name, ms in plan.latency_ms.items():
+        if name in unknown:
+            continue
+        expected[name] = ms
+        hinted = name in flow.nodes and flow.nodes[name].latency is not None
+        origin[name] = "recorded" if name in recorded or not hinted else "hint"
+    return Estimate(plan, expected, origin)
 
 
-def plan_rows(flow: CompiledFlow, plan: Plan) -> list[PlanRow]:
-    """One row per node, in group order: the table the seed's analysis drew by hand."""
-    critical = set(plan.critical_path)
-    expected = expected_ms(plan)
+# --- a run, as the drawings tell it ---------------------------------------------------------
+
+
+def run_critical_path(flow: CompiledFlow, run: RunData) -> tuple[str, ...]:
+    """The critical path of a traced run: from the node that finished last, back through the
+    dependency each node waited for longest (the one that finished last), to a root.
+
+    A node without a span (skipped, or cancelled before it started) settled when its last
+    dependency did. Nodes the run never reached are left out. Empty when nothing ran."""
+    ends = {span.node: span.end_ms for span in run.spans}
+    if not ends:
+        return ()
+    finish: dict[str, float] = {}
+    via: dict[str, str | None] = {}
+    for name in flow.order:
+        if name not in run.states:
+            continue
+        deps = [d for d in flow.nodes[name].deps if d in finish]
+        best = max(deps, key=lambda d: finish[d], default=None)  # first of equals: the YAML's order
+        via[name] = best
+        finish[name] = ends[name] if name in ends else finish[best] if best else 0.0
+    last = max(ends, key=lambda n: (ends[n], flow.nodes[n].index) if n in flow.nodes else (ends[n], -1))
+    if last not in via:
+        return ()
+    path: list[str] = []
+    step: str | None = last
+    while step is not None:
+        path.append(step)
+        step = via[step]
+    return tuple(reversed(path))
+
+
+def outcome(flow: CompiledFlow, run: RunData | None, name: str) -> str | None:
+    """What happened to a node, in one line of words, when its state alone does not say it:
+    a failed or defaulted node's error, why a skipped node was skipped. None for the others.
+
+    A trace records a skipped node's reason (`when false`, `$x is null`) when planner could
+    tell it; an older trace, or one whose reason depended on the run's inputs, gets the
+    node's `when:` as written."""
+    if run is None or name not in run.states:
+        return None
+    state = run.states[name]
+    if state in ("failed", "defaulted"):
+        error = next((span.error for span in run.spans if span.node == name and span.error), None)
+        return f"{state}: {error}" if error else None
+    if state == "skipped":
+        reason = run.skipped.get(name)
+        if reason:
+            return f"skipped: {reason}"
+        when = when_text(flow, name) if name in flow.nodes else None
+        return f"skipped (when: {when})" if when else "skipped: a reference was null"
+    if state == "cancelled":
+        return "cancelled: the run stopped before this node settled"
+    return None
+
+
+def outcomes(flow: CompiledFlow, run: RunData | None) -> dict[str, str]:
+    """`outcome` of every node that has one (linear: the spans are read once)."""
+    if run is None:
+        return {}
+    errors = {span.node: span.error for span in run.spans if span.error}
+    out = {}
+    for name, state in run.states.items():
+        if state in ("failed", "defaulted"):
+            if name in errors:
+                out[name] = f"{state}: {errors[name]}"
+        elif state in ("skipped", "cancelled"):
+            text = outcome(flow, run, name)
+            if text:
+                out[name] = text
+    return out
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` on one line, at most `limit` characters (the last an ellipsis when cut)."""
+    text = " ".join(plain(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --- the plan table -------------------------------------------------------------------------
+
+
+def plan_rows(flow: CompiledFlow, plan: Plan, recorded: Mapping[str, float] | None = None,
+              critical: Sequence[str] | None = None) -> list[PlanRow]:
+    """One row per node, in group order: the table the seed's analysis drew by hand.
+
+    `critical` marks another path than the estimate's (a traced run's)."""
+    est = estimate(flow, plan, recorded)
+    on_path = set(est.critical_path if critical is None else critical)
     rows = []
     for group in plan.groups:
         for name in group:
@@ -69,9 +258,10 @@ def plan_rows(flow: CompiledFlow, plan: Plan) -> list[PlanRow]:
                     kind=node.kind,
                     waits_for=node.deps,
                     group=flow.group_of[name],
-                    expected_ms=expected.get(name),
-                    critical=name in critical,
+                    expected_ms=est.expected.get(name),
+                    critical=name in on_path,
                     when=when_text(flow, name),
+                    latency_from=est.origin.get(name),
                 )
             )
     return rows
@@ -85,15 +275,21 @@ def when_text(flow: CompiledFlow, name: str) -> str | None:
     return str(spec.when).lower() if isinstance(spec.when, bool) else spec.when
 
 
-def plan_json(flow: CompiledFlow, plan: Plan, source: str) -> dict[str, Any]:
+def plan_json(flow: CompiledFlow, plan: Plan, source: str | None = None,
+              recorded: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The plan as data. With no latency known, the estimate is null (not 0) and so is the
+    critical path's list empty; `latency_source` is then "none"."""
+    est = estimate(flow, plan, recorded)
     return {
         "flow": flow.name,
-        "latency_source": source,
+        "latency_source": est.source if source is None else source,
+        "latency_note": None if est.known else NO_LATENCY,
         "groups": [list(g) for g in plan.groups],
-        "critical_path": list(plan.critical_path),
-        "sequential_ms": plan.sequential_ms,
-        "parallel_ms": plan.parallel_ms,
-        "speedup": round(plan.speedup, 3),
+        "critical_path": list(est.critical_path),
+        "sequential_ms": est.sequential_ms,
+        "parallel_ms": est.parallel_ms,
+        "speedup": round(plan.speedup, 3) if est.known else None,
+        "unknown": list(est.unknown),
         "nodes": [
             {
                 "node": r.node,
@@ -101,10 +297,11 @@ def plan_json(flow: CompiledFlow, plan: Plan, source: str) -> dict[str, Any]:
                 "waits_for": list(r.waits_for),
                 "group": r.group,
                 "expected_ms": r.expected_ms,
+                "latency_from": r.latency_from,
                 "critical": r.critical,
                 "when": r.when,
             }
-            for r in plan_rows(flow, plan)
+            for r in plan_rows(flow, plan, recorded)
         ],
     }
 
@@ -140,35 +337,80 @@ def edges(flow: CompiledFlow) -> list[tuple[str, str, bool]]:
     return out
 
 
-def _node_label(flow: CompiledFlow, expected: dict[str, float], name: str, states: dict[str, str] | None) -> list[str]:
+@dataclass(frozen=True)
+class Picture:
+    """What every drawing of a flow says, worked out once: the estimate, the critical path to
+    mark (a traced run's when there is one, else the estimate's, else none), each node's state
+    and, where its state does not say it all, its outcome in words."""
+
+    flow: CompiledFlow
+    plan: Plan
+    estimate: Estimate
+    run: RunData | None
+    critical_path: tuple[str, ...]
+    critical_of_run: bool  # the marked path is the traced run's (by its finish times)
+    outcomes: dict[str, str]
+
+    @property
+    def states(self) -> dict[str, str]:
+        return self.run.states if self.run else {}
+
+    def legend(self) -> str:
+        """One line: the marked path and what it is, the estimate or why there is none."""
+        est = self.estimate
+        parts = []
+        if self.critical_of_run:
+            parts.append("critical path of this run (by finish times): " + " → ".join(self.critical_path))
+        elif self.critical_path:
+            parts.append(f"critical path (estimated from {est.source}): " + " → ".join(self.critical_path))
+        parts.append(("estimate: " if self.critical_of_run and est.known else "") + est.summary())
+        if est.unknown:
+            count = len(est.unknown)
+            parts.append(f"{count} node{'s' if count != 1 else ''} without a latency counted as 0")
+        return " · ".join(parts)
+
+
+def picture(flow: CompiledFlow, plan: Plan, run: RunData | None = None,
+            recorded: Mapping[str, float] | None = None) -> Picture:
+    est = estimate(flow, plan, recorded)
+    traced = run_critical_path(flow, run) if run is not None else ()
+    return Picture(flow, plan, est, run, traced or est.critical_path, bool(traced), outcomes(flow, run))
+
+
+def _node_label(pic: Picture, name: str) -> list[str]:
     """The lines of a node's label, each `plain`: the caller escapes them for its format."""
-    node = flow.nodes[name]
-    ms = expected.get(name)
-    parts = [name, node.kind + ("" if ms is None else f" · {ms:g} ms")]
-    when = when_text(flow, name)
+    node = pic.flow.nodes[name]
+    ms = pic.estimate.expected.get(name)
+    parts = [name, node.kind + ("" if ms is None else f" · {ms_text(ms)}")]
+    when = when_text(pic.flow, name)
     if when:
         parts.append(f"when {when}")
-    if states and name in states:
-        parts.append(states[name])
+    note = pic.outcomes.get(name)
+    if note and not (when and note.startswith("skipped (when:")):  # the `when` line above says it
+        parts.append(clip(note, OUTCOME_CHARS))
+    elif name in pic.states:
+        parts.append(pic.states[name])
     return [plain(p) for p in parts]
 
 
-def mermaid(flow: CompiledFlow, plan: Plan, states: dict[str, str] | None = None) -> str:
-    """A Mermaid flowchart: groups as subgraphs left to right, the critical path marked."""
+def mermaid(flow: CompiledFlow, plan: Plan, run: RunData | None = None, *,
+            recorded: Mapping[str, float] | None = None) -> str:
+    """A Mermaid flowchart: groups as subgraphs left to right, the critical path marked (a
+    traced run's, when `run` is given), nodes coloured by the run's states."""
     all_edges = edges(flow)
     if len(all_edges) > MERMAID_MAX_EDGES:
         raise RenderError(f"Mermaid draws at most {MERMAID_MAX_EDGES} edges and this flow has {len(all_edges)}: use --format dot or svg")
-    expected = expected_ms(plan)
-    lines = ["flowchart LR"]
+    pic = picture(flow, plan, run, recorded)
+    lines = ["flowchart LR", "  %% " + plain(pic.legend())]  # a comment: node names (all a comment can hold) cannot end a line
     for i, group in enumerate(plan.groups, 1):
         lines.append(f'  subgraph g{i}["group {i}"]')
         lines.append("    direction TB")
         for name in group:
             shape = ("[", "]") if flow.nodes[name].kind == "sql" else ("([", "])")
-            label = _mermaid_label(_node_label(flow, expected, name, states))
+            label = _mermaid_label(_node_label(pic, name))
             lines.append(f"    {_mermaid_id(name)}{shape[0]}{label}{shape[1]}")
         lines.append("  end")
-    critical = set(zip(plan.critical_path, plan.critical_path[1:], strict=False))
+    critical = set(zip(pic.critical_path, pic.critical_path[1:], strict=False))
     link_styles = []
     for index, (a, b, ordering) in enumerate(all_edges):
         arrow = "-.->" if ordering else ("==>" if (a, b) in critical else "-->")
@@ -178,10 +420,10 @@ def mermaid(flow: CompiledFlow, plan: Plan, states: dict[str, str] | None = None
     lines.append("  classDef critical stroke:#c0392b,stroke-width:3px")
     for state, fill in STATE_FILLS.items():
         lines.append(f"  classDef {state} fill:{fill}")
-    if plan.critical_path:
-        lines.append("  class " + ",".join(_mermaid_id(n) for n in plan.critical_path) + " critical")
+    if pic.critical_path:
+        lines.append("  class " + ",".join(_mermaid_id(n) for n in pic.critical_path) + " critical")
     by_state: dict[str, list[str]] = {}
-    for name, state in (states or {}).items():
+    for name, state in pic.states.items():
         if state in STATE_FILLS and name in flow.nodes:  # anything else has no class to name
             by_state.setdefault(state, []).append(name)
     for state in STATE_FILLS:
@@ -204,21 +446,28 @@ def _dot_str(text: str) -> str:
     return json.dumps(plain(text, lines=True), ensure_ascii=False)
 
 
-def dot(flow: CompiledFlow, plan: Plan, states: dict[str, str] | None = None) -> str:
-    """Graphviz DOT: one `cluster_` per group (ranked left to right), the critical path in red."""
-    critical_nodes = set(plan.critical_path)
-    critical = set(zip(plan.critical_path, plan.critical_path[1:], strict=False))
-    expected = expected_ms(plan)
-    lines = [f"digraph {_dot_str(flow.name)} {{", "  rankdir=LR;", '  node [fontname="Helvetica", fontsize=11];']
+def dot(flow: CompiledFlow, plan: Plan, run: RunData | None = None, *,
+        recorded: Mapping[str, float] | None = None) -> str:
+    """Graphviz DOT: one `cluster_` per group (ranked left to right), the critical path in red
+    (a traced run's, when `run` is given); a node's tooltip has its `when:` and outcome whole."""
+    pic = picture(flow, plan, run, recorded)
+    critical_nodes = set(pic.critical_path)
+    critical = set(zip(pic.critical_path, pic.critical_path[1:], strict=False))
+    states = pic.states
+    lines = [f"digraph {_dot_str(flow.name)} {{", "  rankdir=LR;", '  node [fontname="Helvetica", fontsize=11];',
+             f"  label={_dot_str(pic.legend())}; labelloc=b; fontsize=10;"]
     for i, group in enumerate(plan.groups, 1):
         lines.append(f"  subgraph cluster_g{i} {{")
         lines.append(f'    label="group {i}"; style="rounded,dashed"; color="#999999";')
         for name in group:
+            when = when_text(flow, name)
+            tip = [name, *([f"when {when}"] if when else []), *([pic.outcomes[name]] if name in pic.outcomes else [])]
             attrs = {
-                "label": "\n".join(_node_label(flow, expected, name, states)),
+                "label": "\n".join(_node_label(pic, name)),
                 "shape": "box" if flow.nodes[name].kind == "sql" else "ellipse",
-                "style": "filled" + (",dashed" if when_text(flow, name) else ""),
-                "fillcolor": STATE_FILLS.get((states or {}).get(name, ""), "#ffffff"),
+                "style": "filled" + (",dashed" if when else ""),
+                "fillcolor": STATE_FILLS.get(states.get(name, ""), "#ffffff"),
+                "tooltip": "\n".join(tip),
             }
             if name in critical_nodes:
                 attrs.update(color="#c0392b", penwidth="2.5")

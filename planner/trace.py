@@ -2,6 +2,11 @@
 
 Perfetto cannot draw overlapping complete events on one thread, so nodes that run at the same
 time get lanes of their own: the smallest set of lanes, assigned greedily by start time.
+
+Besides the events, `otherData` holds the run's status, elapsed time, every node's state and,
+for skipped nodes, why (`skipped`: `"when false"`, `"$x is null"`) where planner can tell it
+from the nodes' values after the run (see `skip_reasons`). A skipped node never ran, so it has
+no event; older traces have no `skipped` and are read as before.
 """
 
 from __future__ import annotations
@@ -9,12 +14,14 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from planner.expr import evaluate, refs_of
 from planner.graph import CompiledFlow
 from planner.models import NAME_RE
+from planner.refs import Ref, Unresolved, resolve
 from planner.results import FlowResult, NodeState
 
 STATES = tuple(state.value for state in NodeState)
@@ -63,6 +70,7 @@ class RunData:
     elapsed_ms: float
     states: dict[str, str]
     spans: list[Span]
+    skipped: dict[str, str] = field(default_factory=dict)  # why a skipped node was, where known
 
     def __post_init__(self) -> None:
         _check_text(self.flow, "flow")
@@ -78,6 +86,13 @@ class RunData:
                 raise TraceError(f"spans: {_shown(span)} is not a Span")
             if span.node not in self.states:
                 raise TraceError(f"states: no state for node {span.node!r}, which ran")
+        if not isinstance(self.skipped, dict):
+            raise TraceError(f"skipped: {_shown(self.skipped)} is not an object of node names to reasons")
+        for node, reason in self.skipped.items():
+            _check_name(node, "skipped")
+            _check_text(reason, f"skipped[{node!r}]")
+            if self.states.get(node) != "skipped":
+                raise TraceError(f"skipped: node {node!r} has a reason to be skipped but its state is {_shown(self.states.get(node))}")
 
 
 def _shown(value: object) -> str:
@@ -135,6 +150,82 @@ def lanes(intervals: list[tuple[str, float, float]]) -> dict[str, int]:
     return assigned
 
 
+class _NoInput(Exception):
+    """A reference to one of the run's inputs, which a trace is not told."""
+
+
+class _NodeValues(dict[str, Any]):
+    def __missing__(self, key: str) -> Any:
+        raise _NoInput(key)
+
+
+def skip_reasons(result: FlowResult, flow: CompiledFlow) -> dict[str, str]:
+    """Why each skipped node was skipped, where the nodes' values after the run tell it.
+
+    A node is skipped when its `when:` is false, or when a reference (in `when:` or in what it
+    runs) walks into null. The executor decided it with the values of the node's dependencies,
+    which had settled and do not change after: evaluating the same `when:` and references on
+    them gives the same answer. The inputs are not in the result: a reason that depends on one
+    is left out (renderers then show the `when:` as written)."""
+    skipped = [name for name, node in result.nodes.items() if node.state is NodeState.SKIPPED and name in flow.nodes]
+    if not skipped:
+        return {}
+    values = _NodeValues((name, node.value) for name, node in result.nodes.items())
+    reasons = {}
+    for name in skipped:
+        reason = _skip_reason(flow, name, values)
+        if reason:
+            reasons[name] = reason
+    return reasons
+
+
+def _skip_reason(flow: CompiledFlow, name: str, values: _NodeValues) -> str | None:
+    node = flow.nodes[name]
+    in_when = set(refs_of(node.when)) if node.when is not None else set()
+    try:
+        if node.when is not None:
+            try:
+                if not evaluate(node.when, values):
+                    return "when false"
+            except Unresolved as exc:
+                return _null_reason(next((r for r in in_when if str(r) == str(exc)), None), values)
+        # `when:` was true: a reference of what the node runs walked into null. Those of `when:`
+        # are left out: one it did not read (`$a or $b.x`) may be null without being the reason.
+        for ref in node.refs:
+            if ref in in_when:
+                continue
+            try:
+                resolve(ref, values)
+            except Unresolved:
+                return _null_reason(ref, values)
+            except _NoInput:
+                continue
+    except Exception:  # an input, or a value the executor saw differently: say nothing rather than guess
+        return None
+    return None
+
+
+def _null_reason(ref: Ref | None, values: _NodeValues) -> str | None:
+    """`$a.b is null` for the step of `ref` that met null; `$a.rows has no item 3` for a short
+    list. Walks as `planner.refs.resolve` does."""
+    if ref is None:
+        return None
+    value = values[ref.root]
+    for i, key in enumerate(ref.path):
+        held = "$" + ".".join((ref.root, *ref.path[:i]))
+        if value is None:
+            return f"{held} is null"
+        if isinstance(value, (list, tuple)) and key.isdigit():
+            if int(key) >= len(value):
+                return f"{held} has no item {key}"
+            value = value[int(key)]
+        elif isinstance(value, dict) or hasattr(value, "get"):
+            value = value.get(key)
+        else:
+            return None
+    return None
+
+
 def trace_events(result: FlowResult, flow: CompiledFlow) -> dict[str, Any]:
     ran = [(n, r.started_ms, r.finished_ms if r.finished_ms is not None else result.elapsed_ms)
            for n, r in result.nodes.items() if r.started_ms is not None]
@@ -156,7 +247,8 @@ def trace_events(result: FlowResult, flow: CompiledFlow) -> dict[str, Any]:
         "traceEvents": events,
         "displayTimeUnit": "ms",
         "otherData": {"flow": result.flow, "run_id": result.run_id, "status": result.status,
-                      "elapsed_ms": result.elapsed_ms, "states": result.states()},
+                      "elapsed_ms": result.elapsed_ms, "states": result.states(),
+                      "skipped": skip_reasons(result, flow)},
     }
 
 
@@ -221,8 +313,9 @@ def _run_data(data: Any) -> RunData:
         raise TraceError("traceEvents is not a list")
     spans = [_span(event, f"traceEvents[{i}]", len(events)) for i, event in enumerate(events) if _field(event, "ph", f"traceEvents[{i}]") == "X"]
     flow, status, elapsed, states = (_field(other, key, "otherData") for key in ("flow", "status", "elapsed_ms", "states"))
+    skipped = other.get("skipped", {})  # not in traces written before planner recorded it
     try:
-        return RunData(flow, status, elapsed, states, spans)
+        return RunData(flow, status, elapsed, states, spans, skipped)
     except TraceError as exc:
         raise TraceError(f"otherData.{exc}") from None
 

@@ -60,8 +60,54 @@ def test_plan_uses_recorded_latencies_after_runs(demo_dsn: str) -> None:
     proc = cli("run", "escalation", "-i", "instance_id=1", "-i", "user_phone=+15550000001", "-i", "message=hi", "--db", demo_dsn, env=env)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(cli("plan", "escalation", "--json", env=env).stdout)
-    assert data["latency_source"] == "recorded runs"
-    assert data["nodes"][0]["expected_ms"] < 50  # a local query, not the 50 ms hint
+    # `record` was skipped (no escalation): it keeps its hint, and the plan says so
+    assert data["latency_source"] == "recorded runs and latency: hints"
+    assert data["nodes"][0]["expected_ms"] < 50 and data["nodes"][0]["latency_from"] == "recorded"  # a local query, not the 50 ms hint
+    assert {n["node"]: n["latency_from"] for n in data["nodes"]}["record"] == "hint"
+
+
+NO_HINTS = "nodes:\n  a: {sql: SELECT 1}\n  b: {sql: SELECT $a}\n  c: {sql: 'SELECT $a, $b'}\n"
+
+
+def test_plan_without_hints_or_records_says_no_latency_is_known(tmp_path: Path) -> None:
+    (tmp_path / "f.yaml").write_text(NO_HINTS)
+    proc = cli("plan", "f", "--flows", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "no latency known: add latency: hints or run the flow" in proc.stdout
+    assert "0 ms" not in proc.stdout and "critical path" not in proc.stdout
+    data = json.loads(cli("plan", "f", "--flows", str(tmp_path), "--json").stdout)
+    assert data["sequential_ms"] is None and data["critical_path"] == [] and data["latency_source"] == "none"
+
+
+def _record(flow: str, latencies: dict[str, list[float]]) -> None:
+    """Latencies as `planner run` records them (`planner.stats`), in the test's own PLANNER_HOME."""
+    folder = Path(os.environ["PLANNER_HOME"]) / "stats"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{flow}.json").write_text(json.dumps(latencies))
+
+
+def test_plan_uses_recorded_latencies_where_hints_are_missing_rounded(tmp_path: Path) -> None:
+    (tmp_path / "f.yaml").write_text(NO_HINTS)
+    _record("f", {"a": [2.5725], "b": [1.0, 1.25, 9.0], "c": [0.5]})
+    proc = cli("plan", "f", "--flows", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "expected times from recorded runs" in proc.stdout
+    assert re.search(r"^a\s+sql\s+-\s+1\s+2\.6\s+\*", proc.stdout, re.M), proc.stdout
+    assert "critical path: a -> b -> c" in proc.stdout
+    assert "sequential 4.3 ms, parallel 4.3 ms" in proc.stdout and "2.5725" not in proc.stdout
+
+
+@pytest.mark.parametrize("fmt", ["svg", "html", "dot", "mermaid"])
+def test_visualize_uses_recorded_latencies_like_plan(fmt: str, tmp_path: Path) -> None:
+    (tmp_path / "f.yaml").write_text(NO_HINTS)
+    before = cli("visualize", "f", "--flows", str(tmp_path), "--format", fmt)
+    assert before.returncode == 0, before.stderr
+    assert "no latency known: add latency: hints or run the flow" in before.stdout
+    _record("f", {"a": [2.5725], "b": [1.25], "c": [0.5]})
+    after = cli("visualize", "f", "--flows", str(tmp_path), "--format", fmt).stdout
+    assert "sql · 2.6 ms" in after.replace("SQL", "sql") and "no latency known" not in after
+    if fmt in ("svg", "html", "dot"):
+        assert "sequential 4.3 ms, parallel 4.3 ms" in after
 
 
 def test_run_prints_a_node_table_and_the_output(demo_dsn: str) -> None:
@@ -367,7 +413,7 @@ def test_plan_shows_a_when_over_several_lines_on_one_row(tmp_path: Path) -> None
     proc = cli("plan", "f", "--flows", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     rows = _table_rows(proc.stdout)
-    assert rows[1].startswith("b ") and rows[1].endswith("$a != 1") and rows[2].startswith("critical path: ")
+    assert rows[1].startswith("b ") and rows[1].endswith("$a != 1") and rows[2].startswith("no latency known: ")
 
 
 def test_a_table_cell_is_never_read_as_rich_markup(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

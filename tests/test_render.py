@@ -179,6 +179,8 @@ def _set(field: str, data: dict[str, Any], value: Any) -> None:
         other[field] = value
     elif field in ("state", "error"):
         span["args"][field] = value
+    elif field == "skipped-reason":
+        other["skipped"] = {"mark_duplicate_processed": value}
     elif field == "lane-names":
         for event in _lane_names(data):
             event["args"]["name"] = value
@@ -210,7 +212,7 @@ def test_a_trace_with_hostile_text_in_a_named_field_is_refused_in_one_line(
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
-@pytest.mark.parametrize("field", ["error", "cat", "lane-names"])
+@pytest.mark.parametrize("field", ["error", "skipped-reason", "cat", "lane-names"])
 @pytest.mark.parametrize("fmt", ["svg", "html"])
 def test_free_text_of_a_trace_is_drawn_as_text(field: str, fmt: str, payload: str, tmp_path: Path, seed_flow: CompiledFlow) -> None:
     data = _seed_trace()
@@ -218,7 +220,7 @@ def test_free_text_of_a_trace_is_drawn_as_text(field: str, fmt: str, payload: st
     run = read_trace(_write(tmp_path, data), seed_flow)
     p = plan(seed_flow)
     strings = _svg_strings(draw.svg(seed_flow, p, run)) if fmt == "svg" else _html_strings(draw.html(seed_flow, p, run))
-    if field == "error":  # the one free text a trace shows: in the node's and the span's tooltip
+    if field in ("error", "skipped-reason"):  # the free texts a trace shows: on the node, in its tooltip and the table
         assert _shows(strings, payload)
 
 
@@ -320,6 +322,9 @@ def test_the_seed_trace_reads_back_every_node(seed_flow: CompiledFlow) -> None:
         pytest.param(lambda: RunData("f", "ok", 1.0, {"a": 5}, []), id="run-state-not-text"),  # type: ignore[dict-item]
         pytest.param(lambda: RunData("f", "ok", 1.0, {"a\n": "ok"}, []), id="run-node-with-newline"),
         pytest.param(lambda: RunData("f", "ok", 1.0, {}, [Span("a", "ok", 0.0, 1.0, 0, None)]), id="run-span-without-state"),
+        pytest.param(lambda: RunData("f", "ok", 1.0, {"a": "ok"}, [], {"a": "when false"}), id="run-reason-for-a-node-not-skipped"),
+        pytest.param(lambda: RunData("f", "ok", 1.0, {"a": "skipped"}, [], {"a": 5}), id="run-reason-not-text"),  # type: ignore[dict-item]
+        pytest.param(lambda: RunData("f", "ok", 1.0, {"a": "skipped"}, [], ["a"]), id="run-reasons-not-a-mapping"),  # type: ignore[arg-type]
     ],
 )
 def test_run_data_refuses_what_a_renderer_could_not_draw_safely(make: Callable[[], object]) -> None:
@@ -381,7 +386,7 @@ def _trace_round_trip(s: _Sized, path: Path) -> None:
 
 DRAWINGS: dict[str, Callable[[_Sized, Path], object]] = {
     "plan-rows": lambda s, _: render.plan_rows(s.flow, s.plan),
-    "dot": lambda s, _: render.dot(s.flow, s.plan, s.run.states),
+    "dot": lambda s, _: render.dot(s.flow, s.plan, s.run),
     "svg": lambda s, _: draw.svg(s.flow, s.plan, s.run),
     "html": lambda s, _: draw.html(s.flow, s.plan, s.run),
     "trace-write-and-read": _trace_round_trip,
