@@ -275,6 +275,7 @@ def plan(
     Example: planner plan process_buffered
     """
     from planner.graph import plan as make_plan
+    from planner.graph import trips
     from planner.render import estimate, ms_number, plan_json, plan_rows
     from planner.stats import recorded_latencies
 
@@ -283,8 +284,13 @@ def plan(
     recorded = recorded_latencies(name)
     p = make_plan(compiled, recorded)
     est = estimate(compiled, p, recorded)
+    cold, warm = trips(compiled), trips(compiled, warm=True)
     if as_json:
-        typer.echo(json.dumps(plan_json(compiled, p, recorded=recorded), indent=2))
+        data = plan_json(compiled, p, recorded=recorded)
+        data["round_trips"] = {"statements": cold.statements, "critical": cold.critical,
+                               "statements_cache_warm": warm.statements, "critical_cache_warm": warm.critical,
+                               "fused": [list(g) for g in cold.fused_groups]}
+        typer.echo(json.dumps(data, indent=2))
         return
     mixed = est.source == "recorded runs and latency: hints"  # then each figure says which it is
     rows = []
@@ -299,8 +305,22 @@ def plan(
     if est.known:
         typer.echo(f"critical path: {' -> '.join(est.critical_path)}")
     typer.echo(est.summary())
+    typer.echo(_trips_line(cold, warm))
     if est.unknown:
         typer.echo(f"no latency hint or record for: {', '.join(est.unknown)} (counted as 0)", err=True)
+
+
+def _trips_line(cold: Any, warm: Any) -> str:
+    """`statements per run: 6 (5 with the cache warm); round trips on the critical path: 4 (3)...`"""
+    line = f"statements per run: at most {cold.statements}"
+    if (warm.statements, warm.critical) != (cold.statements, cold.critical):
+        line += f" ({warm.statements} with the cache warm)"
+    line += f"; round trips on the critical path: {cold.critical}"
+    if warm.critical != cold.critical:
+        line += f" ({warm.critical} with the cache warm)"
+    if cold.fused_groups:
+        line += "; fused: " + ", ".join("+".join(g) for g in cold.fused_groups)
+    return line
 
 
 @app.command()

@@ -486,3 +486,12 @@ def test_an_error_over_several_lines_is_printed_on_one(capsys: pytest.CaptureFix
     with pytest.raises(SystemExit):
         cli_module._fail("relation \"x\" does not exist\nDETAIL:  why\nHINT:  \x1b[31mfix", 2)
     assert capsys.readouterr().err == 'planner: relation "x" does not exist / DETAIL:  why / HINT:  \ufffd[31mfix\n'
+
+
+def test_plan_shows_statements_and_round_trips_with_and_without_the_cache() -> None:
+    proc = cli("plan", "process_buffered")
+    assert proc.returncode == 0, proc.stderr
+    assert ("statements per run: at most 7 (5 with the cache warm); round trips on the critical path: 4 "
+            "(3 with the cache warm); fused: is_duplicate+history+recent_messages") in proc.stdout
+    data = json.loads(cli("plan", "process_buffered", "--json").stdout)
+    assert data["round_trips"]["critical_cache_warm"] == 3 and data["round_trips"]["statements"] == 7
