@@ -168,9 +168,11 @@ async def test_a_flow_is_compiled_off_the_event_loop(tmp_path: Path) -> None:
     lines = ["nodes:"] + [f"  n{i}: {{call: tests.nodes:echo, with: {{value: {i}, prev: $n{i - 1}}}}}" if i else
                           "  n0: {call: tests.nodes:echo, with: {value: 0}}" for i in range(3000)]
     (tmp_path / "big.yaml").write_text("\n".join(lines) + "\n")
-    t0 = time.perf_counter()
-    load_flow(tmp_path / "big.yaml")
-    compile_s = time.perf_counter() - t0
+    compile_s = float("inf")
+    for _ in range(2):  # warm: the reference is what a compile costs, not a first import
+        t0 = time.perf_counter()
+        load_flow(tmp_path / "big.yaml")
+        compile_s = min(compile_s, time.perf_counter() - t0)
     gaps: list[float] = []
     loading = asyncio.Event()
 
@@ -188,4 +190,6 @@ async def test_a_flow_is_compiled_off_the_event_loop(tmp_path: Path) -> None:
     await planner._entry("big")  # the load a first run makes, without running 3,000 nodes
     loading.set()
     await tick
-    assert max(gaps) < compile_s / 3, f"the loop stalled {max(gaps) * 1000:.0f} ms of a {compile_s * 1000:.0f} ms compile"
+    # On the loop, the stall is the whole compile (and more: binding). On a thread, it is the
+    # longest stretch the compile holds the GIL in one C call (libyaml composing the document).
+    assert max(gaps) < 0.6 * compile_s, f"the loop stalled {max(gaps) * 1000:.0f} ms of a {compile_s * 1000:.0f} ms compile"
