@@ -69,7 +69,9 @@ class Planner:
     bounds the threads that run sync calls. `node_wrapper` wraps every node's execution (see
     `NodeWrapper`); `observers` watch every run (see `planner.observers.RunObserver`).
     `cache_size` bounds the values `cache:` nodes keep (see `planner.cache`; `PLANNER_CACHE=0`
-    turns the cache off).
+    turns the cache off). `embedded=False` (or `PLANNER_EMBEDDED=0`) forbids the embedded
+    fallback: with no `dsn=`, `pool=` or `DATABASE_URL`, a run raises `DatabaseUnavailable`.
+    Which database is used, and why, is logged once at WARNING on the `planner` logger.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class Planner:
         observers: Sequence[RunObserver] | None = None,
         call_threads: int = DEFAULT_THREADS,
         cache_size: int = DEFAULT_SIZE,
+        embedded: bool | None = None,
     ) -> None:
         self.source = FlowSource.resolve(flows)
         self.mode = mode
@@ -96,7 +99,8 @@ class Planner:
             from planner.db import PoolBackend
 
             backend = CoalescingBackend(
-                PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset))
+                PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset,
+                            embedded=embedded))
         # The outermost wrapper: a hit never reaches the database, or anything in between.
         self.cache = CacheBackend(backend, maxsize=cache_size)
         self.backend: Backend = self.cache
