@@ -8,6 +8,7 @@ import logging
 from planner.api import Planner, load_flow, load_flows, run_flow
 from planner.errors import (
     DatabaseUnavailable,
+    FlowDatabaseLost,
     FlowError,
     FlowFailed,
     FlowFileError,
@@ -51,6 +52,7 @@ __version__ = _version()
 __all__ = [
     "CompiledFlow",
     "DatabaseUnavailable",
+    "FlowDatabaseLost",
     "FlowError",
     "FlowFailed",
     "FlowFileError",

@@ -76,7 +76,9 @@ class Planner:
     `cache_size` bounds the values `cache:` nodes keep (see `planner.cache`; `PLANNER_CACHE=0`
     turns the cache off). Invalidations reach the other processes on the same database through
     LISTEN/NOTIFY on `cache_channel` (None: this process only); while a process cannot listen,
-    its cache is not used (its values may have gone stale without it knowing).
+    its cache is not used (its values may have gone stale without it knowing). `embedded=False` (or `PLANNER_EMBEDDED=0`) forbids the embedded
+    fallback: with no `dsn=`, `pool=` or `DATABASE_URL`, a run raises `DatabaseUnavailable`.
+    Which database is used, and why, is logged once at WARNING on the `planner` logger.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class Planner:
         call_threads: int = DEFAULT_THREADS,
         cache_channel: str | None = CACHE_CHANNEL,
         cache_size: int = DEFAULT_SIZE,
+        embedded: bool | None = None,
     ) -> None:
         self.source = FlowSource.resolve(flows)
         self.mode = mode
@@ -105,7 +108,8 @@ class Planner:
             from planner.fuse import FusingBackend
 
             backend = FusingBackend(CoalescingBackend(
-                PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset)))
+                PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset,
+                            embedded=embedded)))
         # The outermost wrapper: a hit never reaches the database, or anything in between.
         self.cache = CacheBackend(backend, maxsize=cache_size, channel=cache_channel)
         self.backend: Backend = self.cache

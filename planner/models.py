@@ -82,10 +82,11 @@ class _Strict(BaseModel):
 class InputSpec(_Strict):
     """A declared input: `name: str` or `name: {type: int, default: 20}`."""
 
-    type: InputType
-    default: Any = None
-    required: bool = True
-    description: str | None = None
+    type: InputType = Field(description="str, int, float (an int is accepted), bool, list, dict or json (anything). "
+                            "null is accepted for every type.")
+    default: Any = Field(default=None, description="The value when the caller gives none; an input with a default is optional.")
+    required: bool = Field(default=True, description="Whether the caller must give it (false as soon as a default is written).")
+    description: str | None = Field(default=None, description="What the input is, for readers and `planner list`.")
 
     @model_validator(mode="before")
     @classmethod
@@ -104,10 +105,20 @@ class InputSpec(_Strict):
 
 
 class Settings(_Strict):
-    mode: Literal["eager", "layered", "sequential"] = "eager"
-    timeout: Duration | None = None
-    node_timeout: Duration | None = None
-    max_concurrency: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    """How the flow runs; every key is optional."""
+
+    mode: Literal["eager", "layered", "sequential"] = Field(
+        default="eager",
+        description="eager: each node starts as soon as its dependencies settled; layered: the plan's groups one "
+        "after another; sequential: one node at a time. PLANNER_MODE and the caller's mode= override it.")
+    timeout: Duration | None = Field(
+        default=None,
+        description="Deadline of the whole run (acquiring connections included). When it passes, unfinished nodes "
+        "are cancelled and the run raises FlowTimeout.")
+    node_timeout: Duration | None = Field(
+        default=None, description="The timeout of every node that sets none of its own (each attempt).")
+    max_concurrency: Annotated[int, Field(ge=1, le=10_000)] | None = Field(
+        default=None, description="At most this many nodes of one run in flight at once (default: no limit).")
     coalesce: Annotated[bool, Field(description="Let read-only statements of concurrent runs share one statement "
                                     "(the default). false turns coalescing off for every node of this flow.")] = True
     fuse: Annotated[bool, Field(description="Let sibling reads of one run that become ready together share one "
@@ -115,20 +126,45 @@ class Settings(_Strict):
 
 
 class Retry(_Strict):
-    attempts: Annotated[int, Field(ge=1, le=100)] = 3
-    backoff: Duration = Field(default="50ms", validate_default=True)
-    on: Literal["transient", "any"] = "transient"
+    """Try a failing node again: `{attempts: 3, backoff: 20ms}`."""
+
+    attempts: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=3, description="Tries in all, the first included.")
+    backoff: Duration = Field(default="50ms", validate_default=True,
+                              description="Wait after the first failure; it doubles after each one (50, 100, 200 ms...).")
+    on: Literal["transient", "any"] = Field(
+        default="transient",
+        description="transient: only errors worth retrying (lost connection, serialization failure, deadlock, too "
+        "many connections, server shutdown); any: every error, timeouts included.")
 
 
 class _NodeBase(_Strict):
-    description: str | None = None
-    after: list[str] = Field(default_factory=list)
-    when: str | bool | None = None
-    default: Any = None
-    on_error: Literal["default", "fail"] = "default"
-    timeout: Duration | None = None
-    retry: Retry | None = None
-    latency: Duration | None = None
+    description: str | None = Field(default=None, description="What the node is for, for readers and pictures.")
+    after: list[str] = Field(
+        default_factory=list,
+        description="Nodes this one waits for without using their values (ordering only). Data dependencies come "
+        "from references and are never listed.")
+    when: str | bool | None = Field(
+        default=None,
+        description="Run only when this is true, e.g. `$instance.enabled and $count > 0` (references, literals, "
+        "not/and/or, == != < <= > >=, in, not in, parentheses). When false the node is skipped and takes its default.")
+    default: Any = Field(
+        default=None,
+        description="The node's value when it is skipped, or fails or times out with on_error: default (null if "
+        "not given).")
+    on_error: Literal["default", "fail"] = Field(
+        default="default",
+        description="default: a failure settles the node with its default and the run goes on (degraded); fail: "
+        "the run stops at once and raises FlowFailed.")
+    timeout: Duration | None = Field(
+        default=None,
+        description="Limit of each attempt (for sql: the statements, not the wait for a connection); default: "
+        "settings.node_timeout. A timeout is a failure.")
+    retry: Retry | None = Field(default=None, description="Try again after a failure (default: one attempt).")
+    latency: Duration | None = Field(
+        default=None,
+        description="Expected time, for `planner plan` until `planner run` has recorded real ones. Changes nothing "
+        "at run time.")
     invalidates: list[str] = Field(
         default_factory=list,
         description="Nodes of this flow that have `cache:`: their kept values are dropped when this node ends ok.",
@@ -138,8 +174,13 @@ class _NodeBase(_Strict):
 class SqlNode(_NodeBase):
     """A node that runs SQL: one statement, or a list run in one transaction."""
 
-    sql: str | Annotated[list[str], Field(min_length=1)]
-    fetch: Literal["one", "all", "value", "none"] = "all"
+    sql: str | Annotated[list[str], Field(min_length=1)] = Field(
+        description="One statement, or a list run in one transaction (the last one's result is the value). "
+        "$name and $node.field are bound parameters, never pasted text.")
+    fetch: Literal["one", "all", "value", "none"] = Field(
+        default="all",
+        description="all: a list of rows; one: a row or null; value: the first column of the first row; none: "
+        "the command status (\"UPDATE 3\").")
     coalesce: Annotated[bool | None, Field(description="Reads (one statement proven read-only) are shared with "
                                            "concurrent runs unless false. true lets a write with RETURNING join "
                                            "a batch: one statement, one transaction, split and re-run per run on "
@@ -164,8 +205,12 @@ class SqlNode(_NodeBase):
 class CallNode(_NodeBase):
     """A node that calls a Python function, `"package.module:function"`."""
 
-    call: str
-    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    call: str = Field(description="The function to call, \"package.module:function\", async or sync; it must be "
+                      "in an allowed module (PLANNER_ALLOWED_MODULES, else the flows folder's own modules).")
+    with_: dict[str, Any] = Field(
+        default_factory=dict, alias="with",
+        description="The function's keyword arguments: references (\"$node.field\") or literals. A parameter "
+        "named db receives the connection pool.")
 
 
 def _node_kind(value: Any) -> str | None:
@@ -190,12 +235,19 @@ Node = Annotated[
 class FlowSpec(_Strict):
     """One flow file. Node order is kept: it orders nodes within a group."""
 
-    name: str | None = None
-    description: str | None = None
-    inputs: dict[str, InputSpec] = Field(default_factory=dict)
-    settings: Settings = Field(default_factory=Settings)
-    nodes: Annotated[dict[str, Node], Field(min_length=1)]
-    output: dict[str, Any] | None = None
+    name: str | None = Field(default=None, description="The flow's name; if written, it must match the file's name.")
+    description: str | None = Field(default=None, description="What the flow does, for readers and `planner list`.")
+    inputs: dict[str, InputSpec] = Field(
+        default_factory=dict,
+        description="Declared inputs, `name: type` or `name: {type: int, default: 20}`; checked before any node runs.")
+    settings: Settings = Field(default_factory=Settings, description="How the flow runs (all optional).")
+    nodes: Annotated[dict[str, Node], Field(min_length=1)] = Field(
+        description="The nodes, each an `sql:` or a `call:` node, by name. Their order in the file orders nodes "
+        "within a group.")
+    output: dict[str, Any] | None = Field(
+        default=None,
+        description="What the caller gets as result.output: keys mapped to references or literals (default: every "
+        "node's value).")
 
     @field_validator("inputs", "nodes")
     @classmethod

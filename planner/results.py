@@ -47,6 +47,9 @@ class FlowResult:
 
     `status` is "ok" when no node failed, "failed" when an `on_error: fail` node failed and
     "timeout" when the run hit its deadline (the last two are raised as `FlowFailed`).
+    An "ok" run may still be *degraded*: `degraded` is true when any node failed and was
+    settled by its `default` (`defaulted` maps each such node to its error). Check it wherever
+    a default would be a wrong answer rather than a safe one.
     `nodes` (each node's `NodeResult`, in the flow's order) is built the first time it is read:
     a service that reads only `output` never pays for it.
     """
@@ -77,24 +80,41 @@ class FlowResult:
         """Every node's value (its default when defaulted or skipped)."""
         return {name: node.value for name, node in self.nodes.items()}
 
+    @property
+    def defaulted(self) -> dict[str, BaseException]:
+        """`{node: error}` for every node that failed and took its `default`, in the flow's order."""
+        return {name: node.error for name, node in self.nodes.items()
+                if node.state is NodeState.DEFAULTED and node.error is not None}
+
+    @property
+    def degraded(self) -> bool:
+        """Whether any node failed and was settled by its `default`: the run finished, but on
+        fallback values (see `defaulted`)."""
+        return any(node.state is NodeState.DEFAULTED for node in self.nodes.values())
+
     def states(self) -> dict[str, str]:
         """`{node: state}`, handy in tests and logs."""
         return {name: node.state.value for name, node in self.nodes.items()}
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready summary: output, and each node's state, value, error, attempts and times."""
+        """A JSON-ready summary: status, `degraded` and `defaulted` (node -> error text), output,
+        and each node's state, value, error (with `bug: true` when it looks like a bug in the
+        flow, see `NodeError.is_bug`), attempts and times."""
         return {
             "flow": self.flow,
             "run_id": self.run_id,
             "mode": self.mode,
             "status": self.status,
+            "degraded": self.degraded,
+            "defaulted": {name: error_text(error) for name, error in self.defaulted.items()},
             "elapsed_ms": round(self.elapsed_ms, 3),
             "output": jsonable(self.output),
             "nodes": {
                 name: {
                     "state": node.state.value,
                     "value": jsonable(node.value),
-                    "error": f"{type(node.error).__name__}: {node.error}" if node.error else None,
+                    "error": error_text(node.error) if node.error else None,
+                    **({"bug": True} if is_bug(node.error) else {}),
                     "attempts": node.attempts,
                     "started_ms": _round(node.started_ms),
                     "finished_ms": _round(node.finished_ms),
@@ -103,6 +123,22 @@ class FlowResult:
                 for name, node in self.nodes.items()
             },
         }
+
+
+def error_text(error: BaseException) -> str:
+    """`Type: message`, as results show a node's error."""
+    return f"{type(error).__name__}: {error}"
+
+
+def is_bug(error: BaseException | None) -> bool:
+    """Whether a node's error looks like a bug in the flow: no retry can fix it (see `NodeError.is_bug`)."""
+    return bool(getattr(error, "is_bug", False))
+
+
+def bug_reason(error: BaseException | None) -> str:
+    """Why an error that `is_bug` looks like one: its SQLSTATE, or the missing field."""
+    sqlstate = getattr(error, "sqlstate", None)
+    return f"SQLSTATE {sqlstate}" if sqlstate else "a field the upstream value does not have"
 
 
 def _round(value: float | None) -> float | None:

@@ -1,12 +1,15 @@
 """Per-node latency statistics, recorded by `planner run` and read by `planner plan`.
 
-Kept in `PLANNER_HOME/stats/<flow>.json`: the last `KEEP` durations of each node that ran
-to an answer (`ok`). The plan uses their median. The library's own `run` records nothing:
-no file I/O on a service's hot path.
+Kept in `PLANNER_HOME/stats/<flow>-<project>.json`, where `<project>` is a short hash of the
+flows folder's resolved path: two projects that both have a flow named `orders` keep their
+own figures. Each file holds the last `KEEP` durations of each node that ran to an answer
+(`ok`); the plan uses their median. The library's own `run` records nothing: no file I/O on a
+service's hot path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -18,10 +21,12 @@ from planner.results import FlowResult, NodeState
 KEEP = 100
 
 
-def _path(flow: str) -> Path:
+def stats_path(flow: str, folder: str | os.PathLike[str]) -> Path:
+    """The file that keeps flow `flow`'s latencies, for the flows folder `folder`."""
     from planner.db import planner_home
 
-    return planner_home() / "stats" / f"{flow}.json"
+    project = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:12]
+    return planner_home() / "stats" / f"{flow}-{project}.json"
 
 
 def _read(path: Path) -> dict[str, list[float]]:
@@ -32,9 +37,9 @@ def _read(path: Path) -> dict[str, list[float]]:
     return {k: [float(x) for x in v] for k, v in data.items() if isinstance(v, list)} if isinstance(data, dict) else {}
 
 
-def record(result: FlowResult) -> None:
+def record(result: FlowResult, folder: str | os.PathLike[str]) -> None:
     """Add this run's node durations to the flow's statistics (atomically replaced)."""
-    path = _path(result.flow)
+    path = stats_path(result.flow, folder)
     stats = _read(path)
     for name, node in result.nodes.items():
         if node.state is NodeState.OK and node.duration_ms is not None and node.attempts:
@@ -46,6 +51,7 @@ def record(result: FlowResult) -> None:
     os.replace(tmp, path)
 
 
-def recorded_latencies(flow: str) -> dict[str, float]:
-    """The median recorded duration (ms) of each node of `flow`; empty when none was recorded."""
-    return {name: statistics.median(values) for name, values in _read(_path(flow)).items() if values}
+def recorded_latencies(flow: str, folder: str | os.PathLike[str]) -> dict[str, float]:
+    """The median recorded duration (ms) of each node of `flow` of the flows folder `folder`;
+    empty when none was recorded."""
+    return {name: statistics.median(values) for name, values in _read(stats_path(flow, folder)).items() if values}

@@ -2,7 +2,9 @@
 
 Findings carry file, line, column, node, code and message, and render as text
 (`path:line:col: CODE message`), JSON, or GitHub workflow annotations. Every file is checked
-and reported; one broken file does not hide the next.
+and reported; one broken file does not hide the next. Without a database, SQL is still parsed
+by PostgreSQL's own parser (pglast): a syntax error is found offline (`PLN111`), at its line
+and column in the file.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from planner.errors import FlowFileError, QueryError
 from planner.graph import CompiledFlow, compile_flow
 from planner.kinds import BindEnv, kind_of
 from planner.loader import load_spec
-from planner.refs import CompiledSql, Ref, name_params
+from planner.refs import CompiledSql, Ref, name_params, scan_sql
+from planner.sqlinfo import analyze
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,53 @@ def check_static(path: Path, allowed: list[str] | None = None) -> tuple[Compiled
     env = BindEnv(CallTargets(allowed, folder=path.parent), Offline("validation runs no node"))
     findings = [_from_error(exc, path) for node in flow.nodes.values()
                 for exc in kind_of(node.kind).check(node, flow.marks, env)]
-    return flow, findings
+    return flow, findings + check_syntax(flow)
+
+
+def _statements(flow: CompiledFlow) -> list[tuple[str, int, tuple[str | int, ...], str, CompiledSql]]:
+    """Every statement of the flow: `(node, index, where in the file, source text, compiled)`."""
+    out = []
+    for name, node in flow.nodes.items():
+        source = getattr(flow.loaded.spec.nodes[name], "sql", None)
+        texts = [source] if isinstance(source, str) else list(source or ())
+        for index, (text, statement) in enumerate(zip(texts, node.statements, strict=False)):
+            where: tuple[str | int, ...] = ("nodes", name, "sql") + ((index,) if not isinstance(source, str) else ())
+            out.append((name, index, where, text, statement))
+    return out
+
+
+def check_syntax(flow: CompiledFlow) -> list[Finding]:
+    """PostgreSQL's own parser (pglast) over every statement, no database needed: a syntax error
+    is `PLN111`, reported at its line and column in the file."""
+    findings = []
+    for name, _index, where, text, statement in _statements(flow):
+        info = analyze(statement.text)
+        if info.error is None:
+            continue
+        compiled = len(statement.text) if info.error_offset is None else info.error_offset
+        offset = _source_offset(text, statement, compiled)
+        line, column = flow.marks.inside(where, text, offset)
+        inner_line = text.count("\n", 0, offset) + 1
+        inner_column = offset - (text.rfind("\n", 0, offset) + 1) + 1
+        message = f"SQL does not parse: {name_params(info.error, statement)} (SQL line {inner_line}, column {inner_column})"
+        findings.append(Finding(flow.marks.file, line, column, name, "PLN111", message))
+    return findings
+
+
+def _source_offset(source: str, statement: CompiledSql, offset: int) -> int:
+    """Character `offset` of the compiled text (`$1` for `$conversation.id`) as an offset of the
+    text the author wrote; a position inside a parameter points at its reference."""
+    compiled_at = source_at = 0
+    for (_ref, start, end), slot in zip(scan_sql(source), statement.slots, strict=False):
+        piece = start - source_at
+        if offset < compiled_at + piece:
+            break
+        placeholder = len(f"${slot + 1}")
+        if offset < compiled_at + piece + placeholder:
+            return start
+        compiled_at += piece + placeholder
+        source_at = end
+    return min(source_at + (offset - compiled_at), len(source))
 
 
 def _at(flow: CompiledFlow, node: str | None, where: tuple[str | int, ...], code: str, message: str) -> Finding:
@@ -52,13 +101,17 @@ def _at(flow: CompiledFlow, node: str | None, where: tuple[str | int, ...], code
     return Finding(flow.marks.file, line, column, node, code, message)
 
 
-async def check_database(flow: CompiledFlow, backend: Backend) -> list[Finding]:
-    """Prepare every statement on the server; check `$node.field` against the columns returned."""
+async def check_database(flow: CompiledFlow, backend: Backend, *, prepared: list[int] | None = None) -> list[Finding]:
+    """Prepare every statement on the server; check `$node.field` against the columns returned.
+
+    `prepared`, when given, gets the number of statements the server prepared appended to it."""
     findings: list[Finding] = []
     columns: dict[str, set[str]] = {}
+    count = 0
     for name, node in flow.nodes.items():
         for index, statement in enumerate(node.statements):
             where: tuple[str | int, ...] = ("nodes", name, "sql") + ((index,) if len(node.statements) > 1 else ())
+            count += 1
             try:
                 described = await backend.describe(statement.text)
             except QueryError as exc:
@@ -72,6 +125,8 @@ async def check_database(flow: CompiledFlow, backend: Backend) -> list[Finding]:
             problem = _field_problem(flow, ref, columns)
             if problem:
                 findings.append(_at(flow, name, ("nodes", name), "PLN410", problem))
+    if prepared is not None:
+        prepared.append(count - sum(1 for f in findings if f.code == "PLN400"))
     return findings
 
 
@@ -132,8 +187,22 @@ def _field_problem(flow: CompiledFlow, ref: Ref, columns: dict[str, set[str]]) -
     return None
 
 
+@dataclass(frozen=True)
+class Report:
+    """What `validate` found, and how much it checked."""
+
+    findings: list[Finding]
+    checked: int  # files
+    prepared: int  # statements the server prepared (0 without a database)
+
+
 async def validate_paths(paths: list[Path], dsn: str | None) -> list[Finding]:
     """Every check of every file; with `dsn`, every statement prepared on that server."""
+    return (await validate_report(paths, dsn)).findings
+
+
+async def validate_report(paths: list[Path], dsn: str | None) -> Report:
+    """`validate_paths`, with the counts `planner validate` reports."""
     findings: list[Finding] = []
     flows: list[CompiledFlow] = []
     for path in paths:
@@ -142,21 +211,35 @@ async def validate_paths(paths: list[Path], dsn: str | None) -> list[Finding]:
         if flow is not None:
             flows.append(flow)
     if dsn is None or not flows:
-        return findings
+        return Report(findings, len(paths), 0)
     from planner.db import PoolBackend
 
+    # With a server, the server judges the syntax (its parser is the one that will run the
+    # statement; pglast's may be of another PostgreSQL version): no PLN111 besides its PLN400.
+    findings = [f for f in findings if f.code != "PLN111"]
+
+    prepared: list[int] = []
     backend = PoolBackend(dsn=dsn, min_size=1, max_size=1)
     try:
         for flow in flows:
-            findings += await check_database(flow, backend)
+            findings += await check_database(flow, backend, prepared=prepared)
     finally:
         await backend.close()
-    return findings
+    return Report(findings, len(paths), sum(prepared))
 
 
-def render_findings(findings: list[Finding], fmt: str, *, checked: int) -> str:
+def render_findings(findings: list[Finding], fmt: str, *, checked: int, prepared: int | None = None,
+                    server: str | None = None) -> str:
+    """The findings as text, JSON or GitHub annotations. With `prepared` (a database was used):
+    how many statements `server` prepared: a JSON field, and on success a line (a notice on GitHub)."""
     if fmt == "json":
-        return json.dumps({"checked": checked, "findings": [asdict(f) for f in findings]}, indent=2)
+        data: dict[str, object] = {"checked": checked, "findings": [asdict(f) for f in findings]}
+        if prepared is not None:
+            data.update(prepared=prepared, server=server)
+        return json.dumps(data, indent=2)
+    if not findings and prepared is not None:
+        done = f"{prepared} statement(s) of {checked} flow file(s) prepared on the server {server}: all accepted"
+        return f"::notice title=planner validate::{_gh_data(done)}" if fmt == "github" else done
     lines = []
     for f in findings:
         where = f"{f.file}:{f.line or 1}:{f.column or 1}"

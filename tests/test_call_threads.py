@@ -140,7 +140,7 @@ def test_planner_run_exits_promptly_though_a_sync_call_is_still_sleeping(tmp_pat
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1", "PLANNER_HOME": str(tmp_path / "home")}
     env.pop("PLANNER_ALLOWED_MODULES", None)
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "planner", "run", str(tmp_path / "f.yaml"), "--json"],
+    proc = subprocess.run([sys.executable, "-m", "planner", "run", str(tmp_path / "f.yaml"), "--json", "--allow-defaults"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr

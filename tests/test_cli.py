@@ -79,16 +79,18 @@ def test_plan_without_hints_or_records_says_no_latency_is_known(tmp_path: Path) 
     assert data["sequential_ms"] is None and data["critical_path"] == [] and data["latency_source"] == "none"
 
 
-def _record(flow: str, latencies: dict[str, list[float]]) -> None:
+def _record(flow: str, latencies: dict[str, list[float]], flows: Path) -> None:
     """Latencies as `planner run` records them (`planner.stats`), in the test's own PLANNER_HOME."""
-    folder = Path(os.environ["PLANNER_HOME"]) / "stats"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{flow}.json").write_text(json.dumps(latencies))
+    from planner.stats import stats_path
+
+    path = stats_path(flow, flows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(latencies))
 
 
 def test_plan_uses_recorded_latencies_where_hints_are_missing_rounded(tmp_path: Path) -> None:
     (tmp_path / "f.yaml").write_text(NO_HINTS)
-    _record("f", {"a": [2.5725], "b": [1.0, 1.25, 9.0], "c": [0.5]})
+    _record("f", {"a": [2.5725], "b": [1.0, 1.25, 9.0], "c": [0.5]}, tmp_path)
     proc = cli("plan", "f", "--flows", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "expected times from recorded runs" in proc.stdout
@@ -103,7 +105,7 @@ def test_visualize_uses_recorded_latencies_like_plan(fmt: str, tmp_path: Path) -
     before = cli("visualize", "f", "--flows", str(tmp_path), "--format", fmt)
     assert before.returncode == 0, before.stderr
     assert "no latency known: add latency: hints or run the flow" in before.stdout
-    _record("f", {"a": [2.5725], "b": [1.25], "c": [0.5]})
+    _record("f", {"a": [2.5725], "b": [1.25], "c": [0.5]}, tmp_path)
     after = cli("visualize", "f", "--flows", str(tmp_path), "--format", fmt).stdout
     assert "sql · 2.6 ms" in after.replace("SQL", "sql") and "no latency known" not in after
     if fmt in ("svg", "html", "dot"):
@@ -185,8 +187,9 @@ def test_an_unreachable_database_prints_one_line_and_exits_2() -> None:
 
 
 def test_help_shows_an_example() -> None:
-    for command in ("run", "plan", "visualize", "validate", "schema", "demo"):
-        proc = cli(command, "--help")
+    for command in ("run", "plan", "visualize", "validate", "schema", "demo", "list", "init",
+                    "db url", "db status", "db psql", "db stop"):
+        proc = cli(*command.split(), "--help")
         assert proc.returncode == 0 and "Example: planner" in proc.stdout, command
 
 
@@ -287,6 +290,14 @@ def test_validate_against_the_database_catches_schema_mistakes(tmp_path: Path, d
 def test_validate_against_the_database_passes_the_seed_flows(demo_dsn: str) -> None:
     proc = cli("validate", "--db", demo_dsn)
     assert proc.returncode == 0, proc.stdout
+    # It says what was done: every statement of both seed flows prepared on that server.
+    assert proc.stderr == "planner: 2 flow(s) ok\n"
+    assert re.fullmatch(r"12 statement\(s\) of 2 flow file\(s\) prepared on the server postgresql://\S+: all accepted\n",
+                        proc.stdout)
+    data = json.loads(cli("validate", "--db", demo_dsn, "--format", "json").stdout)
+    assert data["prepared"] == 12 and data["findings"] == [] and data["server"].startswith("postgresql://")
+    github = cli("validate", "--db", demo_dsn, "--format", "github").stdout
+    assert github.startswith("::notice title=planner validate::12 statement(s) of 2 flow file(s) prepared")
 
 
 def test_visualize_writes_svg_with_every_node_and_edge(tmp_path: Path) -> None:
@@ -313,6 +324,25 @@ def test_demo_prints_plans_and_a_latency_table_per_mode(pg_dsn: str) -> None:
     for mode in ("eager", "layered", "sequential"):
         assert len(re.findall(rf"^{mode}\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+$", out, re.M)) == 2
     assert "2 ms round trip added" in out
+    # The database line is a DSN that works when pasted: the socket folder (`?host=`) is kept.
+    shown = re.search(r"^database: (\S+)$", out, re.M)
+    assert shown is not None and "?host=" in shown.group(1) and ":@" not in shown.group(1)
+    assert _current_database(shown.group(1)) == "planner_demo"
+
+
+def _current_database(dsn: str) -> str:
+    import asyncio
+
+    import asyncpg
+
+    async def ask() -> str:
+        con = await asyncpg.connect(dsn)
+        try:
+            return str(await con.fetchval("SELECT current_database()"))
+        finally:
+            await con.close()
+
+    return asyncio.run(ask())
 
 
 # --- a trace given to `visualize` ------------------------------------------------------------
@@ -377,7 +407,8 @@ def _table_rows(out: str) -> list[str]:
 
 
 def test_run_lists_nodes_in_group_order(tmp_path: Path, demo_dsn: str) -> None:
-    (tmp_path / "f.yaml").write_text("nodes:\n  late: {sql: SELECT $middle}\n  middle: {sql: SELECT $early}\n  early: {sql: SELECT 1}\n")
+    (tmp_path / "f.yaml").write_text("nodes:\n  late: {sql: 'SELECT $middle::int', fetch: value}\n"
+                                     "  middle: {sql: 'SELECT $early::int', fetch: value}\n  early: {sql: SELECT 1, fetch: value}\n")
     proc = cli("run", "f", "--flows", str(tmp_path), "--db", demo_dsn)
     assert proc.returncode == 0, proc.stderr
     assert [row.split()[:2] for row in _table_rows(proc.stdout)] == [["early", "1"], ["middle", "2"], ["late", "3"]]
@@ -395,8 +426,8 @@ RAISE_WITH_HINT = (
 
 def test_run_shows_a_multi_line_error_on_one_table_line(tmp_path: Path, demo_dsn: str) -> None:
     (tmp_path / "f.yaml").write_text(RAISE_WITH_HINT)
-    proc = cli("run", "f", "--flows", str(tmp_path), "--db", demo_dsn)
-    assert proc.returncode == 0, proc.stderr  # `boom` is defaulted: the run goes on
+    proc = cli("run", "f", "--flows", str(tmp_path), "--db", demo_dsn, "--allow-defaults")
+    assert proc.returncode == 0, proc.stderr  # `boom` is defaulted: the run goes on, and the flag accepts it
     rows = _table_rows(proc.stdout)
     assert [row.split()[0] for row in rows] == ["first", "boom", "last"]
     assert re.search(r"^boom\s+1\s+defaulted\s.*RaiseError: boom \.\.\.$", rows[1])
@@ -491,7 +522,243 @@ def test_an_error_over_several_lines_is_printed_on_one(capsys: pytest.CaptureFix
 def test_plan_shows_statements_and_round_trips_with_and_without_the_cache() -> None:
     proc = cli("plan", "process_buffered")
     assert proc.returncode == 0, proc.stderr
-    assert ("statements per run: at most 7 (5 with the cache warm); round trips on the critical path: 4 "
+    assert ("statements per run: at most 7 (5 with the cache warm); longest chain of round trips: 4 "
             "(3 with the cache warm); fused: is_duplicate+history+recent_messages") in proc.stdout
     data = json.loads(cli("plan", "process_buffered", "--json").stdout)
     assert data["round_trips"]["critical_cache_warm"] == 3 and data["round_trips"]["statements"] == 7
+
+
+# --- degraded runs, bugs, a lost database (`planner run`) --------------------------------------
+
+DEGRADED = "nodes:\n  ok: {sql: SELECT 1, fetch: value}\n  missing: {sql: SELECT * FROM no_such_table, default: []}\n"
+
+
+def test_a_degraded_run_exits_1_and_says_why(tmp_path: Path, demo_dsn: str) -> None:
+    (tmp_path / "f.yaml").write_text(DEGRADED)
+    proc = cli("run", "f", "--flows", str(tmp_path), "--db", demo_dsn)
+    assert proc.returncode == 1, proc.stderr
+    assert "planner: flow 'f' ran degraded: defaulted missing; exit 1 (pass --allow-defaults to accept defaulted nodes)" in proc.stderr
+    # A statement PostgreSQL refuses as written is called out as a bug, in the table and below it.
+    row = next(r for r in _table_rows(proc.stdout) if r.startswith("missing "))
+    assert re.search(r"defaulted\s.*bug \(SQLSTATE 42P01\): QueryError: UndefinedTableError", row)
+    assert "planner: node 'missing' looks like a bug in the flow (SQLSTATE 42P01): no retry can fix it" in proc.stderr
+
+
+def test_allow_defaults_accepts_a_degraded_run(tmp_path: Path, demo_dsn: str) -> None:
+    (tmp_path / "f.yaml").write_text(DEGRADED)
+    proc = cli("run", "f", "--flows", str(tmp_path), "--db", demo_dsn, "--allow-defaults")
+    assert proc.returncode == 0, proc.stderr
+    assert "ran degraded: defaulted missing (accepted: --allow-defaults)" in proc.stderr
+
+
+def test_run_json_says_the_run_was_degraded(tmp_path: Path, demo_dsn: str) -> None:
+    (tmp_path / "f.yaml").write_text(DEGRADED)
+    proc = cli("run", "f", "--flows", str(tmp_path), "--db", demo_dsn, "--json")
+    assert proc.returncode == 1
+    data = json.loads(proc.stdout)
+    assert data["status"] == "ok" and data["degraded"] is True
+    assert list(data["defaulted"]) == ["missing"] and "UndefinedTableError" in data["defaulted"]["missing"]
+    assert data["nodes"]["missing"]["bug"] is True and "bug" not in data["nodes"]["ok"]
+
+
+def test_a_clean_run_is_not_degraded(tmp_path: Path, demo_dsn: str) -> None:
+    (tmp_path / "f.yaml").write_text("nodes:\n  a: {sql: SELECT 1, fetch: value}\n  b: {sql: SELECT 2, when: false}\n")
+    proc = cli("run", "f", "--flows", str(tmp_path), "--db", demo_dsn, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["degraded"] is False and proc.stderr == ""
+
+
+def test_a_database_lost_mid_run_exits_2_and_says_it_is_not_the_flow(tmp_path: Path, demo_dsn: str) -> None:
+    (tmp_path / "f.yaml").write_text("nodes:\n  order: {sql: SELECT pg_terminate_backend(pg_backend_pid()), on_error: fail}\n")
+    proc = cli("run", "f", "--flows", str(tmp_path), "--db", demo_dsn)
+    assert proc.returncode == 2, proc.stderr
+    assert "node 'order' lost its database connection (the database, not the flow, is the problem)" in proc.stderr
+    assert re.search(r"^order\s+1\s+failed", proc.stdout, re.M)
+
+
+# --- `planner validate` on folders, offline syntax ---------------------------------------------
+
+
+def test_validate_takes_a_folder(tmp_path: Path) -> None:
+    sub = tmp_path / "more"
+    sub.mkdir()
+    (sub / "a.yaml").write_text("nodes:\n  x: {sql: SELECT 1}\n")
+    (sub / "b.yml").write_text("nodes:\n  y: {sql: SELECT $nope}\n")
+    (sub / "notes.txt").write_text("not a flow")
+    proc = cli("validate", "more", cwd=tmp_path)  # a relative folder, no path separator
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("more/b.yml:2:") and "PLN200" in proc.stdout
+    assert "1 problem(s) in 1 of 2 file(s)" in proc.stderr
+    proc = cli("validate", str(FLOWS) + os.sep)
+    assert proc.returncode == 0 and "2 flow(s) ok" in proc.stderr
+
+
+def test_validate_refuses_a_folder_without_flows(tmp_path: Path) -> None:
+    assert "no flows (*.yaml, *.yml) in" in _one_line_error(cli("validate", str(tmp_path)), 2)
+
+
+def test_validate_without_a_database_finds_sql_syntax_errors(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text("nodes:\n  a:\n    sql: |\n      SELECT id\n      FRM whatsapp_instances\n")
+    proc = cli("validate", str(tmp_path / "s.yaml"))
+    assert proc.returncode == 1
+    assert proc.stdout.strip() == (f'{tmp_path / "s.yaml"}:5:11: PLN111 node \'a\': SQL does not parse: syntax error at '
+                                   'or near "whatsapp_instances" (SQL line 2, column 5)')
+
+
+def test_validate_says_it_prepared_nothing_without_a_database() -> None:
+    proc = cli("validate")
+    assert proc.returncode == 0
+    assert proc.stderr == "planner: 2 flow(s) ok (no database: static checks and SQL syntax; --db also prepares each statement on a server)\n"
+    assert proc.stdout == ""
+
+
+# --- `planner list` ------------------------------------------------------------------------------
+
+
+def test_list_shows_each_flow_and_its_inputs() -> None:
+    proc = cli("list")
+    assert proc.returncode == 0, proc.stderr
+    rows = _table_rows(proc.stdout)
+    assert rows[0].split() == ["escalation", "instance_id", "int", "(required)"]
+    assert any(r.split() == ["history_limit", "int", "20"] for r in rows)
+    data = json.loads(cli("list", "--json").stdout)
+    assert set(data) == {"escalation", "process_buffered"}
+    assert data["process_buffered"]["inputs"]["history_limit"] == {"type": "int", "required": False, "default": 20,
+                                                                 "description": None}
+    assert data["escalation"]["nodes"] == 4
+
+
+def test_list_reports_a_flow_that_does_not_load(tmp_path: Path) -> None:
+    (tmp_path / "good.yaml").write_text("inputs: {n: {type: int, default: 3}}\nnodes:\n  a: {sql: SELECT 1}\n")
+    (tmp_path / "bad.yaml").write_text("nodes:\n  a: {sql: SELECT 1, fecth: one}\n")
+    (tmp_path / "none.yaml").write_text("nodes:\n  a: {sql: SELECT 1}\n")
+    proc = cli("list", "--flows", str(tmp_path))
+    assert proc.returncode == 1
+    assert [r.split()[:2] for r in _table_rows(proc.stdout)] == [["bad", "(does"], ["good", "n"], ["none", "-"]]
+    assert "unknown key 'fecth' (did you mean 'fetch'?)" in proc.stderr
+
+
+# --- `planner init` ------------------------------------------------------------------------------
+
+
+def test_init_scaffolds_a_project_that_validates_and_tests_green(tmp_path: Path, pg_dsn: str) -> None:
+    project = tmp_path / "proj"
+    proc = cli("init", str(project))
+    assert proc.returncode == 0, proc.stderr
+    made = sorted(str(p.relative_to(project)) for p in project.rglob("*") if p.is_file())
+    assert made == [".github/workflows/flows.yml", "flows/example.yaml", "flows/flow.schema.json", "tests/test_flows.py"]
+    example = (project / "flows" / "example.yaml").read_text()
+    assert example.startswith("# yaml-language-server: $schema=flow.schema.json\n")
+    assert json.loads((project / "flows" / "flow.schema.json").read_text()) == json.loads(cli("schema").stdout)
+    assert "planner validate flows" in (project / ".github" / "workflows" / "flows.yml").read_text()
+    assert cli("validate", str(project / "flows")).returncode == 0
+    assert cli("validate", str(project / "flows"), "--db", pg_dsn).returncode == 0
+    # The scaffolded test passes, with planner's own pytest plugin and its `planner_database`.
+    env = {**os.environ, "NO_COLOR": "1"}
+    env.pop("DATABASE_URL", None)
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "pt"),
+         "-o", "asyncio_mode=auto", "--planner-dsn", pg_dsn, "tests/test_flows.py"],
+        capture_output=True, text=True, cwd=project, env=env, timeout=120)
+    assert tests.returncode == 0, tests.stdout + tests.stderr
+    assert "1 passed" in tests.stdout
+
+
+def test_init_never_overwrites_a_file(tmp_path: Path) -> None:
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "example.yaml").write_text("mine")
+    line = _one_line_error(cli("init", str(tmp_path)), 2)
+    assert f"would overwrite {tmp_path / 'flows' / 'example.yaml'}; nothing written" in line
+    assert (tmp_path / "flows" / "example.yaml").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["example.yaml", "flows"]
+
+
+# --- recorded latencies belong to the flows folder -----------------------------------------------
+
+
+def test_plan_ignores_latencies_recorded_for_another_folder(tmp_path: Path, demo_dsn: str) -> None:
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "f.yaml").write_text("nodes:\n  a: {sql: SELECT 1, fetch: value, latency: 700ms}\n")
+    assert cli("run", "f", "--flows", str(tmp_path / "one"), "--db", demo_dsn).returncode == 0
+    one = json.loads(cli("plan", "f", "--flows", str(tmp_path / "one"), "--json").stdout)
+    two = json.loads(cli("plan", "f", "--flows", str(tmp_path / "two"), "--json").stdout)
+    assert one["latency_source"] == "recorded runs" and one["nodes"][0]["expected_ms"] < 700
+    assert two["latency_source"] == "latency: hints" and two["nodes"][0]["expected_ms"] == pytest.approx(700)
+
+
+# --- `planner db` ----------------------------------------------------------------------------------
+
+
+def test_db_manages_the_embedded_server(tmp_path: Path) -> None:
+    from planner.db import stop_embedded
+
+    home = tmp_path / "home"
+    env = {"PLANNER_HOME": str(home), "DATABASE_URL": ""}
+    try:
+        status = cli("db", "status", env=env)
+        assert status.returncode == 1  # nothing running: not up
+        assert "embedded:    not created yet" in status.stdout and f"data folder: {home / 'pgdata'}" in status.stdout
+        url = cli("db", "url", env=env)
+        assert url.returncode == 0, url.stderr
+        dsn = url.stdout.strip()
+        assert dsn.startswith("postgresql://postgres@/postgres?host=") and _current_database(dsn) == "postgres"
+        status = cli("db", "status", env=env)
+        assert status.returncode == 0, status.stdout
+        assert re.search(r"^embedded:\s+running \(pid \d+\)$", status.stdout, re.M)
+        assert re.search(r"^version:\s+PostgreSQL \d+", status.stdout, re.M)
+        assert f"embedded url: {dsn}" in status.stdout
+        other = cli("db", "url", "--database", "template1", env=env).stdout.strip()
+        assert _current_database(other) == "template1"
+        psql = cli("db", "psql", "-X", "-A", "-t", "-c", "SELECT 40 + 2", env=env)
+        assert psql.returncode == 0 and psql.stdout.strip() == "42", psql.stderr
+        stop = cli("db", "stop", env=env)
+        assert stop.returncode == 0 and stop.stdout.strip() == f"stopped the embedded PostgreSQL in {home / 'pgdata'}"
+        again = cli("db", "stop", env=env)
+        assert again.returncode == 0 and "is not running" in again.stdout
+        status = cli("db", "status", env=env)
+        assert status.returncode == 1 and "embedded:    stopped" in status.stdout
+    finally:
+        stop_embedded(home)
+
+
+def test_db_with_database_url_shows_it_without_the_password(demo_dsn: str) -> None:
+    dsn, password = _with_password(demo_dsn)
+    url = cli("db", "url", env={"DATABASE_URL": dsn})
+    assert url.returncode == 0 and password not in url.stdout and ":***@" in url.stdout
+    status = cli("db", "status", env={"DATABASE_URL": dsn})
+    assert status.returncode == 0, status.stdout
+    assert re.search(r"^database:\s+DATABASE_URL \(the embedded server is not used\)$", status.stdout, re.M)
+    assert re.search(r"^reachable:\s+yes \(PostgreSQL \d+", status.stdout, re.M)
+    assert password not in status.stdout + status.stderr
+    psql = cli("db", "psql", "-X", "-A", "-t", "-c", "SELECT current_database()", env={"DATABASE_URL": dsn})
+    assert psql.returncode == 0 and psql.stdout.strip() == urlsplit(demo_dsn).path.lstrip("/"), psql.stderr
+
+
+def test_db_status_of_an_unreachable_database_url_exits_1() -> None:
+    status = cli("db", "status", env={"DATABASE_URL": SLASHED.replace("/x@", "@")})
+    assert status.returncode == 1
+    assert re.search(r"^reachable:\s+no: ", status.stdout, re.M) and "planner-secret" not in status.stdout
+
+
+def test_db_without_any_database_allowed_is_a_one_line_error(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": "", "PLANNER_EMBEDDED": "0", "PLANNER_HOME": str(tmp_path)}
+    line = _one_line_error(cli("db", "url", env=env), 2)
+    assert line == "planner: no database configured: DATABASE_URL is not set and PLANNER_EMBEDDED=0 forbids the embedded server"
+    assert not (tmp_path / "pgdata").exists()
+
+
+def test_db_psql_without_psql_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from planner import cli as cli_module
+    from planner import db
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(db, "embedded_psql", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["planner", "db", "psql"])
+    with pytest.raises(SystemExit) as info:
+        cli_module.main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("planner: psql is not installed") and err.count("\n") == 1

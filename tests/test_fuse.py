@@ -196,3 +196,17 @@ async def test_sequential_mode_neither_fuses_nor_coalesces(fuse_db: str) -> None
     assert all(r.served is None or (r.served.fused, r.served.batch) == (1, 1) for res in results for r in res.nodes.values())
     # The same runs in eager mode on the same busy pool do share statements:
     assert any(r.served is not None and r.served.batch > 1 for res in eager for r in res.nodes.values())
+
+
+async def test_a_member_the_server_cannot_prepare_fails_alone(fuse_db: str) -> None:
+    flow = load_flow(text="""
+        nodes:
+          ok: {sql: SELECT 1, fetch: value}
+          missing: {sql: SELECT * FROM no_such_table, default: []}
+        """, name="prepare")
+    planner, counting = _planner(fuse_db, fuse=True)
+    async with planner:
+        result = await planner.run(flow)
+    assert counting.fused == [2]
+    assert result.values == {"ok": 1, "missing": []}
+    assert result.nodes["ok"].state is NodeState.OK and result.nodes["missing"].state is NodeState.DEFAULTED

@@ -87,9 +87,32 @@ class CallKind:
         try:
             signature.bind(**dict.fromkeys(spec.args), **({"db": None} if wants_db else {}))
         except TypeError as exc:
-            raise marks.error(f"with: does not fit {spec.call}{signature}: {exc}", ("nodes", spec.name, "with"),
-                              code="PLN301") from None
+            why, key = _misfit(signature, list(spec.args), wants_db, str(exc))
+            where = ("nodes", spec.name, "with") + ((key,) if key is not None else ())
+            raise marks.error(f"with: does not fit {spec.call}{signature}: {why}", where, code="PLN301") from None
         return fn, wants_db
+
+
+def _misfit(signature: inspect.Signature, given: list[str], wants_db: bool, fallback: str) -> tuple[str, str | None]:
+    """Why `with:` keys do not bind to `signature`, naming the key (and the closest parameter for
+    an unknown one), and the key to point at; Python's own words when it is something else."""
+    import difflib
+
+    params = signature.parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    unknown = [] if takes_any else [key for key in given if key not in named]
+    if unknown:
+        free = [n for n in named if n not in given and n != "db"]
+        close = difflib.get_close_matches(unknown[0], free or named, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (its parameters: {', '.join(named) or 'none'})"
+        return f"unknown argument {unknown[0]!r}{hint}", unknown[0]
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in given
+               and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+               and not (wants_db and n == "db")]
+    if missing:
+        return f"missing argument{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)}", None
+    return fallback, None
 
 
 class CallThreads:
