@@ -144,7 +144,6 @@ class _Templates:
 
     def __init__(self) -> None:
         self.names: dict[tuple[str, str], str] = {}
-        self.lock = threading.Lock()
 
     async def get(self, server: str, texts: list[tuple[str, str]]) -> str | None:
         if not texts:

@@ -123,6 +123,21 @@ async def test_an_unreachable_database_is_503_not_500() -> None:
     assert bad.status_code == 422
 
 
+async def test_a_failed_run_is_500_with_its_run_id_and_no_error_text(demo_dsn: str, tmp_path: Path) -> None:
+    (tmp_path / "process_buffered.yaml").write_text(
+        "inputs: {instance_name: str}\n"
+        "nodes:\n  boom: {sql: 'SELECT 1 / 0 AS secret_column', fetch: value, on_error: fail}\n")
+    (tmp_path / "escalation.yaml").write_text("nodes: {broken: {sql: SELECT 1, fetch: sideways}}\n")
+    async with serving(create_app(demo_dsn, flows=tmp_path)) as client:
+        failed = await client.post("/messages", json={"instance_name": "acme"})
+        broken = await client.post("/escalation", json={})
+    assert failed.status_code == 500
+    assert failed.json() == {"error": "flow_failed", "run_id": failed.json()["run_id"], "status": "failed", "failed": ["boom"]}
+    assert failed.json()["run_id"] and "secret_column" not in failed.text and "division" not in failed.text
+    assert broken.status_code == 500  # a flow file that does not load: a bug of the service, not of the client
+    assert broken.json()["error"] == "internal" and broken.json()["error_id"] and "sideways" not in broken.text
+
+
 async def test_a_client_that_disconnects_cancels_its_run(demo_dsn: str, tmp_path: Path) -> None:
     (tmp_path / "escalation.yaml").write_text(
         "inputs: {instance_id: int, user_phone: str, message: str}\n"
