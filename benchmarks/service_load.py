@@ -223,7 +223,8 @@ def report(args: argparse.Namespace, figures: Figures, dsn: str, env: dict[str, 
         f"- CPU in the measured window and warm-up: server {server_cpu:.1f} s, client {client_cpu:.1f} s"
         if server_cpu is not None else f"- client CPU: {client_cpu:.1f} s",
         f"- database: {redact_dsn(dsn).split('?')[0]}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
+        + (f", load average {os.getloadavg()[0]:.1f} after the run" if hasattr(os, "getloadavg") else ""),
     ]
     return "\n".join(lines)
 
