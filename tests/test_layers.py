@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("facade", {"planner.api"}),
     ("tools", {"planner.validate", "planner.schema", "planner.render", "planner.draw", "planner.trace", "planner.stats"}),
     ("edges", {"planner", "planner.__main__", "planner.cli", "planner.pytest_plugin", "planner.demo", "planner.demo.data",
-               "planner.demo.escalation", "planner.demo.latency_proxy", "planner.demo.run"}),
+               "planner.demo.escalation", "planner.demo.latency_proxy", "planner.demo.run", "planner.testing"}),
 ]
 RANK = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}
 LOWER = {m for _, modules in LAYERS[:3] for m in modules}  # language, kinds, graph
