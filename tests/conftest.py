@@ -31,6 +31,7 @@ def _reset_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
     nodes.calls.clear()
     nodes.cancelled.clear()
     nodes.attempts.clear()
+    nodes.events.clear()
     monkeypatch.delenv("PLANNER_MODE", raising=False)
     monkeypatch.delenv("PLANNER_ALLOWED_MODULES", raising=False)
 

@@ -25,6 +25,37 @@ async def sleep(ms: float, value: Any = None, tag: str = "", **deps: Any) -> Any
     return value
 
 
+# Event chains (the way anyio's tests order things): a node sets a named event, another waits
+# for it, so a test states "b ran while a was still waiting" instead of guessing durations.
+# An event nobody sets (`wait: never`) holds a node until it is cancelled or times out, or
+# `STEP_LIMIT_S` passes: then the node fails, so a broken planner fails a test, never hangs it.
+events: dict[str, asyncio.Event] = {}
+STEP_LIMIT_S = 10.0
+
+
+def event(name: str) -> asyncio.Event:
+    """The named event of the current test (made on first use, cleared between tests)."""
+    return events.setdefault(name, asyncio.Event())
+
+
+async def step(tag: str = "", signal: str = "", wait: str = "", value: Any = None, **deps: Any) -> Any:
+    """Records `tag` in `calls`, sets the event `signal`, then waits for the event `wait`
+    (recording `tag` in `cancelled` if cancelled while waiting) and returns `value`."""
+    calls.append(tag)
+    if signal:
+        event(signal).set()
+    if wait:
+        try:
+            async with asyncio.timeout(STEP_LIMIT_S):
+                await event(wait).wait()
+        except asyncio.CancelledError:
+            cancelled.append(tag)
+            raise
+        except TimeoutError:
+            raise AssertionError(f"{tag}: event {wait!r} not set within {STEP_LIMIT_S:g} s") from None
+    return value
+
+
 async def fail(message: str = "boom", **deps: Any) -> Any:
     raise ValueError(message)
 
@@ -94,3 +125,13 @@ def block(seconds: float = 2.0, value: Any = "unblocked") -> Any:
 
 def quick(value: Any = "quick") -> Any:
     return value
+
+
+def where(**deps: Any) -> dict[str, Any]:
+    """A sync call that says which thread runs it, and whether an event loop runs there."""
+    try:
+        asyncio.get_running_loop()
+        loop = True
+    except RuntimeError:
+        loop = False
+    return {"ident": threading.get_ident(), "name": threading.current_thread().name, "loop": loop}

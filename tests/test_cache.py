@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from planner import FlowFailed, FlowFileError, NodeState, Planner, QueryError, load_flow
+from planner import FlowFailed, FlowFileError, NodeResult, NodeState, Planner, QueryError, load_flow
 from planner.backend import Offline, Query, WrappingBackend
 from planner.cache import CacheBackend, freeze, private_copy
 from planner.db import PoolBackend
@@ -86,6 +86,12 @@ def _flow(text: str = TWO, name: str = "f") -> CompiledFlow:
     return load_flow(text=text, name=name)
 
 
+def _cached(node: NodeResult) -> bool:
+    """Whether an SQL node's value came from the cache (every SQL node says how it was served)."""
+    assert node.served is not None, "an SQL node without `served`"
+    return node.served.cached
+
+
 def _query(flow: CompiledFlow, node: str, *params: Any) -> Query:
     return Query(flow.nodes[node], [list(params)])
 
@@ -102,8 +108,8 @@ def test_keys_keep_the_parameter_types_and_hash_lists_and_dicts() -> None:
 
 def test_private_copies_share_nothing_mutable() -> None:
     when = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
-    value = [{"id": 1, "at": when, "meta": {"tags": ["x"]}, "pair": (1, [2])}]
-    twin = private_copy(value)
+    value: list[dict[str, Any]] = [{"id": 1, "at": when, "meta": {"tags": ["x"]}, "pair": (1, [2])}]
+    twin: list[dict[str, Any]] = private_copy(value)
     assert twin == value and twin is not value
     assert twin[0] is not value[0] and twin[0]["meta"]["tags"] is not value[0]["meta"]["tags"]
     assert twin[0]["pair"][1] is not value[0]["pair"][1]
@@ -386,8 +392,8 @@ async def test_a_planner_serves_repeated_reads_from_the_cache(write_flow: Write,
     other = await planner.run("t", {"name": "quiet"})
     assert first.values["instance"] == second.values["instance"] and first.values["instance"]["id"] == 1
     assert counting.sent["instance"] == 2  # acme once, quiet once
-    assert first.nodes["instance"].served.cached is False and second.nodes["instance"].served.cached is True
-    assert other.nodes["instance"].served.cached is False
+    assert _cached(first.nodes["instance"]) is False and _cached(second.nodes["instance"]) is True
+    assert _cached(other.nodes["instance"]) is False
     assert second.to_json()["nodes"]["instance"]["served"]["cached"] is True
     stats = planner.cache_stats()
     assert (stats.hits, stats.misses, stats.size) == (1, 2, 2)
@@ -405,7 +411,7 @@ async def test_a_value_changed_by_one_run_is_not_seen_by_the_next(write_flow: Wr
     first.values["instance"]["keywords"].append("mutated")
     first.values["instance"]["id"] = -1
     second = await planner.run("t", {"name": "acme"})
-    assert second.nodes["instance"].served.cached is True and second.values["instance"] == original
+    assert _cached(second.nodes["instance"]) is True and second.values["instance"] == original
 
 
 async def test_values_expire(write_flow: Write, counted: tuple[Planner, Counting]) -> None:
@@ -438,9 +444,9 @@ async def test_a_write_that_ends_ok_drops_what_it_invalidates(write_flow: Write,
     write_flow(INSTANCE)
     assert (await planner.run("t", {"name": "acme"})).values["instance"]["threshold"] == 3
     edited = await planner.run("t", {"name": "acme", "threshold": 7})
-    assert edited.nodes["instance"].served.cached is True and edited.nodes["edit"].state is NodeState.OK
+    assert _cached(edited.nodes["instance"]) is True and edited.nodes["edit"].state is NodeState.OK
     after = await planner.run("t", {"name": "acme"})
-    assert after.values["instance"]["threshold"] == 7 and after.nodes["instance"].served.cached is False
+    assert after.values["instance"]["threshold"] == 7 and _cached(after.nodes["instance"]) is False
     assert counting.sent["instance"] == 2
     assert planner.cache_stats().invalidations == 1
 
@@ -453,12 +459,12 @@ async def test_a_write_that_fails_or_defaults_drops_nothing(write_flow: Write, c
     await planner.run("t", {"name": "acme"})
     defaulted = await planner.run("t", {"name": "acme", "threshold": 7})
     assert defaulted.nodes["edit"].state is NodeState.DEFAULTED
-    assert (await planner.run("t", {"name": "acme"})).nodes["instance"].served.cached is True
+    assert _cached((await planner.run("t", {"name": "acme"})).nodes["instance"]) is True
     await planner.run("u", {"name": "acme"})
     with pytest.raises(FlowFailed) as info:
         await planner.run("u", {"name": "acme", "threshold": 7})
     assert info.value.result.nodes["edit"].state is NodeState.FAILED
-    assert (await planner.run("u", {"name": "acme"})).nodes["instance"].served.cached is True
+    assert _cached((await planner.run("u", {"name": "acme"})).nodes["instance"]) is True
     assert counting.sent["instance"] == 2 and planner.cache_stats().invalidations == 0
 
 
@@ -492,7 +498,7 @@ async def test_concurrent_runs_send_one_statement(write_flow: Write, counted: tu
     assert counting.sent["slow"] == 1
     assert len({id(r.values["slow"]) for r in results}) == 20
     assert all(r.values["slow"] == results[0].values["slow"] for r in results)
-    assert sum(r.nodes["slow"].served.cached for r in results) == 19
+    assert sum(_cached(r.nodes["slow"]) for r in results) == 19
     stats = planner.cache_stats()
     assert (stats.misses, stats.joined, stats.hits) == (1, 19, 0)
 
@@ -508,8 +514,8 @@ async def test_errors_and_defaults_are_never_kept(write_flow: Write, counted: tu
     await con.execute("CREATE TABLE appears_later (id int)")
     second = await planner.run("t")
     assert second.nodes["later"].state is NodeState.OK and second.values["later"] == {"n": 0}
-    assert second.nodes["later"].served.cached is False
-    assert (await planner.run("t")).nodes["later"].served.cached is True
+    assert _cached(second.nodes["later"]) is False
+    assert _cached((await planner.run("t")).nodes["later"]) is True
     assert counting.sent["later"] == 2
 
 
@@ -522,7 +528,7 @@ async def test_a_switched_off_cache_runs_every_time(write_flow: Write, demo_dsn:
     async with Planner(flows=tmp_path, backend=counting) as planner:
         for threshold in (5, 5, 8, 5):
             result = await planner.run("t", {"name": "acme", "threshold": threshold})
-            assert result.nodes["instance"].served.cached is False
+            assert _cached(result.nodes["instance"]) is False
         assert result.values["instance"]["threshold"] == 8
         assert counting.sent["instance"] == 4
         stats = planner.cache_stats()

@@ -359,7 +359,8 @@ def _trace_with(tmp_path: Path, change: Callable[[dict[str, Any]], None]) -> Pat
 
 
 def _first_span(data: dict[str, Any]) -> dict[str, Any]:
-    return next(e for e in data["traceEvents"] if e["ph"] == "X")  # type: ignore[no-any-return]
+    span: dict[str, Any] = next(e for e in data["traceEvents"] if e["ph"] == "X")
+    return span
 
 
 @pytest.mark.parametrize("fmt", ["svg", "html"])

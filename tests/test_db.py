@@ -77,16 +77,27 @@ async def test_a_hostile_input_is_a_bound_parameter(write_flow: Write, db_planne
 
 
 async def test_a_statement_list_is_one_transaction(write_flow: Write, db_planner: Planner, demo_dsn: str) -> None:
+    # A row's `xmin` is the transaction that wrote it: both rows and the last statement must
+    # share one. Statements on their own would each be a transaction of their own.
     write_flow("""
         nodes:
-          two:
+          three:
             sql:
               - INSERT INTO whatsapp_instances (instance_name) VALUES ('tx-one')
-              - INSERT INTO whatsapp_instances (instance_name) VALUES ('tx-two') RETURNING id
-            fetch: value
+              - INSERT INTO whatsapp_instances (instance_name) VALUES ('tx-two')
+              - >-
+                SELECT count(*) AS rows, count(DISTINCT xmin::text) AS writers,
+                       bool_and(xmin = pg_current_xact_id()::xid) AS by_this_transaction
+                FROM whatsapp_instances WHERE instance_name IN ('tx-one', 'tx-two')
+            fetch: one
         """)
     result = await db_planner.run("t")
-    assert isinstance(result.values["two"], int)
+    assert result.values["three"] == {"rows": 2, "writers": 1, "by_this_transaction": True}
+    con = await asyncpg.connect(demo_dsn)
+    try:  # and the transaction was committed
+        assert await con.fetchval("SELECT count(*) FROM whatsapp_instances WHERE instance_name IN ('tx-one', 'tx-two')") == 2
+    finally:
+        await con.close()
 
 
 async def test_a_failed_statement_in_a_list_leaves_nothing_written(write_flow: Write, db_planner: Planner, demo_dsn: str) -> None:

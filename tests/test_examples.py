@@ -17,16 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx  # noqa: E402  (the dev extra installs httpx, fastapi and uvicorn)
 import pytest
-
-from planner import errors
-from planner.demo.latency_proxy import LatencyProxy
-
-fastapi = pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
+import uvicorn  # noqa: E402
 
 from examples.fastapi_app import create_app  # noqa: E402
+from planner.demo.latency_proxy import LatencyProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 UNREACHABLE = "postgresql://planner@127.0.0.1:1/nowhere"  # port 1: refused at once
@@ -196,8 +192,6 @@ async def test_healthz_turns_503_when_the_database_goes_away(demo_dsn: str) -> N
     assert response.status_code == 503, response.text
 
 
-@pytest.mark.skipif(not hasattr(errors, "FlowDatabaseLost"),
-                    reason="a run that loses its database is a FlowFailed until FlowDatabaseLost lands")
 async def test_a_run_that_loses_the_database_is_503(demo_dsn: str) -> None:
     async with lost_later(demo_dsn) as (client, cut):
         message = {"instance_name": "acme", "user_phone": "+15550000001", "message": "first"}

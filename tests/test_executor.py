@@ -4,15 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from planner import FlowFailed, FlowInputError, FlowTimeout, NodeState, NodeTimeout, Planner, ReferenceFieldError
+from planner import (
+    FlowFailed,
+    FlowInputError,
+    FlowTimeout,
+    NodeResult,
+    NodeState,
+    NodeTimeout,
+    Planner,
+    ReferenceFieldError,
+)
 from tests import nodes
 
 Write = Callable[..., Path]
+
+
+def _span(node: NodeResult) -> tuple[float, float]:
+    """When a node started and finished (ms from the run's start): a node that ran has both."""
+    assert node.started_ms is not None and node.finished_ms is not None, "a node that ran has no times"
+    return node.started_ms, node.finished_ms
 
 
 async def test_independent_nodes_run_together(write_flow: Write, planner: Planner) -> None:
@@ -26,22 +43,29 @@ async def test_independent_nodes_run_together(write_flow: Write, planner: Planne
     assert result.values == {"a": 1, "b": 2, "c": 3}
     assert result.status == "ok"
     # a and b overlap: each started before the other finished.
-    a, b = result.nodes["a"], result.nodes["b"]
-    assert a.started_ms < b.finished_ms and b.started_ms < a.finished_ms
-    assert result.nodes["c"].started_ms >= max(a.finished_ms, b.finished_ms)
+    (a_start, a_end), (b_start, b_end) = _span(result.nodes["a"]), _span(result.nodes["b"])
+    assert a_start < b_end and b_start < a_end
+    assert _span(result.nodes["c"])[0] >= max(a_end, b_end)
 
 
 async def test_a_node_starts_as_soon_as_its_own_dependencies_settle(write_flow: Write, planner: Planner) -> None:
+    # `slow` waits for an event only `after_fast` sets: it ends well only if `after_fast` ran
+    # while `slow`, of the first layer, was still in flight.
     write_flow("""
         nodes:
-          fast: {call: tests.nodes:sleep, with: {ms: 10, tag: fast}}
-          slow: {call: tests.nodes:sleep, with: {ms: 300, tag: slow}}
-          after_fast: {call: tests.nodes:sleep, with: {ms: 10, tag: after_fast, x: $fast}}
+          fast: {call: tests.nodes:step, with: {tag: fast}}
+          slow: {call: tests.nodes:step, with: {tag: slow, wait: after_fast_ran, value: released}, timeout: 500ms, default: waited}
+          after_fast: {call: tests.nodes:step, with: {tag: after_fast, signal: after_fast_ran, x: $fast}}
         """)
     result = await planner.run("t")
-    assert result.nodes["after_fast"].finished_ms < result.nodes["slow"].finished_ms
+    assert result.states() == {"fast": "ok", "slow": "ok", "after_fast": "ok"}
+    assert result.values["slow"] == "released"
+    assert _span(result.nodes["after_fast"])[0] < _span(result.nodes["slow"])[1]
+    # Layered waits for the whole first layer: `after_fast` cannot start before `slow` gives up.
+    nodes.events.clear()
     layered = await planner.run("t", mode="layered")
-    assert layered.nodes["after_fast"].started_ms >= layered.nodes["slow"].finished_ms
+    assert layered.nodes["slow"].state is NodeState.DEFAULTED and isinstance(layered.nodes["slow"].error, NodeTimeout)
+    assert _span(layered.nodes["after_fast"])[0] >= _span(layered.nodes["slow"])[1]
 
 
 async def test_output_maps_references(write_flow: Write, planner: Planner) -> None:
@@ -73,7 +97,7 @@ async def test_a_failed_node_is_defaulted_and_the_run_goes_on(write_flow: Write,
     assert isinstance(node.error, ValueError) and str(node.error) == "no config"
     assert result.nodes["next"].state is NodeState.OK and result.status == "ok"
     record = next(r for r in caplog.records if getattr(r, "node", None) == "webhook")
-    assert record.flow == "t" and record.run_id == result.run_id and record.exc_info is not None
+    assert record.__dict__["flow"] == "t" and record.__dict__["run_id"] == result.run_id and record.exc_info is not None
 
 
 async def test_default_is_null_when_none_is_given(write_flow: Write, planner: Planner) -> None:
@@ -127,7 +151,7 @@ async def test_a_missing_field_on_a_row_is_an_error_not_a_skip(write_flow: Write
 
 
 async def test_a_node_timeout_counts_as_a_failure(write_flow: Write, planner: Planner) -> None:
-    write_flow("nodes:\n  slow: {call: tests.nodes:sleep, with: {ms: 5000, tag: slow}, timeout: 50ms, default: late}\n")
+    write_flow("nodes:\n  slow: {call: tests.nodes:step, with: {tag: slow, wait: never}, timeout: 50ms, default: late}\n")
     result = await planner.run("t")
     node = result.nodes["slow"]
     assert node.state is NodeState.DEFAULTED and node.value == "late"
@@ -166,8 +190,8 @@ async def test_a_failing_fail_node_stops_the_run_and_cancels_in_flight(write_flo
     write_flow("""
         nodes:
           must: {call: tests.nodes:fail, with: {x: $gate}, on_error: fail}
-          gate: {call: tests.nodes:sleep, with: {ms: 20, tag: gate}}
-          slow: {call: tests.nodes:sleep, with: {ms: 5000, tag: slow}}
+          gate: {call: tests.nodes:step, with: {tag: gate, wait: slow_started}}
+          slow: {call: tests.nodes:step, with: {tag: slow, signal: slow_started, wait: never}}
           later: {call: tests.nodes:echo, with: {value: $must}}
         """)
     with pytest.raises(FlowFailed) as info:
@@ -184,7 +208,7 @@ async def test_the_run_deadline_cancels_what_is_unfinished(write_flow: Write, pl
         settings: {timeout: 100ms}
         nodes:
           quick: {call: tests.nodes:echo, with: {value: 1}}
-          slow: {call: tests.nodes:sleep, with: {ms: 5000, tag: slow, x: $quick}}
+          slow: {call: tests.nodes:step, with: {tag: slow, wait: never, x: $quick}}
           after: {call: tests.nodes:echo, with: {value: $slow}}
         """)
     with pytest.raises(FlowTimeout) as info:
@@ -198,7 +222,7 @@ async def test_max_concurrency_bounds_nodes_in_flight(write_flow: Write, planner
     body = "\n".join(f"  n{i}: {{call: tests.nodes:sleep, with: {{ms: 30, tag: n{i}}}}}" for i in range(6))
     write_flow("settings: {max_concurrency: 2}\nnodes:\n" + body + "\n")
     result = await planner.run("t")
-    spans = [(n.started_ms, n.finished_ms) for n in result.nodes.values()]
+    spans = [_span(n) for n in result.nodes.values()]
     most = max(sum(1 for s, f in spans if s <= t < f) for t, _ in spans)
     assert most == 2
 
@@ -239,9 +263,17 @@ async def test_every_mode_gives_the_same_values_and_states(write_flow: Write, pl
 
 
 async def test_sequential_runs_one_node_at_a_time(write_flow: Write, planner: Planner) -> None:
-    write_flow("nodes:\n  a: {call: tests.nodes:sleep, with: {ms: 20}}\n  b: {call: tests.nodes:sleep, with: {ms: 20}}\n")
+    # `a` waits for `b` to start: it is released when both run at once, and times out alone.
+    write_flow("""
+        nodes:
+          a: {call: tests.nodes:step, with: {tag: a, wait: b_started, value: together}, timeout: 300ms, default: alone}
+          b: {call: tests.nodes:step, with: {tag: b, signal: b_started}}
+        """)
+    assert (await planner.run("t", mode="eager")).values["a"] == "together"
+    nodes.events.clear()
     result = await planner.run("t", mode="sequential")
-    assert result.nodes["b"].started_ms >= result.nodes["a"].finished_ms
+    assert result.values["a"] == "alone" and isinstance(result.nodes["a"].error, NodeTimeout)
+    assert _span(result.nodes["b"])[0] >= _span(result.nodes["a"])[1]
 
 
 async def test_planner_mode_environment_overrides_everything(write_flow: Write, planner: Planner, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,8 +289,12 @@ async def test_an_unknown_mode_is_an_input_error(write_flow: Write, planner: Pla
 
 
 async def test_sync_functions_run_in_a_worker_thread(write_flow: Write, planner: Planner) -> None:
-    write_flow("nodes:\n  a: {call: tests.nodes:add, with: {a: 1, b: 2}}\n")
-    assert (await planner.run("t")).values["a"] == 3
+    write_flow("nodes:\n  a: {call: tests.nodes:add, with: {a: 1, b: 2}}\n  b: {call: tests.nodes:where}\n")
+    result = await planner.run("t")
+    assert result.values["a"] == 3
+    ran = result.values["b"]
+    assert ran["ident"] != threading.get_ident(), "a sync call ran on the event loop's thread"
+    assert ran["name"].startswith("planner-call") and ran["loop"] is False
 
 
 @pytest.mark.parametrize(
@@ -270,7 +306,7 @@ async def test_sync_functions_run_in_a_worker_thread(write_flow: Write, planner:
         pytest.param({"phone": "1", "limit": True}, "must be int", id="bool-is-not-int"),
     ],
 )
-async def test_inputs_are_checked_before_any_node_runs(write_flow: Write, planner: Planner, inputs: dict, message: str) -> None:
+async def test_inputs_are_checked_before_any_node_runs(write_flow: Write, planner: Planner, inputs: dict[str, Any], message: str) -> None:
     write_flow("inputs: {phone: str, limit: {type: int, default: 20}}\nnodes:\n  a: {call: tests.nodes:sleep, with: {ms: 1}}\n")
     with pytest.raises(FlowInputError, match=message):
         await planner.run("t", inputs)
@@ -283,9 +319,15 @@ async def test_input_defaults_are_filled(write_flow: Write, planner: Planner) ->
 
 
 async def test_cancelling_the_caller_cancels_every_node(write_flow: Write, planner: Planner) -> None:
-    write_flow("nodes:\n  a: {call: tests.nodes:sleep, with: {ms: 5000, tag: a}}\n  b: {call: tests.nodes:sleep, with: {ms: 5000, tag: b}}\n")
+    write_flow("""
+        nodes:
+          a: {call: tests.nodes:step, with: {tag: a, signal: a_started, wait: never}}
+          b: {call: tests.nodes:step, with: {tag: b, signal: b_started, wait: never}}
+        """)
     task = asyncio.create_task(planner.run("t"))
-    await asyncio.sleep(0.05)
+    async with asyncio.timeout(5):
+        await nodes.event("a_started").wait()
+        await nodes.event("b_started").wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

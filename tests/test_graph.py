@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from planner import FlowFileError, FlowGraphError, load_flow
-from planner.graph import compile_flow, plan, trips
+from planner.graph import CompiledFlow, compile_flow, plan, trips
 from planner.loader import load_text
 
 SEEDLIKE = """
@@ -34,7 +34,7 @@ output:
 """
 
 
-def _flow(text: str) -> object:
+def _flow(text: str) -> CompiledFlow:
     return compile_flow(load_text(text, file="t.yaml", name="t"))
 
 

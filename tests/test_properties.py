@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,13 +30,31 @@ def dags(draw: st.DrawFn, fail_fast: bool = False) -> str:
         fails = draw(st.booleans()) if draw(st.integers(0, 4)) == 0 else False
         policy = "fail" if fail_fast and fails and draw(st.booleans()) else "default"
         args = ", ".join([f"ms: {ms}", f"fail: {str(fails).lower()}"] + [f"d{d}: $n{d}" for d in sorted(deps)])
-        when = f", when: '$n{min(deps)} != 3'" if deps and draw(st.integers(0, 5)) == 0 else ""
+        when = f", when: '$n{min(deps)} != {draw(st.integers(0, 3))}'" if deps and draw(st.integers(0, 5)) == 0 else ""
         lines.append(f"  n{i}: {{call: tests.nodes:work, with: {{{args}}}, on_error: {policy}, default: 0{when}}}")
     return "\n".join(lines) + "\n"
 
 
 def _compile(text: str) -> CompiledFlow:
     return load_flow(text=text, name="prop")
+
+
+def _expected(text: str) -> dict[str, tuple[NodeState, int]]:
+    """Each node's state and value, worked out from the flow text alone: `when` false skips
+    (value: the default 0), `fail: true` defaults to 0, otherwise 1 + the sum of the values
+    of its dependencies (a skipped or defaulted one gives its 0). File order is topological."""
+    out: dict[str, tuple[NodeState, int]] = {}
+    for name, node in yaml.safe_load(text)["nodes"].items():
+        args = node["with"]
+        deps = [out[ref.removeprefix("$")][1] for key, ref in args.items() if key.startswith("d")]
+        when = node.get("when", "").split()  # '$nK != V'
+        if when and out[when[0].removeprefix("$")][1] == int(when[2]):
+            out[name] = (NodeState.SKIPPED, 0)
+        elif args["fail"]:
+            out[name] = (NodeState.DEFAULTED, 0)
+        else:
+            out[name] = (NodeState.OK, 1 + sum(deps))
+    return out
 
 
 _settings = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -55,9 +74,13 @@ async def test_the_three_modes_agree_on_values_and_states(text: str) -> None:
 async def test_every_node_ends_in_exactly_one_state(text: str) -> None:
     flow = _compile(text)
     result = await execute(flow, {})
-    assert list(result.nodes) == list(flow.order)
-    assert all(isinstance(node.state, NodeState) for node in result.nodes.values())
-    assert NodeState.CANCELLED not in {n.state for n in result.nodes.values()}
+    assert list(result.nodes) == list(flow.order)  # every node once
+    assert {name: (node.state, node.value) for name, node in result.nodes.items()} == _expected(text)
+    for name, node in result.nodes.items():  # and what a node reports fits the one state it is in
+        ran = node.state is not NodeState.SKIPPED
+        assert node.attempts == int(ran), name
+        assert (node.started_ms is not None and node.finished_ms is not None) == ran, name
+        assert (node.error is not None) == (node.state is NodeState.DEFAULTED), name
 
 
 @settings(max_examples=15, deadline=None)

@@ -161,7 +161,8 @@ def _seed_trace() -> dict[str, Any]:
 
 
 def _span(data: dict[str, Any], name: str = "instance") -> dict[str, Any]:
-    return next(e for e in data["traceEvents"] if e.get("ph") == "X" and e["name"] == name)  # type: ignore[no-any-return]
+    span: dict[str, Any] = next(e for e in data["traceEvents"] if e.get("ph") == "X" and e["name"] == name)
+    return span
 
 
 def _lane_names(data: dict[str, Any]) -> list[dict[str, Any]]:

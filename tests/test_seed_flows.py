@@ -217,4 +217,5 @@ def _stable(output: dict[str, Any]) -> dict[str, Any]:
             return [strip(x) for x in v]
         return v
 
-    return strip(output)
+    stable: dict[str, Any] = strip(output)
+    return stable

