@@ -1,8 +1,9 @@
 """Coalescing (#11): runs that would wait for a connection share one statement, and each run
 gets exactly what it would have got alone.
 
-Batches are forced deterministically: the pool's connections are held by `pg_sleep` (never
-coalesced: it has effects), then N runs start together; they all wait, so they join one batch.
+Batches are forced deterministically: every connection of the pool is held by a statement
+blocked on a table lock the test holds (a gate); N runs start, and once all N have reached
+the coalescer (they wait, so they have joined one batch) the gate opens.
 """
 
 from __future__ import annotations
@@ -34,12 +35,44 @@ inputs: {s: float}
 nodes:
   hold: {sql: "SELECT pg_sleep($s)", fetch: value}   # pg_sleep has effects: never coalesced
 """
+GATE = """
+nodes:
+  wait: {sql: "SELECT count(*) FROM {table}", fetch: value, coalesce: false}   # blocks while the test locks {table}
+"""
 
 # Read-only as far as planner can tell (a STABLE function of the user's), and slow on demand.
 SLOW_ECHO = """
 CREATE FUNCTION slow_echo(v int, ms int) RETURNS int STABLE LANGUAGE plpgsql AS
 $$ BEGIN PERFORM pg_sleep(ms / 1000.0); RETURN v; END $$
 """
+
+
+class Entry(WrappingBackend):
+    """Counts the queries that reach the coalescer, by flow: a query counted here has joined its batch
+    (or gone alone), for `CoalescingBackend.run` joins before it first awaits."""
+
+    def __init__(self, inner: CoalescingBackend) -> None:
+        super().__init__(inner)
+        self.flows: list[str] = []
+
+    async def run(self, query: Query) -> Any:
+        self.flows.append(query.node.flow)
+        return await self.inner.run(query)
+
+    def count(self) -> int:
+        return sum(1 for flow in self.flows if not flow.startswith("gate"))
+
+
+@dataclass
+class Gate:
+    """Statements holding connections, blocked until `release()`."""
+
+    con: asyncpg.Connection
+    holders: list[asyncio.Task[FlowResult]]
+
+    async def release(self) -> None:
+        await self.con.close()  # its transaction ends, and its lock with it
+        await asyncio.gather(*self.holders)
 
 
 class Spy(WrappingBackend):
@@ -73,6 +106,7 @@ class Stack:
     planner: Planner
     coalescer: CoalescingBackend
     spy: Spy
+    entry: Entry
     pool: PoolBackend
     size: int
     dsn: str
@@ -100,22 +134,31 @@ class Stack:
         for name in names:
             self.planner.load(name)  # compiled before the runs start: they reach the pool together
 
-    async def hold(self, seconds: float = 0.15) -> list[asyncio.Task[FlowResult]]:
-        """Take every connection of the pool for `seconds`; returns once they are taken."""
-        self.load("hold")
+    async def hold(self, table: str = "gate", connections: int | None = None) -> Gate:
+        """Take `connections` (all) of the pool until the gate is released; returns once they are taken."""
+        self.load(table)
         await self.watch()
-        holders = [asyncio.create_task(self.planner.run("hold", {"s": seconds})) for _ in range(self.size)]
-        await until(lambda: not self.pool.idle())
-        return holders
+        con = await asyncpg.connect(self.dsn)
+        await con.execute(f"BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        holders = [asyncio.create_task(self.planner.run(table)) for _ in range(connections or self.size)]
+        await until(lambda: self.entry.flows.count(table) == len(holders))
+        return Gate(con, holders)
 
-    async def batched(self, runs: Iterable[tuple[str, dict[str, Any]]], hold: float = 0.15) -> list[FlowResult]:
-        """Start `runs` together while the pool is held: they wait, so they share statements."""
+    async def joined(self, queries: int) -> None:
+        """Wait until `queries` more queries of the test's flows have reached the coalescer."""
+        await until(lambda: self.entry.count() >= queries)
+
+    async def batched(self, runs: Iterable[tuple[str, dict[str, Any]]], queries: int | None = None) -> list[FlowResult]:
+        """Start `runs` while the pool is held; open the gate once their first `queries` (one
+        per run) have joined: they share statements."""
         runs = list(runs)
         self.load(*{flow for flow, _ in runs})
-        holders = await self.hold(hold)
-        results = await asyncio.gather(*(outcome(self.planner.run(flow, inputs)) for flow, inputs in runs))
-        await asyncio.gather(*holders)
-        return results
+        gate = await self.hold()
+        before = self.entry.count()
+        tasks = [asyncio.create_task(outcome(self.planner.run(flow, inputs))) for flow, inputs in runs]
+        await self.joined(before + (len(runs) if queries is None else queries))
+        await gate.release()
+        return list(await asyncio.gather(*tasks))
 
     async def assert_clean(self) -> None:
         await assert_clean(self.planner, self.dsn)
@@ -162,18 +205,22 @@ async def stacks(tmp_path: Path, demo_dsn: str, write_flow: Write) -> AsyncItera
     try:
         await con.execute(SLOW_ECHO)
         await con.execute("CREATE FUNCTION vol_echo(v int) RETURNS int VOLATILE LANGUAGE sql AS 'SELECT v'")
+        await con.execute("CREATE TABLE gate (); CREATE TABLE gate2 ()")
     finally:
         await con.close()
     write_flow(HOLD, name="hold")
+    for table in ("gate", "gate2"):
+        write_flow(GATE.replace("{table}", table), name=table)
     made: list[Planner] = []
 
     def make(size: int = 1, **options: Any) -> Stack:
         pool = PoolBackend(dsn=demo_dsn, min_size=size, max_size=size)
         spy = Spy(pool)
         coalescer = CoalescingBackend(spy, **options)
-        planner = Planner(flows=tmp_path, backend=coalescer, allowed_modules=["tests"])
+        entry = Entry(coalescer)
+        planner = Planner(flows=tmp_path, backend=entry, allowed_modules=["tests"])
         made.append(planner)
-        return Stack(planner, coalescer, spy, pool, size, demo_dsn)
+        return Stack(planner, coalescer, spy, entry, pool, size, demo_dsn)
 
     yield make
     for planner in made:
@@ -217,37 +264,33 @@ async def test_served_batch_says_how_many_runs_shared_the_statement(write_flow: 
     assert all(s is not None and s.batch == 4 for s in served)
 
 
-FETCHES = """
-inputs: {k: int}
-nodes:
-  all:                        # many rows, zero rows; numeric, timestamps, json, arrays
-    sql: |
+FETCHES = {
+    # many rows, zero rows; numeric, timestamps, json, arrays, nulls
+    "all": """
       SELECT g AS i, (g * 1.25)::numeric(10, 2) AS x,
              timestamptz '2024-01-01 00:00:00+00' + g * interval '1 hour' AS at,
              jsonb_build_object('g', g, 'tags', jsonb_build_array('a', g)) AS doc,
              ARRAY[g, $k::int] AS pair, NULL::text AS nothing
-      FROM generate_series(1, $k::int) AS g ORDER BY g DESC
-    fetch: all
-  one:                        # a row or none
-    sql: SELECT id, instance_name, escalation_keywords FROM whatsapp_instances WHERE id = $k::int
-    fetch: one
-  value:                      # a value, or null when there is no row or it is null
-    sql: SELECT nullif($k::int, 2) * 10 FROM generate_series(1, least($k::int, 1))
-    fetch: value
-"""
+      FROM generate_series(1, $k::int) AS g ORDER BY g DESC""",
+    # a row or none
+    "one": "SELECT id, instance_name, escalation_keywords FROM whatsapp_instances WHERE id = $k::int",
+    # a value, or null when there is no row or it is null
+    "value": "SELECT nullif($k::int, 2) * 10 FROM generate_series(1, least($k::int, 1))",
+}
 
 
 @pytest.mark.parametrize("fetch", ["all", "one", "value"])
 async def test_each_run_gets_its_own_result_as_alone(write_flow: Write, stacks: Callable[..., Stack], fetch: str) -> None:
-    write_flow(FETCHES.replace("nodes:", f"nodes:\n  only: {{call: tests.nodes:echo, with: {{value: ${fetch}}}}}"))
+    sql = "\n".join("      " + line.strip() for line in FETCHES[fetch].strip().splitlines())
+    write_flow(f"inputs: {{k: int}}\nnodes:\n  q:\n    sql: |\n{sql}\n    fetch: {fetch}\n")
     runs = [("t", {"k": k}) for k in (0, 1, 2, 3, 7, 40)]
     expected = await alone(stacks(size=1, enabled=False).planner, runs)
     stack = stacks(size=1)
     results = await stack.batched(runs)
-    assert [r.values[fetch] for r in results] == [r.values[fetch] for r in expected]
-    assert {r.nodes[fetch].served.batch for r in results} == {6}  # type: ignore[union-attr]
+    assert [r.values["q"] for r in results] == [r.values["q"] for r in expected]
+    assert {r.nodes["q"].served.batch for r in results} == {6}  # type: ignore[union-attr]
     if fetch == "all":
-        assert len(results[-1].values["all"]) == 40 and results[0].values["all"] == []
+        assert len(results[-1].values["q"]) == 40 and results[0].values["q"] == []
     await stack.assert_clean()
 
 
@@ -256,13 +299,11 @@ async def test_a_request_that_finds_a_free_connection_goes_at_once_alone(write_f
     write_flow("inputs: {n: int}\nnodes:\n  q: {sql: 'SELECT $n::int AS n', fetch: value}\n")
     stack = stacks(size=2)
     stack.load("t")
-    started = time.perf_counter()
     results = await asyncio.gather(*(stack.planner.run("t", {"n": n}) for n in range(2)))  # two runs, two connections
-    elapsed = time.perf_counter() - started
     assert [r.values["q"] for r in results] == [0, 1]
+    # Straight through to the pool: no batch was made, so no timer or task stood in between.
     assert stack.coalescer.alone == 2 and stack.spy.sent == [] and stack.spy.alone == [[0], [1]]
     assert all(r.nodes["q"].served.batch == 1 for r in results)  # type: ignore[union-attr]
-    assert elapsed < 0.5
 
 
 async def test_identical_reads_in_a_batch_are_sent_once(write_flow: Write, stacks: Callable[..., Stack]) -> None:
@@ -435,12 +476,13 @@ async def test_a_cancelled_run_stops_only_its_own_wait(write_flow: Write, stacks
     write_flow("inputs: {n: int}\nnodes:\n  q: {sql: 'SELECT slow_echo($n::int, 100) AS n', fetch: value}\n")
     stack = stacks(size=1)
     stack.load("t")
-    holders = await stack.hold(0.2)
+    gate = await stack.hold()
     runs = [asyncio.create_task(stack.planner.run("t", {"n": n})) for n in range(3)]
-    await asyncio.sleep(0.05)
+    await stack.joined(3)
     runs[1].cancel()
+    await until(runs[1].done)
+    await gate.release()
     done = await asyncio.gather(*runs, return_exceptions=True)
-    await asyncio.gather(*holders)
     assert isinstance(done[1], asyncio.CancelledError)
     assert [r.values["q"] for r in (done[0], done[2])] == [0, 2]  # type: ignore[union-attr]
     assert stack.spy.sent == [[[0], [2]]]  # the run that left was left out of the statement
@@ -453,7 +495,14 @@ async def test_a_run_whose_deadline_passes_in_a_batch_times_out_alone(write_flow
     write_flow("inputs: {n: int}\nsettings: {timeout: 100ms}\n" + node, name="hurried")
     write_flow("inputs: {n: int}\nsettings: {timeout: 5s}\n" + node, name="calm")
     stack = stacks(size=1)
-    results = await stack.batched([("calm", {"n": 1}), ("hurried", {"n": 2}), ("calm", {"n": 3})])
+    stack.load("calm", "hurried")
+    gate = await stack.hold()
+    runs = [asyncio.create_task(outcome(stack.planner.run(flow, {"n": n})))
+            for flow, n in (("calm", 1), ("hurried", 2), ("calm", 3))]
+    await stack.joined(3)
+    await until(runs[1].done)  # its deadline passed while it waited in the batch
+    await gate.release()
+    results = await asyncio.gather(*runs)
     assert results[1].status == "timeout" and results[1].nodes["q"].state is NodeState.CANCELLED
     assert [results[0].values["q"], results[2].values["q"]] == [3, 9]
     assert results[0].nodes["q"].served.batch == 2  # type: ignore[union-attr]
@@ -464,13 +513,15 @@ async def test_the_statement_is_cancelled_on_the_server_when_nobody_waits(write_
     write_flow("inputs: {n: int}\nnodes:\n  q: {sql: 'SELECT slow_echo($n::int, 3000) AS n', fetch: value}\n")
     stack = stacks(size=1)
     stack.load("t")
-    holders = await stack.hold(0.1)
+    gate = await stack.hold()
     runs = [asyncio.create_task(stack.planner.run("t", {"n": n})) for n in range(3)]
+    await stack.joined(3)
+    await gate.release()
     await until(lambda: stack.spy.sent)  # the batch has its connection: its statement is running
     await asyncio.sleep(0.1)
     for run in runs:
         run.cancel()
-    await asyncio.gather(*runs, *holders, return_exceptions=True)
+    await asyncio.gather(*runs, return_exceptions=True)
     started = time.perf_counter()
     await stack.assert_clean()
     assert time.perf_counter() - started < 2.0, "the statement ran on after nobody waited for it"
@@ -496,10 +547,11 @@ nodes:
 
 async def test_retries_when_defaults_and_fail_fast_behave_as_alone(write_flow: Write, stacks: Callable[..., Stack]) -> None:
     write_flow(POLICIES)
-    runs = [("t", {"v": v, "k": k}) for v, k in (("1", 1), ("x", 2), ("3", 3), ("4", 4), ("x", 0), ("3", 1))]
+    given = [("1", 1), ("x", 2), ("3", 3), ("4", 4), ("x", 0), ("3", 1)]
+    runs: list[tuple[str, dict[str, Any]]] = [("t", {"v": v, "k": k}) for v, k in given]
     expected = await alone(stacks(size=1, enabled=False).planner, runs)
     stack = stacks(size=1)
-    results = await stack.batched(runs)
+    results = await stack.batched(runs, queries=len(runs) + sum(1 for _, k in given if k > 1))  # parsed, only_some
     assert [summary(r) for r in results] == [summary(r) for r in expected]
     assert [r.status for r in results] == [r.status for r in expected] == ["ok", "ok", "failed", "ok", "ok", "failed"]
     assert results[1].nodes["parsed"].attempts == 3
@@ -682,17 +734,19 @@ async def test_two_batches_writing_the_same_rows_do_not_deadlock(
             timeout: 3s
         """)
     stack = stacks(size=2)
-    stack.load("t", "hold")
-    started = time.perf_counter()
-    first_holder = asyncio.create_task(stack.planner.run("hold", {"s": 0.15}))
-    second_holder = asyncio.create_task(stack.planner.run("hold", {"s": 0.25}))
-    await until(lambda: not stack.pool.idle())
+    stack.load("t")
+    first_gate = await stack.hold("gate", connections=1)
+    second_gate = await stack.hold("gate2", connections=1)
     first = [asyncio.create_task(outcome(stack.planner.run("t", {"id": i, "d": 1}))) for i in (1, 2)]
-    await until(lambda: stack.spy.sent)  # the first batch has a connection: the second forms now
+    await stack.joined(2)
+    started = time.perf_counter()
+    await first_gate.release()
+    await until(lambda: stack.spy.sent)  # the first batch has a connection (and locks row 1): the second forms now
     second = [asyncio.create_task(outcome(stack.planner.run("t", {"id": i, "d": 10}))) for i in (2, 1)]
+    await stack.joined(4)
+    await second_gate.release()
     results = await asyncio.gather(*first, *second)
     elapsed = time.perf_counter() - started
-    await asyncio.gather(first_holder, second_holder)
     assert [len(members) for members in stack.spy.sent] == [2, 2]
     assert all(r.status == "ok" and r.nodes["q"].state is NodeState.OK for r in results)
     assert await _fetch(demo_dsn, "SELECT id, n FROM acct ORDER BY id") == [{"id": 1, "n": 11}, {"id": 2, "n": 11}]
@@ -731,11 +785,13 @@ async def test_a_write_member_cancelled_while_it_waited_is_not_written(
         """)
     stack = stacks(size=1)
     stack.load("t")
-    holders = await stack.hold(0.2)
+    gate = await stack.hold()
     runs = [asyncio.create_task(stack.planner.run("t", {"label": label})) for label in ("a", "b", "c")]
-    await asyncio.sleep(0.05)
+    await stack.joined(3)
     runs[1].cancel()
-    done = await asyncio.gather(*runs, *holders, return_exceptions=True)
+    await until(runs[1].done)
+    await gate.release()
+    done = await asyncio.gather(*runs, return_exceptions=True)
     assert isinstance(done[1], asyncio.CancelledError)
     assert await _fetch(demo_dsn, "SELECT label FROM notes ORDER BY label") == [{"label": "a"}, {"label": "c"}]
 
@@ -797,10 +853,9 @@ _few = settings(max_examples=8, deadline=None, suppress_health_check=list(Health
 
 
 @pytest.fixture
-async def property_flows(tmp_path: Path, demo_dsn: str, write_flow: Write) -> Path:
-    await _table(demo_dsn, SLOW_ECHO)
+async def property_flows(stacks: Callable[..., Stack], demo_dsn: str, write_flow: Write) -> Callable[..., Stack]:
+    """`stacks`, with the flows of the properties written."""
     await _table(demo_dsn, "CREATE TABLE wprop (k int PRIMARY KEY, label text NOT NULL CHECK (length(label) < 4))")
-    write_flow(HOLD, name="hold")
     write_flow(READS, name="reads")
     write_flow("""
         inputs: {k: int, label: json}
@@ -810,33 +865,26 @@ async def property_flows(tmp_path: Path, demo_dsn: str, write_flow: Write) -> Pa
             fetch: one
             coalesce: true
         """, name="writes")
-    return tmp_path
-
-
-def _planner(flows: Path, dsn: str, size: int, enabled: bool) -> tuple[Planner, CoalescingBackend, PoolBackend]:
-    pool = PoolBackend(dsn=dsn, min_size=size, max_size=size)
-    coalescer = CoalescingBackend(pool, enabled=enabled)
-    return Planner(flows=flows, backend=coalescer), coalescer, pool
+    return stacks
 
 
 @_few
 @given(runs=st.lists(st.tuples(read_inputs, cancel_after), min_size=20, max_size=100), size=st.integers(1, 3))
 async def test_concurrent_reads_give_every_run_what_it_gets_alone(
-        property_flows: Path, demo_dsn: str, runs: list[tuple[dict[str, Any], float | None]], size: int) -> None:
-    reference, _, _ = _planner(property_flows, demo_dsn, 4, enabled=False)
-    planner, coalescer, pool = _planner(property_flows, demo_dsn, size, enabled=True)
+        property_flows: Callable[..., Stack], demo_dsn: str, runs: list[tuple[dict[str, Any], float | None]],
+        size: int) -> None:
+    reference, stack = property_flows(size=4, enabled=False), property_flows(size=size)
     try:
-        expected = await asyncio.gather(*(outcome(reference.run("reads", inputs)) for inputs, _ in runs))
-        planner.load("reads")
-        planner.load("hold")
-        holders = [asyncio.create_task(planner.run("hold", {"s": 0.05})) for _ in range(size)]
-        await until(lambda: not pool.idle())
-        tasks = [asyncio.create_task(outcome(planner.run("reads", inputs))) for inputs, _ in runs]
+        expected = await asyncio.gather(*(outcome(reference.planner.run("reads", inputs)) for inputs, _ in runs))
+        stack.load("reads")
+        gate = await stack.hold()
+        tasks = [asyncio.create_task(outcome(stack.planner.run("reads", inputs))) for inputs, _ in runs]
+        await stack.joined(len(runs))  # every run waits with its first statements: batches have formed
         for task, (_, after) in zip(tasks, runs, strict=True):
             if after is not None:
                 asyncio.get_running_loop().call_later(after, task.cancel)
+        await gate.release()
         results = await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*holders)
         for got, want, (_, after) in zip(results, expected, runs, strict=True):
             if isinstance(got, asyncio.CancelledError):
                 assert after is not None, "a run nobody cancelled was cancelled"
@@ -844,11 +892,11 @@ async def test_concurrent_reads_give_every_run_what_it_gets_alone(
             assert isinstance(got, FlowResult)
             assert summary(got) == summary(want)
             assert got.status == want.status
-        assert coalescer.batches > 0, "no batch formed"
-        await assert_clean(planner, demo_dsn)
+        assert stack.coalescer.batches > 0, "no batch formed"
+        await stack.assert_clean()
     finally:
-        await planner.close()
-        await reference.close()
+        await stack.planner.close()
+        await reference.planner.close()
 
 
 write_inputs = st.tuples(st.integers(0, 9), st.sampled_from(["a", "bb", "ccc", "dddd", None, 5]))
@@ -857,26 +905,20 @@ write_inputs = st.tuples(st.integers(0, 9), st.sampled_from(["a", "bb", "ccc", "
 @_few
 @given(runs=st.lists(write_inputs, min_size=10, max_size=50))
 async def test_concurrent_writes_give_every_run_what_it_gets_alone_and_write_once(
-        property_flows: Path, demo_dsn: str, runs: list[tuple[int, Any]]) -> None:
+        property_flows: Callable[..., Stack], demo_dsn: str, runs: list[tuple[int, Any]]) -> None:
     # One connection: batches run one after the other, in the order their runs asked.
-    inputs = [{"k": k, "label": label} for k, label in runs]
-    reference, _, _ = _planner(property_flows, demo_dsn, 1, enabled=False)
-    planner, coalescer, pool = _planner(property_flows, demo_dsn, 1, enabled=True)
+    inputs = [("writes", {"k": k, "label": label}) for k, label in runs]
+    reference, stack = property_flows(size=1, enabled=False), property_flows(size=1)
     try:
         await _table(demo_dsn, "TRUNCATE wprop")
-        expected = [await outcome(reference.run("writes", i)) for i in inputs]
+        expected = await alone(reference.planner, inputs)
         written = await _fetch(demo_dsn, "SELECT k, label FROM wprop ORDER BY k")
         await _table(demo_dsn, "TRUNCATE wprop")
-        planner.load("writes")
-        planner.load("hold")
-        holder = asyncio.create_task(planner.run("hold", {"s": 0.05}))
-        await until(lambda: not pool.idle())
-        results = await asyncio.gather(*(outcome(planner.run("writes", i)) for i in inputs))
-        await holder
+        results = await stack.batched(inputs)
         assert [summary(r) for r in results] == [summary(r) for r in expected]
         assert await _fetch(demo_dsn, "SELECT k, label FROM wprop ORDER BY k") == written
-        assert coalescer.batches > 0 or len(set(runs)) == 1, "no batch formed"  # identical writes never share
-        await assert_clean(planner, demo_dsn)
+        assert stack.coalescer.batches > 0 or len(set(runs)) == 1, "no batch formed"  # identical writes never share
+        await stack.assert_clean()
     finally:
-        await planner.close()
-        await reference.close()
+        await stack.planner.close()
+        await reference.planner.close()
