@@ -1,4 +1,4 @@
-"""Coalescing: the same read of many concurrent runs sent as one statement (the group-commit pattern).
+"""Coalescing: the same statement of many concurrent runs sent as one (the group-commit pattern).
 
 `CoalescingBackend` wraps a backend that can run a batch (`PoolBackend.run_batch`). A query
 that finds a free connection goes at once, alone: coalescing adds nothing to an idle service.
@@ -7,32 +7,41 @@ the batch's own task waits for one connection, closes the batch when it gets it,
 every member's parameters in one statement (`unnest ... WITH ORDINALITY` joined `LATERAL` to
 the node's statement), then hands each member its own value.
 
-What stays per run: each member awaits only its own result, so its timeout or cancellation
-ends its own wait; the batch's statement is cancelled only when no member waits any more.
-Identical parameters in one batch are sent once (single-flight) and each run gets its own
-copy. A member whose value breaks the statement (a bad cast) gets its own error: the batch
-is re-run member by member. Only single statements proven read-only are coalesced
-(`CompiledNode.coalesce`); `PLANNER_COALESCE=0` turns coalescing off for the process.
+What stays per run: each member awaits only its own result, so its cancellation (the run's
+deadline, a fail-fast, the caller) ends its own wait; a member nobody waits for any more when
+the batch gets its connection is left out of the statement, and the statement is cancelled on
+the server only when no member waits any more. The node's `timeout` times statements, as it
+does alone: the combined statement, and when that fails, each member's statement run again
+alone, so that a slow or bad member times out or fails alone. Identical parameters in one
+read batch are sent once (single-flight) and each run gets its own copy of the value (and of
+the error). Only single statements proven read-only are coalesced by default; a write only
+with `coalesce: true` (`CompiledNode.coalesce`), and two writes with identical parameters
+never share a statement. `PLANNER_COALESCE=0` turns coalescing off for the process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import datetime as dt
+import decimal
 import logging
 import os
+import uuid
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 from planner.backend import ALONE, Backend, Outcome, Query, WrappingBackend
 from planner.graph import CompiledNode
-from planner.policy import timed
 
 logger = logging.getLogger("planner")
 
 MAX_BATCH = 500  # runs sharing one read; more start the next batch
 MAX_WRITE_BATCH = 32  # runs sharing one write: past this, the server's cost per member grows
 # (one combined write holds every member's CTEs; planning it grows faster than its size)
+
+_BatchKey = tuple[str, str, float | None]  # statement text, fetch, timeout: what a batch's statement depends on
 
 
 def _env_enabled() -> bool:
@@ -43,23 +52,29 @@ def _env_enabled() -> bool:
 @dataclass(eq=False)
 class _Batch:
     node: CompiledNode
-    keys: dict[tuple[Any, ...], int] = field(default_factory=dict)  # parameters -> member index
+    keys: dict[Hashable, int] = field(default_factory=dict)  # parameters -> member index
     params: list[list[Any]] = field(default_factory=list)
     waiters: list[int] = field(default_factory=list)  # runs still waiting, per member
     joined: list[int] = field(default_factory=list)  # runs that asked, per member
-    runs: int = 0  # runs that asked, in all
     futures: list[asyncio.Future[Any]] = field(default_factory=list)
-    started: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    # Fixed when the batch gets its connection:
+    members: list[int] | None = None  # the members sent (those still waited for), in `params` order
+    sharing: list[int] = field(default_factory=list)  # runs waiting for each member then
+    runs: int = 0  # runs sharing the statement then
+    shared: bool = True  # False when the inner backend ran each member alone
 
     def admits(self, params: list[Any], limit: int) -> bool:
         """Whether a run with `params` may join. Two writes with the same parameters never
         share a statement: in one statement the second cannot see the first's rows (a
         find-or-create would find nothing and create nothing), which no order of two
-        separate runs could give."""
+        separate runs could give. A write whose parameters cannot be compared joins nobody."""
         if len(self.params) >= limit:
             return False
-        return self.node.read_only or _freeze(params) not in self.keys
+        if self.node.read_only:
+            return True
+        key = _freeze(params)
+        return key is not None and key not in self.keys
 
     def join(self, params: list[Any]) -> int:
         key = _freeze(params)
@@ -75,18 +90,17 @@ class _Batch:
             self.futures.append(asyncio.get_running_loop().create_future())
         self.waiters[index] += 1
         self.joined[index] += 1
-        self.runs += 1
         return index
 
 
 class CoalescingBackend(WrappingBackend):
-    """Coalesces the reads of concurrent runs (see the module's docstring)."""
+    """Coalesces the statements of concurrent runs (see the module's docstring)."""
 
     def __init__(self, inner: Backend, *, max_batch: int = MAX_BATCH, enabled: bool | None = None) -> None:
         super().__init__(inner)
         self.max_batch = max_batch
         self.enabled = _env_enabled() if enabled is None else enabled
-        self._pending: dict[str, _Batch] = {}
+        self._pending: dict[_BatchKey, _Batch] = {}
         self._alone: set[str] = set()  # statements the inner backend said cannot be batched
         self.batches = 0  # statements sent for more than one run (a figure for benchmarks)
         self.alone = 0  # coalescible queries that found a free connection and went alone
@@ -96,49 +110,72 @@ class CoalescingBackend(WrappingBackend):
         if not node.coalesce or not self.enabled or ALONE.get():
             return await self.inner.run(query)
         text = node.statements[0].text
-        batch = self._pending.get(text)
+        # Runs share a batch only when they would send the same statement, fetch its rows the
+        # same way and time it the same way: the batch runs with its first member's node.
+        key: _BatchKey = (text, node.fetch, node.timeout)
+        batch = self._pending.get(key)
         limit = self.max_batch if node.read_only else min(self.max_batch, MAX_WRITE_BATCH)
         if batch is None or not batch.admits(query.params[0], limit):
             if text in self._alone or self.inner.idle():
                 self.alone += 1
                 return await self.inner.run(query)  # a free connection: go now, alone
-            batch = self._pending[text] = _Batch(node)
-            batch.task = asyncio.get_running_loop().create_task(self._send(text, batch))
+            batch = self._pending[key] = _Batch(node)
+            batch.task = asyncio.get_running_loop().create_task(self._send(key, batch))
         index = batch.join(query.params[0])
-        return await self._wait(text, batch, index, query)
+        return await self._wait(key, batch, index, query)
 
-    async def _wait(self, text: str, batch: _Batch, index: int, query: Query) -> Any:
-        future = batch.futures[index]
+    async def _wait(self, key: _BatchKey, batch: _Batch, index: int, query: Query) -> Any:
+        # No timer here: the node's timeout times the statements (see `PoolBackend.run_batch`),
+        # and the wait for a connection is bounded by the run's deadline only, as alone.
+        error: Exception | None = None
         try:
-            await batch.started.wait()  # the wait for a connection: only the run's deadline bounds it
-            timeout = query.node.timeout
-            value = await (asyncio.shield(future) if timeout is None else timed(asyncio.shield(future), timeout))
+            value = await asyncio.shield(batch.futures[index])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = exc
         finally:
             batch.waiters[index] -= 1
             if not any(batch.waiters) and batch.task is not None and not batch.task.done():
-                self._close(text, batch)  # nobody may join a batch that nobody waits for
+                self._close(key, batch)  # nobody may join a batch that nobody waits for
                 batch.task.cancel()  # ... and its statement is cancelled on the server
-        query.served.batch = batch.runs
+            if batch.members is not None:
+                query.served.batch = batch.runs if batch.shared else batch.sharing[index]
         # Runs that asked the same thing share one answer: each gets its own copy of it.
-        return copy.deepcopy(value) if batch.joined[index] > 1 else value
+        shared = batch.joined[index] > 1
+        if error is not None:
+            raise _own_error(error) if shared else error
+        return copy.deepcopy(value) if shared else value
 
-    async def _send(self, text: str, batch: _Batch) -> None:
+    async def _send(self, key: _BatchKey, batch: _Batch) -> None:
+        outcomes: list[Outcome] | None = None
+        failure: BaseException | None = None
         try:
-            outcomes = await self.inner.run_batch(batch.node, batch.params, lambda: self._close(text, batch))
+            outcomes = await self.inner.run_batch(batch.node, batch.params, lambda: self._start(key, batch))
+            if outcomes is None:  # the statement cannot be shared: remember, and run each alone
+                self._alone.add(key[0])
+                batch.shared = False
+                outcomes = await self._one_by_one(batch)
+            elif batch.runs > 1:
+                self.batches += 1
         except asyncio.CancelledError:
-            self._close(text, batch)
-            _settle(batch, [], asyncio.CancelledError())
+            failure = asyncio.CancelledError()
             raise
         except Exception as exc:
-            self._close(text, batch)
-            _settle(batch, [], exc)
-            return
-        if outcomes is None:  # the statement cannot be shared: remember, and run each alone
-            self._alone.add(text)
-            outcomes = await self._one_by_one(batch)
-        elif len(batch.params) > 1:
-            self.batches += 1
-        _settle(batch, outcomes, None)
+            failure = exc
+        finally:
+            self._close(key, batch)
+            _settle(batch, outcomes, failure)
+
+    def _start(self, key: _BatchKey, batch: _Batch) -> None:
+        """The batch has its connection: close it, and leave out the members nobody waits for
+        any more (a run cancelled while it waited must not write, as it would not have alone).
+        `params` is pruned in place: the inner backend reads it after calling this."""
+        self._close(key, batch)
+        batch.members = [i for i, waiting in enumerate(batch.waiters) if waiting]
+        batch.sharing = list(batch.waiters)
+        batch.runs = sum(batch.waiters)
+        batch.params[:] = [batch.params[i] for i in batch.members]
 
     async def _one_by_one(self, batch: _Batch) -> list[Outcome]:
         async def one(params: list[Any]) -> Outcome:
@@ -149,18 +186,27 @@ class CoalescingBackend(WrappingBackend):
 
         return list(await asyncio.gather(*(one(p) for p in batch.params)))
 
-    def _close(self, text: str, batch: _Batch) -> None:
-        batch.started.set()
-        if self._pending.get(text) is batch:
-            del self._pending[text]
+    def _close(self, key: _BatchKey, batch: _Batch) -> None:
+        if self._pending.get(key) is batch:
+            del self._pending[key]
 
 
-def _settle(batch: _Batch, outcomes: list[Outcome], failure: BaseException | None) -> None:
-    """Hand each member its outcome (or all of them `failure`)."""
+def _settle(batch: _Batch, outcomes: list[Outcome] | None, failure: BaseException | None) -> None:
+    """Hand each member its outcome (or all of them `failure`); a member left out of the
+    statement (nobody waits for it) is cancelled."""
+    members = batch.members if batch.members is not None else list(range(len(batch.futures)))
+    if failure is None and (outcomes is None or len(outcomes) != len(members)):
+        failure = RuntimeError("the batch ended without an outcome for every run")  # a backend's bug
+    given: dict[int, Outcome] = {}
+    if failure is None and outcomes is not None:
+        given = dict(zip(members, outcomes, strict=True))
     for index, future in enumerate(batch.futures):
         if future.done():
             continue
-        value, error = outcomes[index] if failure is None else (None, failure)
+        if failure is None and index not in given:
+            future.cancel()
+            continue
+        value, error = (None, failure) if failure is not None else given[index]
         if isinstance(error, asyncio.CancelledError):
             future.cancel()
         elif error is not None:
@@ -171,11 +217,38 @@ def _settle(batch: _Batch, outcomes: list[Outcome], failure: BaseException | Non
             future.set_result(value)
 
 
-def _freeze(params: list[Any]) -> tuple[Any, ...] | None:
-    """A hashable key for a member's parameters, or None (then it is never merged with another)."""
+def _own_error(error: Exception) -> Exception:
+    """A copy of `error` for one of the runs that shared it (its cause kept)."""
     try:
-        key = tuple(params)
-        hash(key)
+        mine = copy.copy(error)
+    except Exception:  # an exception that cannot be rebuilt from its arguments: shared as it is
+        return error
+    mine.__cause__ = error.__cause__
+    mine.__suppress_context__ = error.__suppress_context__
+    return mine
+
+
+# Values whose repr tells them apart exactly (1.0 and 1.00, 0.0 and -0.0, 1 and True are
+# sent differently, though Python calls them equal).
+_EXACT = (str, int, float, bool, decimal.Decimal, bytes, dt.date, dt.time, dt.timedelta, uuid.UUID, type(None))
+
+
+def _freeze(params: list[Any]) -> Hashable | None:
+    """A hashable key for a member's parameters that two parameter lists share only when they
+    would be sent the same way, or None (then it is never merged with another)."""
+    try:
+        return _frozen(params)
     except TypeError:
         return None
-    return key
+
+
+def _frozen(value: Any) -> Hashable:
+    kind = type(value)
+    if kind is list or kind is tuple:
+        return (kind, tuple(_frozen(v) for v in value))
+    if kind is dict:
+        return (kind, tuple((_frozen(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, _EXACT):
+        return (kind, repr(value))
+    hash(value)  # TypeError: not comparable, never merged
+    return (kind, value)

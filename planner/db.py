@@ -318,15 +318,18 @@ class PoolBackend:
     async def run_batch(self, node: CompiledNode, params: list[list[Any]], started: Callable[[], None]) -> list[Outcome] | None:
         """Run `node`'s one statement for each parameter list, as one statement on one connection.
 
-        `started()` is called once a connection is in hand (no more members can join). Each
-        member gets its own outcome: its value exactly as `run` would have returned it, or its
-        own error. When the combined statement fails, each member runs again alone on the same
-        connection, so that one member's bad value fails only that member.
+        `started()` is called once a connection is in hand (no more members can join); it may
+        leave members out of `params` (runs that stopped waiting), which is read only after it.
+        Each member of `params` then gets its own outcome: its value exactly as `run` would have
+        returned it, or its own error. The node's timeout times the statements, as in `run`.
+        When the combined statement fails (a member's bad value, a constraint, a read that took
+        too long), each member runs again alone on the same connection, so that one member's
+        failure is only that member's.
         """
         pool = self._pool or await self.pool()
         con = await self._acquire(pool)
-        started()
         try:
+            started()
             outcomes = await self._batch_on(con, node, params)
         except BaseException as exc:  # CancelledError too: the connection must still go back
             self._release_later(pool, con, node.session)
@@ -335,12 +338,18 @@ class PoolBackend:
         return outcomes
 
     async def _batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | None:
+        statement = node.statements[0]
+        if len(params) <= 1:  # nothing to share: the statement as it is
+            return await _each_alone(con, node, statement, params)
         if not node.read_only:
             return await self._write_batch_on(con, node, params)
-        statement = node.statements[0]
-        if not statement.params:  # the same statement for every member: run it once
-            return [await _alone(con, node, statement, [])] * len(params)
-        text = await self._batch_text(con, node)
+        try:
+            text = await self._batch_text(con, node)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if _lost(exc) or con.is_closed():
+                raise
+            # The statement itself does not prepare: each member gets the error it gets alone.
+            return await _each_alone(con, node, statement, params)
         if text is None:
             return None
         columns = [list(column) for column in zip(*params, strict=True)]
@@ -348,16 +357,21 @@ class PoolBackend:
             fetching = con.fetch(text, *columns)
             rows = await (fetching if node.timeout is None else timed(fetching, node.timeout))
         except Exception as exc:
-            if _lost(exc) or isinstance(exc, NodeTimeout):
+            if _lost(exc) or con.is_closed():
                 raise
-            # One member's bad value fails the whole statement: each again alone, with its own error.
-            return [await _alone(con, node, statement, member) for member in params]
+            # One member's bad value fails the whole statement, and one slow member times it
+            # out: each again alone, with its own outcome (a read has no effect to undo).
+            return await _each_alone(con, node, statement, params)
         return _split(rows, len(params), node.fetch, row_numbers=True)
 
     async def _write_batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | None:
         """Writes an author marked `coalesce: true`: one statement, so one transaction: all of
-        it is written or none, and when it fails each member runs again alone, with its own
-        outcome. (The coalescer keeps write batches small: see `MAX_WRITE_BATCH`.)"""
+        it is written or none, and when the server refuses it each member runs again alone,
+        with its own outcome. (The coalescer keeps write batches small: see `MAX_WRITE_BATCH`.)
+
+        A combined write that times out is not run again: its cancel may have come after it
+        committed, and running the members again could write twice. Every member then gets
+        the timeout, as a statement of its own might have."""
         statement = node.statements[0]
         text = self._write_text(statement.text, len(params))
         if text is None:
@@ -369,10 +383,11 @@ class PoolBackend:
         try:
             fetching = con.fetch(text, *[value for i in order for value in params[i]])
             rows = await (fetching if node.timeout is None else timed(fetching, node.timeout))
-        except Exception as exc:
-            if _lost(exc) or isinstance(exc, NodeTimeout):
+        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if _lost(exc) or con.is_closed():
                 raise
-            return [await _alone(con, node, statement, member) for member in params]
+            # The server refused it (or a value could not be sent): nothing was written.
+            return await _each_alone(con, node, statement, params)
         outcomes: list[Outcome] = [(None, None)] * len(params)
         for position, outcome in zip(order, _split(rows, len(params), node.fetch, row_numbers=False), strict=True):
             outcomes[position] = outcome
@@ -451,22 +466,35 @@ class PoolBackend:
 
     async def _batch_text(self, con: asyncpg.Connection, node: CompiledNode) -> str | None:
         """The combined statement for `node` (cached), or None when it cannot be shared safely:
-        a parameter that is itself an array (unnest would flatten it), or a call of a volatile
-        function (two runs must not share one `random()`)."""
+        a parameter that is itself an array (unnest would flatten it), a call of a volatile
+        function (two runs must not share one `random()`), or a statement that does not fit
+        in a subquery (the combined form is prepared once to find out)."""
         statement = node.statements[0]
-        if statement.text in self._batches:
-            return self._batches[statement.text]
+        key = f"{node.fetch}\0{statement.text}"
+        if key in self._batches:
+            return self._batches[key]
         prepared = await con.prepare(statement.text)
         types = prepared.get_parameters()
         text: str | None = None
         if types and all(t.kind == "scalar" for t in types) and not await _volatile(con, node.functions):
-            names = [f"p{i + 1}" for i in range(len(types))]
+            # Names of the batch's own that no statement uses: an alias `b` of the statement
+            # must not capture a parameter written `b.p1`.
+            names = [f'"?p{i + 1}"' for i in range(len(types))]
             arrays = ", ".join(f"${i + 1}::{quote_ident(t.schema)}.{quote_ident(t.name)}[]" for i, t in enumerate(types))
-            inner = statement.render([f"(b.{n})" for n in names])
-            text = (f'SELECT b."?ord", q.* FROM unnest({arrays}) WITH ORDINALITY AS b({", ".join(names)}, "?ord") '
-                    f'CROSS JOIN LATERAL (SELECT q0.*, row_number() OVER () AS "?row" FROM ({inner}) AS q0) AS q '
-                    'ORDER BY b."?ord", q."?row"')
-        self._batches[statement.text] = text
+            inner = statement.render([f'("?b".{n})' for n in names]).rstrip()
+            inner = inner[:-1] if inner.endswith(";") else inner
+            # One row is all `fetch: one`/`value` reads, as alone (asyncpg asks for one row).
+            limit = " LIMIT 1" if node.fetch in ("one", "value") else ""
+            # The newline ends a trailing `-- comment` of the statement.
+            text = (f'SELECT "?b"."?ord", "?q".* FROM unnest({arrays}) WITH ORDINALITY AS "?b"({", ".join(names)}, "?ord") '
+                    f'CROSS JOIN LATERAL (SELECT "?q0".*, row_number() OVER () AS "?row" FROM ({inner}\n) AS "?q0"{limit}) '
+                    'AS "?q" ORDER BY "?b"."?ord", "?q"."?row"')
+            try:
+                await con.prepare(text)
+            except asyncpg.PostgresError as exc:
+                logger.debug("statement not shared between runs: its combined form does not prepare: %s", exc)
+                text = None
+        self._batches[key] = text
         return text
 
     async def describe(self, text: str) -> Described:
@@ -561,15 +589,26 @@ def _lost(exc: BaseException) -> bool:
 
 
 async def _alone(con: asyncpg.Connection, node: CompiledNode, statement: CompiledSql, params: list[Any]) -> Outcome:
+    """One member's statement on its own, timed by the node's timeout: its value, or its error."""
     try:
         coro = _fetch(con, node.fetch, statement, params)
         return (await (coro if node.timeout is None else timed(coro, node.timeout)), None)
-    except QueryError as exc:
-        if exc.transient:
-            raise
+    except (QueryError, NodeTimeout) as exc:
         return (None, exc)
-    except NodeTimeout as exc:
-        return (None, exc)
+
+
+async def _each_alone(con: asyncpg.Connection, node: CompiledNode, statement: CompiledSql,
+                      members: list[list[Any]]) -> list[Outcome]:
+    """Each member's statement alone, one after the other on `con`. A member whose statement
+    fails keeps its own error (a transient one too: its own retry policy decides); once the
+    connection is lost, the members not yet run get a transient error."""
+    outcomes: list[Outcome] = []
+    for params in members:
+        if con.is_closed():
+            outcomes.append((None, QueryError("connection lost before the statement was sent", transient=True)))
+        else:
+            outcomes.append(await _alone(con, node, statement, params))
+    return outcomes
 
 
 def _split(rows: list[Any], members: int, fetch: str, *, row_numbers: bool) -> list[Outcome]:

@@ -142,7 +142,11 @@ def combine_writes(text: str, members: int) -> str | None:
 def _returns_rows(stmt: ast.Node) -> bool:
     if isinstance(stmt, ast.SelectStmt):
         return True
-    return isinstance(stmt, _WRITES) and bool(getattr(stmt, "returningList", None))
+    if not isinstance(stmt, _WRITES):
+        return False
+    # pglast 7 (PostgreSQL 17) has `returningList`; pglast 8 (PostgreSQL 18) a `returningClause`.
+    returning = getattr(stmt, "returningClause", None)
+    return bool(getattr(returning, "exprs", None) if returning is not None else getattr(stmt, "returningList", None))
 
 
 def _plain_with(stmt: ast.Node) -> bool:
