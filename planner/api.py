@@ -29,6 +29,7 @@ from planner.kinds import BindEnv, BoundNode, kind_of
 from planner.kinds.call import DEFAULT_THREADS, CallThreads
 from planner.loader import load_spec, load_text
 from planner.observers import RunObserver, default_observers
+from planner.replica import ReplicaBackend, parse_max_lag, resolve_dsn
 from planner.results import FlowResult
 
 logger = logging.getLogger("planner")
@@ -72,6 +73,11 @@ class Planner:
     `NodeWrapper`); `observers` watch every run (see `planner.observers.RunObserver`).
     `cache_size` bounds the values `cache:` nodes keep (see `planner.cache`; `PLANNER_CACHE=0`
     turns the cache off).
+    `replica_dsn` (default: `DATABASE_REPLICA_URL`; `""` for none) adds a read replica, with a
+    pool and a stack of its own: reads a replica may answer go to it while it is up and lags
+    less than `replica_max_lag` (a duration, default `PLANNER_REPLICA_MAX_LAG`, else 10s),
+    everything else to the primary (see `planner.replica`; `Planner.replica` is that backend).
+    It applies to planner's own stack: with `backend=`, wrap yours in `ReplicaBackend` instead.
     """
 
     def __init__(
@@ -90,9 +96,12 @@ class Planner:
         observers: Sequence[RunObserver] | None = None,
         call_threads: int = DEFAULT_THREADS,
         cache_size: int = DEFAULT_SIZE,
+        replica_dsn: str | None = None,
+        replica_max_lag: str | float | None = None,
     ) -> None:
         self.source = FlowSource.resolve(flows)
         self.mode = mode
+        self.replica: ReplicaBackend | None = None
         if backend is None:
             from planner.coalesce import CoalescingBackend
             from planner.db import PoolBackend
@@ -100,6 +109,14 @@ class Planner:
 
             backend = FusingBackend(CoalescingBackend(
                 PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset)))
+            replica = resolve_dsn(replica_dsn)
+            if replica is not None:  # the same stack on the replica's own pool, routed per node
+                backend = self.replica = ReplicaBackend(backend, FusingBackend(CoalescingBackend(
+                    PoolBackend(dsn=replica, min_size=min_size, max_size=max_size, full_reset=full_reset))),
+                    dsn=replica, max_lag=parse_max_lag(replica_max_lag))
+        elif replica_dsn:
+            raise TypeError("replica_dsn= applies to planner's own backend; with backend=, wrap yours in "
+                            "planner.replica.ReplicaBackend")
         # The outermost wrapper: a hit never reaches the database, or anything in between.
         self.cache = CacheBackend(backend, maxsize=cache_size)
         self.backend: Backend = self.cache
