@@ -468,12 +468,27 @@ async def test_a_replica_stopped_under_load_fails_no_run(
     assert len(_replica_logs(caplog, logging.INFO)) == 1  # back
 
 
-async def test_closing_a_planner_stops_the_monitor_and_both_pools(db: tuple[str, str], flows: Path) -> None:
+async def test_closing_a_planner_stops_the_monitor_and_both_pools(pair: Pair, db: tuple[str, str], flows: Path) -> None:
     primary, replica = db
+    database = urlsplit(primary).path.lstrip("/")
+
+    async def connections(server_dsn: str) -> int:
+        con = await asyncpg.connect(server_dsn)
+        try:
+            return int(await con.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = $1", database))
+        finally:
+            await con.close()
+
     planner = Planner(flows=flows, dsn=primary, replica_dsn=replica)
     await planner.run("where")
     monitor = planner.replica
     assert monitor is not None and monitor._task is not None
     task = monitor._task
+    assert await connections(pair.primary.dsn()) > 0 and await connections(pair.replica.dsn()) > 0
     await planner.close()
     assert task.done() and monitor._task is None
+
+    async def gone() -> bool:  # a server process ends a moment after its client has left
+        return await connections(pair.primary.dsn()) == 0 and await connections(pair.replica.dsn()) == 0
+
+    await _until(gone, within=5)
