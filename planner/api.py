@@ -29,6 +29,7 @@ from planner.kinds import BindEnv, BoundNode, kind_of
 from planner.kinds.call import DEFAULT_THREADS, CallThreads
 from planner.loader import load_spec, load_text
 from planner.observers import RunObserver, default_observers
+from planner.replica import ReplicaBackend, parse_max_lag, resolve_dsn
 from planner.results import FlowResult
 
 logger = logging.getLogger("planner")
@@ -76,9 +77,15 @@ class Planner:
     `cache_size` bounds the values `cache:` nodes keep (see `planner.cache`; `PLANNER_CACHE=0`
     turns the cache off). Invalidations reach the other processes on the same database through
     LISTEN/NOTIFY on `cache_channel` (None: this process only); while a process cannot listen,
-    its cache is not used (its values may have gone stale without it knowing). `embedded=False` (or `PLANNER_EMBEDDED=0`) forbids the embedded
-    fallback: with no `dsn=`, `pool=` or `DATABASE_URL`, a run raises `DatabaseUnavailable`.
-    Which database is used, and why, is logged once at WARNING on the `planner` logger.
+    its cache is not used (its values may have gone stale without it knowing).
+    `embedded=False` (or `PLANNER_EMBEDDED=0`) forbids the embedded fallback: with no `dsn=`,
+    `pool=` or `DATABASE_URL`, a run raises `DatabaseUnavailable`. Which database is used, and
+    why, is logged once at WARNING on the `planner` logger.
+    `replica_dsn` (default: `DATABASE_REPLICA_URL`; `""` for none) adds a read replica, with a
+    pool and a stack of its own: reads a replica may answer go to it while it is up and lags
+    less than `replica_max_lag` (a duration, default `PLANNER_REPLICA_MAX_LAG`, else 10s),
+    everything else to the primary (see `planner.replica`; `Planner.replica` is that backend).
+    It applies to planner's own stack: with `backend=`, wrap yours in `ReplicaBackend` instead.
     """
 
     def __init__(
@@ -99,9 +106,12 @@ class Planner:
         cache_channel: str | None = CACHE_CHANNEL,
         cache_size: int = DEFAULT_SIZE,
         embedded: bool | None = None,
+        replica_dsn: str | None = None,
+        replica_max_lag: str | float | None = None,
     ) -> None:
         self.source = FlowSource.resolve(flows)
         self.mode = mode
+        self.replica: ReplicaBackend | None = None
         if backend is None:
             from planner.coalesce import CoalescingBackend
             from planner.db import PoolBackend
@@ -110,6 +120,14 @@ class Planner:
             backend = FusingBackend(CoalescingBackend(
                 PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset,
                             embedded=embedded)))
+            replica = resolve_dsn(replica_dsn)
+            if replica is not None:  # the same stack on the replica's own pool, routed per node
+                backend = self.replica = ReplicaBackend(backend, FusingBackend(CoalescingBackend(
+                    PoolBackend(dsn=replica, min_size=min_size, max_size=max_size, full_reset=full_reset))),
+                    dsn=replica, max_lag=parse_max_lag(replica_max_lag))
+        elif replica_dsn:
+            raise TypeError("replica_dsn= applies to planner's own backend; with backend=, wrap yours in "
+                            "planner.replica.ReplicaBackend")
         # The outermost wrapper: a hit never reaches the database, or anything in between.
         self.cache = CacheBackend(backend, maxsize=cache_size, channel=cache_channel)
         self.backend: Backend = self.cache

@@ -38,6 +38,7 @@ class Served:
     cached: bool = False  # from the cache: no statement was sent
     batch: int = 1  # how many runs shared the statement that answered this one
     fused: int = 1  # how many nodes of one run shared that statement
+    replica: bool = False  # answered by the read replica (`planner.replica`), not the primary
 
 
 @dataclass(slots=True)

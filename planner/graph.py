@@ -8,7 +8,7 @@ and the order, groups and successor lists the executor needs precomputed once.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import networkx as nx
@@ -19,7 +19,7 @@ from planner.expr import Expr, ExprSyntaxError, Lit, refs_of
 from planner.expr import parse as parse_expr
 from planner.kinds import KindName, kind_for_model, kind_of
 from planner.loader import LoadedFlow, Marks, unexpected_error
-from planner.models import FlowSpec, InputSpec, Settings
+from planner.models import FlowSpec, InputSpec, Settings, SqlNode
 from planner.refs import CompiledSql, Getter, Ref, RefSyntaxError, Template, compile_getter, parse_value
 
 
@@ -56,6 +56,7 @@ class CompiledNode:
     coalesce: bool = False  # may share one statement with other runs' (read-only, and not turned off)
     fuse: bool = False  # may share one statement with sibling reads of its own run
     cache_ttl: float | None = None  # `cache:` in seconds (read-only nodes only; see `planner.cache`)
+    replica: bool = False  # may be answered by a read replica (see `replica_routes`)
     # call
     call: str = ""
     args: dict[str, Any] = field(default_factory=dict)
@@ -131,6 +132,7 @@ def _compile(loaded: LoadedFlow) -> CompiledFlow:
     graph.add_nodes_from(nodes)
     graph.add_edges_from((dep, name) for name, node in nodes.items() for dep in node.deps)
     order = _order(graph, nodes, marks)
+    nodes = replica_routes(nodes, order, spec)
     generations = nx.topological_generations(graph)
     groups = tuple(tuple(sorted(g, key=lambda n: nodes[n].index)) for g in generations)
     successors = {name: tuple(graph.successors(name)) for name in nodes}
@@ -192,6 +194,32 @@ def _compile_node(name: str, index: int, node: Any, spec: FlowSpec, marks: Marks
         invalidates=tuple(dict.fromkeys(node.invalidates)),
         **fields,
     )
+
+
+def replica_routes(nodes: dict[str, CompiledNode], order: tuple[str, ...], spec: FlowSpec) -> dict[str, CompiledNode]:
+    """`nodes`, with `replica=True` on the reads a read replica may answer (`planner.replica`).
+
+    A read may go to the replica unless it says `replica: false`, or one of its ancestors
+    (through references and `after:`) may write: its run must read its own writes, which only
+    the primary is sure to hold. An SQL node that is not proven read-only may write; so may a
+    `call:` node (its function may write through the pool it is given, and which functions do
+    is not known when a flow is compiled). A node that a node of its flow `invalidates:` reads
+    the primary too: a lagging replica could otherwise put back, in the cache, the value the
+    write has just dropped.
+    """
+    invalidated = {target for node in nodes.values() for target in node.invalidates}
+    after_write: set[str] = set()
+    for name in order:  # ancestors first
+        # Not proven read-only: an SQL write, or any `call:` node (`read_only` is False for them).
+        if any(dep in after_write or not nodes[dep].read_only for dep in nodes[name].deps):
+            after_write.add(name)
+    routed = dict(nodes)
+    for name, node in nodes.items():
+        own = spec.nodes[name]
+        if (node.read_only and isinstance(own, SqlNode) and own.replica
+                and name not in after_write and name not in invalidated):
+            routed[name] = replace(node, replica=True)
+    return routed
 
 
 def _check_refs(

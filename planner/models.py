@@ -192,6 +192,13 @@ class SqlNode(_NodeBase):
         description="Keep the value this long per (statement, parameters), in the process; only for one "
         "read-only statement. Errors and defaults are never kept.",
     )
+    replica: bool = Field(
+        default=True,
+        description="false: this read always goes to the primary, never to a read replica. By default a "
+        "read (one statement proven read-only) goes to the replica when the Planner has one, unless it "
+        "depends, directly or through `after:`, on a node of its run that may write (an SQL write or a "
+        "`call:` node), or a node of its flow `invalidates:` it. Writes always go to the primary.",
+    )
 
     @field_validator("sql")
     @classmethod

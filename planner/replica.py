@@ -1,0 +1,316 @@
+"""Read replicas: reads a replica may answer go to it, everything else to the primary.
+
+    CacheBackend --> ReplicaBackend --node.replica, replica healthy--> replica stack (its own pool)
+                                    +--anything else, or a failure--> primary stack
+
+Where a node may go is decided when its flow is compiled (`CompiledNode.replica`, see
+`planner.graph.replica_routes`): a single read-only statement, not `replica: false`, and no
+node that may write among its ancestors (references and `after:`), so a run always reads its
+own writes. Writes, statement lists, `call:` pools and `describe` always use the primary.
+
+The replica is never a reason for a run to fail:
+
+- A monitor task checks the replica every `interval` seconds, off the runs' path: one
+  statement on a connection of its own (`pg_is_in_recovery()`, `pg_last_wal_replay_lsn()`)
+  and one on the primary (`pg_current_wal_flush_lsn()`). The primary's positions are kept
+  with the time they were seen until the replica has replayed past them: the lag is the age
+  of the oldest position it has not replayed yet, a lower bound of how stale it is, known
+  within one interval (the interval is a quarter of `max_lag`, between 50 ms and 1 s). Past
+  `max_lag`, reads go to the primary until the replica catches up.
+- A query the replica cannot answer (lost connection, refused, a conflict with recovery, any
+  error of the server) runs again on the primary, whose answer is the run's. A connection
+  failure also marks the replica down: reads go to the primary, and the monitor tries it
+  again after a backoff (1 s, doubled up to 10 s) until it answers.
+- Each change of state is logged once (a WARNING when reads leave the replica, with the
+  reason; INFO when they come back), never once per query.
+
+A replica reached but not in recovery (a promoted standby, or a primary given by mistake) is
+not used: it may miss the primary's writes. `Served.replica` tells which server answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from typing import Any, Literal
+
+from planner.backend import Backend, Described, Query, Served, WrappingBackend
+from planner.dsn import dsn_secrets, redact_text
+from planner.errors import DatabaseUnavailable, QueryError
+from planner.models import parse_duration
+
+logger = logging.getLogger("planner")
+
+ENV_DSN = "DATABASE_REPLICA_URL"
+ENV_MAX_LAG = "PLANNER_REPLICA_MAX_LAG"
+DEFAULT_MAX_LAG = 10.0
+"""Seconds a replica may lag behind the primary before reads leave it (`PLANNER_REPLICA_MAX_LAG`)."""
+PROBE_TIMEOUT = 2.0  # a check that takes longer marks the replica down
+BACKOFF = (1.0, 10.0)  # first and longest wait before a replica that failed is tried again
+_MAX_SAMPLES = 1000  # primary positions kept while the replica lags (past this, only the oldest are kept)
+
+_REPLICA_STATE = ("SELECT pg_is_in_recovery() AS standby, "
+                  "(pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::numeric AS replayed")
+_PRIMARY_LSN = "SELECT (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::numeric"
+# SQLSTATE classes and codes that mean the server (or the way to it) is gone, not the statement:
+# connection exceptions, admin or crash shutdown, cannot connect now (still starting up).
+_DOWN_STATES = ("08", "57P01", "57P02", "57P03")
+
+State = Literal["unknown", "up", "lagging", "down"]
+
+
+def resolve_dsn(value: str | None = None) -> str | None:
+    """The replica to use: `value`, else `DATABASE_REPLICA_URL`; None for none (an empty string
+    given here turns the replica off whatever the environment says)."""
+    if value is None:
+        value = os.environ.get(ENV_DSN)
+    return value or None
+
+
+def parse_max_lag(value: str | float | None = None) -> float:
+    """`replica_max_lag` in seconds: a duration (`"500ms"`, `"2s"`) or a number of seconds;
+    None: `PLANNER_REPLICA_MAX_LAG`, else 10 s. Raises `ValueError` for anything else."""
+    if value is None:
+        value = os.environ.get(ENV_MAX_LAG) or DEFAULT_MAX_LAG
+    if isinstance(value, bool):
+        raise ValueError(f"bad replica_max_lag {value!r}: give a duration such as 500ms or 2s")
+    if isinstance(value, int | float):
+        if not 0 < value <= 24 * 3600:
+            raise ValueError(f"bad replica_max_lag {value!r}: must be above 0 and at most 24h")
+        return float(value)
+    return parse_duration(value)
+
+
+def check_interval(lag: float) -> float:
+    """How often the monitor checks a replica allowed to lag `lag` seconds."""
+    return min(1.0, max(0.05, lag / 4))
+
+
+class ReplicaBackend(WrappingBackend):
+    """Sends the reads a replica may answer to `replica`, everything else to `primary` (`inner`).
+
+    `replica` is a backend over the replica's pool (`planner.api.Planner` builds the same stack
+    as the primary's: fusion, coalescing, a pool); `dsn` is the replica's, for the monitor's
+    own connection. It routes whole queries (`run`), so it sits above fusion and coalescing and
+    each side fuses and coalesces its own; `run_fused` and `run_batch`, asked of it directly,
+    go to the primary, as do `describe` and `pool`. See the module's docstring.
+    """
+
+    def __init__(
+        self,
+        primary: Backend,
+        replica: Backend,
+        *,
+        dsn: str,
+        max_lag: float = DEFAULT_MAX_LAG,
+        interval: float | None = None,
+        probe_timeout: float = PROBE_TIMEOUT,
+        backoff: tuple[float, float] = BACKOFF,
+    ) -> None:
+        super().__init__(primary)
+        from planner.db import PoolBackend
+
+        self.replica = replica
+        self.max_lag = max_lag
+        self.interval = check_interval(max_lag) if interval is None else interval
+        self.probe_timeout = probe_timeout
+        self.backoff = backoff
+        self.state: State = "unknown"
+        self.reason: str | None = None  # why reads do not go to the replica, when they do not
+        self.fallbacks = 0  # queries the replica failed and the primary answered (a figure for tests)
+        self._probe = PoolBackend(dsn=dsn, min_size=1, max_size=1)  # the monitor's own connection
+        self._secrets = dsn_secrets(dsn)
+        self._samples: deque[tuple[float, int]] = deque()  # (time, primary position) not replayed yet
+        self._wait = backoff[0]
+        self._retry_at = 0.0
+        self._downs = 0  # times it was marked down: a check begun before the last one cannot bring it up
+        self._checked = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # --- routing ------------------------------------------------------------------------
+
+    def usable(self) -> bool:
+        """Whether a read sent now may go to the replica: up, and not lagging past `max_lag`
+        (the age of the oldest position it had not replayed at the last check grows meanwhile)."""
+        if self.state != "up":
+            return False
+        if not self._samples:
+            return True
+        lag = self.lag()
+        if lag <= self.max_lag:
+            return True
+        self._lagging(lag)  # known now, before the next check: reads leave it at once
+        return False
+
+    def lag(self) -> float:
+        """Seconds the replica is known to lag behind the primary (0 when it had replayed all
+        the primary had written at the last check)."""
+        samples = self._samples
+        return asyncio.get_running_loop().time() - samples[0][0] if samples else 0.0
+
+    async def run(self, query: Query) -> Any:
+        if not query.node.replica or not self._ready():
+            return await self.inner.run(query)
+        try:
+            value = await self.replica.run(query)
+        except (QueryError, DatabaseUnavailable) as exc:
+            self._failed(exc)
+            query.served = Served(cached=query.served.cached)  # nothing the replica's stack did holds
+            return await self.inner.run(query)
+        query.served.replica = True
+        return value
+
+    def _ready(self) -> bool:
+        if self._task is None and not self._closed:
+            self._start()
+        return self.usable()
+
+    def _failed(self, exc: QueryError | DatabaseUnavailable) -> None:
+        """A query the replica did not answer: it goes to the primary; a lost server is marked down."""
+        self.fallbacks += 1
+        sqlstate = getattr(exc, "sqlstate", None)
+        lost = isinstance(exc, DatabaseUnavailable) or (
+            exc.transient and (sqlstate is None or sqlstate.startswith(_DOWN_STATES)))
+        if lost:
+            self._down(str(exc), probe=False)
+        else:
+            logger.debug("read replica: %s; the primary answers instead", self._redact(str(exc)))
+
+    # --- the monitor --------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the primary (raises `DatabaseUnavailable`); start the monitor and wait (at most
+        `probe_timeout`) for its first check. A replica that cannot be reached raises nothing."""
+        await self.inner.open()
+        if self._task is None:
+            self._start()
+        try:
+            await asyncio.wait_for(self._checked.wait(), self.probe_timeout + 0.5)
+        except TimeoutError:
+            pass
+
+    def _start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch(), name="planner-replica-monitor")
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.state == "down" and loop.time() < self._retry_at:
+                await asyncio.sleep(self._retry_at - loop.time())
+                continue
+            try:
+                await self.check(self._downs)
+            except asyncio.CancelledError:
+                raise
+            except TimeoutError:
+                self._down(f"no answer to the health check in {self.probe_timeout:g}s", probe=True)
+            except Exception as exc:
+                self._down(f"{type(exc).__name__}: {exc}", probe=True)
+            self._checked.set()
+            if self.state != "down":
+                await asyncio.sleep(self.interval)
+
+    async def check(self, downs: int | None = None) -> None:
+        """Check the replica once: reachable, a standby, and how far behind the primary. Raises
+        what reaching it raised (`TimeoutError` past `probe_timeout`). `downs`: a check begun
+        before a later failure changes nothing."""
+        position = await self._primary_position()  # a busy primary never counts against the replica
+        # Taken once the position is read: the primary had written it by then, so the replica
+        # lacks something at least this old while it has not replayed it (a lower bound).
+        seen = asyncio.get_running_loop().time()
+        async with asyncio.timeout(self.probe_timeout):
+            pool = await self._probe.pool()
+            row = await pool.fetchrow(_REPLICA_STATE)
+        if downs is not None and downs != self._downs:
+            return
+        if not row["standby"]:
+            self._down("it is not a standby (pg_is_in_recovery() is false): it may miss the primary's writes",
+                       probe=True)
+            return
+        replayed = int(row["replayed"])
+        samples = self._samples
+        while samples and samples[0][1] <= replayed:
+            samples.popleft()
+        if position is not None and position > replayed and len(samples) < _MAX_SAMPLES:
+            samples.append((seen, position))
+        lag = self.lag()
+        if lag > self.max_lag:
+            self._lagging(lag)
+        else:
+            self._set("up", None)
+
+    def _lagging(self, lag: float) -> None:
+        self._set("lagging", f"it lags {lag:.1f}s behind the primary (more than replica_max_lag, {self.max_lag:g}s)")
+
+    async def _primary_position(self) -> int | None:
+        """The primary's flushed WAL position, or None when it cannot be read now (the lag is
+        then measured against the positions seen before)."""
+        try:
+            async with asyncio.timeout(self.probe_timeout):
+                pool = await self.inner.pool()
+                async with pool.acquire() as con:
+                    value = await con.fetchval(_PRIMARY_LSN)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.debug("read replica: the primary's WAL position could not be read: %s: %s",
+                         type(exc).__name__, self._redact(str(exc)))
+            return None
+        return None if value is None else int(value)
+
+    def _down(self, reason: str, *, probe: bool) -> None:
+        now = asyncio.get_running_loop().time()
+        if self.state == "down":
+            if probe:  # tried again and failed: wait longer before the next try
+                self._wait = min(self._wait * 2, self.backoff[1])
+                self._retry_at = now + self._wait
+            return
+        self._wait = self.backoff[0]
+        self._retry_at = now + self._wait
+        self._downs += 1
+        self._set("down", reason)
+
+    def _set(self, state: State, reason: str | None) -> None:
+        if state == self.state:
+            self.reason = reason if reason is None else self._redact(reason)
+            return
+        before, self.state = self.state, state
+        self.reason = None if reason is None else self._redact(reason)
+        if state == "up":
+            if before != "unknown":
+                logger.info("read replica back: reads go to it again", extra={"replica_state": state})
+        else:
+            logger.warning("read replica %s, reads go to the primary: %s",
+                           "lagging" if state == "lagging" else "unavailable", self.reason,
+                           extra={"replica_state": state})
+
+    def _redact(self, text: str) -> str:
+        return redact_text(text, self._secrets)
+
+    # --- the rest -----------------------------------------------------------------------
+
+    async def describe(self, text: str) -> Described:
+        return await self.inner.describe(text)
+
+    async def drain(self) -> None:
+        await self.replica.drain()
+        await self.inner.drain()
+
+    async def close(self) -> None:
+        """Stop the monitor; close the replica's pools and the primary's."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        try:
+            await self._probe.close()
+            await self.replica.close()
+        finally:
+            await self.inner.close()
