@@ -71,7 +71,8 @@ class Planner:
     bounds the threads that run sync calls. `node_wrapper` wraps every node's execution (see
     `NodeWrapper`); `observers` watch every run (see `planner.observers.RunObserver`).
     `cache_size` bounds the values `cache:` nodes keep (see `planner.cache`; `PLANNER_CACHE=0`
-    turns the cache off).
+    turns the cache off). `pooler="transaction"` (or `?pgbouncer=transaction` in the DSN, or
+    `PLANNER_POOLER=transaction`) runs behind PgBouncer's transaction mode (docs/flows.md).
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class Planner:
         observers: Sequence[RunObserver] | None = None,
         call_threads: int = DEFAULT_THREADS,
         cache_size: int = DEFAULT_SIZE,
+        pooler: str | None = None,
     ) -> None:
         self.source = FlowSource.resolve(flows)
         self.mode = mode
@@ -99,7 +101,8 @@ class Planner:
             from planner.fuse import FusingBackend
 
             backend = FusingBackend(CoalescingBackend(
-                PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset)))
+                PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset,
+                            pooler=pooler)))
         # The outermost wrapper: a hit never reaches the database, or anything in between.
         self.cache = CacheBackend(backend, maxsize=cache_size)
         self.backend: Backend = self.cache
