@@ -86,6 +86,9 @@ class Planner:
     less than `replica_max_lag` (a duration, default `PLANNER_REPLICA_MAX_LAG`, else 10s),
     everything else to the primary (see `planner.replica`; `Planner.replica` is that backend).
     It applies to planner's own stack: with `backend=`, wrap yours in `ReplicaBackend` instead.
+    `pooler="transaction"` (or `?pgbouncer=transaction` in the DSN, or
+    `PLANNER_POOLER=transaction`) runs behind PgBouncer's transaction mode (docs/flows.md); the
+    cache then stays in its process (LISTEN cannot pass such a pooler).
     """
 
     def __init__(
@@ -108,18 +111,21 @@ class Planner:
         embedded: bool | None = None,
         replica_dsn: str | None = None,
         replica_max_lag: str | float | None = None,
+        pooler: str | None = None,
     ) -> None:
         self.source = FlowSource.resolve(flows)
         self.mode = mode
         self.replica: ReplicaBackend | None = None
         if backend is None:
             from planner.coalesce import CoalescingBackend
-            from planner.db import PoolBackend
+            from planner.db import TRANSACTION_POOLER, PoolBackend
             from planner.fuse import FusingBackend
 
-            backend = FusingBackend(CoalescingBackend(
-                PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset,
-                            embedded=embedded)))
+            primary = PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset,
+                                  embedded=embedded, pooler=pooler)
+            if primary.pooler == TRANSACTION_POOLER and cache_channel is not None:
+                cache_channel = None  # LISTEN cannot pass a transaction pooler: the cache stays per process
+            backend = FusingBackend(CoalescingBackend(primary))
             replica = resolve_dsn(replica_dsn)
             if replica is not None:  # the same stack on the replica's own pool, routed per node
                 backend = self.replica = ReplicaBackend(backend, FusingBackend(CoalescingBackend(

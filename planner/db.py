@@ -13,17 +13,20 @@ back to the pool in the background; `drain()` waits for those releases.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
+import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -42,6 +45,8 @@ logger = logging.getLogger("planner")
 _TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "53300", "57P01", "57P02", "57P03"})
 STATEMENT_CACHE = 256  # prepared statements kept per connection (asyncpg's default: 100)
 _RELEASE_TIMEOUT_S = 2.0  # a connection that cannot be reset in this time (a frozen backend) is terminated
+TRANSACTION_POOLER = "transaction"
+DESCRIBED_S = 5.0  # behind a transaction pooler: how long a statement's description is used (`PoolerConnection`)
 
 # What a flow statement may leave behind on its session, undone before the connection is
 # reused. RESET ALL leaves the role alone, hence SET SESSION AUTHORIZATION DEFAULT (which
@@ -69,10 +74,13 @@ def translate(exc: BaseException, statement: CompiledSql | None = None, params: 
         message = redact(f"{type(exc).__name__}: {exc}", sqlstate, params)
         if statement is not None:
             message = name_params(message, statement)
+        if sqlstate in ("26000", "42P05") and "__asyncpg_" in message:
+            message += (" (a transaction-mode pooler such as PgBouncer between planner and the server? "
+                        "Say so: Planner(pooler='transaction'), ?pgbouncer=transaction or PLANNER_POOLER=transaction)")
         position = getattr(exc, "position", None)
         return QueryError(message, sqlstate=sqlstate, transient=transient,
                           position=int(position) if isinstance(position, str) and position.isdigit() else None)
-    if isinstance(exc, asyncpg.InterfaceError):
+    if isinstance(exc, (asyncpg.InterfaceError, asyncpg.exceptions.ProtocolError)):
         message = redact(f"{type(exc).__name__}: {exc}", None, params)
         if statement is not None:
             message = name_params(message, statement)
@@ -189,6 +197,185 @@ def _reported(con: Any) -> tuple[str | None, ...]:
     return tuple(getattr(settings, name, None) for name in _REPORTED)
 
 
+# --- transaction-mode poolers -------------------------------------------------------------
+# Behind PgBouncer's pool_mode = transaction (1.18 keeps no prepared statement from one
+# transaction to the next) each transaction may run on another server connection, shared with
+# other clients. planner then keeps no prepared statement on the server (asyncpg sends unnamed
+# ones, parsed again with each use, `PoolerConnection`; the `prepare()` calls that learn
+# parameter types and columns for coalescing, fusion and `validate --db` make unnamed statements
+# too), resets no session, and refuses statements whose effects outlive their transaction
+# (`outlives_transaction`). LISTEN cannot work there: anything in planner that comes to LISTEN
+# must use a direct DSN of its own, never this pool.
+
+_POOLER_VALUES = {"transaction": TRANSACTION_POOLER, "true": TRANSACTION_POOLER, "1": TRANSACTION_POOLER,
+                  "session": None, "none": None, "false": None, "0": None, "": None}
+
+
+def pooler_mode(value: str | None, source: str = "pooler") -> str | None:
+    """`"transaction"` (also `true`, `1`) or None (`session`, `none`, `false`, `0`, unset).
+    PgBouncer's statement mode cannot work: a node's statement list is one transaction."""
+    if value is None:
+        return None
+    key = value.strip().lower()
+    if key == "statement":
+        raise ValueError(f"{source} {value!r}: a statement-mode pooler cannot run planner's transactions "
+                         "(a statement list, a combined write); use pool_mode = transaction")
+    if key not in _POOLER_VALUES:
+        raise ValueError(f"{source} {value!r}: expected 'transaction', or 'session'/'none' for no pooler "
+                         "(or a session-mode one)")
+    return _POOLER_VALUES[key]
+
+
+def split_pooler(dsn: str) -> tuple[str, str | None]:
+    """`postgresql://h/db?pgbouncer=transaction&x=1` -> (`postgresql://h/db?x=1`, `"transaction"`):
+    the DSN without its `pgbouncer` query parameter, and that parameter's value (None if absent)."""
+    if "?" not in dsn:
+        return dsn, None
+    head, _, query = dsn.partition("?")
+    query, hash_, fragment = query.partition("#")
+    kept: list[str] = []
+    found: str | None = None
+    for item in query.split("&"):
+        key, _, value = item.partition("=")
+        if unquote(key).strip().lower() == "pgbouncer":
+            found = unquote(value)
+        else:
+            kept.append(item)
+    if found is None:
+        return dsn, None
+    rest = "&".join(i for i in kept if i)
+    return head + ("?" + rest if rest else "") + hash_ + fragment, found
+
+
+def outlives_transaction(texts: Sequence[str]) -> str | None:
+    """What in `texts` would leave state on the session beyond its transaction (`"it runs
+    SET"`), or None. Transaction-scoped effects pass: SET LOCAL, set_config(..., true), LOCK,
+    nextval, advisory xact locks, cursors without HOLD, temporary tables ON COMMIT DROP.
+    Statement analysis (`planner.sqlinfo`) flags all of them as `session`; this tells them apart."""
+    import pglast
+    from pglast import ast, enums
+
+    found: list[str] = []
+
+    def temporary(rel: Any, on_commit: Any) -> None:
+        if rel is not None and rel.relpersistence == "t" and on_commit != enums.OnCommitAction.ONCOMMIT_DROP:
+            found.append("it creates a temporary table (without ON COMMIT DROP)")
+
+    def visit(node: Any) -> None:
+        if isinstance(node, ast.VariableSetStmt):
+            if not node.is_local and (node.name or "").lower() != "transaction":
+                verb = "RESET" if node.kind is not None and "RESET" in node.kind.name else "SET"
+                found.append(f"it runs {verb} {node.name or 'ALL'}")
+        elif isinstance(node, ast.ListenStmt):
+            found.append("it runs LISTEN")
+        elif isinstance(node, ast.PrepareStmt):
+            found.append("it runs PREPARE")
+        elif isinstance(node, ast.DeclareCursorStmt) and (node.options or 0) & 0x0020:  # CURSOR_OPT_HOLD
+            found.append("it declares a cursor WITH HOLD")
+        elif isinstance(node, ast.DiscardStmt | ast.LoadStmt):
+            found.append(f"it runs {'DISCARD' if isinstance(node, ast.DiscardStmt) else 'LOAD'}")
+        elif isinstance(node, ast.DoStmt | ast.CallStmt):
+            found.append(f"it runs {'a DO block' if isinstance(node, ast.DoStmt) else 'CALL'}, which may change the session")
+        elif isinstance(node, ast.CreateStmt):
+            temporary(node.relation, node.oncommit)
+        elif isinstance(node, ast.CreateTableAsStmt) and node.into is not None:
+            temporary(node.into.rel, node.into.onCommit)
+        elif isinstance(node, ast.SelectStmt) and node.intoClause is not None:
+            temporary(node.intoClause.rel, node.intoClause.onCommit)
+        elif isinstance(node, ast.FuncCall):
+            name = str(getattr((node.funcname or (None,))[-1], "sval", "")).lower()
+            if name == "set_config":
+                local = node.args[2] if node.args and len(node.args) == 3 else None
+                if not (isinstance(local, ast.A_Const) and getattr(local.val, "boolval", False) is True):
+                    found.append("it calls set_config(...) without is_local = true")
+            elif name == "setseed":
+                found.append("it calls setseed()")
+            elif name.startswith(("pg_advisory", "pg_try_advisory")) and "xact" not in name and "unlock" not in name:
+                found.append(f"it takes a session advisory lock ({name})")
+        for child in _children(node):
+            visit(child)
+
+    for text in texts:
+        try:
+            trees = pglast.parse_sql(text)
+        except pglast.parser.ParseError:
+            continue  # the server will say what is wrong with it
+        for tree in trees:
+            visit(tree)
+    return found[0] if found else None
+
+
+def _children(node: Any) -> list[Any]:
+    from pglast import ast
+
+    children: list[Any] = []
+    if isinstance(node, ast.Node):
+        for name in node:
+            value = getattr(node, name)
+            items = value if isinstance(value, tuple) else (value,)
+            children += [item for item in items if isinstance(item, ast.Node | tuple)]
+    elif isinstance(node, tuple):
+        children += [item for item in node if isinstance(item, ast.Node | tuple)]
+    return children
+
+
+class PoolerConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A connection behind a transaction pooler. asyncpg's statement cache is off there (its
+    named statements would not survive the transaction), so asyncpg sends every statement
+    unnamed: one round trip to describe it, a second to run it. This keeps what the server
+    said of each statement (parameter and column types) and sends it unnamed again with each
+    use (Parse, Bind, Execute, Sync): one round trip, on whatever server connection the pooler
+    picks. A description is used for `DESCRIBED_S` at most and dropped after any error, so a
+    migration that changes a statement's result (a column renamed under `SELECT *`) is seen
+    that much later at worst; the first use after it asks the server again."""
+
+    _described: OrderedDict[tuple[Any, ...], tuple[Any, float]] | None = None
+
+    async def _get_statement(self, query: str, timeout: float | None, *,  # noqa: ASYNC109 - asyncpg's signature
+                             named: Any = False, use_cache: bool = True, ignore_custom_codec: bool = False,
+                             record_class: Any = None) -> Any:
+        described = self._described
+        if described is None:
+            described = self._described = OrderedDict()
+        key = (query, record_class, ignore_custom_codec)
+        now = time.monotonic()
+        if use_cache and not named:  # `prepare()` always asks the server
+            kept = described.get(key)
+            if kept is not None and kept[1] > now and not kept[0].closed:
+                described.move_to_end(key)
+                kept[0].mark_unprepared()  # sent with its text again: Parse, Bind, Execute
+                return kept[0]
+        statement = await super()._get_statement(query, timeout, named=named, use_cache=use_cache,
+                                                 ignore_custom_codec=ignore_custom_codec, record_class=record_class)
+        if use_cache and not named and not statement.name:
+            described[key] = (statement, now + DESCRIBED_S)
+            described.move_to_end(key)
+            if len(described) > STATEMENT_CACHE:
+                described.popitem(last=False)
+        return statement
+
+    async def _do_execute(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super()._do_execute(*args, **kwargs)
+        except (asyncpg.exceptions.ProtocolError, BufferError) as exc:
+            # Rows that do not fit the description: the statement's result changed under it.
+            self._drop_described()
+            raise asyncpg.exceptions.ProtocolError(
+                f"{exc}: the statement's result changed since planner described it (a migration?); "
+                "it ran, and it is described again from its next use") from exc
+        except BaseException:
+            self._drop_described()  # perhaps a description gone stale: ask again
+            raise
+
+    def _drop_described(self) -> None:
+        if self._described:
+            self._described.clear()
+
+    def _drop_local_statement_cache(self) -> None:
+        super()._drop_local_statement_cache()
+        self._drop_described()
+
+
 class PoolBackend:
     """The direct backend: an asyncpg pool, owned (`dsn=`) or borrowed (`pool=`), opened on first use.
 
@@ -209,9 +396,18 @@ class PoolBackend:
         max_size: int = 10,
         full_reset: bool = False,
         embedded: bool | None = None,
+        pooler: str | None = None,
     ) -> None:
         self._dsn, self._pool, self._owned = dsn, pool, pool is None
         self._embedded = embedded
+        # Behind a transaction-mode pooler (PgBouncer's pool_mode = transaction): `pooler=`,
+        # else the DSN's `?pgbouncer=` (read when the pool opens), else `PLANNER_POOLER`.
+        self._pooler_given = pooler is not None
+        self.pooler = pooler_mode(pooler, "pooler=") if pooler is not None else \
+            pooler_mode(os.environ.get("PLANNER_POOLER"), "PLANNER_POOLER")
+        if dsn is not None and not self._pooler_given and split_pooler(dsn)[1] is not None:
+            with contextlib.suppress(ValueError):  # a bad value is DatabaseUnavailable when the pool opens
+                self.pooler = pooler_mode(split_pooler(dsn)[1])
         self._sizes = (min_size, max_size)
         self._full_reset = full_reset
         self._lock = asyncio.Lock()
@@ -220,7 +416,8 @@ class PoolBackend:
         self._batches: dict[str, str | None] = {}
         self._busy = 0  # connections held or waited for by planner's statements
         self._listener: asyncio.Task[None] | None = None
-        self._connected_dsn: str | None = None  # the DSN an owned pool was made from  # statement -> its combined form (None: not shareable)
+        self._connected_dsn: str | None = None  # the DSN an owned pool was made from
+        self._refused: dict[str, str | None] = {}  # statements -> why they cannot run behind the pooler
 
     @property
     def opened(self) -> bool:
@@ -244,16 +441,20 @@ class PoolBackend:
                 shown = redact_dsn(dsn)
                 logger.warning("planner uses the database %s (%s: %s)", shown, source, why,
                                extra={"database": shown, "database_source": source})
+                dsn = self._take_pooler(dsn)
                 self._connected_dsn = dsn
+                pooled = self.pooler == TRANSACTION_POOLER
                 try:
                     self._pool = await asyncpg.create_pool(
                         dsn,
                         min_size=self._sizes[0],
                         max_size=self._sizes[1],
                         init=self._init,
-                        reset=None if self._full_reset else _keep_session,
-                        # Combined writes are one statement per batch size: room for them.
-                        statement_cache_size=STATEMENT_CACHE,
+                        reset=None if self._full_reset and not pooled else _keep_session,
+                        # Combined writes are one statement per batch size: room for them. Behind
+                        # a transaction pooler, none: asyncpg then sends unnamed statements only.
+                        statement_cache_size=0 if pooled else STATEMENT_CACHE,
+                        connection_class=PoolerConnection if pooled else asyncpg.Connection,
                     )
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, ValueError,
                         OverflowError) as exc:
@@ -281,6 +482,33 @@ class PoolBackend:
         return dsn, "embedded", (f"no dsn= and no DATABASE_URL, so the embedded PostgreSQL in {planner_home() / 'pgdata'}; "
                                  "embedded=False or PLANNER_EMBEDDED=0 forbids this fallback")
 
+    def _take_pooler(self, dsn: str) -> str:
+        """`dsn` without its `pgbouncer=` parameter (asyncpg would send it to the server as a
+        setting); the parameter sets `pooler` unless `pooler=` was given."""
+        dsn, given = split_pooler(dsn)
+        if given is not None and not self._pooler_given:
+            try:
+                self.pooler = pooler_mode(given, "the DSN's pgbouncer=")
+            except ValueError as exc:
+                raise DatabaseUnavailable(str(exc)) from None
+        return dsn
+
+    def _check_pooler(self, node: CompiledNode) -> None:
+        """Refuse a node whose statements would leave session state on a server connection
+        that a transaction-mode pooler shares with other clients (nothing is sent)."""
+        if self.pooler != TRANSACTION_POOLER or not node.session:
+            return
+        key = "\0".join(s.text for s in node.statements)
+        if key not in self._refused:
+            self._refused[key] = outlives_transaction([s.text for s in node.statements])
+        reason = self._refused[key]
+        if reason is not None:
+            raise QueryError(
+                f"node {node.name!r}{f' of flow {node.flow!r}' if node.flow else ''} cannot run behind a "
+                f"transaction-mode pooler (pooler='transaction'): {reason}, which would outlive its "
+                "transaction on a server connection the pooler shares with other clients. Use SET LOCAL "
+                "(or set_config(..., true)) in a statement list, or run this flow on a direct DSN.")
+
     async def _init(self, con: asyncpg.Connection) -> None:
         await _init_connection(con)
         if self._baseline is None:
@@ -288,6 +516,7 @@ class PoolBackend:
 
     async def run(self, query: Query) -> Any:
         pool = self._pool or await self.pool()
+        self._check_pooler(query.node)
         con = await self._acquire(pool)
         try:
             # The node's timeout times the statements, not the wait for a connection above.
@@ -327,6 +556,7 @@ class PoolBackend:
         failure is only that member's.
         """
         pool = self._pool or await self.pool()
+        self._check_pooler(node)
         con = await self._acquire(pool)
         try:
             started()
@@ -576,8 +806,10 @@ class PoolBackend:
         self._busy -= 1
 
     def _release_later(self, pool: asyncpg.Pool, con: asyncpg.Connection, session: bool) -> None:
-        # A borrowed pool, or a full reset, leaves resetting to asyncpg.
-        check = self._owned and not self._full_reset
+        # A borrowed pool, or a full reset, leaves resetting to asyncpg. Behind a transaction
+        # pooler nothing is reset: the next statement may reach another server connection
+        # anyway (and statements that would leave session state are refused, `_check_pooler`).
+        check = self._owned and not self._full_reset and self.pooler != TRANSACTION_POOLER
         task = asyncio.get_running_loop().create_task(_release(pool, con, check and session, self._baseline if check else None))
         task.add_done_callback(self._released)
         self._releases.add(task)
