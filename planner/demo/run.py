@@ -16,9 +16,11 @@ from typing import Any
 import asyncpg
 
 from planner.api import Planner
-from planner.db import create_database, embedded_dsn, with_database
+from planner.coalesce import CoalescingBackend
+from planner.db import PoolBackend, create_database, embedded_dsn, with_database
 from planner.demo import data
 from planner.dsn import redact_dsn
+from planner.errors import FlowFailed
 from planner.executor import MODES
 from planner.graph import CompiledFlow
 
@@ -105,8 +107,64 @@ async def measure(planner: Planner, flow: str, runs: int) -> list[ModeFigures]:
         for mode in MODES:
             result = await planner.run(flow, _inputs(flow, next(counter)), mode=mode)
             figures[mode].latencies_ms.append(result.elapsed_ms)
-            figures[mode].queries.append(queries_of(compiled, result.states()))
+            sent = {n: r.state for n, r in result.nodes.items() if r.served is None or not r.served.cached}
+            figures[mode].queries.append(queries_of(compiled, sent))  # a value from the cache sent none
     return list(figures.values())
+
+
+@dataclass
+class LoadFigures:
+    coalesce: bool
+    ok_per_s: float  # successful messages per second
+    failed_per_s: float
+    p50_ms: float
+
+
+LOAD_IN_FLIGHT = 200  # messages in flight in the load table
+LOAD_POOL = 10  # connections
+LOAD_SECONDS = 2.0  # measured per cell, after a quarter of it unmeasured
+LOAD_MIN_RUNS = 10  # a demo of fewer runs per mode (a quick check) skips the load table
+
+
+def _load_inputs(i: int) -> dict[str, Any]:
+    """Messages of different users of different instances, as many concurrent ones are."""
+    return {"instance_name": f"inst-{i % 2000 + 1:05d}", "user_phone": f"+1555{(i // 2000) % 10 + 1:07d}",
+            "message": f"demo load {time.time_ns()}-{i}"}
+
+
+async def measure_load(dsn: str, *, in_flight: int = LOAD_IN_FLIGHT, pool: int = LOAD_POOL,
+                       seconds: float = LOAD_SECONDS) -> list[LoadFigures]:
+    """process_buffered with `in_flight` messages at a time on `pool` connections, with
+    coalescing on (planner's default) and off (as `PLANNER_COALESCE=0` makes it)."""
+    out = []
+    counter = itertools.count()
+    for coalesce in (True, False):
+        backend = CoalescingBackend(PoolBackend(dsn=dsn, min_size=pool, max_size=pool), enabled=coalesce)
+        async with Planner(flows=seed_flows_dir(), backend=backend, allowed_modules=["planner.demo"]) as planner:
+            await _workers(planner, counter, in_flight, seconds / 4)  # connections opened, statements prepared
+            out.append(LoadFigures(coalesce, *await _workers(planner, counter, in_flight, seconds)))
+    return out
+
+
+async def _workers(planner: Planner, counter: itertools.count[int], in_flight: int, seconds: float) -> tuple[float, float, float]:
+    """`in_flight` workers run messages back to back for `seconds`: (ok/s, failed/s, p50 ms)."""
+    latencies: list[float] = []
+    failed = 0
+    t0 = time.perf_counter()
+    stop = t0 + seconds
+
+    async def worker() -> None:
+        nonlocal failed
+        while (start := time.perf_counter()) < stop:
+            try:
+                await planner.run("process_buffered", _load_inputs(next(counter)), mode="eager")
+                latencies.append((time.perf_counter() - start) * 1000)
+            except FlowFailed:
+                failed += 1
+
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    elapsed = time.perf_counter() - t0
+    return len(latencies) / elapsed, failed / elapsed, statistics.median(latencies) if latencies else float("nan")
 
 
 async def run_demo(
@@ -114,23 +172,46 @@ async def run_demo(
 ) -> dict[str, Any]:
     """Everything `planner demo` shows, as data (the CLI renders it).
 
-    With `rtt_ms`, the queries go through `LatencyProxy`, which adds that round trip: the
-    network the seed's backend had, and where running lookups together pays.
+    With `rtt_ms`, the queries go through a latency proxy, which adds that round trip: the
+    network the seed's backend had, and where running lookups together pays. The proxy runs
+    in a process of its own (`ProxyProcess`), so that its work does not slow the runs measured.
+    `out["load"]` is the load table (None when `runs` is below `LOAD_MIN_RUNS`).
     """
-    from planner.demo.latency_proxy import LatencyProxy
+    from planner.demo.latency_proxy import ProxyProcess
 
     dsn = await demo_dsn(server_dsn, log)
     # Redacted before the query is cut off: a password may hold an unencoded `?`.
-    out: dict[str, Any] = {"database": redact_dsn(dsn).split("?")[0], "rtt_ms": rtt_ms, "flows": {}}
+    out: dict[str, Any] = {"database": redact_dsn(dsn).split("?")[0], "rtt_ms": rtt_ms, "flows": {}, "load": None}
     async with contextlib.AsyncExitStack() as stack:
         if rtt_ms:
-            dsn = (await stack.enter_async_context(LatencyProxy(dsn, rtt_ms / 2))).dsn
-        planner = await stack.enter_async_context(Planner(flows=seed_flows_dir(), dsn=dsn, allowed_modules=["planner.demo"]))
-        for flow in ("process_buffered", "escalation"):
-            figures = await measure(planner, flow, runs)
-            out["flows"][flow] = {"plan": planner.plan(flow), "compiled": planner.load(flow), "figures": figures}
+            dsn = (await stack.enter_async_context(ProxyProcess(dsn, rtt_ms / 2))).dsn
+        async with Planner(flows=seed_flows_dir(), dsn=dsn, allowed_modules=["planner.demo"]) as planner:
+            for flow in ("process_buffered", "escalation"):
+                figures = await measure(planner, flow, runs)
+                out["flows"][flow] = {"plan": planner.plan(flow), "compiled": planner.load(flow), "figures": figures}
+        if runs >= LOAD_MIN_RUNS:
+            log(f"measuring process_buffered under load ({LOAD_IN_FLIGHT} in flight, coalescing on and off, "
+                f"{LOAD_SECONDS:g} s each)")
+            out["load"] = await measure_load(dsn)
     return out
 
 
+def render_load(load: list[LoadFigures], rtt_ms: float) -> None:
+    """The load table, on stdout."""
+    from planner.cli import print_table
+
+    network = f"{rtt_ms:g} ms round trip added by a local proxy" if rtt_ms else "the bare local database"
+    off = next(f for f in load if not f.coalesce).ok_per_s
+    rows = [[f"coalescing {'on' if f.coalesce else 'off'}", f"{f.ok_per_s:.1f}", f"{f.ok_per_s / off:.2f}",
+             f"{f.p50_ms:.1f}", f"{f.failed_per_s:.1f}"] for f in load]
+    print_table(f"process_buffered under load: {LOAD_IN_FLIGHT} messages in flight, pool {LOAD_POOL}, eager, "
+                f"{LOAD_SECONDS:g} s each ({network})",
+                ["", "messages/s", "x off", "p50 ms", "failed/s"], rows, right={1, 2, 3, 4})
+    print()
+
+
 def main_sync(server_dsn: str | None, runs: int, rtt_ms: float = 0.0) -> dict[str, Any]:
-    return asyncio.run(run_demo(server_dsn, runs, rtt_ms))
+    figures = asyncio.run(run_demo(server_dsn, runs, rtt_ms))
+    if figures["load"]:
+        render_load(figures["load"], rtt_ms)
+    return figures
