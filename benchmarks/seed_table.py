@@ -328,56 +328,83 @@ async def measure_latency(dsn: str, flow: str, runs: int, figures: Figures, rtt:
 
 async def measure_load(dsn: str, proxy: ProxyProcess | None, server: ServerCpu | None, flow: str,
                        pool_size: int, in_flight: int, seconds: float) -> dict[str, Load]:
-    """Every variant in turn, `in_flight` messages at a time on `pool_size` connections: first
-    a quarter of `seconds` unmeasured (connections opened, statements prepared, as in a
-    service that has been running), then `seconds` measured."""
+    """Every variant in turn, `in_flight` messages at a time on `pool_size` connections (see `_load`)."""
     out = {}
     for variant in VARIANTS:
         async with running(flow, variant, dsn, pool_size) as r:
-            await r.run(inputs(flow, variant.warm))  # the pool open (the unmeasured load does the rest)
-            await _load(r, flow, variant.warm, in_flight, seconds / 4, None, None)
-            out[variant.name] = await _load(r, flow, variant.warm, in_flight, seconds, proxy, server)
+            await r.run(inputs(flow, variant.warm))  # the pool open
+            out[variant.name] = await _load(r, flow, variant.warm, in_flight, seconds / 4, seconds, proxy, server)
     return out
 
 
-async def _load(r: Running, flow: str, warm: bool, in_flight: int, seconds: float,
-                proxy: ProxyProcess | None, server: ServerCpu | None) -> Load:
-    """`in_flight` workers run back to back until `seconds` pass.
+@dataclass(frozen=True)
+class _Counters:
+    at: float  # perf_counter
+    done: int
+    failed: int
+    cpu: float  # process_time
+    server: float
+    trips: int
 
-    A planner run that fails (say, a node timed out waiting for a connection) is counted apart;
-    the hand-written versions have no timeouts and simply wait. Costs are per successful
-    message, the work of the messages still running at the end included."""
+
+async def _load(r: Running, flow: str, warm: bool, in_flight: int, warmup: float, seconds: float,
+                proxy: ProxyProcess | None, server: ServerCpu | None) -> Load:
+    """`in_flight` workers run messages back to back: `warmup` seconds unmeasured (connections
+    opened, statements prepared, as in a service that has been running), then `seconds`
+    measured, then the messages still running finish, unmeasured.
+
+    The load is the same from the first counter reading to the last: every cost is the
+    difference of the two over the messages done between them (work of messages running
+    across either edge cancels out, on average). A planner run that fails (a node timed out
+    waiting for a connection, say) is counted apart; the hand-written versions have no
+    timeouts and simply wait. Costs are per successful message."""
     done = failed = 0
-    latencies: list[float] = []
-    trips0 = await proxy.requests() if proxy else 0
-    server0 = server.seconds() if server else 0.0
-    cpu0 = time.process_time()
-    t0 = time.perf_counter()
-    stop = t0 + seconds
+    latencies: list[tuple[float, float]] = []  # (finished at, ms)
+    stopping = False
 
     async def worker() -> None:
         nonlocal done, failed
-        while (start := time.perf_counter()) < stop:
+        while not stopping:
+            start = time.perf_counter()
             try:
                 await r.run(inputs(flow, warm))
-                done += 1
-                latencies.append((time.perf_counter() - start) * 1000)
             except FlowFailed:
                 failed += 1
+                continue
+            end = time.perf_counter()
+            done += 1
+            latencies.append((end, (end - start) * 1000))
 
-    await asyncio.gather(*(worker() for _ in range(in_flight)))
-    elapsed = time.perf_counter() - t0
-    await r.drain()
-    cpu = time.process_time() - cpu0
-    server_s = server.seconds() - server0 if server else None
-    trips = await proxy.requests() - trips0 if proxy else None
-    n = max(done, 1)
+    async def read() -> _Counters:  # the reading's own work (/proc, the pipe) outside the CPU window
+        trips = await proxy.requests() if proxy else 0
+        server_s = server.seconds() if server else 0.0
+        return _Counters(time.perf_counter(), done, failed, time.process_time(), server_s, trips)
+
+    async def read_last() -> _Counters:
+        at, ok, bad, cpu = time.perf_counter(), done, failed, time.process_time()
+        server_s = server.seconds() if server else 0.0
+        trips = await proxy.requests() if proxy else 0
+        return _Counters(at, ok, bad, cpu, server_s, trips)
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(in_flight)]
+    try:
+        await asyncio.sleep(warmup)
+        first = await read()
+        await asyncio.sleep(seconds)
+        last = await read_last()
+    finally:
+        stopping = True
+        await asyncio.gather(*workers)
+        await r.drain()
+    elapsed = last.at - first.at
+    n = max(last.done - first.done, 1)
+    window = [ms for end, ms in latencies if first.at <= end <= last.at]
     return Load(
-        ok=done / elapsed, failed=failed / elapsed,
-        p50=statistics.median(latencies) if latencies else float("nan"),
-        p95=percentile(latencies, 0.95) if latencies else float("nan"),
-        trips=None if trips is None else trips / n, cpu_us=cpu / n * 1e6,
-        server_us=None if server_s is None else server_s / n * 1e6)
+        ok=(last.done - first.done) / elapsed, failed=(last.failed - first.failed) / elapsed,
+        p50=statistics.median(window) if window else float("nan"),
+        p95=percentile(window, 0.95) if window else float("nan"),
+        trips=(last.trips - first.trips) / n if proxy else None, cpu_us=(last.cpu - first.cpu) / n * 1e6,
+        server_us=(last.server - first.server) / n * 1e6 if server else None)
 
 
 # --- the report ---------------------------------------------------------------------------
@@ -421,7 +448,8 @@ def render(flow: str, f: Figures, rtts: list[int]) -> str:
             c = cell[v]
             trips = "-" if c.trips is None else f"{c.trips:.2f}"
             server = "-" if c.server_us is None else f"{c.server_us:.0f}"
-            lines.append(f"| {v} | {c.ok:.1f} | {c.ok / base:.2f}x | {c.failed:.1f} | {c.p50:.1f} | {c.p95:.1f} | {trips} | "
+            ratio = f"{c.ok / base:.2f}x" if base else "-"
+            lines.append(f"| {v} | {c.ok:.1f} | {ratio} | {c.failed:.1f} | {c.p50:.1f} | {c.p95:.1f} | {trips} | "
                          f"{c.cpu_us:.0f} | {server} |")
         lines.append("")
     return "\n".join(lines) + "\n"

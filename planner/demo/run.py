@@ -8,7 +8,7 @@ import itertools
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def queries_of(flow: CompiledFlow, states: dict[str, str]) -> int:
+def queries_of(flow: CompiledFlow, states: Mapping[str, str]) -> int:
     """Statements sent by the nodes that ran (a transaction adds BEGIN and COMMIT)."""
     total = 0
     for name, state in states.items():
@@ -141,30 +141,42 @@ async def measure_load(dsn: str, *, in_flight: int = LOAD_IN_FLIGHT, pool: int =
     for coalesce in (True, False):
         backend = CoalescingBackend(PoolBackend(dsn=dsn, min_size=pool, max_size=pool), enabled=coalesce)
         async with Planner(flows=seed_flows_dir(), backend=backend, allowed_modules=["planner.demo"]) as planner:
-            await _workers(planner, counter, in_flight, seconds / 4)  # connections opened, statements prepared
-            out.append(LoadFigures(coalesce, *await _workers(planner, counter, in_flight, seconds)))
+            await planner.run("process_buffered", _load_inputs(next(counter)))  # the pool open
+            out.append(LoadFigures(coalesce, *await _workers(planner, counter, in_flight, seconds / 4, seconds)))
     return out
 
 
-async def _workers(planner: Planner, counter: itertools.count[int], in_flight: int, seconds: float) -> tuple[float, float, float]:
-    """`in_flight` workers run messages back to back for `seconds`: (ok/s, failed/s, p50 ms)."""
-    latencies: list[float] = []
-    failed = 0
-    t0 = time.perf_counter()
-    stop = t0 + seconds
+async def _workers(planner: Planner, counter: itertools.count[int], in_flight: int, warmup: float,
+                   seconds: float) -> tuple[float, float, float]:
+    """`in_flight` workers run messages back to back: `warmup` seconds unmeasured (connections
+    opened, statements prepared), then `seconds` measured: (ok/s, failed/s, p50 ms)."""
+    done: list[tuple[float, float]] = []  # (finished at, ms)
+    failed: list[float] = []  # finished at
+    stopping = False
 
     async def worker() -> None:
-        nonlocal failed
-        while (start := time.perf_counter()) < stop:
+        while not stopping:
+            start = time.perf_counter()
             try:
                 await planner.run("process_buffered", _load_inputs(next(counter)), mode="eager")
-                latencies.append((time.perf_counter() - start) * 1000)
             except FlowFailed:
-                failed += 1
+                failed.append(time.perf_counter())
+                continue
+            end = time.perf_counter()
+            done.append((end, (end - start) * 1000))
 
-    await asyncio.gather(*(worker() for _ in range(in_flight)))
-    elapsed = time.perf_counter() - t0
-    return len(latencies) / elapsed, failed / elapsed, statistics.median(latencies) if latencies else float("nan")
+    workers = [asyncio.ensure_future(worker()) for _ in range(in_flight)]
+    try:
+        await asyncio.sleep(warmup)
+        t0 = time.perf_counter()
+        await asyncio.sleep(seconds)
+        t1 = time.perf_counter()
+    finally:
+        stopping = True
+        await asyncio.gather(*workers)  # the messages running finish, unmeasured
+    window = [ms for end, ms in done if t0 <= end <= t1]
+    bad = sum(1 for end in failed if t0 <= end <= t1)
+    return len(window) / (t1 - t0), bad / (t1 - t0), statistics.median(window) if window else float("nan")
 
 
 async def run_demo(
@@ -202,7 +214,7 @@ def render_load(load: list[LoadFigures], rtt_ms: float) -> None:
 
     network = f"{rtt_ms:g} ms round trip added by a local proxy" if rtt_ms else "the bare local database"
     off = next(f for f in load if not f.coalesce).ok_per_s
-    rows = [[f"coalescing {'on' if f.coalesce else 'off'}", f"{f.ok_per_s:.1f}", f"{f.ok_per_s / off:.2f}",
+    rows = [[f"coalescing {'on' if f.coalesce else 'off'}", f"{f.ok_per_s:.1f}", f"{f.ok_per_s / off:.2f}" if off else "-",
              f"{f.p50_ms:.1f}", f"{f.failed_per_s:.1f}"] for f in load]
     print_table(f"process_buffered under load: {LOAD_IN_FLIGHT} messages in flight, pool {LOAD_POOL}, eager, "
                 f"{LOAD_SECONDS:g} s each ({network})",
