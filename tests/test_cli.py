@@ -267,6 +267,21 @@ def test_demo_prints_plans_and_a_latency_table_per_mode(pg_dsn: str) -> None:
     for mode in ("eager", "layered", "sequential"):
         assert len(re.findall(rf"^{mode}\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+$", out, re.M)) == 2
     assert "2 ms round trip added" in out
+    assert "under load" not in out  # a demo of a few runs skips the load table
+
+
+async def test_the_demo_load_table_compares_coalescing_on_and_off(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from planner.demo.run import demo_dsn, measure_load, render_load
+
+    dsn = await demo_dsn(pg_dsn, lambda _m: None)
+    load = await measure_load(dsn, in_flight=20, pool=2, seconds=0.4)
+    assert [f.coalesce for f in load] == [True, False]
+    assert all(f.ok_per_s > 0 and f.p50_ms > 0 for f in load)
+    render_load(load, 0)
+    out = capsys.readouterr().out
+    assert "process_buffered under load: 20 messages in flight, pool 2, eager, 0.4 s each (the bare local database)" in out
+    assert re.search(r"^coalescing on\s+\d+\.\d\s+\d+\.\d\d\s+\d+\.\d\s+\d+\.\d$", out, re.M), out
+    assert re.search(r"^coalescing off\s+\d+\.\d\s+1\.00\s+\d+\.\d\s+\d+\.\d$", out, re.M), out
 
 
 # --- a trace given to `visualize` ------------------------------------------------------------

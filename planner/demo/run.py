@@ -114,6 +114,9 @@ async def measure(planner: Planner, flow: str, runs: int) -> list[ModeFigures]:
 
 @dataclass
 class LoadFigures:
+    in_flight: int
+    pool: int
+    seconds: float  # measured
     coalesce: bool
     ok_per_s: float  # successful messages per second
     failed_per_s: float
@@ -142,7 +145,8 @@ async def measure_load(dsn: str, *, in_flight: int = LOAD_IN_FLIGHT, pool: int =
         backend = CoalescingBackend(PoolBackend(dsn=dsn, min_size=pool, max_size=pool), enabled=coalesce)
         async with Planner(flows=seed_flows_dir(), backend=backend, allowed_modules=["planner.demo"]) as planner:
             await planner.run("process_buffered", _load_inputs(next(counter)))  # the pool open
-            out.append(LoadFigures(coalesce, *await _workers(planner, counter, in_flight, seconds / 4, seconds)))
+            figures = await _workers(planner, counter, in_flight, seconds / 4, seconds)
+            out.append(LoadFigures(in_flight, pool, seconds, coalesce, *figures))
     return out
 
 
@@ -216,8 +220,9 @@ def render_load(load: list[LoadFigures], rtt_ms: float) -> None:
     off = next(f for f in load if not f.coalesce).ok_per_s
     rows = [[f"coalescing {'on' if f.coalesce else 'off'}", f"{f.ok_per_s:.1f}", f"{f.ok_per_s / off:.2f}" if off else "-",
              f"{f.p50_ms:.1f}", f"{f.failed_per_s:.1f}"] for f in load]
-    print_table(f"process_buffered under load: {LOAD_IN_FLIGHT} messages in flight, pool {LOAD_POOL}, eager, "
-                f"{LOAD_SECONDS:g} s each ({network})",
+    first = load[0]
+    print_table(f"process_buffered under load: {first.in_flight} messages in flight, pool {first.pool}, eager, "
+                f"{first.seconds:g} s each ({network})",
                 ["", "messages/s", "x off", "p50 ms", "failed/s"], rows, right={1, 2, 3, 4})
     print()
 
