@@ -35,10 +35,10 @@ import asyncpg
 
 from benchmarks import handwritten
 from benchmarks.latency_proxy import ProxyProcess
-from planner import FlowFailed, FlowResult, Planner
+from planner import FlowResult, Planner
 from planner import __version__ as planner_version
 from planner.coalesce import CoalescingBackend
-from planner.demo.run import demo_dsn, percentile, queries_of
+from planner.demo.run import demo_dsn, percentile, queries_of, steady_load
 from planner.graph import CompiledFlow, plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -339,9 +339,6 @@ async def measure_load(dsn: str, proxy: ProxyProcess | None, server: ServerCpu |
 
 @dataclass(frozen=True)
 class _Counters:
-    at: float  # perf_counter
-    done: int
-    failed: int
     cpu: float  # process_time
     server: float
     trips: int
@@ -349,62 +346,32 @@ class _Counters:
 
 async def _load(r: Running, flow: str, warm: bool, in_flight: int, warmup: float, seconds: float,
                 proxy: ProxyProcess | None, server: ServerCpu | None) -> Load:
-    """`in_flight` workers run messages back to back: `warmup` seconds unmeasured (connections
-    opened, statements prepared, as in a service that has been running), then `seconds`
-    measured, then the messages still running finish, unmeasured.
+    """`in_flight` messages run back to back, measured in steady state (`steady_load`: after
+    `warmup` and the first wave, for `seconds` and at least `in_flight` messages).
 
-    The load is the same from the first counter reading to the last: every cost is the
-    difference of the two over the messages done between them (work of messages running
-    across either edge cancels out, on average). A planner run that fails (a node timed out
-    waiting for a connection, say) is counted apart; the hand-written versions have no
-    timeouts and simply wait. Costs are per successful message."""
-    done = failed = 0
-    latencies: list[tuple[float, float]] = []  # (finished at, ms)
-    stopping = False
+    Every cost is the difference of two readings over the messages done between them (the
+    work of messages running across either reading cancels out, on average), per successful
+    message. A planner run that fails (a node timed out waiting for a connection, say) is
+    counted apart; the hand-written versions have no timeouts and simply wait."""
 
-    async def worker() -> None:
-        nonlocal done, failed
-        while not stopping:
-            start = time.perf_counter()
-            try:
-                await r.run(inputs(flow, warm))
-            except FlowFailed:
-                failed += 1
-                continue
-            end = time.perf_counter()
-            done += 1
-            latencies.append((end, (end - start) * 1000))
-
-    async def read() -> _Counters:  # the reading's own work (/proc, the pipe) outside the CPU window
-        trips = await proxy.requests() if proxy else 0
+    async def read(first: bool) -> _Counters:  # the reading's own work (/proc, the pipe) left out of the CPU window
+        if first:
+            trips = await proxy.requests() if proxy else 0
+            server_s = server.seconds() if server else 0.0
+            return _Counters(time.process_time(), server_s, trips)
+        cpu = time.process_time()
         server_s = server.seconds() if server else 0.0
-        return _Counters(time.perf_counter(), done, failed, time.process_time(), server_s, trips)
+        return _Counters(cpu, server_s, await proxy.requests() if proxy else 0)
 
-    async def read_last() -> _Counters:
-        at, ok, bad, cpu = time.perf_counter(), done, failed, time.process_time()
-        server_s = server.seconds() if server else 0.0
-        trips = await proxy.requests() if proxy else 0
-        return _Counters(at, ok, bad, cpu, server_s, trips)
-
-    workers = [asyncio.ensure_future(worker()) for _ in range(in_flight)]
-    try:
-        await asyncio.sleep(warmup)
-        first = await read()
-        await asyncio.sleep(seconds)
-        last = await read_last()
-    finally:
-        stopping = True
-        await asyncio.gather(*workers)
-        await r.drain()
-    elapsed = last.at - first.at
-    n = max(last.done - first.done, 1)
-    window = [ms for end, ms in latencies if first.at <= end <= last.at]
+    w = await steady_load(lambda: r.run(inputs(flow, warm)), in_flight, warmup, seconds, read)
+    await r.drain()
+    assert w.first is not None and w.last is not None
+    n = max(w.done, 1)
     return Load(
-        ok=(last.done - first.done) / elapsed, failed=(last.failed - first.failed) / elapsed,
-        p50=statistics.median(window) if window else float("nan"),
-        p95=percentile(window, 0.95) if window else float("nan"),
-        trips=(last.trips - first.trips) / n if proxy else None, cpu_us=(last.cpu - first.cpu) / n * 1e6,
-        server_us=(last.server - first.server) / n * 1e6 if server else None)
+        ok=w.ok_per_s, failed=w.failed_per_s, p50=w.p50_ms,
+        p95=percentile(w.latencies_ms, 0.95) if w.latencies_ms else float("nan"),
+        trips=(w.last.trips - w.first.trips) / n if proxy else None, cpu_us=(w.last.cpu - w.first.cpu) / n * 1e6,
+        server_us=(w.last.server - w.first.server) / n * 1e6 if server else None)
 
 
 # --- the report ---------------------------------------------------------------------------
@@ -571,7 +538,7 @@ async def main(args: argparse.Namespace) -> str:
         proxies = {r: await stack.enter_async_context(ProxyProcess(dsn, r / 2)) for r in sorted({0, *rtts})}
         for flow in ("process_buffered", "escalation"):
             figures = Figures()
-            figures.round_trips = await count_round_trips(proxies[0], flow, max(2, args.runs // 10), args.warmup)
+            figures.round_trips = await count_round_trips(proxies[0], flow, args.count_runs, args.warmup)
             done(f"{flow}: round trips counted")
             for rtt in rtts:
                 await measure_latency(proxies[rtt].dsn if rtt else dsn, flow, args.runs, figures, rtt)
@@ -657,9 +624,9 @@ if __name__ == "__main__":
     args.argv = sys.argv[1:]
     args.pools, args.flights = [int(p) for p in args.pools.split(",")], [int(n) for n in args.flights.split(",")]
     args.cpu_bound = (10, 200)  # the 0 ms load: pool, in flight
-    args.warmup = 20  # uncounted runs before round trips are counted
+    args.warmup, args.count_runs = 20, max(20, args.runs // 5)  # runs uncounted, then counted, for round trips/run
     if args.smoke:
-        args.runs, args.rtts, args.seconds, args.out, args.warmup = 2, "0,2", 0.1, None, 3
+        args.runs, args.rtts, args.seconds, args.out, args.warmup, args.count_runs = 2, "0,2", 0.1, None, 3, 2
         args.pools, args.flights, args.cpu_bound = [2], [3], (2, 3)
     if args.profile:
         asyncio.run(profile(500))

@@ -8,10 +8,10 @@ import itertools
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
@@ -152,35 +152,97 @@ async def measure_load(dsn: str, *, in_flight: int = LOAD_IN_FLIGHT, pool: int =
 
 async def _workers(planner: Planner, counter: itertools.count[int], in_flight: int, warmup: float,
                    seconds: float) -> tuple[float, float, float]:
-    """`in_flight` workers run messages back to back: `warmup` seconds unmeasured (connections
-    opened, statements prepared), then `seconds` measured: (ok/s, failed/s, p50 ms)."""
-    done: list[tuple[float, float]] = []  # (finished at, ms)
+    """(ok/s, failed/s, p50 ms) of eager process_buffered runs under a steady load (`steady_load`)."""
+    window: Window[None] = await steady_load(
+        lambda: planner.run("process_buffered", _load_inputs(next(counter)), mode="eager"), in_flight, warmup, seconds)
+    return window.ok_per_s, window.failed_per_s, window.p50_ms
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class Window(Generic[T]):
+    """What happened between the two readings of a `steady_load`."""
+
+    elapsed: float  # seconds
+    done: int  # successful messages finished in the window
+    failed: int  # FlowFailed
+    latencies_ms: list[float]  # of the messages finished in the window
+    first: T | None  # what `read` returned at the window's start, and at its end
+    last: T | None
+
+    @property
+    def ok_per_s(self) -> float:
+        return self.done / self.elapsed
+
+    @property
+    def failed_per_s(self) -> float:
+        return self.failed / self.elapsed
+
+    @property
+    def p50_ms(self) -> float:
+        return statistics.median(self.latencies_ms) if self.latencies_ms else float("nan")
+
+
+async def steady_load(run: Callable[[], Awaitable[Any]], in_flight: int, warmup: float, seconds: float,
+                      read: Callable[[bool], Awaitable[T]] | None = None, cap: float = 60.0) -> Window[T]:
+    """`in_flight` workers call `run` back to back; measured between two readings, in steady state.
+
+    Unmeasured first: `warmup` seconds and until every worker has finished a message, so that
+    the connections are open, the statements prepared, and the first wave (every message
+    started at once) has passed. Then the window: `seconds`, and at least as long as it takes
+    `in_flight` messages to finish (a window shorter than one message's latency would count
+    whichever wave happened to end in it). Each phase is bounded by `cap` seconds. The messages
+    running at the end finish unmeasured. `read(first)` is awaited at the start
+    (`first=True`) and at the end of the window, for counters of the caller's. A `FlowFailed`
+    run counts as failed; any other error ends the load and is raised.
+    """
+    finished: list[tuple[float, float]] = []  # (finished at, ms)
     failed: list[float] = []  # finished at
+    rounds = [0] * in_flight  # messages each worker has finished
     stopping = False
 
-    async def worker() -> None:
+    progress = asyncio.Event()  # set whenever a message ends (or a worker does)
+
+    async def worker(k: int) -> None:
         while not stopping:
             start = time.perf_counter()
             try:
-                await planner.run("process_buffered", _load_inputs(next(counter)), mode="eager")
+                await run()
             except FlowFailed:
                 failed.append(time.perf_counter())
-                continue
-            end = time.perf_counter()
-            done.append((end, (end - start) * 1000))
+            else:
+                end = time.perf_counter()
+                finished.append((end, (end - start) * 1000))
+            finally:
+                progress.set()
+            rounds[k] += 1
 
-    workers = [asyncio.ensure_future(worker()) for _ in range(in_flight)]
+    async def until(ready: Callable[[], bool], at_least: float) -> None:
+        start = time.perf_counter()
+        await asyncio.sleep(at_least)
+        while not ready() and (left := cap - (time.perf_counter() - start)) > 0:
+            for w in workers:
+                if w.done():
+                    w.result()  # an error other than FlowFailed ended it: raised here, not hidden
+            progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(progress.wait(), left)
+
+    workers = [asyncio.ensure_future(worker(k)) for k in range(in_flight)]
     try:
-        await asyncio.sleep(warmup)
-        t0 = time.perf_counter()
-        await asyncio.sleep(seconds)
+        await until(lambda: min(rounds) > 0, warmup)
+        first = await read(True) if read else None
+        t0, before = time.perf_counter(), len(finished) + len(failed)
+        await until(lambda: len(finished) + len(failed) - before >= in_flight, seconds)
         t1 = time.perf_counter()
+        last = await read(False) if read else None
     finally:
         stopping = True
         await asyncio.gather(*workers)  # the messages running finish, unmeasured
-    window = [ms for end, ms in done if t0 <= end <= t1]
-    bad = sum(1 for end in failed if t0 <= end <= t1)
-    return len(window) / (t1 - t0), bad / (t1 - t0), statistics.median(window) if window else float("nan")
+    latencies = [ms for end, ms in finished if t0 <= end <= t1]
+    return Window(t1 - t0, len(latencies), sum(1 for end in failed if t0 <= end <= t1), latencies, first, last)
 
 
 async def run_demo(
