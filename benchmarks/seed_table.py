@@ -1,6 +1,6 @@
 """The seed's claims, measured: the two seed flows on the demo data, over a real network delay.
 
-    python -m benchmarks.seed_table                # full run, about 15 minutes; writes BENCHMARKS.md
+    python -m benchmarks.seed_table                # full run, about 20 minutes; writes BENCHMARKS.md
     python -m benchmarks.seed_table --smoke        # tiny sizes, for CI (seconds)
     python -m benchmarks.seed_table --profile      # where the time goes in one eager run at 0 ms
 

@@ -279,7 +279,7 @@ async def test_the_demo_load_table_compares_coalescing_on_and_off(pg_dsn: str, c
     assert all(f.ok_per_s > 0 and f.p50_ms > 0 for f in load)
     render_load(load, 0)
     out = capsys.readouterr().out
-    assert "process_buffered under load: 20 messages in flight, pool 2, eager, 0.4 s each (the bare local database)" in out
+    assert "process_buffered under load: 20 messages in flight, pool 2, eager, at least 0.4 s each (the bare local database)" in out
     assert re.search(r"^coalescing on\s+\d+\.\d\s+\d+\.\d\d\s+\d+\.\d\s+\d+\.\d$", out, re.M), out
     assert re.search(r"^coalescing off\s+\d+\.\d\s+1\.00\s+\d+\.\d\s+\d+\.\d$", out, re.M), out
 

@@ -183,6 +183,7 @@ class ProxyProcess:
         self.one_way_ms = one_way_ms
         self.dsn = ""
         self._proc: asyncio.subprocess.Process | None = None
+        self._asking = asyncio.Lock()  # one question on the pipe at a time: answers come in order
 
     async def __aenter__(self) -> ProxyProcess:
         env = {**os.environ, "PLANNER_PROXY_UPSTREAM": self.upstream_dsn,
@@ -201,9 +202,10 @@ class ProxyProcess:
     async def requests(self) -> int:
         """Chunks the proxy's clients have sent so far: the round trips they started."""
         assert self._proc is not None and self._proc.stdin is not None and self._proc.stdout is not None
-        self._proc.stdin.write(b"requests\n")
-        await self._proc.stdin.drain()
-        return int((await self._proc.stdout.readline()).decode())
+        async with self._asking:
+            self._proc.stdin.write(b"requests\n")
+            await self._proc.stdin.drain()
+            return int((await self._proc.stdout.readline()).decode())
 
     async def __aexit__(self, *exc: object) -> None:
         proc, self._proc = self._proc, None
