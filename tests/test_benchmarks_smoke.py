@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import asyncpg
+
+from planner.demo.latency_proxy import ProxyProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,3 +31,31 @@ def test_seed_table_smoke(pg_dsn: str) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "### process_buffered" in proc.stdout and "### escalation" in proc.stdout
     assert "Critical path of an eager run" in proc.stdout
+    for heading in ("Load: 2 ms round trip", "Load: 0 ms round trip", "Goals (issues 11 and 12"):
+        assert heading in proc.stdout, heading
+    for variant in ("eager, coalesce + cache", "eager, no coalesce", "eager, no cache", "eager, neither", "eager, cache warm"):
+        assert f"| {variant} |" in proc.stdout, variant
+
+
+async def test_the_proxy_process_adds_the_round_trip_asked_for_and_counts_them(pg_dsn: str) -> None:
+    async def ping_ms(dsn: str) -> float:
+        con = await asyncpg.connect(dsn)
+        try:
+            await con.fetchval("SELECT 1")
+            samples = []
+            for _ in range(25):
+                t0 = time.perf_counter()
+                await con.fetchval("SELECT 1")
+                samples.append((time.perf_counter() - t0) * 1000)
+            return statistics.median(samples)
+        finally:
+            await con.close()
+
+    async with ProxyProcess(pg_dsn, 0) as bare:
+        base = await ping_ms(bare.dsn)
+    async with ProxyProcess(pg_dsn, 5) as proxy:
+        before = await proxy.requests()
+        delayed = await ping_ms(proxy.dsn)
+        sent = await proxy.requests() - before
+    assert 26 <= sent <= 40, sent  # the connection's start-up, the first SELECT prepared, 25 more
+    assert abs((delayed - base) - 10.0) < 1.5, f"added {delayed - base:.2f} ms for 10 ms asked"

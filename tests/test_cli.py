@@ -328,6 +328,7 @@ def test_demo_prints_plans_and_a_latency_table_per_mode(pg_dsn: str) -> None:
     shown = re.search(r"^database: (\S+)$", out, re.M)
     assert shown is not None and "?host=" in shown.group(1) and ":@" not in shown.group(1)
     assert _current_database(shown.group(1)) == "planner_demo"
+    assert "under load" not in out  # a demo of a few runs skips the load table
 
 
 def _current_database(dsn: str) -> str:
@@ -343,6 +344,20 @@ def _current_database(dsn: str) -> str:
             await con.close()
 
     return asyncio.run(ask())
+
+
+async def test_the_demo_load_table_compares_coalescing_on_and_off(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from planner.demo.run import demo_dsn, measure_load, render_load
+
+    dsn = await demo_dsn(pg_dsn, lambda _m: None)
+    load = await measure_load(dsn, in_flight=20, pool=2, seconds=0.4)
+    assert [f.coalesce for f in load] == [True, False]
+    assert all(f.ok_per_s > 0 and f.p50_ms > 0 for f in load)
+    render_load(load, 0)
+    out = capsys.readouterr().out
+    assert "process_buffered under load: 20 messages in flight, pool 2, eager, at least 0.4 s each (the bare local database)" in out
+    assert re.search(r"^coalescing on\s+\d+\.\d\s+\d+\.\d\d\s+\d+\.\d\s+\d+\.\d$", out, re.M), out
+    assert re.search(r"^coalescing off\s+\d+\.\d\s+1\.00\s+\d+\.\d\s+\d+\.\d$", out, re.M), out
 
 
 # --- a trace given to `visualize` ------------------------------------------------------------

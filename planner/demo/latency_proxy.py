@@ -11,15 +11,26 @@ it starts and wakes that much early, so the round trip it adds is the one asked 
 
     async with LatencyProxy(upstream_dsn, one_way_ms=10) as proxy:
         pool = await asyncpg.create_pool(proxy.dsn)
+
+A thread still shares the GIL with the process it sits in: under load the proxy's work slows
+the process being measured (and its CPU time counts as that process's). `ProxyProcess` runs
+the same proxy in a process of its own, for throughput figures; it still counts round trips:
+
+    async with ProxyProcess(upstream_dsn, one_way_ms=10) as proxy:
+        before = await proxy.requests()
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import os
 import selectors
+import sys
 import threading
 from collections import deque
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 
@@ -152,3 +163,90 @@ class LatencyProxy:
             await sender
         finally:
             sender.cancel()
+
+
+_ROOT = str(Path(__file__).resolve().parent.parent.parent)  # the child imports this very planner: first on its path
+
+
+class ProxyProcess:
+    """`LatencyProxy` in a child process (`python -m planner.demo.latency_proxy`).
+
+    The child prints its DSN on its first line; then each `requests` line on its stdin is
+    answered with the number of chunks its clients have sent so far (round trips started).
+    Closing its stdin ends it; leaving the context does, and kills it if it lingers. The
+    upstream DSN reaches the child through its environment, never its command line (which
+    `ps` shows to anyone on the machine).
+    """
+
+    def __init__(self, upstream_dsn: str, one_way_ms: float) -> None:
+        self.upstream_dsn = upstream_dsn
+        self.one_way_ms = one_way_ms
+        self.dsn = ""
+        self._proc: asyncio.subprocess.Process | None = None
+        self._asking = asyncio.Lock()  # one question on the pipe at a time: answers come in order
+
+    async def __aenter__(self) -> ProxyProcess:
+        env = {**os.environ, "PLANNER_PROXY_UPSTREAM": self.upstream_dsn,
+               "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)}
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "planner.demo.latency_proxy", "--one-way-ms", str(self.one_way_ms), "--serve",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env)
+        assert self._proc.stdout is not None
+        line = await self._proc.stdout.readline()
+        if not line:
+            code = await self._proc.wait()
+            raise RuntimeError(f"the latency proxy process ended before it listened (exit code {code})")
+        self.dsn = line.decode().strip()
+        return self
+
+    async def requests(self) -> int:
+        """Chunks the proxy's clients have sent so far: the round trips they started."""
+        assert self._proc is not None and self._proc.stdin is not None and self._proc.stdout is not None
+        async with self._asking:
+            self._proc.stdin.write(b"requests\n")
+            await self._proc.stdin.drain()
+            return int((await self._proc.stdout.readline()).decode())
+
+    async def __aexit__(self, *exc: object) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def _serve(upstream_dsn: str, one_way_ms: float, *, commands: bool) -> None:
+    """Print the proxy's DSN; answer `requests` lines on stdin (with `commands`) until it ends,
+    else serve until interrupted."""
+    async with LatencyProxy(upstream_dsn, one_way_ms) as proxy:
+        print(proxy.dsn, flush=True)
+        if not commands:
+            await asyncio.Event().wait()
+        while line := await asyncio.to_thread(sys.stdin.readline):
+            if line.strip() == "requests":
+                print(proxy.requests, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A delaying TCP proxy in front of PostgreSQL: prints a DSN through it.")
+    parser.add_argument("--one-way-ms", type=float, default=10.0, help="delay added in each direction (ms)")
+    parser.add_argument("--dsn", default=None, help="the server (default: DATABASE_URL, else the embedded server)")
+    parser.add_argument("--serve", action="store_true",
+                        help="answer `requests` lines on stdin with the round trips counted; end when stdin closes")
+    args = parser.parse_args(argv)
+    dsn = args.dsn or os.environ.get("PLANNER_PROXY_UPSTREAM") or os.environ.get("DATABASE_URL")
+    if not dsn:
+        from planner.db import embedded_dsn
+
+        dsn = embedded_dsn()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(dsn, args.one_way_ms, commands=args.serve))
+
+
+if __name__ == "__main__":
+    main()

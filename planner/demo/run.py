@@ -8,17 +8,19 @@ import itertools
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
 from planner.api import Planner
-from planner.db import create_database, embedded_dsn, with_database
+from planner.coalesce import CoalescingBackend
+from planner.db import PoolBackend, create_database, embedded_dsn, with_database
 from planner.demo import data
 from planner.dsn import redact_dsn
+from planner.errors import FlowFailed
 from planner.executor import MODES
 from planner.graph import CompiledFlow
 
@@ -76,7 +78,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def queries_of(flow: CompiledFlow, states: dict[str, str]) -> int:
+def queries_of(flow: CompiledFlow, states: Mapping[str, str]) -> int:
     """Statements sent by the nodes that ran (a transaction adds BEGIN and COMMIT)."""
     total = 0
     for name, state in states.items():
@@ -105,8 +107,142 @@ async def measure(planner: Planner, flow: str, runs: int) -> list[ModeFigures]:
         for mode in MODES:
             result = await planner.run(flow, _inputs(flow, next(counter)), mode=mode)
             figures[mode].latencies_ms.append(result.elapsed_ms)
-            figures[mode].queries.append(queries_of(compiled, result.states()))
+            sent = {n: r.state for n, r in result.nodes.items() if r.served is None or not r.served.cached}
+            figures[mode].queries.append(queries_of(compiled, sent))  # a value from the cache sent none
     return list(figures.values())
+
+
+@dataclass
+class LoadFigures:
+    in_flight: int
+    pool: int
+    seconds: float  # measured
+    coalesce: bool
+    ok_per_s: float  # successful messages per second
+    failed_per_s: float
+    p50_ms: float
+
+
+LOAD_IN_FLIGHT = 200  # messages in flight in the load table
+LOAD_POOL = 10  # connections
+LOAD_SECONDS = 2.0  # measured per cell at least (see `steady_load`)
+LOAD_MIN_RUNS = 10  # a demo of fewer runs per mode (a quick check) skips the load table
+
+
+def _load_inputs(i: int) -> dict[str, Any]:
+    """Messages of different users of different instances, as many concurrent ones are."""
+    return {"instance_name": f"inst-{i % 2000 + 1:05d}", "user_phone": f"+1555{(i // 2000) % 10 + 1:07d}",
+            "message": f"demo load {time.time_ns()}-{i}"}
+
+
+async def measure_load(dsn: str, *, in_flight: int = LOAD_IN_FLIGHT, pool: int = LOAD_POOL,
+                       seconds: float = LOAD_SECONDS) -> list[LoadFigures]:
+    """process_buffered with `in_flight` messages at a time on `pool` connections, with
+    coalescing on (planner's default) and off (as `PLANNER_COALESCE=0` makes it)."""
+    out = []
+    counter = itertools.count()
+    for coalesce in (True, False):
+        backend = CoalescingBackend(PoolBackend(dsn=dsn, min_size=pool, max_size=pool), enabled=coalesce)
+        async with Planner(flows=seed_flows_dir(), backend=backend, allowed_modules=["planner.demo"]) as planner:
+            await planner.run("process_buffered", _load_inputs(next(counter)))  # the pool open
+            figures = await _workers(planner, counter, in_flight, seconds / 4, seconds)
+            out.append(LoadFigures(in_flight, pool, seconds, coalesce, *figures))
+    return out
+
+
+async def _workers(planner: Planner, counter: itertools.count[int], in_flight: int, warmup: float,
+                   seconds: float) -> tuple[float, float, float]:
+    """(ok/s, failed/s, p50 ms) of eager process_buffered runs under a steady load (`steady_load`)."""
+    window: Window[None] = await steady_load(
+        lambda: planner.run("process_buffered", _load_inputs(next(counter)), mode="eager"), in_flight, warmup, seconds)
+    return window.ok_per_s, window.failed_per_s, window.p50_ms
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class Window(Generic[T]):
+    """What happened between the two readings of a `steady_load`."""
+
+    elapsed: float  # seconds
+    done: int  # successful messages finished in the window
+    failed: int  # FlowFailed
+    latencies_ms: list[float]  # of the messages finished in the window
+    first: T | None  # what `read` returned at the window's start, and at its end
+    last: T | None
+
+    @property
+    def ok_per_s(self) -> float:
+        return self.done / self.elapsed
+
+    @property
+    def failed_per_s(self) -> float:
+        return self.failed / self.elapsed
+
+    @property
+    def p50_ms(self) -> float:
+        return statistics.median(self.latencies_ms) if self.latencies_ms else float("nan")
+
+
+async def steady_load(run: Callable[[], Awaitable[Any]], in_flight: int, warmup: float, seconds: float,
+                      read: Callable[[bool], Awaitable[T]] | None = None, cap: float = 60.0) -> Window[T]:
+    """`in_flight` workers call `run` back to back; measured between two readings, in steady state.
+
+    Unmeasured first: `warmup` seconds and until every worker has finished a message, so that
+    the connections are open, the statements prepared, and the first wave (every message
+    started at once) has passed. Then the window: `seconds`, and at least as long as it takes
+    `in_flight` messages to finish (a window shorter than one message's latency would count
+    whichever wave happened to end in it). Each phase is bounded by `cap` seconds. The messages
+    running at the end finish unmeasured. `read(first)` is awaited at the start
+    (`first=True`) and at the end of the window, for counters of the caller's. A `FlowFailed`
+    run counts as failed; any other error ends the load and is raised.
+    """
+    finished: list[tuple[float, float]] = []  # (finished at, ms)
+    failed: list[float] = []  # finished at
+    rounds = [0] * in_flight  # messages each worker has finished
+    stopping = False
+
+    progress = asyncio.Event()  # set whenever a message ends (or a worker does)
+
+    async def worker(k: int) -> None:
+        while not stopping:
+            start = time.perf_counter()
+            try:
+                await run()
+            except FlowFailed:
+                failed.append(time.perf_counter())
+            else:
+                end = time.perf_counter()
+                finished.append((end, (end - start) * 1000))
+            finally:
+                progress.set()
+            rounds[k] += 1
+
+    async def until(ready: Callable[[], bool], at_least: float) -> None:
+        start = time.perf_counter()
+        await asyncio.sleep(at_least)
+        while not ready() and (left := cap - (time.perf_counter() - start)) > 0:
+            for w in workers:
+                if w.done():
+                    w.result()  # an error other than FlowFailed ended it: raised here, not hidden
+            progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(progress.wait(), left)
+
+    workers = [asyncio.ensure_future(worker(k)) for k in range(in_flight)]
+    try:
+        await until(lambda: min(rounds) > 0, warmup)
+        first = await read(True) if read else None
+        t0, before = time.perf_counter(), len(finished) + len(failed)
+        await until(lambda: len(finished) + len(failed) - before >= in_flight, seconds)
+        t1 = time.perf_counter()
+        last = await read(False) if read else None
+    finally:
+        stopping = True
+        await asyncio.gather(*workers)  # the messages running finish, unmeasured
+    latencies = [ms for end, ms in finished if t0 <= end <= t1]
+    return Window(t1 - t0, len(latencies), sum(1 for end in failed if t0 <= end <= t1), latencies, first, last)
 
 
 async def run_demo(
@@ -114,23 +250,47 @@ async def run_demo(
 ) -> dict[str, Any]:
     """Everything `planner demo` shows, as data (the CLI renders it).
 
-    With `rtt_ms`, the queries go through `LatencyProxy`, which adds that round trip: the
-    network the seed's backend had, and where running lookups together pays.
+    With `rtt_ms`, the queries go through a latency proxy, which adds that round trip: the
+    network the seed's backend had, and where running lookups together pays. The proxy runs
+    in a process of its own (`ProxyProcess`), so that its work does not slow the runs measured.
+    `out["load"]` is the load table (None when `runs` is below `LOAD_MIN_RUNS`).
     """
-    from planner.demo.latency_proxy import LatencyProxy
+    from planner.demo.latency_proxy import ProxyProcess
 
     dsn = await demo_dsn(server_dsn, log)
     # Redacted before the query is cut off: a password may hold an unencoded `?`.
-    out: dict[str, Any] = {"database": redact_dsn(dsn).split("?")[0], "rtt_ms": rtt_ms, "flows": {}}
+    out: dict[str, Any] = {"database": redact_dsn(dsn).split("?")[0], "rtt_ms": rtt_ms, "flows": {}, "load": None}
     async with contextlib.AsyncExitStack() as stack:
         if rtt_ms:
-            dsn = (await stack.enter_async_context(LatencyProxy(dsn, rtt_ms / 2))).dsn
-        planner = await stack.enter_async_context(Planner(flows=seed_flows_dir(), dsn=dsn, allowed_modules=["planner.demo"]))
-        for flow in ("process_buffered", "escalation"):
-            figures = await measure(planner, flow, runs)
-            out["flows"][flow] = {"plan": planner.plan(flow), "compiled": planner.load(flow), "figures": figures}
+            dsn = (await stack.enter_async_context(ProxyProcess(dsn, rtt_ms / 2))).dsn
+        async with Planner(flows=seed_flows_dir(), dsn=dsn, allowed_modules=["planner.demo"]) as planner:
+            for flow in ("process_buffered", "escalation"):
+                figures = await measure(planner, flow, runs)
+                out["flows"][flow] = {"plan": planner.plan(flow), "compiled": planner.load(flow), "figures": figures}
+        if runs >= LOAD_MIN_RUNS:
+            log(f"measuring process_buffered under load ({LOAD_IN_FLIGHT} in flight, coalescing on and off, "
+                f"{LOAD_SECONDS:g} s each)")
+            out["load"] = await measure_load(dsn)
     return out
 
 
+def render_load(load: list[LoadFigures], rtt_ms: float) -> None:
+    """The load table, on stdout."""
+    from planner.cli import print_table
+
+    network = f"{rtt_ms:g} ms round trip added by a local proxy" if rtt_ms else "the bare local database"
+    off = next(f for f in load if not f.coalesce).ok_per_s
+    rows = [[f"coalescing {'on' if f.coalesce else 'off'}", f"{f.ok_per_s:.1f}", f"{f.ok_per_s / off:.2f}" if off else "-",
+             f"{f.p50_ms:.1f}", f"{f.failed_per_s:.1f}"] for f in load]
+    first = load[0]
+    print_table(f"process_buffered under load: {first.in_flight} messages in flight, pool {first.pool}, eager, "
+                f"at least {first.seconds:g} s each ({network})",
+                ["", "messages/s", "x off", "p50 ms", "failed/s"], rows, right={1, 2, 3, 4})
+    print()
+
+
 def main_sync(server_dsn: str | None, runs: int, rtt_ms: float = 0.0) -> dict[str, Any]:
-    return asyncio.run(run_demo(server_dsn, runs, rtt_ms))
+    figures = asyncio.run(run_demo(server_dsn, runs, rtt_ms))
+    if figures["load"]:
+        render_load(figures["load"], rtt_ms)
+    return figures
