@@ -348,13 +348,14 @@ async def measure_latency(dsn: str, flow: str, runs: int, figures: Figures, rtt:
 
 
 async def measure_load(dsn: str, proxy: ProxyProcess | None, server: ServerCpu | None, flow: str,
-                       pool_size: int, in_flight: int, seconds: float) -> dict[str, Load]:
+                       pool_size: int, in_flight: int, seconds: float, warmup: float | None = None) -> dict[str, Load]:
     """Every variant in turn, `in_flight` messages at a time on `pool_size` connections (see `_load`)."""
     out = {}
     for variant in VARIANTS:
         async with running(flow, variant, dsn, pool_size) as r:
             await r.run(inputs(flow, variant.warm))  # the pool open
-            out[variant.name] = await _load(r, flow, variant.warm, in_flight, seconds / 4, seconds, proxy, server)
+            out[variant.name] = await _load(r, flow, variant.warm, in_flight,
+                                            seconds / 4 if warmup is None else warmup, seconds, proxy, server)
     return out
 
 
@@ -552,12 +553,13 @@ async def main(args: argparse.Namespace) -> str:
     report = [f"# Benchmarks: the seed flows on PostgreSQL {pg_version}", "",
               f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.",
               f"Command: `{' '.join(['python -m benchmarks.seed_table', *args.argv])}`; {args.runs} runs per variant and round trip, "
-              f"load measured over {args.seconds:g} s per cell (after {args.seconds / 4:g} s unmeasured).",
+              f"load measured over {args.seconds:g} s per cell (after "
+              f"{args.seconds / 4 if args.load_warmup is None else args.load_warmup:g} s unmeasured).",
               "" if server_cpu else "Server CPU: not measured (the server does not run on this machine, or /proc cannot be read).",
               ""]
     async with contextlib.AsyncExitStack() as stack:
         proxies = {r: await stack.enter_async_context(ProxyProcess(dsn, r / 2)) for r in sorted({0, *rtts})}
-        for flow in ("process_buffered", "escalation"):
+        for flow in args.flows:
             figures = Figures()
             figures.round_trips = await count_round_trips(proxies[0], flow, args.count_runs, args.warmup)
             done(f"{flow}: round trips counted")
@@ -568,10 +570,11 @@ async def main(args: argparse.Namespace) -> str:
                 for p in args.pools:
                     for n in args.flights:
                         figures.load[(top, p, n)] = await measure_load(
-                            proxies[top].dsn, proxies[top], server_cpu, flow, p, n, args.seconds)
+                            proxies[top].dsn, proxies[top], server_cpu, flow, p, n, args.seconds, args.load_warmup)
                         done(f"{flow}: load at {top} ms, pool {p}, {n} in flight")
                 p, n = args.cpu_bound
-                figures.load[(0, p, n)] = await measure_load(dsn, None, server_cpu, flow, p, n, args.seconds)
+                figures.load[(0, p, n)] = await measure_load(dsn, None, server_cpu, flow, p, n, args.seconds,
+                                                             args.load_warmup)
                 done(f"{flow}: load at 0 ms")
             table = render(flow, figures, rtts)
             print(table)
@@ -639,11 +642,15 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=2.0, help="load measuring time per cell (0: skip)")
     parser.add_argument("--pools", default="10,20", help="pool sizes of the load tables, comma-separated")
     parser.add_argument("--flights", default="1,50,200", help="messages in flight of the load tables, comma-separated")
+    parser.add_argument("--load-warmup", type=float, default=None,
+                        help="unmeasured seconds at load before each cell (default: a quarter of --seconds)")
+    parser.add_argument("--flows", default="process_buffered,escalation", help="flows to measure, comma-separated")
     parser.add_argument("--dsn", default=None, help="server DSN (default: DATABASE_URL, else embedded)")
     parser.add_argument("--out", default="BENCHMARKS.md")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
     args.pools, args.flights = [int(p) for p in args.pools.split(",")], [int(n) for n in args.flights.split(",")]
+    args.flows = [f for f in args.flows.split(",") if f]
     args.cpu_bound = (10, 200)  # the 0 ms load: pool, in flight
     args.warmup, args.count_runs = 20, max(20, args.runs // 5)  # runs uncounted, then counted, for round trips/run
     if args.smoke:
