@@ -922,3 +922,20 @@ async def test_concurrent_writes_give_every_run_what_it_gets_alone_and_write_onc
     finally:
         await stack.planner.close()
         await reference.planner.close()
+
+
+@pytest.mark.parametrize(("sql", "fetch"), [
+    pytest.param("UPDATE whatsapp_instances SET escalation_threshold = 3 WHERE id = $id", "value", id="no-returning"),
+    pytest.param("UPDATE whatsapp_instances SET escalation_threshold = 3 WHERE id = $id RETURNING id", "none",
+                 id="fetch-none"),
+    pytest.param("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) "
+                 "UPDATE whatsapp_instances SET escalation_threshold = (SELECT max(n) FROM r) WHERE id = $id RETURNING id",
+                 "value", id="recursive-with"),
+])
+def test_coalesce_true_on_a_write_that_cannot_be_combined_is_refused_at_load(sql: str, fetch: str) -> None:
+    from planner import FlowFileError, load_flow
+
+    text = f"inputs: {{id: int}}\nnodes:\n  w: {{sql: \"{sql}\", fetch: {fetch}, coalesce: true}}\n"
+    with pytest.raises(FlowFileError, match="coalesce: true needs one statement that returns rows") as info:
+        load_flow(text=text, name="w")
+    assert info.value.node == "w"

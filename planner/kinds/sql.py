@@ -9,7 +9,7 @@ from planner.errors import FlowFileError
 from planner.kinds import BindEnv, Body, BoundNode
 from planner.models import SqlNode
 from planner.refs import CompiledSql, RefSyntaxError, compile_getter, compile_sql
-from planner.sqlinfo import SqlInfo, analyze
+from planner.sqlinfo import SqlInfo, analyze, combine_writes
 
 if TYPE_CHECKING:
     from planner.graph import CompiledNode
@@ -37,10 +37,12 @@ class SqlKind:
         if node.cache is not None and not read_only:
             raise marks.error(f"cache: only one read-only statement can be cached; {_not_read_only(node, infos)}",
                               ("nodes", name, "cache"), code="PLN130")
-        if node.coalesce and not read_only and (len(statements) > 1 or node.fetch == "none"):
+        if node.coalesce and not read_only and (len(statements) > 1 or node.fetch == "none"
+                                                or combine_writes(statements[0].text, 2) is None):
             raise marks.error(
-                "coalesce: true needs one statement that returns rows (RETURNING, fetch: one/all/value): a "
-                "statement list is a transaction of its own and is never shared", ("nodes", name, "coalesce"))
+                "coalesce: true needs one statement that returns rows (RETURNING, fetch: one/all/value) and "
+                "that can be combined with others (no nested or recursive WITH): a statement list is a "
+                "transaction of its own and is never shared", ("nodes", name, "coalesce"))
         return Body(
             refs=tuple(ref for s in statements for ref in s.params),
             fields={
