@@ -64,7 +64,8 @@ class Planner:
 
     `dsn=` gives planner a pool of its own (closed with the planner); `pool=` borrows yours
     (never closed here). Either way the backend is
-    `FusingBackend(CoalescingBackend(PoolBackend(...)))`: sibling reads of one run that are
+    `CacheBackend(FusingBackend(CoalescingBackend(PoolBackend(...))))` (with a replica, a
+    `ReplicaBackend` under the cache routes each read to one of two such stacks): sibling reads of one run that are
     ready together share one statement (`planner.fuse`), and reads of concurrent runs that
     would wait for a connection share one (`planner.coalesce`). `backend=` takes any
     `planner.backend.Backend` instead, used as given. With none, `DATABASE_URL` is used, else the embedded
@@ -129,7 +130,8 @@ class Planner:
             replica = resolve_dsn(replica_dsn)
             if replica is not None:  # the same stack on the replica's own pool, routed per node
                 backend = self.replica = ReplicaBackend(backend, FusingBackend(CoalescingBackend(
-                    PoolBackend(dsn=replica, min_size=min_size, max_size=max_size, full_reset=full_reset))),
+                    PoolBackend(dsn=replica, min_size=min_size, max_size=max_size, full_reset=full_reset,
+                                pooler=pooler))),
                     dsn=replica, max_lag=parse_max_lag(replica_max_lag))
         elif replica_dsn:
             raise TypeError("replica_dsn= applies to planner's own backend; with backend=, wrap yours in "
@@ -145,6 +147,7 @@ class Planner:
         self._env = BindEnv(self.targets, self.backend, self.threads)
         self._cache: dict[str, _Entry] = {}
         self._reloading: dict[str, asyncio.Future[_Entry]] = {}
+        self._failed: dict[str, tuple[int, int]] = {}  # the stamp of a file that did not load
         self._objects: weakref.WeakKeyDictionary[CompiledFlow, _Entry] = weakref.WeakKeyDictionary()
         self._db_open = False
         self._closed = False
@@ -227,6 +230,8 @@ class Planner:
             return entry
         if entry is not None and time.time_ns() - stamp[0] < QUIET_S * 1e9:
             return entry  # still being written, perhaps: keep the last good version for now
+        if entry is not None and self._failed.get(name) == stamp:
+            return entry  # this very file failed to load: not again until it changes
         pending = self._reloading.get(name)
         if pending is None:
             pending = self._reloading[name] = asyncio.ensure_future(
@@ -253,6 +258,7 @@ class Planner:
                 raise FlowFileError("the file changed while it was read; trying again on the next run", file=path)
             new = self._bind(flow, stamp)
         except FlowError as exc:
+            self._failed[name] = stamp
             if entry is None:
                 raise
             if str(self.reload_errors.get(name)) != str(exc):

@@ -337,6 +337,11 @@ class CacheBackend(WrappingBackend):
 
         return run_then_invalidate
 
+    async def close(self) -> None:
+        """Send the invalidations still queued for other processes, then close the rest."""
+        await asyncio.gather(*self._sends, return_exceptions=True)
+        await self.inner.close()
+
     # --- statistics ---------------------------------------------------------------------
 
     @property

@@ -679,8 +679,8 @@ class PoolBackend:
                 outcomes.append((rows, None))
             elif fetch == "one":
                 outcomes.append((rows[0] if rows else None, None))
-            else:
-                outcomes.append((next(iter(rows[0].values())) if rows else None, None))
+            else:  # the first column by position: names may repeat
+                outcomes.append((arrays[0][0] if names and arrays[0] else None, None))
         return outcomes
 
     async def _columns(self, con: asyncpg.Connection, text: str) -> tuple[str, ...] | None:
@@ -770,6 +770,13 @@ class PoolBackend:
             con: Any = None
             try:
                 pool = self._pool or await self.pool()
+                if self.pooler == TRANSACTION_POOLER:
+                    # LISTEN cannot pass a transaction pooler (found out only now when the DSN
+                    # came from DATABASE_URL): the cache stays in its process, and says so once.
+                    logger.warning("cache channel %r: not available behind a transaction pooler; cached values "
+                                   "are this process's own (invalidations do not reach other processes)", channel)
+                    on_state(True)
+                    return
                 con = await (asyncpg.connect(self._connected_dsn) if self._connected_dsn else pool.acquire())
                 con.add_termination_listener(lambda _con, lost=lost: lost.set())
                 await con.add_listener(channel, lambda _con, _pid, _channel, payload: on_message(payload))
@@ -867,10 +874,12 @@ def _fused_text(statements: list[CompiledSql], shapes: list[tuple[str, ...]]) ->
     columns: list[str] = []
     offset = 0
     for i, (statement, names) in enumerate(zip(statements, shapes, strict=True)):
-        inner = statement.render([f"${offset + k + 1}" for k in range(len(statement.params))])
+        inner = statement.render([f"${offset + k + 1}" for k in range(len(statement.params))]).rstrip()
+        inner = inner[:-1] if inner.endswith(";") else inner
         offset += len(statement.params)
         aliases = ", ".join(f"c{k + 1}" for k in range(len(names)))
-        ctes.append(f'm{i + 1} AS MATERIALIZED (SELECT q.*, row_number() OVER () AS "?row" FROM ({inner}) AS q({aliases}))')
+        # The newline ends a trailing `-- comment` of the statement.
+        ctes.append(f'm{i + 1} AS MATERIALIZED (SELECT q.*, row_number() OVER () AS "?row" FROM ({inner}\n) AS q({aliases}))')
         columns += [f'ARRAY(SELECT c{k + 1} FROM m{i + 1} ORDER BY "?row")' for k in range(len(names))]
     return f"WITH {', '.join(ctes)} SELECT {', '.join(columns)}"
 

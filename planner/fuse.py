@@ -56,11 +56,14 @@ class FusingBackend(WrappingBackend):
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         group.members.append((query, future))
         try:
-            return await future
+            value = await future
         except asyncio.CancelledError:
             if group.task is not None and all(f.done() for _, f in group.members):
                 group.task.cancel()  # nobody waits: cancel the statement on the server
             raise
+        if value is _ALONE:  # sent from the node's own task: its cancellation reaches the server
+            return await self.inner.run(query)
+        return value
 
     def _flush(self, key: int) -> None:
         group = self._groups.pop(key)
@@ -68,8 +71,8 @@ class FusingBackend(WrappingBackend):
         if not live:
             return
         if len(live) == 1 or not self.inner.idle():
-            for query, future in live:
-                asyncio.get_running_loop().create_task(self._alone(query, future))
+            for _query, future in live:
+                future.set_result(_ALONE)
             return
         group.task = asyncio.get_running_loop().create_task(self._send(live))
 
@@ -96,6 +99,10 @@ class FusingBackend(WrappingBackend):
         for (query, future), outcome in zip(members, outcomes, strict=True):
             query.served.fused = len(members)
             _deliver(future, outcome)
+
+
+_ALONE = object()
+"""What a member's future holds when it is to go on its own (from its own task)."""
 
 
 def _deliver(future: asyncio.Future[Any], outcome: Outcome) -> None:

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -193,3 +194,25 @@ async def test_a_flow_is_compiled_off_the_event_loop(tmp_path: Path) -> None:
     # On the loop, the stall is the whole compile (and more: binding). On a thread, it is the
     # longest stretch the compile holds the GIL in one C call (libyaml composing the document).
     assert max(gaps) < 0.6 * compile_s, f"the loop stalled {max(gaps) * 1000:.0f} ms of a {compile_s * 1000:.0f} ms compile"
+
+
+async def test_a_broken_edit_is_not_compiled_again_until_it_changes(
+    write_flow: Write, planner: Planner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from planner import api
+    from planner.graph import compile_flow
+
+    path = write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n")
+    await planner.run("t")
+    _edit(path, "nodes:\n  a: {call: tests.nodes:echo, with: {value: $nope}}\n")
+    compiles: list[object] = []
+    real = compile_flow
+
+    def counting(loaded: Any) -> Any:
+        compiles.append(loaded)
+        return real(loaded)
+
+    monkeypatch.setattr(api, "compile_flow", counting)
+    for _ in range(3):
+        assert (await planner.run("t")).values["a"] == 1
+    assert len(compiles) == 1

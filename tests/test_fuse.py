@@ -210,3 +210,23 @@ async def test_a_member_the_server_cannot_prepare_fails_alone(fuse_db: str) -> N
     assert counting.fused == [2]
     assert result.values == {"ok": 1, "missing": []}
     assert result.nodes["ok"].state is NodeState.OK and result.nodes["missing"].state is NodeState.DEFAULTED
+
+
+async def test_members_ending_in_a_semicolon_or_a_comment_still_fuse(fuse_db: str) -> None:
+    flow = load_flow(text="""
+        nodes:
+          root: {sql: SELECT 1 AS k, fetch: one}
+          semi: {sql: "SELECT $root.k + 1 AS v;", fetch: value}
+          comment: {sql: "SELECT $root.k + 2 AS v, $root.k + 3 AS v -- the first v", fetch: value}
+        """, name="ends")
+    planner, counting = _planner(fuse_db, fuse=True)
+    async with planner:
+        result = await planner.run(flow)
+    assert counting.fused == [2]
+    assert result.values["semi"] == 2 and result.values["comment"] == 3  # the first column, as alone
+    assert result.nodes["semi"].served is not None and result.nodes["semi"].served.fused == 2
+
+
+def test_a_read_that_fetches_a_status_is_never_fused() -> None:
+    flow = load_flow(text="nodes:\n  a: {sql: SELECT 1, fetch: none}\n  b: {sql: SELECT 2, fetch: value}\n", name="s")
+    assert not flow.nodes["a"].fuse and flow.nodes["b"].fuse

@@ -54,7 +54,7 @@ class SqlKind:
                 # Reads are shared unless turned off; a write only when its author says it may be.
                 "coalesce": node.fetch != "none" and (node.coalesce is True or (read_only and node.coalesce is None)),
                 "cache_ttl": node.cache,
-                "fuse": read_only and node.fuse is not False,
+                "fuse": read_only and node.fetch != "none" and node.fuse is not False,  # a status is not a row
             },
         )
 
