@@ -76,7 +76,7 @@ async def parent(args: argparse.Namespace) -> None:
             procs = [await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "benchmarks.fleet", "--child", str(k), "--tag", tag, "--dsn", proxy.dsn,
                 "--in-flight", str(args.in_flight), "--pool", str(args.pool), "--seconds", str(args.seconds),
-                stdout=asyncio.subprocess.PIPE, cwd=ROOT) for k in range(n)]
+                stdout=asyncio.subprocess.PIPE, cwd=ROOT, limit=1 << 26) for k in range(n)]
             admin = await asyncpg.connect(server)
             acks: list[list[str]] = [[] for _ in procs]
             finals: list[dict[str, Any] | None] = [None] * n
