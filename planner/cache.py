@@ -45,6 +45,7 @@ from typing import Any
 from cachetools import TLRUCache
 
 from planner.backend import Backend, Query, WrappingBackend
+from planner.config import env_on
 
 DEFAULT_SIZE = 4096
 """How many values a `CacheBackend` keeps at most (all nodes together) before evicting the least
@@ -60,11 +61,6 @@ NodeRun = Callable[[Any], Coroutine[Any, Any, Any]]
 
 logger = logging.getLogger("planner")
 LISTEN_WAIT_S = 2.0  # how long the first cached read waits for the channel between processes
-
-
-def cache_enabled() -> bool:
-    """False when `PLANNER_CACHE` says off (`0`, `false`, `off`, `no`)."""
-    return os.environ.get("PLANNER_CACHE", "").strip().lower() not in ("0", "false", "off", "no")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +131,7 @@ class CacheBackend(WrappingBackend):
     """Serves `cache:` nodes from memory; passes every other query to `inner` untouched.
 
     `maxsize` bounds how many values are kept; `timer` (seconds, monotonic) decides expiry,
-    and tests inject one; `enabled=None` reads `PLANNER_CACHE` (see `cache_enabled`).
+    and tests inject one; `enabled=None` reads `PLANNER_CACHE` (see `planner.config.env_on`).
     """
 
     def __init__(
@@ -148,7 +144,7 @@ class CacheBackend(WrappingBackend):
         channel: str | None = None,
     ) -> None:
         super().__init__(inner)
-        self.enabled = cache_enabled() if enabled is None else enabled
+        self.enabled = env_on("PLANNER_CACHE") if enabled is None else enabled
         # With a channel, invalidations travel between processes (LISTEN/NOTIFY), and values
         # are trusted only while this process listens: one that lost the channel may have
         # missed a write elsewhere.
@@ -268,7 +264,7 @@ class CacheBackend(WrappingBackend):
         if flow == "*":
             self._forget_all()
             return
-        self._dropped += self._drop([p for p in self._gens if p == (flow, node)] or [(flow, node)])
+        self._dropped += self._drop([(flow, node)])
 
     def _publish(self, pairs: Iterable[Pair] | None) -> None:
         """Tell the other processes (in the background: the run does not wait for it)."""

@@ -26,13 +26,13 @@ import copy
 import datetime as dt
 import decimal
 import logging
-import os
 import uuid
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 from planner.backend import ALONE, Backend, Outcome, Query, WrappingBackend
+from planner.config import env_on
 from planner.graph import CompiledNode
 
 logger = logging.getLogger("planner")
@@ -42,11 +42,6 @@ MAX_WRITE_BATCH = 32  # runs sharing one write: past this, the server's cost per
 # (one combined write holds every member's CTEs; planning it grows faster than its size)
 
 _BatchKey = tuple[str, str, float | None]  # statement text, fetch, timeout: what a batch's statement depends on
-
-
-def _env_enabled() -> bool:
-    """`PLANNER_COALESCE=0` (or `false`/`no`/`off`) turns coalescing off for the process."""
-    return os.environ.get("PLANNER_COALESCE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 @dataclass(eq=False)
@@ -99,7 +94,7 @@ class CoalescingBackend(WrappingBackend):
     def __init__(self, inner: Backend, *, max_batch: int = MAX_BATCH, enabled: bool | None = None) -> None:
         super().__init__(inner)
         self.max_batch = max_batch
-        self.enabled = _env_enabled() if enabled is None else enabled
+        self.enabled = env_on("PLANNER_COALESCE") if enabled is None else enabled
         self._pending: dict[_BatchKey, _Batch] = {}
         self._alone: set[str] = set()  # statements the inner backend said cannot be batched
         self.batches = 0  # statements sent for more than one run (a figure for benchmarks)

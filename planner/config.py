@@ -62,6 +62,11 @@ class FlowSource:
         return sorted(p for suffix in SUFFIXES for p in self.folder.glob(f"*{suffix}"))
 
 
+def env_on(name: str) -> bool:
+    """A process-wide switch: on unless the variable `name` says off (`0`, `false`, `off`, `no`)."""
+    return os.environ.get(name, "").strip().lower() not in ("0", "false", "off", "no")
+
+
 def module_allowed(module: str, allowed: Iterable[str]) -> bool:
     """`myflows` allows `myflows` and `myflows.tasks`, never `myflows_evil`."""
     return any(module == a or module.startswith(a + ".") for a in allowed if a)

@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import asyncpg
 
 from planner.backend import Described, Outcome, Query
+from planner.config import env_on
 from planner.dsn import redact_dsn
 from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
 from planner.graph import CompiledNode
@@ -979,15 +980,12 @@ def embedded_dsn(home: Path | None = None, *, database: str = "postgres") -> str
     return str(server.get_uri(database))
 
 
-_OFF = ("0", "false", "off", "no")
 
 
 def embedded_allowed(flag: bool | None = None) -> bool:
     """Whether the embedded server may be started when no database is named: `flag` when given,
     else `PLANNER_EMBEDDED` (0, false, off or no forbid it), else yes."""
-    if flag is not None:
-        return flag
-    return os.environ.get("PLANNER_EMBEDDED", "").strip().lower() not in _OFF
+    return flag if flag is not None else env_on("PLANNER_EMBEDDED")
 
 
 @dataclass(frozen=True)

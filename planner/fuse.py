@@ -17,15 +17,10 @@ timeout or cancellation ends only its own wait.
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
 
 from planner.backend import ALONE, Backend, Outcome, Query, WrappingBackend
-
-
-def _env_enabled() -> bool:
-    """`PLANNER_FUSE=0` (or `false`/`no`/`off`) turns fusion off for the process."""
-    return os.environ.get("PLANNER_FUSE", "1").strip().lower() not in ("0", "false", "no", "off")
+from planner.config import env_on
 
 
 class _Group:
@@ -41,7 +36,7 @@ class FusingBackend(WrappingBackend):
 
     def __init__(self, inner: Backend, *, enabled: bool | None = None) -> None:
         super().__init__(inner)
-        self.enabled = _env_enabled() if enabled is None else enabled
+        self.enabled = env_on("PLANNER_FUSE") if enabled is None else enabled
         self._groups: dict[int, _Group] = {}
         self.fused = 0  # statements that served more than one node (a figure for benchmarks)
 
