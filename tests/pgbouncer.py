@@ -5,7 +5,8 @@ pgbouncer`; its absence fails the tests that need it, it never skips them) on a 
 127.0.0.1 in front of `planner_pg`: `pool_mode = transaction`, `default_pool_size = 5`, every
 database of the server reachable under its own name. `pgbouncer.dsn(server_dsn)` turns a DSN of
 that server (any database: `demo_dsn`'s fresh ones included) into the same database through
-PgBouncer, with `?pgbouncer=transaction` so that planner knows.
+PgBouncer, with `?pgbouncer=transaction` so that planner knows. `start` and `stop` work outside
+pytest too: benchmarks/fleet.py runs its fleet through them.
 """
 
 from __future__ import annotations
@@ -28,13 +29,17 @@ POOL_SIZE = 5  # server connections per database (PgBouncer's default_pool_size)
 INSTALL = "apt-get install pgbouncer"
 
 
+class PgBouncerError(RuntimeError):
+    """PgBouncer is missing or would not start (the message says which, with its log)."""
+
+
 def _binary() -> str:
     """`pgbouncer` from PATH (or Debian's /usr/sbin, often missing from a user's PATH)."""
     found = shutil.which("pgbouncer") or next(
         (str(p) for p in (Path("/usr/sbin/pgbouncer"), Path("/usr/local/sbin/pgbouncer")) if p.exists()), None)
     if found is None:
-        pytest.fail(f"pgbouncer is not installed (the PgBouncer tests need it): {INSTALL} "
-                    "(Debian/Ubuntu; .ci/run installs it)", pytrace=False)
+        raise PgBouncerError(f"pgbouncer is not installed (the PgBouncer tests and benchmarks need it): {INSTALL} "
+                             "(Debian/Ubuntu; .ci/run installs it)")
     return found
 
 
@@ -120,7 +125,7 @@ def start(server_dsn: str, *, pool_size: int = POOL_SIZE) -> PgBouncer:
             time.sleep(0.05)
     log_text = bouncer.log()
     stop(bouncer)
-    pytest.fail(f"pgbouncer did not start ({' '.join(command)}):\n{log_text}", pytrace=False)
+    raise PgBouncerError(f"pgbouncer did not start ({' '.join(command)}):\n{log_text}")
 
 
 def stop(bouncer: PgBouncer) -> None:
@@ -136,6 +141,9 @@ def stop(bouncer: PgBouncer) -> None:
 @pytest.fixture(scope="session")
 def pgbouncer(planner_pg: str) -> Iterator[PgBouncer]:
     """PgBouncer (transaction mode) in front of the suite's server, for the session."""
-    bouncer = start(planner_pg)
+    try:
+        bouncer = start(planner_pg)
+    except PgBouncerError as exc:
+        pytest.fail(str(exc), pytrace=False)
     yield bouncer
     stop(bouncer)
