@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
+from cachetools import LRUCache
 
 from planner.backend import Described, Outcome, Query
 from planner.config import env_on
@@ -48,6 +49,9 @@ STATEMENT_CACHE = 256  # prepared statements kept per connection (asyncpg's defa
 _RELEASE_TIMEOUT_S = 2.0  # a connection that cannot be reset in this time (a frozen backend) is terminated
 TRANSACTION_POOLER = "transaction"
 DESCRIBED_S = 5.0  # behind a transaction pooler: how long a statement's description is used (`PoolerConnection`)
+# Entries each of `PoolBackend`'s per-statement caches keeps (least recently used dropped
+# first): a service that edits its flows while it runs makes new statement texts forever.
+STATEMENTS_KEPT = 4096
 
 # What a flow statement may leave behind on its session, undone before the connection is
 # reused. RESET ALL leaves the role alone, hence SET SESSION AUTHORIZATION DEFAULT (which
@@ -414,11 +418,16 @@ class PoolBackend:
         self._lock = asyncio.Lock()
         self._releases: set[asyncio.Task[None]] = set()
         self._baseline: tuple[str | None, ...] | None = None
-        self._batches: dict[str, str | None] = {}
+        # What planner learnt of each statement text, kept per text (see `STATEMENTS_KEPT`):
+        kept = STATEMENTS_KEPT
+        self._combined: LRUCache[str, str | None] = LRUCache(kept)  # fetch, read -> its batch statement (None: not shared)
+        self._writes: LRUCache[str, str | None] = LRUCache(kept)  # members, write -> the combined write
+        self._shapes: LRUCache[str, tuple[str, ...] | None] = LRUCache(kept)  # read -> its column names (None: not fusible)
+        self._fused: LRUCache[str, str] = LRUCache(kept)  # reads of one run -> their fused statement
+        self._refused: LRUCache[str, str | None] = LRUCache(kept)  # statements -> why they cannot run behind the pooler
         self._busy = 0  # connections held or waited for by planner's statements
         self._listener: asyncio.Task[None] | None = None
         self._connected_dsn: str | None = None  # the DSN an owned pool was made from
-        self._refused: dict[str, str | None] = {}  # statements -> why they cannot run behind the pooler
 
     @property
     def opened(self) -> bool:
@@ -626,9 +635,9 @@ class PoolBackend:
 
     def _write_text(self, text: str, members: int) -> str | None:
         key = f"{members}\0{text}"
-        if key not in self._batches:
-            self._batches[key] = combine_writes(text, members)
-        return self._batches[key]
+        if key not in self._writes:
+            self._writes[key] = combine_writes(text, members)
+        return self._writes[key]
 
     async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
         """The reads of one run as one statement: each member's statement materialized once,
@@ -655,9 +664,9 @@ class PoolBackend:
         if any(shape is None for shape in shapes):
             return None
         key = "\0".join(q.statements[0].text for q in queries)
-        text = self._batches.get(key)
+        text = self._fused.get(key)
         if text is None:
-            text = self._batches[key] = _fused_text([q.statements[0] for q in queries], [s or () for s in shapes])
+            text = self._fused[key] = _fused_text([q.statements[0] for q in queries], [s or () for s in shapes])
         timeouts = [q.timeout for q in queries if q.timeout is not None]
         try:
             fetching = con.fetchrow(text, *[v for q in queries for v in q.params[0]])
@@ -686,14 +695,12 @@ class PoolBackend:
 
     async def _columns(self, con: asyncpg.Connection, text: str) -> tuple[str, ...] | None:
         """The names of `text`'s columns, or None if one of them cannot be returned in an array."""
-        key = "\0columns\0" + text
-        if key not in self._batches:
+        if text not in self._shapes:
             prepared = await con.prepare(text)
             attributes = prepared.get_attributes()
             fits = attributes and all(a.type.kind == "scalar" for a in attributes)
-            self._batches[key] = "\0".join(a.name for a in attributes) if fits else None
-        names = self._batches[key]
-        return None if names is None else tuple(names.split("\0"))
+            self._shapes[text] = tuple(a.name for a in attributes) if fits else None
+        return self._shapes[text]
 
     async def _batch_text(self, con: asyncpg.Connection, node: CompiledNode) -> str | None:
         """The combined statement for `node` (cached), or None when it cannot be shared safely:
@@ -702,8 +709,8 @@ class PoolBackend:
         in a subquery (the combined form is prepared once to find out)."""
         statement = node.statements[0]
         key = f"{node.fetch}\0{statement.text}"
-        if key in self._batches:
-            return self._batches[key]
+        if key in self._combined:
+            return self._combined[key]
         prepared = await con.prepare(statement.text)
         types = prepared.get_parameters()
         text: str | None = None
@@ -725,7 +732,7 @@ class PoolBackend:
             except asyncpg.PostgresError as exc:
                 logger.debug("statement not shared between runs: its combined form does not prepare: %s", exc)
                 text = None
-        self._batches[key] = text
+        self._combined[key] = text
         return text
 
     async def describe(self, text: str) -> Described:
