@@ -562,8 +562,9 @@ class PoolBackend:
         Each member of `params` then gets its own outcome: its value exactly as `run` would have
         returned it, or its own error. The node's timeout times the statements, as in `run`.
         When the combined statement fails (a member's bad value, a constraint, a read that took
-        too long), each member runs again alone on the same connection, so that one member's
-        failure is only that member's.
+        too long), each member runs again alone, so that one member's failure is only that
+        member's: a read's members all at once, each on a connection of its own (`_again`); a
+        write's one after the other on the batch's connection, in the order the runs asked.
         """
         pool = self._pool or await self.pool()
         self._check_pooler(node)
@@ -575,21 +576,22 @@ class PoolBackend:
             self._release_later(pool, con, node.session)
             _reraise(exc)
         self._release_later(pool, con, node.session)
-        return outcomes
+        return await self._again(pool, outcomes) if isinstance(outcomes, _Again) else outcomes
 
-    async def _batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | None:
+    async def _batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | _Again | None:
         statement = node.statements[0]
         if len(params) <= 1:  # nothing to share: the statement as it is
             return await _each_alone(con, node, statement, params)
         if not node.read_only:
             return await self._write_batch_on(con, node, params)
+        again = _Again([(node, statement, p) for p in params])
         try:
             text = await self._batch_text(con, node)
         except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             if _lost(exc) or con.is_closed():
                 raise
             # The statement itself does not prepare: each member gets the error it gets alone.
-            return await _each_alone(con, node, statement, params)
+            return again
         if text is None:
             return None
         columns = [list(column) for column in zip(*params, strict=True)]
@@ -601,8 +603,34 @@ class PoolBackend:
                 raise
             # One member's bad value fails the whole statement, and one slow member times it
             # out: each again alone, with its own outcome (a read has no effect to undo).
-            return await _each_alone(con, node, statement, params)
+            return again
         return _split(rows, len(params), node.fetch, row_numbers=True)
+
+    async def _again(self, pool: asyncpg.Pool, again: _Again) -> list[Outcome]:
+        """Each read of `again` run alone, all at once, each on a connection of its own from
+        the pool, timed by its node's timeout from its own statement's start (as alone).
+
+        Why so: one after the other on one connection, N members would cost N round trips, and
+        a slow member would hold the others' values back past their own timeouts. Why this keeps
+        the pool whole: the shared statement's connection is given back before a re-run asks for
+        one, so nothing holds a connection while it waits for another (batches that fall back at
+        the same time cannot starve each other of connections); at most the pool's size run at
+        once, the rest wait for a connection as any statement does; and each re-run gives its
+        connection back in a `finally` that cancellation runs too (`gather` cancels every re-run
+        and waits for them all before the batch's own cancellation ends it).
+        """
+
+        async def one(node: CompiledNode, statement: CompiledSql, params: list[Any]) -> Outcome:
+            try:
+                con = await self._acquire(pool)
+            except QueryError as exc:  # the pool cannot give a connection (the server is gone)
+                return (None, exc)
+            try:
+                return await _alone(con, node, statement, params)
+            finally:
+                self._release_later(pool, con, node.session)
+
+        return list(await asyncio.gather(*(one(*member) for member in again.members)))
 
     async def _write_batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | None:
         """Writes an author marked `coalesce: true`: one statement, so one transaction: all of
@@ -642,7 +670,9 @@ class PoolBackend:
     async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
         """The reads of one run as one statement: each member's statement materialized once,
         its columns sent back as typed arrays (`ARRAY(SELECT c ...)`), one row in all. None
-        when a member returns a column that cannot travel in an array (an array, a composite)."""
+        when a member returns a column that cannot travel in an array (an array, a composite).
+        When the fused statement fails (or times out), each member runs again alone, all at
+        once, each on a connection of its own (`_again`), with its own error and timeout."""
         pool = self._pool or await self.pool()
         con = await self._acquire(pool)
         try:
@@ -651,16 +681,17 @@ class PoolBackend:
             self._release_later(pool, con, False)
             _reraise(exc)
         self._release_later(pool, con, False)
-        return outcomes
+        return await self._again(pool, outcomes) if isinstance(outcomes, _Again) else outcomes
 
-    async def _fused_on(self, con: asyncpg.Connection, queries: list[Query]) -> list[Outcome] | None:
+    async def _fused_on(self, con: asyncpg.Connection, queries: list[Query]) -> list[Outcome] | _Again | None:
+        again = _Again([(q.node, q.statements[0], q.params[0]) for q in queries])
         try:
             shapes = [await self._columns(con, q.statements[0].text) for q in queries]
         except Exception as exc:
             if _lost(exc):
                 raise
             # A member the server refuses to prepare: each alone, with its own error.
-            return [await _alone(con, q.node, q.statements[0], q.params[0]) for q in queries]
+            return again
         if any(shape is None for shape in shapes):
             return None
         key = "\0".join(q.statements[0].text for q in queries)
@@ -675,7 +706,7 @@ class PoolBackend:
             if _lost(exc):
                 raise
             # A failing (or slow) member: each again alone, with its own error and timeout.
-            return [await _alone(con, q.node, q.statements[0], q.params[0]) for q in queries]
+            return again
         assert row is not None
         outcomes: list[Outcome] = []
         column = 0
@@ -831,6 +862,14 @@ class PoolBackend:
         task.add_done_callback(self._releases.discard)
 
 
+@dataclass(frozen=True)
+class _Again:
+    """A shared statement failed: each of these reads (node, statement, parameters) is to run
+    again alone, once the shared statement's connection is back in the pool (`PoolBackend._again`)."""
+
+    members: list[tuple[CompiledNode, CompiledSql, list[Any]]]
+
+
 def _lost(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, ConnectionError, asyncpg.ConnectionDoesNotExistError, asyncio.CancelledError))
 
@@ -846,8 +885,9 @@ async def _alone(con: asyncpg.Connection, node: CompiledNode, statement: Compile
 
 async def _each_alone(con: asyncpg.Connection, node: CompiledNode, statement: CompiledSql,
                       members: list[list[Any]]) -> list[Outcome]:
-    """Each member's statement alone, one after the other on `con`. A member whose statement
-    fails keeps its own error (a transient one too: its own retry policy decides); once the
+    """Each member's statement alone, one after the other on `con`: a lone member, or the
+    members of a write in the order the runs asked (a later one may depend on an earlier one's
+    rows, so they are not run at once). A member whose statement fails keeps its own error (a transient one too: its own retry policy decides); once the
     connection is lost, the members not yet run get a transient error."""
     outcomes: list[Outcome] = []
     for params in members:
