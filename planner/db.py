@@ -585,25 +585,36 @@ class PoolBackend:
         if not node.read_only:
             return await self._write_batch_on(con, node, params)
         again = _Again([(node, statement, p) for p in params])
-        try:
-            text = await self._batch_text(con, node)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            if _lost(exc) or con.is_closed():
-                raise
-            # The statement itself does not prepare: each member gets the error it gets alone.
-            return again
-        if text is None:
-            return None
-        columns = [list(column) for column in zip(*params, strict=True)]
-        try:
-            fetching = con.fetch(text, *columns)
-            rows = await (fetching if node.timeout is None else timed(fetching, node.timeout))
-        except Exception as exc:
-            if _lost(exc) or con.is_closed():
-                raise
-            # One member's bad value fails the whole statement, and one slow member times it
-            # out: each again alone, with its own outcome (a read has no effect to undo).
-            return again
+        failed: str | None = None  # the combined statement that failed as a stale one would
+        while True:
+            try:
+                text = await self._batch_text(con, node)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                if _lost(exc) or con.is_closed():
+                    raise
+                # The statement itself does not prepare: each member gets the error it gets alone.
+                return again
+            if text is None:
+                return None
+            if text == failed:  # described afresh, nothing changed: it failed for another reason
+                return again
+            columns = [list(column) for column in zip(*params, strict=True)]
+            try:
+                fetching = con.fetch(text, *columns)
+                rows = await (fetching if node.timeout is None else timed(fetching, node.timeout))
+            except Exception as exc:
+                if _lost(exc) or con.is_closed():
+                    raise
+                if failed is None and _stale(exc):
+                    # The parameter types written into it may be a migration old: describe
+                    # the statement again, once, and retry if that changes the combined one.
+                    failed = text
+                    self._combined.pop(f"{node.fetch}\0{statement.text}", None)
+                    continue
+                # One member's bad value fails the whole statement, and one slow member times it
+                # out: each again alone, with its own outcome (a read has no effect to undo).
+                return again
+            break
         return _split(rows, len(params), node.fetch, row_numbers=True)
 
     async def _again(self, pool: asyncpg.Pool, again: _Again) -> list[Outcome]:
@@ -685,28 +696,42 @@ class PoolBackend:
 
     async def _fused_on(self, con: asyncpg.Connection, queries: list[Query]) -> list[Outcome] | _Again | None:
         again = _Again([(q.node, q.statements[0], q.params[0]) for q in queries])
-        try:
-            shapes = [await self._columns(con, q.statements[0].text) for q in queries]
-        except Exception as exc:
-            if _lost(exc):
-                raise
-            # A member the server refuses to prepare: each alone, with its own error.
-            return again
-        if any(shape is None for shape in shapes):
-            return None
-        key = "\0".join(q.statements[0].text for q in queries)
-        text = self._fused.get(key)
-        if text is None:
-            text = self._fused[key] = _fused_text([q.statements[0] for q in queries], [s or () for s in shapes])
+        texts = [q.statements[0].text for q in queries]
+        key = "\0".join(texts)
         timeouts = [q.timeout for q in queries if q.timeout is not None]
-        try:
-            fetching = con.fetchrow(text, *[v for q in queries for v in q.params[0]])
-            row = await (fetching if not timeouts else timed(fetching, min(timeouts)))
-        except Exception as exc:
-            if _lost(exc):
-                raise
-            # A failing (or slow) member: each again alone, with its own error and timeout.
-            return again
+        failed: str | None = None  # the fused statement that failed as a stale one would
+        while True:
+            try:
+                shapes = [await self._columns(con, text) for text in texts]
+            except Exception as exc:
+                if _lost(exc):
+                    raise
+                # A member the server refuses to prepare: each alone, with its own error.
+                return again
+            if any(shape is None for shape in shapes):
+                return None
+            text = self._fused.get(key)
+            if text is None:
+                text = self._fused[key] = _fused_text([q.statements[0] for q in queries], [s or () for s in shapes])
+            if text == failed:  # described afresh, nothing changed: it failed for another reason
+                return again
+            try:
+                fetching = con.fetchrow(text, *[v for q in queries for v in q.params[0]])
+                row = await (fetching if not timeouts else timed(fetching, min(timeouts)))
+            except Exception as exc:
+                if _lost(exc):
+                    raise
+                if failed is None and _stale(exc):
+                    # A migration may have changed a member's columns since they were
+                    # described: describe them again, once, and retry if that changes anything.
+                    failed = text
+                    for member in texts:
+                        self._shapes.pop(member, None)
+                    self._fused.pop(key, None)
+                    continue
+                # A failing (or slow) member: each again alone, with its own error and timeout.
+                return again
+            break
         assert row is not None
         outcomes: list[Outcome] = []
         column = 0
@@ -917,7 +942,15 @@ def _split(rows: list[Any], members: int, fetch: str, *, row_numbers: bool) -> l
 
 def _fused_text(statements: list[CompiledSql], shapes: list[tuple[str, ...]]) -> str:
     """`WITH m1 AS MATERIALIZED (...), m2 ... SELECT ARRAY(SELECT c1 FROM m1 ORDER BY "?row"), ...`:
-    each statement runs once, with its parameters numbered after the previous one's."""
+    each statement runs once, with its parameters numbered after the previous one's.
+
+    `shapes` (each member's column names) were learnt earlier, and a migration may have changed
+    them since: the statement is written to fail then, never to return a value of the old
+    shape (`_stale` tells such failures apart; the members are described again). A member's
+    columns are taken by name, so a column renamed or dropped is an undefined column (by
+    position only when names repeat, where a dropped one is still an error); and a count of
+    its columns that is parsed but never run (the planner folds `true OR ...` away) fails
+    when a column was added under `SELECT *`."""
     ctes: list[str] = []
     columns: list[str] = []
     offset = 0
@@ -925,11 +958,33 @@ def _fused_text(statements: list[CompiledSql], shapes: list[tuple[str, ...]]) ->
         inner = statement.render([f"${offset + k + 1}" for k in range(len(statement.params))]).rstrip()
         inner = inner[:-1] if inner.endswith(";") else inner
         offset += len(statement.params)
-        aliases = ", ".join(f"c{k + 1}" for k in range(len(names)))
+        if len(set(names)) == len(names):
+            taken, source = [f"q.{quote_ident(name)}" for name in names], "q"
+        else:
+            taken = [f"q.c{k + 1}" for k in range(len(names))]
+            source = f"q({', '.join(f'c{k + 1}' for k in range(len(names)))})"
+        picked = ", ".join(f"{column} AS c{k + 1}" for k, column in enumerate(taken))
+        count = f"true OR EXISTS (SELECT q.* UNION ALL SELECT {', '.join(['NULL'] * len(names))})"
         # The newline ends a trailing `-- comment` of the statement.
-        ctes.append(f'm{i + 1} AS MATERIALIZED (SELECT q.*, row_number() OVER () AS "?row" FROM ({inner}\n) AS q({aliases}))')
+        ctes.append(f'm{i + 1} AS MATERIALIZED (SELECT {picked}, row_number() OVER () AS "?row" '
+                    f"FROM ({inner}\n) AS {source} WHERE {count})")
         columns += [f'ARRAY(SELECT c{k + 1} FROM m{i + 1} ORDER BY "?row")' for k in range(len(names))]
     return f"WITH {', '.join(ctes)} SELECT {', '.join(columns)}"
+
+
+# What a statement built from an earlier description gets once a migration changed what it
+# describes: a column renamed or dropped (42703), more or fewer columns than it names (42P10;
+# 42601 from `_fused_text`'s count), a column's type changed under a parameter whose type was
+# written into it (42804 datatype mismatch, 42883 no such operator), and asyncpg's own word
+# for a result that changed (it retries those once by itself; this is the second time).
+_STALE_SQLSTATES = frozenset({"42703", "42P10", "42601", "42804", "42883"})
+
+
+def _stale(exc: BaseException) -> bool:
+    """Whether `exc` may mean that a statement planner built from a cached description is stale."""
+    if isinstance(exc, (asyncpg.exceptions.InvalidCachedStatementError, asyncpg.exceptions.OutdatedSchemaCacheError)):
+        return True
+    return isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", None) in _STALE_SQLSTATES
 
 
 async def _volatile(con: asyncpg.Connection, functions: frozenset[str]) -> bool:
