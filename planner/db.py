@@ -49,6 +49,11 @@ STATEMENT_CACHE = 256  # prepared statements kept per connection (asyncpg's defa
 _RELEASE_TIMEOUT_S = 2.0  # a connection that cannot be reset in this time (a frozen backend) is terminated
 TRANSACTION_POOLER = "transaction"
 DESCRIBED_S = 5.0  # behind a transaction pooler: how long a statement's description is used (`PoolerConnection`)
+# The cache channel's listening connection is asked `SELECT 1` this often, and lost when the
+# answer takes longer than the timeout: a peer gone without a FIN (a host powered off, a NAT
+# entry dropped) sends no error, and LISTEN alone would wait for notifications forever.
+LISTEN_HEARTBEAT_S = 5.0
+LISTEN_HEARTBEAT_TIMEOUT_S = 5.0
 # Entries each of `PoolBackend`'s per-statement caches keeps (least recently used dropped
 # first): a service that edits its flows while it runs makes new statement texts forever.
 STATEMENTS_KEPT = 4096
@@ -427,6 +432,7 @@ class PoolBackend:
         self._refused: LRUCache[str, str | None] = LRUCache(kept)  # statements -> why they cannot run behind the pooler
         self._busy = 0  # connections held or waited for by planner's statements
         self._listener: asyncio.Task[None] | None = None
+        self._heartbeat_s, self._heartbeat_timeout_s = LISTEN_HEARTBEAT_S, LISTEN_HEARTBEAT_TIMEOUT_S
         self._connected_dsn: str | None = None  # the DSN an owned pool was made from
 
     @property
@@ -822,8 +828,11 @@ class PoolBackend:
     def subscribe(self, channel: str, on_message: Callable[[str], None], on_state: Callable[[bool], None]) -> None:
         """Keep a connection of its own LISTENing on `channel` until `close()`: `on_message` gets
         each payload, `on_state(True)` says it listens, `on_state(False)` that it lost the
-        channel (it reconnects, backing off up to 5 s). Not a pool connection: the pool keeps
-        its size. A borrowed pool gives up one of its connections for it."""
+        channel (it reconnects, backing off up to 5 s). Lost also means silent: the connection
+        is asked `SELECT 1` every `LISTEN_HEARTBEAT_S` and given up when no answer comes within
+        `LISTEN_HEARTBEAT_TIMEOUT_S` (a half-open connection never reports an error). Not a
+        pool connection: the pool keeps its size. A borrowed pool gives up one of its
+        connections for it."""
         if self._listener is None:
             self._listener = asyncio.get_running_loop().create_task(self._listen(channel, on_message, on_state))
 
@@ -846,8 +855,8 @@ class PoolBackend:
                 await con.add_listener(channel, lambda _con, _pid, _channel, payload: on_message(payload))
                 on_state(True)
                 delay = 0.05
-                await lost.wait()
-                logger.warning("cache channel %r lost: cached values are not trusted until it is back", channel)
+                why = await self._heartbeat(con, lost)
+                logger.warning("cache channel %r lost (%s): cached values are not trusted until it is back", channel, why)
             except asyncio.CancelledError:
                 on_state(False)
                 if con is not None and not con.is_closed():
@@ -861,6 +870,22 @@ class PoolBackend:
                 con.terminate()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    async def _heartbeat(self, con: asyncpg.Connection, lost: asyncio.Event) -> str:
+        """Return once the listening connection `con` is lost: closed (`lost` is set), or
+        silent (a `SELECT 1` unanswered within the heartbeat's timeout). Says which."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._heartbeat_s):
+                    await lost.wait()
+            if lost.is_set():
+                return "connection closed"
+            try:
+                await con.fetchval("SELECT 1", timeout=self._heartbeat_timeout_s)
+            except TimeoutError:
+                return f"no answer to a heartbeat within {self._heartbeat_timeout_s:g} s"
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                return f"heartbeat failed: {type(exc).__name__}: {exc}"
 
     async def notify(self, channel: str, payload: str) -> None:
         """`pg_notify(channel, payload)` on a pooled connection (delivered when it commits)."""
