@@ -1182,12 +1182,38 @@ def _program_version() -> str | None:
     return f"PostgreSQL {match.group(1)}" if match else out.strip() or None
 
 
+async def connect(dsn: str, *, pooler: str | None = None, connect_timeout: float = 60.0) -> asyncpg.Connection:
+    """A connection of its own to `dsn`'s database (no pool), for planner's helpers: the
+    demo, `planner db status`, creating and dropping databases. With `PoolBackend.pool()`,
+    the one place a DSN planner is given reaches asyncpg: its `?pgbouncer=` is taken off
+    (asyncpg would send it to the server as a setting, which refuses it) and honoured, as
+    `pooler=` and `PLANNER_POOLER` are (the argument first, then the DSN, then the variable):
+    behind a transaction pooler, no named prepared statement is left on the server
+    (`PoolerConnection`). A bad pooler value is `DatabaseUnavailable`."""
+    dsn, given = split_pooler(dsn)
+    try:
+        if pooler is not None:
+            mode = pooler_mode(pooler, "pooler=")
+        elif given is not None:
+            mode = pooler_mode(given, "the DSN's pgbouncer=")
+        else:
+            mode = pooler_mode(os.environ.get("PLANNER_POOLER"), "PLANNER_POOLER")
+    except ValueError as exc:
+        raise DatabaseUnavailable(str(exc)) from None
+    if mode == TRANSACTION_POOLER:
+        return await asyncpg.connect(dsn, timeout=connect_timeout, statement_cache_size=0,
+                                     connection_class=PoolerConnection)
+    return await asyncpg.connect(dsn, timeout=connect_timeout)
+
+
 async def server_version(dsn: str) -> str:
     """`PostgreSQL 17.2`: the version of the server of `dsn`, asked on a connection of its own
     (connecting gives up after 5 s). Raises `DatabaseUnavailable` (with the driver's reason)
     when it cannot be reached."""
     try:
-        con = await asyncpg.connect(dsn, timeout=5.0)
+        con = await connect(dsn, connect_timeout=5.0)
+    except DatabaseUnavailable:
+        raise
     except Exception as exc:  # refused, unknown host, bad DSN, authentication...
         raise DatabaseUnavailable(f"cannot reach the database: {type(exc).__name__}: {exc}") from exc
     try:
@@ -1228,7 +1254,7 @@ def quote_ident(name: str) -> str:
 async def create_database(server_dsn: str, name: str, *, template: str | None = None) -> None:
     """`CREATE DATABASE name [TEMPLATE template]` on the server of `server_dsn`."""
     statement = "CREATE DATABASE " + quote_ident(name) + (" TEMPLATE " + quote_ident(template) if template else "")
-    admin = await asyncpg.connect(server_dsn)
+    admin = await connect(server_dsn)
     try:
         await admin.execute(statement)
     finally:
@@ -1237,7 +1263,7 @@ async def create_database(server_dsn: str, name: str, *, template: str | None = 
 
 async def drop_database(server_dsn: str, name: str) -> None:
     """Drop a database if it exists, disconnecting whoever is still on it."""
-    admin = await asyncpg.connect(server_dsn)
+    admin = await connect(server_dsn)
     try:
         await admin.execute("DROP DATABASE IF EXISTS " + quote_ident(name) + " WITH (FORCE)")
     finally:

@@ -14,6 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from tests.pgbouncer import PgBouncer
+
 ROOT = Path(__file__).resolve().parent.parent
 FLOWS = ROOT / "flows"
 PLANNER = str(Path(sys.executable).parent / "planner")
@@ -329,6 +331,20 @@ def test_demo_prints_plans_and_a_latency_table_per_mode(pg_dsn: str) -> None:
     assert shown is not None and "?host=" in shown.group(1) and ":@" not in shown.group(1)
     assert _current_database(shown.group(1)) == "planner_demo"
     assert "under load" not in out  # a demo of a few runs skips the load table
+
+
+def test_demo_through_pgbouncer_honours_the_dsn_parameter(pg_dsn: str, pgbouncer: PgBouncer) -> None:
+    through = pgbouncer.dsn(pg_dsn)  # ...?pgbouncer=transaction: planner's, never the server's
+    proc = cli("demo", "--db", through, "--runs", "3", "--rtt", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert f":{pgbouncer.port}/planner_demo?pgbouncer=transaction" in proc.stdout
+    assert len(re.findall(r"^eager\s+\d+\.\d+", proc.stdout, re.M)) == 2
+
+
+def test_db_status_through_pgbouncer_honours_the_dsn_parameter(pg_dsn: str, pgbouncer: PgBouncer) -> None:
+    status = cli("db", "status", env={"DATABASE_URL": pgbouncer.dsn(pg_dsn)})
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert re.search(r"^reachable:\s+yes \(PostgreSQL \d+", status.stdout, re.M)
 
 
 def _current_database(dsn: str) -> str:
