@@ -347,6 +347,23 @@ def test_db_status_through_pgbouncer_honours_the_dsn_parameter(pg_dsn: str, pgbo
     assert re.search(r"^reachable:\s+yes \(PostgreSQL \d+", status.stdout, re.M)
 
 
+def test_demo_names_its_database_before_any_table(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+    from planner.demo import run
+
+    # The load table, small: it is printed from a few runs on, at the end.
+    for name, value in (("LOAD_MIN_RUNS", 1), ("LOAD_IN_FLIGHT", 10), ("LOAD_POOL", 2), ("LOAD_SECONDS", 0.2)):
+        monkeypatch.setattr(run, name, value)
+    result = CliRunner().invoke(app, ["demo", "--db", pg_dsn, "--runs", "2", "--rtt", "0"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    first_table = next(i for i, line in enumerate(lines) if "under load" in line or line.startswith("measured over"))
+    assert "under load" in result.output
+    assert lines.index(next(line for line in lines if line.startswith("database: "))) < first_table
+
+
 def _current_database(dsn: str) -> str:
     import asyncio
 

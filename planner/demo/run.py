@@ -278,7 +278,7 @@ async def run_demo(
         if runs >= LOAD_MIN_RUNS:
             log(f"measuring process_buffered under load ({LOAD_IN_FLIGHT} in flight, coalescing on and off, "
                 f"{LOAD_SECONDS:g} s each)")
-            out["load"] = await measure_load(dsn)
+            out["load"] = await measure_load(dsn, in_flight=LOAD_IN_FLIGHT, pool=LOAD_POOL, seconds=LOAD_SECONDS)
     return out
 
 
@@ -298,7 +298,5 @@ def render_load(load: list[LoadFigures], rtt_ms: float) -> None:
 
 
 def main_sync(server_dsn: str | None, runs: int, rtt_ms: float = 0.0) -> dict[str, Any]:
-    figures = asyncio.run(run_demo(server_dsn, runs, rtt_ms))
-    if figures["load"]:
-        render_load(figures["load"], rtt_ms)
-    return figures
+    """`run_demo` on an event loop of its own; the caller prints (the load table: `render_load`)."""
+    return asyncio.run(run_demo(server_dsn, runs, rtt_ms))
