@@ -937,8 +937,9 @@ async def _each_alone(con: asyncpg.Connection, node: CompiledNode, statement: Co
                       members: list[list[Any]]) -> list[Outcome]:
     """Each member's statement alone, one after the other on `con`: a lone member, or the
     members of a write in the order the runs asked (a later one may depend on an earlier one's
-    rows, so they are not run at once). A member whose statement fails keeps its own error (a transient one too: its own retry policy decides); once the
-    connection is lost, the members not yet run get a transient error."""
+    rows, so they are not run at once). A member whose statement fails keeps its own error (a
+    transient one too: its own retry policy decides); once the connection is lost, the members
+    not yet run get a transient error."""
     outcomes: list[Outcome] = []
     for params in members:
         if con.is_closed():
