@@ -570,18 +570,18 @@ def demo(
 
     Example: planner demo --rtt 0   (the bare local database)
     """
-    from planner.demo.run import DEMO_DATABASE, main_sync
+    from planner.demo.run import DEMO_DATABASE, main_sync, render_load
 
     server = db or os.environ.get("DATABASE_URL")
-    figures = main_sync(server, runs, rtt)
     if server is None:
         from planner.db import embedded_dsn
 
-        server = embedded_dsn()  # already running: the demo started it
+        server = embedded_dsn()  # started (or reused) first: the output says which database before any figure
     typer.echo(f"database: {_shown_dsn(_on_database(server, DEMO_DATABASE))}")
     if db is None:
         typer.echo(f"  (open it with: planner db psql --database {DEMO_DATABASE})")
     typer.echo("")
+    figures = main_sync(server, runs, rtt)
     for name, info in figures["flows"].items():
         p = info["plan"]
         typer.echo(f"== {name} ==")
@@ -596,6 +596,8 @@ def demo(
         print_table(f"measured over {runs} runs per mode ({network})",
                     ["mode", "p50 ms", "p95 ms", "x sequential", "queries/run"], rows, right={1, 2, 3, 4})
         typer.echo("")
+    if figures["load"]:
+        render_load(figures["load"], rtt)
 
 
 # --- planner db -----------------------------------------------------------------------------

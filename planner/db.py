@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
+from cachetools import LRUCache
 
 from planner.backend import Described, Outcome, Query
 from planner.config import env_on
@@ -48,6 +49,14 @@ STATEMENT_CACHE = 256  # prepared statements kept per connection (asyncpg's defa
 _RELEASE_TIMEOUT_S = 2.0  # a connection that cannot be reset in this time (a frozen backend) is terminated
 TRANSACTION_POOLER = "transaction"
 DESCRIBED_S = 5.0  # behind a transaction pooler: how long a statement's description is used (`PoolerConnection`)
+# The cache channel's listening connection is asked `SELECT 1` this often, and lost when the
+# answer takes longer than the timeout: a peer gone without a FIN (a host powered off, a NAT
+# entry dropped) sends no error, and LISTEN alone would wait for notifications forever.
+LISTEN_HEARTBEAT_S = 5.0
+LISTEN_HEARTBEAT_TIMEOUT_S = 5.0
+# Entries each of `PoolBackend`'s per-statement caches keeps (least recently used dropped
+# first): a service that edits its flows while it runs makes new statement texts forever.
+STATEMENTS_KEPT = 4096
 
 # What a flow statement may leave behind on its session, undone before the connection is
 # reused. RESET ALL leaves the role alone, hence SET SESSION AUTHORIZATION DEFAULT (which
@@ -414,11 +423,17 @@ class PoolBackend:
         self._lock = asyncio.Lock()
         self._releases: set[asyncio.Task[None]] = set()
         self._baseline: tuple[str | None, ...] | None = None
-        self._batches: dict[str, str | None] = {}
+        # What planner learnt of each statement text, kept per text (see `STATEMENTS_KEPT`):
+        kept = STATEMENTS_KEPT
+        self._combined: LRUCache[str, str | None] = LRUCache(kept)  # fetch, read -> its batch statement (None: not shared)
+        self._writes: LRUCache[str, str | None] = LRUCache(kept)  # members, write -> the combined write
+        self._shapes: LRUCache[str, tuple[str, ...] | None] = LRUCache(kept)  # read -> its column names (None: not fusible)
+        self._fused: LRUCache[str, str] = LRUCache(kept)  # reads of one run -> their fused statement
+        self._refused: LRUCache[str, str | None] = LRUCache(kept)  # statements -> why they cannot run behind the pooler
         self._busy = 0  # connections held or waited for by planner's statements
         self._listener: asyncio.Task[None] | None = None
+        self._heartbeat_s, self._heartbeat_timeout_s = LISTEN_HEARTBEAT_S, LISTEN_HEARTBEAT_TIMEOUT_S
         self._connected_dsn: str | None = None  # the DSN an owned pool was made from
-        self._refused: dict[str, str | None] = {}  # statements -> why they cannot run behind the pooler
 
     @property
     def opened(self) -> bool:
@@ -553,8 +568,9 @@ class PoolBackend:
         Each member of `params` then gets its own outcome: its value exactly as `run` would have
         returned it, or its own error. The node's timeout times the statements, as in `run`.
         When the combined statement fails (a member's bad value, a constraint, a read that took
-        too long), each member runs again alone on the same connection, so that one member's
-        failure is only that member's.
+        too long), each member runs again alone, so that one member's failure is only that
+        member's: a read's members all at once, each on a connection of its own (`_again`); a
+        write's one after the other on the batch's connection, in the order the runs asked.
         """
         pool = self._pool or await self.pool()
         self._check_pooler(node)
@@ -566,34 +582,72 @@ class PoolBackend:
             self._release_later(pool, con, node.session)
             _reraise(exc)
         self._release_later(pool, con, node.session)
-        return outcomes
+        return await self._again(pool, outcomes) if isinstance(outcomes, _Again) else outcomes
 
-    async def _batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | None:
+    async def _batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | _Again | None:
         statement = node.statements[0]
         if len(params) <= 1:  # nothing to share: the statement as it is
             return await _each_alone(con, node, statement, params)
         if not node.read_only:
             return await self._write_batch_on(con, node, params)
-        try:
-            text = await self._batch_text(con, node)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            if _lost(exc) or con.is_closed():
-                raise
-            # The statement itself does not prepare: each member gets the error it gets alone.
-            return await _each_alone(con, node, statement, params)
-        if text is None:
-            return None
-        columns = [list(column) for column in zip(*params, strict=True)]
-        try:
-            fetching = con.fetch(text, *columns)
-            rows = await (fetching if node.timeout is None else timed(fetching, node.timeout))
-        except Exception as exc:
-            if _lost(exc) or con.is_closed():
-                raise
-            # One member's bad value fails the whole statement, and one slow member times it
-            # out: each again alone, with its own outcome (a read has no effect to undo).
-            return await _each_alone(con, node, statement, params)
+        again = _Again([(node, statement, p) for p in params])
+        failed: str | None = None  # the combined statement that failed as a stale one would
+        while True:
+            try:
+                text = await self._batch_text(con, node)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                if _lost(exc) or con.is_closed():
+                    raise
+                # The statement itself does not prepare: each member gets the error it gets alone.
+                return again
+            if text is None:
+                return None
+            if text == failed:  # described afresh, nothing changed: it failed for another reason
+                return again
+            columns = [list(column) for column in zip(*params, strict=True)]
+            try:
+                fetching = con.fetch(text, *columns)
+                rows = await (fetching if node.timeout is None else timed(fetching, node.timeout))
+            except Exception as exc:
+                if _lost(exc) or con.is_closed():
+                    raise
+                if failed is None and _stale(exc):
+                    # The parameter types written into it may be a migration old: describe
+                    # the statement again, once, and retry if that changes the combined one.
+                    failed = text
+                    self._combined.pop(f"{node.fetch}\0{statement.text}", None)
+                    continue
+                # One member's bad value fails the whole statement, and one slow member times it
+                # out: each again alone, with its own outcome (a read has no effect to undo).
+                return again
+            break
         return _split(rows, len(params), node.fetch, row_numbers=True)
+
+    async def _again(self, pool: asyncpg.Pool, again: _Again) -> list[Outcome]:
+        """Each read of `again` run alone, all at once, each on a connection of its own from
+        the pool, timed by its node's timeout from its own statement's start (as alone).
+
+        Why so: one after the other on one connection, N members would cost N round trips, and
+        a slow member would hold the others' values back past their own timeouts. Why this keeps
+        the pool whole: the shared statement's connection is given back before a re-run asks for
+        one, so nothing holds a connection while it waits for another (batches that fall back at
+        the same time cannot starve each other of connections); at most the pool's size run at
+        once, the rest wait for a connection as any statement does; and each re-run gives its
+        connection back in a `finally` that cancellation runs too (`gather` cancels every re-run
+        and waits for them all before the batch's own cancellation ends it).
+        """
+
+        async def one(node: CompiledNode, statement: CompiledSql, params: list[Any]) -> Outcome:
+            try:
+                con = await self._acquire(pool)
+            except QueryError as exc:  # the pool cannot give a connection (the server is gone)
+                return (None, exc)
+            try:
+                return await _alone(con, node, statement, params)
+            finally:
+                self._release_later(pool, con, node.session)
+
+        return list(await asyncio.gather(*(one(*member) for member in again.members)))
 
     async def _write_batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | None:
         """Writes an author marked `coalesce: true`: one statement, so one transaction: all of
@@ -626,14 +680,16 @@ class PoolBackend:
 
     def _write_text(self, text: str, members: int) -> str | None:
         key = f"{members}\0{text}"
-        if key not in self._batches:
-            self._batches[key] = combine_writes(text, members)
-        return self._batches[key]
+        if key not in self._writes:
+            self._writes[key] = combine_writes(text, members)
+        return self._writes[key]
 
     async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
         """The reads of one run as one statement: each member's statement materialized once,
         its columns sent back as typed arrays (`ARRAY(SELECT c ...)`), one row in all. None
-        when a member returns a column that cannot travel in an array (an array, a composite)."""
+        when a member returns a column that cannot travel in an array (an array, a composite).
+        When the fused statement fails (or times out), each member runs again alone, all at
+        once, each on a connection of its own (`_again`), with its own error and timeout."""
         pool = self._pool or await self.pool()
         con = await self._acquire(pool)
         try:
@@ -642,31 +698,46 @@ class PoolBackend:
             self._release_later(pool, con, False)
             _reraise(exc)
         self._release_later(pool, con, False)
-        return outcomes
+        return await self._again(pool, outcomes) if isinstance(outcomes, _Again) else outcomes
 
-    async def _fused_on(self, con: asyncpg.Connection, queries: list[Query]) -> list[Outcome] | None:
-        try:
-            shapes = [await self._columns(con, q.statements[0].text) for q in queries]
-        except Exception as exc:
-            if _lost(exc):
-                raise
-            # A member the server refuses to prepare: each alone, with its own error.
-            return [await _alone(con, q.node, q.statements[0], q.params[0]) for q in queries]
-        if any(shape is None for shape in shapes):
-            return None
-        key = "\0".join(q.statements[0].text for q in queries)
-        text = self._batches.get(key)
-        if text is None:
-            text = self._batches[key] = _fused_text([q.statements[0] for q in queries], [s or () for s in shapes])
+    async def _fused_on(self, con: asyncpg.Connection, queries: list[Query]) -> list[Outcome] | _Again | None:
+        again = _Again([(q.node, q.statements[0], q.params[0]) for q in queries])
+        texts = [q.statements[0].text for q in queries]
+        key = "\0".join(texts)
         timeouts = [q.timeout for q in queries if q.timeout is not None]
-        try:
-            fetching = con.fetchrow(text, *[v for q in queries for v in q.params[0]])
-            row = await (fetching if not timeouts else timed(fetching, min(timeouts)))
-        except Exception as exc:
-            if _lost(exc):
-                raise
-            # A failing (or slow) member: each again alone, with its own error and timeout.
-            return [await _alone(con, q.node, q.statements[0], q.params[0]) for q in queries]
+        failed: str | None = None  # the fused statement that failed as a stale one would
+        while True:
+            try:
+                shapes = [await self._columns(con, text) for text in texts]
+            except Exception as exc:
+                if _lost(exc):
+                    raise
+                # A member the server refuses to prepare: each alone, with its own error.
+                return again
+            if any(shape is None for shape in shapes):
+                return None
+            text = self._fused.get(key)
+            if text is None:
+                text = self._fused[key] = _fused_text([q.statements[0] for q in queries], [s or () for s in shapes])
+            if text == failed:  # described afresh, nothing changed: it failed for another reason
+                return again
+            try:
+                fetching = con.fetchrow(text, *[v for q in queries for v in q.params[0]])
+                row = await (fetching if not timeouts else timed(fetching, min(timeouts)))
+            except Exception as exc:
+                if _lost(exc):
+                    raise
+                if failed is None and _stale(exc):
+                    # A migration may have changed a member's columns since they were
+                    # described: describe them again, once, and retry if that changes anything.
+                    failed = text
+                    for member in texts:
+                        self._shapes.pop(member, None)
+                    self._fused.pop(key, None)
+                    continue
+                # A failing (or slow) member: each again alone, with its own error and timeout.
+                return again
+            break
         assert row is not None
         outcomes: list[Outcome] = []
         column = 0
@@ -686,14 +757,12 @@ class PoolBackend:
 
     async def _columns(self, con: asyncpg.Connection, text: str) -> tuple[str, ...] | None:
         """The names of `text`'s columns, or None if one of them cannot be returned in an array."""
-        key = "\0columns\0" + text
-        if key not in self._batches:
+        if text not in self._shapes:
             prepared = await con.prepare(text)
             attributes = prepared.get_attributes()
             fits = attributes and all(a.type.kind == "scalar" for a in attributes)
-            self._batches[key] = "\0".join(a.name for a in attributes) if fits else None
-        names = self._batches[key]
-        return None if names is None else tuple(names.split("\0"))
+            self._shapes[text] = tuple(a.name for a in attributes) if fits else None
+        return self._shapes[text]
 
     async def _batch_text(self, con: asyncpg.Connection, node: CompiledNode) -> str | None:
         """The combined statement for `node` (cached), or None when it cannot be shared safely:
@@ -702,8 +771,8 @@ class PoolBackend:
         in a subquery (the combined form is prepared once to find out)."""
         statement = node.statements[0]
         key = f"{node.fetch}\0{statement.text}"
-        if key in self._batches:
-            return self._batches[key]
+        if key in self._combined:
+            return self._combined[key]
         prepared = await con.prepare(statement.text)
         types = prepared.get_parameters()
         text: str | None = None
@@ -725,7 +794,7 @@ class PoolBackend:
             except asyncpg.PostgresError as exc:
                 logger.debug("statement not shared between runs: its combined form does not prepare: %s", exc)
                 text = None
-        self._batches[key] = text
+        self._combined[key] = text
         return text
 
     async def describe(self, text: str) -> Described:
@@ -759,8 +828,11 @@ class PoolBackend:
     def subscribe(self, channel: str, on_message: Callable[[str], None], on_state: Callable[[bool], None]) -> None:
         """Keep a connection of its own LISTENing on `channel` until `close()`: `on_message` gets
         each payload, `on_state(True)` says it listens, `on_state(False)` that it lost the
-        channel (it reconnects, backing off up to 5 s). Not a pool connection: the pool keeps
-        its size. A borrowed pool gives up one of its connections for it."""
+        channel (it reconnects, backing off up to 5 s). Lost also means silent: the connection
+        is asked `SELECT 1` every `LISTEN_HEARTBEAT_S` and given up when no answer comes within
+        `LISTEN_HEARTBEAT_TIMEOUT_S` (a half-open connection never reports an error). Not a
+        pool connection: the pool keeps its size. A borrowed pool gives up one of its
+        connections for it."""
         if self._listener is None:
             self._listener = asyncio.get_running_loop().create_task(self._listen(channel, on_message, on_state))
 
@@ -783,8 +855,8 @@ class PoolBackend:
                 await con.add_listener(channel, lambda _con, _pid, _channel, payload: on_message(payload))
                 on_state(True)
                 delay = 0.05
-                await lost.wait()
-                logger.warning("cache channel %r lost: cached values are not trusted until it is back", channel)
+                why = await self._heartbeat(con, lost)
+                logger.warning("cache channel %r lost (%s): cached values are not trusted until it is back", channel, why)
             except asyncio.CancelledError:
                 on_state(False)
                 if con is not None and not con.is_closed():
@@ -798,6 +870,22 @@ class PoolBackend:
                 con.terminate()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    async def _heartbeat(self, con: asyncpg.Connection, lost: asyncio.Event) -> str:
+        """Return once the listening connection `con` is lost: closed (`lost` is set), or
+        silent (a `SELECT 1` unanswered within the heartbeat's timeout). Says which."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._heartbeat_s):
+                    await lost.wait()
+            if lost.is_set():
+                return "connection closed"
+            try:
+                await con.fetchval("SELECT 1", timeout=self._heartbeat_timeout_s)
+            except TimeoutError:
+                return f"no answer to a heartbeat within {self._heartbeat_timeout_s:g} s"
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                return f"heartbeat failed: {type(exc).__name__}: {exc}"
 
     async def notify(self, channel: str, payload: str) -> None:
         """`pg_notify(channel, payload)` on a pooled connection (delivered when it commits)."""
@@ -824,6 +912,14 @@ class PoolBackend:
         task.add_done_callback(self._releases.discard)
 
 
+@dataclass(frozen=True)
+class _Again:
+    """A shared statement failed: each of these reads (node, statement, parameters) is to run
+    again alone, once the shared statement's connection is back in the pool (`PoolBackend._again`)."""
+
+    members: list[tuple[CompiledNode, CompiledSql, list[Any]]]
+
+
 def _lost(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, ConnectionError, asyncpg.ConnectionDoesNotExistError, asyncio.CancelledError))
 
@@ -839,9 +935,11 @@ async def _alone(con: asyncpg.Connection, node: CompiledNode, statement: Compile
 
 async def _each_alone(con: asyncpg.Connection, node: CompiledNode, statement: CompiledSql,
                       members: list[list[Any]]) -> list[Outcome]:
-    """Each member's statement alone, one after the other on `con`. A member whose statement
-    fails keeps its own error (a transient one too: its own retry policy decides); once the
-    connection is lost, the members not yet run get a transient error."""
+    """Each member's statement alone, one after the other on `con`: a lone member, or the
+    members of a write in the order the runs asked (a later one may depend on an earlier one's
+    rows, so they are not run at once). A member whose statement fails keeps its own error (a
+    transient one too: its own retry policy decides); once the connection is lost, the members
+    not yet run get a transient error."""
     outcomes: list[Outcome] = []
     for params in members:
         if con.is_closed():
@@ -870,7 +968,15 @@ def _split(rows: list[Any], members: int, fetch: str, *, row_numbers: bool) -> l
 
 def _fused_text(statements: list[CompiledSql], shapes: list[tuple[str, ...]]) -> str:
     """`WITH m1 AS MATERIALIZED (...), m2 ... SELECT ARRAY(SELECT c1 FROM m1 ORDER BY "?row"), ...`:
-    each statement runs once, with its parameters numbered after the previous one's."""
+    each statement runs once, with its parameters numbered after the previous one's.
+
+    `shapes` (each member's column names) were learnt earlier, and a migration may have changed
+    them since: the statement is written to fail then, never to return a value of the old
+    shape (`_stale` tells such failures apart; the members are described again). A member's
+    columns are taken by name, so a column renamed or dropped is an undefined column (by
+    position only when names repeat, where a dropped one is still an error); and a count of
+    its columns that is parsed but never run (the planner folds `true OR ...` away) fails
+    when a column was added under `SELECT *`."""
     ctes: list[str] = []
     columns: list[str] = []
     offset = 0
@@ -878,11 +984,33 @@ def _fused_text(statements: list[CompiledSql], shapes: list[tuple[str, ...]]) ->
         inner = statement.render([f"${offset + k + 1}" for k in range(len(statement.params))]).rstrip()
         inner = inner[:-1] if inner.endswith(";") else inner
         offset += len(statement.params)
-        aliases = ", ".join(f"c{k + 1}" for k in range(len(names)))
+        if len(set(names)) == len(names):
+            taken, source = [f"q.{quote_ident(name)}" for name in names], "q"
+        else:
+            taken = [f"q.c{k + 1}" for k in range(len(names))]
+            source = f"q({', '.join(f'c{k + 1}' for k in range(len(names)))})"
+        picked = ", ".join(f"{column} AS c{k + 1}" for k, column in enumerate(taken))
+        count = f"true OR EXISTS (SELECT q.* UNION ALL SELECT {', '.join(['NULL'] * len(names))})"
         # The newline ends a trailing `-- comment` of the statement.
-        ctes.append(f'm{i + 1} AS MATERIALIZED (SELECT q.*, row_number() OVER () AS "?row" FROM ({inner}\n) AS q({aliases}))')
+        ctes.append(f'm{i + 1} AS MATERIALIZED (SELECT {picked}, row_number() OVER () AS "?row" '
+                    f"FROM ({inner}\n) AS {source} WHERE {count})")
         columns += [f'ARRAY(SELECT c{k + 1} FROM m{i + 1} ORDER BY "?row")' for k in range(len(names))]
     return f"WITH {', '.join(ctes)} SELECT {', '.join(columns)}"
+
+
+# What a statement built from an earlier description gets once a migration changed what it
+# describes: a column renamed or dropped (42703), more or fewer columns than it names (42P10;
+# 42601 from `_fused_text`'s count), a column's type changed under a parameter whose type was
+# written into it (42804 datatype mismatch, 42883 no such operator), and asyncpg's own word
+# for a result that changed (it retries those once by itself; this is the second time).
+_STALE_SQLSTATES = frozenset({"42703", "42P10", "42601", "42804", "42883"})
+
+
+def _stale(exc: BaseException) -> bool:
+    """Whether `exc` may mean that a statement planner built from a cached description is stale."""
+    if isinstance(exc, (asyncpg.exceptions.InvalidCachedStatementError, asyncpg.exceptions.OutdatedSchemaCacheError)):
+        return True
+    return isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", None) in _STALE_SQLSTATES
 
 
 async def _volatile(con: asyncpg.Connection, functions: frozenset[str]) -> bool:
@@ -1055,12 +1183,38 @@ def _program_version() -> str | None:
     return f"PostgreSQL {match.group(1)}" if match else out.strip() or None
 
 
+async def connect(dsn: str, *, pooler: str | None = None, connect_timeout: float = 60.0) -> asyncpg.Connection:
+    """A connection of its own to `dsn`'s database (no pool), for planner's helpers: the
+    demo, `planner db status`, creating and dropping databases. With `PoolBackend.pool()`,
+    the one place a DSN planner is given reaches asyncpg: its `?pgbouncer=` is taken off
+    (asyncpg would send it to the server as a setting, which refuses it) and honoured, as
+    `pooler=` and `PLANNER_POOLER` are (the argument first, then the DSN, then the variable):
+    behind a transaction pooler, no named prepared statement is left on the server
+    (`PoolerConnection`). A bad pooler value is `DatabaseUnavailable`."""
+    dsn, given = split_pooler(dsn)
+    try:
+        if pooler is not None:
+            mode = pooler_mode(pooler, "pooler=")
+        elif given is not None:
+            mode = pooler_mode(given, "the DSN's pgbouncer=")
+        else:
+            mode = pooler_mode(os.environ.get("PLANNER_POOLER"), "PLANNER_POOLER")
+    except ValueError as exc:
+        raise DatabaseUnavailable(str(exc)) from None
+    if mode == TRANSACTION_POOLER:
+        return await asyncpg.connect(dsn, timeout=connect_timeout, statement_cache_size=0,
+                                     connection_class=PoolerConnection)
+    return await asyncpg.connect(dsn, timeout=connect_timeout)
+
+
 async def server_version(dsn: str) -> str:
     """`PostgreSQL 17.2`: the version of the server of `dsn`, asked on a connection of its own
     (connecting gives up after 5 s). Raises `DatabaseUnavailable` (with the driver's reason)
     when it cannot be reached."""
     try:
-        con = await asyncpg.connect(dsn, timeout=5.0)
+        con = await connect(dsn, connect_timeout=5.0)
+    except DatabaseUnavailable:
+        raise
     except Exception as exc:  # refused, unknown host, bad DSN, authentication...
         raise DatabaseUnavailable(f"cannot reach the database: {type(exc).__name__}: {exc}") from exc
     try:
@@ -1101,7 +1255,7 @@ def quote_ident(name: str) -> str:
 async def create_database(server_dsn: str, name: str, *, template: str | None = None) -> None:
     """`CREATE DATABASE name [TEMPLATE template]` on the server of `server_dsn`."""
     statement = "CREATE DATABASE " + quote_ident(name) + (" TEMPLATE " + quote_ident(template) if template else "")
-    admin = await asyncpg.connect(server_dsn)
+    admin = await connect(server_dsn)
     try:
         await admin.execute(statement)
     finally:
@@ -1110,7 +1264,7 @@ async def create_database(server_dsn: str, name: str, *, template: str | None = 
 
 async def drop_database(server_dsn: str, name: str) -> None:
     """Drop a database if it exists, disconnecting whoever is still on it."""
-    admin = await asyncpg.connect(server_dsn)
+    admin = await connect(server_dsn)
     try:
         await admin.execute("DROP DATABASE IF EXISTS " + quote_ident(name) + " WITH (FORCE)")
     finally:

@@ -19,6 +19,8 @@ import asyncpg
 import pytest
 
 from planner import FlowResult, Planner
+from planner.db import PoolBackend
+from planner.demo.latency_proxy import LatencyProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,3 +180,50 @@ async def test_a_real_second_process_drops_its_value_when_this_one_writes(flows:
     finally:
         side.stdin.close()
         await asyncio.wait_for(side.wait(), 30)
+
+
+class FreezableProxy(LatencyProxy):
+    """A proxy whose forwarding can be frozen: bytes are held back and no socket is closed, as
+    when the peer vanished without a FIN (a host powered off, a NAT entry dropped)."""
+
+    def __init__(self, upstream_dsn: str) -> None:
+        super().__init__(upstream_dsn, one_way_ms=0)
+        self._flowing: asyncio.Event | None = None  # of the proxy's own loop (it runs on a thread of its own)
+
+    async def _start(self) -> None:
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        await super()._start()
+
+    def freeze(self, frozen: bool) -> None:
+        assert self._loop is not None and self._flowing is not None
+        self._loop.call_soon_threadsafe(self._flowing.clear if frozen else self._flowing.set)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, count: bool) -> None:
+        assert self._flowing is not None
+        while data := await reader.read(65536):
+            await self._flowing.wait()
+            writer.write(data)
+            await writer.drain()
+
+
+async def test_a_listening_connection_that_goes_silent_is_reported_lost_and_replaced(demo_dsn: str) -> None:
+    states: list[bool] = []
+
+    async def seen(*expected: bool) -> bool:
+        return states == list(expected)
+
+    proxy = FreezableProxy(demo_dsn)
+    async with proxy:
+        backend = PoolBackend(dsn=proxy.dsn, min_size=1, max_size=1)
+        backend._heartbeat_s, backend._heartbeat_timeout_s = 0.1, 0.5
+        try:
+            backend.subscribe("planner_cache", lambda _payload: None, states.append)
+            assert await _eventually(lambda: seen(True))
+            proxy.freeze(True)  # no error will ever arrive: only the heartbeat can tell
+            assert await _eventually(lambda: seen(True, False), seconds=10)
+            proxy.freeze(False)
+            assert await _eventually(lambda: seen(True, False, True), seconds=10)
+        finally:
+            proxy.freeze(False)
+            await backend.close()

@@ -14,6 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from tests.pgbouncer import PgBouncer
+
 ROOT = Path(__file__).resolve().parent.parent
 FLOWS = ROOT / "flows"
 PLANNER = str(Path(sys.executable).parent / "planner")
@@ -329,6 +331,37 @@ def test_demo_prints_plans_and_a_latency_table_per_mode(pg_dsn: str) -> None:
     assert shown is not None and "?host=" in shown.group(1) and ":@" not in shown.group(1)
     assert _current_database(shown.group(1)) == "planner_demo"
     assert "under load" not in out  # a demo of a few runs skips the load table
+
+
+def test_demo_through_pgbouncer_honours_the_dsn_parameter(pg_dsn: str, pgbouncer: PgBouncer) -> None:
+    through = pgbouncer.dsn(pg_dsn)  # ...?pgbouncer=transaction: planner's, never the server's
+    proc = cli("demo", "--db", through, "--runs", "3", "--rtt", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert f":{pgbouncer.port}/planner_demo?pgbouncer=transaction" in proc.stdout
+    assert len(re.findall(r"^eager\s+\d+\.\d+", proc.stdout, re.M)) == 2
+
+
+def test_db_status_through_pgbouncer_honours_the_dsn_parameter(pg_dsn: str, pgbouncer: PgBouncer) -> None:
+    status = cli("db", "status", env={"DATABASE_URL": pgbouncer.dsn(pg_dsn)})
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert re.search(r"^reachable:\s+yes \(PostgreSQL \d+", status.stdout, re.M)
+
+
+def test_demo_names_its_database_before_any_table(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+    from planner.demo import run
+
+    # The load table, small: it is printed from a few runs on, at the end.
+    for name, value in (("LOAD_MIN_RUNS", 1), ("LOAD_IN_FLIGHT", 10), ("LOAD_POOL", 2), ("LOAD_SECONDS", 0.2)):
+        monkeypatch.setattr(run, name, value)
+    result = CliRunner().invoke(app, ["demo", "--db", pg_dsn, "--runs", "2", "--rtt", "0"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    first_table = next(i for i, line in enumerate(lines) if "under load" in line or line.startswith("measured over"))
+    assert "under load" in result.output
+    assert lines.index(next(line for line in lines if line.startswith("database: "))) < first_table
 
 
 def _current_database(dsn: str) -> str:

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-import asyncpg
-
 from planner.api import Planner
 from planner.coalesce import CoalescingBackend
-from planner.db import PoolBackend, create_database, embedded_dsn, with_database
+from planner.db import PoolBackend, connect, create_database, embedded_dsn, with_database
 from planner.demo import data
 from planner.dsn import redact_dsn
 from planner.errors import FlowFailed
@@ -39,7 +37,9 @@ def seed_flows_dir() -> Path:
 async def demo_dsn(server_dsn: str | None, log: Callable[[str], None]) -> str:
     """The demo database on `server_dsn` (or the embedded server), created and filled if needed."""
     server = server_dsn or embedded_dsn()
-    admin = await asyncpg.connect(server)
+    # Every connection through `connect`: a `?pgbouncer=` of the DSN given is honoured there
+    # (and kept in the DSN returned, for the Planner's pool to honour too).
+    admin = await connect(server)
     try:
         exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DEMO_DATABASE)
     finally:
@@ -48,8 +48,16 @@ async def demo_dsn(server_dsn: str | None, log: Callable[[str], None]) -> str:
         await create_database(server, DEMO_DATABASE)
     dsn = with_database(server, DEMO_DATABASE)
     t0 = time.perf_counter()
-    if await data.ensure(dsn, data.Scale.demo()):
-        log(f"loaded the demo schema and data ({data.Scale.demo().label()}) in {time.perf_counter() - t0:.1f}s")
+    scale = data.Scale.demo()
+    con = await connect(dsn)
+    try:
+        loaded = not await data.is_loaded(con, scale)
+        if loaded:
+            await data.load(con, scale)
+    finally:
+        await con.close()
+    if loaded:
+        log(f"loaded the demo schema and data ({scale.label()}) in {time.perf_counter() - t0:.1f}s")
     return dsn
 
 
@@ -270,7 +278,7 @@ async def run_demo(
         if runs >= LOAD_MIN_RUNS:
             log(f"measuring process_buffered under load ({LOAD_IN_FLIGHT} in flight, coalescing on and off, "
                 f"{LOAD_SECONDS:g} s each)")
-            out["load"] = await measure_load(dsn)
+            out["load"] = await measure_load(dsn, in_flight=LOAD_IN_FLIGHT, pool=LOAD_POOL, seconds=LOAD_SECONDS)
     return out
 
 
@@ -290,7 +298,5 @@ def render_load(load: list[LoadFigures], rtt_ms: float) -> None:
 
 
 def main_sync(server_dsn: str | None, runs: int, rtt_ms: float = 0.0) -> dict[str, Any]:
-    figures = asyncio.run(run_demo(server_dsn, runs, rtt_ms))
-    if figures["load"]:
-        render_load(figures["load"], rtt_ms)
-    return figures
+    """`run_demo` on an event loop of its own; the caller prints (the load table: `render_load`)."""
+    return asyncio.run(run_demo(server_dsn, runs, rtt_ms))

@@ -1,0 +1,126 @@
+"""When a shared statement (a read batch of many runs, or the fused reads of one run) fails or
+times out, its members run again alone: all at once, each on a connection of its own, and
+every connection goes back to the pool, cancelled or not."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from planner import NodeTimeout, load_flow
+from planner.backend import Query
+from planner.db import PoolBackend
+
+# Read-only as far as planner can tell (a STABLE function of the user's), and slow on demand.
+SLOW_ECHO = """
+CREATE FUNCTION slow_echo(v int, ms int) RETURNS int STABLE LANGUAGE plpgsql AS
+$$ BEGIN PERFORM pg_sleep(ms / 1000.0); RETURN v; END $$
+"""
+# How each member's statement shows in pg_stat_activity when it runs alone (the shared
+# statements start with `SELECT "?b"` or `WITH m1`).
+ALONE = "SELECT slow_echo(%"
+
+
+@pytest.fixture
+async def slow_dsn(demo_dsn: str) -> AsyncIterator[str]:
+    con = await asyncpg.connect(demo_dsn)
+    try:
+        await con.execute(SLOW_ECHO)
+    finally:
+        await con.close()
+    yield demo_dsn
+
+
+async def _running(con: asyncpg.Connection, pattern: str) -> int:
+    return int(await con.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' "
+        "AND pid <> pg_backend_pid() AND query LIKE $1", pattern))
+
+
+async def _most_at_once(dsn: str, work: asyncio.Task[Any], pattern: str = ALONE) -> int:
+    """The most statements matching `pattern` seen running at once while `work` runs."""
+    con = await asyncpg.connect(dsn)
+    most = 0
+    try:
+        while not work.done():
+            most = max(most, await _running(con, pattern))
+            await asyncio.sleep(0.02)
+    finally:
+        await con.close()
+    return most
+
+
+async def test_a_timed_out_read_batch_runs_its_members_again_at_once(slow_dsn: str) -> None:
+    node = load_flow(text="""
+        inputs: {v: int, ms: int}
+        nodes:
+          q: {sql: "SELECT slow_echo($v::int, $ms::int) AS v", fetch: value, timeout: 1s}
+        """, name="batch").nodes["q"]
+    backend = PoolBackend(dsn=slow_dsn, min_size=1, max_size=5)
+    try:
+        # Three members slower than the timeout time the combined statement out; one is quick.
+        batch = asyncio.create_task(backend.run_batch(node, [[1, 5000], [2, 5000], [3, 5000], [4, 0]], lambda: None))
+        most = await _most_at_once(slow_dsn, batch)
+        outcomes = await batch
+    finally:
+        await backend.close()
+    assert outcomes is not None and outcomes[3] == (4, None)
+    assert all(isinstance(error, NodeTimeout) for _, error in outcomes[:3])
+    assert most == 3  # the slow ones ran again side by side, not one after the other
+
+
+async def test_a_timed_out_fused_group_runs_its_members_again_at_once(slow_dsn: str) -> None:
+    nodes = load_flow(text="""
+        nodes:
+          a: {sql: "SELECT slow_echo(1, 5000) AS a", fetch: value, timeout: 1s}
+          b: {sql: "SELECT slow_echo(2, 5000) AS b", fetch: value, timeout: 1s}
+          c: {sql: "SELECT slow_echo(3, 0) AS c", fetch: value, timeout: 1s}
+        """, name="fused").nodes
+    backend = PoolBackend(dsn=slow_dsn, min_size=1, max_size=5)
+    try:
+        run = object()
+        fused = asyncio.create_task(backend.run_fused([Query(nodes[n], [[]], run=run) for n in ("a", "b", "c")]))
+        most = await _most_at_once(slow_dsn, fused)
+        outcomes = await fused
+    finally:
+        await backend.close()
+    assert outcomes is not None and outcomes[2] == (3, None)
+    assert most == 2
+
+
+async def test_a_batch_cancelled_while_its_members_run_again_gives_every_connection_back(slow_dsn: str) -> None:
+    node = load_flow(text="""
+        inputs: {v: int, ms: int}
+        nodes:
+          q: {sql: "SELECT slow_echo($v::int, $ms::int) AS v", fetch: value, timeout: 500ms}
+        """, name="cancelled").nodes["q"]
+    backend = PoolBackend(dsn=slow_dsn, min_size=1, max_size=3)
+    try:
+        batch = asyncio.create_task(backend.run_batch(node, [[n, 10_000] for n in range(6)], lambda: None))
+        con = await asyncpg.connect(slow_dsn)
+        try:
+            for _ in range(200):  # the combined statement timed out: its members run alone
+                if await _running(con, ALONE):
+                    break
+                await asyncio.sleep(0.02)
+            assert await _running(con, ALONE)
+            batch.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await batch
+            await backend.drain()
+            pool = await backend.pool()
+            assert pool.get_idle_size() == pool.get_size()  # every connection back
+            for _ in range(100):  # a cancel request is asynchronous: give the server a moment
+                left = await _running(con, "%slow_echo%")
+                if not left:
+                    break
+                await asyncio.sleep(0.05)
+            assert left == 0
+        finally:
+            await con.close()
+    finally:
+        await backend.close()
