@@ -59,3 +59,34 @@ async def test_the_proxy_process_adds_the_round_trip_asked_for_and_counts_them(p
         sent = await proxy.requests() - before
     assert 26 <= sent <= 40, sent  # the connection's start-up, the first SELECT prepared, 25 more
     assert abs((delayed - base) - 10.0) < 1.5, f"added {delayed - base:.2f} ms for 10 ms asked"
+
+
+def _fleet_rows(stdout: str) -> list[list[str]]:
+    """The fleet table's rows, as cells (the header and the rule left out)."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| processes")]
+
+
+def test_fleet_smoke_direct_and_through_pgbouncer(pg_dsn: str) -> None:
+    proc = _run("benchmarks.fleet", "--processes", "2", "--via", "direct,pgbouncer", "--bouncer-pool", "3",
+                "--seconds", "1", "--warmup", "0.3", "--in-flight", "4", "--pool", "2", "--rtt-ms", "0", "--dsn", pg_dsn)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {row[1]: row for row in _fleet_rows(proc.stdout)}
+    assert set(rows) == {"direct", "PgBouncer (pool 3)"}, proc.stdout
+    for row in rows.values():
+        assert row[5] == "0", row  # no failed run
+        once, acked = row[8].replace(",", "").split(" of ")
+        assert once == acked and int(acked) > 0 and row[9] == "0", row  # every acknowledged message stored once
+    assert int(rows["PgBouncer (pool 3)"][6]) <= 3  # the fleet's server connections fit the pooler's pool
+    assert "x direct" in proc.stdout  # the summary compares them
+
+
+def test_fleet_smoke_with_a_replica_reads_from_it() -> None:
+    proc = _run("benchmarks.fleet", "--processes", "1", "--replica", "--seconds", "1", "--warmup", "0.5",
+                "--in-flight", "4", "--pool", "2", "--rtt-ms", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {row[1]: row for row in _fleet_rows(proc.stdout)}
+    assert set(rows) == {"direct", "direct + replica"}, proc.stdout
+    primary_trips, replica_trips = (float(x) for x in rows["direct + replica"][7].split(" + "))
+    assert replica_trips > 0 and primary_trips > 0  # reads went to the replica, writes to the primary
+    assert " + " not in rows["direct"][7]
