@@ -93,8 +93,9 @@ class Backend(Protocol):
     async def describe(self, text: str) -> Described:
         """Prepare `text` on the server without running it (`planner validate --db`)."""
 
-    def idle(self) -> bool:
-        """Whether a query sent now would start at once (no wait for a connection)."""
+    def idle(self, share: float = 1.0) -> bool:
+        """Whether fewer than `share` of the connections are held or waited for: with 1, a
+        query sent now would start at once (no wait for a connection)."""
 
     async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
         """Run the one read statement of each query (all of one run) as one statement on one
@@ -138,8 +139,8 @@ class WrappingBackend:
     async def describe(self, text: str) -> Described:
         return await self.inner.describe(text)
 
-    def idle(self) -> bool:
-        return self.inner.idle()
+    def idle(self, share: float = 1.0) -> bool:
+        return self.inner.idle(share)
 
     async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
         return await self.inner.run_fused(queries)
@@ -183,7 +184,7 @@ class Offline:
     async def describe(self, text: str) -> Described:
         raise self._error()
 
-    def idle(self) -> bool:
+    def idle(self, share: float = 1.0) -> bool:
         return True
 
     async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:

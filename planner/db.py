@@ -544,13 +544,13 @@ class PoolBackend:
         self._release_later(pool, con, query.node.session)
         return value
 
-    def idle(self) -> bool:
-        """Whether a statement sent now would find a connection without waiting: fewer of
-        planner's statements hold or wait for one than the pool has. (asyncpg's idle count
-        cannot tell: a connection just released is counted idle while a waiter is about to
-        take it.)"""
-        return self._busy < self._sizes[1] if self._owned or self._pool is None else \
-            self._busy < self._pool.get_max_size()
+    def idle(self, share: float = 1.0) -> bool:
+        """Whether fewer of planner's statements hold or wait for a connection than `share` of
+        the pool (at least one): with 1, whether a statement sent now finds a connection
+        without waiting. (asyncpg's idle count cannot tell: a connection just released is
+        counted idle while a waiter is about to take it.)"""
+        size = self._sizes[1] if self._owned or self._pool is None else self._pool.get_max_size()
+        return self._busy < max(1, int(size * share))
 
     async def _acquire(self, pool: asyncpg.Pool) -> asyncpg.Connection:
         self._busy += 1  # until `_release` has given it back

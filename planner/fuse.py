@@ -7,9 +7,13 @@ later, as one statement on one connection (see `PoolBackend.run_fused`): one rou
 one connection where there were several. No timer is involved: a lone read waits one turn
 of the loop, not a clock.
 
-Fusion serves an idle service (few runs, free connections): under load, when a query would
-wait for a connection anyway, each read goes on to the coalescer, which shares it with the
-same read of other runs instead. Each node keeps its own value, type, state and error: a
+Fusion serves a quiet service (few runs, most connections free): while fewer than half of
+the pool's connections are in use (`FUSE_BELOW`). Past that, each read goes on to the
+coalescer, which shares it with the same read of other runs instead: a round trip that
+answers one node for each of a dozen runs does more than one that answers three nodes of one
+run, and a connection taken by a fused statement under load is one the batches wait for.
+(Measured: fusing whenever a connection was free cut the seed flow's throughput at 200 runs
+in flight by a third; BENCHMARKS.md.) Each node keeps its own value, type, state and error: a
 failure inside the fused statement makes each member run again alone, and a member's own
 timeout or cancellation ends only its own wait.
 """
@@ -21,6 +25,8 @@ from typing import Any
 
 from planner.backend import ALONE, Backend, Outcome, Query, WrappingBackend
 from planner.config import env_on
+
+FUSE_BELOW = 0.5  # fuse while fewer than this share of the pool's connections are in use
 
 
 class _Group:
@@ -65,7 +71,7 @@ class FusingBackend(WrappingBackend):
         live = [(q, f) for q, f in group.members if not f.done()]
         if not live:
             return
-        if len(live) == 1 or not self.inner.idle():
+        if len(live) == 1 or not self.inner.idle(FUSE_BELOW):
             for _query, future in live:
                 future.set_result(_ALONE)
             return

@@ -126,6 +126,34 @@ async def test_fused_nodes_say_so_on_their_result(fuse_db: str) -> None:
         "root": 1, "rows": 4, "first": 4, "count": 4, "cast": 4}
 
 
+@pytest.mark.parametrize(("held", "fused"), [(0, [4]), (2, [4]), (4, [])])
+async def test_fusion_stops_once_half_the_pool_is_in_use(fuse_db: str, held: int, fused: list[int]) -> None:
+    # Under load a round trip shared by the same read of many runs does more than one shared
+    # by the reads of one run: from half the pool (4 of 8), siblings go on to coalescing instead.
+    # (`root`'s connection may still be on its way back when its children start: it counts.)
+    from planner.db import PoolBackend
+
+    await _fill(fuse_db, [(1, "a", None, None, True, None, None, None)])
+    counting = Counting(PoolBackend(dsn=fuse_db, min_size=8, max_size=8))
+    planner = Planner(backend=FusingBackend(counting, enabled=True))
+    nap = load_flow(text='nodes: {nap: {sql: "SELECT pg_sleep(3)::text AS napping_for_fusion", fetch: value}}',
+                    name="nap")
+    async with planner:
+        await planner.backend.open()
+        sleepers = [asyncio.create_task(planner.run(nap)) for _ in range(held)]
+        admin = await asyncpg.connect(fuse_db)
+        try:
+            while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "  # noqa: ASYNC110 - polls the server
+                                       "AND query LIKE '%napping_for_fusion%' AND pid <> pg_backend_pid()") < held:
+                await asyncio.sleep(0.02)
+        finally:
+            await admin.close()
+        result = await planner.run(load_flow(text=SIBLINGS, name="siblings"), {"k": 1})
+        await asyncio.gather(*sleepers)
+    assert counting.fused == fused
+    assert result.nodes["count"].value == 0
+
+
 async def test_a_failing_member_keeps_its_own_error_and_the_others_their_values(fuse_db: str) -> None:
     await _fill(fuse_db, [(1, "a", None, None, True, None, None, None)])
     planner, _ = _planner(fuse_db, fuse=True)
