@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import datetime as dt
-import decimal
 import logging
-import uuid
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from planner.backend import ALONE, Backend, Outcome, Query, WrappingBackend
+from planner.backend import ALONE, Backend, Outcome, Query, WrappingBackend, freeze, own_error
 from planner.config import env_on
 from planner.graph import CompiledNode
 
@@ -139,7 +136,7 @@ class CoalescingBackend(WrappingBackend):
         # Runs that asked the same thing share one answer: each gets its own copy of it.
         shared = batch.joined[index] > 1
         if error is not None:
-            raise _own_error(error) if shared else error
+            raise own_error(error) if shared else error
         return copy.deepcopy(value) if shared else value
 
     async def _send(self, key: _BatchKey, batch: _Batch) -> None:
@@ -212,38 +209,10 @@ def _settle(batch: _Batch, outcomes: list[Outcome] | None, failure: BaseExceptio
             future.set_result(value)
 
 
-def _own_error(error: Exception) -> Exception:
-    """A copy of `error` for one of the runs that shared it (its cause kept)."""
-    try:
-        mine = copy.copy(error)
-    except Exception:  # an exception that cannot be rebuilt from its arguments: shared as it is
-        return error
-    mine.__cause__ = error.__cause__
-    mine.__suppress_context__ = error.__suppress_context__
-    return mine
-
-
-# Values whose repr tells them apart exactly (1.0 and 1.00, 0.0 and -0.0, 1 and True are
-# sent differently, though Python calls them equal).
-_EXACT = (str, int, float, bool, decimal.Decimal, bytes, dt.date, dt.time, dt.timedelta, uuid.UUID, type(None))
-
-
 def _freeze(params: list[Any]) -> Hashable | None:
-    """A hashable key for a member's parameters that two parameter lists share only when they
-    would be sent the same way, or None (then it is never merged with another)."""
+    """A member's key (`planner.backend.freeze`), or None when a parameter cannot be hashed:
+    such a member is never merged with another."""
     try:
-        return _frozen(params)
+        return freeze(params)
     except TypeError:
         return None
-
-
-def _frozen(value: Any) -> Hashable:
-    kind = type(value)
-    if kind is list or kind is tuple:
-        return (kind, tuple(_frozen(v) for v in value))
-    if kind is dict:
-        return (kind, tuple((_frozen(k), _frozen(v)) for k, v in value.items()))
-    if isinstance(value, _EXACT):
-        return (kind, repr(value))
-    hash(value)  # TypeError: not comparable, never merged
-    return (kind, value)
