@@ -184,14 +184,16 @@ class CoalescingBackend(WrappingBackend):
 
 
 def _settle(batch: _Batch, outcomes: list[Outcome] | None, failure: BaseException | None) -> None:
-    """Hand each member its outcome (or all of them `failure`); a member left out of the
-    statement (nobody waits for it) is cancelled."""
+    """Hand each member its outcome, or all of them `failure`: one error object per member
+    (its runs raise it, writing its traceback). A member left out of the statement (nobody
+    waits for it) is cancelled."""
     members = batch.members if batch.members is not None else list(range(len(batch.futures)))
     if failure is None and (outcomes is None or len(outcomes) != len(members)):
         failure = RuntimeError("the batch ended without an outcome for every run")  # a backend's bug
     given: dict[int, Outcome] = {}
     if failure is None and outcomes is not None:
         given = dict(zip(members, outcomes, strict=True))
+    handed: set[int] = set()  # the errors given to a member already: another member gets a copy
     for index, future in enumerate(batch.futures):
         if future.done():
             continue
@@ -202,6 +204,9 @@ def _settle(batch: _Batch, outcomes: list[Outcome] | None, failure: BaseExceptio
         if isinstance(error, asyncio.CancelledError):
             future.cancel()
         elif error is not None:
+            if id(error) in handed:
+                error = own_error(error)
+            handed.add(id(error))
             future.set_exception(error)
             if not batch.waiters[index]:
                 future.exception()  # nobody waits for it any more: it is not a lost error

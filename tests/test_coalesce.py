@@ -457,6 +457,28 @@ async def test_runs_that_shared_an_error_get_errors_of_their_own(write_flow: Wri
     assert third.values["q"] == 3
 
 
+async def test_runs_whose_batch_failed_as_a_whole_get_errors_of_their_own(
+        write_flow: Write, stacks: Callable[..., Stack], demo_dsn: str) -> None:
+    # A combined write that runs over its timeout is not run again: every member gets the
+    # timeout, and each run must raise an object of its own (raising writes its traceback).
+    await _table(demo_dsn, "CREATE TABLE slow_notes (id serial PRIMARY KEY, label text NOT NULL)")
+    write_flow("""
+        inputs: {label: str}
+        nodes:
+          q:
+            sql: "INSERT INTO slow_notes (label) VALUES ($label) RETURNING id, slow_echo(1, 2000) AS v"
+            fetch: one
+            coalesce: true
+            timeout: 200ms
+        """)
+    stack = stacks(size=1)
+    first, second = await stack.batched(("t", {"label": label}) for label in ("a", "b"))
+    assert stack.spy.sent == [[["a"], ["b"]]]
+    one, two = first.nodes["q"].error, second.nodes["q"].error
+    assert isinstance(one, NodeTimeout) and isinstance(two, NodeTimeout)
+    assert one is not two and str(one) == str(two)
+
+
 async def test_a_slow_member_times_out_alone(write_flow: Write, stacks: Callable[..., Stack]) -> None:
     write_flow("""
         inputs: {v: int, ms: int}
