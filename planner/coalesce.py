@@ -37,6 +37,7 @@ logger = logging.getLogger("planner")
 MAX_BATCH = 500  # runs sharing one read; more start the next batch
 MAX_WRITE_BATCH = 32  # runs sharing one write: past this, the server's cost per member grows
 # (one combined write holds every member's CTEs; planning it grows faster than its size)
+MAX_ALONE = 1024  # statements remembered as impossible to share; past this the oldest is forgotten
 
 _BatchKey = tuple[str, str, float | None]  # statement text, fetch, timeout: what a batch's statement depends on
 
@@ -88,12 +89,17 @@ class _Batch:
 class CoalescingBackend(WrappingBackend):
     """Coalesces the statements of concurrent runs (see the module's docstring)."""
 
-    def __init__(self, inner: Backend, *, max_batch: int = MAX_BATCH, enabled: bool | None = None) -> None:
+    def __init__(self, inner: Backend, *, max_batch: int = MAX_BATCH, enabled: bool | None = None,
+                 max_alone: int = MAX_ALONE) -> None:
         super().__init__(inner)
         self.max_batch = max_batch
         self.enabled = env_on("PLANNER_COALESCE") if enabled is None else enabled
         self._pending: dict[_BatchKey, _Batch] = {}
-        self._alone: set[str] = set()  # statements the inner backend said cannot be batched
+        # Statements the inner backend said cannot be batched, oldest first. Bounded: flows
+        # edited and reloaded (or made from text per request) bring new texts for as long as
+        # the process lives; a statement forgotten is only asked once more (nothing is sent).
+        self._alone: dict[str, None] = {}
+        self.max_alone = max_alone
         self.batches = 0  # statements sent for more than one run (a figure for benchmarks)
         self.alone = 0  # coalescible queries that found a free connection and went alone
 
@@ -145,7 +151,7 @@ class CoalescingBackend(WrappingBackend):
         try:
             outcomes = await self.inner.run_batch(batch.node, batch.params, lambda: self._start(key, batch))
             if outcomes is None:  # the statement cannot be shared: remember, and run each alone
-                self._alone.add(key[0])
+                self._unshareable(key[0])
                 batch.shared = False
                 outcomes = await self._one_by_one(batch)
             elif batch.runs > 1:
@@ -158,6 +164,12 @@ class CoalescingBackend(WrappingBackend):
         finally:
             self._close(key, batch)
             _settle(batch, outcomes, failure)
+
+    def _unshareable(self, text: str) -> None:
+        alone = self._alone
+        alone[text] = None
+        while len(alone) > self.max_alone:
+            del alone[next(iter(alone))]
 
     def _start(self, key: _BatchKey, batch: _Batch) -> None:
         """The batch has its connection: close it, and leave out the members nobody waits for

@@ -616,6 +616,19 @@ async def test_the_default_planner_coalesces_unless_the_environment_says_no(
     assert batches == {"1": {3}, "0": {1}}
 
 
+async def test_the_statements_remembered_as_unshareable_are_bounded(write_flow: Write,
+                                                                   stacks: Callable[..., Stack]) -> None:
+    # Flows edited and reloaded bring new statement texts for as long as the process lives.
+    for k in range(3):
+        write_flow(f"inputs: {{n: int}}\nnodes:\n  q: {{sql: 'SELECT vol_echo($n::int) + {k} AS n', fetch: value}}\n",
+                   name=f"v{k}")
+    stack = stacks(size=1, max_alone=2)
+    results = await stack.batched((f"v{k}", {"n": n}) for k in range(3) for n in range(2))
+    assert [r.values["q"] for r in results] == [0, 1, 1, 2, 2, 3]
+    assert stack.spy.shared == [False] * 3  # three batches, none of which could be shared
+    assert len(stack.coalescer._alone) == 2
+
+
 async def test_a_write_is_not_coalesced_unless_its_author_opts_in(write_flow: Write, stacks: Callable[..., Stack]) -> None:
     write_flow("""
         inputs: {label: str}
