@@ -14,10 +14,14 @@ This module knows nothing of asyncpg; `planner.db` implements the protocol over 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import datetime as dt
+import decimal
+import uuid
+from collections.abc import Callable, Hashable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from planner.graph import CompiledNode
@@ -213,3 +217,68 @@ class Offline:
         from planner.errors import DatabaseUnavailable
 
         return DatabaseUnavailable(self.reason)
+
+
+# --- what the wrappers share: parameter keys and per-run errors ---------------------------
+
+# Values whose own equality and hash tell exactly how they are sent.
+_PLAIN: frozenset[type] = frozenset({str, int, bool, type(None), bytes, uuid.UUID, dt.date, dt.timedelta})
+
+
+def freeze(value: Any) -> Hashable:
+    """A hashable key for a bound parameter (or a list of them), equal for two values only when
+    they would be sent the same way: the cache keeps values by it and coalescing shares a
+    member by it. Raises `TypeError` for a part that cannot be hashed (an object of the
+    caller's own class that does not hash): such a query is neither cached nor shared.
+
+    Types stay apart (`1`, `1.0` and `True` are three keys), lists, tuples and dicts are keyed
+    by their contents in order (a `json` parameter keeps its keys' order on the server).
+    Where Python's equality is looser than the wire it is not used: `0.0` and `-0.0`,
+    `Decimal("2.5")` and `Decimal("2.50")`, and one instant in two UTC offsets are sent (and
+    come back) differently. Every float NaN is one key, though no NaN equals another: they
+    are all sent as NaN.
+    """
+    kind = type(value)
+    if kind in _PLAIN:
+        return (kind, value)
+    if kind is list or kind is tuple:
+        return (kind, tuple(freeze(v) for v in value))
+    if kind is dict:
+        return (kind, tuple((freeze(k), freeze(v)) for k, v in value.items()))
+    # isinstance from here: a subclass (numpy's float64, a datetime library's) is sent as its base.
+    if isinstance(value, float):
+        return (kind, float.__repr__(value))
+    if isinstance(value, decimal.Decimal):
+        return (kind, value.as_tuple())  # sign, digits and exponent: the scale too
+    if isinstance(value, dt.datetime | dt.time):
+        return (kind, value, value.utcoffset())
+    hash(value)  # TypeError now, not at the lookup
+    return (kind, value)
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def own_error(exc: E) -> E:
+    """A copy of `exc` for one of the several runs (or nodes) that one failure answers.
+
+    Raising an exception writes its `__traceback__` (and `__context__`), and `add_note` appends
+    to its `__notes__`: one object raised by several runs would carry all their tracebacks and
+    notes. The copy keeps the type, message, attributes (`sqlstate`...), cause and notes (in a
+    list of its own) and starts with no traceback. `exc` itself when it cannot be rebuilt from
+    its arguments (a constructor that takes others).
+    """
+    try:
+        twin = copy.copy(exc)
+    except Exception:
+        return exc
+    if type(twin) is not type(exc) or twin.args != exc.args:
+        return exc
+    twin.__cause__ = exc.__cause__
+    twin.__context__ = exc.__context__
+    twin.__suppress_context__ = exc.__suppress_context__
+    twin.__traceback__ = None
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):
+        twin.__notes__ = list(notes)  # copy.copy shares the instance dict's list
+    return twin

@@ -18,9 +18,10 @@
   (defaults are applied above the backend, by the executor).
 - Values are never shared between runs: each run gets its own copy of the kept value (rows
   are dicts and lists of plain values, copied structurally; anything else is deep-copied).
-- Parameters are part of the key with their types (`1`, `1.0` and `true` are three keys);
-  lists and dicts are keyed by their contents. A parameter that cannot be hashed even so (an
-  object of a class of the caller's) makes that query uncached: it runs every time.
+- Parameters are part of the key as they would be sent (`planner.backend.freeze`, the key
+  coalescing shares members by): `1`, `1.0` and `true` are three keys, and so are `2.5` and
+  `2.50`; lists and dicts are keyed by their contents. A parameter that cannot be hashed even
+  so (an object of a class of the caller's) makes that query uncached: it runs every time.
 - Invalidation drops a node's values (`invalidate`) and, through a generation number in every
   key, orphans the statements in flight for it: a value read before a write that invalidates
   it is handed to the runs that asked for it but never kept.
@@ -38,13 +39,13 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Hashable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from cachetools import TLRUCache
 
-from planner.backend import Backend, Query, WrappingBackend
+from planner.backend import Backend, Query, WrappingBackend, freeze, own_error
 from planner.config import env_on
 
 DEFAULT_SIZE = 4096
@@ -178,8 +179,8 @@ class CacheBackend(WrappingBackend):
         node = query.node
         pair = (node.flow, node.name)
         gen = self._gens.setdefault(pair, 0)
-        key = (pair, gen, ttl, tuple(s.text for s in node.statements), node.fetch, freeze(query.params))
         try:
+            key = (pair, gen, ttl, tuple(s.text for s in node.statements), node.fetch, freeze(query.params))
             found = self._store[key]
         except KeyError:
             pass
@@ -212,7 +213,7 @@ class CacheBackend(WrappingBackend):
             raise
         except Exception as exc:
             flight.waiters -= 1
-            raise _own(exc) from exc.__cause__
+            raise own_error(exc) from exc.__cause__  # the flight's own object stays the task's
         flight.waiters -= 1
         return private_copy(value)
 
@@ -356,36 +357,12 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
-def _own(exc: Exception) -> Exception:
-    """A copy of `exc` for one waiting run (its traceback is that run's alone); `exc` itself when
-    it cannot be copied."""
-    try:
-        twin = copy.copy(exc)
-    except Exception:
-        return exc
-    if type(twin) is not type(exc) or twin.args != exc.args:
-        return exc
-    twin.__traceback__ = None
-    return twin
-
-
 # --- keys and copies ----------------------------------------------------------------------
 
 _ATOMIC: frozenset[type] = frozenset({
     str, int, float, bool, type(None), bytes, decimal.Decimal, uuid.UUID,
     dt.datetime, dt.date, dt.time, dt.timedelta,
 })
-
-
-def freeze(value: Any) -> Hashable:
-    """A hashable stand-in for a parameter (or a list of them) that keeps its type: lists,
-    tuples and dicts by their contents. Anything else is itself (and may not hash)."""
-    kind = type(value)
-    if kind is list or kind is tuple:
-        return (kind, tuple(freeze(v) for v in value))
-    if kind is dict:
-        return (dict, tuple((freeze(k), freeze(v)) for k, v in value.items()))
-    return (kind, value)
 
 
 def private_copy(value: Any) -> Any:

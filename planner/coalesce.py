@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import datetime as dt
-import decimal
 import logging
-import uuid
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from planner.backend import ALONE, Backend, Outcome, Query, WrappingBackend
+from planner.backend import ALONE, Backend, Outcome, Query, WrappingBackend, freeze, own_error
 from planner.config import env_on
 from planner.graph import CompiledNode
 
@@ -40,6 +37,7 @@ logger = logging.getLogger("planner")
 MAX_BATCH = 500  # runs sharing one read; more start the next batch
 MAX_WRITE_BATCH = 32  # runs sharing one write: past this, the server's cost per member grows
 # (one combined write holds every member's CTEs; planning it grows faster than its size)
+MAX_ALONE = 1024  # statements remembered as impossible to share; past this the oldest is forgotten
 
 _BatchKey = tuple[str, str, float | None]  # statement text, fetch, timeout: what a batch's statement depends on
 
@@ -91,12 +89,17 @@ class _Batch:
 class CoalescingBackend(WrappingBackend):
     """Coalesces the statements of concurrent runs (see the module's docstring)."""
 
-    def __init__(self, inner: Backend, *, max_batch: int = MAX_BATCH, enabled: bool | None = None) -> None:
+    def __init__(self, inner: Backend, *, max_batch: int = MAX_BATCH, enabled: bool | None = None,
+                 max_alone: int = MAX_ALONE) -> None:
         super().__init__(inner)
         self.max_batch = max_batch
         self.enabled = env_on("PLANNER_COALESCE") if enabled is None else enabled
         self._pending: dict[_BatchKey, _Batch] = {}
-        self._alone: set[str] = set()  # statements the inner backend said cannot be batched
+        # Statements the inner backend said cannot be batched, oldest first. Bounded: flows
+        # edited and reloaded (or made from text per request) bring new texts for as long as
+        # the process lives; a statement forgotten is only asked once more (nothing is sent).
+        self._alone: dict[str, None] = {}
+        self.max_alone = max_alone
         self.batches = 0  # statements sent for more than one run (a figure for benchmarks)
         self.alone = 0  # coalescible queries that found a free connection and went alone
 
@@ -139,7 +142,7 @@ class CoalescingBackend(WrappingBackend):
         # Runs that asked the same thing share one answer: each gets its own copy of it.
         shared = batch.joined[index] > 1
         if error is not None:
-            raise _own_error(error) if shared else error
+            raise own_error(error) if shared else error
         return copy.deepcopy(value) if shared else value
 
     async def _send(self, key: _BatchKey, batch: _Batch) -> None:
@@ -148,7 +151,7 @@ class CoalescingBackend(WrappingBackend):
         try:
             outcomes = await self.inner.run_batch(batch.node, batch.params, lambda: self._start(key, batch))
             if outcomes is None:  # the statement cannot be shared: remember, and run each alone
-                self._alone.add(key[0])
+                self._unshareable(key[0])
                 batch.shared = False
                 outcomes = await self._one_by_one(batch)
             elif batch.runs > 1:
@@ -161,6 +164,12 @@ class CoalescingBackend(WrappingBackend):
         finally:
             self._close(key, batch)
             _settle(batch, outcomes, failure)
+
+    def _unshareable(self, text: str) -> None:
+        alone = self._alone
+        alone[text] = None
+        while len(alone) > self.max_alone:
+            del alone[next(iter(alone))]
 
     def _start(self, key: _BatchKey, batch: _Batch) -> None:
         """The batch has its connection: close it, and leave out the members nobody waits for
@@ -187,14 +196,16 @@ class CoalescingBackend(WrappingBackend):
 
 
 def _settle(batch: _Batch, outcomes: list[Outcome] | None, failure: BaseException | None) -> None:
-    """Hand each member its outcome (or all of them `failure`); a member left out of the
-    statement (nobody waits for it) is cancelled."""
+    """Hand each member its outcome, or all of them `failure`: one error object per member
+    (its runs raise it, writing its traceback). A member left out of the statement (nobody
+    waits for it) is cancelled."""
     members = batch.members if batch.members is not None else list(range(len(batch.futures)))
     if failure is None and (outcomes is None or len(outcomes) != len(members)):
         failure = RuntimeError("the batch ended without an outcome for every run")  # a backend's bug
     given: dict[int, Outcome] = {}
     if failure is None and outcomes is not None:
         given = dict(zip(members, outcomes, strict=True))
+    handed: set[int] = set()  # the errors given to a member already: another member gets a copy
     for index, future in enumerate(batch.futures):
         if future.done():
             continue
@@ -205,6 +216,9 @@ def _settle(batch: _Batch, outcomes: list[Outcome] | None, failure: BaseExceptio
         if isinstance(error, asyncio.CancelledError):
             future.cancel()
         elif error is not None:
+            if id(error) in handed:
+                error = own_error(error)
+            handed.add(id(error))
             future.set_exception(error)
             if not batch.waiters[index]:
                 future.exception()  # nobody waits for it any more: it is not a lost error
@@ -212,38 +226,10 @@ def _settle(batch: _Batch, outcomes: list[Outcome] | None, failure: BaseExceptio
             future.set_result(value)
 
 
-def _own_error(error: Exception) -> Exception:
-    """A copy of `error` for one of the runs that shared it (its cause kept)."""
-    try:
-        mine = copy.copy(error)
-    except Exception:  # an exception that cannot be rebuilt from its arguments: shared as it is
-        return error
-    mine.__cause__ = error.__cause__
-    mine.__suppress_context__ = error.__suppress_context__
-    return mine
-
-
-# Values whose repr tells them apart exactly (1.0 and 1.00, 0.0 and -0.0, 1 and True are
-# sent differently, though Python calls them equal).
-_EXACT = (str, int, float, bool, decimal.Decimal, bytes, dt.date, dt.time, dt.timedelta, uuid.UUID, type(None))
-
-
 def _freeze(params: list[Any]) -> Hashable | None:
-    """A hashable key for a member's parameters that two parameter lists share only when they
-    would be sent the same way, or None (then it is never merged with another)."""
+    """A member's key (`planner.backend.freeze`), or None when a parameter cannot be hashed:
+    such a member is never merged with another."""
     try:
-        return _frozen(params)
+        return freeze(params)
     except TypeError:
         return None
-
-
-def _frozen(value: Any) -> Hashable:
-    kind = type(value)
-    if kind is list or kind is tuple:
-        return (kind, tuple(_frozen(v) for v in value))
-    if kind is dict:
-        return (kind, tuple((_frozen(k), _frozen(v)) for k, v in value.items()))
-    if isinstance(value, _EXACT):
-        return (kind, repr(value))
-    hash(value)  # TypeError: not comparable, never merged
-    return (kind, value)

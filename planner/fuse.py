@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from planner.backend import ALONE, Backend, Outcome, Query, WrappingBackend
+from planner.backend import ALONE, Backend, Outcome, Query, WrappingBackend, own_error
 from planner.config import env_on
 
 FUSE_BELOW = 0.5  # fuse while fewer than this share of the pool's connections are in use
@@ -90,8 +90,9 @@ class FusingBackend(WrappingBackend):
         try:
             outcomes = await self.inner.run_fused(queries)
         except Exception as exc:
-            for _, future in members:
-                _deliver(future, (None, exc))
+            # Every member fails, each with an error object of its own: each node raises it.
+            for index, (_, future) in enumerate(members):
+                _deliver(future, (None, exc if index == 0 else own_error(exc)))
             return
         if outcomes is None:  # not fusible (a column type that cannot travel in an array): each alone
             await asyncio.gather(*(self._alone(q, f) for q, f in members))

@@ -21,6 +21,12 @@ The replica is never a reason for a run to fail:
   error of the server) runs again on the primary, whose answer is the run's. A connection
   failure also marks the replica down: reads go to the primary, and the monitor tries it
   again after a backoff (1 s, doubled up to 10 s) until it answers.
+- The replica has the node's `timeout` to answer, its wait for a replica connection
+  included. A read it has not answered by then runs again on the primary, timed by the
+  node's `timeout` there as every statement is (nothing of it is left: see docs/scaling.md),
+  and the monitor checks the replica at once: one that does not answer its check within
+  `probe_timeout` is marked down. Marking it down (for any reason) sends every read it still
+  holds to the primary at once, those of nodes without a timeout included.
 - Each change of state is logged once (a WARNING when reads leave the replica, with the
   reason; INFO when they come back), never once per query.
 
@@ -38,7 +44,7 @@ from typing import Any, Literal
 
 from planner.backend import Backend, Described, Query, Served, WrappingBackend
 from planner.dsn import dsn_secrets, redact_text
-from planner.errors import DatabaseUnavailable, QueryError
+from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
 from planner.models import parse_duration
 
 logger = logging.getLogger("planner")
@@ -127,6 +133,8 @@ class ReplicaBackend(WrappingBackend):
         self._retry_at = 0.0
         self._downs = 0  # times it was marked down: a check begun before the last one cannot bring it up
         self._checked = asyncio.Event()
+        self._wake = asyncio.Event()  # set: the monitor checks now, not after its interval
+        self._held: set[asyncio.Timeout] = set()  # the time limits of the reads the replica has now
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -154,19 +162,42 @@ class ReplicaBackend(WrappingBackend):
     async def run(self, query: Query) -> Any:
         if not query.node.replica or not self._ready():
             return await self.inner.run(query)
+        # The node's timeout bounds the replica's part as a whole: a stalled replica holds its
+        # connections, and the reads queued behind them would otherwise wait for the run's
+        # deadline. `_down` ends every such wait at once.
+        limit = asyncio.timeout(query.timeout)
         try:
-            value = await self.replica.run(query)
+            async with limit:
+                self._held.add(limit)
+                try:
+                    value = await self.replica.run(query)
+                finally:
+                    self._held.discard(limit)
         except (QueryError, DatabaseUnavailable) as exc:
             self._failed(exc)
-            query.served = Served(cached=query.served.cached)  # nothing the replica's stack did holds
-            return await self.inner.run(query)
-        query.served.replica = True
-        return value
+        except (NodeTimeout, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError) and not limit.expired():
+                raise  # not ours: the replica's stack raised it
+            self._timed_out()
+        else:
+            query.served.replica = True
+            return value
+        query.served = Served(cached=query.served.cached)  # nothing the replica's stack did holds
+        return await self.inner.run(query)
 
     def _ready(self) -> bool:
         if self._task is None and not self._closed:
             self._start()
         return self.usable()
+
+    def _timed_out(self) -> None:
+        """A read the replica did not answer in time (or held when it was marked down): it goes
+        to the primary. A slow statement is not proof of a stalled server, so the monitor,
+        woken now, decides: a replica that does not answer its check is marked down."""
+        self.fallbacks += 1
+        if self.state == "up":
+            logger.debug("read replica: no answer within the node's timeout; the primary answers instead")
+            self._wake.set()
 
     def _failed(self, exc: QueryError | DatabaseUnavailable) -> None:
         """A query the replica did not answer: it goes to the primary; a lost server is marked down."""
@@ -211,7 +242,16 @@ class ReplicaBackend(WrappingBackend):
                 self._down(f"{type(exc).__name__}: {exc}", probe=True)
             self._checked.set()
             if self.state != "down":
-                await asyncio.sleep(self.interval)
+                await self._pause()
+
+    async def _pause(self) -> None:
+        """Wait for the next check: `interval`, or less when a read timed out on the replica."""
+        try:
+            async with asyncio.timeout(self.interval):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+        self._wake.clear()  # a read that times out during the check asks for another one
 
     async def check(self, downs: int | None = None) -> None:
         """Check the replica once: reachable, a standby, and how far behind the primary. Raises
@@ -222,8 +262,7 @@ class ReplicaBackend(WrappingBackend):
         # lacks something at least this old while it has not replayed it (a lower bound).
         seen = asyncio.get_running_loop().time()
         async with asyncio.timeout(self.probe_timeout):
-            pool = await self._probe.pool()
-            row = await pool.fetchrow(_REPLICA_STATE)
+            row = await self._ask_replica()
         if downs is not None and downs != self._downs:
             return
         if not row["standby"]:
@@ -241,6 +280,19 @@ class ReplicaBackend(WrappingBackend):
             self._lagging(lag)
         else:
             self._set("up", None)
+
+    async def _ask_replica(self) -> Any:
+        pool = await self._probe.pool()
+        con = await pool.acquire()
+        try:
+            row = await con.fetchrow(_REPLICA_STATE)
+        except BaseException:
+            # Dropped, not cancelled: a stalled server never acknowledges a cancel, and giving
+            # the connection back would wait for that (and the monitor with it) until it wakes.
+            con.terminate()
+            raise
+        await pool.release(con)
+        return row
 
     def _lagging(self, lag: float) -> None:
         self._set("lagging", f"it lags {lag:.1f}s behind the primary (more than replica_max_lag, {self.max_lag:g}s)")
@@ -272,6 +324,9 @@ class ReplicaBackend(WrappingBackend):
         self._retry_at = now + self._wait
         self._downs += 1
         self._set("down", reason)
+        for limit in self._held:  # the reads it still holds go to the primary now
+            if not limit.expired():
+                limit.reschedule(now)
 
     def _set(self, state: State, reason: str | None) -> None:
         if state == self.state:

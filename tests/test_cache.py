@@ -15,8 +15,8 @@ import asyncpg
 import pytest
 
 from planner import FlowFailed, FlowFileError, NodeResult, NodeState, Planner, QueryError, load_flow
-from planner.backend import Offline, Query, WrappingBackend
-from planner.cache import CacheBackend, freeze, private_copy
+from planner.backend import Offline, Query, WrappingBackend, freeze
+from planner.cache import CacheBackend, private_copy
 from planner.db import PoolBackend
 from planner.graph import CompiledFlow
 
@@ -397,6 +397,32 @@ async def test_a_planner_serves_repeated_reads_from_the_cache(write_flow: Write,
     assert second.to_json()["nodes"]["instance"]["served"]["cached"] is True
     stats = planner.cache_stats()
     assert (stats.hits, stats.misses, stats.size) == (1, 2, 2)
+
+
+async def test_parameters_python_calls_equal_but_sent_differently_are_cached_apart(
+        write_flow: Write, counted: tuple[Planner, Counting]) -> None:
+    # Decimal("2.5") == Decimal("2.50") and 0.0 == -0.0 in Python, but the server gets (and
+    # returns) two values: the second of each pair must not be served the first's.
+    planner, counting = counted
+    write_flow("""
+        inputs: {dec: json, flo: json}
+        nodes:
+          d: {sql: "SELECT $dec::numeric::text", fetch: value, cache: 30s}
+          f: {sql: "SELECT $flo::float8::text", fetch: value, cache: 30s}
+        """)
+    first = await planner.run("t", {"dec": decimal.Decimal("2.5"), "flo": 0.0})
+    second = await planner.run("t", {"dec": decimal.Decimal("2.50"), "flo": -0.0})
+    assert (first.values, second.values) == ({"d": "2.5", "f": "0"}, {"d": "2.50", "f": "-0"})
+    assert counting.sent == {"d": 2, "f": 2}
+
+
+async def test_a_nan_parameter_is_served_from_the_cache(write_flow: Write, counted: tuple[Planner, Counting]) -> None:
+    # No NaN equals another in Python; every one of them is sent as NaN.
+    planner, counting = counted
+    write_flow("inputs: {x: json}\nnodes:\n  q: {sql: 'SELECT $x::float8::text AS t', fetch: value, cache: 30s}\n")
+    results = [await planner.run("t", {"x": float("nan")}) for _ in range(2)]
+    assert [r.values["q"] for r in results] == ["NaN", "NaN"]
+    assert counting.sent["q"] == 1 and _cached(results[1].nodes["q"])
 
 
 async def test_a_value_changed_by_one_run_is_not_seen_by_the_next(write_flow: Write, counted: tuple[Planner, Counting]) -> None:

@@ -457,6 +457,28 @@ async def test_runs_that_shared_an_error_get_errors_of_their_own(write_flow: Wri
     assert third.values["q"] == 3
 
 
+async def test_runs_whose_batch_failed_as_a_whole_get_errors_of_their_own(
+        write_flow: Write, stacks: Callable[..., Stack], demo_dsn: str) -> None:
+    # A combined write that runs over its timeout is not run again: every member gets the
+    # timeout, and each run must raise an object of its own (raising writes its traceback).
+    await _table(demo_dsn, "CREATE TABLE slow_notes (id serial PRIMARY KEY, label text NOT NULL)")
+    write_flow("""
+        inputs: {label: str}
+        nodes:
+          q:
+            sql: "INSERT INTO slow_notes (label) VALUES ($label) RETURNING id, slow_echo(1, 2000) AS v"
+            fetch: one
+            coalesce: true
+            timeout: 200ms
+        """)
+    stack = stacks(size=1)
+    first, second = await stack.batched(("t", {"label": label}) for label in ("a", "b"))
+    assert stack.spy.sent == [[["a"], ["b"]]]
+    one, two = first.nodes["q"].error, second.nodes["q"].error
+    assert isinstance(one, NodeTimeout) and isinstance(two, NodeTimeout)
+    assert one is not two and str(one) == str(two)
+
+
 async def test_a_slow_member_times_out_alone(write_flow: Write, stacks: Callable[..., Stack]) -> None:
     write_flow("""
         inputs: {v: int, ms: int}
@@ -592,6 +614,19 @@ async def test_the_default_planner_coalesces_unless_the_environment_says_no(
             assert [r.values["q"] for r in results] == [0, 1, 2]
             batches[setting] = {r.nodes["q"].served.batch for r in results}  # type: ignore[union-attr]
     assert batches == {"1": {3}, "0": {1}}
+
+
+async def test_the_statements_remembered_as_unshareable_are_bounded(write_flow: Write,
+                                                                   stacks: Callable[..., Stack]) -> None:
+    # Flows edited and reloaded bring new statement texts for as long as the process lives.
+    for k in range(3):
+        write_flow(f"inputs: {{n: int}}\nnodes:\n  q: {{sql: 'SELECT vol_echo($n::int) + {k} AS n', fetch: value}}\n",
+                   name=f"v{k}")
+    stack = stacks(size=1, max_alone=2)
+    results = await stack.batched((f"v{k}", {"n": n}) for k in range(3) for n in range(2))
+    assert [r.values["q"] for r in results] == [0, 1, 1, 2, 2, 3]
+    assert stack.spy.shared == [False] * 3  # three batches, none of which could be shared
+    assert len(stack.coalescer._alone) == 2
 
 
 async def test_a_write_is_not_coalesced_unless_its_author_opts_in(write_flow: Write, stacks: Callable[..., Stack]) -> None:

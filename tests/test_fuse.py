@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planner import NodeState, Planner, QueryError, load_flow
+from planner import DatabaseUnavailable, NodeState, Planner, QueryError, load_flow
 from planner.backend import Query, WrappingBackend
 from planner.fuse import FusingBackend
 
@@ -163,6 +163,25 @@ async def test_a_failing_member_keeps_its_own_error_and_the_others_their_values(
     assert isinstance(result.nodes["cast"].error, QueryError) and result.nodes["cast"].error.sqlstate == "22P02"
     assert result.nodes["count"].state is NodeState.OK and result.values["count"] == 0
     assert [r["t"] for r in result.values["rows"]] == ["a"]
+
+
+async def test_nodes_whose_fused_statement_failed_as_a_whole_get_errors_of_their_own() -> None:
+    # A pool that cannot be opened fails the whole group; each node raises its error, which
+    # writes its traceback: one object per node.
+    from planner.db import PoolBackend
+
+    flow = load_flow(text="nodes:\n  a: {sql: SELECT 1, fetch: value}\n  b: {sql: SELECT 2, fetch: value}\n", name="two")
+    backend = FusingBackend(PoolBackend(dsn="postgresql://postgres@/postgres?host=/tmp/planner-no-server-here"),
+                            enabled=True)
+    run = object()  # one run: its sibling reads fuse
+    try:
+        errors = await asyncio.gather(*(backend.run(Query(flow.nodes[name], [[]], run=run)) for name in ("a", "b")),
+                                      return_exceptions=True)
+    finally:
+        await backend.close()
+    one, two = errors
+    assert isinstance(one, DatabaseUnavailable) and isinstance(two, DatabaseUnavailable)
+    assert one is not two and str(one) == str(two)
 
 
 async def test_a_column_that_cannot_travel_in_an_array_runs_the_group_alone(fuse_db: str) -> None:

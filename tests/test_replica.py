@@ -10,8 +10,10 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,7 +26,7 @@ from planner.backend import Offline
 from planner.db import create_database, with_database
 from planner.pytest_plugin import fresh_database
 from planner.replica import parse_max_lag, resolve_dsn
-from tests.replica_pair import Pair, caught_up, start_pair
+from tests.replica_pair import Pair, Server, caught_up, start_pair
 
 FLOWS = Path(__file__).resolve().parent.parent / "flows"
 TEMPLATE = "replica_demo_template"
@@ -466,6 +468,119 @@ async def test_a_replica_stopped_under_load_fails_no_run(
     warnings = _replica_logs(caplog, logging.WARNING)
     assert len(warnings) == 1 and "unavailable" in warnings[0]
     assert len(_replica_logs(caplog, logging.INFO)) == 1  # back
+
+
+# A STABLE function of the test's (planner sends reads of it to the replica): slow only where
+# it runs in recovery, so only the replica is slow to answer it.
+STANDBY_SLEEP = """
+CREATE FUNCTION standby_sleep(s float8) RETURNS bool STABLE LANGUAGE plpgsql AS
+$$ BEGIN IF pg_is_in_recovery() THEN PERFORM pg_sleep(s); END IF; RETURN pg_is_in_recovery(); END $$
+"""
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # ended meanwhile
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(entry.name))
+    return found
+
+
+@contextmanager
+def stalled(server: Server) -> Iterator[None]:
+    """`server` stopped with SIGSTOP, its postmaster and every backend: it accepts connections
+    (the kernel queues them) and answers nothing, not even a cancel, until the block ends."""
+    postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+    os.kill(postmaster, signal.SIGSTOP)  # first: it forks nothing new meanwhile
+    children = _children(postmaster)
+    try:
+        for pid in children:
+            os.kill(pid, signal.SIGSTOP)
+        yield
+    finally:
+        for pid in [*children, postmaster]:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+async def test_a_read_that_runs_over_its_timeout_on_the_replica_only_is_answered_by_the_primary(
+    pair: Pair, db: tuple[str, str], write_flow: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="planner")
+    primary, replica = db
+    writer = await asyncpg.connect(primary)
+    try:
+        await writer.execute(STANDBY_SLEEP)
+    finally:
+        await writer.close()
+    await caught_up(pair)
+    path = write_flow("""
+        nodes:
+          slow: {sql: "SELECT standby_sleep(30)", fetch: value, timeout: 300ms, on_error: fail}
+          where: {sql: "SELECT pg_is_in_recovery()", fetch: value, on_error: fail}
+    """, name="slow")
+    async with Planner(flows=path.parent, dsn=primary, replica_dsn=replica) as planner:
+        result = await planner.run("slow")
+        assert planner.replica is not None and planner.replica.state == "up"
+    slow = result.nodes["slow"]
+    assert slow.state is NodeState.OK and slow.value is False and not _replica(slow)
+    assert result.nodes["where"].value is True  # the replica stays in use for the rest
+    assert _replica_logs(caplog, logging.WARNING) == []
+
+
+async def test_a_read_a_stalled_replica_does_not_answer_within_its_timeout_is_answered_by_the_primary(
+    pair: Pair, db: tuple[str, str], write_flow: Callable[..., Path]
+) -> None:
+    primary, replica = db
+    path = write_flow("""
+        nodes:
+          standby: {sql: SELECT pg_is_in_recovery(), fetch: value, timeout: 500ms, on_error: fail}
+    """, name="timed")
+    async with Planner(flows=path.parent, dsn=primary, replica_dsn=replica) as planner:
+        assert (await planner.run("timed")).nodes["standby"].value is True
+        with stalled(pair.replica):
+            node = (await planner.run("timed")).nodes["standby"]
+    assert node.state is NodeState.OK and node.value is False and not _replica(node)
+
+
+async def test_a_stalled_replica_is_marked_down(
+    pair: Pair, db: tuple[str, str], flows: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="planner")
+    primary, replica = db
+    async with Planner(flows=flows, dsn=primary, replica_dsn=replica) as planner:
+        await planner.run("where")  # opened, and the replica checked
+        monitor = planner.replica
+        assert monitor is not None and monitor.state == "up"
+
+        async def down() -> bool:
+            return monitor.state == "down"
+
+        with stalled(pair.replica):
+            await _until(down, within=15)  # its check, that never gets an answer, gives up
+    warnings = _replica_logs(caplog, logging.WARNING)
+    assert len(warnings) == 1 and "no answer to the health check" in warnings[0]
+
+
+async def test_a_read_without_a_timeout_that_a_stalled_replica_holds_goes_to_the_primary_once_it_is_down(
+    pair: Pair, db: tuple[str, str], flows: Path
+) -> None:
+    primary, replica = db
+    async with Planner(flows=flows, dsn=primary, replica_dsn=replica) as planner:
+        assert planner.replica is not None
+        assert (await planner.run("where")).nodes["standby"].value is True
+        with stalled(pair.replica):
+            async with asyncio.timeout(30):  # generous: it is held until the monitor's check gives up
+                node = (await planner.run("where")).nodes["standby"]
+            assert planner.replica.state == "down"
+        assert node.state is NodeState.OK and node.value is False and not _replica(node)
 
 
 async def test_closing_a_planner_stops_the_monitor_and_both_pools(pair: Pair, db: tuple[str, str], flows: Path) -> None:
