@@ -629,15 +629,29 @@ def _which_database() -> str:
         raise DatabaseUnavailable(f"cannot start the embedded PostgreSQL: {type(exc).__name__}: {exc}") from exc
 
 
+def _for_libpq(dsn: str) -> tuple[str, str | None]:
+    """`dsn` without planner's own `?pgbouncer=` parameter, which libpq (psql) refuses, and
+    that parameter's value (None when it had none)."""
+    from planner.db import split_pooler
+
+    return split_pooler(dsn)
+
+
 @db_app.command("url")
 def db_url(database: DatabaseOpt = None) -> None:
     """Print the DSN planner uses: DATABASE_URL's (password hidden), else the embedded server's
-    (started if it is not running), whole, so that it works when pasted.
+    (started if it is not running), so that it works when pasted into psql or any libpq client:
+    planner's own `?pgbouncer=` parameter is left out (libpq refuses it), and stderr says so.
 
     Example: planner db url --database planner_demo   (then: psql "$(planner db url)")
     """
     dsn = _which_database()
-    typer.echo(_shown_dsn(_on_database(dsn, database) if database else dsn))
+    dsn, pooler = _for_libpq(_on_database(dsn, database) if database else dsn)
+    typer.echo(_shown_dsn(dsn))
+    if pooler is not None:
+        # stderr: `$(planner db url)` stays the DSN alone
+        typer.echo(f"(?pgbouncer={pooler} left out: it is planner's, libpq clients refuse it; "
+                   "keep it in the DSN planner is given)", err=True)
 
 
 @db_app.command("status")
@@ -680,8 +694,8 @@ def db_status() -> None:
 @db_app.command("psql", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def db_psql(ctx: typer.Context, database: DatabaseOpt = None) -> None:
     """Open psql on the database planner uses (DATABASE_URL, else the embedded server, started
-    if needed). Other arguments are psql's own. Uses the psql on PATH, else the embedded
-    server's own.
+    if needed; planner's `?pgbouncer=` left out, psql refuses it). Other arguments are psql's
+    own. Uses the psql on PATH, else the embedded server's own.
 
     Example: planner db psql --database planner_demo -c 'SELECT count(*) FROM whatsapp_instances'
     """
@@ -690,7 +704,7 @@ def db_psql(ctx: typer.Context, database: DatabaseOpt = None) -> None:
         raise UsageError("psql is not installed (not on PATH, and the embedded server has none); "
                          "connect with any client to the DSN of: planner db url")
     dsn = _which_database()
-    dsn, password = _without_password(_on_database(dsn, database) if database else dsn)
+    dsn, password = _without_password(_for_libpq(_on_database(dsn, database) if database else dsn)[0])
     env = dict(os.environ)
     if password is not None:
         env["PGPASSWORD"] = password  # not on the command line, where `ps` would show it

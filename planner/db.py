@@ -831,8 +831,9 @@ class PoolBackend:
         channel (it reconnects, backing off up to 5 s). Lost also means silent: the connection
         is asked `SELECT 1` every `LISTEN_HEARTBEAT_S` and given up when no answer comes within
         `LISTEN_HEARTBEAT_TIMEOUT_S` (a half-open connection never reports an error). Not a
-        pool connection: the pool keeps its size. A borrowed pool gives up one of its
-        connections for it."""
+        pool connection: the pool keeps its size. A borrowed pool lends one of its connections
+        for it, and gets it back at `close()` (UNLISTENed: the pool's own reset may not do it),
+        or its slot back when it is lost."""
         if self._listener is None:
             self._listener = asyncio.get_running_loop().create_task(self._listen(channel, on_message, on_state))
 
@@ -841,6 +842,14 @@ class PoolBackend:
         while True:
             lost = asyncio.Event()
             con: Any = None
+            pool: Any = None
+
+            def closed(_con: Any, lost: asyncio.Event = lost) -> None:
+                lost.set()
+
+            def notified(_con: Any, _pid: int, _channel: str, payload: str) -> None:
+                on_message(payload)
+
             try:
                 pool = self._pool or await self.pool()
                 if self.pooler == TRANSACTION_POOLER:
@@ -850,24 +859,28 @@ class PoolBackend:
                                    "are this process's own (invalidations do not reach other processes)", channel)
                     on_state(True)
                     return
-                con = await (asyncpg.connect(self._connected_dsn) if self._connected_dsn else pool.acquire())
-                con.add_termination_listener(lambda _con, lost=lost: lost.set())
-                await con.add_listener(channel, lambda _con, _pid, _channel, payload: on_message(payload))
+                if self._connected_dsn:
+                    con = await asyncpg.connect(self._connected_dsn)
+                    pool = None  # a connection of its own, never the pool's
+                else:
+                    con = await pool.acquire()
+                con.add_termination_listener(closed)
+                await con.add_listener(channel, notified)
                 on_state(True)
                 delay = 0.05
                 why = await self._heartbeat(con, lost)
                 logger.warning("cache channel %r lost (%s): cached values are not trusted until it is back", channel, why)
             except asyncio.CancelledError:
                 on_state(False)
-                if con is not None and not con.is_closed():
-                    con.terminate()
+                if con is not None:
+                    await _stop_listening(con, pool, channel, notified, closed, lost=lost.is_set())
                 raise
             except Exception as exc:
                 logger.warning("cache channel %r unavailable (%s: %s): cached values are not trusted until it is back",
                                channel, type(exc).__name__, exc)
             on_state(False)
-            if con is not None and not con.is_closed():
-                con.terminate()
+            if con is not None:
+                await _stop_listening(con, pool, channel, notified, closed, lost=True)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -910,6 +923,32 @@ class PoolBackend:
         task.add_done_callback(self._released)
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
+
+
+async def _stop_listening(con: Any, pool: asyncpg.Pool | None, channel: str, notified: Callable[..., None],
+                         closed: Callable[[Any], None], *, lost: bool) -> None:
+    """Done with the cache channel's connection `con`. Its own connection (`pool` None) is
+    terminated. A borrowed pool's goes back to that pool: the user's pool must never lose a
+    slot or a healthy connection to planner's channel. Whole (`lost` False), it UNLISTENs
+    first; lost (closed, or silent to the heartbeat), it is terminated and its slot returned."""
+    if pool is None:
+        if not con.is_closed():
+            con.terminate()
+        return
+    # asyncpg takes back a pool connection that closed under it; its proxy then refuses every
+    # call (InterfaceError), and releasing it again does nothing.
+    with contextlib.suppress(asyncpg.InterfaceError):
+        con.remove_termination_listener(closed)  # kept by asyncpg across releases: not the user's
+        if not lost:
+            try:
+                async with asyncio.timeout(_RELEASE_TIMEOUT_S):
+                    await con.remove_listener(channel, notified)  # UNLISTEN
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+                lost = True  # it must not go back to the user's pool still listening
+        if lost and not con.is_closed():
+            con.terminate()  # a silent connection would hold up the pool's reset
+    with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError, TimeoutError):
+        await pool.release(con, timeout=_RELEASE_TIMEOUT_S)  # fails only by terminating it: the slot is back anyway
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 
-from planner.db import create_database, drop_database, embedded_dsn, stop_embedded, with_database
+from planner.db import connect, create_database, drop_database, embedded_dsn, stop_embedded, with_database
 
 _numbers = itertools.count(1)
 RECORD_MODES = ("once", "none", "all")
@@ -128,13 +128,25 @@ async def apply_schema(dsn: str, texts: list[tuple[str, str]]) -> None:
     """Run each piece of SQL on `dsn` (several statements per piece are fine)."""
     import asyncpg
 
-    con = await asyncpg.connect(dsn)
+    con = await connect(dsn)  # not asyncpg's own: a `?pgbouncer=` is planner's, never the server's
     try:
         for where, sql in texts:
             try:
                 await con.execute(sql)
             except asyncpg.PostgresError as exc:
                 raise RuntimeError(f"planner_schema: {where}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        await con.close()
+
+
+async def _disconnect_all(server: str, name: str) -> None:
+    """End every session on database `name`. A pooler in front of the server (PgBouncer) keeps
+    its server connection to the template once the schema's client connection is closed, and
+    `CREATE DATABASE ... TEMPLATE` refuses a template anyone is connected to."""
+    con = await connect(server)
+    try:
+        await con.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                           "WHERE datname = $1 AND pid <> pg_backend_pid()", name)
     finally:
         await con.close()
 
@@ -156,6 +168,7 @@ class _Templates:
             await create_database(server, name)
             try:
                 await apply_schema(with_database(server, name), texts)
+                await _disconnect_all(server, name)
             except BaseException:
                 await drop_database(server, name)
                 raise
@@ -231,9 +244,7 @@ class FlowReplay:
         """Run `sql` on the recording database (returns its status); nothing when replaying."""
         if self.dsn is None:
             return None
-        import asyncpg
-
-        con = await asyncpg.connect(self.dsn)
+        con = await connect(self.dsn)
         try:
             return str(await con.execute(sql, *args))
         finally:

@@ -227,3 +227,75 @@ async def test_a_listening_connection_that_goes_silent_is_reported_lost_and_repl
         finally:
             proxy.freeze(False)
             await backend.close()
+
+
+# --- a borrowed pool (`Planner(pool=...)`) lends one of its connections to the channel --------
+
+
+async def _keep_session(_con: asyncpg.Connection) -> None:
+    """A pool reset that leaves the session alone (asyncpg's default one would UNLISTEN *)."""
+
+
+@pytest.fixture
+async def borrowed(demo_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    """A user's pool of two connections, for a Planner to borrow; its reset sends nothing."""
+    pool = await asyncpg.create_pool(demo_dsn, min_size=2, max_size=2, reset=_keep_session)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def _listening(planner: Planner, demo_dsn: str) -> int:
+    """The server pid of `planner`'s listening connection, once it listens."""
+    await _threshold(planner)  # the first cached read subscribes
+
+    async def one() -> bool:
+        return planner.cache.trusted and len(await _listeners(demo_dsn)) == 1
+
+    assert await _eventually(one)
+    return (await _listeners(demo_dsn))[0]
+
+
+async def _every_connection(pool: asyncpg.Pool) -> dict[int, int]:
+    """Take all of `pool`'s connections at once (failing if one never comes), give them back:
+    the server pid of each, and how many channels it listens on."""
+    async with asyncio.timeout(5):
+        cons = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        return {con.get_server_pid(): await con.fetchval("SELECT count(*) FROM pg_listening_channels()") for con in cons}
+    finally:
+        for con in cons:
+            await pool.release(con)
+
+
+async def test_closing_a_planner_gives_a_borrowed_pool_its_listening_connection_back_as_lent(
+        flows: Path, demo_dsn: str, borrowed: asyncpg.Pool) -> None:
+    planner = Planner(flows=flows, pool=borrowed)
+    listener = await _listening(planner, demo_dsn)
+    await planner.close()
+    assert (borrowed.get_size(), borrowed.get_idle_size()) == (2, 2)
+    # The same connection, not a new one, and UNLISTENed by planner itself: this pool's reset
+    # sends nothing.
+    channels = await _every_connection(borrowed)
+    assert listener in channels and set(channels.values()) == {0}
+
+
+async def test_a_borrowed_pools_listening_connection_lost_and_replaced_costs_the_pool_no_connection(
+        flows: Path, demo_dsn: str, borrowed: asyncpg.Pool) -> None:
+    planner = Planner(flows=flows, pool=borrowed)
+    try:
+        first = await _listening(planner, demo_dsn)
+        con = await asyncpg.connect(demo_dsn)
+        try:
+            await con.execute("SELECT pg_terminate_backend($1)", first)
+        finally:
+            await con.close()
+
+        async def replaced() -> bool:
+            return planner.cache.trusted and (await _listeners(demo_dsn)) not in ([], [first])
+
+        assert await _eventually(replaced)
+    finally:
+        await planner.close()
+    assert len(await _every_connection(borrowed)) == 2

@@ -364,6 +364,23 @@ def test_demo_names_its_database_before_any_table(pg_dsn: str, monkeypatch: pyte
     assert lines.index(next(line for line in lines if line.startswith("database: "))) < first_table
 
 
+def test_db_psql_through_pgbouncer_leaves_the_dsn_parameter_out(demo_dsn: str, pgbouncer: PgBouncer) -> None:
+    psql = cli("db", "psql", "-X", "-A", "-t", "-c", "SELECT 40 + 2", env={"DATABASE_URL": pgbouncer.dsn(demo_dsn)})
+    assert psql.returncode == 0 and psql.stdout.strip() == "42", psql.stderr
+
+
+def test_db_url_through_pgbouncer_prints_a_dsn_psql_accepts(demo_dsn: str, pgbouncer: PgBouncer) -> None:
+    from planner.cli import find_psql
+
+    url = cli("db", "url", env={"DATABASE_URL": pgbouncer.dsn(demo_dsn)})
+    assert url.returncode == 0, url.stderr
+    psql = find_psql()
+    assert psql is not None
+    asked = subprocess.run([psql, "-X", "-A", "-t", "-c", "SELECT 40 + 2", url.stdout.strip()],
+                           capture_output=True, text=True, timeout=60)
+    assert asked.returncode == 0 and asked.stdout.strip() == "42", asked.stderr
+
+
 def _current_database(dsn: str) -> str:
     import asyncio
 

@@ -15,14 +15,17 @@ import textwrap
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
 from planner import Planner
+from planner.db import with_database
 from planner.errors import DatabaseUnavailable
-from planner.pytest_plugin import _Templates, apply_schema, schema_database, schema_texts
+from planner.pytest_plugin import FlowReplay, _Templates, apply_schema, schema_database, schema_texts
 from planner.testing import Cassette, CassetteError, CassetteMismatch, decode, encode, offline_planner, statement_hash
+from tests.pgbouncer import PgBouncer
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_FLOWS = ROOT / "flows"
@@ -120,6 +123,40 @@ async def test_one_template_per_schema(planner_pg: str) -> None:
         assert not await admin.fetchval("SELECT count(*) FROM pg_database WHERE datname = ANY($1)", [a, b])
     finally:
         await admin.close()
+
+
+async def _has_table(dsn: str, table: str) -> bool:
+    con = await asyncpg.connect(dsn)
+    try:
+        return bool(await con.fetchval("SELECT to_regclass($1) IS NOT NULL", table))
+    finally:
+        await con.close()
+
+
+# A DSN with planner's `?pgbouncer=transaction` reaches asyncpg through `planner.db.connect`
+# only: PgBouncer refuses a startup parameter it does not know, and so would the server.
+
+
+async def test_apply_schema_through_pgbouncer_honours_the_dsn_parameter(planner_database: str, pgbouncer: PgBouncer) -> None:
+    await apply_schema(pgbouncer.dsn(planner_database), [("schema", "CREATE TABLE through_bouncer (id int);")])
+    assert await _has_table(planner_database, "through_bouncer")
+
+
+async def test_a_schema_database_on_a_server_behind_pgbouncer_has_the_schema(planner_pg: str, pgbouncer: PgBouncer) -> None:
+    templates = _Templates()
+    try:
+        async with schema_database(pgbouncer.dsn(planner_pg), [("s", "CREATE TABLE behind (id int);")], templates) as dsn:
+            assert dsn.endswith("?pgbouncer=transaction")  # the test's Planner is given it: it must know too
+            assert await _has_table(with_database(planner_pg, urlsplit(dsn).path.lstrip("/")), "behind")
+    finally:
+        templates.drop_all()
+
+
+async def test_flow_replay_execute_through_pgbouncer_honours_the_dsn_parameter(planner_database: str,
+                                                                              pgbouncer: PgBouncer) -> None:
+    replay = FlowReplay(Cassette(Path("unused.json")), None, pgbouncer.dsn(planner_database))
+    assert await replay.execute("CREATE TABLE recorded (id int)") == "CREATE TABLE"
+    assert await _has_table(planner_database, "recorded")
 
 
 # --- record and replay ----------------------------------------------------------------------

@@ -13,6 +13,8 @@ from importlib import resources
 
 import asyncpg
 
+from planner.db import connect
+
 DATA_VERSION = "1"
 
 
@@ -141,7 +143,7 @@ async def _fill(con: asyncpg.Connection, scale: Scale) -> None:
 async def ensure(dsn: str, scale: Scale | None = None) -> bool:
     """Load the demo data into `dsn`'s database unless it is there already. True if it loaded."""
     scale = scale or Scale.demo()
-    con = await asyncpg.connect(dsn)
+    con = await connect(dsn)  # not asyncpg's own: a `?pgbouncer=` is planner's, never the server's
     try:
         if await is_loaded(con, scale):
             return False
