@@ -154,6 +154,27 @@ async def test_fusion_stops_once_half_the_pool_is_in_use(fuse_db: str, held: int
     assert result.nodes["count"].value == 0
 
 
+async def test_a_burst_of_runs_fuses_only_while_half_the_pool_is_free(fuse_db: str) -> None:
+    # Six runs' sibling groups flushed in one turn: each decides as the pool stands when it
+    # would take its connection, not as it stood before any of them did.
+    from planner.db import PoolBackend
+
+    counting = Counting(PoolBackend(dsn=fuse_db, min_size=8, max_size=8))
+    fuser = FusingBackend(counting, enabled=True)
+    nodes = load_flow(text=SIBLINGS, name="siblings").nodes
+    try:
+        await counting.open()
+        runs = [object() for _ in range(6)]
+        values = await asyncio.gather(*(fuser.run(Query(nodes[name], [params], run=run))
+                                        for k, run in enumerate(runs)
+                                        for name, params in (("count", [k]), ("cast", ["1", k]))))
+    finally:
+        await counting.close()
+    assert counting.fused == [2, 2, 2, 2]  # the pool's first half; the other two runs went alone
+    assert counting.single == 4
+    assert values == [v for k in range(6) for v in (0, 1 + k)]
+
+
 async def test_a_failing_member_keeps_its_own_error_and_the_others_their_values(fuse_db: str) -> None:
     await _fill(fuse_db, [(1, "a", None, None, True, None, None, None)])
     planner, _ = _planner(fuse_db, fuse=True)
