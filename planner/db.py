@@ -531,7 +531,7 @@ class PoolBackend:
             self._baseline = _reported(con)
 
     async def run(self, query: Query) -> Any:
-        pool = self._pool or await self.pool()
+        pool = self._pool or await self._first_pool()
         self._check_pooler(query.node)
         con = await self._acquire(pool)
         try:
@@ -551,6 +551,16 @@ class PoolBackend:
         counted idle while a waiter is about to take it.)"""
         size = self._sizes[1] if self._owned or self._pool is None else self._pool.get_max_size()
         return self._busy < max(1, int(size * share))
+
+    async def _first_pool(self) -> asyncpg.Pool:
+        # Counted busy while the pool opens: the statements of a burst that arrive meanwhile see
+        # each other (and join batches) instead of all finding an unopened pool idle and all
+        # going alone, one connection each.
+        self._busy += 1
+        try:
+            return await self.pool()
+        finally:
+            self._busy -= 1
 
     async def _acquire(self, pool: asyncpg.Pool) -> asyncpg.Connection:
         self._busy += 1  # until `_release` has given it back
@@ -572,7 +582,7 @@ class PoolBackend:
         member's: a read's members all at once, each on a connection of its own (`_again`); a
         write's one after the other on the batch's connection, in the order the runs asked.
         """
-        pool = self._pool or await self.pool()
+        pool = self._pool or await self._first_pool()
         self._check_pooler(node)
         con = await self._acquire(pool)
         try:
@@ -690,7 +700,7 @@ class PoolBackend:
         when a member returns a column that cannot travel in an array (an array, a composite).
         When the fused statement fails (or times out), each member runs again alone, all at
         once, each on a connection of its own (`_again`), with its own error and timeout."""
-        pool = self._pool or await self.pool()
+        pool = self._pool or await self._first_pool()
         con = await self._acquire(pool)
         try:
             outcomes = await self._fused_on(con, queries)
@@ -902,7 +912,7 @@ class PoolBackend:
 
     async def notify(self, channel: str, payload: str) -> None:
         """`pg_notify(channel, payload)` on a pooled connection (delivered when it commits)."""
-        pool = self._pool or await self.pool()
+        pool = self._pool or await self._first_pool()
         con = await self._acquire(pool)
         try:
             await con.execute("SELECT pg_notify($1, $2)", channel, payload)

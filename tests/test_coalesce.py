@@ -306,6 +306,24 @@ async def test_a_request_that_finds_a_free_connection_goes_at_once_alone(write_f
     assert all(r.nodes["q"].served.batch == 1 for r in results)  # type: ignore[union-attr]
 
 
+async def test_a_burst_before_the_pool_is_open_still_coalesces(pg_dsn: str) -> None:
+    # The first runs of a service reach a pool that is still connecting: they must see each
+    # other there, or every one of them finds the pool "idle" and goes alone.
+    from planner import load_flow
+
+    node = load_flow(text="inputs: {n: int}\nnodes:\n  q: {sql: 'SELECT $n::int AS n', fetch: value}\n",
+                     name="burst").nodes["q"]
+    pool = PoolBackend(dsn=pg_dsn, min_size=4, max_size=4)
+    coalescer = CoalescingBackend(pool)
+    try:
+        values = await asyncio.gather(*(coalescer.run(Query(node, [[n]])) for n in range(40)))
+    finally:
+        await pool.close()
+    assert values == list(range(40))
+    assert coalescer.alone <= 4  # one per connection; the other runs shared batches
+    assert coalescer.batches >= 1
+
+
 async def test_identical_reads_in_a_batch_are_sent_once(write_flow: Write, stacks: Callable[..., Stack]) -> None:
     write_flow("inputs: {n: int}\nnodes:\n  q: {sql: 'SELECT $n::int + 1 AS m', fetch: value}\n")
     stack = stacks(size=1)
