@@ -546,11 +546,14 @@ class PoolBackend:
 
     def idle(self, share: float = 1.0) -> bool:
         """Whether fewer of planner's statements hold or wait for a connection than `share` of
-        the pool (at least one): with 1, whether a statement sent now finds a connection
+        the pool: with 1, whether a statement sent now finds a connection
         without waiting. (asyncpg's idle count cannot tell: a connection just released is
         counted idle while a waiter is about to take it.)"""
-        size = self._sizes[1] if self._owned or self._pool is None else self._pool.get_max_size()
-        return self._busy < max(1, int(size * share))
+        return self._busy < self._size() * share
+
+    def _size(self) -> int:
+        """The pool's most connections (a borrowed pool's own)."""
+        return self._sizes[1] if self._owned or self._pool is None else self._pool.get_max_size()
 
     async def _first_pool(self) -> asyncpg.Pool:
         # Counted busy while the pool opens: the statements of a burst that arrive meanwhile see
@@ -641,21 +644,24 @@ class PoolBackend:
         a slow member would hold the others' values back past their own timeouts. Why this keeps
         the pool whole: the shared statement's connection is given back before a re-run asks for
         one, so nothing holds a connection while it waits for another (batches that fall back at
-        the same time cannot starve each other of connections); at most the pool's size run at
-        once, the rest wait for a connection as any statement does; and each re-run gives its
+        the same time cannot starve each other of connections); and each re-run gives its
         connection back in a `finally` that cancellation runs too (`gather` cancels every re-run
-        and waits for them all before the batch's own cancellation ends it).
+        and waits for them all before the batch's own cancellation ends it). At most half the
+        pool re-runs at once: a batch of hundreds that failed (often because the server is slow)
+        must not put hundreds of statements ahead of every other run waiting for a connection.
         """
+        at_once = asyncio.Semaphore(max(1, self._size() // 2))
 
         async def one(node: CompiledNode, statement: CompiledSql, params: list[Any]) -> Outcome:
-            try:
-                con = await self._acquire(pool)
-            except QueryError as exc:  # the pool cannot give a connection (the server is gone)
-                return (None, exc)
-            try:
-                return await _alone(con, node, statement, params)
-            finally:
-                self._release_later(pool, con, node.session)
+            async with at_once:
+                try:
+                    con = await self._acquire(pool)
+                except QueryError as exc:  # the pool cannot give a connection (the server is gone)
+                    return (None, exc)
+                try:
+                    return await _alone(con, node, statement, params)
+                finally:
+                    self._release_later(pool, con, node.session)
 
         return list(await asyncio.gather(*(one(*member) for member in again.members)))
 

@@ -72,7 +72,7 @@ class FusingBackend(WrappingBackend):
         if not live:
             return
         if len(live) == 1 or not self.inner.idle(FUSE_BELOW):
-            _each_alone(live)
+            _send_alone(live)
             return
         group.task = asyncio.get_running_loop().create_task(self._send(live))
 
@@ -89,7 +89,7 @@ class FusingBackend(WrappingBackend):
         # of them took a connection (a burst of runs would fuse them all, far past FUSE_BELOW).
         # From here to the pool counting its connection nothing yields, so the answer holds.
         if not self.inner.idle(FUSE_BELOW):
-            _each_alone(members)
+            _send_alone(members)
             return
         queries = [q for q, _ in members]
         try:
@@ -112,7 +112,7 @@ _ALONE = object()
 """What a member's future holds when it is to go on its own (from its own task)."""
 
 
-def _each_alone(members: list[tuple[Query, asyncio.Future[Any]]]) -> None:
+def _send_alone(members: list[tuple[Query, asyncio.Future[Any]]]) -> None:
     for _query, future in members:
         if not future.done():
             future.set_result(_ALONE)

@@ -11,7 +11,7 @@ import pytest
 from planner import Planner
 from tests import nodes
 
-pytest_plugins = ["tests.db_fixtures", "tests.pgbouncer"]
+pytest_plugins = ["tests.db_fixtures"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

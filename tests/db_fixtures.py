@@ -4,13 +4,14 @@ set, cloned per test. The server itself comes from planner's own pytest plugin (
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
 
 from planner.db import create_database, drop_database, with_database
 from planner.pytest_plugin import fresh_database
+from tests.pgbouncer import PgBouncer, PgBouncerError, start, stop
 
 TEMPLATE = "planner_test_template"
 
@@ -41,3 +42,14 @@ async def demo_dsn(pg_dsn: str, demo_template: str) -> AsyncIterator[str]:
     """A database of its own for one test, cloned from the demo template (~100 ms)."""
     async with fresh_database(pg_dsn, template=demo_template) as dsn:
         yield dsn
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(planner_pg: str) -> Iterator[PgBouncer]:
+    """PgBouncer (transaction mode) in front of the suite's server, for the session."""
+    try:
+        bouncer = start(planner_pg)
+    except PgBouncerError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield bouncer
+    stop(bouncer)

@@ -1,6 +1,6 @@
 """A PgBouncer of the suite's own, in transaction mode, in front of the suite's server.
 
-`pgbouncer` (session) starts the `pgbouncer` binary (Debian's 1.18 in CI: `apt-get install
+The `pgbouncer` fixture (session, in tests/db_fixtures.py) starts the `pgbouncer` binary (Debian's 1.18 in CI: `apt-get install
 pgbouncer`; its absence fails the tests that need it, it never skips them) on a free port of
 127.0.0.1 in front of `planner_pg`: `pool_mode = transaction`, `default_pool_size = 5`, every
 database of the server reachable under its own name. `pgbouncer.dsn(server_dsn)` turns a DSN of
@@ -18,12 +18,9 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
-
-import pytest
 
 POOL_SIZE = 5  # server connections per database (PgBouncer's default_pool_size)
 INSTALL = "apt-get install pgbouncer"
@@ -136,14 +133,3 @@ def stop(bouncer: PgBouncer) -> None:
         bouncer.process.kill()
         bouncer.process.wait()
     shutil.rmtree(bouncer.folder, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def pgbouncer(planner_pg: str) -> Iterator[PgBouncer]:
-    """PgBouncer (transaction mode) in front of the suite's server, for the session."""
-    try:
-        bouncer = start(planner_pg)
-    except PgBouncerError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    yield bouncer
-    stop(bouncer)

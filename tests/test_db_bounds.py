@@ -38,7 +38,7 @@ async def test_a_flood_of_distinct_statements_keeps_every_statement_cache_bounde
         await con.execute("CREATE TABLE bounded (v int)")
     finally:
         await con.close()
-    monkeypatch.setattr(planner_db, "STATEMENTS_KEPT", KEPT, raising=False)
+    monkeypatch.setattr(planner_db, "STATEMENTS_KEPT", KEPT)
     # Transaction-pooler rules on a direct server: the session statements are refused (and
     # remembered) without being sent; the reads and writes run as usual.
     backend = PoolBackend(dsn=demo_dsn, min_size=1, max_size=2, pooler="transaction")

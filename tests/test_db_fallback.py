@@ -60,7 +60,7 @@ async def test_a_timed_out_read_batch_runs_its_members_again_at_once(slow_dsn: s
         nodes:
           q: {sql: "SELECT slow_echo($v::int, $ms::int) AS v", fetch: value, timeout: 1s}
         """, name="batch").nodes["q"]
-    backend = PoolBackend(dsn=slow_dsn, min_size=1, max_size=5)
+    backend = PoolBackend(dsn=slow_dsn, min_size=1, max_size=8)
     try:
         # Three members slower than the timeout time the combined statement out; one is quick.
         batch = asyncio.create_task(backend.run_batch(node, [[1, 5000], [2, 5000], [3, 5000], [4, 0]], lambda: None))
@@ -71,6 +71,27 @@ async def test_a_timed_out_read_batch_runs_its_members_again_at_once(slow_dsn: s
     assert outcomes is not None and outcomes[3] == (4, None)
     assert all(isinstance(error, NodeTimeout) for _, error in outcomes[:3])
     assert most == 3  # the slow ones ran again side by side, not one after the other
+
+
+async def test_a_failed_batch_runs_again_at_most_half_the_pool_at_once(slow_dsn: str) -> None:
+    # A big batch that failed (often: the server is slow) must not put all its members ahead
+    # of every other run waiting for a connection.
+    node = load_flow(text="""
+        inputs: {v: int, ms: int}
+        nodes:
+          q: {sql: "SELECT slow_echo($v::int, $ms::int) AS v", fetch: value, timeout: 1s}
+        """, name="batch").nodes["q"]
+    backend = PoolBackend(dsn=slow_dsn, min_size=1, max_size=4)
+    try:
+        members = [[v, 5000] for v in range(1, 6)] + [[6, 0]]
+        batch = asyncio.create_task(backend.run_batch(node, members, lambda: None))
+        most = await _most_at_once(slow_dsn, batch)
+        outcomes = await batch
+    finally:
+        await backend.close()
+    assert outcomes is not None and outcomes[5] == (6, None)
+    assert all(isinstance(error, NodeTimeout) for _, error in outcomes[:5])
+    assert most == 2  # half the pool of 4, never more
 
 
 async def test_a_timed_out_fused_group_runs_its_members_again_at_once(slow_dsn: str) -> None:

@@ -156,7 +156,9 @@ async def test_fusion_stops_once_half_the_pool_is_in_use(fuse_db: str, held: int
 
 async def test_a_burst_of_runs_fuses_only_while_half_the_pool_is_free(fuse_db: str) -> None:
     # Six runs' sibling groups flushed in one turn: each decides as the pool stands when it
-    # would take its connection, not as it stood before any of them did.
+    # would take its connection, not as it stood before any of them did. (It rests on nothing
+    # yielding between that decision and PoolBackend counting the connection: asyncpg's
+    # acquire is only awaited after the count.)
     from planner.db import PoolBackend
 
     counting = Counting(PoolBackend(dsn=fuse_db, min_size=8, max_size=8))

@@ -48,16 +48,8 @@ async def demo_dsn(server_dsn: str | None, log: Callable[[str], None]) -> str:
         await create_database(server, DEMO_DATABASE)
     dsn = with_database(server, DEMO_DATABASE)
     t0 = time.perf_counter()
-    scale = data.Scale.demo()
-    con = await connect(dsn)
-    try:
-        loaded = not await data.is_loaded(con, scale)
-        if loaded:
-            await data.load(con, scale)
-    finally:
-        await con.close()
-    if loaded:
-        log(f"loaded the demo schema and data ({scale.label()}) in {time.perf_counter() - t0:.1f}s")
+    if await data.ensure(dsn, data.Scale.demo()):
+        log(f"loaded the demo schema and data ({data.Scale.demo().label()}) in {time.perf_counter() - t0:.1f}s")
     return dsn
 
 
