@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from planner import NodeTimeout, load_flow
-from planner.backend import Query
+from planner.backend import Outcome, Query
 from planner.db import PoolBackend
 
 # Read-only as far as planner can tell (a STABLE function of the user's), and slow on demand.
@@ -54,43 +54,40 @@ async def _most_at_once(dsn: str, work: asyncio.Task[Any], pattern: str = ALONE)
     return most
 
 
-async def test_a_timed_out_read_batch_runs_its_members_again_at_once(slow_dsn: str) -> None:
-    node = load_flow(text="""
-        inputs: {v: int, ms: int}
-        nodes:
-          q: {sql: "SELECT slow_echo($v::int, $ms::int) AS v", fetch: value, timeout: 1s}
-        """, name="batch").nodes["q"]
-    backend = PoolBackend(dsn=slow_dsn, min_size=1, max_size=8)
+ECHO = """
+inputs: {v: int, ms: int}
+nodes:
+  q: {sql: "SELECT slow_echo($v::int, $ms::int) AS v", fetch: value, timeout: 1s}
+"""
+
+
+async def _batch_of_slow_members(dsn: str, pool: int, slow: int) -> tuple[list[Outcome] | None, int]:
+    """A read batch of `slow` members slower than their timeout (so the combined statement
+    times out) and one quick member, on a pool of `pool`: its outcomes, and the most of its
+    members seen running again at once."""
+    node = load_flow(text=ECHO, name="batch").nodes["q"]
+    backend = PoolBackend(dsn=dsn, min_size=1, max_size=pool)
     try:
-        # Three members slower than the timeout time the combined statement out; one is quick.
-        batch = asyncio.create_task(backend.run_batch(node, [[1, 5000], [2, 5000], [3, 5000], [4, 0]], lambda: None))
-        most = await _most_at_once(slow_dsn, batch)
+        members = [[v, 5000] for v in range(1, slow + 1)] + [[0, 0]]
+        batch = asyncio.create_task(backend.run_batch(node, members, lambda: None))
+        most = await _most_at_once(dsn, batch)
         outcomes = await batch
     finally:
         await backend.close()
-    assert outcomes is not None and outcomes[3] == (4, None)
-    assert all(isinstance(error, NodeTimeout) for _, error in outcomes[:3])
+    assert outcomes is not None and outcomes[slow] == (0, None)  # the quick one has its value
+    assert all(isinstance(error, NodeTimeout) for _, error in outcomes[:slow])
+    return outcomes, most
+
+
+async def test_a_timed_out_read_batch_runs_its_members_again_at_once(slow_dsn: str) -> None:
+    _, most = await _batch_of_slow_members(slow_dsn, pool=8, slow=3)
     assert most == 3  # the slow ones ran again side by side, not one after the other
 
 
 async def test_a_failed_batch_runs_again_at_most_half_the_pool_at_once(slow_dsn: str) -> None:
     # A big batch that failed (often: the server is slow) must not put all its members ahead
     # of every other run waiting for a connection.
-    node = load_flow(text="""
-        inputs: {v: int, ms: int}
-        nodes:
-          q: {sql: "SELECT slow_echo($v::int, $ms::int) AS v", fetch: value, timeout: 1s}
-        """, name="batch").nodes["q"]
-    backend = PoolBackend(dsn=slow_dsn, min_size=1, max_size=4)
-    try:
-        members = [[v, 5000] for v in range(1, 6)] + [[6, 0]]
-        batch = asyncio.create_task(backend.run_batch(node, members, lambda: None))
-        most = await _most_at_once(slow_dsn, batch)
-        outcomes = await batch
-    finally:
-        await backend.close()
-    assert outcomes is not None and outcomes[5] == (6, None)
-    assert all(isinstance(error, NodeTimeout) for _, error in outcomes[:5])
+    _, most = await _batch_of_slow_members(slow_dsn, pool=4, slow=5)
     assert most == 2  # half the pool of 4, never more
 
 
