@@ -659,9 +659,13 @@ class PoolBackend:
                 except QueryError as exc:  # the pool cannot give a connection (the server is gone)
                     return (None, exc)
                 try:
-                    return await _alone(con, node, statement, params)
+                    outcome = await _alone(con, node, statement, params)
                 finally:
-                    self._release_later(pool, con, node.session)
+                    released = self._release_later(pool, con, node.session)
+                # The place is kept until the connection is back: a statement that timed out is
+                # still being cancelled on the server until then, and the next would run beside it.
+                await asyncio.shield(released)
+                return outcome
 
         return list(await asyncio.gather(*(one(*member) for member in again.members)))
 
@@ -930,7 +934,7 @@ class PoolBackend:
     def _released(self, _task: asyncio.Task[None]) -> None:
         self._busy -= 1
 
-    def _release_later(self, pool: asyncpg.Pool, con: asyncpg.Connection, session: bool) -> None:
+    def _release_later(self, pool: asyncpg.Pool, con: asyncpg.Connection, session: bool) -> asyncio.Task[None]:
         # A borrowed pool, or a full reset, leaves resetting to asyncpg. Behind a transaction
         # pooler nothing is reset: the next statement may reach another server connection
         # anyway (and statements that would leave session state are refused, `_check_pooler`).
@@ -939,6 +943,7 @@ class PoolBackend:
         task.add_done_callback(self._released)
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
+        return task
 
 
 async def _stop_listening(con: Any, pool: asyncpg.Pool | None, channel: str, notified: Callable[..., None],
