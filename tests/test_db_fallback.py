@@ -81,7 +81,9 @@ async def _batch_of_slow_members(dsn: str, pool: int, slow: int) -> tuple[list[O
 
 async def test_a_timed_out_read_batch_runs_its_members_again_at_once(slow_dsn: str) -> None:
     _, most = await _batch_of_slow_members(slow_dsn, pool=8, slow=3)
-    assert most == 3  # the slow ones ran again side by side, not one after the other
+    # The slow ones ran again side by side, not one after the other (the quick one, the same
+    # statement, may be seen beside them for a moment): within half the pool of 8.
+    assert 3 <= most <= 4
 
 
 async def test_a_failed_batch_runs_again_at_most_half_the_pool_at_once(slow_dsn: str) -> None:
