@@ -256,6 +256,27 @@ def freeze(value: Any) -> Hashable:
     return (kind, value)
 
 
+_ATOMIC: frozenset[type] = frozenset({
+    str, int, float, bool, type(None), bytes, decimal.Decimal, uuid.UUID,
+    dt.datetime, dt.date, dt.time, dt.timedelta,
+})
+
+
+def private_copy(value: Any) -> Any:
+    """A copy of a query's value that shares nothing mutable with it: what each of the runs
+    that one statement (or one cached value) answers gets."""
+    kind = type(value)
+    if kind in _ATOMIC:
+        return value
+    if kind is dict:
+        return {k: v if type(v) in _ATOMIC else private_copy(v) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) in _ATOMIC else private_copy(v) for v in value]
+    if kind is tuple:
+        return tuple(private_copy(v) for v in value)
+    return copy.deepcopy(value)
+
+
 E = TypeVar("E", bound=BaseException)
 
 

@@ -32,20 +32,16 @@
 from __future__ import annotations
 
 import asyncio
-import copy
-import datetime as dt
-import decimal
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from cachetools import TLRUCache
 
-from planner.backend import Backend, Query, WrappingBackend, freeze, own_error
+from planner.backend import Backend, Query, WrappingBackend, freeze, own_error, private_copy
 from planner.config import env_on
 
 DEFAULT_SIZE = 4096
@@ -356,24 +352,3 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
 
-
-# --- keys and copies ----------------------------------------------------------------------
-
-_ATOMIC: frozenset[type] = frozenset({
-    str, int, float, bool, type(None), bytes, decimal.Decimal, uuid.UUID,
-    dt.datetime, dt.date, dt.time, dt.timedelta,
-})
-
-
-def private_copy(value: Any) -> Any:
-    """A copy of a query's value that shares nothing mutable with it."""
-    kind = type(value)
-    if kind in _ATOMIC:
-        return value
-    if kind is dict:
-        return {k: v if type(v) in _ATOMIC else private_copy(v) for k, v in value.items()}
-    if kind is list:
-        return [v if type(v) in _ATOMIC else private_copy(v) for v in value]
-    if kind is tuple:
-        return tuple(private_copy(v) for v in value)
-    return copy.deepcopy(value)

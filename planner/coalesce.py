@@ -22,13 +22,12 @@ never share a statement. `PLANNER_COALESCE=0` turns coalescing off for the proce
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from planner.backend import ALONE, Backend, Outcome, Query, WrappingBackend, freeze, own_error
+from planner.backend import ALONE, Backend, Outcome, Query, WrappingBackend, freeze, own_error, private_copy
 from planner.config import env_on
 from planner.graph import CompiledNode
 
@@ -143,7 +142,7 @@ class CoalescingBackend(WrappingBackend):
         shared = batch.joined[index] > 1
         if error is not None:
             raise own_error(error) if shared else error
-        return copy.deepcopy(value) if shared else value
+        return private_copy(value) if shared else value
 
     async def _send(self, key: _BatchKey, batch: _Batch) -> None:
         outcomes: list[Outcome] | None = None

@@ -15,8 +15,8 @@ import asyncpg
 import pytest
 
 from planner import FlowFailed, FlowFileError, NodeResult, NodeState, Planner, QueryError, load_flow
-from planner.backend import Offline, Query, WrappingBackend, freeze
-from planner.cache import CacheBackend, private_copy
+from planner.backend import Offline, Query, WrappingBackend, freeze, private_copy
+from planner.cache import CacheBackend
 from planner.db import PoolBackend
 from planner.graph import CompiledFlow
 
