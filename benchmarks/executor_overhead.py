@@ -18,8 +18,8 @@ from typing import Any
 from benchmarks.reference import reference_run, sequential_awaits
 from benchmarks.shapes import SEED_SHAPE, UNEVEN_SHAPE, chain, fan_out, flow_yaml, random_dag
 from planner import CompiledFlow, FlowResult, Planner, load_flow
-from planner.backend import Offline
 from planner.graph import plan
+from planner.kinds.backend import Offline
 
 _planner = Planner(backend=Offline("no database in this benchmark"), allowed_modules=["benchmarks"])
 

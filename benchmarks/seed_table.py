@@ -37,9 +37,9 @@ from benchmarks import handwritten
 from benchmarks.latency_proxy import ProxyProcess
 from planner import FlowResult, Planner
 from planner import __version__ as planner_version
-from planner.coalesce import CoalescingBackend
+from planner.db.coalesce import CoalescingBackend
+from planner.db.fuse import FusingBackend
 from planner.demo.run import demo_dsn, percentile, queries_of, steady_load
-from planner.fuse import FusingBackend
 from planner.graph import CompiledFlow, plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,7 +141,7 @@ def _planner(dsn: str, size: int, *, coalesce: bool = True, cache: bool = True) 
 
 
 async def _pool(dsn: str, size: int) -> asyncpg.Pool:
-    from planner.db import _init_connection
+    from planner.db.pool import _init_connection
 
     return await asyncpg.create_pool(dsn, min_size=size, max_size=size, init=_init_connection)
 

@@ -42,8 +42,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from benchmarks.seed_table import inputs
+from planner.db.dsn import redact_dsn
 from planner.demo.run import demo_dsn, percentile
-from planner.dsn import redact_dsn
 
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = {"process_buffered": "/messages", "escalation": "/escalation"}

@@ -19,18 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.backend import Backend
-from planner.cache import DEFAULT_SIZE, CacheBackend, CacheStats
 from planner.config import CallTargets, FlowSource
+from planner.db.cache import DEFAULT_SIZE, CacheBackend, CacheStats
+from planner.db.replica import ReplicaBackend, parse_max_lag, resolve_dsn
 from planner.errors import FlowError, FlowFileError
-from planner.executor import bind_inputs, execute_checked, resolve_mode
 from planner.graph import CompiledFlow, Plan, compile_flow, plan
 from planner.kinds import BindEnv, BoundNode, kind_of
+from planner.kinds.backend import Backend
 from planner.kinds.call import DEFAULT_THREADS, CallThreads
-from planner.loader import load_spec, load_text
-from planner.observers import RunObserver, default_observers
-from planner.replica import ReplicaBackend, parse_max_lag, resolve_dsn
+from planner.lang.loader import load_spec, load_text
 from planner.results import FlowResult
+from planner.run.executor import bind_inputs, execute_checked, resolve_mode
+from planner.run.observers import RunObserver, default_observers
 
 logger = logging.getLogger("planner")
 
@@ -66,16 +66,16 @@ class Planner:
     (never closed here). Either way the backend is
     `CacheBackend(FusingBackend(CoalescingBackend(PoolBackend(...))))` (with a replica, a
     `ReplicaBackend` under the cache routes each read to one of two such stacks): sibling reads of one run that are
-    ready together share one statement (`planner.fuse`), and reads of concurrent runs that
-    would wait for a connection share one (`planner.coalesce`). `backend=` takes any
-    `planner.backend.Backend` instead, used as given. With none, `DATABASE_URL` is used, else the embedded
+    ready together share one statement (`planner.db.fuse`), and reads of concurrent runs that
+    would wait for a connection share one (`planner.db.coalesce`). `backend=` takes any
+    `planner.kinds.backend.Backend` instead, used as given. With none, `DATABASE_URL` is used, else the embedded
     PostgreSQL; nothing is opened until a flow with SQL to run runs. `min_size`/`max_size`
     size an owned pool; `full_reset=True` keeps asyncpg's reset query on release.
     `allowed_modules` (default: `PLANNER_ALLOWED_MODULES`, else the demo's flow functions and
     the Python modules in the flows folder) limits what `call:` nodes may call; `call_threads`
     bounds the threads that run sync calls. `node_wrapper` wraps every node's execution (see
-    `NodeWrapper`); `observers` watch every run (see `planner.observers.RunObserver`).
-    `cache_size` bounds the values `cache:` nodes keep (see `planner.cache`; `PLANNER_CACHE=0`
+    `NodeWrapper`); `observers` watch every run (see `planner.run.observers.RunObserver`).
+    `cache_size` bounds the values `cache:` nodes keep (see `planner.db.cache`; `PLANNER_CACHE=0`
     turns the cache off). Invalidations reach the other processes on the same database through
     LISTEN/NOTIFY on `cache_channel` (None: this process only); while a process cannot listen,
     its cache is not used (its values may have gone stale without it knowing).
@@ -85,7 +85,7 @@ class Planner:
     `replica_dsn` (default: `DATABASE_REPLICA_URL`; `""` for none) adds a read replica, with a
     pool and a stack of its own: reads a replica may answer go to it while it is up and lags
     less than `replica_max_lag` (a duration, default `PLANNER_REPLICA_MAX_LAG`, else 10s),
-    everything else to the primary (see `planner.replica`; `Planner.replica` is that backend).
+    everything else to the primary (see `planner.db.replica`; `Planner.replica` is that backend).
     It applies to planner's own stack: with `backend=`, wrap yours in `ReplicaBackend` instead.
     `pooler="transaction"` (or `?pgbouncer=transaction` in the DSN, or
     `PLANNER_POOLER=transaction`) runs behind PgBouncer's transaction mode (docs/flows.md); the
@@ -118,9 +118,9 @@ class Planner:
         self.mode = mode
         self.replica: ReplicaBackend | None = None
         if backend is None:
-            from planner.coalesce import CoalescingBackend
-            from planner.db import TRANSACTION_POOLER, PoolBackend
-            from planner.fuse import FusingBackend
+            from planner.db.coalesce import CoalescingBackend
+            from planner.db.fuse import FusingBackend
+            from planner.db.pool import TRANSACTION_POOLER, PoolBackend
 
             primary = PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset,
                                   embedded=embedded, pooler=pooler)
@@ -135,7 +135,7 @@ class Planner:
                     dsn=replica, max_lag=parse_max_lag(replica_max_lag))
         elif replica_dsn:
             raise TypeError("replica_dsn= applies to planner's own backend; with backend=, wrap yours in "
-                            "planner.replica.ReplicaBackend")
+                            "planner.db.replica.ReplicaBackend")
         # The outermost wrapper: a hit never reaches the database, or anything in between.
         self.cache = CacheBackend(backend, maxsize=cache_size, channel=cache_channel)
         self.backend: Backend = self.cache

@@ -8,63 +8,24 @@ and the order, groups and successor lists the executor needs precomputed once.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import networkx as nx
 
-from planner.backend import Fetch
 from planner.errors import FlowError, FlowFileError, FlowGraphError
-from planner.expr import Expr, ExprSyntaxError, Lit, refs_of
-from planner.expr import parse as parse_expr
-from planner.kinds import KindName, kind_for_model, kind_of
-from planner.loader import LoadedFlow, Marks, unexpected_error
-from planner.models import FlowSpec, InputSpec, Settings, SqlNode
-from planner.refs import CompiledSql, Getter, Ref, RefSyntaxError, Template, compile_getter, parse_value
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    attempts: int = 1
-    backoff: float = 0.0
-    on_any: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledNode:
-    """One node, ready to run: references parsed, dependencies known."""
-
-    name: str
-    kind: KindName
-    index: int
-    deps: tuple[str, ...]
-    refs: tuple[Ref, ...]
-    when: Expr | None
-    default: Any
-    fail: bool
-    timeout: float | None
-    retry: RetryPolicy
-    latency: float | None
-    flow: str = ""  # the flow's name (the cache keys values by flow and node)
-    invalidates: tuple[str, ...] = ()  # cached nodes of this flow whose values are dropped when this one is ok
-    # sql
-    statements: tuple[CompiledSql, ...] = ()
-    fetch: Fetch = "all"
-    read_only: bool = False  # one statement, proven to write nothing (see `planner.sqlinfo`)
-    session: bool = False  # may change its connection's session (reset before reuse)
-    functions: frozenset[str] = frozenset()  # functions it calls (a backend may ask if they are volatile)
-    coalesce: bool = False  # may share one statement with other runs' (read-only, and not turned off)
-    fuse: bool = False  # may share one statement with sibling reads of its own run
-    cache_ttl: float | None = None  # `cache:` in seconds (read-only nodes only; see `planner.cache`)
-    replica: bool = False  # may be answered by a read replica (see `replica_routes`)
-    # call
-    call: str = ""
-    args: dict[str, Any] = field(default_factory=dict)
+from planner.kinds import kind_for_model, kind_of
+from planner.lang.expr import Expr, ExprSyntaxError, Lit, refs_of
+from planner.lang.expr import parse as parse_expr
+from planner.lang.loader import LoadedFlow, Marks, unexpected_error
+from planner.lang.models import FlowSpec, InputSpec, Settings, SqlNode
+from planner.lang.nodes import CompiledNode, RetryPolicy
+from planner.lang.refs import Getter, Ref, RefSyntaxError, Template, compile_getter, parse_value
 
 
 @dataclass(frozen=True, eq=False)  # identity: a Planner keeps what it bound per flow object
 class CompiledFlow:
-    """A flow compiled once and run many times (see `planner.executor`)."""
+    """A flow compiled once and run many times (see `planner.run.executor`)."""
 
     name: str
     loaded: LoadedFlow
@@ -197,7 +158,7 @@ def _compile_node(name: str, index: int, node: Any, spec: FlowSpec, marks: Marks
 
 
 def replica_routes(nodes: dict[str, CompiledNode], order: tuple[str, ...], spec: FlowSpec) -> dict[str, CompiledNode]:
-    """`nodes`, with `replica=True` on the reads a read replica may answer (`planner.replica`).
+    """`nodes`, with `replica=True` on the reads a read replica may answer (`planner.db.replica`).
 
     A read may go to the replica unless it says `replica: false`, or one of its ancestors
     (through references and `after:`) may write: its run must read its own writes, which only

@@ -10,7 +10,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from planner.backend import Served
+
+@dataclass(slots=True)
+class Served:
+    """How a query's value was obtained; backends fill it, `NodeResult.served` shows it."""
+
+    cached: bool = False  # from the cache: no statement was sent
+    batch: int = 1  # how many runs shared the statement that answered this one
+    fused: int = 1  # how many nodes of one run shared that statement
+    replica: bool = False  # answered by the read replica (`planner.db.replica`), not the primary
 
 
 class NodeState(enum.StrEnum):

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from planner.db import create_database, drop_database, with_database
-from planner.pytest_plugin import fresh_database
+from planner.db.pool import create_database, drop_database, with_database
+from planner.testing.pytest_plugin import fresh_database
 from tests.pgbouncer import PgBouncer, PgBouncerError, start, stop
 
 TEMPLATE = "planner_test_template"
@@ -18,7 +18,7 @@ TEMPLATE = "planner_test_template"
 
 @pytest.fixture(scope="session")
 def pg_dsn(planner_pg: str) -> str:
-    """The server (see `planner.pytest_plugin.planner_pg`)."""
+    """The server (see `planner.testing.pytest_plugin.planner_pg`)."""
     return planner_pg
 
 

@@ -1,5 +1,5 @@
-"""The backend seam (`planner.backend`): what a Planner asks of its database, and the one
-boundary (`planner.db`) where the driver's errors become planner's.
+"""The backend seam (`planner.kinds.backend`): what a Planner asks of its database, and the one
+boundary (`planner.db.pool`) where the driver's errors become planner's.
 
 - a flow whose SQL nodes are all overridden opens nothing, whatever the backend;
 - a wrapper sees every SQL node's `Query` and changes no value;
@@ -31,9 +31,9 @@ from planner import (
     QueryError,
     load_flow,
 )
-from planner.backend import Backend, Offline, Query, WrappingBackend
-from planner.db import PoolBackend
-from planner.validate import validate_paths
+from planner.db.pool import PoolBackend
+from planner.kinds.backend import Backend, Offline, Query, WrappingBackend
+from planner.views.validate import validate_paths
 
 Write = Callable[..., Path]
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/none"
@@ -271,7 +271,7 @@ async def test_connections_killed_while_idle_in_the_pool_give_planners_errors(wr
 
 
 async def test_a_database_dropped_under_an_open_pool_gives_planners_errors(write_flow: Write, tmp_path: Path, pg_dsn: str) -> None:
-    from planner.db import create_database, drop_database, with_database
+    from planner.db.pool import create_database, drop_database, with_database
 
     name = f"planner_dropped_{id(tmp_path)}"
     await create_database(pg_dsn, name)
@@ -311,7 +311,7 @@ async def test_a_database_that_cannot_be_opened_is_database_unavailable(write_fl
 
 
 async def test_a_missing_database_or_role_is_database_unavailable(write_flow: Write, tmp_path: Path, pg_dsn: str) -> None:
-    from planner.db import with_database
+    from planner.db.pool import with_database
 
     write_flow("nodes:\n  a: {sql: SELECT 1, default: 0}\n")
     parts = urlsplit(pg_dsn)
@@ -394,8 +394,8 @@ async def test_a_parameter_value_never_appears_in_the_log_of_a_defaulted_node(
 
 
 def test_a_bad_parameter_is_still_named_by_its_reference_and_type() -> None:
-    from planner.db import translate
-    from planner.refs import compile_sql
+    from planner.db.pool import translate
+    from planner.lang.refs import compile_sql
 
     driver = asyncpg.DataError(f"invalid input for query argument $1: {SECRET!r} ('str' object cannot be interpreted as an integer)")
     mapped = translate(driver, compile_sql("SELECT $x::int"), [SECRET])

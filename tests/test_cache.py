@@ -1,4 +1,4 @@
-"""`cache:` and `invalidates:`: the value cache (`planner.cache`), on its own and in a Planner."""
+"""`cache:` and `invalidates:`: the value cache (`planner.db.cache`), on its own and in a Planner."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import asyncpg
 import pytest
 
 from planner import FlowFailed, FlowFileError, NodeResult, NodeState, Planner, QueryError, load_flow
-from planner.backend import Offline, Query, WrappingBackend, freeze, private_copy
-from planner.cache import CacheBackend
-from planner.db import PoolBackend
+from planner.db.cache import CacheBackend
+from planner.db.pool import PoolBackend
 from planner.graph import CompiledFlow
+from planner.kinds.backend import Offline, Query, WrappingBackend, freeze, private_copy
 
 Write = Callable[..., Path]
 

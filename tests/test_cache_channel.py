@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from planner import FlowResult, Planner
-from planner.db import PoolBackend
+from planner.db.pool import PoolBackend
 from planner.demo.latency_proxy import LatencyProxy
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from planner import NodeError, NodeState, NodeTimeout, Planner
-from planner.backend import Offline
+from planner.kinds.backend import Offline
 from planner.kinds.call import CallThreads
 from tests import nodes
 

@@ -82,8 +82,8 @@ def test_plan_without_hints_or_records_says_no_latency_is_known(tmp_path: Path) 
 
 
 def _record(flow: str, latencies: dict[str, list[float]], flows: Path) -> None:
-    """Latencies as `planner run` records them (`planner.stats`), in the test's own PLANNER_HOME."""
-    from planner.stats import stats_path
+    """Latencies as `planner run` records them (`planner.views.stats`), in the test's own PLANNER_HOME."""
+    from planner.views.stats import stats_path
 
     path = stats_path(flow, flows)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +221,7 @@ def test_dot_has_clusters_and_every_edge() -> None:
 def test_schema_validates_the_seed_flows_and_rejects_a_bad_one() -> None:
     import jsonschema
 
-    from planner.loader import _parse_yaml
+    from planner.lang.loader import _parse_yaml
 
     schema = json.loads(cli("schema").stdout)
     assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
@@ -397,13 +397,15 @@ def _current_database(dsn: str) -> str:
 
 
 async def test_the_demo_load_table_compares_coalescing_on_and_off(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from planner.demo.run import demo_dsn, measure_load, render_load
+    from planner.cli import print_table
+    from planner.demo.run import demo_dsn, load_table, measure_load
 
     dsn = await demo_dsn(pg_dsn, lambda _m: None)
     load = await measure_load(dsn, in_flight=20, pool=2, seconds=0.4)
     assert [f.coalesce for f in load] == [True, False]
     assert all(f.ok_per_s > 0 and f.p50_ms > 0 for f in load)
-    render_load(load, 0)
+    title, headers, rows, right = load_table(load, 0)
+    print_table(title, headers, rows, right=right)
     out = capsys.readouterr().out
     assert "process_buffered under load: 20 messages in flight, pool 2, eager, at least 0.4 s each (the bare local database)" in out
     assert re.search(r"^coalescing on\s+\d+\.\d\s+\d+\.\d\d\s+\d+\.\d\s+\d+\.\d$", out, re.M), out
@@ -757,7 +759,7 @@ def test_plan_ignores_latencies_recorded_for_another_folder(tmp_path: Path, demo
 
 
 def test_db_manages_the_embedded_server(tmp_path: Path) -> None:
-    from planner.db import stop_embedded
+    from planner.db.pool import stop_embedded
 
     home = tmp_path / "home"
     env = {"PLANNER_HOME": str(home), "DATABASE_URL": ""}
@@ -818,7 +820,7 @@ def test_db_psql_without_psql_is_a_one_line_error(monkeypatch: pytest.MonkeyPatc
     import shutil
 
     from planner import cli as cli_module
-    from planner import db
+    from planner.db import pool as db
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(db, "embedded_psql", lambda: None)

@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planner import FlowFailed, FlowResult, NodeState, NodeTimeout, Planner, QueryError
-from planner.backend import Outcome, Query, WrappingBackend
-from planner.coalesce import MAX_WRITE_BATCH, CoalescingBackend
-from planner.db import PoolBackend
-from planner.graph import CompiledNode
+from planner.db.coalesce import MAX_WRITE_BATCH, CoalescingBackend
+from planner.db.pool import PoolBackend
+from planner.kinds.backend import Outcome, Query, WrappingBackend
+from planner.lang.nodes import CompiledNode
 
 Write = Callable[..., Path]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from planner import FlowFileError, Planner
-from planner.backend import Offline
 from planner.config import DEFAULT_ALLOWED, CallTargets
-from planner.validate import check_static
+from planner.kinds.backend import Offline
+from planner.views.validate import check_static
 
 ROOT = Path(__file__).resolve().parent.parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -208,7 +208,7 @@ async def test_a_folder_file_named_like_a_stdlib_module_is_not_a_folder_module(t
 
 # --- the default allow-list ------------------------------------------------------------------
 
-_DEMO_LOADERS = ["planner.demo.data:ensure", "planner.demo.data:load", "planner.demo.run:main_sync", "planner.db:drop_database"]
+_DEMO_LOADERS = ["planner.demo.data:ensure", "planner.demo.data:load", "planner.demo.run:main_sync", "planner.db.pool:drop_database"]
 
 
 @pytest.mark.parametrize("target", _DEMO_LOADERS)

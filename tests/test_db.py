@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from planner import FlowFailed, NodeState, NodeTimeout, Planner, QueryError
-from planner.db import translate
+from planner.db.pool import translate
 
 Write = Callable[..., Path]
 

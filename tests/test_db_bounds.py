@@ -9,9 +9,9 @@ import asyncpg
 import pytest
 
 from planner import QueryError, load_flow
-from planner import db as planner_db
-from planner.backend import Query
-from planner.db import PoolBackend
+from planner.db import pool as planner_db
+from planner.db.pool import PoolBackend
+from planner.kinds.backend import Query
 
 KEPT = 20
 FLOOD = 3 * KEPT

@@ -12,8 +12,8 @@ import asyncpg
 import pytest
 
 from planner import NodeTimeout, load_flow
-from planner.backend import Outcome, Query
-from planner.db import PoolBackend
+from planner.db.pool import PoolBackend
+from planner.kinds.backend import Outcome, Query
 
 # Read-only as far as planner can tell (a STABLE function of the user's), and slow on demand.
 SLOW_ECHO = """

@@ -11,8 +11,8 @@ import pytest
 from asyncpg.connection import LoggedQuery
 
 from planner import load_flow
-from planner.backend import Query
-from planner.db import PoolBackend
+from planner.db.pool import PoolBackend
+from planner.kinds.backend import Query
 
 READS = """
 inputs: {id: int}

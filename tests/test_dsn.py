@@ -1,10 +1,10 @@
-"""`planner.dsn`: passwords never leave a DSN or a message that quotes one."""
+"""`planner.db.dsn`: passwords never leave a DSN or a message that quotes one."""
 
 from __future__ import annotations
 
 import pytest
 
-from planner.dsn import dsn_secrets, redact_dsn, redact_text
+from planner.db.dsn import dsn_secrets, redact_dsn, redact_text
 
 
 @pytest.mark.parametrize(

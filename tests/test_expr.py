@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from planner.expr import ExprSyntaxError, evaluate, parse, refs_of
-from planner.refs import Ref, Unresolved
+from planner.lang.expr import ExprSyntaxError, evaluate, parse, refs_of
+from planner.lang.refs import Ref, Unresolved
 
 VALUES: dict[str, Any] = {"inst": {"enabled": True, "n": 3, "tags": ["a", "b"]}, "dup": False, "name": "x", "none": None}
 

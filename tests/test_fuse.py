@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planner import DatabaseUnavailable, NodeState, Planner, QueryError, load_flow
-from planner.backend import Query, WrappingBackend
-from planner.fuse import FusingBackend
+from planner.db.fuse import FusingBackend
+from planner.kinds.backend import Query, WrappingBackend
 
 SIBLINGS = """
 inputs: {k: int, bad: {type: str, default: "1"}}
@@ -75,7 +75,7 @@ class Counting(WrappingBackend):
 
 
 def _planner(dsn: str, *, fuse: bool) -> tuple[Planner, Counting]:
-    from planner.db import PoolBackend
+    from planner.db.pool import PoolBackend
 
     counting = Counting(PoolBackend(dsn=dsn))
     return Planner(backend=FusingBackend(counting, enabled=fuse)), counting
@@ -131,7 +131,7 @@ async def test_fusion_stops_once_half_the_pool_is_in_use(fuse_db: str, held: int
     # Under load a round trip shared by the same read of many runs does more than one shared
     # by the reads of one run: from half the pool (4 of 8), siblings go on to coalescing instead.
     # (`root`'s connection may still be on its way back when its children start: it counts.)
-    from planner.db import PoolBackend
+    from planner.db.pool import PoolBackend
 
     await _fill(fuse_db, [(1, "a", None, None, True, None, None, None)])
     counting = Counting(PoolBackend(dsn=fuse_db, min_size=8, max_size=8))
@@ -159,7 +159,7 @@ async def test_a_burst_of_runs_fuses_only_while_half_the_pool_is_free(fuse_db: s
     # would take its connection, not as it stood before any of them did. (It rests on nothing
     # yielding between that decision and PoolBackend counting the connection: asyncpg's
     # acquire is only awaited after the count.)
-    from planner.db import PoolBackend
+    from planner.db.pool import PoolBackend
 
     counting = Counting(PoolBackend(dsn=fuse_db, min_size=8, max_size=8))
     fuser = FusingBackend(counting, enabled=True)
@@ -191,7 +191,7 @@ async def test_a_failing_member_keeps_its_own_error_and_the_others_their_values(
 async def test_nodes_whose_fused_statement_failed_as_a_whole_get_errors_of_their_own() -> None:
     # A pool that cannot be opened fails the whole group; each node raises its error, which
     # writes its traceback: one object per node.
-    from planner.db import PoolBackend
+    from planner.db.pool import PoolBackend
 
     flow = load_flow(text="nodes:\n  a: {sql: SELECT 1, fetch: value}\n  b: {sql: SELECT 2, fetch: value}\n", name="two")
     backend = FusingBackend(PoolBackend(dsn="postgresql://postgres@/postgres?host=/tmp/planner-no-server-here"),
@@ -242,7 +242,7 @@ async def test_fusion_can_be_turned_off(fuse_db: str, switch: str, monkeypatch: 
         text = "settings: {fuse: false}\n" + text
     else:
         monkeypatch.setenv("PLANNER_FUSE", "0")
-    from planner.db import PoolBackend
+    from planner.db.pool import PoolBackend
 
     counting = Counting(PoolBackend(dsn=fuse_db))
     async with Planner(backend=FusingBackend(counting)) as planner:
@@ -254,8 +254,8 @@ async def test_fusion_can_be_turned_off(fuse_db: str, switch: str, monkeypatch: 
 
 
 async def test_sequential_mode_neither_fuses_nor_coalesces(fuse_db: str) -> None:
-    from planner.coalesce import CoalescingBackend
-    from planner.db import PoolBackend
+    from planner.db.coalesce import CoalescingBackend
+    from planner.db.pool import PoolBackend
 
     await _fill(fuse_db, [(1, "a", None, None, None, None, None, None)])
     counting = Counting(CoalescingBackend(PoolBackend(dsn=fuse_db, min_size=1, max_size=1), enabled=True))

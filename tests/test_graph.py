@@ -10,7 +10,7 @@ import pytest
 
 from planner import FlowFileError, FlowGraphError, load_flow
 from planner.graph import CompiledFlow, compile_flow, plan, trips
-from planner.loader import load_text
+from planner.lang.loader import load_text
 
 SEEDLIKE = """
 inputs: {name: str, phone: str}

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from planner import FlowFileError, FlowInputError, Planner, load_flow
 from planner.graph import compile_flow
-from planner.loader import MAX_FILE_BYTES, UNEXPECTED, load_spec, load_text, read_flow_text
+from planner.lang.loader import MAX_FILE_BYTES, UNEXPECTED, load_spec, load_text, read_flow_text
 
 PLANNER = str(Path(sys.executable).parent / "planner")
 
@@ -153,7 +153,7 @@ def test_a_deeply_nested_when_is_refused_with_a_clear_message(write_flow: Callab
 
 
 def test_a_when_nested_to_the_limit_loads(write_flow: Callable[..., Path]) -> None:
-    from planner.expr import MAX_DEPTH
+    from planner.lang.expr import MAX_DEPTH
 
     flow = load_flow(write_flow(_when("(" * MAX_DEPTH + "$x" + ")" * MAX_DEPTH)))
     assert flow.nodes["a"].deps == ()
@@ -219,7 +219,7 @@ def test_a_schema_error_with_no_key_of_its_own_still_has_a_line(write_flow: Call
 def test_an_unforeseen_failure_while_loading_is_still_a_flow_file_error(
     write_flow: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from planner.models import FlowSpec
+    from planner.lang.models import FlowSpec
 
     def broken(data: object) -> None:
         raise TypeError("unforeseen")
@@ -410,7 +410,7 @@ def _load_in_child(path: Path) -> str:
     """`load_spec(path)` in a child bounded in memory and time: a regression that reads without
     a bound, or waits on a FIFO, fails this test instead of exhausting or hanging the machine."""
     code = (
-        "import sys\nfrom planner.loader import load_spec\n"
+        "import sys\nfrom planner.lang.loader import load_spec\n"
         "try:\n    load_spec(sys.argv[1])\nexcept Exception as exc:\n    print(type(exc).__name__, exc)\n"
     )
     proc = subprocess.run(

@@ -10,16 +10,17 @@ import typing
 import pytest
 from pydantic import Tag
 
-from planner import FlowError, FlowGraphError, Planner, load_flow, models
-from planner.backend import Offline
+from planner import FlowError, FlowGraphError, Planner, load_flow
 from planner.graph import compile_flow
 from planner.kinds import KINDS, kind_for_model, kind_of
-from planner.loader import load_text
-from planner.validate import check_static
+from planner.kinds.backend import Offline
+from planner.lang import models
+from planner.lang.loader import load_text
+from planner.views.validate import check_static
 
 
 def _model_tags() -> dict[str, type]:
-    """The node kinds `planner.models.Node` accepts: its discriminator's tag -> model."""
+    """The node kinds `planner.lang.models.Node` accepts: its discriminator's tag -> model."""
     union, *_ = typing.get_args(models.Node)
     tags: dict[str, type] = {}
     for member in typing.get_args(union):
@@ -79,7 +80,7 @@ def test_validate_refuses_a_node_of_an_unknown_kind(tmp_path: typing.Any, monkey
         flow.nodes["a"] = dataclasses.replace(flow.nodes["a"], kind="nope")  # type: ignore[arg-type]
         return flow
 
-    monkeypatch.setattr("planner.validate.compile_flow", unknown_kind)
+    monkeypatch.setattr("planner.views.validate.compile_flow", unknown_kind)
     with pytest.raises(FlowError, match="unknown node kind 'nope'"):
         check_static(path)
 

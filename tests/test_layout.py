@@ -10,11 +10,11 @@ import xml.etree.ElementTree as ET
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planner import draw
-from planner.draw import Box, Layout, layout, path_d
 from planner.graph import CompiledFlow, compile_flow, plan
-from planner.loader import load_text
-from planner.render import edges
+from planner.lang.loader import load_text
+from planner.views import draw
+from planner.views.draw import Box, Layout, layout, path_d
+from planner.views.render import edges
 
 SVG = "{http://www.w3.org/2000/svg}"
 EPS = 1e-6

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 from planner.errors import FlowFileError
-from planner.expr import ExprSyntaxError
-from planner.expr import parse as parse_expr
 from planner.graph import compile_flow
-from planner.loader import load_spec, load_text
-from planner.refs import compile_getter, compile_sql, parse_value
+from planner.lang.expr import ExprSyntaxError
+from planner.lang.expr import parse as parse_expr
+from planner.lang.loader import load_spec, load_text
+from planner.lang.refs import compile_getter, compile_sql, parse_value
 
 SCALE = 20
 # Linear is 20x, quadratic 400x: 100x leaves room for a busy machine (seen: 64x for a linear

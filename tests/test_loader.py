@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from planner import FlowFileError, load_flow
-from planner.models import parse_duration
+from planner.lang.models import parse_duration
 
 GOOD = """
 description: ok

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from planner import NodeState, NodeTimeout, Planner
-from planner.backend import Offline, Query
+from planner.kinds.backend import Offline, Query
 
 Write = Callable[..., Path]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import planner
-from planner.db import with_database
+from planner.db.pool import with_database
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -98,7 +98,7 @@ def test_the_wheel_contains_the_data_files_license_and_metadata(dists: Dists) ->
                  "Requires-Python: >=3.11", "Classifier: Programming Language :: Python :: 3.11", "Classifier: Typing :: Typed"):
         assert f"\n{line}\n" in meta, line
     assert "[console_scripts]\nplanner = planner.cli:main" in entry_points
-    assert "[pytest11]\nplanner = planner.pytest_plugin" in entry_points
+    assert "[pytest11]\nplanner = planner.testing.pytest_plugin" in entry_points
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,14 @@ from typing import Any
 import asyncpg
 import pytest
 
-import planner.db as planner_db
+import planner.db.pool as planner_db
 from planner import DatabaseUnavailable, FlowFailed, NodeState, NodeTimeout, Planner, QueryError, load_flow
-from planner.coalesce import CoalescingBackend
-from planner.db import PoolBackend, outlives_transaction, pooler_mode, split_pooler, translate
-from planner.fuse import FusingBackend
-from planner.pytest_plugin import fresh_database
-from planner.sqlinfo import combine_writes
-from planner.validate import validate_paths
+from planner.db.coalesce import CoalescingBackend
+from planner.db.fuse import FusingBackend
+from planner.db.pool import PoolBackend, outlives_transaction, pooler_mode, split_pooler, translate
+from planner.lang.sqlinfo import combine_writes
+from planner.testing.pytest_plugin import fresh_database
+from planner.views.validate import validate_paths
 from tests import test_seed_flows as seed_flows
 from tests.pgbouncer import PgBouncer
 from tests.reliability.test_faults import _assert_pool_whole, _gone, _terminate, _wait_for_query
@@ -118,7 +118,7 @@ async def test_coalesced_reads_and_writes_through_pgbouncer(items_dsn: str, pgbo
                 assert result.values["stored"] == k
             assert coalescer.batches > 0
             assert any(r.nodes["typed"].served.batch > 1 for r in results)  # type: ignore[union-attr]
-            # (Writes are combined where planner.sqlinfo can: not with pglast 8 before its `returningClause` fix.)
+            # (Writes are combined where planner.lang.sqlinfo can: not with pglast 8 before its `returningClause` fix.)
             assert any(r.nodes["stored"].served.batch > 1 for r in results) or not writes_combine  # type: ignore[union-attr]
         count = await planner.run(load_flow(text="nodes: {n: {sql: 'SELECT count(*) FROM whatsapp_instances', fetch: value}}"))
         total = count.values["n"]
@@ -193,7 +193,7 @@ async def test_a_changed_result_is_described_again(demo_dsn: str, pgbouncer: PgB
             else:
                 assert first == {"a": 1, "b": 2}
             assert (await planner.run(flow)).values["r"] == {"a": 1, "b": 2}
-        monkeypatch.setattr("planner.db.DESCRIBED_S", 0.0)  # a description is used once
+        monkeypatch.setattr("planner.db.pool.DESCRIBED_S", 0.0)  # a description is used once
         async with Planner(dsn=pgbouncer.dsn(demo_dsn), min_size=1, max_size=1, cache_size=0) as planner:
             assert (await planner.run(flow)).values["r"] == {"a": 1, "b": 2}
             await admin.execute("ALTER TABLE pgb_shape RENAME COLUMN b TO c")
@@ -289,7 +289,7 @@ async def test_transaction_scoped_effects_run_behind_pgbouncer(items_dsn: str, p
         releases.append(dirty or baseline is not None)
         await real(pool, connection, dirty, baseline)
 
-    monkeypatch.setattr("planner.db._release", spy)
+    monkeypatch.setattr("planner.db.pool._release", spy)
     async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(items_dsn)) as planner:
         result = await planner.run("f")
     local = result.nodes["local"]

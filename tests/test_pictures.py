@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
-from planner import FlowFailed, FlowResult, Planner, draw, render
-from planner.backend import Offline
+from planner import FlowFailed, FlowResult, Planner
 from planner.graph import CompiledFlow, compile_flow, plan
-from planner.loader import load_text
-from planner.render import NO_LATENCY, estimate, ms_number, ms_text, run_critical_path
-from planner.trace import RunData, Span, read_trace, write_trace
+from planner.kinds.backend import Offline
+from planner.lang.loader import load_text
+from planner.views import draw, render
+from planner.views.render import NO_LATENCY, estimate, ms_number, ms_text, run_critical_path
+from planner.views.trace import RunData, Span, read_trace, write_trace
 
 SVG = "{http://www.w3.org/2000/svg}"
 RED = draw.RED

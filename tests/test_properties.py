@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planner import CompiledFlow, FlowFailed, FlowResult, NodeState, Planner, load_flow
-from planner.backend import Offline
+from planner.kinds.backend import Offline
 from tests import nodes
 
 _planner = Planner(backend=Offline(), allowed_modules=["tests"])  # call nodes only: no database

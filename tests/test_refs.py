@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from planner.refs import Ref, RefSyntaxError, Unresolved, compile_sql, parse_value, resolve
+from planner.lang.refs import Ref, RefSyntaxError, Unresolved, compile_sql, parse_value, resolve
 
 
 @pytest.mark.parametrize(
@@ -85,7 +85,7 @@ def test_a_value_that_contains_itself_is_refused_not_a_recursion_error() -> None
 
 
 def test_a_value_nested_to_the_limit_is_parsed() -> None:
-    from planner.refs import MAX_TEMPLATE_DEPTH
+    from planner.lang.refs import MAX_TEMPLATE_DEPTH
 
     assert parse_value(_nested(MAX_TEMPLATE_DEPTH - 1)).refs == (Ref("x"),)
 

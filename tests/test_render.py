@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from planner import draw, render
 from planner.api import load_flow
 from planner.graph import CompiledFlow, Plan, compile_flow, plan
-from planner.loader import load_text
-from planner.render import plain, when_text
+from planner.lang.loader import load_text
 from planner.results import FlowResult, NodeResult, NodeState
-from planner.trace import RunData, Span, TraceError, read_trace, write_trace
+from planner.views import draw, render
+from planner.views.render import plain, when_text
+from planner.views.trace import RunData, Span, TraceError, read_trace, write_trace
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_TRACE = ROOT / "docs" / "process_buffered.trace.json"
@@ -282,7 +282,7 @@ def test_a_trace_with_a_lone_surrogate_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_trace_larger_than_the_limit_is_refused_without_reading_it_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("planner.trace.MAX_TRACE_BYTES", 1000)
+    monkeypatch.setattr("planner.views.trace.MAX_TRACE_BYTES", 1000)
     path = _write(tmp_path, _seed_trace())
     with pytest.raises(TraceError, match="larger than 1000 bytes"):
         read_trace(path)

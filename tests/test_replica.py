@@ -1,4 +1,4 @@
-"""Read replicas (`planner.replica`): routing compiled per node, and a real streaming replica.
+"""Read replicas (`planner.db.replica`): routing compiled per node, and a real streaming replica.
 
 The replica tests run a primary and a replica of their own (`tests.replica_pair`: initdb,
 pg_basebackup -R, pg_ctl), never the suite's shared server.
@@ -22,10 +22,10 @@ import asyncpg
 import pytest
 
 from planner import FlowFileError, NodeResult, NodeState, Planner, load_flow
-from planner.backend import Offline
-from planner.db import create_database, with_database
-from planner.pytest_plugin import fresh_database
-from planner.replica import parse_max_lag, resolve_dsn
+from planner.db.pool import create_database, with_database
+from planner.db.replica import parse_max_lag, resolve_dsn
+from planner.kinds.backend import Offline
+from planner.testing.pytest_plugin import fresh_database
 from tests.replica_pair import Pair, Server, caught_up, start_pair
 
 FLOWS = Path(__file__).resolve().parent.parent / "flows"

@@ -1,4 +1,4 @@
-"""`planner.scheduler.Ready` alone, on adjacency dicts: graphlib's ready-set protocol.
+"""`planner.run.scheduler.Ready` alone, on adjacency dicts: graphlib's ready-set protocol.
 
 The cases are written as graphlib's tests are: a graph of dependencies, the nodes marked done
 in turn, and what each `done` releases. A property on random DAGs checks that every node is
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.scheduler import Ready
+from planner.run.scheduler import Ready
 
 
 def _done(ready: Ready, name: str) -> list[str]:

@@ -175,7 +175,7 @@ async def test_escalation_on_troubled_interactions_above_the_threshold(seed: Pla
 
 
 async def test_the_three_modes_give_the_same_results_on_the_seed_flows(pg_dsn: str, demo_template: str) -> None:
-    from planner.pytest_plugin import fresh_database
+    from planner.testing.pytest_plugin import fresh_database
 
     outputs = []
     for mode in ("eager", "layered", "sequential"):
@@ -189,7 +189,7 @@ async def test_the_three_modes_give_the_same_results_on_the_seed_flows(pg_dsn: s
 
 async def test_the_cache_changes_no_result_of_the_seed_flows(pg_dsn: str, demo_template: str,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from planner.pytest_plugin import fresh_database
+    from planner.testing.pytest_plugin import fresh_database
 
     outputs, hits = [], []
     for switch in ("1", "0"):

@@ -16,9 +16,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-import planner.db
+import planner.db.pool
 from planner import Planner
-from planner.db import RESET_SESSION
+from planner.db.pool import RESET_SESSION
 
 Write = Callable[..., Path]
 ROLE = f"planner_session_role_{os.getpid()}"
@@ -155,13 +155,13 @@ async def test_only_statements_that_may_change_the_session_are_released_dirty(
     one_connection: Planner, prepared: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     released: list[bool] = []
-    real = planner.db._release
+    real = planner.db.pool._release
 
     async def recording(pool: Any, con: Any, dirty: bool, baseline: Any) -> None:
         released.append(dirty)
         await real(pool, con, dirty, baseline)
 
-    monkeypatch.setattr(planner.db, "_release", recording)
+    monkeypatch.setattr(planner.db.pool, "_release", recording)
     flows: list[tuple[str, str | list[str]]] = [
         ("plain", "SELECT count(*) FROM whatsapp_instances"),
         ("listed", ["SELECT 1", "SELECT 2"]),

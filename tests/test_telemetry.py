@@ -9,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from planner import telemetry
+from planner.run import telemetry
 
 SCRIPT = textwrap.dedent("""
     import asyncio, json, sys

@@ -26,7 +26,7 @@ from planner import (
     ReferenceFieldError,
     load_flow,
 )
-from planner.validate import check_static
+from planner.views.validate import check_static
 
 Write = Callable[..., Path]
 
@@ -138,12 +138,12 @@ async def test_database_url_is_named_as_the_reason(write_flow: Write, demo_dsn: 
 
 async def test_the_embedded_fallback_is_named_as_the_reason(write_flow: Write, demo_dsn: str, monkeypatch: pytest.MonkeyPatch,
                                                             caplog: pytest.LogCaptureFixture) -> None:
-    import planner.db
+    import planner.db.pool
 
     path = write_flow("nodes:\n  a: {sql: SELECT 1, fetch: value}\n")
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.delenv("PLANNER_EMBEDDED", raising=False)
-    monkeypatch.setattr(planner.db, "embedded_dsn", lambda: demo_dsn)  # stands in for the embedded server
+    monkeypatch.setattr(planner.db.pool, "embedded_dsn", lambda: demo_dsn)  # stands in for the embedded server
     with caplog.at_level(logging.WARNING, logger="planner"):
         async with Planner(flows=path.parent) as p:
             assert (await p.run("t")).output == {"a": 1}
@@ -161,12 +161,12 @@ async def test_the_embedded_fallback_is_named_as_the_reason(write_flow: Write, d
 )
 async def test_a_service_can_forbid_the_embedded_fallback(write_flow: Write, monkeypatch: pytest.MonkeyPatch,
                                                           flag: bool | None, env: str | None, says: str) -> None:
-    import planner.db
+    import planner.db.pool
 
     def never() -> str:
         raise AssertionError("the embedded server must not be started")
 
-    monkeypatch.setattr(planner.db, "embedded_dsn", never)
+    monkeypatch.setattr(planner.db.pool, "embedded_dsn", never)
     monkeypatch.delenv("DATABASE_URL", raising=False)
     if env is None:
         monkeypatch.delenv("PLANNER_EMBEDDED", raising=False)
@@ -346,7 +346,7 @@ def test_the_seed_flows_parse() -> None:
 
 
 def test_every_field_of_the_format_has_a_description() -> None:
-    from planner.models import CallNode, FlowSpec, InputSpec, Retry, Settings, SqlNode
+    from planner.lang.models import CallNode, FlowSpec, InputSpec, Retry, Settings, SqlNode
 
     missing = [f"{model.__name__}.{name}" for model in (FlowSpec, InputSpec, Settings, Retry, SqlNode, CallNode)
                for name, info in model.model_fields.items() if not info.description]
@@ -354,7 +354,7 @@ def test_every_field_of_the_format_has_a_description() -> None:
 
 
 def test_the_reference_documents_every_key_of_the_schema() -> None:
-    from planner.schema import flow_schema
+    from planner.lang.schema import flow_schema
 
     keys: set[str] = set()
 
@@ -376,8 +376,8 @@ def test_the_reference_documents_every_key_of_the_schema() -> None:
 
 
 def test_recorded_latencies_are_kept_per_flows_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from planner import stats
     from planner.results import FlowResult, NodeResult
+    from planner.views import stats
 
     monkeypatch.setenv("PLANNER_HOME", str(tmp_path / "home"))
     one, two = tmp_path / "one" / "flows", tmp_path / "two" / "flows"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.validate import Finding, render_findings
+from planner.views.validate import Finding, render_findings
 
 PLANNER = str(Path(sys.executable).parent / "planner")
 

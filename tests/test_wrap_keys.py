@@ -1,4 +1,4 @@
-"""The keys and errors the wrappers share (`planner.backend.freeze`, `own_error`): one of each,
+"""The keys and errors the wrappers share (`planner.kinds.backend.freeze`, `own_error`): one of each,
 used by the cache, coalescing and fusion alike (their own tests show each of them using it)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from planner.backend import freeze, own_error
 from planner.errors import FlowFileError, QueryError
+from planner.kinds.backend import freeze, own_error
 
 # --- freeze: equal keys exactly for parameters sent the same way ------------------------------
 

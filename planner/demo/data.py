@@ -13,7 +13,7 @@ from importlib import resources
 
 import asyncpg
 
-from planner.db import connect
+from planner.db.pool import connect
 
 DATA_VERSION = "1"
 

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from planner.api import Planner
-from planner.coalesce import CoalescingBackend
-from planner.db import PoolBackend, connect, create_database, embedded_dsn, with_database
+from planner.db.coalesce import CoalescingBackend
+from planner.db.dsn import redact_dsn
+from planner.db.pool import PoolBackend, connect, create_database, embedded_dsn, with_database
 from planner.demo import data
-from planner.dsn import redact_dsn
 from planner.errors import FlowFailed
-from planner.executor import MODES
 from planner.graph import CompiledFlow
+from planner.run.executor import MODES
 
 DEMO_DATABASE = "planner_demo"
 
@@ -274,21 +274,18 @@ async def run_demo(
     return out
 
 
-def render_load(load: list[LoadFigures], rtt_ms: float) -> None:
-    """The load table, on stdout."""
-    from planner.cli import print_table
-
+def load_table(load: list[LoadFigures], rtt_ms: float) -> tuple[str, list[str], list[list[str]], set[int]]:
+    """The load table (title, headers, rows, right-aligned columns), for the CLI to print."""
     network = f"{rtt_ms:g} ms round trip added by a local proxy" if rtt_ms else "the bare local database"
     off = next(f for f in load if not f.coalesce).ok_per_s
     rows = [[f"coalescing {'on' if f.coalesce else 'off'}", f"{f.ok_per_s:.1f}", f"{f.ok_per_s / off:.2f}" if off else "-",
              f"{f.p50_ms:.1f}", f"{f.failed_per_s:.1f}"] for f in load]
     first = load[0]
-    print_table(f"process_buffered under load: {first.in_flight} messages in flight, pool {first.pool}, eager, "
-                f"at least {first.seconds:g} s each ({network})",
-                ["", "messages/s", "x off", "p50 ms", "failed/s"], rows, right={1, 2, 3, 4})
-    print()
+    title = (f"process_buffered under load: {first.in_flight} messages in flight, pool {first.pool}, eager, "
+             f"at least {first.seconds:g} s each ({network})")
+    return title, ["", "messages/s", "x off", "p50 ms", "failed/s"], rows, {1, 2, 3, 4}
 
 
 def main_sync(server_dsn: str | None, runs: int, rtt_ms: float = 0.0) -> dict[str, Any]:
-    """`run_demo` on an event loop of its own; the caller prints (the load table: `render_load`)."""
+    """`run_demo` on an event loop of its own; the caller prints (the load table: `load_table`)."""
     return asyncio.run(run_demo(server_dsn, runs, rtt_ms))

@@ -14,17 +14,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from planner.errors import FlowError
+from planner.lang.nodes import KindName
 
 if TYPE_CHECKING:
-    from planner.backend import Backend, Served
     from planner.config import CallTargets
     from planner.errors import FlowFileError
-    from planner.graph import CompiledNode
+    from planner.kinds.backend import Backend
     from planner.kinds.call import CallThreads
-    from planner.loader import Marks
-    from planner.refs import Ref
+    from planner.lang.loader import Marks
+    from planner.lang.nodes import CompiledNode
+    from planner.lang.refs import Ref
+    from planner.results import Served
 
-KindName = Literal["sql", "call"]
 NodeRun = Callable[[Any], Coroutine[Any, Any, Any]]
 
 
@@ -79,7 +80,7 @@ class NodeKind(Protocol):
 
     @property
     def model(self) -> type[Any]:
-        """Its pydantic model in `planner.models`."""
+        """Its pydantic model in `planner.lang.models`."""
 
     @property
     def refs_at(self) -> str:

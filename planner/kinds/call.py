@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from planner.errors import FlowFileError, NodeError
 from planner.kinds import BindEnv, Body, BoundNode
-from planner.models import CallNode
-from planner.refs import RefSyntaxError, compile_getter, parse_value
+from planner.lang.models import CallNode
+from planner.lang.refs import RefSyntaxError, compile_getter, parse_value
 
 if TYPE_CHECKING:
-    from planner.graph import CompiledNode
-    from planner.loader import Marks
+    from planner.lang.loader import Marks
+    from planner.lang.nodes import CompiledNode
 
 DEFAULT_THREADS = 32
 IDLE_S = 60.0  # an idle thread ends after this long

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from planner.backend import Query
 from planner.errors import FlowFileError
 from planner.kinds import BindEnv, Body, BoundNode
-from planner.models import SqlNode
-from planner.refs import CompiledSql, RefSyntaxError, compile_getter, compile_sql
-from planner.sqlinfo import SqlInfo, analyze, combine_writes
+from planner.kinds.backend import Query
+from planner.lang.models import SqlNode
+from planner.lang.refs import CompiledSql, RefSyntaxError, compile_getter, compile_sql
+from planner.lang.sqlinfo import SqlInfo, analyze, combine_writes
 
 if TYPE_CHECKING:
-    from planner.graph import CompiledNode
-    from planner.loader import Marks
+    from planner.lang.loader import Marks
+    from planner.lang.nodes import CompiledNode
 
 
 class SqlKind:

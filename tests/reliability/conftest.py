@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from planner.db import create_database, drop_database, embedded_dsn, stop_embedded, with_database
+from planner.db.pool import create_database, drop_database, embedded_dsn, stop_embedded, with_database
 
 
 @dataclass

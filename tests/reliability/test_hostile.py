@@ -59,8 +59,8 @@ def _needs_binding(path: Path) -> bool:
 
 
 def _bind(path: Path) -> None:
-    from planner.backend import Offline
     from planner.kinds import BindEnv, kind_of
+    from planner.kinds.backend import Offline
 
     flow = load_flow(path)
     env = BindEnv(CallTargets(["planner.demo"]), Offline())

@@ -27,9 +27,9 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from planner.backend import ALONE, Backend, Outcome, Query, WrappingBackend, freeze, own_error, private_copy
 from planner.config import env_on
-from planner.graph import CompiledNode
+from planner.kinds.backend import ALONE, Backend, Outcome, Query, WrappingBackend, freeze, own_error, private_copy
+from planner.lang.nodes import CompiledNode
 
 logger = logging.getLogger("planner")
 
@@ -226,7 +226,7 @@ def _settle(batch: _Batch, outcomes: list[Outcome] | None, failure: BaseExceptio
 
 
 def _freeze(params: list[Any]) -> Hashable | None:
-    """A member's key (`planner.backend.freeze`), or None when a parameter cannot be hashed:
+    """A member's key (`planner.kinds.backend.freeze`), or None when a parameter cannot be hashed:
     such a member is never merged with another."""
     try:
         return freeze(params)

@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from planner.errors import NodeError, NodeTimeout, ReferenceFieldError
-from planner.expr import evaluate
 from planner.kinds import BoundNode
-from planner.refs import Unresolved
+from planner.lang.expr import evaluate
+from planner.lang.refs import Unresolved
 
 logger = logging.getLogger("planner")
 

@@ -1,12 +1,12 @@
 """Running a compiled, bound flow once: the three modes, fail-fast, deadlines, the result.
 
-The executor drives two smaller parts: the ready set (`planner.scheduler.Ready`), which says
-what may start once something settles, and node policy (`planner.policy`), which says what
+The executor drives two smaller parts: the ready set (`planner.run.scheduler.Ready`), which says
+what may start once something settles, and node policy (`planner.run.policy`), which says what
 starting, failing and retrying mean for one node. Each node's task reports through a done
 callback that settles it and starts whatever that released; nothing polls, and the run's own
 coroutine only awaits a future resolved by the last settlement (or by a fail-fast). Layered
 and sequential modes reuse the same machinery behind a gate that releases one group (or one
-node) at a time. Observers (`planner.observers`) watch without steering.
+node) at a time. Observers (`planner.run.observers`) watch without steering.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any, Literal
 
-from planner import policy
-from planner.backend import ALONE
 from planner.errors import FlowFailed, FlowInputError, FlowTimeout, NodeError
 from planner.graph import CompiledFlow
 from planner.kinds import BoundNode
-from planner.models import value_fits
-from planner.observers import RunObserver
-from planner.refs import Unresolved
+from planner.kinds.backend import ALONE
+from planner.lang.models import value_fits
+from planner.lang.refs import Unresolved
 from planner.results import FlowResult, NodeResult, NodeState
-from planner.scheduler import Ready
+from planner.run import policy
+from planner.run.observers import RunObserver
+from planner.run.scheduler import Ready
 
 logger = logging.getLogger("planner")
 

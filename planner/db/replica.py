@@ -42,10 +42,11 @@ import os
 from collections import deque
 from typing import Any, Literal
 
-from planner.backend import Backend, Described, Query, Served, WrappingBackend
-from planner.dsn import dsn_secrets, redact_text
+from planner.db.dsn import dsn_secrets, redact_text
 from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
-from planner.models import parse_duration
+from planner.kinds.backend import Backend, Described, Query, WrappingBackend
+from planner.lang.models import parse_duration
+from planner.results import Served
 
 logger = logging.getLogger("planner")
 
@@ -116,7 +117,7 @@ class ReplicaBackend(WrappingBackend):
         backoff: tuple[float, float] = BACKOFF,
     ) -> None:
         super().__init__(primary)
-        from planner.db import PoolBackend
+        from planner.db.pool import PoolBackend
 
         self.replica = replica
         self.max_lag = max_lag

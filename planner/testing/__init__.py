@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from planner.api import Planner
-from planner.backend import Offline
 from planner.graph import CompiledFlow
+from planner.kinds.backend import Offline
 from planner.results import FlowResult, NodeState
 
 __all__ = ["Cassette", "CassetteError", "CassetteMismatch", "offline_planner", "recorded_nodes", "statement_hash"]

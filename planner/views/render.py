@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from planner.graph import CompiledFlow, Plan
-from planner.trace import RunData
+from planner.views.trace import RunData
 
 MERMAID_MAX_EDGES = 500
 MERMAID_MAX_TEXT = 50_000
@@ -143,7 +143,7 @@ class Estimate:
 def estimate(flow: CompiledFlow, plan: Plan, recorded: Mapping[str, float] | None = None) -> Estimate:
     """What `plan` knows of each node's latency, and where it comes from.
 
-    `recorded` is what the plan was made with (`planner.stats.recorded_latencies`); without it,
+    `recorded` is what the plan was made with (`planner.views.stats.recorded_latencies`); without it,
     a node with no hint whose latency is known must have had a record. A linear pass:
     `plan.unknown` is a tuple, and asking it once per node made drawing quadratic in nodes.
     """

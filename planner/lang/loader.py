@@ -21,7 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from planner.errors import FlowError, FlowFileError
-from planner.models import MAX_NUMBER_CHARS, FlowSpec
+from planner.lang.models import MAX_NUMBER_CHARS, FlowSpec
 
 Path_ = tuple[str | int, ...]
 MAX_FILE_BYTES = 2_000_000
@@ -467,7 +467,7 @@ def _describe(err: Any, loc: Path_) -> str:
 def _keys_at(loc: Path_) -> list[str]:
     """The keys allowed where pydantic found an unknown one (`loc` as pydantic gives it, the node
     kind's tag included), for a did-you-mean."""
-    from planner.models import CallNode, InputSpec, Retry, Settings, SqlNode
+    from planner.lang.models import CallNode, InputSpec, Retry, Settings, SqlNode
 
     parent = loc[:-1]
     model: type[Any] | None = None

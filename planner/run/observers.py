@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
-from planner import telemetry
+from planner.run import telemetry
 
 if TYPE_CHECKING:
     from planner.results import NodeResult

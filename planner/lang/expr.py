@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from planner.models import MAX_NUMBER_CHARS
-from planner.refs import Ref, resolve
+from planner.lang.models import MAX_NUMBER_CHARS
+from planner.lang.refs import Ref, resolve
 
 MAX_DEPTH = 32
 """How deeply parentheses, lists and `not` may nest: far beyond any real condition, and low

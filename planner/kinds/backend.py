@@ -1,6 +1,6 @@
 """The seam between SQL nodes and the database: a `Backend` runs one node's statements.
 
-    sql node --Query--> [wrappers: cache, coalescing, ...] --Query--> PoolBackend (planner.db, asyncpg)
+    sql node --Query--> [wrappers: cache, coalescing, ...] --Query--> PoolBackend (planner.db.pool, asyncpg)
 
 A `Query` is everything a backend needs to run one SQL node once: the compiled statements,
 their bound values, how to fetch, and the node's timeout. Wrappers take an inner backend and
@@ -9,7 +9,7 @@ queries, sent together with a sibling's), never *what* it returns: a run gets th
 with any stack of wrappers. They report what they did on `Query.served`, which the executor
 copies onto the node's result.
 
-This module knows nothing of asyncpg; `planner.db` implements the protocol over a pool.
+This module knows nothing of asyncpg; `planner.db.pool` implements the protocol over a pool.
 """
 
 from __future__ import annotations
@@ -21,28 +21,19 @@ import uuid
 from collections.abc import Callable, Hashable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from planner.lang.nodes import Fetch
+from planner.results import Served
 
 if TYPE_CHECKING:
-    from planner.graph import CompiledNode
-    from planner.refs import CompiledSql
+    from planner.lang.nodes import CompiledNode
+    from planner.lang.refs import CompiledSql
 
-Fetch = Literal["one", "all", "value", "none"]
 
 ALONE: ContextVar[bool] = ContextVar("planner_alone", default=False)
 """True inside a run in sequential mode (the rollback switch): its queries are never
 coalesced or fused with anyone else's. The cache still applies."""
-FETCHES: tuple[Fetch, ...] = ("one", "all", "value", "none")
-
-
-@dataclass(slots=True)
-class Served:
-    """How a query's value was obtained; backends fill it, `NodeResult.served` shows it."""
-
-    cached: bool = False  # from the cache: no statement was sent
-    batch: int = 1  # how many runs shared the statement that answered this one
-    fused: int = 1  # how many nodes of one run shared that statement
-    replica: bool = False  # answered by the read replica (`planner.replica`), not the primary
 
 
 @dataclass(slots=True)

@@ -13,14 +13,14 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from planner.backend import Backend, Offline
 from planner.config import CallTargets
 from planner.errors import FlowFileError, QueryError
 from planner.graph import CompiledFlow, compile_flow
 from planner.kinds import BindEnv, kind_of
-from planner.loader import load_spec
-from planner.refs import CompiledSql, Ref, name_params, scan_sql
-from planner.sqlinfo import analyze
+from planner.kinds.backend import Backend, Offline
+from planner.lang.loader import load_spec
+from planner.lang.refs import CompiledSql, Ref, name_params, scan_sql
+from planner.lang.sqlinfo import analyze
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ async def validate_report(paths: list[Path], dsn: str | None) -> Report:
             flows.append(flow)
     if dsn is None or not flows:
         return Report(findings, len(paths), 0)
-    from planner.db import PoolBackend
+    from planner.db.pool import PoolBackend
 
     # With a server, the server judges the syntax (its parser is the one that will run the
     # statement; pglast's may be of another PostgreSQL version): no PLN111 besides its PLN400.

@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from planner.backend import ALONE, Backend, Outcome, Query, WrappingBackend, own_error
 from planner.config import env_on
+from planner.kinds.backend import ALONE, Backend, Outcome, Query, WrappingBackend, own_error
 
 FUSE_BELOW = 0.5  # fuse while fewer than this share of the pool's connections are in use
 

@@ -3,7 +3,7 @@
 Exit codes follow sqlfluff and dbt: 0 ok, 1 findings or a failed run, 2 usage, environment or
 internal error. Data goes to stdout, diagnostics to stderr; Rich is used only on a terminal
 (and honours NO_COLOR). No command ever shows a traceback (set PLANNER_DEBUG=1 to see one).
-No password of a DSN is ever printed: every message goes through `planner.dsn.redact_text`.
+No password of a DSN is ever printed: every message goes through `planner.db.dsn.redact_text`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from planner.dsn import dsn_secrets, redact_text
+from planner.db.dsn import dsn_secrets, redact_text
 from planner.errors import (
     DatabaseUnavailable,
     FlowDatabaseLost,
@@ -27,7 +27,7 @@ from planner.errors import (
     FlowFileError,
     FlowInputError,
 )
-from planner.render import plain
+from planner.views.render import plain
 
 app = typer.Typer(
     name="planner",
@@ -151,7 +151,7 @@ def _shown_dsn(dsn: str) -> str:
 
 def _on_database(dsn: str, database: str) -> str:
     """The same server, database `database` (a URL's path, or libpq's `dbname=`)."""
-    from planner.db import with_database
+    from planner.db.pool import with_database
 
     return with_database(dsn, database) if "://" in dsn else f"{dsn} dbname={database}"
 
@@ -252,14 +252,14 @@ def run(
             return planner.load(name), result, code, planner.cache_stats()
 
     compiled, result, code, cache = asyncio.run(go())
-    from planner import stats
+    from planner.views import stats
 
     try:
         stats.record(result, folder)
     except OSError as exc:  # statistics are a convenience: never fail a run over them
         typer.echo(f"planner: could not record latencies: {exc}", err=True)
     if trace is not None:
-        from planner.trace import write_trace
+        from planner.views.trace import write_trace
 
         write_trace(result, compiled, trace)
     if as_json:
@@ -343,8 +343,8 @@ def plan(
     """
     from planner.graph import plan as make_plan
     from planner.graph import trips
-    from planner.render import estimate, ms_number, plan_json, plan_rows
-    from planner.stats import recorded_latencies
+    from planner.views.render import estimate, ms_number, plan_json, plan_rows
+    from planner.views.stats import recorded_latencies
 
     folder, name = _resolve_flow(flow, flows)
     compiled = _planner(folder, None).load(name)
@@ -402,9 +402,9 @@ def visualize(
 
     Example: planner visualize process_buffered --format html -o graph.html
     """
-    from planner import render
     from planner.graph import plan as make_plan
-    from planner.stats import recorded_latencies
+    from planner.views import render
+    from planner.views.stats import recorded_latencies
 
     if fmt not in ("mermaid", "dot", "svg", "html"):
         raise UsageError(f"--format {fmt!r}: choose mermaid, dot, svg or html")
@@ -414,7 +414,7 @@ def visualize(
     p = make_plan(compiled, recorded)
     run_data = None
     if trace is not None:
-        from planner.trace import TraceError, read_trace
+        from planner.views.trace import TraceError, read_trace
 
         try:
             run_data = read_trace(trace, compiled)
@@ -426,7 +426,7 @@ def visualize(
         elif fmt == "dot":
             text = render.dot(compiled, p, run_data, recorded=recorded)
         else:
-            from planner import draw
+            from planner.views import draw
 
             draw_as = draw.svg if fmt == "svg" else draw.html
             text = draw_as(compiled, p, run_data, recorded=recorded)
@@ -453,7 +453,7 @@ def validate(
 
     Example: planner validate --db postgresql://localhost/app
     """
-    from planner.validate import render_findings, validate_report
+    from planner.views.validate import render_findings, validate_report
 
     if fmt not in ("text", "json", "github"):
         raise UsageError(f"--format {fmt!r}: choose text, json or github")
@@ -551,7 +551,7 @@ def schema() -> None:
 
     Example: planner schema > flow.schema.json
     """
-    from planner.schema import flow_schema
+    from planner.lang.schema import flow_schema
 
     typer.echo(json.dumps(flow_schema(), indent=2))
 
@@ -570,11 +570,11 @@ def demo(
 
     Example: planner demo --rtt 0   (the bare local database)
     """
-    from planner.demo.run import DEMO_DATABASE, main_sync, render_load
+    from planner.demo.run import DEMO_DATABASE, load_table, main_sync
 
     server = db or os.environ.get("DATABASE_URL")
     if server is None:
-        from planner.db import embedded_dsn
+        from planner.db.pool import embedded_dsn
 
         server = embedded_dsn()  # started (or reused) first: the output says which database before any figure
     typer.echo(f"database: {_shown_dsn(_on_database(server, DEMO_DATABASE))}")
@@ -597,7 +597,9 @@ def demo(
                     ["mode", "p50 ms", "p95 ms", "x sequential", "queries/run"], rows, right={1, 2, 3, 4})
         typer.echo("")
     if figures["load"]:
-        render_load(figures["load"], rtt)
+        title, headers, rows, right = load_table(figures["load"], rtt)
+        print_table(title, headers, rows, right=right)
+        typer.echo("")
 
 
 # --- planner db -----------------------------------------------------------------------------
@@ -615,7 +617,7 @@ DatabaseOpt = Annotated[str | None, typer.Option("--database", help="Another dat
 def _which_database() -> str:
     """The DSN planner uses without `--db`: DATABASE_URL, else the embedded server's (started
     if it is not running). Raises `DatabaseUnavailable` when there is none to use."""
-    from planner.db import embedded_allowed, embedded_dsn
+    from planner.db.pool import embedded_allowed, embedded_dsn
 
     env = os.environ.get("DATABASE_URL")
     if env:
@@ -632,7 +634,7 @@ def _which_database() -> str:
 def _for_libpq(dsn: str) -> tuple[str, str | None]:
     """`dsn` without planner's own `?pgbouncer=` parameter, which libpq (psql) refuses, and
     that parameter's value (None when it had none)."""
-    from planner.db import split_pooler
+    from planner.db.pool import split_pooler
 
     return split_pooler(dsn)
 
@@ -661,7 +663,7 @@ def db_status() -> None:
 
     Example: planner db status
     """
-    from planner.db import embedded_allowed, embedded_status, server_version
+    from planner.db.pool import embedded_allowed, embedded_status, server_version
 
     env = os.environ.get("DATABASE_URL")
     status = embedded_status()
@@ -717,7 +719,7 @@ def find_psql() -> str | None:
     """The psql on PATH, else the one that comes with the embedded server; None when neither."""
     import shutil
 
-    from planner.db import embedded_psql
+    from planner.db.pool import embedded_psql
 
     found = shutil.which("psql")
     if found:
@@ -746,7 +748,7 @@ def db_stop() -> None:
 
     Example: planner db stop
     """
-    from planner.db import embedded_status, stop_embedded
+    from planner.db.pool import embedded_status, stop_embedded
 
     pgdata = embedded_status().pgdata
     try:
@@ -839,7 +841,7 @@ def init(
 
     Example: planner init . && planner validate flows
     """
-    from planner.schema import flow_schema
+    from planner.lang.schema import flow_schema
 
     files = {
         Path(flows_name) / "example.yaml": EXAMPLE_FLOW,

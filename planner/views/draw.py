@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from html import escape
 
 from planner.graph import CompiledFlow, Plan
-from planner.render import (
+from planner.views.render import (
     NO_LATENCY,
     STATE_FILLS,
     Picture,
@@ -41,7 +41,7 @@ from planner.render import (
     plan_rows,
     when_text,
 )
-from planner.trace import RunData
+from planner.views.trace import RunData
 
 NODE_W, NODE_H, NODE_H_RUN = 220, 64, 80  # a run adds a line: the node's outcome
 GAP_X, GAP_Y = 90, 22

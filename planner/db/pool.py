@@ -3,7 +3,7 @@
 This is the one module that imports asyncpg, and the one boundary where its exceptions (and
 the socket's) become planner's: `QueryError` (with `sqlstate`, `transient` and, for a
 statement the server refused, `position`) and `DatabaseUnavailable`, as httpx maps httpcore's
-in one place. `PoolBackend` implements `planner.backend.Backend` over a pool.
+in one place. `PoolBackend` implements `planner.kinds.backend.Backend` over a pool.
 
 Connections are checked out per statement (or per transaction) and never held while a node
 waits for another. A node hands its value to its dependents first and the connection goes
@@ -31,14 +31,14 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import asyncpg
 from cachetools import LRUCache
 
-from planner.backend import Described, Outcome, Query
 from planner.config import env_on
-from planner.dsn import redact_dsn
+from planner.db.dsn import redact_dsn
 from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
-from planner.graph import CompiledNode
-from planner.policy import timed
-from planner.refs import CompiledSql, name_params
-from planner.sqlinfo import combine_writes
+from planner.kinds.backend import Described, Outcome, Query
+from planner.lang.nodes import CompiledNode
+from planner.lang.refs import CompiledSql, name_params
+from planner.lang.sqlinfo import combine_writes
+from planner.run.policy import timed
 
 logger = logging.getLogger("planner")
 
@@ -261,7 +261,7 @@ def outlives_transaction(texts: Sequence[str]) -> str | None:
     """What in `texts` would leave state on the session beyond its transaction (`"it runs
     SET"`), or None. Transaction-scoped effects pass: SET LOCAL, set_config(..., true), LOCK,
     nextval, advisory xact locks, cursors without HOLD, temporary tables ON COMMIT DROP.
-    Statement analysis (`planner.sqlinfo`) flags all of them as `session`; this tells them apart."""
+    Statement analysis (`planner.lang.sqlinfo`) flags all of them as `session`; this tells them apart."""
     import pglast
     from pglast import ast, enums
 

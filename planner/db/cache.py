@@ -5,7 +5,7 @@
                              +--hit--> a private copy of the kept value (no connection)
 
 - Only nodes with `cache: <duration>` are cached, and the flow loader accepts `cache:` only on a
-  node proven read-only (one statement; `planner.sqlinfo`). Every other query passes straight
+  node proven read-only (one statement; `planner.lang.sqlinfo`). Every other query passes straight
   through: the price for them is one attribute check.
 - A value is kept per (flow, node, statement texts, fetch, parameters) for the node's duration,
   in a bounded LRU (`cachetools.TLRUCache`: a time-to-use per entry, least recently used
@@ -18,7 +18,7 @@
   (defaults are applied above the backend, by the executor).
 - Values are never shared between runs: each run gets its own copy of the kept value (rows
   are dicts and lists of plain values, copied structurally; anything else is deep-copied).
-- Parameters are part of the key as they would be sent (`planner.backend.freeze`, the key
+- Parameters are part of the key as they would be sent (`planner.kinds.backend.freeze`, the key
   coalescing shares members by): `1`, `1.0` and `true` are three keys, and so are `2.5` and
   `2.50`; lists and dicts are keyed by their contents. A parameter that cannot be hashed even
   so (an object of a class of the caller's) makes that query uncached: it runs every time.
@@ -41,8 +41,8 @@ from typing import Any
 
 from cachetools import TLRUCache
 
-from planner.backend import Backend, Query, WrappingBackend, freeze, own_error, private_copy
 from planner.config import env_on
+from planner.kinds.backend import Backend, Query, WrappingBackend, freeze, own_error, private_copy
 
 DEFAULT_SIZE = 4096
 """How many values a `CacheBackend` keeps at most (all nodes together) before evicting the least

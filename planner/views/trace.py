@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner.expr import evaluate, refs_of
 from planner.graph import CompiledFlow
-from planner.models import NAME_RE
-from planner.refs import Ref, Unresolved, resolve
+from planner.lang.expr import evaluate, refs_of
+from planner.lang.models import NAME_RE
+from planner.lang.refs import Ref, Unresolved, resolve
 from planner.results import FlowResult, NodeState
 
 STATES = tuple(state.value for state in NodeState)
@@ -207,7 +207,7 @@ def _skip_reason(flow: CompiledFlow, name: str, values: _NodeValues) -> str | No
 
 def _null_reason(ref: Ref | None, values: _NodeValues) -> str | None:
     """`$a.b is null` for the step of `ref` that met null; `$a.rows has no item 3` for a short
-    list. Walks as `planner.refs.resolve` does."""
+    list. Walks as `planner.lang.refs.resolve` does."""
     if ref is None:
         return None
     value = values[ref.root]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from planner.models import FlowSpec
+from planner.lang.models import FlowSpec
 
 SCHEMA_ID = "https://planner.dev/schemas/flow.schema.json"
 

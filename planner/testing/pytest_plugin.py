@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 
-from planner.db import connect, create_database, drop_database, embedded_dsn, stop_embedded, with_database
+from planner.db.pool import connect, create_database, drop_database, embedded_dsn, stop_embedded, with_database
 
 _numbers = itertools.count(1)
 RECORD_MODES = ("once", "none", "all")

@@ -1,0 +1,56 @@
+"""A node compiled once and run many times: plain frozen data, no I/O.
+
+`planner.graph` makes these from the validated models (each kind compiling its own part);
+the kinds bind them to what runs them; the database backends read their SQL fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from planner.lang.expr import Expr
+from planner.lang.refs import CompiledSql, Ref
+
+KindName = Literal["sql", "call"]
+Fetch = Literal["one", "all", "value", "none"]
+FETCHES: tuple[Fetch, ...] = ("one", "all", "value", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 1
+    backoff: float = 0.0
+    on_any: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledNode:
+    """One node, ready to run: references parsed, dependencies known."""
+
+    name: str
+    kind: KindName
+    index: int
+    deps: tuple[str, ...]
+    refs: tuple[Ref, ...]
+    when: Expr | None
+    default: Any
+    fail: bool
+    timeout: float | None
+    retry: RetryPolicy
+    latency: float | None
+    flow: str = ""  # the flow's name (the cache keys values by flow and node)
+    invalidates: tuple[str, ...] = ()  # cached nodes of this flow whose values are dropped when this one is ok
+    # sql
+    statements: tuple[CompiledSql, ...] = ()
+    fetch: Fetch = "all"
+    read_only: bool = False  # one statement, proven to write nothing (see `planner.lang.sqlinfo`)
+    session: bool = False  # may change its connection's session (reset before reuse)
+    functions: frozenset[str] = frozenset()  # functions it calls (a backend may ask if they are volatile)
+    coalesce: bool = False  # may share one statement with other runs' (read-only, and not turned off)
+    fuse: bool = False  # may share one statement with sibling reads of its own run
+    cache_ttl: float | None = None  # `cache:` in seconds (read-only nodes only; see `planner.db.cache`)
+    replica: bool = False  # may be answered by a read replica (see `replica_routes`)
+    # call
+    call: str = ""
+    args: dict[str, Any] = field(default_factory=dict)
