@@ -22,6 +22,7 @@ from planner.errors import (
 )
 from planner.graph import CompiledFlow, Plan
 from planner.results import FlowResult, NodeResult, NodeState
+from planner.run.metrics import Metrics, metrics_text
 
 _DISTRIBUTION = "planner-flows"  # the name on PyPI (pyproject's `name`); the import name is `planner`
 
@@ -60,6 +61,7 @@ __all__ = [
     "FlowInputError",
     "FlowResult",
     "FlowTimeout",
+    "Metrics",
     "NodeError",
     "NodeResult",
     "NodeState",
@@ -70,6 +72,7 @@ __all__ = [
     "ReferenceFieldError",
     "load_flow",
     "load_flows",
+    "metrics_text",
     "run_flow",
 ]
 

@@ -22,7 +22,7 @@ from typing import Any
 from planner.config import CallTargets, FlowSource
 from planner.db.cache import DEFAULT_SIZE, CacheBackend, CacheStats
 from planner.db.replica import ReplicaBackend, parse_max_lag, resolve_dsn
-from planner.errors import FlowError, FlowFileError
+from planner.errors import DatabaseUnavailable, FlowError, FlowFileError, FlowInputError
 from planner.graph import CompiledFlow, Plan, compile_flow, plan
 from planner.kinds import BindEnv, BoundNode, kind_of
 from planner.kinds.backend import Backend
@@ -30,6 +30,7 @@ from planner.kinds.call import DEFAULT_THREADS, CallThreads
 from planner.lang.loader import load_spec, load_text
 from planner.results import FlowResult
 from planner.run.executor import bind_inputs, execute_checked, resolve_mode
+from planner.run.metrics import Labels, Metrics, Sample, default_metrics
 from planner.run.observers import RunObserver, default_observers
 
 logger = logging.getLogger("planner")
@@ -75,6 +76,9 @@ class Planner:
     the Python modules in the flows folder) limits what `call:` nodes may call; `call_threads`
     bounds the threads that run sync calls. `node_wrapper` wraps every node's execution (see
     `NodeWrapper`); `observers` watch every run (see `planner.run.observers.RunObserver`).
+    `metrics` records runs, node outcomes, latencies, pools, cache and sync-call threads (see
+    `planner.run.metrics`): by default into the process-wide registry (`planner.metrics_text()`),
+    or into the `Metrics` given; `metrics=False` (or `PLANNER_METRICS=0`) records nothing.
     `cache_size` bounds the values `cache:` nodes keep (see `planner.db.cache`; `PLANNER_CACHE=0`
     turns the cache off). Invalidations reach the other processes on the same database through
     LISTEN/NOTIFY on `cache_channel` (None: this process only); while a process cannot listen,
@@ -113,10 +117,12 @@ class Planner:
         replica_dsn: str | None = None,
         replica_max_lag: str | float | None = None,
         pooler: str | None = None,
+        metrics: Metrics | bool | None = None,
     ) -> None:
         self.source = FlowSource.resolve(flows)
         self.mode = mode
         self.replica: ReplicaBackend | None = None
+        self.pools: dict[str, Any] = {}  # planner's own PoolBackends by role (primary, replica): metrics read them
         if backend is None:
             from planner.db.coalesce import CoalescingBackend
             from planner.db.fuse import FusingBackend
@@ -127,12 +133,13 @@ class Planner:
             if primary.pooler == TRANSACTION_POOLER and cache_channel is not None:
                 cache_channel = None  # LISTEN cannot pass a transaction pooler: the cache stays per process
             backend = FusingBackend(CoalescingBackend(primary))
+            self.pools["primary"] = primary
             replica = resolve_dsn(replica_dsn)
             if replica is not None:  # the same stack on the replica's own pool, routed per node
-                backend = self.replica = ReplicaBackend(backend, FusingBackend(CoalescingBackend(
-                    PoolBackend(dsn=replica, min_size=min_size, max_size=max_size, full_reset=full_reset,
-                                pooler=pooler))),
-                    dsn=replica, max_lag=parse_max_lag(replica_max_lag))
+                secondary = self.pools["replica"] = PoolBackend(
+                    dsn=replica, min_size=min_size, max_size=max_size, full_reset=full_reset, pooler=pooler)
+                backend = self.replica = ReplicaBackend(backend, FusingBackend(CoalescingBackend(secondary)),
+                                                        dsn=replica, max_lag=parse_max_lag(replica_max_lag))
         elif replica_dsn:
             raise TypeError("replica_dsn= applies to planner's own backend; with backend=, wrap yours in "
                             "planner.db.replica.ReplicaBackend")
@@ -143,6 +150,15 @@ class Planner:
         self.threads = CallThreads(call_threads)
         self.node_wrapper = node_wrapper
         self.observers = observers
+        # Metrics are on by default (a defaulted node must show somewhere): the process-wide
+        # registry unless another is given, none with metrics=False or PLANNER_METRICS=0.
+        chosen = default_metrics() if metrics is None or metrics is True else metrics or None
+        self.metrics: Metrics | None = chosen
+        if chosen is not None:
+            chosen.watch(self, _samples)
+            for role, pool in self.pools.items():
+                pool.on_wait = _timer(chosen, "planner_pool_wait_seconds", (("pool", role),))
+            self.threads.on_wait = _timer(chosen, "planner_call_wait_seconds", ())
         self.reload_errors: dict[str, FlowError] = {}
         self._env = BindEnv(self.targets, self.backend, self.threads)
         self._cache: dict[str, _Entry] = {}
@@ -178,6 +194,8 @@ class Planner:
     async def close(self) -> None:
         """Finish background work and close the pool if this planner owns it."""
         self._closed = True
+        if self.metrics is not None:
+            self.metrics.unwatch(self)  # a closed planner's pools and cache are no longer read
         await self.backend.close()
 
     def path_of(self, name: str) -> Path:
@@ -213,12 +231,19 @@ class Planner:
         if self._closed:
             raise FlowError("this Planner is closed")
         entry = await self._entry(flow) if isinstance(flow, str) else self._object(flow)
-        values = bind_inputs(entry.flow, inputs or {})
-        chosen = resolve_mode(entry.flow, mode or self.mode)
-        if not self._db_open and entry.needs_db and _runs_sql(entry, overrides):
-            await self.backend.open()  # raises DatabaseUnavailable before any node runs
-            self._db_open = True
+        try:
+            values = bind_inputs(entry.flow, inputs or {})
+            chosen = resolve_mode(entry.flow, mode or self.mode)
+            if not self._db_open and entry.needs_db and _runs_sql(entry, overrides):
+                await self.backend.open()  # raises DatabaseUnavailable before any node runs
+                self._db_open = True
+        except (FlowInputError, DatabaseUnavailable) as exc:
+            if self.metrics is not None:
+                self.metrics.refused(entry.flow.name, "invalid_input" if isinstance(exc, FlowInputError) else "unavailable")
+            raise
         observers = self.observers if self.observers is not None else default_observers()
+        if self.metrics is not None:
+            observers = (*observers, self.metrics)
         return await execute_checked(entry.flow, entry.bound, values, chosen, overrides, observers)
 
     # --- the flow cache -----------------------------------------------------------------
@@ -287,6 +312,32 @@ class Planner:
             bound[name] = node
         needs_db = any(kind_of(spec.kind).needs_database(spec) for spec in flow.nodes.values())
         return _Entry(stamp, flow, bound, needs_db)
+
+
+def _samples(planner: Planner) -> list[Sample]:
+    """What `Metrics` reads of a planner when it collects: its pools, cache and sync-call threads."""
+    out: list[Sample] = []
+    for role, pool in planner.pools.items():
+        where: Labels = (("pool", role),)
+        out.append(("planner_pool_connections", (*where, ("state", "in_use")), pool.in_use))
+        out.append(("planner_pool_connections", (*where, ("state", "max")), pool.max_size))
+        out.append(("planner_pool_waiting", where, pool.waiting))
+    stats = planner.cache.stats(expire=False)  # read from an exporter's thread too: change nothing
+    out += [("planner_cache_hits_total", (), stats.hits), ("planner_cache_misses_total", (), stats.misses),
+            ("planner_cache_invalidations_total", (), stats.invalidations), ("planner_cache_entries", (), stats.size)]
+    threads = planner.threads
+    out += [("planner_call_threads", (("state", "busy"),), threads.busy),
+            ("planner_call_threads", (("state", "abandoned"),), threads.abandoned),
+            ("planner_call_threads", (("state", "max"),), threads.size),
+            ("planner_call_rejected_total", (), threads.rejected)]
+    return out
+
+
+def _timer(metrics: Metrics, name: str, labels: Labels) -> Callable[[float], None]:
+    def observe(seconds: float) -> None:
+        metrics.observe(name, labels, seconds)
+
+    return observe
 
 
 def _runs_sql(entry: _Entry, overrides: dict[str, Any] | None) -> bool:

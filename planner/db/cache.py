@@ -342,8 +342,11 @@ class CacheBackend(WrappingBackend):
         self._store.expire()
         return len(self._store)
 
-    def stats(self) -> CacheStats:
-        return CacheStats(self.enabled, self._hits, self._misses, self._joined, self.size, self.maxsize,
+    def stats(self, *, expire: bool = True) -> CacheStats:
+        """The counters; `expire=False` counts expired values not yet removed in `size` and changes
+        nothing (safe from another thread: an OpenTelemetry exporter's)."""
+        size = self.size if expire else len(self._store)
+        return CacheStats(self.enabled, self._hits, self._misses, self._joined, size, self.maxsize,
                           self._invalidations, self._dropped, self._uncacheable, self._untrusted, self.trusted)
 
 

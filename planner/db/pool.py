@@ -431,6 +431,8 @@ class PoolBackend:
         self._fused: LRUCache[str, str] = LRUCache(kept)  # reads of one run -> their fused statement
         self._refused: LRUCache[str, str | None] = LRUCache(kept)  # statements -> why they cannot run behind the pooler
         self._busy = 0  # connections held or waited for by planner's statements
+        self.waiting = 0  # statements waiting for a connection now
+        self.on_wait: Callable[[float], None] | None = None  # told how long each statement waited (metrics)
         self._listener: asyncio.Task[None] | None = None
         self._heartbeat_s, self._heartbeat_timeout_s = LISTEN_HEARTBEAT_S, LISTEN_HEARTBEAT_TIMEOUT_S
         self._connected_dsn: str | None = None  # the DSN an owned pool was made from
@@ -567,11 +569,28 @@ class PoolBackend:
 
     async def _acquire(self, pool: asyncpg.Pool) -> asyncpg.Connection:
         self._busy += 1  # until `_release` has given it back
+        self.waiting += 1
+        asked = time.monotonic()
         try:
-            return await pool.acquire()
+            con = await pool.acquire()
         except BaseException as exc:
             self._busy -= 1
             _reraise(exc)
+        finally:
+            self.waiting -= 1
+        if self.on_wait is not None:
+            self.on_wait(time.monotonic() - asked)
+        return con
+
+    @property
+    def in_use(self) -> int:
+        """Connections held by planner's statements now (those waiting for one not counted)."""
+        return max(0, self._busy - self.waiting)
+
+    @property
+    def max_size(self) -> int:
+        """The pool's most connections (a borrowed pool's own once it is known)."""
+        return self._size()
 
     async def run_batch(self, node: CompiledNode, params: list[list[Any]], started: Callable[[], None]) -> list[Outcome] | None:
         """Run `node`'s one statement for each parameter list, as one statement on one connection.

@@ -183,7 +183,7 @@ class ReplicaBackend(WrappingBackend):
         else:
             query.served.replica = True
             return value
-        query.served = Served(cached=query.served.cached)  # nothing the replica's stack did holds
+        query.served = Served(cached=query.served.cached, statements=query.served.statements)  # nothing the replica's stack did holds
         return await self.inner.run(query)
 
     def _ready(self) -> bool:

@@ -14,6 +14,7 @@ import asyncio
 import inspect
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -131,6 +132,8 @@ class CallThreads:
         self._abandoned = 0
         self._threads = 0
         self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.rejected = 0  # calls refused because every thread was busy
+        self.on_wait: Callable[[float], None] | None = None  # told (on the loop) how long each call waited for a thread
 
     @property
     def busy(self) -> int:
@@ -151,8 +154,10 @@ class CallThreads:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         state = {"finished": False, "abandoned": False}
+        times = [time.monotonic(), 0.0]  # asked, started (written by the thread before it delivers)
 
         def work() -> None:
+            times[1] = time.monotonic()
             value: Any = None
             error: BaseException | None = None
             try:
@@ -170,6 +175,7 @@ class CallThreads:
 
         with self._lock:
             if self._busy >= self.size:
+                self.rejected += 1
                 raise NodeError(
                     f"all {self.size} threads for sync calls are busy ({self._abandoned} of them still running "
                     "calls that timed out: a thread cannot be stopped); not started"
@@ -183,13 +189,22 @@ class CallThreads:
         if start:
             threading.Thread(target=self._serve, name=f"planner-call-{id(self):x}", daemon=True).start()
         try:
-            return await future
+            value = await future
         except asyncio.CancelledError:
             with self._lock:
                 if not state["finished"]:
                     state["abandoned"] = True
                     self._abandoned += 1
             raise
+        except BaseException:
+            self._waited(times)
+            raise
+        self._waited(times)
+        return value
+
+    def _waited(self, times: list[float]) -> None:
+        if self.on_wait is not None and times[1]:
+            self.on_wait(times[1] - times[0])
 
     def _serve(self) -> None:
         while True:

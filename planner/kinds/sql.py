@@ -10,6 +10,7 @@ from planner.kinds.backend import Query
 from planner.lang.models import SqlNode
 from planner.lang.refs import CompiledSql, RefSyntaxError, compile_getter, compile_sql
 from planner.lang.sqlinfo import SqlInfo, analyze, combine_writes
+from planner.results import Served
 
 if TYPE_CHECKING:
     from planner.lang.loader import Marks
@@ -61,9 +62,10 @@ class SqlKind:
     def bind(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> BoundNode:
         params = compile_getter([list(st.params) for st in spec.statements])
         backend = env.backend
+        count = len(spec.statements)
 
         def args(values: dict[str, Any]) -> Query:
-            return Query(spec, params(values), run=values)  # one values dict per run: the run's token
+            return Query(spec, params(values), Served(statements=count), run=values)  # one values dict per run: the run's token
 
         return BoundNode(spec, args, backend.run, own_timeout=True, served=_served)
 

@@ -1,0 +1,365 @@
+"""Metrics: what a service graphs and alerts on, as OpenTelemetry instruments and as Prometheus text.
+
+`Metrics` is a `RunObserver` (runs, node outcomes, latencies, statements and round trips per
+run, batch and fused sizes) and a registry of *sources*: objects read when the metrics are
+collected (a Planner's pools, cache and sync-call threads), so nothing is threaded through the
+backends but two small hooks that time the waits (`PoolBackend.on_wait`, `CallThreads.on_wait`).
+
+Two forms of the same figures:
+
+- **Prometheus text** (`Metrics.text()`, `planner.metrics_text()`): the exposition format
+  version 0.0.4, for a `/metrics` route of a service without a collector. Written here rather
+  than with `prometheus_client`: the format is small and stable, a second registry would
+  have to be kept in step with this one, and `prometheus_client`'s process-wide default
+  registry refuses a second family of one name (every Planner of a test suite would collide).
+- **OpenTelemetry** (`opentelemetry-api`, the `otel` extra): the same names with dots
+  (`planner.node.duration`, unit `s`), recorded on the global meter provider (or the one
+  given), so an SDK's Prometheus or OTLP exporter shows them as `planner_node_duration_seconds`
+  and so on. Without an SDK the API records nothing.
+
+Labels are the same in both forms: `flow`, `node`, `outcome` (ok, defaulted, skipped, failed,
+cancelled), `status` (ok, failed, timeout, unavailable, invalid_input), `pool` (primary,
+replica), `state`. Flow and node names come from the flow files, so their number is bounded
+by the service's own flows. Parameters and values are never labels.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import time
+import weakref
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from planner.results import NodeResult
+
+try:
+    from opentelemetry import metrics as otel_metrics
+    from opentelemetry.metrics import CallbackOptions, Observation
+except ImportError:  # pragma: no cover - the `otel` extra is optional
+    otel_metrics = None  # type: ignore[assignment]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The `Content-Type` of `Metrics.text()` (Prometheus' text exposition format)."""
+
+SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+COUNTS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256, 500)
+
+Kind = Literal["counter", "histogram", "gauge"]
+Labels = tuple[tuple[str, str], ...]
+Sample = tuple[str, Labels, float]
+"""A value read from a source when metrics are collected: (family name, labels, value)."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric: its Prometheus name, OpenTelemetry name and unit, kind, help and labels."""
+
+    name: str  # Prometheus name (with `_total` or the unit's suffix)
+    otel: str  # OpenTelemetry name (dots; the unit apart)
+    unit: str
+    kind: Kind
+    help: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] = ()
+
+
+FAMILIES: tuple[Family, ...] = (
+    # Runs, from the executor (the observer hooks).
+    Family("planner_runs_total", "planner.runs", "{run}", "counter",
+           "Runs by flow and status (ok, failed, timeout; unavailable and invalid_input when refused before any node ran).",
+           ("flow", "status")),
+    Family("planner_runs_degraded_total", "planner.runs.degraded", "{run}", "counter",
+           "Runs that ended ok with at least one node settled by its default (an answer built on a fallback).",
+           ("flow",)),
+    Family("planner_node_outcomes_total", "planner.node.outcomes", "{node}", "counter",
+           "Settled nodes by flow, node and outcome (ok, defaulted, skipped, failed, cancelled).",
+           ("flow", "node", "outcome")),
+    Family("planner_run_duration_seconds", "planner.run.duration", "s", "histogram",
+           "How long runs took, by flow and status.", ("flow", "status"), SECONDS),
+    Family("planner_node_duration_seconds", "planner.node.duration", "s", "histogram",
+           "How long nodes that ran took (every attempt included), by flow, node and outcome.",
+           ("flow", "node", "outcome"), SECONDS),
+    Family("planner_run_statements", "planner.run.statements", "{statement}", "histogram",
+           "Statements a run's SQL nodes sent (every attempt; none for a cache hit; shared ones counted for each run).",
+           ("flow",), COUNTS),
+    Family("planner_run_round_trips", "planner.run.round_trips", "{round_trip}", "histogram",
+           "Round trips a run waited for: a fused group is one, a statement list adds BEGIN and COMMIT, a cache hit none.",
+           ("flow",), COUNTS),
+    Family("planner_node_batch_runs", "planner.node.batch_runs", "{run}", "histogram",
+           "How many runs shared the statement that answered an SQL node (1: alone).", ("flow", "node"), COUNTS),
+    Family("planner_node_fused_nodes", "planner.node.fused_nodes", "{node}", "histogram",
+           "How many nodes of one run shared the statement that answered an SQL node (1: not fused).",
+           ("flow", "node"), COUNTS),
+    # The pools (PoolBackend): one timed wait per statement, the rest read when collected.
+    Family("planner_pool_wait_seconds", "planner.pool.wait", "s", "histogram",
+           "How long statements waited for a pooled connection.", ("pool",), SECONDS),
+    Family("planner_pool_connections", "planner.pool.connections", "{connection}", "gauge",
+           "Connections of planner's pools: in_use (held by a statement), max (the pool's size).",
+           ("pool", "state")),
+    Family("planner_pool_waiting", "planner.pool.waiting", "{statement}", "gauge",
+           "Statements waiting for a pooled connection now.", ("pool",)),
+    # The cache (CacheBackend.stats()).
+    Family("planner_cache_hits_total", "planner.cache.hits", "{query}", "counter",
+           "cache: nodes answered from memory (no statement sent).", ()),
+    Family("planner_cache_misses_total", "planner.cache.misses", "{query}", "counter",
+           "cache: nodes that sent their statement.", ()),
+    Family("planner_cache_invalidations_total", "planner.cache.invalidations", "{request}", "counter",
+           "Invalidation requests (invalidate(), invalidates:).", ()),
+    Family("planner_cache_entries", "planner.cache.entries", "{entry}", "gauge",
+           "Values the cache holds now.", ()),
+    # Sync call: nodes (CallThreads).
+    Family("planner_call_wait_seconds", "planner.call.wait", "s", "histogram",
+           "How long sync call: nodes waited for a thread.", (), SECONDS),
+    Family("planner_call_threads", "planner.call.threads", "{thread}", "gauge",
+           "Threads for sync call: nodes: busy, abandoned (running a call that timed out), max.", ("state",)),
+    Family("planner_call_rejected_total", "planner.call.rejected", "{call}", "counter",
+           "Sync calls refused because every thread was busy (the node failed or defaulted).", ()),
+)
+BY_NAME = {family.name: family for family in FAMILIES}
+
+
+class _Histogram:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # `le`: value <= bound
+        self.sum += value
+
+
+class _Run:
+    __slots__ = ("t0", "defaulted", "statements", "round_trips")
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.defaulted = 0
+        self.statements = 0
+        self.round_trips = 0.0
+
+
+class Metrics:
+    """planner's metrics: a `RunObserver`, sources read at collection, and both exposition forms.
+
+    A `Planner` records into the process-wide `default_metrics()` unless given `metrics=`
+    (another `Metrics`, or False for none). `meter_provider` is OpenTelemetry's (default: the
+    global one, which may be configured later: the API binds its instruments then).
+    """
+
+    def __init__(self, *, meter_provider: Any = None, otel: bool = True) -> None:
+        self._counters: dict[str, dict[Labels, float]] = {f.name: {} for f in FAMILIES if f.kind == "counter"}
+        self._histograms: dict[str, dict[Labels, _Histogram]] = {f.name: {} for f in FAMILIES if f.kind == "histogram"}
+        self._runs: dict[str, _Run] = {}
+        self._sources: weakref.WeakKeyDictionary[Any, Callable[[Any], Iterable[Sample]]] = weakref.WeakKeyDictionary()
+        self._otel = _Otel(self, meter_provider) if otel and otel_metrics is not None else None
+
+    # --- recording ----------------------------------------------------------------------
+
+    def add(self, name: str, labels: Labels, value: float = 1.0) -> None:
+        """Add to counter `name` (labels in the family's order)."""
+        series = self._counters[name]
+        series[labels] = series.get(labels, 0.0) + value
+        if self._otel is not None:
+            self._otel.add(name, labels, value)
+
+    def observe(self, name: str, labels: Labels, value: float) -> None:
+        """Record `value` in histogram `name`."""
+        series = self._histograms[name]
+        histogram = series.get(labels)
+        if histogram is None:
+            histogram = series[labels] = _Histogram(BY_NAME[name].buckets)
+        histogram.observe(value)
+        if self._otel is not None:
+            self._otel.record(name, labels, value)
+
+    def watch(self, owner: Any, sample: Callable[[Any], Iterable[Sample]]) -> None:
+        """Read `sample(owner)` at each collection while `owner` lives (held weakly) and until `unwatch`."""
+        self._sources[owner] = sample
+
+    def unwatch(self, owner: Any) -> None:
+        self._sources.pop(owner, None)
+
+    def refused(self, flow: str, status: str) -> None:
+        """A run refused before any node ran (`unavailable`, `invalid_input`): counted, no latency."""
+        self.add("planner_runs_total", (("flow", flow), ("status", status)))
+
+    # --- RunObserver --------------------------------------------------------------------
+
+    def run_started(self, flow: str, run_id: str, mode: str) -> None:
+        self._runs[run_id] = _Run()
+
+    def node_started(self, flow: str, run_id: str, node: str, kind: str,
+                     coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]:
+        return coro
+
+    def node_settled(self, flow: str, run_id: str, node: str, result: NodeResult) -> None:
+        outcome = result.state.value
+        labels = (("flow", flow), ("node", node), ("outcome", outcome))
+        self.add("planner_node_outcomes_total", labels)
+        duration = result.duration_ms
+        if duration is not None and result.attempts:  # it ran (not skipped, overridden or refused)
+            self.observe("planner_node_duration_seconds", labels, duration / 1000.0)
+        run = self._runs.get(run_id)
+        if run is None:
+            return
+        if outcome == "defaulted":
+            run.defaulted += 1
+        served = result.served
+        if served is None or served.cached or not result.attempts:
+            return
+        where = (("flow", flow), ("node", node))
+        self.observe("planner_node_batch_runs", where, served.batch)
+        self.observe("planner_node_fused_nodes", where, served.fused)
+        statements = served.statements * result.attempts
+        run.statements += statements
+        if served.statements > 1:  # a statement list is a transaction: BEGIN and COMMIT too
+            run.round_trips += statements + 2 * result.attempts
+        else:  # the members of a fused group share its one round trip
+            run.round_trips += statements / served.fused
+
+    def run_finished(self, flow: str, run_id: str, status: str) -> None:
+        run = self._runs.pop(run_id, None)
+        self.add("planner_runs_total", (("flow", flow), ("status", status)))
+        if run is None:
+            return
+        if run.defaulted and status == "ok":
+            self.add("planner_runs_degraded_total", (("flow", flow),))
+        self.observe("planner_run_duration_seconds", (("flow", flow), ("status", status)), time.monotonic() - run.t0)
+        self.observe("planner_run_statements", (("flow", flow),), run.statements)
+        self.observe("planner_run_round_trips", (("flow", flow),), round(run.round_trips))
+
+    # --- collecting ---------------------------------------------------------------------
+
+    def samples(self) -> dict[str, dict[Labels, float]]:
+        """The sources' values now, by family, summed over sources with the same labels."""
+        out: dict[str, dict[Labels, float]] = {}
+        for owner, sample in list(self._sources.items()):
+            for name, labels, value in sample(owner):
+                series = out.setdefault(name, {})
+                series[labels] = series.get(labels, 0.0) + value
+        return out
+
+    def value(self, name: str, **labels: str) -> float:
+        """A counter's or gauge's value now (0 when never recorded); for tests and quick looks."""
+        family = BY_NAME[name]
+        key = tuple((label, labels[label]) for label in family.labels)
+        if family.kind == "counter" and name in self._counters and key in self._counters[name]:
+            return self._counters[name][key] + self.samples().get(name, {}).get(key, 0.0)
+        return self.samples().get(name, {}).get(key, 0.0)
+
+    def histogram(self, name: str, **labels: str) -> tuple[int, float]:
+        """A histogram's count and sum (0, 0.0 when never recorded)."""
+        family = BY_NAME[name]
+        histogram = self._histograms[name].get(tuple((label, labels[label]) for label in family.labels))
+        return (0, 0.0) if histogram is None else (sum(histogram.counts), histogram.sum)
+
+    def text(self) -> str:
+        """Every metric in Prometheus' text exposition format (serve with `CONTENT_TYPE`)."""
+        sampled = self.samples()
+        lines: list[str] = []
+        for family in FAMILIES:
+            lines.append(f"# HELP {family.name} {family.help}")
+            lines.append(f"# TYPE {family.name} {family.kind}")
+            if family.kind == "histogram":
+                for labels, histogram in sorted(self._histograms[family.name].items()):
+                    cumulative = 0
+                    for bound, count in zip((*family.buckets, math.inf), histogram.counts, strict=True):
+                        cumulative += count
+                        lines.append(f"{family.name}_bucket{_labels(labels, ('le', _number(bound)))} {cumulative}")
+                    lines.append(f"{family.name}_sum{_labels(labels)} {_number(histogram.sum)}")
+                    lines.append(f"{family.name}_count{_labels(labels)} {cumulative}")
+                continue
+            series = dict(self._counters.get(family.name, {}))
+            for labels, value in sampled.get(family.name, {}).items():
+                series[labels] = series.get(labels, 0.0) + value
+            if not series and not family.labels:
+                series[()] = 0.0  # an unlabelled family is always shown: 0 is a reading
+            for labels, value in sorted(series.items()):
+                lines.append(f"{family.name}{_labels(labels)} {_number(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _labels(labels: Labels, *extra: tuple[str, str]) -> str:
+    pairs = (*labels, *extra)
+    if not pairs:
+        return ""
+    return "{" + ",".join(f'{key}="{_escape(value)}"' for key, value in pairs) + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+class _Otel:
+    """The same families as OpenTelemetry instruments: synchronous ones recorded as they happen,
+    the sources' values as observable ones read at each export."""
+
+    def __init__(self, metrics: Metrics, provider: Any) -> None:
+        meter = (provider or otel_metrics.get_meter_provider()).get_meter("planner")
+        self.instruments: dict[str, Any] = {}
+        for family in FAMILIES:
+            sourced = family.kind == "gauge" or family.name.startswith(("planner_cache_", "planner_call_rejected"))
+            if sourced:
+                callback = _observe(metrics, family.name)
+                make = meter.create_observable_gauge if family.kind == "gauge" else meter.create_observable_counter
+                make(family.otel, callbacks=[callback], unit=family.unit, description=family.help)
+            elif family.kind == "counter":
+                self.instruments[family.name] = meter.create_counter(family.otel, unit=family.unit, description=family.help)
+            else:
+                self.instruments[family.name] = meter.create_histogram(
+                    family.otel, unit=family.unit, description=family.help,
+                    explicit_bucket_boundaries_advisory=list(family.buckets))
+
+    def add(self, name: str, labels: Labels, value: float) -> None:
+        instrument = self.instruments.get(name)
+        if instrument is not None:
+            instrument.add(value, dict(labels))
+
+    def record(self, name: str, labels: Labels, value: float) -> None:
+        self.instruments[name].record(value, dict(labels))
+
+
+def _observe(metrics: Metrics, name: str) -> Callable[[Any], Iterable[Any]]:
+    def callback(_options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(value, dict(labels)) for labels, value in metrics.samples().get(name, {}).items()]
+
+    return callback
+
+
+_default: Metrics | None = None
+
+
+def default_metrics() -> Metrics | None:
+    """The process-wide `Metrics` every Planner records into by default; None when
+    `PLANNER_METRICS=0` turns metrics off."""
+    global _default
+    if os.environ.get("PLANNER_METRICS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if _default is None:
+        _default = Metrics()
+    return _default
+
+
+def metrics_text() -> str:
+    """The process-wide metrics in Prometheus' text format (an empty exposition when metrics are off).
+
+    A FastAPI route: `return Response(planner.metrics_text(), media_type=planner.run.metrics.CONTENT_TYPE)`.
+    """
+    metrics = default_metrics()
+    return metrics.text() if metrics is not None else ""

@@ -1,0 +1,248 @@
+"""Metrics (`planner.run.metrics`): runs and node outcomes, latencies, statements and round trips,
+pools, cache and sync-call threads, as Prometheus text and as OpenTelemetry instruments (read
+back with the SDK's in-memory reader)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+import planner as planner_pkg
+from planner import DatabaseUnavailable, FlowInputError, Metrics, Planner
+from planner.run.metrics import FAMILIES, metrics_text
+
+DEGRADED = """
+inputs: {x: int}
+nodes:
+  good: {sql: "SELECT $x::int AS v", fetch: one}
+  broken: {sql: "SELECT 1/0 AS v", fetch: one, default: {v: 0}}
+  summary: {call: tests.nodes:echo, with: {value: $good.v}}
+"""
+
+
+@pytest.fixture
+def reader() -> InMemoryMetricReader:
+    return InMemoryMetricReader()
+
+
+@pytest.fixture
+def metrics(reader: InMemoryMetricReader) -> Metrics:
+    return Metrics(meter_provider=MeterProvider(metric_readers=[reader]))
+
+
+@pytest.fixture
+async def db_planner(tmp_path: Path, pg_dsn: str, metrics: Metrics) -> AsyncIterator[Planner]:
+    async with Planner(flows=tmp_path, dsn=pg_dsn, allowed_modules=["tests"], metrics=metrics, cache_channel=None) as p:
+        yield p
+
+
+def _otel(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
+    """Every data point the reader collected, by instrument name."""
+    data = reader.get_metrics_data()
+    assert data is not None
+    points: dict[str, list[Any]] = {}
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                points.setdefault(metric.name, []).extend(metric.data.data_points)
+    return points
+
+
+def _point(points: list[Any], **attributes: str) -> Any:
+    found = [p for p in points if dict(p.attributes) == attributes]
+    assert len(found) == 1, (attributes, [dict(p.attributes) for p in points])
+    return found[0]
+
+
+def _line(text: str, name: str, **labels: str) -> float:
+    """The value of one series in Prometheus text (labels in any order)."""
+    for line in text.splitlines():
+        match = re.fullmatch(r"([a-z_]+)(?:\{(.*)\})? (\S+)", line)
+        if match is None or match[1] != name:
+            continue
+        got = dict(re.findall(r'([a-z_]+)="((?:[^"\\]|\\.)*)"', match[2] or ""))
+        if got == labels:
+            return float(match[3])
+    raise AssertionError(f"no {name} {labels} in:\n{text}")
+
+
+async def test_a_defaulted_node_is_counted_in_prometheus_text(
+        db_planner: Planner, metrics: Metrics, write_flow: Callable[..., Path]) -> None:
+    write_flow(DEGRADED, name="shop")
+    for x in (1, 2, 3):
+        result = await db_planner.run("shop", {"x": x})
+        assert result.status == "ok" and result.degraded
+    text = metrics.text()
+    assert _line(text, "planner_node_outcomes_total", flow="shop", node="broken", outcome="defaulted") == 3
+    assert _line(text, "planner_node_outcomes_total", flow="shop", node="good", outcome="ok") == 3
+    assert _line(text, "planner_runs_total", flow="shop", status="ok") == 3
+    assert _line(text, "planner_runs_degraded_total", flow="shop") == 3
+    assert _line(text, "planner_node_duration_seconds_count", flow="shop", node="broken", outcome="defaulted") == 3
+
+
+async def test_a_defaulted_node_is_counted_in_opentelemetry(
+        db_planner: Planner, reader: InMemoryMetricReader, write_flow: Callable[..., Path]) -> None:
+    write_flow(DEGRADED, name="shop")
+    for x in (1, 2):
+        await db_planner.run("shop", {"x": x})
+    points = _otel(reader)
+    assert _point(points["planner.node.outcomes"], flow="shop", node="broken", outcome="defaulted").value == 2
+    assert _point(points["planner.node.outcomes"], flow="shop", node="summary", outcome="ok").value == 2
+    assert _point(points["planner.runs.degraded"], flow="shop").value == 2
+    assert _point(points["planner.node.duration"], flow="shop", node="good", outcome="ok").count == 2
+    assert _point(points["planner.run.duration"], flow="shop", status="ok").count == 2
+
+
+async def test_a_run_that_defaults_nothing_is_not_degraded(
+        db_planner: Planner, metrics: Metrics, write_flow: Callable[..., Path]) -> None:
+    write_flow("nodes:\n  a: {sql: SELECT 1 AS v, fetch: one}\n", name="fine")
+    await db_planner.run("fine")
+    assert metrics.value("planner_runs_total", flow="fine", status="ok") == 1
+    assert metrics.value("planner_runs_degraded_total", flow="fine") == 0
+
+
+async def test_a_failed_run_is_counted_by_status(
+        db_planner: Planner, metrics: Metrics, write_flow: Callable[..., Path]) -> None:
+    write_flow("nodes:\n  a: {sql: SELECT 1/0, fetch: value, on_error: fail}\n", name="bad")
+    with pytest.raises(planner_pkg.FlowFailed):
+        await db_planner.run("bad")
+    assert metrics.value("planner_runs_total", flow="bad", status="failed") == 1
+    assert metrics.value("planner_node_outcomes_total", flow="bad", node="a", outcome="failed") == 1
+
+
+async def test_statements_and_round_trips_per_run(
+        db_planner: Planner, metrics: Metrics, write_flow: Callable[..., Path]) -> None:
+    # Two single statements (fused into one round trip, or two), and a list of two in a
+    # transaction: two statements and BEGIN and COMMIT.
+    write_flow("""
+        nodes:
+          one: {sql: "SELECT 1 AS v", fetch: one}
+          listed:
+            sql: ["SELECT 2", "SELECT 3"]
+            fetch: value
+        """, name="count")
+    result = await db_planner.run("count", mode="sequential")  # alone: no fusion
+    assert result.nodes["one"].served is not None and result.nodes["one"].served.fused == 1
+    assert metrics.histogram("planner_run_statements", flow="count") == (1, 3.0)
+    assert metrics.histogram("planner_run_round_trips", flow="count") == (1, 5.0)
+
+
+async def test_a_fused_group_is_one_round_trip(
+        db_planner: Planner, metrics: Metrics, write_flow: Callable[..., Path]) -> None:
+    write_flow("""
+        nodes:
+          a: {sql: "SELECT 1 AS v", fetch: one}
+          b: {sql: "SELECT 2 AS w", fetch: one}
+          c: {sql: "SELECT 3 AS u", fetch: one}
+        """, name="fused")
+    result = await db_planner.run("fused")
+    fused = {n: r.served.fused for n, r in result.nodes.items() if r.served is not None}
+    assert fused == {"a": 3, "b": 3, "c": 3}
+    assert metrics.histogram("planner_run_statements", flow="fused") == (1, 3.0)
+    assert metrics.histogram("planner_run_round_trips", flow="fused") == (1, 1.0)
+    assert metrics.histogram("planner_node_fused_nodes", flow="fused", node="a") == (1, 3.0)
+
+
+async def test_cache_hits_and_misses_are_read_from_the_cache(
+        db_planner: Planner, metrics: Metrics, write_flow: Callable[..., Path]) -> None:
+    write_flow('nodes:\n  a: {sql: "SELECT 1 AS v", fetch: one, cache: 60s}\n', name="cached")
+    for _ in range(3):
+        await db_planner.run("cached")
+    db_planner.invalidate()
+    text = metrics.text()
+    assert _line(text, "planner_cache_misses_total") == 1
+    assert _line(text, "planner_cache_hits_total") == 2
+    assert _line(text, "planner_cache_invalidations_total") == 1
+    # A cache hit sends nothing: the two later runs sent no statement.
+    assert metrics.histogram("planner_run_statements", flow="cached") == (3, 1.0)
+
+
+async def test_pool_waits_and_connections(
+        db_planner: Planner, metrics: Metrics, reader: InMemoryMetricReader, write_flow: Callable[..., Path]) -> None:
+    write_flow("nodes:\n  a: {sql: SELECT 1, fetch: value}\n", name="p")
+    await db_planner.run("p")
+    count, _ = metrics.histogram("planner_pool_wait_seconds", pool="primary")
+    assert count == 1
+    assert metrics.value("planner_pool_connections", pool="primary", state="max") == 10
+    assert metrics.value("planner_pool_waiting", pool="primary") == 0
+    points = _otel(reader)
+    assert _point(points["planner.pool.connections"], pool="primary", state="max").value == 10
+    assert _point(points["planner.pool.wait"], pool="primary").count == 1
+
+
+async def test_sync_call_waits_and_refusals(tmp_path: Path, metrics: Metrics, write_flow: Callable[..., Path]) -> None:
+    write_flow("""
+        nodes:
+          slow: {call: tests.nodes:block, with: {seconds: 0.3}, default: x}
+          quick: {call: tests.nodes:quick, default: refused}
+        """, name="sync")
+    async with Planner(flows=tmp_path, allowed_modules=["tests"], metrics=metrics, call_threads=1) as p:
+        result = await p.run("sync")
+        assert result.output == {"slow": "unblocked", "quick": "refused"}
+        assert metrics.value("planner_call_rejected_total") == 1
+        assert metrics.histogram("planner_call_wait_seconds")[0] == 1
+        assert metrics.value("planner_call_threads", state="max") == 1
+    # A closed planner's threads, pools and cache are no longer read.
+    assert metrics.value("planner_call_threads", state="max") == 0
+
+
+async def test_runs_refused_before_any_node_are_counted(tmp_path: Path, metrics: Metrics,
+                                                         write_flow: Callable[..., Path]) -> None:
+    write_flow("inputs: {x: int}\nnodes:\n  a: {sql: SELECT $x::int, fetch: value}\n", name="r")
+    async with Planner(flows=tmp_path, dsn="postgresql://nobody@127.0.0.1:1/none", metrics=metrics) as p:
+        with pytest.raises(FlowInputError):
+            await p.run("r", {"x": "one"})
+        with pytest.raises(DatabaseUnavailable):
+            await p.run("r", {"x": 1})
+    assert metrics.value("planner_runs_total", flow="r", status="invalid_input") == 1
+    assert metrics.value("planner_runs_total", flow="r", status="unavailable") == 1
+
+
+async def test_metrics_false_records_nothing(tmp_path: Path, write_flow: Callable[..., Path]) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n", name="off")
+    async with Planner(flows=tmp_path, allowed_modules=["tests"], metrics=False) as p:
+        assert p.metrics is None
+        await p.run("off")
+
+
+async def test_planners_record_into_the_process_wide_registry_by_default(
+        tmp_path: Path, write_flow: Callable[..., Path]) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n", name="process_wide_probe")
+    async with Planner(flows=tmp_path, allowed_modules=["tests"]) as p:
+        before = p.metrics.value("planner_runs_total", flow="process_wide_probe", status="ok") if p.metrics else -1
+        await p.run("process_wide_probe")
+    assert _line(metrics_text(), "planner_runs_total", flow="process_wide_probe", status="ok") == before + 1
+
+
+def test_prometheus_text_declares_every_family_once_with_valid_names() -> None:
+    text = Metrics(otel=False).text()
+    declared = re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M)
+    assert [name for name, _ in declared] == [f.name for f in FAMILIES]
+    for family in FAMILIES:
+        assert re.fullmatch(r"planner_[a-z_]+", family.name)
+        assert family.kind != "counter" or family.name.endswith("_total")
+        assert family.unit != "s" or family.name.endswith("_seconds")
+
+
+def test_label_values_are_escaped() -> None:
+    metrics = Metrics(otel=False)
+    metrics.add("planner_runs_total", (("flow", 'a"b\\c\nd'), ("status", "ok")))
+    assert 'planner_runs_total{flow="a\\"b\\\\c\\nd",status="ok"} 1' in metrics.text()
+
+
+def test_histogram_buckets_are_cumulative_and_end_at_inf() -> None:
+    metrics = Metrics(otel=False)
+    for seconds in (0.0004, 0.003, 0.003, 100.0):
+        metrics.observe("planner_pool_wait_seconds", (("pool", "primary"),), seconds)
+    text = metrics.text()
+    assert _line(text, "planner_pool_wait_seconds_bucket", pool="primary", le="0.0005") == 1
+    assert _line(text, "planner_pool_wait_seconds_bucket", pool="primary", le="0.005") == 3
+    assert _line(text, "planner_pool_wait_seconds_bucket", pool="primary", le="30") == 3
+    assert _line(text, "planner_pool_wait_seconds_bucket", pool="primary", le="+Inf") == 4
+    assert _line(text, "planner_pool_wait_seconds_count", pool="primary") == 4
