@@ -25,7 +25,7 @@ from planner import FlowFileError, NodeResult, NodeState, Planner, load_flow
 from planner.db.pool import create_database, with_database
 from planner.db.replica import parse_max_lag, resolve_dsn
 from planner.kinds.backend import Offline
-from planner.testing.pytest_plugin import fresh_database
+from planner.testing.pytest_plugin import fresh_database, server_folder
 from tests.replica_pair import Pair, Server, caught_up, start_pair
 
 FLOWS = Path(__file__).resolve().parent.parent / "flows"
@@ -131,10 +131,14 @@ async def test_a_planner_takes_its_replica_from_the_environment(monkeypatch: pyt
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    servers = start_pair(tmp_path_factory.mktemp("replica"))
-    yield servers
-    servers.close()
+def pair() -> Iterator[Pair]:
+    # Outside pytest's numbered temporary folders, which another test run may delete under it.
+    with server_folder() as folder:
+        servers = start_pair(folder)
+        try:
+            yield servers
+        finally:
+            servers.close()
 
 
 @pytest.fixture(scope="module")

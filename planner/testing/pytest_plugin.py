@@ -30,15 +30,29 @@ import hashlib
 import itertools
 import os
 import re
+import shutil
+import stat
+import tempfile
 import threading
+import time
+import warnings
 from collections.abc import AsyncIterator, Generator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from planner.db.pool import connect, create_database, drop_database, embedded_dsn, stop_embedded, with_database
+from planner.db.pool import (
+    connect,
+    create_database,
+    drop_database,
+    embedded_dsn,
+    embedded_status,
+    stop_embedded,
+    with_database,
+)
 
 _numbers = itertools.count(1)
 RECORD_MODES = ("once", "none", "all")
@@ -57,27 +71,149 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   help="planner_replay's cassettes: <test folder>/<this>/<test module>/<test>.json")
 
 
+# --- the session's own folder -----------------------------------------------------------------
+#
+# The embedded server (its data and its unix socket) lives in a folder of the session's own,
+# `<tmp>/planner-pytest-<uid>/run-*`, never in pytest's numbered temporary folders: pytest
+# deletes the oldest of those when another run starts, while the run that made them may still
+# be using them (a neighbour's suite saw 296 ConnectionRefusedErrors on a socket deleted under
+# it). A folder whose owning process is gone (a run that was killed) is swept by the next run.
+
+ROOT_ENV = "PLANNER_TEST_ROOT"
+OWNER = "owner.pid"
+_servers: dict[str, Path] = {}  # the socket folder of each embedded server of this process -> its folder
+
+
+def runs_root() -> Path:
+    """Where sessions keep their servers: `PLANNER_TEST_ROOT`, else `<tmp>/planner-pytest-<uid>`."""
+    given = os.environ.get(ROOT_ENV)
+    root = Path(given) if given else Path(tempfile.gettempdir()) / f"planner-pytest-{os.getuid()}"
+    root.mkdir(parents=True, exist_ok=True)
+    st = root.lstat()
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():  # a shared /tmp: never another user's folder
+        raise pytest.UsageError(f"{root} is not a folder of this user's: set {ROOT_ENV} to a folder of your own")
+    return root
+
+
+def session_folder(root: Path | None = None) -> Path:
+    """A new folder of this process's own under `runs_root()`; stale ones are swept first."""
+    root = root or runs_root()
+    sweep(root)
+    folder = Path(tempfile.mkdtemp(prefix="run-", dir=root))
+    folder.chmod(0o755)  # as root, the server runs as another user, who must reach its socket
+    (folder / OWNER).write_text(f"{os.getpid()}\n")
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep(root: Path, *, grace_s: float = 60.0) -> list[Path]:
+    """Remove the folders of sessions whose process is gone (stopping their server first).
+    A folder with no owner yet is left alone for `grace_s` (it is being made). Returns what went."""
+    swept = []
+    for folder in sorted(root.glob("run-*")):
+        try:
+            pid = int((folder / OWNER).read_text().strip())
+        except (OSError, ValueError):
+            try:
+                young = time.time() - folder.stat().st_mtime < grace_s
+            except OSError:
+                continue
+            if young:
+                continue
+            pid = 0
+        if pid and _alive(pid):
+            continue
+        try:
+            stop_embedded(folder)
+        except Exception as exc:  # its server would not stop: leave the folder, say so
+            warnings.warn(f"planner_pg: could not stop the server of a finished run in {folder}: {exc}", stacklevel=1)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        swept.append(folder)
+    return swept
+
+
+def server_problem(dsn: str) -> str | None:
+    """Why the embedded server of this session behind `dsn` cannot be reached (None: it looks
+    well, or `dsn` is not one of this session's embedded servers)."""
+    socket = parse_qs(urlsplit(dsn).query).get("host", [""])[0]
+    home = _servers.get(socket)
+    return None if home is None else _problem(home, Path(socket))
+
+
+def _problem(home: Path, socket: Path) -> str | None:
+    pgdata = home / "pgdata"
+    where = f"the suite's embedded PostgreSQL ({pgdata})"
+    if not pgdata.is_dir():
+        return f"{where} is gone: its folder was deleted while the tests ran"
+    if not embedded_status(home).running:
+        return f"{where} is not running any more (see its log, {pgdata / 'log'})"
+    if not any(socket.glob(".s.PGSQL.*")):
+        return f"{where} runs, but its socket in {socket} was deleted: nothing can connect to it"
+    return None
+
+
+@contextmanager
+def server_folder() -> Iterator[Path]:
+    """A folder of this process's own for a server and its socket (`session_folder()`); on
+    leaving, the embedded server in it (if any) is stopped and the folder removed. A server that
+    will not stop is an error saying so, and its folder is kept for a look."""
+    home = session_folder()
+    try:
+        yield home
+    finally:
+        try:
+            stop_embedded(home)
+        except Exception as exc:
+            raise RuntimeError(f"planner: the embedded PostgreSQL in {home} would not stop: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        shutil.rmtree(home, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def planner_pg(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A server the tests may create databases on."""
+def planner_pg(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A server the tests may create databases on: `--planner-dsn`, else `DATABASE_URL`, else an
+    embedded one started in a folder of the session's own (`server_folder()`, stopped and removed
+    after it)."""
     dsn = request.config.getoption("--planner-dsn") or os.environ.get("DATABASE_URL")
     if dsn:
         yield dsn
         return
-    home = Path(tmp_path_factory.mktemp("planner-home"))
-    yield embedded_dsn(home)
-    stop_embedded(home)
+    with server_folder() as home:
+        dsn = embedded_dsn(home)
+        socket = parse_qs(urlsplit(dsn).query).get("host", [""])[0]
+        _servers[socket] = home
+        try:
+            yield dsn
+        finally:
+            _servers.pop(socket, None)
 
 
 @asynccontextmanager
 async def fresh_database(server_dsn: str, *, template: str | None = None) -> AsyncIterator[str]:
     """A new database on `server_dsn` (a copy of `template` if given), dropped afterwards."""
     name = f"planner_test_{os.getpid()}_{next(_numbers)}"
-    await create_database(server_dsn, name, template=template)
+    try:
+        await create_database(server_dsn, name, template=template)
+    except OSError as exc:  # refused, or no socket: say whether the server itself is gone
+        problem = server_problem(server_dsn)
+        if problem is None:
+            raise
+        raise RuntimeError(problem) from exc
     try:
         yield with_database(server_dsn, name)
     finally:
-        await drop_database(server_dsn, name)
+        if server_problem(server_dsn) is None:  # else the failure above (or the report) says why
+            await drop_database(server_dsn, name)
 
 
 @pytest.fixture
@@ -180,10 +316,26 @@ class _Templates:
             for (server, _), name in self.names.items():
                 await drop_database(server, name)
 
-        if self.names:  # a thread of its own: the test loop, if any, is left alone
-            thread = threading.Thread(target=asyncio.run, args=(drop(),), name="planner-templates")
-            thread.start()
-            thread.join()
+        if not self.names:
+            return
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                asyncio.run(drop())
+            except BaseException as exc:  # raised below, in the fixture's teardown, not lost in a thread
+                failure.append(exc)
+
+        # A thread of its own: the test loop, if any, is left alone.
+        thread = threading.Thread(target=run, name="planner-templates")
+        thread.start()
+        thread.join()
+        if failure:
+            exc = failure[0]
+            servers = {server for server, _ in self.names}
+            reason = next((p for p in map(server_problem, servers) if p is not None), None)
+            raise RuntimeError(f"planner: dropping the template databases failed: {type(exc).__name__}: {exc}"
+                               + (f" ({reason})" if reason else "")) from exc
 
 
 @pytest.fixture(scope="session")
@@ -259,6 +411,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     if report.when == "call" and report.failed:
         item.stash[_failed] = True  # planner_replay writes no cassette for a failed test
+    if report.failed and _servers:
+        # A dead server fails every test after it: say so once, by name, and stop the run
+        # rather than report hundreds of refused connections.
+        problem = next((p for p in (_problem(home, Path(s)) for s, home in _servers.items()) if p), None)
+        if problem is not None:
+            report.sections.append(("planner_pg", problem))
+            item.session.shouldfail = f"planner_pg: {problem}"
     return report
 
 

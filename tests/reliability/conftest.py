@@ -10,7 +10,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from planner.db.pool import create_database, drop_database, embedded_dsn, stop_embedded, with_database
+from planner.db.pool import create_database, drop_database, embedded_dsn, with_database
+from planner.testing.pytest_plugin import server_folder
 
 
 @dataclass
@@ -31,11 +32,10 @@ class FaultServer:
 
 
 @pytest.fixture(scope="session")
-def fault_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultServer]:
-    home = tmp_path_factory.mktemp("fault-home")
-    server = FaultServer(home, embedded_dsn(home))
-    yield server
-    stop_embedded(home)
+def fault_server() -> Iterator[FaultServer]:
+    # Outside pytest's numbered temporary folders, which another test run may delete under it.
+    with server_folder() as home:
+        yield FaultServer(home, embedded_dsn(home))
 
 
 @pytest.fixture
