@@ -9,8 +9,11 @@
 One `Planner` per process, opened in the lifespan and closed (pool drained) on shutdown. The
 request body is the flow's inputs: the flow's `inputs:` block is the contract, checked by
 planner (`FlowInputError` -> 422). A database that cannot be reached is a 503 with a JSON body
-(`DatabaseUnavailable`); any other failure is a 500 that carries the run's id, never the error
-text (it is in the log, with the same run id). A client that disconnects cancels its run.
+(`DatabaseUnavailable`), and so is a run that hit its deadline (`FlowTimeout`: the database
+was slow or the pool saturated, which retrying later may cure); any other failure is a 500
+that carries the run's id, never the error text (it is in the log, with the same run id). A
+client that disconnects cancels its run. GET /metrics is the process's metrics in
+Prometheus' text format.
 """
 
 from __future__ import annotations
@@ -25,10 +28,20 @@ from pathlib import Path
 from typing import Annotated, Any, TypedDict, TypeVar
 
 from fastapi import Body, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
-from planner import DatabaseUnavailable, FlowFailed, FlowInputError, FlowResult, Planner, load_flow
+from planner import (
+    DatabaseUnavailable,
+    FlowFailed,
+    FlowInputError,
+    FlowResult,
+    FlowTimeout,
+    Planner,
+    load_flow,
+    metrics_text,
+)
 from planner.results import jsonable
+from planner.run.metrics import CONTENT_TYPE
 
 FLOWS = Path(__file__).resolve().parent.parent / "flows"
 T = TypeVar("T")
@@ -94,6 +107,10 @@ def create_app(dsn: str | None = None, *, flows: str | Path = FLOWS, min_size: i
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(metrics_text(), media_type=CONTENT_TYPE)
+
     return app
 
 
@@ -113,6 +130,12 @@ async def run(request: Request, flow: str, inputs: dict[str, Any]) -> JSONRespon
                             status_code=503, headers={"Retry-After": "1"})
     except FlowInputError as exc:
         return JSONResponse({"error": "invalid_input", "detail": str(exc), "input": exc.input}, status_code=422)
+    except FlowTimeout as exc:
+        # The deadline passed (a slow or saturated database, an outage starting): a 503 the
+        # client may retry, like DatabaseUnavailable, not a 500 that says the service is wrong.
+        logger.warning("flow %s: %s", flow, exc, extra={"flow": flow, "run_id": exc.result.run_id})
+        return JSONResponse({"error": "timeout", "run_id": exc.result.run_id}, status_code=503,
+                            headers={"Retry-After": "1"})
     except FlowFailed as exc:
         failed = [name for name, node in exc.result.nodes.items() if node.state == "failed"]
         logger.error("flow %s failed: %s", flow, exc, extra={"flow": flow, "run_id": exc.result.run_id})

@@ -134,6 +134,25 @@ async def test_a_failed_run_is_500_with_its_run_id_and_no_error_text(demo_dsn: s
     assert broken.json()["error"] == "internal" and broken.json()["error_id"] and "sideways" not in broken.text
 
 
+async def test_a_run_past_its_deadline_is_503_with_its_run_id(demo_dsn: str, tmp_path: Path) -> None:
+    (tmp_path / "process_buffered.yaml").write_text(
+        "inputs: {instance_name: str}\nsettings: {timeout: 200ms}\n"
+        "nodes:\n  nap: {sql: 'SELECT pg_sleep(5), $instance_name::text', fetch: value}\n")
+    async with serving(create_app(demo_dsn, flows=tmp_path)) as client:
+        response = await client.post("/messages", json={"instance_name": "acme"})
+    assert response.status_code == 503, response.text
+    assert response.json() == {"error": "timeout", "run_id": response.json()["run_id"]} and response.json()["run_id"]
+    assert response.headers["retry-after"] == "1"
+
+
+async def test_metrics_route_shows_the_runs(demo_dsn: str) -> None:
+    async with serving(create_app(demo_dsn)) as client:
+        await client.post("/escalation", json={"instance_id": 1, "user_phone": "+15550000003", "message": "thanks"})
+        response = await client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert 'planner_runs_total{flow="escalation",status="ok"}' in response.text
+
+
 async def test_a_client_that_disconnects_cancels_its_run(demo_dsn: str, tmp_path: Path) -> None:
     (tmp_path / "escalation.yaml").write_text(
         "inputs: {instance_id: int, user_phone: str, message: str}\n"
