@@ -74,6 +74,9 @@ class FlowFileError(FlowError):
         self.column = column
         self.node = node
         self.code = code
+        # Every problem found at once, each with its own text and place (`planner validate`
+        # reports each); this error's message is the first's and names the rest.
+        self.problems: list[FlowFileError] = [self]
         super().__init__(self._render())
 
     def _render(self) -> str:

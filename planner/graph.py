@@ -248,13 +248,18 @@ def _order(graph: nx.DiGraph, nodes: dict[str, CompiledNode], marks: Marks) -> t
         raise _graph_error(marks, f"cycle: {spelled}", ("nodes", first), first, cycle=cycle) from None
 
 
-def plan(flow: CompiledFlow, recorded_ms: dict[str, float] | None = None) -> Plan:
+def plan(flow: CompiledFlow, recorded_ms: dict[str, float] | None = None,
+         fused: dict[str, float] | None = None) -> Plan:
     """Groups, critical path and latency estimate, from recorded latencies or `latency:` hints.
 
     The critical path is the heaviest path through the graph, weighting each node by its
     expected latency: what eager mode needs at least, however many nodes run beside it.
+    `fused` says how many nodes shared each node's recorded statement (`views.stats.recorded_fused`):
+    the members of a fused group each recorded the one statement's time, which the sequential
+    figure counts once (a share each), not once per member.
     """
     recorded_ms = recorded_ms or {}
+    fused = fused or {}
     latency: dict[str, float] = {}
     unknown: list[str] = []
     for name, node in flow.nodes.items():
@@ -281,7 +286,8 @@ def plan(flow: CompiledFlow, recorded_ms: dict[str, float] | None = None) -> Pla
         groups=flow.groups,
         critical_path=tuple(reversed(path)),
         latency_ms=latency,
-        sequential_ms=sum(latency.values()),
+        sequential_ms=sum(ms / max(1.0, fused.get(name, 1.0)) if name in recorded_ms else ms
+                          for name, ms in latency.items()),
         parallel_ms=max(finish.values(), default=0.0),
         unknown=tuple(unknown),
     )

@@ -81,7 +81,7 @@ def test_plan_without_hints_or_records_says_no_latency_is_known(tmp_path: Path) 
     assert data["sequential_ms"] is None and data["critical_path"] == [] and data["latency_source"] == "none"
 
 
-def _record(flow: str, latencies: dict[str, list[float]], flows: Path) -> None:
+def _record(flow: str, latencies: dict[str, Any], flows: Path) -> None:
     """Latencies as `planner run` records them (`planner.views.stats`), in the test's own PLANNER_HOME."""
     from planner.views.stats import stats_path
 
@@ -99,6 +99,40 @@ def test_plan_uses_recorded_latencies_where_hints_are_missing_rounded(tmp_path: 
     assert re.search(r"^a\s+sql\s+-\s+1\s+2\.6\s+\*", proc.stdout, re.M), proc.stdout
     assert "critical path: a -> b -> c" in proc.stdout
     assert "sequential 4.3 ms, parallel 4.3 ms" in proc.stdout and "2.5725" not in proc.stdout
+
+
+SIBLINGS = "nodes:\n  a: {sql: SELECT 1 AS x}\n  b: {sql: SELECT 2 AS y}\n  c: {sql: SELECT 3 AS z}\n"
+
+
+def test_validate_reports_each_unknown_key_as_its_own_finding(tmp_path: Path) -> None:
+    (tmp_path / "k.yaml").write_text("nodes:\n  a: {sql: SELECT 1, fetchh: one}\n  b: {sql: SELECT 2, fetchh: one}\n"
+                                    "  c: {sql: SELECT 3, timeot: 1s}\n  d: {call: tests.nodes:echo, wth: {value: 1}}\n")
+    proc = cli("validate", str(tmp_path / "k.yaml"), "--format", "json")
+    assert proc.returncode == 1
+    findings = json.loads(proc.stdout)["findings"]
+    assert [(f["node"], f["line"]) for f in findings] == [("a", 2), ("b", 3), ("c", 4), ("d", 5)]
+    assert all("more" not in f["message"] for f in findings)
+    assert "4 problem(s)" in proc.stderr
+
+
+def test_plan_counts_a_fused_statements_time_once(tmp_path: Path) -> None:
+    # a, b and c went as one 10 ms statement: each recorded 10 ms. Sequentially that is one
+    # statement's 10 ms, not 30 ms (which made the speedup look three times what it was).
+    (tmp_path / "f.yaml").write_text(SIBLINGS)
+    _record("f", {"a": [10.0], "b": [10.0], "c": [10.0], "#fused": {"a": [3], "b": [3], "c": [3]}}, tmp_path)
+    data = json.loads(cli("plan", "f", "--flows", str(tmp_path), "--json").stdout)
+    assert data["sequential_ms"] == 10 and data["parallel_ms"] == 10
+
+
+def test_planner_run_records_how_many_nodes_shared_a_statement(tmp_path: Path, demo_dsn: str) -> None:
+    from planner.views.stats import recorded_fused
+
+    (tmp_path / "f.yaml").write_text(SIBLINGS)
+    proc = cli("run", "f", "--flows", str(tmp_path), "--db", demo_dsn)
+    assert proc.returncode == 0, proc.stderr
+    assert recorded_fused("f", tmp_path) == {"a": 3, "b": 3, "c": 3}
+    data = json.loads(cli("plan", "f", "--flows", str(tmp_path), "--json").stdout)
+    assert data["sequential_ms"] == pytest.approx(data["parallel_ms"], rel=0.5)
 
 
 @pytest.mark.parametrize("fmt", ["svg", "html", "dot", "mermaid"])

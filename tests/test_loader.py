@@ -62,6 +62,37 @@ def test_unknown_key_names_file_line_and_node(write_flow: Callable[..., Path]) -
     assert str(err).startswith(f"{err.file}:4:")
 
 
+FOUR_TYPOS = """
+    nodes:
+      a: {sql: SELECT 1, fetchh: one}
+      b: {sql: SELECT 2, fetchh: one}
+      c: {sql: SELECT 3, timeot: 1s}
+      d: {call: tests.nodes:echo, wth: {value: 1}}
+    """
+
+
+def test_an_unknown_key_in_four_nodes_is_four_problems_each_in_its_place(write_flow: Callable[..., Path]) -> None:
+    err = _error(write_flow, FOUR_TYPOS)
+    assert [(p.node, p.line, p.message) for p in err.problems] == [
+        ("a", 2, "unknown key 'fetchh' (did you mean 'fetch'?)"),
+        ("b", 3, "unknown key 'fetchh' (did you mean 'fetch'?)"),
+        ("c", 4, "unknown key 'timeot' (did you mean 'timeout'?)"),
+        ("d", 5, "unknown key 'wth' (did you mean 'with'?)"),
+    ]
+
+
+def test_the_message_of_several_problems_names_each_ones_node_and_line(write_flow: Callable[..., Path]) -> None:
+    text = str(_error(write_flow, FOUR_TYPOS))
+    assert "and 3 more" in text
+    assert "node 'b': unknown key 'fetchh' (did you mean 'fetch'?) (line 3)" in text
+    assert "node 'd': unknown key 'wth' (did you mean 'with'?) (line 5)" in text
+
+
+def test_one_problem_is_its_own_only_problem(write_flow: Callable[..., Path]) -> None:
+    err = _error(write_flow, "nodes:\n  a: {sql: SELECT 1, fetchh: one}\n")
+    assert err.problems == [err] and "more" not in str(err)
+
+
 def test_wrong_type_names_the_field(write_flow: Callable[..., Path]) -> None:
     err = _error(write_flow, """
         nodes:

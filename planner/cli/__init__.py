@@ -344,12 +344,12 @@ def plan(
     from planner.graph import plan as make_plan
     from planner.graph import trips
     from planner.views.render import estimate, ms_number, plan_json, plan_rows
-    from planner.views.stats import recorded_latencies
+    from planner.views.stats import recorded_fused, recorded_latencies
 
     folder, name = _resolve_flow(flow, flows)
     compiled = _planner(folder, None).load(name)
     recorded = recorded_latencies(name, folder)
-    p = make_plan(compiled, recorded)
+    p = make_plan(compiled, recorded, recorded_fused(name, folder))  # a fused statement's time counted once
     est = estimate(compiled, p, recorded)
     cold, warm = trips(compiled), trips(compiled, warm=True)
     if as_json:
@@ -404,14 +404,14 @@ def visualize(
     """
     from planner.graph import plan as make_plan
     from planner.views import render
-    from planner.views.stats import recorded_latencies
+    from planner.views.stats import recorded_fused, recorded_latencies
 
     if fmt not in ("mermaid", "dot", "svg", "html"):
         raise UsageError(f"--format {fmt!r}: choose mermaid, dot, svg or html")
     folder, name = _resolve_flow(flow, flows)
     compiled = _planner(folder, None).load(name)
     recorded = recorded_latencies(name, folder)  # as `planner plan` does: records first, then hints
-    p = make_plan(compiled, recorded)
+    p = make_plan(compiled, recorded, recorded_fused(name, folder))
     run_data = None
     if trace is not None:
         from planner.views.trace import TraceError, read_trace

@@ -437,9 +437,16 @@ def _translate(exc: ValidationError, marks: Marks) -> FlowFileError:
         if len(loc) >= 3 and loc[0] == "nodes":
             loc = loc[:2] + loc[3:]  # drop the union tag ("sql"/"call") pydantic inserts
         messages.append((loc, _describe(err, loc)))
-    path, first = messages[0]
-    more = f" (and {len(messages) - 1} more: " + "; ".join(m for _, m in messages[1:4]) + ")" if len(messages) > 1 else ""
-    return marks.error(first + more, path)
+    errors = [marks.error(message, path) for path, message in messages]
+    if len(errors) == 1:
+        return errors[0]
+    # The first error's text counts the rest and names each one's node and line (the same
+    # mistake in four nodes is four problems, not one); `.problems` has each with its place.
+    rest = [f"{f'node {e.node!r}: ' if e.node else ''}{e.message} (line {e.line})" for e in errors[1:]]
+    shown = "; ".join(rest[:3]) + (f"; {len(rest) - 3} more" if len(rest) > 3 else "")
+    first = marks.error(f"{errors[0].message} (and {len(rest)} more: {shown})", messages[0][0])
+    first.problems = errors  # each with its own text and place, the first's without the count
+    return first
 
 
 def _describe(err: Any, loc: Path_) -> str:

@@ -43,7 +43,7 @@ def check_static(path: Path, allowed: list[str] | None = None) -> tuple[Compiled
     try:
         flow = compile_flow(load_spec(path))
     except FlowFileError as exc:
-        return None, [_from_error(exc, path)]
+        return None, [_from_error(e, path) for e in exc.problems]  # each problem its own finding
     env = BindEnv(CallTargets(allowed, folder=path.parent), Offline("validation runs no node"))
     findings = [_from_error(exc, path) for node in flow.nodes.values()
                 for exc in kind_of(node.kind).check(node, flow.marks, env)]
