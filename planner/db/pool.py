@@ -39,6 +39,7 @@ from planner.lang.nodes import CompiledNode
 from planner.lang.refs import CompiledSql, name_params
 from planner.lang.sqlinfo import combine_writes
 from planner.run.policy import timed
+from planner.db.wire import Check, Expected, StaleResult, Wire, install, repeatable, repeatable_calls
 
 logger = logging.getLogger("planner")
 
@@ -334,16 +335,40 @@ class PoolerConnection(asyncpg.Connection):  # type: ignore[misc]
     named statements would not survive the transaction), so asyncpg sends every statement
     unnamed: one round trip to describe it, a second to run it. This keeps what the server
     said of each statement (parameter and column types) and sends it unnamed again with each
-    use (Parse, Bind, Execute, Sync): one round trip, on whatever server connection the pooler
-    picks. A description is used for `DESCRIBED_S` at most and dropped after any error, so a
-    migration that changes a statement's result (a column renamed under `SELECT *`) is seen
-    that much later at worst; the first use after it asks the server again."""
+    use (Parse, Describe, Bind, Execute, Sync): one round trip, on whatever server connection
+    the pooler picks.
 
-    _described: OrderedDict[tuple[Any, ...], tuple[Any, float]] | None = None
+    A description is never trusted blindly (`planner.db.wire`): each use pins its parameter types
+    in the Parse and compares the column types the server announces with it before a row is
+    decoded. After a migration (`int8 -> float8`, a column added under `SELECT *`, a view
+    redefined) a statement proven free of effects runs again, described afresh (the right
+    value); any other raises `StaleResult` naming the column (a clear error, its rows never
+    decoded with the old types). A description is also dropped after `DESCRIBED_S` and after
+    any error. Where the wire cannot be watched, no description is kept (see `wire.install`)."""
+
+    _described: OrderedDict[tuple[Any, ...], tuple[Any, float, Expected]] | None = None
+    _wire: Wire | None = None
+    _last: tuple[Any, Expected] | None = None  # the statement `_get_statement` last returned, and its description
+
+    def __init__(self, protocol: Any, transport: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(protocol, transport, *args, **kwargs)
+        self._wire = install(transport, protocol)
+
+    def _watching(self) -> Wire | None:
+        wire = self._wire
+        if wire is not None and wire.broken is not None:
+            logger.warning("behind the transaction pooler, planner describes every statement before each use "
+                           "on this connection: %s", wire.broken)
+            self._wire = wire = None
+            self._drop_described()
+        return wire
 
     async def _get_statement(self, query: str, timeout: float | None, *,  # noqa: ASYNC109 - asyncpg's signature
                              named: Any = False, use_cache: bool = True, ignore_custom_codec: bool = False,
                              record_class: Any = None) -> Any:
+        if self._watching() is None:  # described before each use: nothing kept can be stale
+            return await super()._get_statement(query, timeout, named=named, use_cache=use_cache,
+                                                ignore_custom_codec=ignore_custom_codec, record_class=record_class)
         described = self._described
         if described is None:
             described = self._described = OrderedDict()
@@ -353,18 +378,73 @@ class PoolerConnection(asyncpg.Connection):  # type: ignore[misc]
             kept = described.get(key)
             if kept is not None and kept[1] > now and not kept[0].closed:
                 described.move_to_end(key)
-                kept[0].mark_unprepared()  # sent with its text again: Parse, Bind, Execute
+                kept[0].mark_unprepared()  # sent with its text again: Parse, Describe, Bind, Execute
+                self._last = (kept[0], kept[2])
                 return kept[0]
         statement = await super()._get_statement(query, timeout, named=named, use_cache=use_cache,
                                                  ignore_custom_codec=ignore_custom_codec, record_class=record_class)
         if use_cache and not named and not statement.name:
-            described[key] = (statement, now + DESCRIBED_S)
+            expected = Expected.of(statement)
+            described[key] = (statement, now + DESCRIBED_S, expected)
             described.move_to_end(key)
+            self._last = (statement, expected)
             if len(described) > STATEMENT_CACHE:
                 described.popitem(last=False)
         return statement
 
-    async def _do_execute(self, *args: Any, **kwargs: Any) -> Any:
+    async def _do_execute(self, query: str, executor: Any, timeout: float | None,  # noqa: ASYNC109 - asyncpg's signature
+                          retry: bool = True, **kwargs: Any) -> Any:
+        wire = self._watching()
+        if wire is None or getattr(executor, "checked", False):
+            return await self._execute_once(query, executor, timeout, retry, **kwargs)
+        for attempt in (1, 2):
+            check = Check()
+            failure: Exception | None = None
+            try:
+                result = await self._execute_once(query, self._checked(wire, executor, check), timeout, retry, **kwargs)
+            except Exception as exc:
+                if check.stale is None:
+                    raise
+                failure = exc  # rows that did not fit the old description: the same staleness
+            if check.stale is None:
+                return result
+            self._drop_described()
+            calls = repeatable_calls()
+            # A read runs again; one that calls a volatile function might write (a job claimed twice).
+            again = attempt == 1 and calls is not None and not (calls and await self._volatile(calls))
+            logger.info("a statement's result changed since planner described it (%s)%s", check.stale,
+                        ": it runs again, described afresh" if again else "")
+            if not again:
+                raise StaleResult(
+                    f"the statement's result changed since planner described it: {check.stale} (a migration?). "
+                    "It ran on the server (in a transaction, that is rolled back with it), and its rows "
+                    "were not returned: decoded as the old types they would have been wrong values. "
+                    "It is described afresh from its next use.") from failure
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _volatile(self, functions: frozenset[str]) -> bool:
+        """`_volatile` from inside an execution (asyncpg's public calls would refuse: one is in progress)."""
+        names = [f.split(".")[-1].lower() for f in functions]
+
+        def executor(statement: Any, timeout: Any) -> Any:  # asyncpg's own `_execute` builds it so
+            return self._protocol.bind_execute(state=statement, args=[names], portal_name="", limit=0,
+                                               return_extra=False, timeout=timeout)
+
+        rows, _ = await self._do_execute(_VOLATILE_SQL, executor, None)
+        return bool(rows[0][0])
+
+    def _checked(self, wire: Wire, executor: Any, check: Check) -> Any:
+        def expected(statement: Any) -> Expected:
+            last = self._last
+            return last[1] if last is not None and last[0] is statement else Expected.of(statement)
+
+        async def run(statement: Any, timeout: Any) -> Any:  # noqa: ASYNC109 - asyncpg's executor signature
+            return await wire.checked(executor, expected(statement), check)(statement, timeout)
+
+        run.checked = True  # type: ignore[attr-defined]  # asyncpg's own retry passes it back in
+        return run
+
+    async def _execute_once(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super()._do_execute(*args, **kwargs)
         except (asyncpg.exceptions.ProtocolError, BufferError) as exc:
@@ -378,6 +458,7 @@ class PoolerConnection(asyncpg.Connection):  # type: ignore[misc]
             raise
 
     def _drop_described(self) -> None:
+        self._last = None
         if self._described:
             self._described.clear()
 
@@ -539,7 +620,8 @@ class PoolBackend:
         try:
             # The node's timeout times the statements, not the wait for a connection above.
             timeout = query.timeout
-            value = await (_query(con, query) if timeout is None else timed(_query(con, query), timeout))
+            with repeatable(query.node.read_only, query.node.functions):
+                value = await (_query(con, query) if timeout is None else timed(_query(con, query), timeout))
         except BaseException as exc:  # CancelledError too: the connection must still go back
             self._release_later(pool, con, query.node.session)
             _reraise(exc)  # BEGIN/COMMIT or the socket; statements translate their own
@@ -609,7 +691,8 @@ class PoolBackend:
         con = await self._acquire(pool)
         try:
             started()
-            outcomes = await self._batch_on(con, node, params)
+            with repeatable(node.read_only, node.functions):
+                outcomes = await self._batch_on(con, node, params)
         except BaseException as exc:  # CancelledError too: the connection must still go back
             self._release_later(pool, con, node.session)
             _reraise(exc)
@@ -732,7 +815,8 @@ class PoolBackend:
         pool = self._pool or await self._first_pool()
         con = await self._acquire(pool)
         try:
-            outcomes = await self._fused_on(con, queries)
+            with repeatable(True, frozenset().union(*(q.node.functions for q in queries))):  # reads only
+                outcomes = await self._fused_on(con, queries)
         except BaseException as exc:  # CancelledError too: the connection must still go back
             self._release_later(pool, con, False)
             _reraise(exc)
@@ -1006,8 +1090,9 @@ def _lost(exc: BaseException) -> bool:
 async def _alone(con: asyncpg.Connection, node: CompiledNode, statement: CompiledSql, params: list[Any]) -> Outcome:
     """One member's statement on its own, timed by the node's timeout: its value, or its error."""
     try:
-        coro = _fetch(con, node.fetch, statement, params)
-        return (await (coro if node.timeout is None else timed(coro, node.timeout)), None)
+        with repeatable(node.read_only, node.functions):
+            coro = _fetch(con, node.fetch, statement, params)
+            return (await (coro if node.timeout is None else timed(coro, node.timeout)), None)
     except (QueryError, NodeTimeout) as exc:
         return (None, exc)
 
@@ -1092,13 +1177,15 @@ def _stale(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", None) in _STALE_SQLSTATES
 
 
+_VOLATILE_SQL = "SELECT coalesce(bool_or(provolatile = 'v'), false) FROM pg_proc WHERE proname = ANY($1::text[])"
+
+
 async def _volatile(con: asyncpg.Connection, functions: frozenset[str]) -> bool:
     """Whether any function the statement calls (any overload of its name) is volatile."""
     if not functions:
         return False
     names = [f.split(".")[-1].lower() for f in functions]
-    return bool(await con.fetchval("SELECT coalesce(bool_or(provolatile = 'v'), false) FROM pg_proc "
-                                   "WHERE proname = ANY($1::text[])", names))
+    return bool(await con.fetchval(_VOLATILE_SQL, names))
 
 
 async def _query(con: asyncpg.Connection, query: Query) -> Any:
