@@ -16,8 +16,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from planner.db import wire
 from planner import Planner, load_flow
+from planner.db import wire
 from planner.db.pool import PoolerConnection
 from tests.pgbouncer import PgBouncer
 

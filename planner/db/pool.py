@@ -33,13 +33,13 @@ from cachetools import LRUCache
 
 from planner.config import env_on
 from planner.db.dsn import redact_dsn
+from planner.db.wire import Check, Expected, StaleResult, Wire, install, repeatable, repeatable_calls
 from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
 from planner.kinds.backend import Described, Outcome, Query
 from planner.lang.nodes import CompiledNode
 from planner.lang.refs import CompiledSql, name_params
 from planner.lang.sqlinfo import combine_writes
 from planner.run.policy import timed
-from planner.db.wire import Check, Expected, StaleResult, Wire, install, repeatable, repeatable_calls
 
 logger = logging.getLogger("planner")
 
