@@ -27,7 +27,8 @@ from planner.graph import CompiledFlow, Plan, compile_flow, plan
 from planner.kinds import BindEnv, BoundNode, kind_of
 from planner.kinds.backend import Backend
 from planner.kinds.call import DEFAULT_THREADS, CallThreads
-from planner.lang.loader import load_spec, load_text
+from planner.lang.loader import FileStamp, load_spec, load_text
+from planner.lang.sqlcheck import syntax_errors
 from planner.results import FlowResult
 from planner.run.executor import bind_inputs, execute_checked, resolve_mode
 from planner.run.metrics import Labels, Metrics, Sample, default_metrics
@@ -44,14 +45,17 @@ CACHE_CHANNEL = "planner_cache"
 """The LISTEN/NOTIFY channel that carries cache invalidations between processes."""
 
 QUIET_S = 0.25
-"""An edited flow file is taken only once it has not changed for this long: a writer that
-truncates and then writes (`cat >`, scp) is never caught half way. Replacing the file by an
-atomic rename (write elsewhere, then `mv`) is still the best way to edit a running service."""
+"""A flow file rewritten in place is taken once planner has seen it unchanged for this long, on
+its own monotonic clock (never the file's mtime against the wall clock): a writer that
+truncates and then writes (`cat >`, scp) is never caught half way. A file replaced by rename
+(write elsewhere, then `mv`: complete at once) is taken by the very next run."""
+
+_NO_FILE = FileStamp(0, 0, 0, 0, 0)  # a flow given as an object, not read from a file
 
 
 @dataclass(frozen=True)
 class _Entry:
-    stamp: tuple[int, int]
+    stamp: FileStamp
     flow: CompiledFlow
     bound: dict[str, BoundNode]
     needs_db: bool
@@ -163,7 +167,8 @@ class Planner:
         self._env = BindEnv(self.targets, self.backend, self.threads)
         self._cache: dict[str, _Entry] = {}
         self._reloading: dict[str, asyncio.Future[_Entry]] = {}
-        self._failed: dict[str, tuple[int, int]] = {}  # the stamp of a file that did not load
+        self._failed: dict[str, FileStamp] = {}  # the stamp of a file that did not load
+        self._seen: dict[str, tuple[FileStamp, float]] = {}  # a rewrite in place: its stamp, first seen (monotonic)
         self._objects: weakref.WeakKeyDictionary[CompiledFlow, _Entry] = weakref.WeakKeyDictionary()
         self._db_open = False
         self._closed = False
@@ -253,10 +258,8 @@ class Planner:
         path, stamp = self._stamp(name, entry)
         if entry is not None and entry.stamp == stamp:
             return entry
-        if entry is not None and time.time_ns() - stamp[0] < QUIET_S * 1e9:
-            return entry  # still being written, perhaps: keep the last good version for now
-        if entry is not None and self._failed.get(name) == stamp:
-            return entry  # this very file failed to load: not again until it changes
+        if entry is not None and not self._ready(name, entry, stamp):
+            return entry  # the last good version, for now
         pending = self._reloading.get(name)
         if pending is None:
             pending = self._reloading[name] = asyncio.ensure_future(
@@ -265,23 +268,49 @@ class Planner:
         # Compiling runs on a thread: the loop goes on serving other runs meanwhile.
         return await asyncio.shield(pending)
 
-    def _stamp(self, name: str, entry: _Entry | None) -> tuple[Path, tuple[int, int]]:
+    def _ready(self, name: str, entry: _Entry, stamp: FileStamp) -> bool:
+        """Whether the file of a running flow, changed to `stamp`, is to be loaded now.
+
+        Another file than the one last seen at the path (a rename: complete at once) is, at
+        first sight. The same file rewritten in place is once planner has seen it unchanged
+        for `QUIET_S` of its own monotonic clock (the file's times are never compared with
+        the clock). A file that failed to load is not tried again until it changes.
+        """
+        now = time.monotonic()
+        last = self._seen.get(name)
+        if last is None or last[0] != stamp:  # first sight of this stamp
+            previous = last[0] if last is not None else entry.stamp
+            self._seen[name] = (stamp, now)
+            return not previous.same_file(stamp) and self._failed.get(name) != stamp
+        return now - last[1] >= QUIET_S and self._failed.get(name) != stamp
+
+    def _stamp(self, name: str, entry: _Entry | None) -> tuple[Path, FileStamp]:
         # One stat per run for a cached flow; the folder is searched only when it is not.
         path = entry.flow.loaded.path if entry is not None else self.source.path_of(name)
         try:
             st = path.stat()
         except FileNotFoundError:
-            path = self.source.path_of(name)  # renamed (.yaml <-> .yml) or gone: search again
+            try:
+                path = self.source.path_of(name)  # renamed (.yaml <-> .yml) or gone: search again
+            except FlowFileError:
+                self._forget(name)  # deleted: a new file of that name is a new flow (its inode may be the old one's)
+                raise
             st = path.stat()
-        return path, (st.st_mtime_ns, st.st_size)
+        return path, FileStamp.of(st)
 
-    def _reload(self, name: str, path: Path, stamp: tuple[int, int], entry: _Entry | None) -> _Entry:
+    def _forget(self, name: str) -> None:
+        for kept in (self._cache, self._seen, self._failed, self.reload_errors):
+            kept.pop(name, None)
+
+    def _reload(self, name: str, path: Path, stamp: FileStamp, entry: _Entry | None) -> _Entry:
         try:
             flow = compile_flow(load_spec(path))
-            st = path.stat()
-            if (st.st_mtime_ns, st.st_size) != stamp:
+            read = flow.loaded.stamp or stamp  # the stamp of the very file that was read
+            if FileStamp.of(path.stat()) != read:
                 raise FlowFileError("the file changed while it was read; trying again on the next run", file=path)
-            new = self._bind(flow, stamp)
+            if entry is not None:  # a hot edit replaces a running version only once `planner validate` passes it
+                _check_edit(flow, self._env)
+            new = self._bind(flow, read)
         except FlowError as exc:
             self._failed[name] = stamp
             if entry is None:
@@ -292,16 +321,17 @@ class Planner:
             self.reload_errors[name] = exc
             return entry
         self.reload_errors.pop(name, None)
+        self._seen.pop(name, None)
         self._cache[name] = new
         return new
 
     def _object(self, flow: CompiledFlow) -> _Entry:
         entry = self._objects.get(flow)
         if entry is None:
-            entry = self._objects[flow] = self._bind(flow, (0, 0))
+            entry = self._objects[flow] = self._bind(flow, _NO_FILE)
         return entry
 
-    def _bind(self, flow: CompiledFlow, stamp: tuple[int, int]) -> _Entry:
+    def _bind(self, flow: CompiledFlow, stamp: FileStamp) -> _Entry:
         bound: dict[str, BoundNode] = {}
         for name, spec in flow.nodes.items():
             node = kind_of(spec.kind).bind(spec, flow.marks, self._env)
@@ -338,6 +368,19 @@ def _timer(metrics: Metrics, name: str, labels: Labels) -> Callable[[float], Non
         metrics.observe(name, labels, seconds)
 
     return observe
+
+
+def _check_edit(flow: CompiledFlow, env: BindEnv) -> None:
+    """The offline checks of `planner validate` that compiling does not make: each kind's own
+    (call targets and their signatures) and SQL syntax (pglast). Raises the first as a
+    `FlowFileError`, saying how many more there are."""
+    problems = [exc for node in flow.nodes.values() for exc in kind_of(node.kind).check(node, flow.marks, env)]
+    problems += syntax_errors(flow.loaded, flow.nodes)
+    if problems:
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise FlowFileError(first.message + more, file=first.file, line=first.line, column=first.column,
+                            node=first.node, code=first.code)
 
 
 def _runs_sql(entry: _Entry, overrides: dict[str, Any] | None) -> bool:

@@ -35,27 +35,89 @@ def test_every_error_is_a_flow_error() -> None:
             assert issubclass(obj, FlowError), name
 
 
-def _edit(path: Path, text: str, *, age_s: float = 1.0) -> None:
-    """Write `text` as an editor would, last changed `age_s` ago."""
-    path.write_text(text)
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(age_s * 1e9)))
+def _flow(value: int, *, extra: bool = False) -> str:
+    text = f"nodes:\n  a: {{call: tests.nodes:echo, with: {{value: {value}}}}}\n"
+    return text + ("  b: {call: tests.nodes:echo, with: {value: 2}}\n" if extra else "")
 
 
-async def test_an_edited_flow_is_picked_up_on_the_next_run(write_flow: Write, planner: Planner) -> None:
-    path = write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n")
+HOUR_NS = 3600 * 10**9
+# A file's mtime as `cp -p`, rsync or a machine whose clock runs ahead leave it: never compared with the clock.
+MTIMES = {
+    "future": lambda old: time.time_ns() + HOUR_NS,
+    "past": lambda old: time.time_ns() - 24 * HOUR_NS,
+    "same as before": lambda old: old,
+}
+
+
+def _replace(path: Path, text: str, *, mtime_ns: int | None = None) -> None:
+    """Write `text` elsewhere, then rename it over `path`: complete at once."""
+    new = path.with_name(path.name + ".new")
+    new.write_text(text)
+    if mtime_ns is not None:
+        os.utime(new, ns=(mtime_ns, mtime_ns))
+    os.replace(new, path)
+
+
+def _rewrite(path: Path, text: str, *, mtime_ns: int | None = None) -> None:
+    """Write `text` into `path` itself (truncate, then write), as `cat >`, scp or `cp -p` do."""
+    with path.open("r+") as f:
+        f.truncate(0)
+        f.write(text)
+    if mtime_ns is not None:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+async def _after_a_quiet_moment() -> None:
+    await asyncio.sleep(QUIET_S + 0.05)  # planner's own monotonic clock must see the file still
+
+
+@pytest.mark.parametrize("mtime", MTIMES)
+async def test_a_file_replaced_by_rename_is_taken_by_the_very_next_run(write_flow: Write, planner: Planner, mtime: str) -> None:
+    path = write_flow(_flow(1))
     assert (await planner.run("t")).values["a"] == 1
-    _edit(path, "nodes:\n  a: {call: tests.nodes:echo, with: {value: 22}}\n")
+    _replace(path, _flow(7), mtime_ns=MTIMES[mtime](path.stat().st_mtime_ns))  # same size as before, too
+    assert (await planner.run("t")).values["a"] == 7
+
+
+@pytest.mark.parametrize("mtime", [*MTIMES, "left as written"])
+async def test_a_file_rewritten_in_place_is_taken_once_seen_unchanged_for_a_moment(
+        write_flow: Write, planner: Planner, mtime: str) -> None:
+    path = write_flow(_flow(1))
+    assert (await planner.run("t")).values["a"] == 1
+    old = path.stat().st_mtime_ns
+    _rewrite(path, _flow(22), mtime_ns=MTIMES[mtime](old) if mtime in MTIMES else None)
+    assert (await planner.run("t")).values["a"] == 1  # first seen: it may still be being written
+    await _after_a_quiet_moment()
     assert (await planner.run("t")).values["a"] == 22
 
 
 async def test_an_edit_still_being_written_is_not_taken_yet(write_flow: Write, planner: Planner) -> None:
-    path = write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n  b: {call: tests.nodes:echo, with: {value: 2}}\n")
+    path = write_flow(_flow(1, extra=True))
     await planner.run("t")
-    path.write_text("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n")  # half of a longer write
+    _rewrite(path, _flow(1))  # half of a longer write
     assert set((await planner.run("t")).values) == {"a", "b"}
-    _edit(path, "nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n", age_s=QUIET_S + 0.1)
-    assert set((await planner.run("t")).values) == {"a"}
+    await _after_a_quiet_moment()
+    _rewrite(path, _flow(1, extra=True).replace("value: 2", "value: 3"))  # the writer goes on
+    assert (await planner.run("t")).values["b"] == 2, "a file that changed since it was last seen is not still"
+    await _after_a_quiet_moment()
+    assert (await planner.run("t")).values["b"] == 3
+
+
+async def test_a_deleted_flow_is_gone_and_a_new_file_is_taken_at_once(write_flow: Write, planner: Planner) -> None:
+    path = write_flow(_flow(1))
+    await planner.run("t")
+    path.unlink()
+    with pytest.raises(FlowFileError, match="no flow named 't'"):
+        await planner.run("t")
+    write_flow(_flow(5))
+    assert (await planner.run("t")).values["a"] == 5
+
+
+async def test_a_new_flow_file_is_taken_by_the_next_run(write_flow: Write, planner: Planner) -> None:
+    write_flow(_flow(1))
+    await planner.run("t")
+    write_flow(_flow(9), name="other")
+    assert (await planner.run("other")).values["a"] == 9
 
 
 async def test_a_flow_is_compiled_once_while_unchanged(write_flow: Write, planner: Planner) -> None:
@@ -64,15 +126,42 @@ async def test_a_flow_is_compiled_once_while_unchanged(write_flow: Write, planne
 
 
 async def test_a_broken_edit_keeps_the_last_good_version_and_reports(write_flow: Write, planner: Planner, caplog: pytest.LogCaptureFixture) -> None:
-    path = write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n")
+    path = write_flow(_flow(1))
     await planner.run("t")
-    _edit(path, "nodes:\n  a: {call: tests.nodes:echo, with: {value: $nope}}\n")
+    _replace(path, "nodes:\n  a: {call: tests.nodes:echo, with: {value: $nope}}\n")
     result = await planner.run("t")
     assert result.values["a"] == 1
     assert "unknown reference $nope" in str(planner.reload_errors["t"])
     assert any("last good version" in r.getMessage() for r in caplog.records)
-    _edit(path, "nodes:\n  a: {call: tests.nodes:echo, with: {value: 3}}\n")
+    _replace(path, _flow(3))
     assert (await planner.run("t")).values["a"] == 3 and "t" not in planner.reload_errors
+
+
+# A hot edit is checked as `planner validate` checks a file offline before it replaces the
+# running version: each spelling below compiles, and would run and answer wrong (or fail) at run time.
+BROKEN_EDITS = {
+    "SQL that does not parse": ("  p: {sql: SELECT amount FRM payments, fetch: one}\n", "PLN111"),
+    "one statement of a list": ("  p:\n    sql: [SELECT 1, SELEC 2]\n    fetch: none\n", "PLN111"),
+    "a parameter in the wrong place": ("  p: {sql: 'SELECT * FROM $a', fetch: all}\n", "PLN111"),
+    "call arguments that do not fit": ("  p: {call: tests.nodes:add, with: {a: 1, c: 2}}\n", "does not fit"),
+}
+
+
+@pytest.mark.parametrize("edit", BROKEN_EDITS)
+async def test_a_hot_edit_that_validate_refuses_never_replaces_the_running_version(
+        write_flow: Write, planner: Planner, caplog: pytest.LogCaptureFixture, edit: str) -> None:
+    node, why = BROKEN_EDITS[edit]
+    path = write_flow(_flow(1))
+    assert (await planner.run("t")).values == {"a": 1}
+    _replace(path, _flow(2) + node)
+    for _ in range(3):
+        assert (await planner.run("t")).values == {"a": 1}
+    error = planner.reload_errors["t"]
+    assert isinstance(error, FlowFileError) and why in f"{error.code} {error}" and error.node == "p"
+    reported = [r for r in caplog.records if "last good version" in r.getMessage()]
+    assert len(reported) == 1, "a failing edit is reported once, not once per run"
+    _replace(path, _flow(2))
+    assert (await planner.run("t")).values == {"a": 2} and "t" not in planner.reload_errors
 
 
 async def test_a_broken_flow_with_no_good_version_raises(write_flow: Write, planner: Planner) -> None:
@@ -204,7 +293,7 @@ async def test_a_broken_edit_is_not_compiled_again_until_it_changes(
 
     path = write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n")
     await planner.run("t")
-    _edit(path, "nodes:\n  a: {call: tests.nodes:echo, with: {value: $nope}}\n")
+    _replace(path, "nodes:\n  a: {call: tests.nodes:echo, with: {value: $nope}}\n")
     compiles: list[object] = []
     real = compile_flow
 

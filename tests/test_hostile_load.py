@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from planner import FlowFileError, FlowInputError, Planner, load_flow
 from planner.graph import compile_flow
-from planner.lang.loader import MAX_FILE_BYTES, UNEXPECTED, load_spec, load_text, read_flow_text
+from planner.lang.loader import MAX_FILE_BYTES, UNEXPECTED, FileStamp, load_spec, load_text, read_flow_text
 
 PLANNER = str(Path(sys.executable).parent / "planner")
 
@@ -436,8 +436,8 @@ def test_read_flow_text_returns_the_text_and_the_stamp_of_what_it_read(tmp_path:
     path = tmp_path / "t.yaml"
     path.write_text(_default("1"))
     st = path.stat()
-    assert read_flow_text(path) == (_default("1"), (st.st_mtime_ns, st.st_size))
-    assert load_spec(path).stamp == (st.st_mtime_ns, st.st_size)
+    assert read_flow_text(path) == (_default("1"), FileStamp.of(st))
+    assert load_spec(path).stamp == FileStamp.of(st)
 
 
 def test_a_limit_can_be_given_to_read_flow_text(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from pydantic import ValidationError
@@ -89,6 +89,30 @@ class Marks:
         return FlowFileError(message, file=self.file, line=line, column=column, node=node, **kw)
 
 
+class FileStamp(NamedTuple):
+    """What a stat says of a flow file, to tell whether it changed, and how.
+
+    Never compared with the clock: a file copied with its times (`cp -p`, rsync), or written
+    on a machine whose clock runs ahead, is a change like any other. Another file at the path
+    (`dev`, `ino`) is a replacement by rename, complete at once; the same file with another
+    stamp was rewritten in place, perhaps not yet to the end.
+    """
+
+    dev: int
+    ino: int
+    mtime_ns: int
+    ctime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStamp:
+        return cls(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+    def same_file(self, other: FileStamp) -> bool:
+        """Whether `other` is a stamp of this very file (rewritten or not), not of another one."""
+        return (self.dev, self.ino) == (other.dev, other.ino)
+
+
 @dataclass(frozen=True)
 class LoadedFlow:
     """A flow file that passed schema validation, with the marks to report later errors."""
@@ -97,9 +121,9 @@ class LoadedFlow:
     path: Path
     spec: FlowSpec
     marks: Marks
-    # `(st_mtime_ns, st_size)` of the file as it was read (None for text given directly): a
-    # cache can compare it with a later stat without a race between its stat and this read.
-    stamp: tuple[int, int] | None = None
+    # The file's stamp as it was read (None for text given directly): a cache can compare it
+    # with a later stat without a race between its stat and this read.
+    stamp: FileStamp | None = None
 
 
 def unexpected_error(exc: Exception, file: str | Path | None) -> FlowFileError:
@@ -116,8 +140,8 @@ def load_spec(path: str | os.PathLike[str]) -> LoadedFlow:
     return dataclasses.replace(load_text(text, file=path, name=path.stem), stamp=stamp)
 
 
-def read_flow_text(path: str | os.PathLike[str], *, limit: int = MAX_FILE_BYTES) -> tuple[str, tuple[int, int]]:
-    """The text of a flow file and its stamp `(st_mtime_ns, st_size)`. Raises `FlowFileError`.
+def read_flow_text(path: str | os.PathLike[str], *, limit: int = MAX_FILE_BYTES) -> tuple[str, FileStamp]:
+    """The text of a flow file and its stamp (of the very file read). Raises `FlowFileError`.
 
     Only a regular file of at most `limit` bytes is read, and never more than `limit + 1`
     bytes of it: a FIFO, a device (a link to /dev/zero) or a file that grows while it is read
@@ -135,7 +159,7 @@ def read_flow_text(path: str | os.PathLike[str], *, limit: int = MAX_FILE_BYTES)
         raise FlowFileError(f"flow file is not UTF-8 (byte {exc.start + 1})", file=path, line=line) from None
 
 
-def _read_bounded(path: Path, limit: int) -> tuple[bytes, tuple[int, int]]:
+def _read_bounded(path: Path, limit: int) -> tuple[bytes, FileStamp]:
     # O_NONBLOCK: opening a FIFO must not wait for a writer to appear. It changes nothing for
     # the regular files that are read.
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -151,7 +175,7 @@ def _read_bounded(path: Path, limit: int) -> tuple[bytes, tuple[int, int]]:
         os.close(fd)
     if len(raw) > limit:  # it grew after the stat: refused all the same
         raise FlowFileError(f"flow file is larger than {limit} bytes", file=path, line=1)
-    return raw, (st.st_mtime_ns, st.st_size)
+    return raw, FileStamp.of(st)
 
 
 def _file_kind(mode: int) -> str:

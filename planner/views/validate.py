@@ -19,8 +19,8 @@ from planner.graph import CompiledFlow, compile_flow
 from planner.kinds import BindEnv, kind_of
 from planner.kinds.backend import Backend, Offline
 from planner.lang.loader import load_spec
-from planner.lang.refs import CompiledSql, Ref, name_params, scan_sql
-from planner.lang.sqlinfo import analyze
+from planner.lang.refs import CompiledSql, Ref, name_params
+from planner.lang.sqlcheck import syntax_errors
 
 
 @dataclass(frozen=True)
@@ -50,50 +50,10 @@ def check_static(path: Path, allowed: list[str] | None = None) -> tuple[Compiled
     return flow, findings + check_syntax(flow)
 
 
-def _statements(flow: CompiledFlow) -> list[tuple[str, int, tuple[str | int, ...], str, CompiledSql]]:
-    """Every statement of the flow: `(node, index, where in the file, source text, compiled)`."""
-    out = []
-    for name, node in flow.nodes.items():
-        source = getattr(flow.loaded.spec.nodes[name], "sql", None)
-        texts = [source] if isinstance(source, str) else list(source or ())
-        for index, (text, statement) in enumerate(zip(texts, node.statements, strict=False)):
-            where: tuple[str | int, ...] = ("nodes", name, "sql") + ((index,) if not isinstance(source, str) else ())
-            out.append((name, index, where, text, statement))
-    return out
-
-
 def check_syntax(flow: CompiledFlow) -> list[Finding]:
     """PostgreSQL's own parser (pglast) over every statement, no database needed: a syntax error
-    is `PLN111`, reported at its line and column in the file."""
-    findings = []
-    for name, _index, where, text, statement in _statements(flow):
-        info = analyze(statement.text)
-        if info.error is None:
-            continue
-        compiled = len(statement.text) if info.error_offset is None else info.error_offset
-        offset = _source_offset(text, statement, compiled)
-        line, column = flow.marks.inside(where, text, offset)
-        inner_line = text.count("\n", 0, offset) + 1
-        inner_column = offset - (text.rfind("\n", 0, offset) + 1) + 1
-        message = f"SQL does not parse: {name_params(info.error, statement)} (SQL line {inner_line}, column {inner_column})"
-        findings.append(Finding(flow.marks.file, line, column, name, "PLN111", message))
-    return findings
-
-
-def _source_offset(source: str, statement: CompiledSql, offset: int) -> int:
-    """Character `offset` of the compiled text (`$1` for `$conversation.id`) as an offset of the
-    text the author wrote; a position inside a parameter points at its reference."""
-    compiled_at = source_at = 0
-    for (_ref, start, end), slot in zip(scan_sql(source), statement.slots, strict=False):
-        piece = start - source_at
-        if offset < compiled_at + piece:
-            break
-        placeholder = len(f"${slot + 1}")
-        if offset < compiled_at + piece + placeholder:
-            return start
-        compiled_at += piece + placeholder
-        source_at = end
-    return min(source_at + (offset - compiled_at), len(source))
+    is `PLN111`, reported at its line and column in the file (`planner.lang.sqlcheck`)."""
+    return [_from_error(exc, flow.loaded.path) for exc in syntax_errors(flow.loaded, flow.nodes)]
 
 
 def _at(flow: CompiledFlow, node: str | None, where: tuple[str | int, ...], code: str, message: str) -> Finding:
