@@ -42,7 +42,7 @@ def _flow(value: int, *, extra: bool = False) -> str:
 
 HOUR_NS = 3600 * 10**9
 # A file's mtime as `cp -p`, rsync or a machine whose clock runs ahead leave it: never compared with the clock.
-MTIMES = {
+MTIMES: dict[str, Callable[[int], int]] = {
     "future": lambda old: time.time_ns() + HOUR_NS,
     "past": lambda old: time.time_ns() - 24 * HOUR_NS,
     "same as before": lambda old: old,
