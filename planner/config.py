@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.errors import FlowFileError, FlowInputError
+from planner.results import error_text
 
 # Only what is meant to be called from a flow: the escalation rules. Never the demo's data
 # loaders (they truncate tables of a DSN given to them) or anything else that takes a DSN.
@@ -119,7 +120,7 @@ class CallTargets:
         except _NotInFolder as exc:
             raise ValueError(str(exc)) from None
         except Exception as exc:  # an import runs the module's code: any error is the module's
-            raise ValueError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
+            raise ValueError(f"cannot import {module_name!r}: {error_text(exc)}") from exc
 
     def _import_local(self, module_name: str) -> types.ModuleType:
         """A module of the folder, each level loaded from the very file checked a moment before.

@@ -134,9 +134,18 @@ class FlowResult:
         }
 
 
-def error_text(error: BaseException) -> str:
-    """`Type: message`, as results show a node's error."""
-    return f"{type(error).__name__}: {error}"
+def error_text(exc: BaseException) -> str:
+    """`Type: message`, as planner shows an error it did not write itself (a node's, a driver's);
+    never `Type: ` with nothing after it. A `TimeoutError` without a message (asyncio's, a
+    driver's) says it was a timeout of the code that raised it, not one of planner's: those say
+    what timed out and after how long (`timed out after 300 ms`)."""
+    text = str(exc)
+    if text:
+        return f"{type(exc).__name__}: {text}"
+    if isinstance(exc, TimeoutError):
+        return (f"{type(exc).__name__} (no message: a timeout of the code that raised it, not one of "
+                "planner's node timeouts or deadlines)")
+    return f"{type(exc).__name__} (no message)"
 
 
 def is_bug(error: BaseException | None) -> bool:

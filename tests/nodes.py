@@ -113,6 +113,10 @@ async def own_timeout() -> None:
     raise TimeoutError("the remote API timed out")
 
 
+async def bare_timeout() -> None:
+    raise TimeoutError  # as asyncio.timeout and drivers raise it: no message
+
+
 # Sync calls (run on planner's threads): `block` holds its thread until `unblock` is set (or `seconds` pass).
 unblock = threading.Event()
 

@@ -27,6 +27,7 @@ from planner.errors import (
     FlowFileError,
     FlowInputError,
 )
+from planner.results import error_text
 from planner.views.render import plain
 
 app = typer.Typer(
@@ -318,7 +319,7 @@ def _run_table(compiled: Any, result: Any) -> tuple[list[list[str]], list[tuple[
     rows, details = [], []
     for name in (n for group in compiled.groups for n in group if n in result.nodes):
         node = result.nodes[name]
-        error = "" if node.error is None else _redact(f"{type(node.error).__name__}: {node.error}")
+        error = "" if node.error is None else _redact(error_text(node.error))
         if is_bug(node.error):
             error = f"bug ({bug_reason(node.error)}): {error}"
         first = error.splitlines()[0] if error else ""
@@ -628,7 +629,7 @@ def _which_database() -> str:
     try:
         return embedded_dsn()
     except Exception as exc:  # pg_ctl, a missing wheel, a data folder it cannot write
-        raise DatabaseUnavailable(f"cannot start the embedded PostgreSQL: {type(exc).__name__}: {exc}") from exc
+        raise DatabaseUnavailable(f"cannot start the embedded PostgreSQL: {error_text(exc)}") from exc
 
 
 def _for_libpq(dsn: str) -> tuple[str, str | None]:
@@ -754,7 +755,7 @@ def db_stop() -> None:
     try:
         stopped = stop_embedded()
     except Exception as exc:  # pg_ctl refused: say why, on one line
-        raise DatabaseUnavailable(f"cannot stop the embedded PostgreSQL in {pgdata}: {type(exc).__name__}: {exc}") from exc
+        raise DatabaseUnavailable(f"cannot stop the embedded PostgreSQL in {pgdata}: {error_text(exc)}") from exc
     typer.echo(f"stopped the embedded PostgreSQL in {pgdata}" if stopped else
                f"the embedded PostgreSQL in {pgdata} is not running")
 
@@ -891,8 +892,8 @@ def main() -> None:
 
 def _environment_message(exc: BaseException) -> str:
     if isinstance(exc, (OSError, ConnectionError)) or type(exc).__module__.startswith("asyncpg") or _raised_in_asyncpg(exc):
-        return f"cannot reach the database: {type(exc).__name__}: {exc}"
-    return f"internal error: {type(exc).__name__}: {exc} (PLANNER_DEBUG=1 shows the traceback)"
+        return f"cannot reach the database: {error_text(exc)}"
+    return f"internal error: {error_text(exc)} (PLANNER_DEBUG=1 shows the traceback)"
 
 
 def _raised_in_asyncpg(exc: BaseException) -> bool:

@@ -39,6 +39,7 @@ from planner.kinds.backend import Described, Outcome, Query
 from planner.lang.nodes import CompiledNode
 from planner.lang.refs import CompiledSql, name_params
 from planner.lang.sqlinfo import combine_writes
+from planner.results import error_text
 from planner.run.policy import timed
 
 logger = logging.getLogger("planner")
@@ -47,6 +48,7 @@ logger = logging.getLogger("planner")
 # connections, admin/crash shutdown, cannot connect now.
 _TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "53300", "57P01", "57P02", "57P03"})
 STATEMENT_CACHE = 256  # prepared statements kept per connection (asyncpg's default: 100)
+CONNECT_TIMEOUT_S = 60.0  # how long opening one connection may take (asyncpg's default, said aloud in errors)
 _RELEASE_TIMEOUT_S = 2.0  # a connection that cannot be reset in this time (a frozen backend) is terminated
 TRANSACTION_POOLER = "transaction"
 DESCRIBED_S = 5.0  # behind a transaction pooler: how long a statement's description is used (`PoolerConnection`)
@@ -82,7 +84,7 @@ def translate(exc: BaseException, statement: CompiledSql | None = None, params: 
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = getattr(exc, "sqlstate", None)
         transient = isinstance(sqlstate, str) and (sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08"))
-        message = redact(f"{type(exc).__name__}: {exc}", sqlstate, params)
+        message = redact(error_text(exc), sqlstate, params)
         if statement is not None:
             message = name_params(message, statement)
         if sqlstate in ("26000", "42P05") and "__asyncpg_" in message:
@@ -92,12 +94,14 @@ def translate(exc: BaseException, statement: CompiledSql | None = None, params: 
         return QueryError(message, sqlstate=sqlstate, transient=transient,
                           position=int(position) if isinstance(position, str) and position.isdigit() else None)
     if isinstance(exc, (asyncpg.InterfaceError, asyncpg.exceptions.ProtocolError)):
-        message = redact(f"{type(exc).__name__}: {exc}", None, params)
+        message = redact(error_text(exc), None, params)
         if statement is not None:
             message = name_params(message, statement)
         return QueryError(message, transient=isinstance(exc, asyncpg.ConnectionDoesNotExistError))
+    if isinstance(exc, TimeoutError):  # an OSError too; asyncpg's own carry no message
+        return QueryError(f"the database did not answer in time ({error_text(exc)})", transient=True)
     if isinstance(exc, (ConnectionError, OSError)):
-        return QueryError(f"connection lost: {exc}", transient=True)
+        return QueryError(f"connection lost: {error_text(exc)}", transient=True)
     return exc
 
 
@@ -554,11 +558,16 @@ class PoolBackend:
                         # a transaction pooler, none: asyncpg then sends unnamed statements only.
                         statement_cache_size=0 if pooled else STATEMENT_CACHE,
                         connection_class=PoolerConnection if pooled else asyncpg.Connection,
+                        timeout=CONNECT_TIMEOUT_S,
                     )
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, ValueError,
+                except TimeoutError as exc:
+                    raise DatabaseUnavailable(
+                        f"cannot reach the database: opening a connection took longer than {CONNECT_TIMEOUT_S:g} s "
+                        "(the server or the network does not answer)") from exc
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError,
                         OverflowError) as exc:
                     # ValueError: a DSN asyncpg cannot parse (`:notaport`); OverflowError: a port above 65535
-                    raise DatabaseUnavailable(f"cannot reach the database: {type(exc).__name__}: {exc}") from exc
+                    raise DatabaseUnavailable(f"cannot reach the database: {error_text(exc)}") from exc
         return self._pool
 
     async def _choose(self) -> tuple[str, str, str]:
@@ -576,7 +585,7 @@ class PoolBackend:
             # Starting the server runs pg_ctl and waits for it: not on the event loop.
             dsn = await asyncio.to_thread(embedded_dsn)
         except Exception as exc:
-            raise DatabaseUnavailable(f"cannot start the embedded PostgreSQL: {type(exc).__name__}: {exc} "
+            raise DatabaseUnavailable(f"cannot start the embedded PostgreSQL: {error_text(exc)} "
                                       "(set DATABASE_URL to use another server)") from exc
         return dsn, "embedded", (f"no dsn= and no DATABASE_URL, so the embedded PostgreSQL in {planner_home() / 'pgdata'}; "
                                  "embedded=False or PLANNER_EMBEDDED=0 forbids this fallback")
@@ -655,6 +664,10 @@ class PoolBackend:
         asked = time.monotonic()
         try:
             con = await pool.acquire()
+        except TimeoutError as exc:  # only a new connection times out: the pool's own wait has no timeout
+            self._busy -= 1
+            raise QueryError(f"no connection: opening a new pooled connection took longer than {CONNECT_TIMEOUT_S:g} s "
+                             "(the server or the network does not answer)", transient=True) from exc
         except BaseException as exc:
             self._busy -= 1
             _reraise(exc)
@@ -1021,7 +1034,7 @@ class PoolBackend:
             except TimeoutError:
                 return f"no answer to a heartbeat within {self._heartbeat_timeout_s:g} s"
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                return f"heartbeat failed: {type(exc).__name__}: {exc}"
+                return f"heartbeat failed: {error_text(exc)}"
 
     async def notify(self, channel: str, payload: str) -> None:
         """`pg_notify(channel, payload)` on a pooled connection (delivered when it commits)."""
@@ -1382,7 +1395,7 @@ async def server_version(dsn: str) -> str:
     except DatabaseUnavailable:
         raise
     except Exception as exc:  # refused, unknown host, bad DSN, authentication...
-        raise DatabaseUnavailable(f"cannot reach the database: {type(exc).__name__}: {exc}") from exc
+        raise DatabaseUnavailable(f"cannot reach the database: {error_text(exc)}") from exc
     try:
         return "PostgreSQL " + str(await con.fetchval("SHOW server_version"))
     finally:

@@ -46,7 +46,7 @@ from planner.db.dsn import dsn_secrets, redact_text
 from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
 from planner.kinds.backend import Backend, Described, Query, WrappingBackend
 from planner.lang.models import parse_duration
-from planner.results import Served
+from planner.results import Served, error_text
 
 logger = logging.getLogger("planner")
 
@@ -240,7 +240,7 @@ class ReplicaBackend(WrappingBackend):
             except TimeoutError:
                 self._down(f"no answer to the health check in {self.probe_timeout:g}s", probe=True)
             except Exception as exc:
-                self._down(f"{type(exc).__name__}: {exc}", probe=True)
+                self._down(error_text(exc), probe=True)
             self._checked.set()
             if self.state != "down":
                 await self._pause()

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from planner.errors import FlowError, FlowFileError
 from planner.lang.models import MAX_NUMBER_CHARS, FlowSpec
+from planner.results import error_text
 
 Path_ = tuple[str | int, ...]
 MAX_FILE_BYTES = 2_000_000
@@ -129,7 +130,7 @@ class LoadedFlow:
 def unexpected_error(exc: Exception, file: str | Path | None) -> FlowFileError:
     """The backstop at the loading boundary: a failure no specific check caught is still a
     FlowFileError naming the file, never an internal error of the caller."""
-    what = "nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
+    what = "nested too deeply" if isinstance(exc, RecursionError) else error_text(exc)
     return FlowFileError(f"cannot load this flow ({what})", file=file, code=UNEXPECTED)
 
 

@@ -85,11 +85,11 @@ def copy_default(value: Any) -> Any:
 
 def log_defaulted(flow: str, node: str, run_id: str, error: BaseException) -> None:
     """One WARNING per defaulted node; an error no retry can fix is called a bug in the flow."""
-    from planner.results import bug_reason, is_bug
+    from planner.results import bug_reason, error_text, is_bug
 
     bug = is_bug(error)
     note = f"; looks like a bug in the flow ({bug_reason(error)})" if bug else ""
     logger.warning(
-        "node %s of flow %s defaulted%s: %s: %s", node, flow, note, type(error).__name__, error,
+        "node %s of flow %s defaulted%s: %s", node, flow, note, error_text(error),
         exc_info=error, extra={"flow": flow, "node": node, "run_id": run_id, "outcome": "defaulted", "bug": bug},
     )

@@ -53,6 +53,7 @@ from planner.db.pool import (
     stop_embedded,
     with_database,
 )
+from planner.results import error_text
 
 _numbers = itertools.count(1)
 RECORD_MODES = ("once", "none", "all")
@@ -175,7 +176,7 @@ def server_folder() -> Iterator[Path]:
             stop_embedded(home)
         except Exception as exc:
             raise RuntimeError(f"planner: the embedded PostgreSQL in {home} would not stop: "
-                               f"{type(exc).__name__}: {exc}") from exc
+                               f"{error_text(exc)}") from exc
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -270,7 +271,7 @@ async def apply_schema(dsn: str, texts: list[tuple[str, str]]) -> None:
             try:
                 await con.execute(sql)
             except asyncpg.PostgresError as exc:
-                raise RuntimeError(f"planner_schema: {where}: {type(exc).__name__}: {exc}") from exc
+                raise RuntimeError(f"planner_schema: {where}: {error_text(exc)}") from exc
     finally:
         await con.close()
 
@@ -334,7 +335,7 @@ class _Templates:
             exc = failure[0]
             servers = {server for server, _ in self.names}
             reason = next((p for p in map(server_problem, servers) if p is not None), None)
-            raise RuntimeError(f"planner: dropping the template databases failed: {type(exc).__name__}: {exc}"
+            raise RuntimeError(f"planner: dropping the template databases failed: {error_text(exc)}"
                                + (f" ({reason})" if reason else "")) from exc
 
 

@@ -22,7 +22,7 @@ from planner.graph import CompiledFlow
 from planner.lang.expr import evaluate, refs_of
 from planner.lang.models import NAME_RE
 from planner.lang.refs import Ref, Unresolved, resolve
-from planner.results import FlowResult, NodeState
+from planner.results import FlowResult, NodeState, error_text
 
 STATES = tuple(state.value for state in NodeState)
 STATUSES = ("ok", "failed", "timeout")  # what `FlowResult.status` can be
@@ -241,7 +241,7 @@ def trace_events(result: FlowResult, flow: CompiledFlow) -> dict[str, Any]:
             "name": name, "cat": node.state.value, "ph": "X", "pid": 1, "tid": lane_of[name] + 1,
             "ts": round(start * 1000, 1), "dur": round(max(end - start, 0.0) * 1000, 1),
             "args": {"state": node.state.value, "group": flow.group_of.get(name), "attempts": node.attempts,
-                     "error": None if node.error is None else f"{type(node.error).__name__}: {node.error}"},
+                     "error": None if node.error is None else error_text(node.error)},
         })
     return {
         "traceEvents": events,
