@@ -56,11 +56,21 @@ class FlowSource:
             path = self.folder / f"{name}{suffix}"
             if path.exists():
                 return path
-        raise FlowFileError(f"no flow named {name!r} in {self.folder}/", file=self.folder / f"{name}.yaml")
+        known = [p.stem for p in self.paths()]
+        raise FlowFileError(f"no flow named {name!r} in {self.folder}/{did_you_mean(name, known)}",
+                            file=self.folder / f"{name}.yaml")
 
     def paths(self) -> list[Path]:
         """Every flow file of the folder, sorted."""
         return sorted(p for suffix in SUFFIXES for p in self.folder.glob(f"*{suffix}"))
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """` (did you mean 'x'?)` for the known name closest to `name`, or "" when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def env_on(name: str) -> bool:

@@ -7,12 +7,12 @@ and the order, groups and successor lists the executor needs precomputed once.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, replace
 from typing import Any
 
 import networkx as nx
 
+from planner.config import did_you_mean
 from planner.errors import FlowError, FlowFileError, FlowGraphError
 from planner.kinds import kind_for_model, kind_of
 from planner.lang.expr import Expr, ExprSyntaxError, Lit, refs_of
@@ -225,8 +225,7 @@ def _unknown(ref: Ref, known: set[str]) -> str:
 
 
 def _suggest(name: str, known: Any) -> str:
-    close = difflib.get_close_matches(name, sorted(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return did_you_mean(name, known)
 
 
 def _graph_error(

@@ -13,6 +13,7 @@ import pytest
 
 from planner import (
     FlowFailed,
+    FlowFileError,
     FlowInputError,
     FlowTimeout,
     NodeResult,
@@ -238,6 +239,25 @@ async def test_overrides_replace_a_node_and_prune_what_only_it_needed(write_flow
     assert result.values == {"instance": {"id": 9}, "webhook": {"url": "x"}, "other": None}
     assert sorted(nodes.calls) == ["other"]
     assert result.nodes["webhook"].attempts == 0
+
+
+async def test_an_override_of_a_misspelt_node_suggests_the_node(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  settings: {call: tests.nodes:echo}\n")
+    with pytest.raises(FlowInputError, match=r"unknown node 'setings' \(did you mean 'settings'\?\)"):
+        await planner.run("t", overrides={"setings": 1})
+
+
+async def test_a_misspelt_input_suggests_the_input(write_flow: Write, planner: Planner) -> None:
+    write_flow("inputs: {user_phone: str}\nnodes:\n  a: {call: tests.nodes:echo, with: {value: $user_phone}}\n")
+    with pytest.raises(FlowInputError, match=r"unknown input 'user_phon' \(did you mean 'user_phone'\?\)") as caught:
+        await planner.run("t", {"user_phon": "+1"})
+    assert caught.value.input == "user_phon"
+
+
+async def test_a_misspelt_flow_name_suggests_the_flow(write_flow: Write, planner: Planner) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:echo}\n", name="escalation")
+    with pytest.raises(FlowFileError, match=r"no flow named 'escalaton' in .*/ \(did you mean 'escalation'\?\)"):
+        await planner.run("escalaton")
 
 
 async def test_an_override_of_an_unknown_node_is_an_input_error(write_flow: Write, planner: Planner) -> None:

@@ -166,7 +166,11 @@ def _resolve_flow(flow: str, flows: Path | None) -> tuple[Path, str]:
         return path.parent, path.stem
     folder = flows or Path(os.environ.get("PLANNER_FLOWS", "flows"))
     if not any((folder / f"{flow}{s}").exists() for s in (".yaml", ".yml")):
-        raise UsageError(f"no flow named {flow!r} in {folder}/ (give a name from --flows or a path to a .yaml file)")
+        from planner.config import FlowSource, did_you_mean
+
+        known = [p.stem for p in FlowSource(folder).paths()] if folder.is_dir() else []
+        hint = did_you_mean(flow, known) or " (give a name from --flows or a path to a .yaml file)"
+        raise UsageError(f"no flow named {flow!r} in {folder}/{hint}")
     return folder, flow
 
 
@@ -193,7 +197,10 @@ def _parse_inputs(planner: Any, name: str, pairs: list[str], file: Path | None) 
             raise UsageError(f"-i {pair!r}: write key=value")
         spec = flow.inputs.get(key)
         if spec is None:
-            raise UsageError(f"-i {key}: flow {name!r} has no input {key!r} (inputs: {', '.join(flow.inputs) or 'none'})")
+            from planner.config import did_you_mean
+
+            hint = did_you_mean(key, flow.inputs) or f" (inputs: {', '.join(flow.inputs) or 'none'})"
+            raise UsageError(f"-i {key}: flow {name!r} has no input {key!r}{hint}")
         values[key] = _convert(key, raw, spec.type)
     return values
 

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any, Literal
 
+from planner.config import did_you_mean
 from planner.errors import FlowFailed, FlowInputError, FlowTimeout, NodeError
 from planner.graph import CompiledFlow
 from planner.kinds import BoundNode
@@ -67,7 +68,9 @@ def bind_inputs(flow: CompiledFlow, given: dict[str, Any]) -> dict[str, Any]:
     """Check the inputs against the flow's declaration and fill defaults. Raises `FlowInputError`."""
     unknown = sorted(set(given) - set(flow.inputs))
     if unknown:
-        raise FlowInputError(f"unknown input {unknown[0]!r} (declared: {', '.join(flow.inputs) or 'none'})", flow=flow.name, input=unknown[0])
+        hint = did_you_mean(unknown[0], [n for n in flow.inputs if n not in given]) or \
+            f" (declared: {', '.join(flow.inputs) or 'none'})"
+        raise FlowInputError(f"unknown input {unknown[0]!r}{hint}", flow=flow.name, input=unknown[0])
     values: dict[str, Any] = {}
     for name, spec in flow.inputs.items():
         if name not in given:
@@ -363,7 +366,8 @@ def _needed(flow: CompiledFlow, overrides: dict[str, Any]) -> set[str]:
     """The nodes a run with `overrides` must settle: overridden ones, and what the rest needs."""
     unknown = sorted(set(overrides) - set(flow.nodes))
     if unknown:
-        raise FlowInputError(f"override of unknown node {unknown[0]!r}", flow=flow.name)
+        raise FlowInputError(f"override of unknown node {unknown[0]!r}{did_you_mean(unknown[0], flow.nodes)}",
+                             flow=flow.name)
     wanted = {r.root for t in (flow.output or {}).values() for r in t.refs}
     keep: set[str] = set()
     for name in reversed(flow.order):
