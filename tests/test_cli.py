@@ -832,6 +832,7 @@ def test_db_with_database_url_shows_it_without_the_password(demo_dsn: str) -> No
     dsn, password = _with_password(demo_dsn)
     url = cli("db", "url", env={"DATABASE_URL": dsn})
     assert url.returncode == 0 and password not in url.stdout and ":***@" in url.stdout
+    assert "--show-password" in url.stderr and password not in url.stderr  # says why pasting it would fail
     status = cli("db", "status", env={"DATABASE_URL": dsn})
     assert status.returncode == 0, status.stdout
     assert re.search(r"^database:\s+DATABASE_URL \(the embedded server is not used\)$", status.stdout, re.M)
@@ -839,6 +840,20 @@ def test_db_with_database_url_shows_it_without_the_password(demo_dsn: str) -> No
     assert password not in status.stdout + status.stderr
     psql = cli("db", "psql", "-X", "-A", "-t", "-c", "SELECT current_database()", env={"DATABASE_URL": dsn})
     assert psql.returncode == 0 and psql.stdout.strip() == urlsplit(demo_dsn).path.lstrip("/"), psql.stderr
+
+
+def test_db_url_show_password_prints_a_dsn_that_connects(demo_dsn: str) -> None:
+    dsn, password = _with_password(demo_dsn)
+    url = cli("db", "url", "--show-password", env={"DATABASE_URL": dsn})
+    assert url.returncode == 0 and f":{password}@" in url.stdout and url.stderr == ""
+    psql = cli("db", "psql", "-X", "-A", "-t", "-c", "SELECT 1", env={"DATABASE_URL": url.stdout.strip()})
+    assert psql.returncode == 0 and psql.stdout.strip() == "1", psql.stderr
+
+
+def test_db_url_without_a_password_says_nothing_of_one(demo_dsn: str) -> None:
+    url = cli("db", "url", env={"DATABASE_URL": demo_dsn.replace(f":{urlsplit(demo_dsn).password}@", "@")
+                                if urlsplit(demo_dsn).password else demo_dsn})
+    assert url.returncode == 0 and "***" not in url.stdout and "password" not in url.stderr
 
 
 def test_db_status_of_an_unreachable_database_url_exits_1() -> None:

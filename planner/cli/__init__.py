@@ -133,10 +133,10 @@ def print_table(title: str | None, headers: list[str], rows: list[list[str]], ri
         typer.echo(line(row))
 
 
-def _shown_dsn(dsn: str) -> str:
-    """A DSN to print: never a password (masked `***`), otherwise whole, so that it works when
-    pasted (psql, DATABASE_URL): the socket folder of `?host=` kept (percent-encoded where it
-    must be), an empty password dropped (`postgres:@` -> `postgres@`)."""
+def _shown_dsn(dsn: str, *, password: bool = False) -> str:
+    """A DSN to print: no password (masked `***`) unless `password`, otherwise whole, so that it
+    works when pasted (psql, DATABASE_URL): the socket folder of `?host=` kept (percent-encoded
+    where it must be), an empty password dropped (`postgres:@` -> `postgres@`)."""
     from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
     parts = urlsplit(dsn)
@@ -147,7 +147,7 @@ def _shown_dsn(dsn: str) -> str:
             netloc = f"{user[:-1]}@{host}"
         query = "&".join(f"{quote(k, safe='')}={quote(v, safe='/:,@')}" for k, v in parse_qsl(parts.query, keep_blank_values=True))
         dsn = urlunsplit(parts._replace(netloc=netloc, query=query))
-    return _redact(dsn)
+    return dsn if password else _redact(dsn)
 
 
 def _on_database(dsn: str, database: str) -> str:
@@ -648,16 +648,25 @@ def _for_libpq(dsn: str) -> tuple[str, str | None]:
 
 
 @db_app.command("url")
-def db_url(database: DatabaseOpt = None) -> None:
-    """Print the DSN planner uses: DATABASE_URL's (password hidden), else the embedded server's
-    (started if it is not running), so that it works when pasted into psql or any libpq client:
-    planner's own `?pgbouncer=` parameter is left out (libpq refuses it), and stderr says so.
+def db_url(
+    database: DatabaseOpt = None,
+    show_password: Annotated[bool, typer.Option(
+        "--show-password", help="Print the password too (hidden as *** otherwise), for psql \"$(planner db url --show-password)\".")] = False,
+) -> None:
+    """Print the DSN planner uses: DATABASE_URL's, else the embedded server's (started if it is
+    not running), for psql or any libpq client: planner's own `?pgbouncer=` parameter is left
+    out (libpq refuses it), and stderr says so. A password is shown as `***` (a terminal is
+    often shared or recorded) unless `--show-password`; stderr says when one was hidden.
 
-    Example: planner db url --database planner_demo   (then: psql "$(planner db url)")
+    Example: psql "$(planner db url --show-password --database planner_demo)"
     """
     dsn = _which_database()
     dsn, pooler = _for_libpq(_on_database(dsn, database) if database else dsn)
-    typer.echo(_shown_dsn(dsn))
+    shown = _shown_dsn(dsn, password=show_password)
+    typer.echo(shown)
+    if shown != _shown_dsn(dsn, password=True):  # stderr: `$(planner db url)` stays the DSN alone
+        typer.echo("(password hidden as ***: --show-password prints it, e.g. psql \"$(planner db url --show-password)\"; "
+                   "planner db psql needs neither)", err=True)
     if pooler is not None:
         # stderr: `$(planner db url)` stays the DSN alone
         typer.echo(f"(?pgbouncer={pooler} left out: it is planner's, libpq clients refuse it; "
