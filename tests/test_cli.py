@@ -436,7 +436,7 @@ def _current_database(dsn: str) -> str:
 
 async def test_the_demo_load_table_compares_coalescing_on_and_off(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     from planner.cli import print_table
-    from planner.demo.run import demo_dsn, load_table, measure_load
+    from planner.demo.run import demo_dsn, load_notes, load_table, measure_load
 
     dsn = await demo_dsn(pg_dsn, lambda _m: None)
     load = await measure_load(dsn, in_flight=20, pool=2, seconds=0.4)
@@ -448,6 +448,62 @@ async def test_the_demo_load_table_compares_coalescing_on_and_off(pg_dsn: str, c
     assert "process_buffered under load: 20 messages in flight, pool 2, eager, at least 0.4 s each (the bare local database)" in out
     assert re.search(r"^coalescing on\s+\d+\.\d\s+\d+\.\d\d\s+\d+\.\d\s+\d+\.\d$", out, re.M), out
     assert re.search(r"^coalescing off\s+\d+\.\d\s+1\.00\s+\d+\.\d\s+\d+\.\d$", out, re.M), out
+    notes = load_notes(load)
+    assert notes[0].startswith("messages/s: runs that finished ok") and "failed/s: runs that raised FlowFailed" in notes[0]
+
+
+def test_the_demo_load_notes_say_why_runs_failed() -> None:
+    from planner.demo.run import LoadFigures, load_notes
+
+    load = [LoadFigures(200, 10, 2, True, 400.0, 0.0, 50.0),
+            LoadFigures(200, 10, 2, False, 150.0, 7.8, 900.0,
+                        {"passed the flow's deadline (FlowTimeout: flow 'process_buffered' hit its deadline of 5s)": 14,
+                         "node 'conversation' failed: QueryError: deadlock detected": 2})]
+    notes = load_notes(load)
+    assert notes[1] == ("failed with coalescing off: 14 passed the flow's deadline (FlowTimeout: flow 'process_buffered' "
+                        "hit its deadline of 5s); 2 node 'conversation' failed: QueryError: deadlock detected")
+    assert "no run failed" not in notes and len(notes) == 2
+
+
+async def test_a_failed_runs_reason_names_its_node_and_error(demo_dsn: str, tmp_path: Path) -> None:
+    from planner import FlowFailed, Planner
+    from planner.demo.run import failure_reason
+
+    (tmp_path / "f.yaml").write_text("settings: {timeout: 100ms}\nnodes:\n"
+                                     "  boom: {sql: SELECT 1/0, fetch: value, on_error: fail}\n"
+                                     "  nap: {sql: SELECT pg_sleep(2), fetch: value, when: 'false'}\n")
+    (tmp_path / "slow.yaml").write_text("settings: {timeout: 100ms}\nnodes:\n  nap: {sql: SELECT pg_sleep(2), fetch: value}\n")
+    async with Planner(flows=tmp_path, dsn=demo_dsn, metrics=False) as planner:
+        with pytest.raises(FlowFailed) as failed:
+            await planner.run("f")
+        with pytest.raises(FlowFailed) as slow:
+            await planner.run("slow")
+    assert failure_reason(failed.value).startswith("node 'boom' failed: QueryError: DivisionByZeroError")
+    assert failure_reason(slow.value).startswith("passed the flow's deadline (FlowTimeout: flow 'slow' hit its deadline")
+
+
+def test_the_demo_says_the_embedded_server_it_used_is_still_running(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from urllib.parse import parse_qs
+
+    from planner.cli import _embedded_left_running
+
+    socket = parse_qs(urlsplit(pg_dsn).query).get("host", [""])[0]
+    if not socket:
+        pytest.skip("the suite runs on a server of its own (--planner-dsn / DATABASE_URL), not an embedded one")
+    monkeypatch.setenv("PLANNER_HOME", str(Path(socket).parent))
+    _embedded_left_running()
+    out = capsys.readouterr().out
+    assert "The embedded PostgreSQL is still running (pid " in out and "`planner db stop` stops it" in out
+
+
+def test_the_demo_says_nothing_of_a_server_that_is_not_running(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from planner.cli import _embedded_left_running
+
+    monkeypatch.setenv("PLANNER_HOME", str(tmp_path / "no-server"))
+    _embedded_left_running()
+    assert capsys.readouterr().out == ""
 
 
 # --- a trace given to `visualize` ------------------------------------------------------------

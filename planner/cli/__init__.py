@@ -578,7 +578,7 @@ def demo(
 
     Example: planner demo --rtt 0   (the bare local database)
     """
-    from planner.demo.run import DEMO_DATABASE, load_table, main_sync
+    from planner.demo.run import DEMO_DATABASE, load_notes, load_table, main_sync
 
     server = db or os.environ.get("DATABASE_URL")
     if server is None:
@@ -607,7 +607,22 @@ def demo(
     if figures["load"]:
         title, headers, rows, right = load_table(figures["load"], rtt)
         print_table(title, headers, rows, right=right)
+        for line in load_notes(figures["load"]):
+            typer.echo(line)
         typer.echo("")
+    if db is None and not os.environ.get("DATABASE_URL"):
+        _embedded_left_running()
+
+
+def _embedded_left_running() -> None:
+    """Say that the embedded server the demo used is still running, and how to stop it: a
+    process that outlives the command it came from should never be a surprise."""
+    from planner.db.pool import embedded_status
+
+    status = embedded_status()
+    if status.running:
+        typer.echo(f"The embedded PostgreSQL is still running (pid {status.pid}, data in {status.pgdata}), so that "
+                   "the next demo or run starts at once; `planner db stop` stops it.")
 
 
 # --- planner db -----------------------------------------------------------------------------

@@ -8,8 +8,9 @@ import itertools
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -18,8 +19,9 @@ from planner.db.coalesce import CoalescingBackend
 from planner.db.dsn import redact_dsn
 from planner.db.pool import PoolBackend, connect, create_database, embedded_dsn, with_database
 from planner.demo import data
-from planner.errors import FlowFailed
+from planner.errors import FlowFailed, FlowTimeout
 from planner.graph import CompiledFlow
+from planner.results import error_text
 from planner.run.executor import MODES
 
 DEMO_DATABASE = "planner_demo"
@@ -119,8 +121,9 @@ class LoadFigures:
     seconds: float  # measured
     coalesce: bool
     ok_per_s: float  # successful messages per second
-    failed_per_s: float
+    failed_per_s: float  # runs that raised FlowFailed, per second (why: `failures`)
     p50_ms: float
+    failures: dict[str, int] = field(default_factory=dict)  # why runs failed in the window: reason -> runs
 
 
 LOAD_IN_FLIGHT = 200  # messages in flight in the load table
@@ -145,17 +148,28 @@ async def measure_load(dsn: str, *, in_flight: int = LOAD_IN_FLIGHT, pool: int =
         backend = CoalescingBackend(PoolBackend(dsn=dsn, min_size=pool, max_size=pool), enabled=coalesce)
         async with Planner(flows=seed_flows_dir(), backend=backend, allowed_modules=["planner.demo"]) as planner:
             await planner.run("process_buffered", _load_inputs(next(counter)))  # the pool open
-            figures = await _workers(planner, counter, in_flight, seconds / 4, seconds)
-            out.append(LoadFigures(in_flight, pool, seconds, coalesce, *figures))
+            ok, failed, p50, failures = await _workers(planner, counter, in_flight, seconds / 4, seconds)
+            out.append(LoadFigures(in_flight, pool, seconds, coalesce, ok, failed, p50, failures))
     return out
 
 
 async def _workers(planner: Planner, counter: itertools.count[int], in_flight: int, warmup: float,
-                   seconds: float) -> tuple[float, float, float]:
-    """(ok/s, failed/s, p50 ms) of eager process_buffered runs under a steady load (`steady_load`)."""
+                   seconds: float) -> tuple[float, float, float, dict[str, int]]:
+    """(ok/s, failed/s, p50 ms, why runs failed) of eager process_buffered runs under a steady load (`steady_load`)."""
     window: Window[None] = await steady_load(
         lambda: planner.run("process_buffered", _load_inputs(next(counter)), mode="eager"), in_flight, warmup, seconds)
-    return window.ok_per_s, window.failed_per_s, window.p50_ms
+    return window.ok_per_s, window.failed_per_s, window.p50_ms, dict(window.failures)
+
+
+def failure_reason(exc: FlowFailed) -> str:
+    """Why a run failed, in a few words: its deadline, or the node that failed and its error."""
+    if isinstance(exc, FlowTimeout):
+        return f"passed the flow's deadline (FlowTimeout: {exc})"
+    failed = next((name for name, node in exc.result.nodes.items() if node.state == "failed"), None)
+    node = exc.result.nodes.get(failed) if failed else None
+    if node is None or node.error is None:
+        return str(exc)
+    return f"node {failed!r} failed: {error_text(node.error)[:160]}"
 
 
 T = TypeVar("T")
@@ -171,6 +185,7 @@ class Window(Generic[T]):
     latencies_ms: list[float]  # of the messages finished in the window
     first: T | None  # what `read` returned at the window's start, and at its end
     last: T | None
+    failures: Counter[str] = field(default_factory=Counter)  # why the failed runs failed (`failure_reason`)
 
     @property
     def ok_per_s(self) -> float:
@@ -199,7 +214,7 @@ async def steady_load(run: Callable[[], Awaitable[Any]], in_flight: int, warmup:
     run counts as failed; any other error ends the load and is raised.
     """
     finished: list[tuple[float, float]] = []  # (finished at, ms)
-    failed: list[float] = []  # finished at
+    failed: list[tuple[float, str]] = []  # finished at, why (`failure_reason`)
     rounds = [0] * in_flight  # messages each worker has finished
     stopping = False
 
@@ -210,8 +225,8 @@ async def steady_load(run: Callable[[], Awaitable[Any]], in_flight: int, warmup:
             start = time.perf_counter()
             try:
                 await run()
-            except FlowFailed:
-                failed.append(time.perf_counter())
+            except FlowFailed as exc:
+                failed.append((time.perf_counter(), failure_reason(exc)))
             else:
                 end = time.perf_counter()
                 finished.append((end, (end - start) * 1000))
@@ -242,7 +257,8 @@ async def steady_load(run: Callable[[], Awaitable[Any]], in_flight: int, warmup:
         stopping = True
         await asyncio.gather(*workers)  # the messages running finish, unmeasured
     latencies = [ms for end, ms in finished if t0 <= end <= t1]
-    return Window(t1 - t0, len(latencies), sum(1 for end in failed if t0 <= end <= t1), latencies, first, last)
+    reasons = Counter(why for end, why in failed if t0 <= end <= t1)
+    return Window(t1 - t0, len(latencies), sum(reasons.values()), latencies, first, last, reasons)
 
 
 async def run_demo(
@@ -284,6 +300,22 @@ def load_table(load: list[LoadFigures], rtt_ms: float) -> tuple[str, list[str], 
     title = (f"process_buffered under load: {first.in_flight} messages in flight, pool {first.pool}, eager, "
              f"at least {first.seconds:g} s each ({network})")
     return title, ["", "messages/s", "x off", "p50 ms", "failed/s"], rows, {1, 2, 3, 4}
+
+
+def load_notes(load: list[LoadFigures]) -> list[str]:
+    """What the load table's columns mean, and why runs failed when some did (printed under it)."""
+    lines = ["messages/s: runs that finished ok, per second; x off: against coalescing off; "
+             "failed/s: runs that raised FlowFailed, per second: an `on_error: fail` node failed, or the run "
+             "passed the flow's 5 s deadline (the 200 messages wait for 10 connections; a busy machine makes "
+             "that wait longer)"]
+    for f in load:
+        if not f.failures:
+            continue
+        why = "; ".join(f"{count} {reason}" for reason, count in sorted(f.failures.items(), key=lambda kv: -kv[1]))
+        lines.append(f"failed with coalescing {'on' if f.coalesce else 'off'}: {why}")
+    if not any(f.failures for f in load):
+        lines.append("no run failed")
+    return lines
 
 
 def main_sync(server_dsn: str | None, runs: int, rtt_ms: float = 0.0) -> dict[str, Any]:
