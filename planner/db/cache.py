@@ -25,6 +25,12 @@
 - Invalidation drops a node's values (`invalidate`) and, through a generation number in every
   key, orphans the statements in flight for it: a value read before a write that invalidates
   it is handed to the runs that asked for it but never kept.
+- A refill is never older than an invalidation: each invalidation (`invalidate`, a node's
+  `invalidates:`, one received from another process, the channel coming back after it was lost)
+  records when it happened for what it names, and a later miss of those nodes asks for a value
+  at least that fresh (`Query.fresh_after`): a read replica answers it only once proven to have
+  replayed what the primary had written by then (`planner.db.replica`), else the primary does.
+  A lagging replica can no longer put the value from before the write back for a whole new ttl.
 - `PLANNER_CACHE=0` (or `false`, `off`, `no`) in the environment turns the cache off for the
   process: every query runs.
 """
@@ -157,6 +163,9 @@ class CacheBackend(WrappingBackend):
         self._hits = self._misses = self._joined = self._invalidations = self._dropped = self._uncacheable = 0
         self._untrusted = 0
         self._sends: set[asyncio.Task[None]] = set()
+        # When an invalidation last named (flow, node) (None: any): a refill must be as fresh.
+        # On planner's clock (`time.monotonic`), never the injectable `timer`: a replica compares it.
+        self._fences: dict[tuple[str | None, str | None], float] = {}
 
     # --- running ------------------------------------------------------------------------
 
@@ -191,6 +200,7 @@ class CacheBackend(WrappingBackend):
         if flight is None:
             self._misses += 1
             query.served.cached = False  # a retry of a run that joined a flight before
+            query.fresh_after = self._fence(pair)
             flight = self._inflight[key] = _Flight(asyncio.get_running_loop().create_task(self._fetch(key, query)))
             flight.task.add_done_callback(_retrieve)
         else:
@@ -248,7 +258,9 @@ class CacheBackend(WrappingBackend):
 
     def _channel_state(self, listening: bool) -> None:
         if listening and not self.trusted:
-            self._forget_all()  # what was kept before may have gone stale while nobody listened
+            # What was kept before may have gone stale while nobody listened, and so may what a
+            # lagging replica would refill it with. (On the first connection nothing was kept.)
+            self._forget_all(fence=self._first_state is not None and self._first_state.is_set())
         self.trusted = listening
         if self._first_state is not None:
             self._first_state.set()
@@ -258,16 +270,20 @@ class CacheBackend(WrappingBackend):
         if origin == self._origin:
             return  # our own: already dropped here
         flow, _, node = rest.partition("\t")
-        if flow == "*":
+        if flow == "*" and node in ("*", ""):
             self._forget_all()
             return
-        self._dropped += self._drop([(flow, node)])
+        # A node in every flow (`*`), or one pair; named even if this process never ran it:
+        # its first read here must not come from before the write either.
+        pattern = (None if flow == "*" else flow, None if node == "*" else node)
+        self._dropped += self._drop(self._matching(*pattern))
+        self._fenced(*pattern)
 
-    def _publish(self, pairs: Iterable[Pair] | None) -> None:
+    def _publish(self, pairs: Iterable[tuple[str | None, str | None]] | None) -> None:
         """Tell the other processes (in the background: the run does not wait for it)."""
         if self.channel is None:
             return
-        pairs = [("*", "*")] if pairs is None else list(pairs)
+        pairs = [("*", "*")] if pairs is None else [(flow or "*", node or "*") for flow, node in pairs]
         payloads = [f"{self._origin}\t{flow}\t{node}" for flow, node in pairs]
         channel = self.channel
 
@@ -282,10 +298,30 @@ class CacheBackend(WrappingBackend):
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
 
-    def _forget_all(self) -> None:
+    def _forget_all(self, *, fence: bool = True) -> None:
         for pair in self._gens:
             self._gens[pair] += 1
         self._store = _Store(self.maxsize, self._timer)
+        if fence:
+            self._fences.clear()
+            self._fenced(None, None)
+
+    def _fenced(self, flow: str | None, node: str | None) -> None:
+        """Refills of what (flow, node) names (None: any) must see every write committed by now."""
+        self._fences[(flow, node)] = time.monotonic()
+
+    def _fence(self, pair: Pair) -> float | None:
+        """The latest invalidation that named `pair`: its refill must be at least that fresh."""
+        fences = self._fences
+        if not fences:
+            return None
+        flow, node = pair
+        times = [t for t in (fences.get(pair), fences.get((flow, None)), fences.get((None, node)),
+                             fences.get((None, None))) if t is not None]
+        return max(times) if times else None
+
+    def _matching(self, flow: str | None, node: str | None) -> list[Pair]:
+        return [p for p in self._gens if (node is None or p[1] == node) and (flow is None or p[0] == flow)]
 
     # --- invalidation -------------------------------------------------------------------
 
@@ -298,9 +334,10 @@ class CacheBackend(WrappingBackend):
             self._forget_all()
             self._publish(None)
         else:
-            pairs = [p for p in self._gens if (node is None or p[1] == node) and (flow is None or p[0] == flow)]
-            dropped = self._drop(pairs)
-            self._publish(pairs)
+            dropped = self._drop(self._matching(flow, node))
+            self._fenced(flow, node)
+            # What was asked, not the pairs seen here: another process may hold a node this one never ran.
+            self._publish([(flow, node)])
         self._dropped += dropped
         return dropped
 
@@ -325,6 +362,8 @@ class CacheBackend(WrappingBackend):
             value = await run(args)
             self._invalidations += 1
             self._dropped += self._drop(pairs)
+            for pair in pairs:
+                self._fenced(*pair)
             self._publish(pairs)
             return value
 

@@ -32,6 +32,13 @@ The replica is never a reason for a run to fail:
 
 A replica reached but not in recovery (a promoted standby, or a primary given by mistake) is
 not used: it may miss the primary's writes. `Served.replica` tells which server answered.
+
+A read that must see every write committed before some moment (`Query.fresh_after`: the
+cache's refill after an invalidation) goes to the replica only once it is proven past that
+moment: a check asked the primary for its WAL insert position after it, and the replica had
+replayed that position (at that check or a later one). Until then the primary answers it.
+Lag within `max_lag` is fine for a read; never for a value about to be kept for a new ttl in
+place of one dropped because it changed.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import deque
 from typing import Any, Literal
 
@@ -60,7 +68,10 @@ _MAX_SAMPLES = 1000  # primary positions kept while the replica lags (past this,
 
 _REPLICA_STATE = ("SELECT pg_is_in_recovery() AS standby, "
                   "(pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::numeric AS replayed")
-_PRIMARY_LSN = "SELECT (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::numeric"
+# The flushed position measures the lag; the insert position (every commit acknowledged by
+# then, `synchronous_commit = off` included, lies before it) proves a replica past a moment.
+_PRIMARY_LSN = ("SELECT (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::numeric AS flushed, "
+                "(pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::numeric AS inserted")
 # SQLSTATE classes and codes that mean the server (or the way to it) is gone, not the statement:
 # connection exceptions, admin or crash shutdown, cannot connect now (still starting up).
 _DOWN_STATES = ("08", "57P01", "57P02", "57P03")
@@ -130,6 +141,10 @@ class ReplicaBackend(WrappingBackend):
         self._probe = PoolBackend(dsn=dsn, min_size=1, max_size=1)  # the monitor's own connection
         self._secrets = dsn_secrets(dsn)
         self._samples: deque[tuple[float, int]] = deque()  # (time, primary position) not replayed yet
+        # (insert position, when it was asked for) not proven replayed yet; and the latest such
+        # moment proven: the replica has every write committed before it (`time.monotonic`).
+        self._asked: deque[tuple[int, float]] = deque()
+        self.proven_at: float | None = None
         self._wait = backoff[0]
         self._retry_at = 0.0
         self._downs = 0  # times it was marked down: a check begun before the last one cannot bring it up
@@ -160,8 +175,13 @@ class ReplicaBackend(WrappingBackend):
         samples = self._samples
         return asyncio.get_running_loop().time() - samples[0][0] if samples else 0.0
 
+    def past(self, moment: float | None) -> bool:
+        """Whether the replica is proven to have every write committed before `moment`
+        (`time.monotonic()`; None: no such need)."""
+        return moment is None or (self.proven_at is not None and self.proven_at >= moment)
+
     async def run(self, query: Query) -> Any:
-        if not query.node.replica or not self._ready():
+        if not query.node.replica or not self._ready() or not self.past(query.fresh_after):
             return await self.inner.run(query)
         # The node's timeout bounds the replica's part as a whole: a stalled replica holds its
         # connections, and the reads queued behind them would otherwise wait for the run's
@@ -258,7 +278,8 @@ class ReplicaBackend(WrappingBackend):
         """Check the replica once: reachable, a standby, and how far behind the primary. Raises
         what reaching it raised (`TimeoutError` past `probe_timeout`). `downs`: a check begun
         before a later failure changes nothing."""
-        position = await self._primary_position()  # a busy primary never counts against the replica
+        asked = time.monotonic()  # every write committed before this lies before `inserted`
+        position, inserted = await self._primary_position()  # a busy primary never counts against the replica
         # Taken once the position is read: the primary had written it by then, so the replica
         # lacks something at least this old while it has not replayed it (a lower bound).
         seen = asyncio.get_running_loop().time()
@@ -276,11 +297,23 @@ class ReplicaBackend(WrappingBackend):
             samples.popleft()
         if position is not None and position > replayed and len(samples) < _MAX_SAMPLES:
             samples.append((seen, position))
+        self._prove(replayed, inserted, asked)
         lag = self.lag()
         if lag > self.max_lag:
             self._lagging(lag)
         else:
             self._set("up", None)
+
+    def _prove(self, replayed: int, inserted: int | None, asked: float) -> None:
+        """What the replica has now replayed proves it past the moments whose positions it reached."""
+        pending = self._asked
+        if inserted is not None:
+            if pending and len(pending) >= _MAX_SAMPLES:
+                pending.pop()  # the newest gives way: the oldest are the ones a refill waits for
+            pending.append((inserted, asked))
+        while pending and pending[0][0] <= replayed:
+            _, moment = pending.popleft()
+            self.proven_at = moment if self.proven_at is None else max(self.proven_at, moment)
 
     async def _ask_replica(self) -> Any:
         pool = await self._probe.pool()
@@ -298,21 +331,24 @@ class ReplicaBackend(WrappingBackend):
     def _lagging(self, lag: float) -> None:
         self._set("lagging", f"it lags {lag:.1f}s behind the primary (more than replica_max_lag, {self.max_lag:g}s)")
 
-    async def _primary_position(self) -> int | None:
-        """The primary's flushed WAL position, or None when it cannot be read now (the lag is
-        then measured against the positions seen before)."""
+    async def _primary_position(self) -> tuple[int | None, int | None]:
+        """The primary's flushed and inserted WAL positions, or Nones when they cannot be read
+        now (the lag is then measured against the positions seen before)."""
         try:
             async with asyncio.timeout(self.probe_timeout):
                 pool = await self.inner.pool()
                 async with pool.acquire() as con:
-                    value = await con.fetchval(_PRIMARY_LSN)
+                    row = await con.fetchrow(_PRIMARY_LSN)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             logger.debug("read replica: the primary's WAL position could not be read: %s: %s",
                          type(exc).__name__, self._redact(str(exc)))
-            return None
-        return None if value is None else int(value)
+            return None, None
+        if row is None:
+            return None, None
+        return (None if row["flushed"] is None else int(row["flushed"]),
+                None if row["inserted"] is None else int(row["inserted"]))
 
     def _down(self, reason: str, *, probe: bool) -> None:
         now = asyncio.get_running_loop().time()

@@ -49,6 +49,10 @@ class Query:
     params: list[list[Any]]
     served: Served = field(default_factory=Served)
     run: object = None  # which run asks (the same object for every query of one run): fusion's key
+    # Must see every write committed before this `time.monotonic()`: a refill of the cache after
+    # an invalidation. A replica answers it only once proven to have replayed what the primary
+    # had written by then (`planner.db.replica`); else the primary does.
+    fresh_after: float | None = None
 
     @property
     def statements(self) -> tuple[CompiledSql, ...]:
