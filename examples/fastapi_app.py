@@ -36,6 +36,7 @@ from planner import (
     FlowInputError,
     FlowResult,
     FlowTimeout,
+    NotFound,
     Planner,
     load_flow,
     metrics_text,
@@ -136,6 +137,8 @@ async def run(request: Request, flow: str, inputs: dict[str, Any]) -> JSONRespon
         logger.warning("flow %s: %s", flow, exc, extra={"flow": flow, "run_id": exc.result.run_id})
         return JSONResponse({"error": "timeout", "run_id": exc.result.run_id}, status_code=503,
                             headers={"Retry-After": "1"})
+    except NotFound as exc:  # a `required: true` node found no row (before FlowFailed: it is one too)
+        return JSONResponse({"error": "not_found", "detail": str(exc)}, status_code=404)
     except FlowFailed as exc:
         failed = [name for name, node in exc.result.nodes.items() if node.state == "failed"]
         logger.error("flow %s failed: %s", flow, exc, extra={"flow": flow, "run_id": exc.result.run_id})
@@ -146,7 +149,11 @@ async def run(request: Request, flow: str, inputs: dict[str, Any]) -> JSONRespon
         error_id = uuid.uuid4().hex[:12]
         logger.exception("flow %s: internal error %s", flow, error_id, extra={"flow": flow, "error_id": error_id})
         return JSONResponse({"error": "internal", "run_id": None, "error_id": error_id}, status_code=500)
-    return JSONResponse(body(result))
+    response = JSONResponse(body(result))
+    if result.degraded:
+        # An answer built on fallback values says so: the nodes are also in the WARNING log.
+        response.headers["X-Planner-Degraded"] = ",".join(result.defaulted)
+    return response
 
 
 class ClientDisconnected(Exception):

@@ -7,6 +7,7 @@ import logging
 
 from planner.api import Planner, load_flow, load_flows, run_flow
 from planner.errors import (
+    CallThreadsBusy,
     DatabaseUnavailable,
     FlowDatabaseLost,
     FlowError,
@@ -14,9 +15,11 @@ from planner.errors import (
     FlowFileError,
     FlowGraphError,
     FlowInputError,
+    FlowNotFound,
     FlowTimeout,
     NodeError,
     NodeTimeout,
+    NotFound,
     QueryError,
     ReferenceFieldError,
 )
@@ -51,6 +54,7 @@ def _version() -> str:
 __version__ = _version()
 
 __all__ = [
+    "CallThreadsBusy",
     "CompiledFlow",
     "DatabaseUnavailable",
     "FlowDatabaseLost",
@@ -59,6 +63,7 @@ __all__ = [
     "FlowFileError",
     "FlowGraphError",
     "FlowInputError",
+    "FlowNotFound",
     "FlowResult",
     "FlowTimeout",
     "Metrics",
@@ -66,6 +71,7 @@ __all__ = [
     "NodeResult",
     "NodeState",
     "NodeTimeout",
+    "NotFound",
     "Plan",
     "Planner",
     "QueryError",

@@ -28,6 +28,7 @@ from planner.kinds import BindEnv, BoundNode, kind_of
 from planner.kinds.backend import Backend
 from planner.kinds.call import DEFAULT_THREADS, CallThreads
 from planner.lang.loader import FileStamp, load_spec, load_text
+from planner.lang.models import OnError
 from planner.lang.sqlcheck import syntax_errors
 from planner.results import FlowResult
 from planner.run.executor import bind_inputs, execute_checked, resolve_mode
@@ -98,6 +99,9 @@ class Planner:
     `pooler="transaction"` (or `?pgbouncer=transaction` in the DSN, or
     `PLANNER_POOLER=transaction`) runs behind PgBouncer's transaction mode (docs/flows.md); the
     cache then stays in its process (LISTEN cannot pass such a pooler).
+    `on_error` (default: `PLANNER_ON_ERROR`, else "default") is what a failure does to a node
+    whose flow says nothing: "fail" makes every such failure fail the run; a node's own
+    `on_error` and its flow's `settings.on_error` win over it.
     """
 
     def __init__(
@@ -122,7 +126,9 @@ class Planner:
         replica_max_lag: str | float | None = None,
         pooler: str | None = None,
         metrics: Metrics | bool | None = None,
+        on_error: str | None = None,
     ) -> None:
+        self.on_error = resolve_on_error(on_error)
         self.source = FlowSource.resolve(flows)
         self.mode = mode
         self.replica: ReplicaBackend | None = None
@@ -249,7 +255,7 @@ class Planner:
         observers = self.observers if self.observers is not None else default_observers()
         if self.metrics is not None:
             observers = (*observers, self.metrics)
-        return await execute_checked(entry.flow, entry.bound, values, chosen, overrides, observers)
+        return await execute_checked(entry.flow, entry.bound, values, chosen, overrides, observers, self.on_error)
 
     # --- the flow cache -----------------------------------------------------------------
 
@@ -381,6 +387,19 @@ def _check_edit(flow: CompiledFlow, env: BindEnv) -> None:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise FlowFileError(first.message + more, file=first.file, line=first.line, column=first.column,
                             node=first.node, code=first.code)
+
+
+def resolve_on_error(given: str | None) -> OnError:
+    """`on_error=`, else `PLANNER_ON_ERROR`, else "default". Raises `ValueError` for another value."""
+    source = "on_error="
+    if given is None:
+        given, source = os.environ.get("PLANNER_ON_ERROR") or "default", "PLANNER_ON_ERROR"
+    chosen = given.strip().lower()
+    if chosen == "default":
+        return "default"
+    if chosen == "fail":
+        return "fail"
+    raise ValueError(f"{source} {given!r}: choose default or fail")
 
 
 def _runs_sql(entry: _Entry, overrides: dict[str, Any] | None) -> bool:

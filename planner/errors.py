@@ -7,17 +7,21 @@
      ├── DatabaseUnavailable  the database cannot be reached: the pool could not be opened (no node
      │    │                   ran), or no database is configured and the embedded fallback is off
      │    └── FlowDatabaseLost   (also a FlowFailed) a run failed because its database connection was lost
-     ├── FlowFailed         a run failed (an `on_error: fail` node failed); `.result` is the partial result
+     ├── FlowFailed         a run failed (a node failed and its policy said fail); `.result` is the partial result
      │    ├── FlowTimeout        the run hit its deadline
-     │    └── FlowDatabaseLost   the failed node lost its connection: `except DatabaseUnavailable` (a 503)
+     │    ├── FlowDatabaseLost   the failed node lost its connection: `except DatabaseUnavailable` (a 503)
+     │    └── FlowNotFound       the failed node's error is `NotFound`: `except NotFound` (a 404)
      └── NodeError          the error kept on a node's result (`NodeResult.error`)
           ├── NodeTimeout        the node exceeded its timeout
           ├── QueryError         the database refused or lost a statement (`.sqlstate`, `.transient`, `.is_bug`)
-          └── ReferenceFieldError  `$node.field` named a field the upstream value does not have
+          ├── ReferenceFieldError  `$node.field` named a field the upstream value does not have
+          ├── NotFound           `fetch: one` with `required: true` found no row
+          └── CallThreadsBusy    a sync `call:` waited for a thread as long as it could; it never started
 
 `NodeError.is_bug` is true for errors that no retry can fix, because the flow itself is wrong: a
 statement PostgreSQL refuses as written (SQLSTATE class 42: syntax, unknown table, column or
-function) or a field the upstream value does not have.
+function; 3F000, an unknown schema) or a field the upstream value does not have. Such an error
+fails the run whatever the node's `on_error` says, unless the flow says `on_bug: default`.
 
 Context travels as keyword arguments (`file=`, `line=`, `node=`), as httpx does, and
 `str(error)` always reads as one line that says where and what.
@@ -39,9 +43,12 @@ __all__ = [
     "FlowFileError",
     "FlowGraphError",
     "FlowInputError",
+    "FlowNotFound",
     "FlowTimeout",
+    "CallThreadsBusy",
     "NodeError",
     "NodeTimeout",
+    "NotFound",
     "QueryError",
     "ReferenceFieldError",
 ]
@@ -117,7 +124,8 @@ class DatabaseUnavailable(FlowError):
 
 
 class FlowFailed(FlowError):
-    """A run failed: a node with `on_error: fail` failed. `.result` holds the partial result."""
+    """A run failed: a node failed and its policy said fail (`on_error: fail`, `required: true`, or
+    an error that means the flow is wrong, see `NodeError.is_bug`). `.result` holds the partial result."""
 
     def __init__(self, message: str, *, result: FlowResult) -> None:
         self.result = result
@@ -162,8 +170,11 @@ class NodeTimeout(NodeError):
 # Lost or refused connections: the database (or the way to it) is down, not the statement wrong.
 # Class 08 (connection exceptions), admin/crash shutdown, cannot connect now, too many connections.
 _UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
-# Class 42 but not the flow's fault: a missing privilege is the deployment's (a GRANT fixes it).
-_NOT_A_BUG = frozenset({"42501"})
+# Class 42 but not the flow's fault: a missing privilege is the deployment's (a GRANT fixes it);
+# a prepared statement that already exists is a transaction-mode pooler's (see `planner.db.translate`).
+_NOT_A_BUG = frozenset({"42501", "42P05"})
+# Outside class 42 but the flow's fault all the same: a schema that does not exist.
+_ALSO_A_BUG = frozenset({"3F000"})
 
 
 class QueryError(NodeError):
@@ -179,10 +190,14 @@ class QueryError(NodeError):
 
     @property
     def is_bug(self) -> bool:  # type: ignore[override]  # a property over NodeError's class attribute
-        """SQLSTATE class 42 (syntax error, undefined table, column or function, wrong types...):
-        the statement can never succeed as written, so no retry will help. Insufficient privilege
-        (42501) is left out: it is fixed by a GRANT, not by editing the flow."""
-        return isinstance(self.sqlstate, str) and self.sqlstate.startswith("42") and self.sqlstate not in _NOT_A_BUG
+        """SQLSTATE class 42 (syntax error, undefined table, column or function, wrong types...)
+        or 3F000 (an unknown schema): the statement can never succeed as written, so no retry will
+        help. Insufficient privilege (42501) is left out: it is fixed by a GRANT, not by editing the
+        flow; so is a duplicate prepared statement (42P05): a transaction-mode pooler's doing."""
+        sqlstate = self.sqlstate
+        if not isinstance(sqlstate, str):
+            return False
+        return (sqlstate.startswith("42") and sqlstate not in _NOT_A_BUG) or sqlstate in _ALSO_A_BUG
 
     @property
     def database_unavailable(self) -> bool:
@@ -198,3 +213,27 @@ class ReferenceFieldError(NodeError):
     """`$node.field` named a field that the upstream (non-null) value does not have: a typo."""
 
     is_bug = True
+
+
+class NotFound(NodeError):
+    """`fetch: one` with `required: true` found no row. The node's `on_error` then defaults to
+    fail, and the run raises `FlowNotFound`, which is a `NotFound` too: `except NotFound` -> 404."""
+
+
+class FlowNotFound(FlowFailed, NotFound):
+    """A run failed because its failed node found no row it requires (`NotFound`). Both a
+    `FlowFailed` (`.result` holds the partial result) and a `NotFound`; `.cause` is the node's error."""
+
+    def __init__(self, message: str, *, result: FlowResult, cause: BaseException | None = None) -> None:
+        self.cause = cause
+        super().__init__(message, result=result)
+
+
+class CallThreadsBusy(NodeError):
+    """A sync `call:` waited for one of the Planner's `call_threads` as long as it could (its node's
+    timeout, else `call_wait`) and never started, or found the queue of waiting calls full.
+
+    Transient: a retry may find a thread free. Every one is counted (`CallThreads.stats()`) and
+    logged at WARNING; raise `call_threads` (or lower the load) when it happens."""
+
+    transient = True

@@ -147,11 +147,12 @@ def _compile_node(name: str, index: int, node: Any, spec: FlowSpec, marks: Marks
         refs=unique_refs,
         when=when,
         default=node.default,
-        fail=node.on_error == "fail",
+        on_error=node.on_error or ("fail" if fields.get("required") else None) or spec.settings.on_error,
         timeout=node.timeout if node.timeout is not None else spec.settings.node_timeout,
         retry=RetryPolicy(retry.attempts, retry.backoff, retry.on == "any") if retry else RetryPolicy(),
         latency=node.latency,
         flow=flow,
+        bug_fails=(node.on_bug or spec.settings.on_bug) == "fail",
         invalidates=tuple(dict.fromkeys(node.invalidates)),
         **fields,
     )

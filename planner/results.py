@@ -63,15 +63,18 @@ class FlowResult:
     a service that reads only `output` never pays for it.
     """
 
-    __slots__ = ("flow", "run_id", "mode", "status", "output", "elapsed_ms", "_nodes", "_build")
+    __slots__ = ("flow", "run_id", "mode", "status", "output", "elapsed_ms", "_nodes", "_build", "_degraded")
 
     def __init__(self, flow: str, run_id: str, mode: str, status: str,
                  nodes: dict[str, NodeResult] | Callable[[], dict[str, NodeResult]], output: Any,
-                 elapsed_ms: float) -> None:
+                 elapsed_ms: float, *, degraded: bool | None = None) -> None:
         self.flow, self.run_id, self.mode, self.status = flow, run_id, mode, status
         self.output, self.elapsed_ms = output, elapsed_ms
         self._nodes: dict[str, NodeResult] | None = nodes if isinstance(nodes, dict) else None
         self._build: Callable[[], dict[str, NodeResult]] | None = None if isinstance(nodes, dict) else nodes
+        # Told by the executor, so that a service can ask `degraded` on every answer without
+        # building `nodes`; None: find out from `nodes`.
+        self._degraded = degraded
 
     @property
     def nodes(self) -> dict[str, NodeResult]:
@@ -99,6 +102,8 @@ class FlowResult:
     def degraded(self) -> bool:
         """Whether any node failed and was settled by its `default`: the run finished, but on
         fallback values (see `defaulted`)."""
+        if self._degraded is not None:
+            return self._degraded
         return any(node.state is NodeState.DEFAULTED for node in self.nodes.values())
 
     def states(self) -> dict[str, str]:

@@ -216,7 +216,8 @@ async def test_a_statement_error_is_a_query_error_never_the_drivers(
     write_flow: Write, db_planner: Planner, sql: str | list[str], inputs: dict[str, Any], sqlstate: str | None
 ) -> None:
     declared = "inputs: {x: json}\n" if inputs else ""
-    write_flow(f"{declared}nodes:\n  a: {{sql: {json.dumps(sql)}, fetch: value, default: fallback}}\n")
+    # on_bug: default: this is about the error planner keeps, so class-42 errors must default too.
+    write_flow(f"{declared}nodes:\n  a: {{sql: {json.dumps(sql)}, fetch: value, default: fallback, on_bug: default}}\n")
     result = await db_planner.run("t", inputs)
     node = result.nodes["a"]
     assert node.state is NodeState.DEFAULTED and node.value == "fallback"
@@ -366,7 +367,7 @@ async def _leak(write_flow: Write, planner: Planner, dsn: str, setup: str | None
             await con.execute(setup)
         finally:
             await con.close()
-    write_flow(f"inputs: {{x: str}}\nnodes:\n  a: {{sql: {json.dumps(sql)}, fetch: value, default: 0}}\n")
+    write_flow(f"inputs: {{x: str}}\nnodes:\n  a: {{sql: {json.dumps(sql)}, fetch: value, default: 0, on_bug: default}}\n")
     error = (await planner.run("t", {"x": SECRET})).nodes["a"].error
     assert isinstance(error, QueryError)
     return error

@@ -533,7 +533,7 @@ async def test_errors_and_defaults_are_never_kept(write_flow: Write, counted: tu
     planner, counting = counted
     write_flow("""
         nodes:
-          later: {sql: "SELECT count(*) AS n FROM appears_later", fetch: one, cache: 30s, default: {n: -1}}
+          later: {sql: "SELECT count(*) AS n FROM appears_later", fetch: one, cache: 30s, default: {n: -1}, on_bug: default}
         """)
     first = await planner.run("t")
     assert first.nodes["later"].state is NodeState.DEFAULTED and first.values["later"] == {"n": -1}

@@ -692,7 +692,7 @@ def test_plan_shows_statements_and_round_trips_with_and_without_the_cache() -> N
 
 # --- degraded runs, bugs, a lost database (`planner run`) --------------------------------------
 
-DEGRADED = "nodes:\n  ok: {sql: SELECT 1, fetch: value}\n  missing: {sql: SELECT * FROM no_such_table, default: []}\n"
+DEGRADED = "nodes:\n  ok: {sql: SELECT 1, fetch: value}\n  missing: {sql: SELECT * FROM no_such_table, default: [], on_bug: default}\n"
 
 
 def test_a_degraded_run_exits_1_and_says_why(tmp_path: Path, demo_dsn: str) -> None:

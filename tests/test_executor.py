@@ -141,13 +141,16 @@ async def test_a_null_upstream_skips_what_walks_into_it_and_on_down(write_flow: 
 
 
 async def test_a_missing_field_on_a_row_is_an_error_not_a_skip(write_flow: Write, planner: Planner) -> None:
+    # A typo is a bug in the flow: it fails the run whatever `default:` says (see test_degrade).
     write_flow("""
         nodes:
           conv: {call: tests.nodes:row, with: {id: 1}}
           history: {call: tests.nodes:echo, with: {value: $conv.idd}, default: []}
         """)
-    node = (await planner.run("t")).nodes["history"]
-    assert node.state is NodeState.DEFAULTED
+    with pytest.raises(FlowFailed) as info:
+        await planner.run("t")
+    node = info.value.result.nodes["history"]
+    assert node.state is NodeState.FAILED
     assert isinstance(node.error, ReferenceFieldError) and "'idd'" in str(node.error)
 
 

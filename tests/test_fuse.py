@@ -272,7 +272,7 @@ async def test_a_member_the_server_cannot_prepare_fails_alone(fuse_db: str) -> N
     flow = load_flow(text="""
         nodes:
           ok: {sql: SELECT 1, fetch: value}
-          missing: {sql: SELECT * FROM no_such_table, default: []}
+          missing: {sql: SELECT * FROM no_such_table, default: [], on_bug: default}
         """, name="prepare")
     planner, counting = _planner(fuse_db, fuse=True)
     async with planner:

@@ -111,11 +111,22 @@ async def test_a_missing_webhook_config_row_gives_null_and_the_run_goes_on(seed:
 
 
 async def test_a_failed_webhook_lookup_yields_its_default_and_the_run_goes_on(seed: Planner, con: asyncpg.Connection) -> None:
-    await con.execute("DROP TABLE whatsapp_webhook_config")
+    # The lookup fails when it runs (division by zero, 22012): an error of the moment, not of the flow.
+    await con.execute("ALTER TABLE whatsapp_webhook_config RENAME TO webhook_config_kept; "
+                      "CREATE VIEW whatsapp_webhook_config AS SELECT whatsapp_instance_id, "
+                      "(1 / (id - id))::text AS webhook_url FROM webhook_config_kept")
     result = await seed.run("process_buffered", _message())
     node = result.nodes["webhook_config"]
     assert node.state is NodeState.DEFAULTED and node.value == {"webhook_url": None}
     assert result.status == "ok" and result.nodes["store_message"].state is NodeState.OK
+
+
+async def test_a_webhook_lookup_of_a_table_that_is_gone_fails_the_run(seed: Planner, con: asyncpg.Connection) -> None:
+    # 42P01: the flow no longer matches the schema, which no fallback value can hide.
+    await con.execute("DROP TABLE whatsapp_webhook_config")
+    with pytest.raises(FlowFailed) as info:
+        await seed.run("process_buffered", _message())
+    assert info.value.result.nodes["webhook_config"].state is NodeState.FAILED
 
 
 async def test_escalation_state_is_only_read_when_the_instance_enables_it(seed: Planner) -> None:

@@ -90,7 +90,7 @@ def test_a_missing_field_is_a_bug_and_other_node_errors_are_not() -> None:
 
 
 async def test_the_warning_for_a_defaulted_bug_says_so(write_flow: Write, demo_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
-    path = write_flow("nodes:\n  a: {sql: SELECT * FROM no_such_table}\n  b: {sql: SELECT 1}\n")
+    path = write_flow("nodes:\n  a: {sql: SELECT * FROM no_such_table, on_bug: default}\n  b: {sql: SELECT 1}\n")
     async with Planner(flows=path.parent, dsn=demo_dsn) as planner:
         with caplog.at_level(logging.WARNING, logger="planner"):
             result = await planner.run("t")
@@ -102,7 +102,8 @@ async def test_the_warning_for_a_defaulted_bug_says_so(write_flow: Write, demo_d
 
 
 async def test_a_typo_in_a_field_is_called_a_bug(write_flow: Write, planner: Planner, caplog: pytest.LogCaptureFixture) -> None:
-    write_flow("nodes:\n  a: {call: tests.nodes:row, with: {id: 1}}\n  b: {call: tests.nodes:echo, with: {value: $a.idd}}\n")
+    write_flow("settings: {on_bug: default}\n"
+               "nodes:\n  a: {call: tests.nodes:row, with: {id: 1}}\n  b: {call: tests.nodes:echo, with: {value: $a.idd}}\n")
     with caplog.at_level(logging.WARNING, logger="planner"):
         result = await planner.run("t")
     assert isinstance(result.defaulted["b"], ReferenceFieldError)

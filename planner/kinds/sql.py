@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from planner.errors import FlowFileError
+from planner.errors import FlowFileError, NotFound
 from planner.kinds import BindEnv, Body, BoundNode
 from planner.kinds.backend import Query
 from planner.lang.models import SqlNode
@@ -49,6 +49,7 @@ class SqlKind:
             fields={
                 "statements": tuple(statements),
                 "fetch": node.fetch,
+                "required": node.required,
                 "read_only": read_only,
                 "session": any(i.session for i in infos),
                 "functions": frozenset(f for i in infos for f in i.functions),
@@ -67,7 +68,16 @@ class SqlKind:
         def args(values: dict[str, Any]) -> Query:
             return Query(spec, params(values), Served(statements=count), run=values)  # one values dict per run: the run's token
 
-        return BoundNode(spec, args, backend.run, own_timeout=True, served=_served)
+        if not spec.required:
+            return BoundNode(spec, args, backend.run, own_timeout=True, served=_served)
+
+        async def run_required(query: Query) -> Any:
+            row = await backend.run(query)
+            if row is None:  # fetch: one gives None for no row, and only for no row
+                raise NotFound("no row, and the node says required: true (fetch: one)")
+            return row
+
+        return BoundNode(spec, args, run_required, own_timeout=True, served=_served)
 
     def needs_database(self, spec: CompiledNode) -> bool:
         return True

@@ -17,6 +17,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -52,6 +53,11 @@ Duration = Annotated[
     WithJsonSchema({"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)\s*$", "examples": ["300ms", "2s"]}),
 ]
 """A duration in seconds, written with a unit in YAML (JSON Schema: a string)."""
+
+OnError = Literal["default", "fail"]
+"""What a failure does to a node: settle it with its default, or fail the run."""
+_Policy = Annotated[OnError | None, WithJsonSchema({"type": "string", "enum": ["default", "fail"]})]
+"""An `OnError` that may be left unwritten (None: decided elsewhere); the schema offers no null."""
 
 InputType = Literal["str", "int", "float", "bool", "list", "dict", "json"]
 
@@ -123,6 +129,15 @@ class Settings(_Strict):
                                     "(the default). false turns coalescing off for every node of this flow.")] = True
     fuse: Annotated[bool, Field(description="Let sibling reads of one run that become ready together share one "
                                 "statement (the default). false turns fusion off for every node of this flow.")] = True
+    on_error: _Policy = Field(
+        default=None,
+        description="The on_error of every node that writes none (default: the Planner's on_error=, else "
+        "PLANNER_ON_ERROR, else default).")
+    on_bug: OnError = Field(
+        default="fail",
+        description="The on_bug of every node that writes none: fail (the default) fails the run on an error "
+        "that means the flow is wrong (SQLSTATE class 42, a missing field), whatever on_error says; default "
+        "lets on_error decide.")
 
 
 class Retry(_Strict):
@@ -152,10 +167,18 @@ class _NodeBase(_Strict):
         default=None,
         description="The node's value when it is skipped, or fails or times out with on_error: default (null if "
         "not given).")
-    on_error: Literal["default", "fail"] = Field(
-        default="default",
-        description="default: a failure settles the node with its default and the run goes on (degraded); fail: "
-        "the run stops at once and raises FlowFailed.")
+    on_error: _Policy = Field(
+        default=None,
+        description="default: a failure settles the node with its default and the run goes on (degraded, logged "
+        "at WARNING, listed in result.defaulted); fail: the run stops at once and raises FlowFailed. When not "
+        "written: fail for `required: true`, else settings.on_error, else the Planner's on_error= "
+        "(PLANNER_ON_ERROR), else default. An error that means the flow is wrong (see on_bug) fails the run "
+        "whatever this says.")
+    on_bug: _Policy = Field(
+        default=None,
+        description="What an error that means the flow itself is wrong does (SQLSTATE class 42: syntax, unknown "
+        "table, column or function...; a field the upstream row does not have): fail (the default, from "
+        "settings.on_bug) fails the run whatever on_error says; default lets on_error decide.")
     timeout: Duration | None = Field(
         default=None,
         description="Limit of each attempt (for sql: the statements, not the wait for a connection); default: "
@@ -181,6 +204,10 @@ class SqlNode(_NodeBase):
         default="all",
         description="all: a list of rows; one: a row or null; value: the first column of the first row; none: "
         "the command status (\"UPDATE 3\").")
+    required: bool = Field(
+        default=False,
+        description="Only with fetch: one. true: no row is the node's error (NotFound), not null; the node's "
+        "on_error then defaults to fail, so the run raises NotFound (a service answers 404).")
     coalesce: Annotated[bool | None, Field(description="Reads (one statement proven read-only) are shared with "
                                            "concurrent runs unless false. true lets a write with RETURNING join "
                                            "a batch: one statement, one transaction, split and re-run per run on "
@@ -199,6 +226,20 @@ class SqlNode(_NodeBase):
         "depends, directly or through `after:`, on a node of its run that may write (an SQL write or a "
         "`call:` node), or a node of its flow `invalidates:` it. Writes always go to the primary.",
     )
+
+    @field_validator("required")
+    @classmethod
+    def _required_fits_fetch(cls, value: bool, info: ValidationInfo) -> bool:
+        fetch = info.data.get("fetch")
+        if value and fetch != "one":
+            # fetch: value cannot tell "no row" from a row whose column is NULL: both are null.
+            why = {"value": "fetch: value cannot tell no row from a NULL column; write fetch: one (and use "
+                            "$node.column) to require a row",
+                   "all": "fetch: all returns a list (an empty one when nothing matches); write fetch: one to "
+                          "require a row",
+                   "none": "fetch: none returns the command status, not rows"}.get(str(fetch), "")
+            raise ValueError(f"required: true needs fetch: one ({why})" if why else "required: true needs fetch: one")
+        return value
 
     @field_validator("sql")
     @classmethod

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from planner.lang.expr import Expr
+from planner.lang.models import OnError
 from planner.lang.refs import CompiledSql, Ref
 
 KindName = Literal["sql", "call"]
@@ -35,15 +36,19 @@ class CompiledNode:
     refs: tuple[Ref, ...]
     when: Expr | None
     default: Any
-    fail: bool
+    # What a failure does: written on the node, implied by `required: true` (fail), else the
+    # flow's `settings.on_error`; None leaves it to the Planner's `on_error=` at run time.
+    on_error: OnError | None
     timeout: float | None
     retry: RetryPolicy
     latency: float | None
     flow: str = ""  # the flow's name (the cache keys values by flow and node)
+    bug_fails: bool = True  # `on_bug: fail`: an error meaning the flow is wrong fails the run whatever on_error says
     invalidates: tuple[str, ...] = ()  # cached nodes of this flow whose values are dropped when this one is ok
     # sql
     statements: tuple[CompiledSql, ...] = ()
     fetch: Fetch = "all"
+    required: bool = False  # `fetch: one` with `required: true`: no row is the node's error (`NotFound`)
     read_only: bool = False  # one statement, proven to write nothing (see `planner.lang.sqlinfo`)
     session: bool = False  # may change its connection's session (reset before reuse)
     functions: frozenset[str] = frozenset()  # functions it calls (a backend may ask if they are volatile)

@@ -24,13 +24,13 @@ from functools import partial
 from typing import Any, Literal
 
 from planner.config import did_you_mean
-from planner.errors import FlowFailed, FlowInputError, FlowTimeout, NodeError
+from planner.errors import FlowFailed, FlowInputError, FlowNotFound, FlowTimeout, NodeError, NotFound
 from planner.graph import CompiledFlow
 from planner.kinds import BoundNode
 from planner.kinds.backend import ALONE
-from planner.lang.models import value_fits
+from planner.lang.models import OnError, value_fits
 from planner.lang.refs import Unresolved
-from planner.results import FlowResult, NodeResult, NodeState
+from planner.results import FlowResult, NodeResult, NodeState, bug_reason
 from planner.run import policy
 from planner.run.observers import RunObserver
 from planner.run.scheduler import Ready
@@ -93,9 +93,12 @@ async def execute(
     mode: str | None = None,
     overrides: dict[str, Any] | None = None,
     observers: Sequence[RunObserver] = (),
+    on_error: OnError = "default",
 ) -> FlowResult:
-    """Run `flow` once. Returns the result, or raises `FlowFailed` (carrying it) on failure."""
-    return await execute_checked(flow, bound, bind_inputs(flow, inputs), resolve_mode(flow, mode), overrides, observers)
+    """Run `flow` once. Returns the result, or raises `FlowFailed` (carrying it) on failure.
+    `on_error` is what a failure does to a node whose flow says nothing (see `policy.fails_run`)."""
+    return await execute_checked(flow, bound, bind_inputs(flow, inputs), resolve_mode(flow, mode), overrides, observers,
+                                 on_error)
 
 
 async def execute_checked(
@@ -105,9 +108,10 @@ async def execute_checked(
     mode: Mode,
     overrides: dict[str, Any] | None,
     observers: Sequence[RunObserver] = (),
+    on_error: OnError = "default",
 ) -> FlowResult:
     """`execute` for inputs already passed through `bind_inputs` and a mode from `resolve_mode`."""
-    return await _Run(flow, bound, values, mode, overrides or {}, observers).main()
+    return await _Run(flow, bound, values, mode, overrides or {}, observers, on_error).main()
 
 
 class _Run:
@@ -115,12 +119,14 @@ class _Run:
 
     __slots__ = ("flow", "bound", "values", "mode", "overrides", "observers", "run_id", "loop", "t0", "active",
                  "ready", "results", "tasks", "started", "attempts", "held", "limit", "queue", "released",
-                 "outstanding", "wake", "phase", "failed_node", "eager", "on_done", "release")
+                 "outstanding", "wake", "phase", "failed_node", "eager", "on_done", "release", "on_error", "degraded")
 
     def __init__(self, flow: CompiledFlow, bound: dict[str, BoundNode], values: dict[str, Any], mode: Mode,
-                 overrides: dict[str, Any], observers: Sequence[RunObserver]) -> None:
+                 overrides: dict[str, Any], observers: Sequence[RunObserver], on_error: OnError = "default") -> None:
         self.flow, self.bound, self.values, self.mode, self.overrides = flow, bound, values, mode, overrides
         self.observers = observers
+        self.on_error = on_error
+        self.degraded = False  # a node was settled by its default after a failure
         self.run_id = f"{_RUN_PREFIX}-{next(_run_ids)}"
         self.loop = asyncio.get_running_loop()
         self.t0 = _monotonic()  # the loop's clock (asyncio's loop.time() is time.monotonic())
@@ -254,7 +260,7 @@ class _Run:
 
     def _failed(self, name: str, error: BaseException) -> None:
         spec = self.flow.nodes[name]
-        if spec.fail:
+        if policy.fails_run(spec, error, self.on_error):
             self._settle(name, _FAILED, None, error)
             if self.phase is Phase.RUNNING:
                 self.phase, self.failed_node = Phase.FAILED, name
@@ -262,6 +268,7 @@ class _Run:
                 self._wake()
             return
         policy.log_defaulted(self.flow.name, name, self.run_id, error)
+        self.degraded = True
         self._settle(name, _DEFAULTED, policy.copy_default(spec.default), error)
 
     def _settle(self, name: str, state: NodeState, value: Any, error: BaseException | None) -> None:
@@ -325,16 +332,22 @@ class _Run:
                 self.results[name] = (_CANCELLED, None, None, self.started.get(name), None)
         status = self._status(timed_out)
         output = self._output() if status == "ok" else None
-        result = FlowResult(self.flow.name, self.run_id, self.mode, status, self._node_results, output, self._now())
+        result = FlowResult(self.flow.name, self.run_id, self.mode, status, self._node_results, output, self._now(),
+                            degraded=self.degraded)
         if status == "timeout":
             raise FlowTimeout(f"flow {self.flow.name!r} hit its deadline of {self.flow.settings.timeout:g}s", result=result)
         if status == "failed":
             error = self.results[self.failed_node][2] if self.failed_node else None
             message = f"flow {self.flow.name!r} failed: node {self.failed_node!r}: {error}"
+            if self.failed_node and policy.failed_as_bug(self.flow.nodes[self.failed_node], error, self.on_error):
+                message += (f" (looks like a bug in the flow ({bug_reason(error)}): such an error fails the run "
+                            "whatever on_error says; on_bug: default lets the node default)")
             if getattr(error, "database_unavailable", False):  # the database went away, not a bug: a 503
                 from planner.errors import FlowDatabaseLost
 
                 raise FlowDatabaseLost(message, result=result, cause=error)
+            if isinstance(error, NotFound):  # a row the flow requires is not there: a 404
+                raise FlowNotFound(message, result=result, cause=error)
             raise FlowFailed(message, result=result)
         return result
 

@@ -1,8 +1,8 @@
 """Node policy: what happens to one node, apart from when it is scheduled.
 
 `when:` and reference resolution decide whether a node starts (`prepare`); retries with
-backoff and per-node timeouts decide how long it tries (`attempts`); `on_error` decides
-whether a failure defaults the node or fails the run (the executor asks `spec.fail`);
+backoff and per-node timeouts decide how long it tries (`attempts`); `on_error` and `on_bug`
+decide whether a failure defaults the node or fails the run (the executor asks `fails_run`);
 defaults are copied per run so that no run can change another's.
 """
 
@@ -12,12 +12,16 @@ import asyncio
 import copy
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from planner.errors import NodeError, NodeTimeout, ReferenceFieldError
 from planner.kinds import BoundNode
 from planner.lang.expr import evaluate
+from planner.lang.models import OnError
 from planner.lang.refs import Unresolved
+
+if TYPE_CHECKING:
+    from planner.lang.nodes import CompiledNode
 
 logger = logging.getLogger("planner")
 
@@ -71,6 +75,24 @@ async def timed(awaitable: Awaitable[Any], seconds: float) -> Any:
         if not timer.expired():
             raise
         raise NodeTimeout(f"timed out after {seconds * 1000:g} ms") from None
+
+
+def fails_run(spec: CompiledNode, error: BaseException, fallback: OnError) -> bool:
+    """Whether `error` fails the run rather than default the node.
+
+    An error that means the flow itself is wrong (`NodeError.is_bug`) fails it unless the node
+    or its flow says `on_bug: default`. Otherwise the node's `on_error` decides: as written on
+    the node, else `fail` for `required: true`, else the flow's `settings.on_error` (all three
+    compiled into `spec.on_error`), else `fallback`, the Planner's `on_error=`."""
+    if spec.bug_fails and getattr(error, "is_bug", False):
+        return True
+    return (spec.on_error or fallback) == "fail"
+
+
+def failed_as_bug(spec: CompiledNode, error: BaseException | None, fallback: OnError) -> bool:
+    """Whether a node that failed the run did so only because its error is a bug in the flow."""
+    return (error is not None and spec.bug_fails and bool(getattr(error, "is_bug", False))
+            and (spec.on_error or fallback) != "fail")
 
 
 def is_transient(exc: BaseException) -> bool:
