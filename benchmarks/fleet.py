@@ -46,7 +46,7 @@ from typing import Any
 import asyncpg
 
 from planner import FlowFailed, Planner
-from planner.db.pool import with_database
+from planner.db.admin import with_database
 from planner.demo.latency_proxy import ProxyProcess
 from planner.demo.run import DEMO_DATABASE, demo_dsn
 

@@ -136,7 +136,8 @@ class Planner:
         if backend is None:
             from planner.db.coalesce import CoalescingBackend
             from planner.db.fuse import FusingBackend
-            from planner.db.pool import TRANSACTION_POOLER, PoolBackend
+            from planner.db.pool import PoolBackend
+            from planner.db.pooler import TRANSACTION_POOLER
 
             primary = PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset,
                                   embedded=embedded, pooler=pooler)

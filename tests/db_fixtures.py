@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from planner.db.pool import create_database, drop_database, with_database
+from planner.db.admin import create_database, drop_database, with_database
 from planner.testing.pytest_plugin import fresh_database
 from tests.pgbouncer import PgBouncer, PgBouncerError, start, stop
 

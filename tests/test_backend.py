@@ -272,7 +272,7 @@ async def test_connections_killed_while_idle_in_the_pool_give_planners_errors(wr
 
 
 async def test_a_database_dropped_under_an_open_pool_gives_planners_errors(write_flow: Write, tmp_path: Path, pg_dsn: str) -> None:
-    from planner.db.pool import create_database, drop_database, with_database
+    from planner.db.admin import create_database, drop_database, with_database
 
     name = f"planner_dropped_{id(tmp_path)}"
     await create_database(pg_dsn, name)
@@ -312,7 +312,7 @@ async def test_a_database_that_cannot_be_opened_is_database_unavailable(write_fl
 
 
 async def test_a_missing_database_or_role_is_database_unavailable(write_flow: Write, tmp_path: Path, pg_dsn: str) -> None:
-    from planner.db.pool import with_database
+    from planner.db.admin import with_database
 
     write_flow("nodes:\n  a: {sql: SELECT 1, default: 0}\n")
     parts = urlsplit(pg_dsn)
@@ -395,7 +395,7 @@ async def test_a_parameter_value_never_appears_in_the_log_of_a_defaulted_node(
 
 
 def test_a_bad_parameter_is_still_named_by_its_reference_and_type() -> None:
-    from planner.db.pool import translate
+    from planner.db.translate import translate
     from planner.lang.refs import compile_sql
 
     driver = asyncpg.DataError(f"invalid input for query argument $1: {SECRET!r} ('str' object cannot be interpreted as an integer)")

@@ -853,7 +853,7 @@ def test_plan_ignores_latencies_recorded_for_another_folder(tmp_path: Path, demo
 
 
 def test_db_manages_the_embedded_server(tmp_path: Path) -> None:
-    from planner.db.pool import stop_embedded
+    from planner.db.embedded import stop_embedded
 
     home = tmp_path / "home"
     env = {"PLANNER_HOME": str(home), "DATABASE_URL": ""}
@@ -929,7 +929,7 @@ def test_db_psql_without_psql_is_a_one_line_error(monkeypatch: pytest.MonkeyPatc
     import shutil
 
     from planner import cli as cli_module
-    from planner.db import pool as db
+    from planner.db import embedded as db
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(db, "embedded_psql", lambda: None)

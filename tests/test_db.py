@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from planner import FlowFailed, NodeState, NodeTimeout, Planner, QueryError
-from planner.db.pool import translate
+from planner.db.translate import translate
 
 Write = Callable[..., Path]
 

@@ -1,5 +1,5 @@
 """The demo's data loader given a DSN with planner's `?pgbouncer=transaction`: the parameter is
-planner's (taken off and honoured by `planner.db.pool.connect`), never PgBouncer's or the server's."""
+planner's (taken off and honoured by `planner.db.pooler.connect`), never PgBouncer's or the server's."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import planner
-from planner.db.pool import with_database
+from planner.db.admin import with_database
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

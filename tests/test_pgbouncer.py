@@ -22,7 +22,9 @@ import planner.db.pool as planner_db
 from planner import DatabaseUnavailable, FlowFailed, NodeState, NodeTimeout, Planner, QueryError, load_flow
 from planner.db.coalesce import CoalescingBackend
 from planner.db.fuse import FusingBackend
-from planner.db.pool import PoolBackend, outlives_transaction, pooler_mode, split_pooler, translate
+from planner.db.pool import PoolBackend
+from planner.db.pooler import outlives_transaction, pooler_mode, split_pooler
+from planner.db.translate import translate
 from planner.lang.sqlinfo import combine_writes
 from planner.testing.pytest_plugin import fresh_database
 from planner.views.validate import validate_paths
@@ -193,7 +195,7 @@ async def test_a_changed_result_is_described_again(demo_dsn: str, pgbouncer: PgB
             else:
                 assert first == {"a": 1, "b": 2}
             assert (await planner.run(flow)).values["r"] == {"a": 1, "b": 2}
-        monkeypatch.setattr("planner.db.pool.DESCRIBED_S", 0.0)  # a description is used once
+        monkeypatch.setattr("planner.db.pooler.DESCRIBED_S", 0.0)  # a description is used once
         async with Planner(dsn=pgbouncer.dsn(demo_dsn), min_size=1, max_size=1, cache_size=0) as planner:
             assert (await planner.run(flow)).values["r"] == {"a": 1, "b": 2}
             await admin.execute("ALTER TABLE pgb_shape RENAME COLUMN b TO c")

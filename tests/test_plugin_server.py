@@ -76,7 +76,7 @@ def test_a_dead_server_is_reported_once_by_name_and_the_run_stops_without_an_int
     project = _project(tmp_path, """
         from pathlib import Path
         from planner.testing import pytest_plugin
-        from planner.db.pool import stop_embedded
+        from planner.db.embedded import stop_embedded
 
         async def test_a_template_is_made(planner_flow_dsn):
             pass

@@ -1,7 +1,7 @@
 """Behind PgBouncer (transaction mode) a kept statement description never decodes a wrong value.
 
 planner keeps what the server said of a statement and sends it unnamed again with each use
-(`planner.db.pool.PoolerConnection`); each use is checked on the wire (`planner.db.wire`). After a
+(`planner.db.pooler.PoolerConnection`); each use is checked on the wire (`planner.db.wire`). After a
 migration between two runs, the second run gets the right value (a read runs again, described
 afresh) or a clear error naming the column (a write, or a read calling a volatile function),
 never a value decoded with the old types. See docs/reliability.md, "Stale descriptions".
@@ -27,7 +27,7 @@ from tests.pgbouncer import PgBouncer
 
 @pytest.fixture(autouse=True)
 def _descriptions_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("planner.db.pool.DESCRIBED_S", 3600.0)  # the second run reuses the first one's description
+    monkeypatch.setattr("planner.db.pooler.DESCRIBED_S", 3600.0)  # the second run reuses the first one's description
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 
 from planner import FlowFileError, NodeResult, NodeState, Planner, load_flow
-from planner.db.pool import create_database, with_database
+from planner.db.admin import create_database, with_database
 from planner.db.replica import parse_max_lag, resolve_dsn
 from planner.kinds.backend import Offline
 from planner.testing.pytest_plugin import fresh_database, server_folder

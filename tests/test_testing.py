@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 from planner import Planner
-from planner.db.pool import with_database
+from planner.db.admin import with_database
 from planner.errors import DatabaseUnavailable
 from planner.testing import Cassette, CassetteError, CassetteMismatch, decode, encode, offline_planner, statement_hash
 from planner.testing.pytest_plugin import FlowReplay, _Templates, apply_schema, schema_database, schema_texts
@@ -133,7 +133,7 @@ async def _has_table(dsn: str, table: str) -> bool:
         await con.close()
 
 
-# A DSN with planner's `?pgbouncer=transaction` reaches asyncpg through `planner.db.pool.connect`
+# A DSN with planner's `?pgbouncer=transaction` reaches asyncpg through `planner.db.pooler.connect`
 # only: PgBouncer refuses a startup parameter it does not know, and so would the server.
 
 

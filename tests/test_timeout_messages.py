@@ -12,6 +12,7 @@ import pytest
 
 from planner import DatabaseUnavailable, Planner
 from planner.db import pool as pool_module
+from planner.db import translate as translate_module
 from planner.errors import QueryError
 from planner.results import error_text
 
@@ -70,6 +71,6 @@ async def test_a_pool_that_cannot_connect_in_time_says_after_how_long(
 
 
 def test_a_driver_timeout_becomes_a_query_error_that_says_it_timed_out() -> None:
-    translated = pool_module.translate(TimeoutError())
+    translated = translate_module.translate(TimeoutError())
     assert isinstance(translated, QueryError) and translated.transient and translated.database_unavailable
     assert str(translated).startswith("the database did not answer in time (TimeoutError (no message")

@@ -18,7 +18,7 @@ import pytest
 
 from planner import Planner, load_flow
 from planner.db import wire
-from planner.db.pool import PoolerConnection
+from planner.db.pooler import PoolerConnection
 from tests.pgbouncer import PgBouncer
 
 
@@ -152,7 +152,7 @@ async def test_an_unchecked_asyncpg_keeps_no_description_and_says_so(
         demo_dsn: str, pgbouncer: PgBouncer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(wire, "ASYNCPG_CHECKED", ())
     monkeypatch.setattr(wire, "_warned", set())
-    monkeypatch.setattr("planner.db.pool.DESCRIBED_S", 3600.0)
+    monkeypatch.setattr("planner.db.pooler.DESCRIBED_S", 3600.0)
     admin = await asyncpg.connect(demo_dsn)
     try:
         await admin.execute("CREATE TABLE pw (id int PRIMARY KEY, v int8); INSERT INTO pw VALUES (1, 7)")

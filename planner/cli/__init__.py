@@ -152,7 +152,7 @@ def _shown_dsn(dsn: str, *, password: bool = False) -> str:
 
 def _on_database(dsn: str, database: str) -> str:
     """The same server, database `database` (a URL's path, or libpq's `dbname=`)."""
-    from planner.db.pool import with_database
+    from planner.db.admin import with_database
 
     return with_database(dsn, database) if "://" in dsn else f"{dsn} dbname={database}"
 
@@ -582,7 +582,7 @@ def demo(
 
     server = db or os.environ.get("DATABASE_URL")
     if server is None:
-        from planner.db.pool import embedded_dsn
+        from planner.db.embedded import embedded_dsn
 
         server = embedded_dsn()  # started (or reused) first: the output says which database before any figure
     typer.echo(f"database: {_shown_dsn(_on_database(server, DEMO_DATABASE))}")
@@ -617,7 +617,7 @@ def demo(
 def _embedded_left_running() -> None:
     """Say that the embedded server the demo used is still running, and how to stop it: a
     process that outlives the command it came from should never be a surprise."""
-    from planner.db.pool import embedded_status
+    from planner.db.embedded import embedded_status
 
     status = embedded_status()
     if status.running:
@@ -640,7 +640,7 @@ DatabaseOpt = Annotated[str | None, typer.Option("--database", help="Another dat
 def _which_database() -> str:
     """The DSN planner uses without `--db`: DATABASE_URL, else the embedded server's (started
     if it is not running). Raises `DatabaseUnavailable` when there is none to use."""
-    from planner.db.pool import embedded_allowed, embedded_dsn
+    from planner.db.embedded import embedded_allowed, embedded_dsn
 
     env = os.environ.get("DATABASE_URL")
     if env:
@@ -657,7 +657,7 @@ def _which_database() -> str:
 def _for_libpq(dsn: str) -> tuple[str, str | None]:
     """`dsn` without planner's own `?pgbouncer=` parameter, which libpq (psql) refuses, and
     that parameter's value (None when it had none)."""
-    from planner.db.pool import split_pooler
+    from planner.db.pooler import split_pooler
 
     return split_pooler(dsn)
 
@@ -695,7 +695,8 @@ def db_status() -> None:
 
     Example: planner db status
     """
-    from planner.db.pool import embedded_allowed, embedded_status, server_version
+    from planner.db.admin import server_version
+    from planner.db.embedded import embedded_allowed, embedded_status
 
     env = os.environ.get("DATABASE_URL")
     status = embedded_status()
@@ -751,7 +752,7 @@ def find_psql() -> str | None:
     """The psql on PATH, else the one that comes with the embedded server; None when neither."""
     import shutil
 
-    from planner.db.pool import embedded_psql
+    from planner.db.embedded import embedded_psql
 
     found = shutil.which("psql")
     if found:
@@ -780,7 +781,7 @@ def db_stop() -> None:
 
     Example: planner db stop
     """
-    from planner.db.pool import embedded_status, stop_embedded
+    from planner.db.embedded import embedded_status, stop_embedded
 
     pgdata = embedded_status().pgdata
     try:

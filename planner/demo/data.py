@@ -13,7 +13,7 @@ from importlib import resources
 
 import asyncpg
 
-from planner.db.pool import connect
+from planner.db.pooler import connect
 
 DATA_VERSION = "1"
 

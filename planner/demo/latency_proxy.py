@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     dsn = args.dsn or os.environ.get("PLANNER_PROXY_UPSTREAM") or os.environ.get("DATABASE_URL")
     if not dsn:
-        from planner.db.pool import embedded_dsn
+        from planner.db.embedded import embedded_dsn
 
         dsn = embedded_dsn()
     with contextlib.suppress(KeyboardInterrupt):

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from planner.api import Planner
+from planner.db.admin import create_database, with_database
 from planner.db.coalesce import CoalescingBackend
 from planner.db.dsn import redact_dsn
-from planner.db.pool import PoolBackend, connect, create_database, embedded_dsn, with_database
+from planner.db.embedded import embedded_dsn
+from planner.db.pool import PoolBackend
+from planner.db.pooler import connect
 from planner.demo import data
 from planner.errors import FlowFailed, FlowTimeout
 from planner.graph import CompiledFlow

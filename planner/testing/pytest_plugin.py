@@ -44,15 +44,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from planner.db.pool import (
-    connect,
-    create_database,
-    drop_database,
-    embedded_dsn,
-    embedded_status,
-    stop_embedded,
-    with_database,
-)
+from planner.db.admin import create_database, drop_database, with_database
+from planner.db.embedded import embedded_dsn, embedded_status, stop_embedded
+from planner.db.pooler import connect
 from planner.results import error_text
 
 _numbers = itertools.count(1)

@@ -23,7 +23,7 @@ KEEP = 100
 
 def stats_path(flow: str, folder: str | os.PathLike[str]) -> Path:
     """The file that keeps flow `flow`'s latencies, for the flows folder `folder`."""
-    from planner.db.pool import planner_home
+    from planner.db.embedded import planner_home
 
     project = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:12]
     return planner_home() / "stats" / f"{flow}-{project}.json"

@@ -10,7 +10,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from planner.db.pool import create_database, drop_database, embedded_dsn, with_database
+from planner.db.admin import create_database, drop_database, with_database
+from planner.db.embedded import embedded_dsn
 from planner.testing.pytest_plugin import server_folder
 
 
