@@ -299,3 +299,26 @@ async def test_a_borrowed_pools_listening_connection_lost_and_replaced_costs_the
     finally:
         await planner.close()
     assert len(await _every_connection(borrowed)) == 2
+
+
+async def test_a_process_with_a_cache_holds_its_pool_and_one_listening_connection(
+        flows: Path, demo_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The sizing advice of docs/service.md counts max_size + 1 per process: this is the + 1.
+    monkeypatch.delenv("PLANNER_CACHE", raising=False)
+    probe = await asyncpg.connect(demo_dsn)
+    try:
+        async def planners() -> int:
+            return int(await probe.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+
+        async with Planner(flows=flows, dsn=demo_dsn, min_size=2, max_size=2, metrics=False) as planner:
+            await asyncio.gather(*(_threshold(planner) for _ in range(8)))  # the pool grown to its size
+            pool = await planner.cache.pool()
+            assert pool.get_size() == 2
+            assert await _eventually(lambda: _equals(planners, 3))  # 2 pooled + the listening one
+    finally:
+        await probe.close()
+
+
+async def _equals(count: Callable[[], Awaitable[int]], expected: int) -> bool:
+    return await count() == expected

@@ -627,8 +627,8 @@ class PoolBackend:
                     await _stop_listening(con, pool, channel, notified, closed, lost=lost.is_set())
                 raise
             except Exception as exc:
-                logger.warning("cache channel %r unavailable (%s: %s): cached values are not trusted until it is back",
-                               channel, type(exc).__name__, exc)
+                logger.warning("cache channel %r unavailable (%s): cached values are not trusted until it is back",
+                               channel, error_text(exc))
             on_state(False)
             if con is not None:
                 await _stop_listening(con, pool, channel, notified, closed, lost=True)
@@ -855,7 +855,7 @@ async def _release(pool: asyncpg.Pool, con: asyncpg.Connection, dirty: bool, bas
                 async with asyncio.timeout(_RELEASE_TIMEOUT_S):
                     await con.execute(RESET_SESSION)
             except Exception as exc:
-                logger.warning("connection terminated: its session could not be reset: %s: %s", type(exc).__name__, exc)
+                logger.warning("connection terminated: its session could not be reset: %s", error_text(exc))
                 con.terminate()  # a session we could not reset must never serve another run
         await pool.release(con, timeout=_RELEASE_TIMEOUT_S)
     except asyncpg.InternalClientError:
@@ -863,4 +863,4 @@ async def _release(pool: asyncpg.Pool, con: asyncpg.Connection, dirty: bool, bas
     except (Exception, asyncio.CancelledError) as exc:
         # asyncpg terminates a connection it cannot reset in time (a cancel the server never
         # acknowledged: a frozen backend); the pool replaces it. Nothing is given to anyone else.
-        logger.warning("connection terminated instead of returned: %s: %s", type(exc).__name__, exc)
+        logger.warning("connection terminated instead of returned: %s", error_text(exc))

@@ -342,8 +342,8 @@ class ReplicaBackend(WrappingBackend):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            logger.debug("read replica: the primary's WAL position could not be read: %s: %s",
-                         type(exc).__name__, self._redact(str(exc)))
+            logger.debug("read replica: the primary's WAL position could not be read: %s",
+                         self._redact(error_text(exc)))
             return None, None
         if row is None:
             return None, None
