@@ -366,6 +366,8 @@ def _samples(planner: Planner) -> list[Sample]:
     out += [("planner_call_threads", (("state", "busy"),), threads.busy),
             ("planner_call_threads", (("state", "abandoned"),), threads.abandoned),
             ("planner_call_threads", (("state", "max"),), threads.size),
+            # Calls waiting for a thread, where the threads queue them (a bounded line before them).
+            ("planner_call_threads", (("state", "queued"),), getattr(threads, "queued", 0)),
             ("planner_call_rejected_total", (), threads.rejected)]
     return out
 

@@ -112,12 +112,14 @@ async def _status_codes(code: str, env: Env) -> None:
     (folder / "slow.yaml").write_text("settings: {timeout: 200ms}\nnodes:\n  nap: {sql: SELECT pg_sleep(5), fetch: value}\n")
     (folder / "bad.yaml").write_text("nodes:\n  boom: {sql: SELECT 1/0, fetch: value, on_error: fail}\n")
     (folder / "fine.yaml").write_text("inputs: {x: int}\nnodes:\n  v: {sql: 'SELECT $x::int', fetch: value}\n")
+    (folder / "row.yaml").write_text("nodes:\n  r: {sql: 'SELECT 1 AS v WHERE false', fetch: one, required: true}\n")
     answer = (await run_block(code, {"__name__": "service_doc"}))["answer"]
     async with Planner(flows=folder, dsn=dsn, metrics=False) as planner:
         timeout = await answer(planner, "slow", {})
         failed = await answer(planner, "bad", {})
         invalid = await answer(planner, "fine", {"x": "one"})
         fine = await answer(planner, "fine", {"x": 2})
+        missing = await answer(planner, "row", {})
     async with Planner(flows=folder, dsn=UNREACHABLE, metrics=False) as planner:
         down = await answer(planner, "fine", {"x": 2})
     assert (timeout.status_code, json.loads(timeout.body)["error"]) == (503, "timeout")
@@ -125,6 +127,7 @@ async def _status_codes(code: str, env: Env) -> None:
     assert (failed.status_code, json.loads(failed.body)["error"]) == (500, "flow_failed")
     assert (invalid.status_code, json.loads(invalid.body)["input"]) == (422, "x")
     assert (fine.status_code, json.loads(fine.body)) == (200, {"v": 2})
+    assert (missing.status_code, json.loads(missing.body)["error"]) == (404, "not_found")
     assert (down.status_code, json.loads(down.body)["error"]) == (503, "database_unavailable")
 
 

@@ -116,9 +116,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("planner_call_wait_seconds", "planner.call.wait", "s", "histogram",
            "How long sync call: nodes waited for a thread.", (), SECONDS),
     Family("planner_call_threads", "planner.call.threads", "{thread}", "gauge",
-           "Threads for sync call: nodes: busy, abandoned (running a call that timed out), max.", ("state",)),
+           "Threads for sync call: nodes: busy, abandoned (running a call that timed out), max; queued: calls waiting for one.",
+           ("state",)),
     Family("planner_call_rejected_total", "planner.call.rejected", "{call}", "counter",
-           "Sync calls refused because every thread was busy (the node failed or defaulted).", ()),
+           "Sync calls that never started for want of a thread (the node failed or defaulted).", ()),
 )
 BY_NAME = {family.name: family for family in FAMILIES}
 
