@@ -14,8 +14,45 @@ from tests import nodes
 pytest_plugins = ["tests.db_fixtures"]
 
 
+# The tiers (docs/testing.md): `pytest` alone runs the default tier, every test not marked with
+# one of these; `pytest --full` (CI) runs them all, `pytest -m slow` those of one mark; a run
+# given paths or node ids runs everything it names. Tests that use these fixtures get the
+# mark by themselves.
+FULL_TIER_ONLY = ("slow", "subprocess", "pgbouncer", "replica")
+MARK_BY_FIXTURE = {"pgbouncer": "pgbouncer", "pair": "replica"}
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", help="long reliability runs (also PLANNER_SOAK=1)")
+    parser.addoption("--full", action="store_true",
+                     help=f"every tier: also the tests marked {', '.join(FULL_TIER_ONLY)} (what CI runs)")
+
+
+def _default_tier(config: pytest.Config) -> bool:
+    """Whether this run is the default tier: no --full, no -m, no paths or node ids given."""
+    return not (config.getoption("--full") or config.option.markexpr
+                or config.args_source != pytest.Config.ArgsSource.TESTPATHS)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, mark in MARK_BY_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(mark)
+    if not _default_tier(config):
+        return
+    kept = [item for item in items if not any(item.get_closest_marker(m) for m in FULL_TIER_ONLY)]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if _default_tier(config):
+        return (f"planner: the default tier (tests marked {', '.join(FULL_TIER_ONLY)} deselected; "
+                "`pytest --full` runs every tier)")
+    return "planner: every tier" if config.getoption("--full") else "planner: the tests selected"
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,11 @@ import time
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from planner.demo.latency_proxy import ProxyProcess
+
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -155,6 +155,7 @@ SIDE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 async def test_a_real_second_process_drops_its_value_when_this_one_writes(flows: Path, demo_dsn: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     side = await asyncio.create_subprocess_exec(sys.executable, "-c", SIDE, str(flows), demo_dsn, env=env,

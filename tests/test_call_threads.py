@@ -134,6 +134,7 @@ async def test_an_exception_of_a_sync_call_is_the_nodes_error(write_flow: Write,
     assert planner.threads.busy == 0
 
 
+@pytest.mark.subprocess
 def test_planner_run_exits_promptly_though_a_sync_call_is_still_sleeping(tmp_path: Path) -> None:
     (tmp_path / "slow.py").write_text("import time\n\n\ndef nap():\n    time.sleep(30)\n    return 'woke'\n")
     (tmp_path / "f.yaml").write_text("nodes:\n  a: {call: 'slow:nap', timeout: 200ms, default: late}\n")

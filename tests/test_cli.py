@@ -16,6 +16,8 @@ import pytest
 
 from tests.pgbouncer import PgBouncer
 
+pytestmark = pytest.mark.subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 FLOWS = ROOT / "flows"
 PLANNER = str(Path(sys.executable).parent / "planner")
@@ -808,19 +810,21 @@ def test_init_scaffolds_a_project_that_validates_and_tests_green(tmp_path: Path,
     proc = cli("init", str(project))
     assert proc.returncode == 0, proc.stderr
     made = sorted(str(p.relative_to(project)) for p in project.rglob("*") if p.is_file())
-    assert made == [".github/workflows/flows.yml", "flows/example.yaml", "flows/flow.schema.json", "tests/test_flows.py"]
+    assert made == [".github/workflows/flows.yml", "db/schema.sql", "flows/example.yaml", "flows/flow.schema.json",
+                    "pytest.ini", "tests/test_flows.py"]
     example = (project / "flows" / "example.yaml").read_text()
     assert example.startswith("# yaml-language-server: $schema=flow.schema.json\n")
     assert json.loads((project / "flows" / "flow.schema.json").read_text()) == json.loads(cli("schema").stdout)
     assert "planner validate flows" in (project / ".github" / "workflows" / "flows.yml").read_text()
     assert cli("validate", str(project / "flows")).returncode == 0
     assert cli("validate", str(project / "flows"), "--db", pg_dsn).returncode == 0
-    # The scaffolded test passes, with planner's own pytest plugin and its `planner_database`.
+    # The scaffolded test passes as its CI runs it (`pytest`, configured by its pytest.ini), with
+    # planner's own pytest plugin, `planner_flow_db` and the scaffold's db/schema.sql.
     env = {**os.environ, "NO_COLOR": "1"}
     env.pop("DATABASE_URL", None)
     tests = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "pt"),
-         "-o", "asyncio_mode=auto", "--planner-dsn", pg_dsn, "tests/test_flows.py"],
+         "--planner-dsn", pg_dsn],
         capture_output=True, text=True, cwd=project, env=env, timeout=120)
     assert tests.returncode == 0, tests.stdout + tests.stderr
     assert "1 passed" in tests.stdout

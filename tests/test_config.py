@@ -238,6 +238,7 @@ def test_validate_reports_a_refused_call_target(tmp_path: Path, target: str) -> 
     assert "module 'planner.demo.data' is not allowed" in findings[0].message
 
 
+@pytest.mark.subprocess
 def test_planner_validate_on_the_command_line_reports_a_refused_call_target(tmp_path: Path) -> None:
     path = tmp_path / "f.yaml"
     path.write_text("nodes:\n  a:\n    call: 'planner.demo.data:ensure'\n    with: {dsn: 'postgresql://x/y'}\n")

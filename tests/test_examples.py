@@ -221,6 +221,7 @@ async def test_a_run_that_loses_the_database_is_503(demo_dsn: str) -> None:
     assert response.json()["error"] == "database_unavailable"
 
 
+@pytest.mark.subprocess
 def test_service_load_smoke(pg_dsn: str) -> None:
     """benchmarks/service_load.py runs end to end (a second, few clients): the figure is measured by hand."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.service_load", "--seconds", "1", "--clients", "5",

@@ -351,6 +351,7 @@ def _only_a_specific_flow_file_error(path: Path, data: bytes) -> None:
         assert exc.file == str(path) and exc.line is not None, str(exc)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=mutated_flows())
 def test_a_mutated_flow_loads_or_fails_with_a_flow_file_error(fuzz_file: Path, text: str) -> None:
@@ -420,12 +421,14 @@ def _load_in_child(path: Path) -> str:
     return proc.stdout.strip()
 
 
+@pytest.mark.subprocess
 def test_a_link_to_dev_zero_is_refused(tmp_path: Path) -> None:
     link = tmp_path / "zero.yaml"
     link.symlink_to("/dev/zero")
     assert _load_in_child(link) == f"FlowFileError {link}: not a regular file (a character device): a flow must be a file"
 
 
+@pytest.mark.subprocess
 def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe.yaml"
     os.mkfifo(fifo)
@@ -482,6 +485,7 @@ BROKEN = {
 }
 
 
+@pytest.mark.subprocess
 def test_validate_reports_each_broken_file_and_goes_on(tmp_path: Path) -> None:
     for name, text in BROKEN.items():
         (tmp_path / name).write_text(text)
@@ -495,6 +499,7 @@ def test_validate_reports_each_broken_file_and_goes_on(tmp_path: Path) -> None:
     assert "RuntimeError: boom at import" in lines[-1]
 
 
+@pytest.mark.subprocess
 def test_validate_checks_a_path_as_given_whatever_its_name(tmp_path: Path) -> None:
     (tmp_path / "zero").symlink_to("/dev/zero")
     (tmp_path / "flow.yaml.bak").write_text(_default("2024-02-30"))

@@ -25,12 +25,22 @@ async def _median_ping_ms(dsn: str, pings: int = 25) -> float:
 
 
 async def test_the_proxy_adds_the_round_trip_asked_for(pg_dsn: str) -> None:
-    async with LatencyProxy(pg_dsn, one_way_ms=0) as bare:
-        base = await _median_ping_ms(bare.dsn)
-    async with LatencyProxy(pg_dsn, one_way_ms=5) as proxy:
-        delayed = await _median_ping_ms(proxy.dsn)
-        assert proxy.requests >= 25
-    assert abs((delayed - base) - 10.0) < 1.0, f"added {delayed - base:.2f} ms for 10 ms asked"
+    # A sleep is never shorter than asked, so the lower bound is tight (a busy moment during the
+    # bare measurement can only lower one attempt's figure: some attempt must reach it). A busy machine only ever
+    # adds time (15.6 ms was seen for 10 ms asked, with eight test runs on two cores), so the
+    # least of up to three attempts is the proxy's own, and the upper bound is a ratio: 1.6x
+    # what was asked still catches a delay applied twice (2x).
+    seen = []
+    for _ in range(3):
+        async with LatencyProxy(pg_dsn, one_way_ms=0) as bare:
+            base = await _median_ping_ms(bare.dsn)
+        async with LatencyProxy(pg_dsn, one_way_ms=5) as proxy:
+            delayed = await _median_ping_ms(proxy.dsn)
+            assert proxy.requests >= 25
+        seen.append(delayed - base)
+        if max(seen) > 9.0 and min(seen) < 16.0:
+            break
+    assert max(seen) > 9.0 and min(seen) < 16.0, f"added {', '.join(f'{s:.2f}' for s in seen)} ms for 10 ms asked"
 
 
 async def test_the_proxy_keeps_large_results_whole_and_in_order(pg_dsn: str) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import networkx as nx
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "planner"
@@ -178,6 +179,7 @@ def test_only_the_cli_imports_typer() -> None:
     assert {i.module for i in IMPORTS if i.target == "typer"} == {"planner.cli"}
 
 
+@pytest.mark.subprocess
 def test_importing_planner_and_running_a_flow_offline_never_loads_asyncpg() -> None:
     script = textwrap.dedent("""
         import asyncio, sys

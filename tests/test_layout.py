@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -139,6 +140,7 @@ def _check_svg(text: str) -> None:
                 assert not _overlap(_span(piece), box), f"{path.get('data-from')} -> {path.get('data-to')}: {piece} over {name}"
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=dags())
 def test_no_edge_passes_under_a_box_of_a_random_dag(text: str) -> None:

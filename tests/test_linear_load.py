@@ -26,6 +26,8 @@ from planner.lang.expr import parse as parse_expr
 from planner.lang.loader import load_spec, load_text
 from planner.lang.refs import compile_getter, compile_sql, parse_value
 
+pytestmark = pytest.mark.slow
+
 SCALE = 20
 # Linear is 20x, quadratic 400x: 100x leaves room for a busy machine (seen: 64x for a linear
 # part while eight other test runs shared two cores) and still catches the quadratic class.

@@ -27,6 +27,8 @@ import pytest
 import planner
 from planner.db.admin import with_database
 
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 NAME: str = PROJECT["name"]

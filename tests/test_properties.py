@@ -13,6 +13,8 @@ from planner import CompiledFlow, FlowFailed, FlowResult, NodeState, Planner, lo
 from planner.kinds.backend import Offline
 from tests import nodes
 
+pytestmark = pytest.mark.slow
+
 _planner = Planner(backend=Offline(), allowed_modules=["tests"])  # call nodes only: no database
 
 

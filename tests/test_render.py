@@ -394,10 +394,22 @@ DRAWINGS: dict[str, Callable[[_Sized, Path], object]] = {
 }
 
 
+# Linear is 10x; the quadratic `name in plan.unknown` was ~100x. 40x leaves room for a busy
+# 2-core machine (31x was seen there for a linear drawing) and still catches the quadratic class.
+MAX_GROWTH = 40
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("drawing", list(DRAWINGS))
-def test_ten_times_the_nodes_take_well_under_thirty_times_as_long(drawing: str, sized: dict[int, _Sized], tmp_path: Path) -> None:
+def test_ten_times_the_nodes_take_well_under_forty_times_as_long(drawing: str, sized: dict[int, _Sized], tmp_path: Path) -> None:
     work = DRAWINGS[drawing]
-    small = _best_time(lambda: work(sized[SMALL], tmp_path / "small.json"))
-    large = _best_time(lambda: work(sized[LARGE], tmp_path / "large.json"))
-    # linear is 10x; the quadratic `name in plan.unknown` was ~100x
-    assert large / small < 30, f"{SMALL} nodes {small * 1000:.1f} ms, {LARGE} nodes {large * 1000:.1f} ms"
+    seen = []
+    # A busy machine only ever slows a measurement down, and a preempted large one inflates the
+    # ratio: the least of up to three attempts is the code's own.
+    for _ in range(3):
+        small = _best_time(lambda: work(sized[SMALL], tmp_path / "small.json"))
+        large = _best_time(lambda: work(sized[LARGE], tmp_path / "large.json"))
+        seen.append(f"{SMALL} nodes {small * 1000:.1f} ms, {LARGE} nodes {large * 1000:.1f} ms")
+        if large / small < MAX_GROWTH:
+            break
+    assert large / small < MAX_GROWTH, "; ".join(seen)

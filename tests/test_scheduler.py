@@ -121,6 +121,7 @@ def dags(draw: st.DrawFn) -> dict[str, tuple[str, ...]]:
     return {name: deps[name] for name in order}
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(dag=dags(), data=st.data())
 def test_every_node_is_released_exactly_once_and_only_after_all_its_deps(dag: dict[str, tuple[str, ...]], data: st.DataObject) -> None:

@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from planner.run import telemetry
 
 SCRIPT = textwrap.dedent("""
@@ -34,6 +36,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 def test_runs_and_nodes_become_spans(tmp_path: Path) -> None:
     (tmp_path / "t.yaml").write_text(
         "nodes:\n"

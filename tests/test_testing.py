@@ -348,6 +348,7 @@ def _pytest(project: Path, *args: str, dsn: str) -> subprocess.CompletedProcess[
                           text=True, timeout=300)
 
 
+@pytest.mark.subprocess
 def test_the_planner_replay_fixture_records_once_then_replays_without_a_database(tmp_path: Path, planner_pg: str) -> None:
     project = tmp_path / "project"
     (project / "flows").mkdir(parents=True)

@@ -81,6 +81,7 @@ def test_a_hostile_node_name_stays_in_the_message() -> None:
     assert shown == f"node {node!r}: not a valid name"
 
 
+@pytest.mark.subprocess
 def test_validate_github_output_of_a_hostile_file_name_is_one_command(tmp_path: Path) -> None:
     path = tmp_path / "a,line=9::b\n::warning file=x::owned.yaml"
     path.write_text("nodes:\n  x: {sql: SELECT $nope}\n")

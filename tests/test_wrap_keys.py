@@ -9,6 +9,7 @@ import math
 import uuid
 from typing import Any
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -64,6 +65,7 @@ params = st.recursive(scalars, lambda inner: st.one_of(
 ), max_leaves=6)
 
 
+@pytest.mark.slow
 @settings(max_examples=2000, deadline=None)
 @given(a=params, b=params)
 @example(a=1, b=True)

@@ -823,27 +823,41 @@ output:
 """
 
 EXAMPLE_TEST = '''\
-"""The flows of this project, run on a fresh database.
+"""The flows of this project, run on a fresh database with the project's schema.
 
-`planner_database` comes with planner (its pytest plugin): an empty database of its own for each
-test, on DATABASE_URL's server, else on an embedded PostgreSQL started for the session. The
-fixtures are async: run pytest with pytest-asyncio in auto mode (`asyncio_mode = "auto"` under
-[tool.pytest.ini_options], or `pytest -o asyncio_mode=auto`).
+`planner_flow_db` comes with planner (its pytest plugin, docs/testing.md): a `Planner` over the
+flows folder (`planner_flows` in pytest.ini) on a database of its own for each test, made from
+`planner_schema`'s SQL, on DATABASE_URL's server, else on an embedded PostgreSQL started for
+the session. `planner_flow_dsn` is that database's DSN, to insert rows before a run.
 """
 
-from pathlib import Path
 
-from planner import Planner
-
-FLOWS = Path(__file__).resolve().parent.parent / "{flows}"
-
-
-async def test_example_greets(planner_database: str) -> None:
-    async with Planner(flows=FLOWS, dsn=planner_database, embedded=False) as planner:
-        result = await planner.run("example", {{"name": "world"}})
+async def test_example_greets(planner_flow_db) -> None:
+    result = await planner_flow_db.run("example", {{"name": "world"}})
     assert not result.degraded, result.defaulted  # a node that fell back on its default fails the test
     assert result.output["message"].startswith("Hello, world!")
 '''
+
+EXAMPLE_PYTEST_INI = """\
+# planner's pytest fixtures (docs/testing.md): pytest-asyncio runs them.
+[pytest]
+asyncio_mode = auto
+asyncio_default_fixture_loop_scope = function
+# The SQL that makes the tests' database: files, or folders of *.sql (in name order),
+# relative to this file; several separated by spaces or lines.
+planner_schema = db/schema.sql
+planner_flows = {flows}
+"""
+
+EXAMPLE_SCHEMA = """\
+-- The tables your flows read and write. Applied once per test session to a template
+-- database, which each test then copies (planner_schema in pytest.ini).
+CREATE TABLE greetings (
+    id       bigserial PRIMARY KEY,
+    name     text NOT NULL,
+    said_at  timestamptz NOT NULL DEFAULT now()
+);
+"""
 
 EXAMPLE_CI = """\
 # Checks every flow on each push: YAML, schema, references, cycles, call targets and SQL
@@ -859,7 +873,7 @@ jobs:
         with: {{python-version: "3.12"}}
       - run: pip install planner-flows pytest pytest-asyncio
       - run: planner validate {flows} --format github
-      - run: pytest -o asyncio_mode=auto tests/test_flows.py
+      - run: pytest
 """
 
 
@@ -869,7 +883,8 @@ def init(
     flows_name: Annotated[str, typer.Option("--flows-dir", help="The flows folder, inside the project folder.")] = "flows",
 ) -> None:
     """Start a project: a flows folder with an example flow (and the schema editors read), a
-    test using planner's pytest fixtures, and a CI workflow running `planner validate`.
+    test using planner's pytest fixtures with their pytest.ini and the project's db/schema.sql
+    (as docs/testing.md shows them), and a CI workflow running `planner validate` and pytest.
     Never overwrites a file: if any of them exists, nothing is written.
 
     Example: planner init . && planner validate flows
@@ -880,6 +895,8 @@ def init(
         Path(flows_name) / "example.yaml": EXAMPLE_FLOW,
         Path(flows_name) / "flow.schema.json": json.dumps(flow_schema(), indent=2) + "\n",
         Path("tests") / "test_flows.py": EXAMPLE_TEST.format(flows=flows_name),
+        Path("pytest.ini"): EXAMPLE_PYTEST_INI.format(flows=flows_name),
+        Path("db") / "schema.sql": EXAMPLE_SCHEMA,
         Path(".github") / "workflows" / "flows.yml": EXAMPLE_CI.format(flows=flows_name),
     }
     existing = [str(directory / rel) for rel in files if (directory / rel).exists() or (directory / rel).is_symlink()]

@@ -30,12 +30,12 @@ import hashlib
 import itertools
 import os
 import re
+import shlex
 import shutil
 import stat
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -59,7 +59,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="planner_replay: once (record a missing cassette, else replay; the default), "
                           "none (replay only: a missing cassette fails), all (record every cassette again)")
     parser.addini("planner_schema", type="linelist", default=[],
-                  help="SQL files (or folders of *.sql) applied to planner_flow_dsn's database, relative to the rootdir")
+                  help="SQL files (or folders of *.sql) applied to planner_flow_dsn's database, relative to the "
+                       "configuration file; several separated by spaces or lines (quote a path with spaces)")
     parser.addini("planner_flows", default="flows", help="the flows folder of planner_flow_db and planner_replay")
     parser.addini("planner_record", default="once", help="planner_replay's default record mode: once, none or all")
     parser.addini("planner_cassettes", default="cassettes",
@@ -77,6 +78,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 ROOT_ENV = "PLANNER_TEST_ROOT"
 OWNER = "owner.pid"
 _servers: dict[str, Path] = {}  # the socket folder of each embedded server of this process -> its folder
+unswept: list[str] = []  # leftovers of finished runs that `sweep` could not remove (shown in the summary)
 
 
 def runs_root() -> Path:
@@ -129,12 +131,20 @@ def sweep(root: Path, *, grace_s: float = 60.0) -> list[Path]:
             continue
         try:
             stop_embedded(folder)
-        except Exception as exc:  # its server would not stop: leave the folder, say so
-            warnings.warn(f"planner_pg: could not stop the server of a finished run in {folder}: {exc}", stacklevel=1)
+        except Exception as exc:  # its server would not stop: leave the folder; said at the end of the run
+            unswept.append(f"{folder}: its run is gone, but its server would not stop: {type(exc).__name__}: {exc}")
             continue
         shutil.rmtree(folder, ignore_errors=True)
         swept.append(folder)
     return swept
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    # Another run's leftovers are not this run's failure; they are still never dropped quietly.
+    if unswept:
+        terminalreporter.section("planner: leftovers of finished runs, not removed")
+        for line in unswept:
+            terminalreporter.write_line(line)
 
 
 def server_problem(dsn: str) -> str | None:
@@ -227,8 +237,20 @@ SchemaPart = str | os.PathLike[str]
 def planner_schema(request: pytest.FixtureRequest) -> SchemaPart | list[SchemaPart] | None:
     """The SQL of the authors' database: the `planner_schema` ini option's files; override it to
     return SQL text (a `str`), a `Path` (a file, or a folder of `*.sql` run in name order), or a list."""
-    root = Path(request.config.rootpath)
-    return [root / line for line in request.config.getini("planner_schema")]
+    return schema_paths(request.config)
+
+
+def schema_paths(config: pytest.Config) -> list[SchemaPart]:
+    """The `planner_schema` ini option's paths, relative to the configuration file's folder (else
+    the rootdir). In an ini file, each line is split like a shell line (several paths on a line;
+    quotes for a path with spaces; `#` starts a comment, which pytest would otherwise keep in
+    the value); a TOML list gives one path per item."""
+    base = Path(config.inipath).parent if config.inipath is not None else Path(config.rootpath)
+    toml = config.inipath is not None and Path(config.inipath).suffix == ".toml"
+    words: list[str] = []
+    for line in config.getini("planner_schema"):
+        words += [line] if toml else shlex.split(line, comments=True)
+    return [base / word for word in words]
 
 
 @pytest.fixture

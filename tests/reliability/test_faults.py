@@ -16,6 +16,8 @@ import pytest
 from planner import FlowFailed, FlowTimeout, NodeState, NodeTimeout, Planner, QueryError
 from tests.reliability.conftest import FaultServer
 
+pytestmark = pytest.mark.slow
+
 
 async def _pids_running(dsn: str, needle: str) -> list[int]:
     con = await asyncpg.connect(dsn)

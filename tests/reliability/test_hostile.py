@@ -78,6 +78,7 @@ def test_a_very_large_file_is_refused_at_once(tmp_path: Path) -> None:
     assert time.perf_counter() - t0 < 1.0
 
 
+@pytest.mark.subprocess
 def test_validate_prints_one_line_and_fails_for_each_bad_flow() -> None:
     proc = subprocess.run([PLANNER, "validate", *(str(c[0]) for c in CASES)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr

@@ -22,6 +22,8 @@ import pytest
 
 from planner import FlowFailed, FlowResult, NodeState, Planner
 
+pytestmark = pytest.mark.slow
+
 FLOWS = Path(__file__).resolve().parent.parent.parent / "flows"
 IN_FLIGHT = 200
 WARM_UP = 1_000
