@@ -150,7 +150,7 @@ async def test_metrics_route_shows_the_runs(demo_dsn: str) -> None:
         await client.post("/escalation", json={"instance_id": 1, "user_phone": "+15550000003", "message": "thanks"})
         response = await client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    assert 'planner_runs_total{flow="escalation",status="ok"}' in response.text
+    assert 'planner_flow_runs_total{flow="escalation",status="ok"}' in response.text
 
 
 async def test_a_client_that_disconnects_cancels_its_run(demo_dsn: str, tmp_path: Path) -> None:

@@ -81,8 +81,8 @@ async def test_a_defaulted_node_is_counted_in_prometheus_text(
     text = metrics.text()
     assert _line(text, "planner_node_outcomes_total", flow="shop", node="broken", outcome="defaulted") == 3
     assert _line(text, "planner_node_outcomes_total", flow="shop", node="good", outcome="ok") == 3
-    assert _line(text, "planner_runs_total", flow="shop", status="ok") == 3
-    assert _line(text, "planner_runs_degraded_total", flow="shop") == 3
+    assert _line(text, "planner_flow_runs_total", flow="shop", status="ok") == 3
+    assert _line(text, "planner_flow_runs_degraded_total", flow="shop") == 3
     assert _line(text, "planner_node_duration_seconds_count", flow="shop", node="broken", outcome="defaulted") == 3
 
 
@@ -94,17 +94,17 @@ async def test_a_defaulted_node_is_counted_in_opentelemetry(
     points = _otel(reader)
     assert _point(points["planner.node.outcomes"], flow="shop", node="broken", outcome="defaulted").value == 2
     assert _point(points["planner.node.outcomes"], flow="shop", node="summary", outcome="ok").value == 2
-    assert _point(points["planner.runs.degraded"], flow="shop").value == 2
+    assert _point(points["planner.flow.runs.degraded"], flow="shop").value == 2
     assert _point(points["planner.node.duration"], flow="shop", node="good", outcome="ok").count == 2
-    assert _point(points["planner.run.duration"], flow="shop", status="ok").count == 2
+    assert _point(points["planner.flow.duration"], flow="shop", status="ok").count == 2
 
 
 async def test_a_run_that_defaults_nothing_is_not_degraded(
         db_planner: Planner, metrics: Metrics, write_flow: Callable[..., Path]) -> None:
     write_flow("nodes:\n  a: {sql: SELECT 1 AS v, fetch: one}\n", name="fine")
     await db_planner.run("fine")
-    assert metrics.value("planner_runs_total", flow="fine", status="ok") == 1
-    assert metrics.value("planner_runs_degraded_total", flow="fine") == 0
+    assert metrics.value("planner_flow_runs_total", flow="fine", status="ok") == 1
+    assert metrics.value("planner_flow_runs_degraded_total", flow="fine") == 0
 
 
 async def test_a_failed_run_is_counted_by_status(
@@ -112,7 +112,7 @@ async def test_a_failed_run_is_counted_by_status(
     write_flow("nodes:\n  a: {sql: SELECT 1/0, fetch: value, on_error: fail}\n", name="bad")
     with pytest.raises(planner_pkg.FlowFailed):
         await db_planner.run("bad")
-    assert metrics.value("planner_runs_total", flow="bad", status="failed") == 1
+    assert metrics.value("planner_flow_runs_total", flow="bad", status="failed") == 1
     assert metrics.value("planner_node_outcomes_total", flow="bad", node="a", outcome="failed") == 1
 
 
@@ -129,8 +129,8 @@ async def test_statements_and_round_trips_per_run(
         """, name="count")
     result = await db_planner.run("count", mode="sequential")  # alone: no fusion
     assert result.nodes["one"].served is not None and result.nodes["one"].served.fused == 1
-    assert metrics.histogram("planner_run_statements", flow="count") == (1, 3.0)
-    assert metrics.histogram("planner_run_round_trips", flow="count") == (1, 5.0)
+    assert metrics.histogram("planner_flow_statements", flow="count") == (1, 3.0)
+    assert metrics.histogram("planner_flow_round_trips", flow="count") == (1, 5.0)
 
 
 async def test_a_fused_group_is_one_round_trip(
@@ -144,8 +144,8 @@ async def test_a_fused_group_is_one_round_trip(
     result = await db_planner.run("fused")
     fused = {n: r.served.fused for n, r in result.nodes.items() if r.served is not None}
     assert fused == {"a": 3, "b": 3, "c": 3}
-    assert metrics.histogram("planner_run_statements", flow="fused") == (1, 3.0)
-    assert metrics.histogram("planner_run_round_trips", flow="fused") == (1, 1.0)
+    assert metrics.histogram("planner_flow_statements", flow="fused") == (1, 3.0)
+    assert metrics.histogram("planner_flow_round_trips", flow="fused") == (1, 1.0)
     assert metrics.histogram("planner_node_fused_nodes", flow="fused", node="a") == (1, 3.0)
 
 
@@ -160,7 +160,7 @@ async def test_cache_hits_and_misses_are_read_from_the_cache(
     assert _line(text, "planner_cache_hits_total") == 2
     assert _line(text, "planner_cache_invalidations_total") == 1
     # A cache hit sends nothing: the two later runs sent no statement.
-    assert metrics.histogram("planner_run_statements", flow="cached") == (3, 1.0)
+    assert metrics.histogram("planner_flow_statements", flow="cached") == (3, 1.0)
 
 
 async def test_pool_waits_and_connections(
@@ -200,8 +200,8 @@ async def test_runs_refused_before_any_node_are_counted(tmp_path: Path, metrics:
             await p.run("r", {"x": "one"})
         with pytest.raises(DatabaseUnavailable):
             await p.run("r", {"x": 1})
-    assert metrics.value("planner_runs_total", flow="r", status="invalid_input") == 1
-    assert metrics.value("planner_runs_total", flow="r", status="unavailable") == 1
+    assert metrics.value("planner_flow_runs_total", flow="r", status="invalid_input") == 1
+    assert metrics.value("planner_flow_runs_total", flow="r", status="unavailable") == 1
 
 
 async def test_metrics_false_records_nothing(tmp_path: Path, write_flow: Callable[..., Path]) -> None:
@@ -215,9 +215,9 @@ async def test_planners_record_into_the_process_wide_registry_by_default(
         tmp_path: Path, write_flow: Callable[..., Path]) -> None:
     write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n", name="process_wide_probe")
     async with Planner(flows=tmp_path, allowed_modules=["tests"]) as p:
-        before = p.metrics.value("planner_runs_total", flow="process_wide_probe", status="ok") if p.metrics else -1
+        before = p.metrics.value("planner_flow_runs_total", flow="process_wide_probe", status="ok") if p.metrics else -1
         await p.run("process_wide_probe")
-    assert _line(metrics_text(), "planner_runs_total", flow="process_wide_probe", status="ok") == before + 1
+    assert _line(metrics_text(), "planner_flow_runs_total", flow="process_wide_probe", status="ok") == before + 1
 
 
 def test_prometheus_text_declares_every_family_once_with_valid_names() -> None:
@@ -232,8 +232,8 @@ def test_prometheus_text_declares_every_family_once_with_valid_names() -> None:
 
 def test_label_values_are_escaped() -> None:
     metrics = Metrics(otel=False)
-    metrics.add("planner_runs_total", (("flow", 'a"b\\c\nd'), ("status", "ok")))
-    assert 'planner_runs_total{flow="a\\"b\\\\c\\nd",status="ok"} 1' in metrics.text()
+    metrics.add("planner_flow_runs_total", (("flow", 'a"b\\c\nd'), ("status", "ok")))
+    assert 'planner_flow_runs_total{flow="a\\"b\\\\c\\nd",status="ok"} 1' in metrics.text()
 
 
 def test_histogram_buckets_are_cumulative_and_end_at_inf() -> None:

@@ -177,7 +177,7 @@ async def _metrics_route(code: str, env: Env) -> None:
         response = await client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
-    assert "# TYPE planner_runs_total counter" in response.text
+    assert "# TYPE planner_flow_runs_total counter" in response.text
     assert re.search(r'^planner_node_outcomes_total\{flow="t",node="a",outcome="ok"\} [1-9]', response.text, re.M)
 
 
@@ -218,5 +218,5 @@ def test_the_alert_rules_are_prometheus_rule_groups() -> None:
     (rules,) = blocks("yaml")
     groups = yaml.safe_load(rules)["groups"]
     alerts = {rule["alert"]: rule for group in groups for rule in group["rules"]}
-    assert "planner_runs_degraded_total" in alerts["PlannerDegradedAnswers"]["expr"]
+    assert "planner_flow_runs_degraded_total" in alerts["PlannerDegradedAnswers"]["expr"]
     assert all({"alert", "expr", "for", "labels", "annotations"} <= set(rule) for rule in alerts.values())

@@ -70,24 +70,24 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     # Runs, from the executor (the observer hooks).
-    Family("planner_runs_total", "planner.runs", "{run}", "counter",
+    Family("planner_flow_runs_total", "planner.flow.runs", "{run}", "counter",
            "Runs by flow and status (ok, failed, timeout; unavailable and invalid_input when refused before any node ran).",
            ("flow", "status")),
-    Family("planner_runs_degraded_total", "planner.runs.degraded", "{run}", "counter",
+    Family("planner_flow_runs_degraded_total", "planner.flow.runs.degraded", "{run}", "counter",
            "Runs that ended ok with at least one node settled by its default (an answer built on a fallback).",
            ("flow",)),
     Family("planner_node_outcomes_total", "planner.node.outcomes", "{node}", "counter",
            "Settled nodes by flow, node and outcome (ok, defaulted, skipped, failed, cancelled).",
            ("flow", "node", "outcome")),
-    Family("planner_run_duration_seconds", "planner.run.duration", "s", "histogram",
+    Family("planner_flow_duration_seconds", "planner.flow.duration", "s", "histogram",
            "How long runs took, by flow and status.", ("flow", "status"), SECONDS),
     Family("planner_node_duration_seconds", "planner.node.duration", "s", "histogram",
            "How long nodes that ran took (every attempt included), by flow, node and outcome.",
            ("flow", "node", "outcome"), SECONDS),
-    Family("planner_run_statements", "planner.run.statements", "{statement}", "histogram",
+    Family("planner_flow_statements", "planner.flow.statements", "{statement}", "histogram",
            "Statements a run's SQL nodes sent (every attempt; none for a cache hit; shared ones counted for each run).",
            ("flow",), COUNTS),
-    Family("planner_run_round_trips", "planner.run.round_trips", "{round_trip}", "histogram",
+    Family("planner_flow_round_trips", "planner.flow.round_trips", "{round_trip}", "histogram",
            "Round trips a run waited for: a fused group is one, a statement list adds BEGIN and COMMIT, a cache hit none.",
            ("flow",), COUNTS),
     Family("planner_node_batch_runs", "planner.node.batch_runs", "{run}", "histogram",
@@ -190,7 +190,7 @@ class Metrics:
 
     def refused(self, flow: str, status: str) -> None:
         """A run refused before any node ran (`unavailable`, `invalid_input`): counted, no latency."""
-        self.add("planner_runs_total", (("flow", flow), ("status", status)))
+        self.add("planner_flow_runs_total", (("flow", flow), ("status", status)))
 
     # --- RunObserver --------------------------------------------------------------------
 
@@ -228,14 +228,14 @@ class Metrics:
 
     def run_finished(self, flow: str, run_id: str, status: str) -> None:
         run = self._runs.pop(run_id, None)
-        self.add("planner_runs_total", (("flow", flow), ("status", status)))
+        self.add("planner_flow_runs_total", (("flow", flow), ("status", status)))
         if run is None:
             return
         if run.defaulted and status == "ok":
-            self.add("planner_runs_degraded_total", (("flow", flow),))
-        self.observe("planner_run_duration_seconds", (("flow", flow), ("status", status)), time.monotonic() - run.t0)
-        self.observe("planner_run_statements", (("flow", flow),), run.statements)
-        self.observe("planner_run_round_trips", (("flow", flow),), round(run.round_trips))
+            self.add("planner_flow_runs_degraded_total", (("flow", flow),))
+        self.observe("planner_flow_duration_seconds", (("flow", flow), ("status", status)), time.monotonic() - run.t0)
+        self.observe("planner_flow_statements", (("flow", flow),), run.statements)
+        self.observe("planner_flow_round_trips", (("flow", flow),), round(run.round_trips))
 
     # --- collecting ---------------------------------------------------------------------
 
