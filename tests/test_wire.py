@@ -97,13 +97,14 @@ class _Protocol:
         self.received.append(data)
 
 
-EXPECTED = wire.Expected(parameters=(20,), columns=(("v", 20),), names=("int8",))
+def _expected() -> wire.Expected:
+    return wire.Expected(parameters=(20,), columns=(("v", 20),), names=("int8",))
 
 
 def _watch() -> tuple[wire.Wire, wire.Check, _Protocol]:
     protocol = _Protocol()
     watched, check = wire.Wire(_Transport(), protocol), wire.Check()
-    watched._armed = (EXPECTED, check)
+    watched._armed = (_expected(), check)
     watched.write(memoryview(_parse("SELECT v FROM t WHERE id = $1")))
     assert check.sent
     return watched, check, protocol
@@ -132,7 +133,7 @@ def test_the_same_description_is_not_stale() -> None:
     ((("v", 987654),), "column 1 ('v') is the type with OID 987654 now, int8 when described"),
 ])
 def test_what_makes_a_description_stale(columns: tuple[tuple[str, int], ...], why: str) -> None:
-    assert wire.compare(EXPECTED, columns) == why
+    assert wire.compare(_expected(), columns) == why
 
 
 def test_rows_before_any_description_are_never_trusted() -> None:
@@ -143,7 +144,7 @@ def test_rows_before_any_description_are_never_trusted() -> None:
 
 def test_a_write_that_is_not_asyncpgs_parse_stops_the_checks_and_says_why() -> None:
     watched, check = wire.Wire(_Transport(), _Protocol()), wire.Check()
-    watched._armed = (EXPECTED, check)
+    watched._armed = (_expected(), check)
     watched.write(b"Q\x00\x00\x00\x0dSELECT 1\x00")
     assert watched.broken is not None and check.stale is not None and not check.sent
 
@@ -166,3 +167,15 @@ async def test_an_unchecked_asyncpg_keeps_no_description_and_says_so(
         await admin.close()
     assert any("describes every statement before each use" in r.getMessage() and "asyncpg" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_description_seen_once_is_recognised_again_and_a_changed_one_is_still_stale() -> None:
+    answer = b"1\x00\x00\x00\x04" + _row_description(("v", 20)) + b"2\x00\x00\x00\x04"
+    watched, expected = wire.Wire(_Transport(), _Protocol()), _expected()
+    for description, stale in ((("v", 20), False), (("v", 20), False), (("v", 701), True), (("v", 20), False)):
+        check = wire.Check()
+        watched._armed = (expected, check)
+        watched.write(memoryview(_parse("SELECT v FROM t WHERE id = $1")))
+        watched.data_received(b"1\x00\x00\x00\x04" + _row_description(description) + b"2\x00\x00\x00\x04")
+        assert (check.stale is not None) is stale, description
+    assert expected.seen == answer[5 + 1 + 4:-5]

@@ -220,7 +220,8 @@ class PoolerConnection(asyncpg.Connection):  # type: ignore[misc]
             check = Check()
             failure: Exception | None = None
             try:
-                result = await self._execute_once(query, self._checked(wire, executor, check), timeout, retry, **kwargs)
+                result = await self._execute_once(query, wire.checked(executor, self._expected, check), timeout,
+                                                  retry, **kwargs)
             except Exception as exc:
                 if check.stale is None:
                     raise
@@ -252,16 +253,9 @@ class PoolerConnection(asyncpg.Connection):  # type: ignore[misc]
         rows, _ = await self._do_execute(_VOLATILE_SQL, executor, None)
         return bool(rows[0][0])
 
-    def _checked(self, wire: Wire, executor: Any, check: Check) -> Any:
-        def expected(statement: Any) -> Expected:
-            last = self._last
-            return last[1] if last is not None and last[0] is statement else Expected.of(statement)
-
-        async def run(statement: Any, timeout: Any) -> Any:  # noqa: ASYNC109 - asyncpg's executor signature
-            return await wire.checked(executor, expected(statement), check)(statement, timeout)
-
-        run.checked = True  # type: ignore[attr-defined]  # asyncpg's own retry passes it back in
-        return run
+    def _expected(self, statement: Any) -> Expected:
+        last = self._last
+        return last[1] if last is not None and last[0] is statement else Expected.of(statement)
 
     async def _execute_once(self, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -43,7 +43,7 @@ import contextvars
 import logging
 import struct
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -91,7 +91,7 @@ class StaleResult(asyncpg.InterfaceError):  # type: ignore[misc]
     kept for the statement: a migration since it was described. Its rows were not returned."""
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False, slots=True)
 class Expected:
     """What a kept description says: the parameter types (pinned in the Parse) and each
     column's name and type (compared with the server's RowDescription)."""
@@ -99,6 +99,10 @@ class Expected:
     parameters: tuple[int, ...]
     columns: tuple[tuple[str, int], ...]
     names: tuple[str, ...]  # the columns' type names, for the message
+    # What the last use sent and was answered, byte for byte: the next use of the statement
+    # sends the same Parse and compares the same RowDescription without parsing either again.
+    parse: tuple[bytes, bytes] | None = field(default=None, compare=False)  # asyncpg's Parse, the checked one
+    seen: bytes | None = field(default=None, compare=False)  # a RowDescription found to match
 
     @classmethod
     def of(cls, statement: Any) -> Expected:
@@ -175,6 +179,11 @@ class Wire(asyncio.Protocol):
         self._send(data)
 
     def _checked_parse(self, data: bytes, expected: Expected, check: Check) -> bytes:
+        kept = expected.parse
+        if kept is not None and kept[0] == data:
+            check.sent = True
+            self._watched, self._carry = (expected, check), b""
+            return kept[1]
         # asyncpg's Parse of an unnamed statement: 'P', length, '' , query, no parameter types.
         if not (len(data) > 8 and data[0:1] == b"P" and _INT32.unpack_from(data, 1)[0] == len(data) - 1
                 and data[5] == 0 and data[-3:] == b"\x00\x00\x00"):
@@ -185,7 +194,9 @@ class Wire(asyncio.Protocol):
             _UINT32.pack(oid) for oid in expected.parameters)
         check.sent = True
         self._watched, self._carry = (expected, check), b""
-        return b"P" + _INT32.pack(len(body) + 4) + body + _DESCRIBE_STATEMENT
+        checked = b"P" + _INT32.pack(len(body) + 4) + body + _DESCRIBE_STATEMENT
+        expected.parse = (data, checked)
+        return checked
 
     # --- the protocol's side: what arrives ----------------------------------------------------
 
@@ -210,22 +221,26 @@ class Wire(asyncio.Protocol):
             if kind in b"Tn":  # the description: compared before any row reaches asyncpg
                 if end > len(buffer):
                     break
-                described = _row_description(buffer[at + 5:end]) if kind == ord("T") else ()
-                check.stale = compare(expected, described)
+                body = buffer[at + 5:end]
+                if body != expected.seen:
+                    check.stale = compare(expected, _row_description(body) if kind == ord("T") else ())
+                    if check.stale is None:
+                        expected.seen = body
             elif kind not in b"EZ":  # an error (it did not run) ends the watch with nothing to say
                 check.stale = f"it could not be checked: the server sent {chr(kind)!r} before the rows' description"
             self._watched, self._carry = None, b""
             return
         self._carry = buffer[at:]
 
-    def checked(self, executor: Callable[[Any, Any], Awaitable[Any]], expected: Expected,
+    def checked(self, executor: Callable[[Any, Any], Awaitable[Any]], describe: Callable[[Any], Expected],
                 check: Check) -> Callable[[Any, Any], Awaitable[Any]]:
-        """`executor` (asyncpg's bind/execute step) with its Parse checked against `expected`."""
+        """`executor` (asyncpg's bind/execute step) with its Parse checked against what
+        `describe(statement)` says of the statement it is given. The result has `checked = True`."""
 
         async def run(statement: Any, timeout: Any) -> Any:  # noqa: ASYNC109 - asyncpg's executor signature
             if not statement.name:
                 statement.mark_unprepared()  # sent with its text: the Parse this checks
-            self._armed = (expected, check)
+            self._armed = (describe(statement), check)
             try:
                 result = await executor(statement, timeout)
             finally:
@@ -236,6 +251,7 @@ class Wire(asyncio.Protocol):
                 check.stale = "it could not be checked: its Parse was not sent"
             return result
 
+        run.checked = True  # type: ignore[attr-defined]  # asyncpg's own retry passes it back in
         return run
 
     # --- everything else goes to asyncpg's protocol as it is ----------------------------------
