@@ -1,6 +1,6 @@
 """Behind a transaction pooler: every execution checks the result's column types on the wire.
 
-Why. `planner.db.pool.PoolerConnection` keeps what the server said of a statement (its parameter
+Why. `planner.db.pooler.PoolerConnection` keeps what the server said of a statement (its parameter
 and column types) and sends the statement unnamed again with each use: one round trip instead
 of two. The server parses the text afresh each time, on whatever server connection the pooler
 picks, so after a migration it may answer with other types than the kept description says.
