@@ -26,7 +26,7 @@ from planner.errors import DatabaseUnavailable, FlowError, FlowFileError, FlowIn
 from planner.graph import CompiledFlow, Plan, compile_flow, plan
 from planner.kinds import BindEnv, BoundNode, kind_of
 from planner.kinds.backend import Backend
-from planner.kinds.call import DEFAULT_THREADS, CallThreads
+from planner.kinds.call import DEFAULT_THREADS, MAX_AUTO_THREADS, WAIT_S, CallThreads, sync_calls_at_once
 from planner.lang.loader import FileStamp, load_spec, load_text
 from planner.lang.models import OnError
 from planner.lang.sqlcheck import syntax_errors
@@ -78,8 +78,13 @@ class Planner:
     PostgreSQL; nothing is opened until a flow with SQL to run runs. `min_size`/`max_size`
     size an owned pool; `full_reset=True` keeps asyncpg's reset query on release.
     `allowed_modules` (default: `PLANNER_ALLOWED_MODULES`, else the demo's flow functions and
-    the Python modules in the flows folder) limits what `call:` nodes may call; `call_threads`
-    bounds the threads that run sync calls. `node_wrapper` wraps every node's execution (see
+    the Python modules in the flows folder) limits what `call:` nodes may call.
+    `call_threads` bounds the threads that run sync calls; a sync call that finds them all busy
+    waits in line within its node's timeout (else `call_wait` seconds) and then fails with
+    `CallThreadsBusy` (counted, logged). When not given, planner sizes the threads for each
+    flow it binds: `concurrency` (the runs a service has in flight at once; default: `max_size`)
+    times the most sync calls of one plan group, at least 32, at most 512; when given and smaller
+    than that, it warns once per flow. `node_wrapper` wraps every node's execution (see
     `NodeWrapper`); `observers` watch every run (see `planner.run.observers.RunObserver`).
     `metrics` records runs, node outcomes, latencies, pools, cache and sync-call threads (see
     `planner.run.metrics`): by default into the process-wide registry (`planner.metrics_text()`),
@@ -118,7 +123,9 @@ class Planner:
         full_reset: bool = False,
         node_wrapper: NodeWrapper | None = None,
         observers: Sequence[RunObserver] | None = None,
-        call_threads: int = DEFAULT_THREADS,
+        call_threads: int | None = None,
+        call_wait: float = WAIT_S,
+        concurrency: int | None = None,
         cache_channel: str | None = CACHE_CHANNEL,
         cache_size: int = DEFAULT_SIZE,
         embedded: bool | None = None,
@@ -158,7 +165,9 @@ class Planner:
         self.cache = CacheBackend(backend, maxsize=cache_size, channel=cache_channel)
         self.backend: Backend = self.cache
         self.targets = CallTargets(allowed_modules, folder=self.source.folder)
-        self.threads = CallThreads(call_threads)
+        self.threads = CallThreads(call_threads if call_threads is not None else DEFAULT_THREADS, wait_s=call_wait)
+        self._threads_given = call_threads is not None
+        self._concurrency = concurrency if concurrency is not None else max_size
         self.node_wrapper = node_wrapper
         self.observers = observers
         # Metrics are on by default (a defaulted node must show somewhere): the process-wide
@@ -172,6 +181,7 @@ class Planner:
             self.threads.on_wait = _timer(chosen, "planner_call_wait_seconds", ())
         self.reload_errors: dict[str, FlowError] = {}
         self._env = BindEnv(self.targets, self.backend, self.threads)
+        self._threads_warned: set[tuple[str, int]] = set()
         self._cache: dict[str, _Entry] = {}
         self._reloading: dict[str, asyncio.Future[_Entry]] = {}
         self._failed: dict[str, FileStamp] = {}  # the stamp of a file that did not load
@@ -348,7 +358,31 @@ class Planner:
                 node = dataclasses.replace(node, run=self.cache.invalidating(flow.name, spec.invalidates, node.run))
             bound[name] = node
         needs_db = any(kind_of(spec.kind).needs_database(spec) for spec in flow.nodes.values())
+        self._size_threads(flow)
         return _Entry(stamp, flow, bound, needs_db)
+
+    def _size_threads(self, flow: CompiledFlow) -> None:
+        """Make room for `flow`'s sync calls: grow the threads when planner chose their number,
+        else warn (once per flow and need) when the number given is smaller than the need."""
+        per_run = sync_calls_at_once(flow.groups, flow.nodes, self.targets)
+        needed = per_run * self._concurrency
+        if needed <= self.threads.size:
+            return
+        if not self._threads_given and needed <= MAX_AUTO_THREADS:
+            logger.info("flow %s: %d sync call(s) at once x %d runs in flight: %d threads for sync calls",
+                        flow.name, per_run, self._concurrency, needed, extra={"flow": flow.name})
+            self.threads.size = needed
+            return
+        if (flow.name, needed) in self._threads_warned:
+            return
+        self._threads_warned.add((flow.name, needed))
+        given = "call_threads=" + str(self.threads.size) if self._threads_given else f"at most {MAX_AUTO_THREADS}"
+        logger.warning(
+            "flow %s: up to %d sync call(s) at once x %d runs in flight (concurrency=) may need %d threads, and "
+            "there are %s: under that load sync calls wait for a thread (up to their timeout, else %gs) and then "
+            "fail (CallThreadsBusy). Raise call_threads, make the functions async def, or lower the concurrency",
+            flow.name, per_run, self._concurrency, needed, given, self.threads.wait_s,
+            extra={"flow": flow.name, "call_threads": self.threads.size, "call_threads_needed": needed})
 
 
 def _samples(planner: Planner) -> list[Sample]:
@@ -367,7 +401,7 @@ def _samples(planner: Planner) -> list[Sample]:
             ("planner_call_threads", (("state", "abandoned"),), threads.abandoned),
             ("planner_call_threads", (("state", "max"),), threads.size),
             # Calls waiting for a thread, where the threads queue them (a bounded line before them).
-            ("planner_call_threads", (("state", "queued"),), getattr(threads, "queued", 0)),
+            ("planner_call_threads", (("state", "queued"),), threads.queued),
             ("planner_call_rejected_total", (), threads.rejected)]
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 calls: list[str] = []
@@ -128,6 +129,12 @@ def block(seconds: float = 2.0, value: Any = "unblocked") -> Any:
 
 
 def quick(value: Any = "quick") -> Any:
+    return value
+
+
+def nap(ms: float, value: Any = None) -> Any:
+    """A sync call that holds its thread for `ms` (a blocking client, as services have)."""
+    time.sleep(ms / 1000)
     return value
 
 

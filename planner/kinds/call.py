@@ -3,32 +3,40 @@
 The allow-list is enforced at bind time, before anything runs (see `planner.config.CallTargets`).
 Sync functions run on `CallThreads`, daemon threads of planner's own, never the event loop's
 default executor: a sync call that times out cannot be stopped (Python cannot kill a thread),
-so it keeps its thread until it returns; planner counts such threads, refuses new sync calls
-with a clear error once all are busy instead of queueing them behind the stuck ones, and never
-keeps the process alive for them at exit.
+so it keeps its thread until it returns; planner counts such threads. When every thread is
+busy a call waits in line, within its node's timeout (else `WAIT_S`), and past that fails
+loudly (`CallThreadsBusy`, counted and logged) rather than wait forever behind stuck calls.
+The process is never kept alive for these threads at exit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from planner.errors import FlowFileError, NodeError
+from planner.errors import CallThreadsBusy, FlowFileError, NodeTimeout
 from planner.kinds import BindEnv, Body, BoundNode
 from planner.lang.models import CallNode
 from planner.lang.refs import RefSyntaxError, compile_getter, parse_value
 
 if TYPE_CHECKING:
+    from planner.config import CallTargets
     from planner.lang.loader import Marks
     from planner.lang.nodes import CompiledNode
 
+logger = logging.getLogger("planner")
+
 DEFAULT_THREADS = 32
 IDLE_S = 60.0  # an idle thread ends after this long
+WAIT_S = 10.0  # how long a sync call of a node without a timeout may wait for a thread
+QUEUE_PER_THREAD = 32  # calls that may wait for a thread at once, per thread
+MAX_AUTO_THREADS = 512  # a Planner sizes its threads up to this many by itself (`sync_calls_at_once`)
 
 
 class CallKind:
@@ -61,12 +69,16 @@ class CallKind:
         threads = env.threads or shared_threads()
         backend = env.backend
 
+        timeout, where = spec.timeout, f"node {spec.name} of flow {spec.flow}"
+
         async def run_sync(kwargs: dict[str, Any]) -> Any:
             if wants_db:
                 kwargs["db"] = await backend.pool()
-            return await threads.run(fn, kwargs)
+            return await threads.run(fn, kwargs, node_timeout=timeout, where=where)
 
-        return BoundNode(spec, args, run_sync)
+        # The node's timeout is applied by `CallThreads.run`: it bounds the wait for a thread
+        # and the call together, and tells one from the other.
+        return BoundNode(spec, args, run_sync, own_timeout=True)
 
     def needs_database(self, spec: CompiledNode) -> bool:
         return False  # a `db` parameter opens the pool when the function is called
@@ -117,28 +129,52 @@ def _misfit(signature: inspect.Signature, given: list[str], wants_db: bool, fall
 
 
 class CallThreads:
-    """At most `size` daemon threads running sync `call:` functions.
+    """At most `size` daemon threads running sync `call:` functions, and a bounded queue before them.
 
-    A call finds an idle thread or starts one; when all `size` are busy it fails at once with
-    a `NodeError` that says how many are held by calls that already timed out. A thread idle
-    for `idle_s` ends, so that the threads of a Planner that is no longer used do not stay.
+    A call finds an idle thread, or starts one while fewer than `size` exist, or waits in line
+    for one: as long as its node's timeout allows (else `wait_s`), and only while fewer than
+    `max_queued` calls already wait. A call that gets no thread in that time never starts: it
+    fails with `CallThreadsBusy`, which says how many threads are held by calls that timed out
+    and how many calls wait; it is counted (`rejected`) and logged at WARNING. A call that
+    started and then exceeds the node's timeout is abandoned (a thread cannot be stopped) and
+    keeps its thread until it returns. A thread idle for `idle_s` ends, so that the threads of a
+    Planner that is no longer used do not stay.
+
+    Hooks for metrics (called on the event loop): `on_wait(seconds)` for each call that started,
+    with how long it waited for a thread. Counters: `rejected` (never started), `waited` (had
+    to wait in line); gauges: `busy`, `queued`, `abandoned`, `threads`.
     """
 
-    def __init__(self, size: int = DEFAULT_THREADS, *, idle_s: float = IDLE_S) -> None:
+    def __init__(self, size: int = DEFAULT_THREADS, *, idle_s: float = IDLE_S, wait_s: float = WAIT_S,
+                 max_queued: int | None = None) -> None:
         self.size = size
         self.idle_s = idle_s
+        self.wait_s = wait_s
+        self._max_queued = max_queued
         self._lock = threading.Lock()
-        self._busy = 0
+        self._running = 0
+        self._queued = 0
         self._abandoned = 0
         self._threads = 0
-        self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self.rejected = 0  # calls refused because every thread was busy
+        self._work: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self.rejected = 0  # calls that never started: no thread within their wait, or the queue was full
+        self.waited = 0  # calls that found every thread busy and waited in line
         self.on_wait: Callable[[float], None] | None = None  # told (on the loop) how long each call waited for a thread
+
+    @property
+    def max_queued(self) -> int:
+        """How many calls may wait for a thread at once (default: `QUEUE_PER_THREAD` per thread)."""
+        return self._max_queued if self._max_queued is not None else QUEUE_PER_THREAD * self.size
 
     @property
     def busy(self) -> int:
         """Threads running a call now (those whose node timed out or was cancelled included)."""
-        return self._busy
+        return self._running
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for a thread now."""
+        return self._queued
 
     @property
     def threads(self) -> int:
@@ -150,73 +186,130 @@ class CallThreads:
         """Threads still running a call nobody waits for any more (it timed out or was cancelled)."""
         return self._abandoned
 
-    async def run(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    async def run(self, fn: Callable[..., Any], kwargs: dict[str, Any], *, node_timeout: float | None = None,
+                  where: str = "") -> Any:
+        """`fn(**kwargs)` on a thread. `node_timeout` bounds the wait for a thread and the call together
+        (then `CallThreadsBusy` if it never started, `NodeTimeout` if it did); without one, the
+        wait alone is bounded by `wait_s`. `where` names the node in errors and logs."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        state = {"finished": False, "abandoned": False}
-        times = [time.monotonic(), 0.0]  # asked, started (written by the thread before it delivers)
-
-        def work() -> None:
-            times[1] = time.monotonic()
-            value: Any = None
-            error: BaseException | None = None
-            try:
-                value = fn(**kwargs)
-            except BaseException as exc:  # handed to the awaiting node, whatever it is
-                error = exc
-            # The thread is free before the value wakes anyone up: a node that starts because of
-            # this value must find it idle (with one thread, a chain of sync calls would
-            # otherwise fail as "all threads busy").
-            with self._lock:
-                self._busy -= 1
-                state["finished"] = True
-                self._abandoned -= state["abandoned"]
-            _deliver(loop, future, value, error)
-
+        call = _Call(fn, kwargs, loop)
         with self._lock:
-            if self._busy >= self.size:
+            full = self._running + self._queued >= self.size and self._queued >= self.max_queued
+            if full:
                 self.rejected += 1
-                raise NodeError(
-                    f"all {self.size} threads for sync calls are busy ({self._abandoned} of them still running "
-                    "calls that timed out: a thread cannot be stopped); not started"
-                )
-            self._busy += 1
-            start = self._busy > self._threads
-            if start:
-                self._threads += 1
-            # Queued under the lock: an idle thread about to end sees it and stays.
-            self._work.put(work)
+            else:
+                self._queued += 1
+                if self._running + self._queued > self.size:
+                    self.waited += 1
+                start = self._threads < self.size and self._running + self._queued > self._threads
+                if start:
+                    self._threads += 1
+                # Queued under the lock: an idle thread about to end sees it and stays.
+                self._work.put(call)
+        if full:
+            raise self._refused(call, where, 0.0, full=True)
         if start:
             threading.Thread(target=self._serve, name=f"planner-call-{id(self):x}", daemon=True).start()
+        timeout = node_timeout
+        limit = self.wait_s if timeout is None else timeout
         try:
-            value = await future
+            done, _ = await asyncio.wait((call.future,), timeout=limit)
+            if not done:
+                with self._lock:
+                    dropped = call.state == _QUEUED
+                    if dropped:  # it never started, and now never will
+                        call.state = _DROPPED
+                        self._queued -= 1
+                        self.rejected += 1
+                if dropped:
+                    call.future.cancel()
+                    raise self._refused(call, where, limit, full=False)
+                if timeout is not None:
+                    remaining = call.asked + timeout - time.monotonic()
+                    done, _ = await asyncio.wait((call.future,), timeout=max(remaining, 0.0))
+                    if not done:
+                        self._give_up(call)
+                        raise NodeTimeout(f"timed out after {timeout * 1000:g} ms")  # as policy.timed says it
+            return await call.future
         except asyncio.CancelledError:
-            with self._lock:
-                if not state["finished"]:
-                    state["abandoned"] = True
-                    self._abandoned += 1
+            self._give_up(call)
             raise
-        except BaseException:
-            self._waited(times)
-            raise
-        self._waited(times)
-        return value
+        finally:
+            if call.started and self.on_wait is not None:
+                self.on_wait(call.started - call.asked)
 
-    def _waited(self, times: list[float]) -> None:
-        if self.on_wait is not None and times[1]:
-            self.on_wait(times[1] - times[0])
+    def _give_up(self, call: _Call) -> None:
+        """Nobody waits for `call` any more: drop it if it has not started, else count its thread abandoned."""
+        with self._lock:
+            if call.state == _QUEUED:
+                call.state = _DROPPED
+                self._queued -= 1
+            elif call.state == _RUNNING and not call.abandoned:
+                call.abandoned = True
+                self._abandoned += 1
+        call.future.cancel()
+
+    def _refused(self, call: _Call, where: str, waited_s: float, *, full: bool) -> CallThreadsBusy:
+        held = f"{self._abandoned} of them still running calls that timed out: a thread cannot be stopped"
+        if full:
+            why = (f"all {self.size} threads for sync calls are busy ({held}) and {self._queued} calls already "
+                   f"wait for one (at most {self.max_queued} may); not started")
+        else:
+            why = (f"all {self.size} threads for sync calls stayed busy for the {waited_s * 1000:g} ms this call "
+                   f"could wait ({held}; {self._queued} calls still waiting); not started")
+        logger.warning("%s%s: raise call_threads, make the function async def, or lower the load",
+                       f"{where}: " if where else "", why,
+                       extra={"call_threads": self.size, "call_queued": self._queued, "outcome": "call_rejected"})
+        return CallThreadsBusy(why)
 
     def _serve(self) -> None:
         while True:
             try:
-                item = self._work.get(timeout=self.idle_s)
+                call = self._work.get(timeout=self.idle_s)
             except queue.Empty:
                 with self._lock:
                     if not self._work.empty():
                         continue  # queued while this thread timed out: it is this thread's
                     self._threads -= 1
                     return
-            item()
+            with self._lock:
+                if call.state != _QUEUED:
+                    continue  # its node stopped waiting before a thread was free
+                call.state = _RUNNING
+                self._queued -= 1
+                self._running += 1
+            call.started = time.monotonic()
+            value: Any = None
+            error: BaseException | None = None
+            try:
+                value = call.fn(**call.kwargs)
+            except BaseException as exc:  # handed to the awaiting node, whatever it is
+                error = exc
+            # The thread is free before the value wakes anyone up: a node that starts because of
+            # this value must find it idle (with one thread, a chain of sync calls would
+            # otherwise wait for a thread).
+            with self._lock:
+                self._running -= 1
+                call.state = _DONE
+                self._abandoned -= call.abandoned
+            _deliver(call.loop, call.future, value, error)
+
+
+_QUEUED, _RUNNING, _DONE, _DROPPED = range(4)
+
+
+class _Call:
+    """One sync call on its way through `CallThreads`; `state` changes under the threads' lock."""
+
+    __slots__ = ("fn", "kwargs", "loop", "future", "state", "abandoned", "asked", "started")
+
+    def __init__(self, fn: Callable[..., Any], kwargs: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.fn, self.kwargs, self.loop = fn, kwargs, loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+        self.state = _QUEUED
+        self.abandoned = False
+        self.asked = time.monotonic()
+        self.started = 0.0  # written by the thread before it delivers the value
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
@@ -232,6 +325,26 @@ def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], value
         loop.call_soon_threadsafe(settle)
     except RuntimeError:
         pass  # the loop is closed: nobody waits for this value any more
+
+
+def sync_calls_at_once(groups: Sequence[Sequence[str]], nodes: Mapping[str, CompiledNode], targets: CallTargets) -> int:
+    """The most sync `call:` nodes of one plan group (a flow's `groups` and `nodes`): how many
+    threads one run may hold at once (nodes of one group may run together; an eager run may
+    overlap groups a little)."""
+    most = 0
+    for group in groups:
+        count = 0
+        for name in group:
+            spec = nodes[name]
+            if spec.kind != "call":
+                continue
+            try:
+                fn = targets.resolve(spec.call)
+            except ValueError:
+                continue  # binding said so already
+            count += not inspect.iscoroutinefunction(fn)
+        most = max(most, count)
+    return most
 
 
 _shared: CallThreads | None = None
