@@ -182,6 +182,9 @@ async def test_sync_call_waits_and_refusals(tmp_path: Path, metrics: Metrics, wr
           slow: {call: tests.nodes:block, with: {seconds: 0.3}, default: x}
           quick: {call: tests.nodes:quick, default: refused, timeout: 100ms}
         """, name="sync")  # quick waits 100 ms for the one thread, then is refused (CallThreadsBusy)
+    from tests import nodes
+
+    nodes.unblock.clear()  # slow holds the thread its full 0.3 s (another test may have left it set)
     async with Planner(flows=tmp_path, allowed_modules=["tests"], metrics=metrics, call_threads=1) as p:
         result = await p.run("sync")
         assert result.output == {"slow": "unblocked", "quick": "refused"}
