@@ -22,6 +22,8 @@ import asyncpg
 import pytest
 
 from planner import FlowFailed, Planner, QueryError, load_flow
+from planner.db.pool import PoolBackend
+from planner.lang.sqlinfo import combine_writes
 from tests.pgbouncer import PgBouncer
 
 
@@ -212,3 +214,23 @@ async def test_a_read_that_changed_type_is_never_served_wrong_on_many_connection
         await admin.execute("ALTER TABLE pt ALTER COLUMN v TYPE float8; UPDATE pt SET v = 1.5")
         values = [r.values["r"] for r in await asyncio.gather(*(planner.run(flow, {"k": 1}) for _ in range(16)))]
     assert values == [1.5] * 16
+
+
+async def test_a_combined_write_whose_returned_column_changed_type_is_not_run_again(
+        demo_dsn: str, pgbouncer: PgBouncer, admin: asyncpg.Connection) -> None:
+    # `coalesce: true` writes of several runs go as one statement: once it ran, a stale result
+    # must not send each member again (that would write twice); each member gets the error.
+    await admin.execute("CREATE TABLE pt (id int PRIMARY KEY, v int8); INSERT INTO pt VALUES (1, 0), (2, 0)")
+    node = _flow("UPDATE pt SET v = v + 1 WHERE id = $k RETURNING v", coalesce=True).nodes["r"]
+    assert combine_writes(node.statements[0].text, 2) is not None
+    backend = PoolBackend(dsn=pgbouncer.dsn(demo_dsn), min_size=1, max_size=1)
+    try:
+        first = await backend.run_batch(node, [[1], [2]], lambda: None)
+        assert first == [(1, None), (1, None)]
+        await admin.execute("ALTER TABLE pt ALTER COLUMN v TYPE float8")
+        second = await backend.run_batch(node, [[1], [2]], lambda: None)
+        assert second is not None and all(value is None and isinstance(error, QueryError) for value, error in second)
+        assert all("changed since planner described it" in str(error) for _, error in second)
+        assert [r["v"] for r in await admin.fetch("SELECT v FROM pt ORDER BY id")] == [2.0, 2.0]  # once each
+    finally:
+        await backend.close()

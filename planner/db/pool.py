@@ -37,8 +37,8 @@ from planner.db.pooler import (
     pooler_mode,
     split_pooler,
 )
-from planner.db.translate import _reraise
-from planner.db.wire import repeatable
+from planner.db.translate import _reraise, translate
+from planner.db.wire import StaleResult, repeatable
 from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
 from planner.kinds.backend import Described, Outcome, Query
 from planner.lang.nodes import CompiledNode
@@ -421,6 +421,10 @@ class PoolBackend:
         except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             if _lost(exc) or con.is_closed():
                 raise
+            if isinstance(exc, StaleResult):
+                # It was written, and its rows came back in types other than described (a
+                # migration): running the members again would write twice. Each gets the error.
+                return [(None, translate(exc, statement, p)) for p in params]
             # The server refused it (or a value could not be sent): nothing was written.
             return await _each_alone(con, node, statement, params)
         outcomes: list[Outcome] = [(None, None)] * len(params)
