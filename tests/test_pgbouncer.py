@@ -400,6 +400,59 @@ async def test_a_statement_mode_dsn_is_a_clear_database_error(tmp_path: Path, de
 
 def test_an_unconfigured_pooler_error_says_what_to_set() -> None:
     exc = asyncpg.exceptions.InvalidSQLStatementNameError('prepared statement "__asyncpg_stmt_3__" does not exist')
+    assert str(translate(exc)).startswith("a transaction-mode pooler (PgBouncer's pool_mode = transaction) is between "
+                                          "planner and the server, and planner was not told: add ?pgbouncer=transaction")
     assert "pooler='transaction'" in str(translate(exc))
     other = asyncpg.exceptions.InvalidSQLStatementNameError('prepared statement "mine" does not exist')
     assert "pooler" not in str(translate(other))
+
+
+# --- a pooler planner was not told of (issue 22) ---------------------------------------------
+
+NOT_TOLD = """
+inputs: {i: int}
+nodes:
+  a: {sql: "SELECT id FROM whatsapp_instances WHERE id = $i", fetch: one}
+  b: {sql: "SELECT count(*) FROM whatsapp_instances WHERE id > $i", fetch: value}
+"""
+
+
+async def _errors_through(planner: Planner) -> list[BaseException]:
+    errors: list[BaseException] = []
+    for i in range(6):
+        for result in await asyncio.gather(*(planner.run("f", {"i": i}) for _ in range(3))):
+            errors += [node.error for node in result.nodes.values() if node.error is not None]
+    return errors
+
+
+async def test_a_pooler_planner_was_not_told_of_is_named_first_with_what_to_add_to_the_dsn(
+        tmp_path: Path, demo_dsn: str, pgbouncer: PgBouncer, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    import planner.db.translate as translate_module
+
+    monkeypatch.setattr(translate_module, "_pooler_told", False)
+    monkeypatch.delenv("PLANNER_POOLER", raising=False)
+    (tmp_path / "f.yaml").write_text(NOT_TOLD)
+    with caplog.at_level(logging.ERROR, logger="planner"):
+        async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(demo_dsn, pooler=False), min_size=3, max_size=3) as p:
+            errors = await _errors_through(p)
+    assert errors, "planner's prepared statements went through the pooler unharmed: nothing to say"
+    for error in errors:
+        assert isinstance(error, QueryError) and error.sqlstate in ("26000", "42P05")
+        assert str(error).startswith("a transaction-mode pooler (PgBouncer's pool_mode = transaction) is between "
+                                     "planner and the server, and planner was not told: add ?pgbouncer=transaction "
+                                     "to the DSN"), str(error)
+        assert "NOTE: pgbouncer" not in str(error) and "statement_cache_size" not in str(error)  # asyncpg's advice
+        assert not error.is_bug  # the deployment's, not the flow's: it never fails the run as a bug
+    told = [r for r in caplog.records if getattr(r, "outcome", None) == "pooler_not_told"]
+    assert len(told) == 1 and "add ?pgbouncer=transaction to the DSN" in told[0].getMessage()
+
+
+async def test_the_dsn_the_hint_asks_for_runs_the_same_flow_cleanly(tmp_path: Path, demo_dsn: str,
+                                                                    pgbouncer: PgBouncer) -> None:
+    (tmp_path / "f.yaml").write_text(NOT_TOLD)
+    async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(demo_dsn, pooler=False) + "?pgbouncer=transaction",
+                       min_size=3, max_size=3) as p:
+        assert await _errors_through(p) == []

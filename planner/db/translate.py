@@ -4,6 +4,7 @@ httpcore's in one place): `QueryError` (with `sqlstate`, `transient`, `position`
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -13,6 +14,8 @@ import asyncpg
 from planner.errors import QueryError
 from planner.lang.refs import CompiledSql, name_params
 from planner.results import error_text
+
+logger = logging.getLogger("planner")
 
 # Class 08 (connection exceptions) and these: serialization failure, deadlock, too many
 # connections, admin/crash shutdown, cannot connect now.
@@ -32,9 +35,8 @@ def translate(exc: BaseException, statement: CompiledSql | None = None, params: 
         message = redact(error_text(exc), sqlstate, params)
         if statement is not None:
             message = name_params(message, statement)
-        if sqlstate in ("26000", "42P05") and "__asyncpg_" in message:
-            message += (" (a transaction-mode pooler such as PgBouncer between planner and the server? "
-                        "Say so: Planner(pooler='transaction'), ?pgbouncer=transaction or PLANNER_POOLER=transaction)")
+        if sqlstate in POOLER_SQLSTATES and "__asyncpg_" in message:
+            message = _pooler_hint(message)
         position = getattr(exc, "position", None)
         return QueryError(message, sqlstate=sqlstate, transient=transient,
                           position=int(position) if isinstance(position, str) and position.isdigit() else None)
@@ -48,6 +50,28 @@ def translate(exc: BaseException, statement: CompiledSql | None = None, params: 
     if isinstance(exc, (ConnectionError, OSError)):
         return QueryError(f"connection lost: {error_text(exc)}", transient=True)
     return exc
+
+
+POOLER_SQLSTATES = ("26000", "42P05")
+"""A prepared statement of asyncpg's that does not exist, or already exists, on the server
+connection: what a transaction-mode pooler does to a client that keeps prepared statements."""
+POOLER_HINT = ("a transaction-mode pooler (PgBouncer's pool_mode = transaction) is between planner and the "
+               "server, and planner was not told: add ?pgbouncer=transaction to the DSN (&pgbouncer=transaction "
+               "when it has a query already), or pass Planner(pooler='transaction'), or set "
+               "PLANNER_POOLER=transaction")
+_pooler_told = False
+
+
+def _pooler_hint(message: str) -> str:
+    """The error of a pooler planner was not told of: what to add to the DSN first, then the
+    server's words without asyncpg's advice (which suggests settings planner makes itself).
+    Logged at ERROR once per process: every statement would otherwise say it again."""
+    global _pooler_told
+    said = message.split("\nHINT:", 1)[0].strip()
+    if not _pooler_told:
+        _pooler_told = True
+        logger.error("planner: %s (the server said: %s)", POOLER_HINT, said, extra={"outcome": "pooler_not_told"})
+    return f"{POOLER_HINT}. The server said: {said}"
 
 
 def redact(message: str, sqlstate: str | None, params: Sequence[Any] | None) -> str:
