@@ -26,6 +26,7 @@ import asyncpg
 from cachetools import LRUCache
 
 from planner.db.admin import quote_ident
+from planner.db.channel import Listener
 from planner.db.dsn import redact_dsn
 from planner.db.embedded import embedded_allowed, embedded_dsn, planner_home
 from planner.db.pooler import (
@@ -590,70 +591,19 @@ class PoolBackend:
         for it, and gets it back at `close()` (UNLISTENed: the pool's own reset may not do it),
         or its slot back when it is lost."""
         if self._listener is None:
-            self._listener = asyncio.get_running_loop().create_task(self._listen(channel, on_message, on_state))
+            listener = Listener(channel, on_message, on_state, self._listening_connection,
+                                self._heartbeat_s, self._heartbeat_timeout_s)
+            self._listener = asyncio.get_running_loop().create_task(listener.run())
 
-    async def _listen(self, channel: str, on_message: Callable[[str], None], on_state: Callable[[bool], None]) -> None:
-        delay = 0.05
-        while True:
-            lost = asyncio.Event()
-            con: Any = None
-            pool: Any = None
-
-            def closed(_con: Any, lost: asyncio.Event = lost) -> None:
-                lost.set()
-
-            def notified(_con: Any, _pid: int, _channel: str, payload: str) -> None:
-                on_message(payload)
-
-            try:
-                pool = self._pool or await self.pool()
-                if self.pooler == TRANSACTION_POOLER:
-                    # LISTEN cannot pass a transaction pooler (found out only now when the DSN
-                    # came from DATABASE_URL): the cache stays in its process, and says so once.
-                    logger.warning("cache channel %r: not available behind a transaction pooler; cached values "
-                                   "are this process's own (invalidations do not reach other processes)", channel)
-                    on_state(True)
-                    return
-                if self._connected_dsn:
-                    con = await asyncpg.connect(self._connected_dsn)
-                    pool = None  # a connection of its own, never the pool's
-                else:
-                    con = await pool.acquire()
-                con.add_termination_listener(closed)
-                await con.add_listener(channel, notified)
-                on_state(True)
-                delay = 0.05
-                why = await self._heartbeat(con, lost)
-                logger.warning("cache channel %r lost (%s): cached values are not trusted until it is back", channel, why)
-            except asyncio.CancelledError:
-                on_state(False)
-                if con is not None:
-                    await _stop_listening(con, pool, channel, notified, closed, lost=lost.is_set())
-                raise
-            except Exception as exc:
-                logger.warning("cache channel %r unavailable (%s): cached values are not trusted until it is back",
-                               channel, error_text(exc))
-            on_state(False)
-            if con is not None:
-                await _stop_listening(con, pool, channel, notified, closed, lost=True)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-    async def _heartbeat(self, con: asyncpg.Connection, lost: asyncio.Event) -> str:
-        """Return once the listening connection `con` is lost: closed (`lost` is set), or
-        silent (a `SELECT 1` unanswered within the heartbeat's timeout). Says which."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._heartbeat_s):
-                    await lost.wait()
-            if lost.is_set():
-                return "connection closed"
-            try:
-                await con.fetchval("SELECT 1", timeout=self._heartbeat_timeout_s)
-            except TimeoutError:
-                return f"no answer to a heartbeat within {self._heartbeat_timeout_s:g} s"
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                return f"heartbeat failed: {error_text(exc)}"
+    async def _listening_connection(self) -> tuple[asyncpg.Connection, asyncpg.Pool | None] | None:
+        """A connection for the cache channel: one of its own (from the DSN an owned pool was made
+        from), or one lent by a borrowed pool (returned to it); None behind a transaction pooler."""
+        pool = self._pool or await self.pool()
+        if self.pooler == TRANSACTION_POOLER:
+            return None
+        if self._connected_dsn:
+            return await asyncpg.connect(self._connected_dsn), None  # a connection of its own, never the pool's
+        return await pool.acquire(), pool
 
     async def notify(self, channel: str, payload: str) -> None:
         """`pg_notify(channel, payload)` on a pooled connection (delivered when it commits)."""
@@ -679,32 +629,6 @@ class PoolBackend:
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
         return task
-
-
-async def _stop_listening(con: Any, pool: asyncpg.Pool | None, channel: str, notified: Callable[..., None],
-                         closed: Callable[[Any], None], *, lost: bool) -> None:
-    """Done with the cache channel's connection `con`. Its own connection (`pool` None) is
-    terminated. A borrowed pool's goes back to that pool: the user's pool must never lose a
-    slot or a healthy connection to planner's channel. Whole (`lost` False), it UNLISTENs
-    first; lost (closed, or silent to the heartbeat), it is terminated and its slot returned."""
-    if pool is None:
-        if not con.is_closed():
-            con.terminate()
-        return
-    # asyncpg takes back a pool connection that closed under it; its proxy then refuses every
-    # call (InterfaceError), and releasing it again does nothing.
-    with contextlib.suppress(asyncpg.InterfaceError):
-        con.remove_termination_listener(closed)  # kept by asyncpg across releases: not the user's
-        if not lost:
-            try:
-                async with asyncio.timeout(_RELEASE_TIMEOUT_S):
-                    await con.remove_listener(channel, notified)  # UNLISTEN
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
-                lost = True  # it must not go back to the user's pool still listening
-        if lost and not con.is_closed():
-            con.terminate()  # a silent connection would hold up the pool's reset
-    with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError, TimeoutError):
-        await pool.release(con, timeout=_RELEASE_TIMEOUT_S)  # fails only by terminating it: the slot is back anyway
 
 
 @dataclass(frozen=True)
