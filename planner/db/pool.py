@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -409,7 +409,7 @@ class PoolBackend:
         committed, and running the members again could write twice. Every member then gets
         the timeout, as a statement of its own might have."""
         statement = node.statements[0]
-        text = self._write_text(statement.text, len(params))
+        text = self._write_text(statement.text, len(params), node.fetch)
         if text is None:
             return None
         # Members in one order whatever the batch: two batches that write the same rows take
@@ -433,10 +433,10 @@ class PoolBackend:
             outcomes[position] = outcome
         return outcomes
 
-    def _write_text(self, text: str, members: int) -> str | None:
-        key = f"{members}\0{text}"
+    def _write_text(self, text: str, members: int, fetch: str) -> str | None:
+        key = f"{members}\0{fetch}\0{text}"
         if key not in self._writes:
-            self._writes[key] = combine_writes(text, members)
+            self._writes[key] = combine_writes(text, members, first_row=fetch in ("one", "value"))
         return self._writes[key]
 
     async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
@@ -459,7 +459,8 @@ class PoolBackend:
     async def _fused_on(self, con: asyncpg.Connection, queries: list[Query]) -> list[Outcome] | _Again | None:
         again = _Again([(q.node, q.statements[0], q.params[0]) for q in queries])
         texts = [q.statements[0].text for q in queries]
-        key = "\0".join(texts)
+        # The fetch is part of the key: it decides whether a member stops at its first row.
+        key = "\0".join(f"{q.fetch}\0{text}" for q, text in zip(queries, texts, strict=True))
         timeouts = [q.timeout for q in queries if q.timeout is not None]
         failed: str | None = None  # the fused statement that failed as a stale one would
         while True:
@@ -474,7 +475,8 @@ class PoolBackend:
                 return None
             text = self._fused.get(key)
             if text is None:
-                text = self._fused[key] = _fused_text([q.statements[0] for q in queries], [s or () for s in shapes])
+                text = self._fused[key] = _fused_text([q.statements[0] for q in queries], [s or () for s in shapes],
+                                                       [q.fetch for q in queries])
             if text == failed:  # described afresh, nothing changed: it failed for another reason
                 return again
             try:
@@ -686,7 +688,7 @@ def _split(rows: list[Any], members: int, fetch: str, *, row_numbers: bool) -> l
     return outcomes
 
 
-def _fused_text(statements: list[CompiledSql], shapes: list[tuple[str, ...]]) -> str:
+def _fused_text(statements: list[CompiledSql], shapes: list[tuple[str, ...]], fetches: Sequence[str]) -> str:
     """`WITH m1 AS MATERIALIZED (...), m2 ... SELECT ARRAY(SELECT c1 FROM m1 ORDER BY "?row"), ...`:
     each statement runs once, with its parameters numbered after the previous one's.
 
@@ -696,11 +698,14 @@ def _fused_text(statements: list[CompiledSql], shapes: list[tuple[str, ...]]) ->
     columns are taken by name, so a column renamed or dropped is an undefined column (by
     position only when names repeat, where a dropped one is still an error); and a count of
     its columns that is parsed but never run (the planner folds `true OR ...` away) fails
-    when a column was added under `SELECT *`."""
+    when a column was added under `SELECT *`.
+
+    A member fetched `one` or `value` reads up to its first row only (`LIMIT 1`), as it does
+    alone (asyncpg asks the server for one row): a fused member keeps the cost of its fetch."""
     ctes: list[str] = []
     columns: list[str] = []
     offset = 0
-    for i, (statement, names) in enumerate(zip(statements, shapes, strict=True)):
+    for i, (statement, names, fetch) in enumerate(zip(statements, shapes, fetches, strict=True)):
         inner = statement.render([f"${offset + k + 1}" for k in range(len(statement.params))]).rstrip()
         inner = inner[:-1] if inner.endswith(";") else inner
         offset += len(statement.params)
@@ -712,8 +717,9 @@ def _fused_text(statements: list[CompiledSql], shapes: list[tuple[str, ...]]) ->
         picked = ", ".join(f"{column} AS c{k + 1}" for k, column in enumerate(taken))
         count = f"true OR EXISTS (SELECT q.* UNION ALL SELECT {', '.join(['NULL'] * len(names))})"
         # The newline ends a trailing `-- comment` of the statement.
+        limit = " LIMIT 1" if fetch in ("one", "value") else ""
         ctes.append(f'm{i + 1} AS MATERIALIZED (SELECT {picked}, row_number() OVER () AS "?row" '
-                    f"FROM ({inner}\n) AS {source} WHERE {count})")
+                    f"FROM ({inner}\n) AS {source} WHERE {count}{limit})")
         columns += [f'ARRAY(SELECT c{k + 1} FROM m{i + 1} ORDER BY "?row")' for k in range(len(names))]
     return f"WITH {', '.join(ctes)} SELECT {', '.join(columns)}"
 

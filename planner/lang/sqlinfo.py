@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pglast
-from pglast import ast
+from pglast import ast, enums
 from pglast.parser import parse_sql_json
 from pglast.stream import RawStream
 from pglast.visitors import Visitor
@@ -108,18 +108,33 @@ def analyze(text: str) -> SqlInfo:
     return SqlInfo(read_only=single and not writes and not effectful, session=session, functions=frozenset(functions))
 
 
-def combine_writes(text: str, members: int) -> str | None:
+def combine_writes(text: str, members: int, *, first_row: bool = False) -> str | None:
     """One statement that runs the write `text` once per member, every member's parameters
     numbered after the previous member's ($1..$k for the first, $k+1..$2k for the second...),
-    and returns each member's rows tagged with its 1-based ordinal in a first column `?ord`.
+    and returns each member's rows tagged with its 1-based ordinal in a first column `?ord`
+    (only its first row with `first_row`: a `fetch: one`/`value` member sends no more, as alone).
 
     Each member's own CTEs are hoisted to the top under names of their own (`found` becomes
     `found__m2`, still read as `found` inside), its main statement becomes the CTE `r__m2`, and
     the result is their `UNION ALL`. None when `text` cannot be combined: no rows returned
-    (a write without RETURNING), a recursive or nested WITH, or more than one statement.
+    (a write without RETURNING), a recursive or nested WITH, more than one statement, or a
+    write whose target rows cannot be named (`WHERE CURRENT OF`, MERGE's `NOT MATCHED BY
+    SOURCE`).
+
+    Members must never change the same row: in one statement every part reads one snapshot,
+    and a row changed by one member is skipped by the next (an increment lost, a run answered
+    `None`), which no order of separate runs could give. So each UPDATE, DELETE and MERGE of
+    each member (in its CTEs or its main statement) also names its target rows, `(tableoid,
+    ctid)` as the statement's snapshot sees them, in the CTE `?targets`; when two members name
+    one row, `?overlap` has two rows or more and reading it as one value fails the statement
+    (21000, cardinality violation) before anything is committed: the members then run one by
+    one (`PoolBackend._write_batch_on`). An INSERT ... ON CONFLICT DO UPDATE that meets a row
+    another member changed fails on its own (21000 too); plain inserts that collide fail on
+    their unique key.
     """
     pieces: list[str] = []
     selects: list[str] = []
+    targets: list[str] = []
     for i in range(members):
         tree = pglast.parse_sql(text)
         if len(tree) != 1:
@@ -131,12 +146,50 @@ def combine_writes(text: str, members: int) -> str | None:
         ctes = list(stmt.withClause.ctes or ()) if stmt.withClause else []
         names = {str(cte.ctename) for cte in ctes}
         _Renumber(offset, names, f"__m{i + 1}")(tree)
+        for write in [cte.ctequery for cte in ctes] + [stmt]:
+            if isinstance(write, (ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)):
+                target = _targets(write, i + 1)
+                if target is None:
+                    return None
+                targets.append(target)
         if ctes:
             pieces += [RawStream()(cte) for cte in ctes]
             stmt.withClause = None
         pieces.append(f'"r__m{i + 1}" AS ({RawStream()(stmt)})')
         selects.append(f'SELECT {i + 1} AS "?ord", * FROM "r__m{i + 1}"')
+    if targets and members > 1:
+        # Each member's targets once (an UPDATE ... FROM may join one row several times), then
+        # the rows named by more than one member: none, or at least two rows.
+        pieces.append(f'"?targets" AS ({" UNION ALL ".join(targets)})')
+        pieces.append('"?overlap" AS (SELECT "?m" FROM (SELECT "?m", count(*) OVER (PARTITION BY "?o", "?c") AS "?n" '
+                      'FROM (SELECT DISTINCT "?m", "?o", "?c" FROM "?targets") AS "?d") AS "?w" WHERE "?n" > 1)')
+        # Read where it is always evaluated: the first branch's one-time filter, before its first row.
+        selects[0] += ' WHERE (SELECT "?m" FROM "?overlap") IS NULL'
+    if first_row:
+        selects = [f"({select} LIMIT 1)" for select in selects]
     return f"WITH {', '.join(pieces)} {' UNION ALL '.join(selects)}"
+
+
+def _targets(write: ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt, member: int) -> str | None:
+    """`SELECT member AS "?m", t.tableoid AS "?o", t.ctid AS "?c" FROM ... WHERE ...`: the rows
+    the UPDATE, DELETE or MERGE `write` would change (a superset for MERGE: every matched row,
+    whatever its WHEN conditions), or None when they cannot be named so."""
+    relation: Any = write.relation
+    alias = relation.alias.aliasname if relation.alias is not None else relation.relname
+    ref = '"' + str(alias).replace('"', '""') + '"'
+    head = f'SELECT {member} AS "?m", {ref}.tableoid AS "?o", {ref}.ctid AS "?c" FROM {RawStream()(relation)}'
+    if isinstance(write, ast.MergeStmt):
+        if any(c.matchKind == enums.MergeMatchKind.MERGE_WHEN_NOT_MATCHED_BY_SOURCE for c in write.mergeWhenClauses or ()):
+            return None  # it changes rows that match nothing: any row of the table
+        source: Any = write.sourceRelation
+        condition: Any = write.joinCondition
+        return f"{head} JOIN {RawStream()(source)} ON {RawStream()(condition)}"
+    others = write.fromClause if isinstance(write, ast.UpdateStmt) else write.usingClause
+    where: Any = write.whereClause
+    if isinstance(where, ast.CurrentOfExpr):
+        return None
+    joined = "".join(f", {RawStream()(item)}" for item in others or ())
+    return f"{head}{joined}" + (f" WHERE {RawStream()(where)}" if where is not None else "")
 
 
 def _returns_rows(stmt: ast.Node) -> bool:
