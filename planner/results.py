@@ -54,7 +54,8 @@ class NodeResult:
 class FlowResult:
     """The result of one run.
 
-    `status` is "ok" when no node failed, "failed" when an `on_error: fail` node failed and
+    `status` is "ok" when no node failed the run, "failed" when a node failed and its policy
+    said fail (`on_error: fail`, `required: true`, an error that means the flow is wrong) and
     "timeout" when the run hit its deadline (the last two are raised as `FlowFailed`).
     An "ok" run may still be *degraded*: `degraded` is true when any node failed and was
     settled by its `default` (`defaulted` maps each such node to its error). Check it wherever

@@ -199,7 +199,9 @@ class CallThreads:
                 self.rejected += 1
             else:
                 self._queued += 1
-                if self._running + self._queued > self.size:
+                # A thread (idle, or started below) takes it at once unless others are ahead of it.
+                immediate = self._running + self._queued <= self.size
+                if not immediate:
                     self.waited += 1
                 start = self._threads < self.size and self._running + self._queued > self._threads
                 if start:
@@ -213,6 +215,8 @@ class CallThreads:
         timeout = node_timeout
         limit = self.wait_s if timeout is None else timeout
         try:
+            if immediate and timeout is None:
+                return await call.future  # the common case: nothing to bound
             done, _ = await asyncio.wait((call.future,), timeout=limit)
             if not done:
                 with self._lock:
