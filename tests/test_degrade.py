@@ -301,3 +301,33 @@ def test_the_schema_offers_required_on_error_and_on_bug() -> None:
     text = str(flow_schema())
     for key in ("'required'", "'on_bug'", "'on_error'"):
         assert key in text
+
+
+# --- the new user's scenario: a service under load never answers wrong quietly ---------------
+
+LOADED = """
+inputs: {id: int}
+nodes:
+  instance:
+    sql: SELECT id, instance_name FROM whatsapp_instances WHERE id = $id
+    fetch: one
+    required: true
+  summary: {call: tests.nodes:nap, with: {ms: 2, value: $instance.instance_name}}
+  echoed: {call: tests.nodes:echo, with: {value: $instance.id}}
+output: {name: $summary, id: $echoed}
+"""
+
+
+@pytest.mark.parametrize("threads", [None, 4], ids=["sized-by-planner", "four-threads"])
+async def test_200_concurrent_runs_with_sync_and_async_calls_all_answer_right(
+        write_flow: Write, demo_dsn: str, threads: int | None) -> None:
+    import asyncio
+
+    path = write_flow(LOADED)
+    async with Planner(flows=path.parent, dsn=demo_dsn, allowed_modules=["tests"], call_threads=threads) as planner:
+        expected = (await planner.run("t", {"id": 1})).output
+        assert expected["id"] == 1 and isinstance(expected["name"], str)
+        results = await asyncio.gather(*(planner.run("t", {"id": 1}) for _ in range(200)))
+        assert planner.threads.rejected == 0
+    assert [r.output for r in results] == [expected] * 200
+    assert not any(r.degraded for r in results)

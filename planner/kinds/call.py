@@ -35,7 +35,8 @@ logger = logging.getLogger("planner")
 DEFAULT_THREADS = 32
 IDLE_S = 60.0  # an idle thread ends after this long
 WAIT_S = 10.0  # how long a sync call of a node without a timeout may wait for a thread
-QUEUE_PER_THREAD = 32  # calls that may wait for a thread at once, per thread
+QUEUE_PER_THREAD = 32  # calls that may wait for a thread at once, per thread...
+QUEUE_MIN = 1024  # ...and at least this many: a burst of requests on a few threads is ordinary load
 MAX_AUTO_THREADS = 512  # a Planner sizes its threads up to this many by itself (`sync_calls_at_once`)
 
 
@@ -163,8 +164,11 @@ class CallThreads:
 
     @property
     def max_queued(self) -> int:
-        """How many calls may wait for a thread at once (default: `QUEUE_PER_THREAD` per thread)."""
-        return self._max_queued if self._max_queued is not None else QUEUE_PER_THREAD * self.size
+        """How many calls may wait for a thread at once (default: `QUEUE_PER_THREAD` per thread, at
+        least `QUEUE_MIN`). The wait is bounded in time too; this bounds what waiting holds."""
+        if self._max_queued is not None:
+            return self._max_queued
+        return max(QUEUE_MIN, QUEUE_PER_THREAD * self.size)
 
     @property
     def busy(self) -> int:
