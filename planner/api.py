@@ -206,7 +206,9 @@ class Planner:
 
     def invalidate(self, node: str | None = None, *, flow: str | None = None) -> int:
         """Drop values kept by `cache:` nodes: all when no node is named; else node `node`'s in
-        every flow, or only in `flow` (or every node of `flow`). Returns how many were dropped."""
+        every flow, or only in `flow` (or every node of `flow`). Returns how many were dropped.
+        Other processes on the cache channel drop theirs; in each, the next read of what was
+        named comes from the primary until the read replica is proven past this moment."""
         return self.cache.invalidate(node, flow=flow)
 
     def cache_stats(self) -> CacheStats:
