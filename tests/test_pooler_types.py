@@ -234,3 +234,19 @@ async def test_a_combined_write_whose_returned_column_changed_type_is_not_run_ag
         assert [r["v"] for r in await admin.fetch("SELECT v FROM pt ORDER BY id")] == [2.0, 2.0]  # once each
     finally:
         await backend.close()
+
+
+async def test_fused_sibling_reads_after_a_type_change_get_the_new_values(
+        pooled: Planner, admin: asyncpg.Connection) -> None:
+    await admin.execute("CREATE TABLE pt (id int PRIMARY KEY, v int8, at timestamp)")
+    await admin.execute("INSERT INTO pt VALUES (1, 7, '2026-12-06 10:00')")
+    flow = load_flow(text=json.dumps({"inputs": {"k": "int"}, "nodes": {
+        "v": {"sql": "SELECT v FROM pt WHERE id = $k", "fetch": "value", "on_error": "fail"},
+        "at": {"sql": "SELECT at FROM pt WHERE id = $k", "fetch": "value", "on_error": "fail"}}}), name="siblings")
+    first = await pooled.run(flow, {"k": 1})
+    assert first.values == {"v": 7, "at": datetime.datetime(2026, 12, 6, 10, 0)}
+    assert first.nodes["v"].served is not None and first.nodes["v"].served.fused == 2
+    await admin.execute("ALTER TABLE pt ALTER COLUMN v TYPE float8, ALTER COLUMN at TYPE timestamptz "
+                        "USING at AT TIME ZONE 'UTC'; UPDATE pt SET v = 1.5")
+    second = await pooled.run(flow, {"k": 1})
+    assert second.values == {"v": 1.5, "at": datetime.datetime(2026, 12, 6, 10, 0, tzinfo=datetime.UTC)}
