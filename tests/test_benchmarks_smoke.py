@@ -29,6 +29,14 @@ def test_executor_overhead_smoke() -> None:
         assert heading in proc.stdout
 
 
+def test_metrics_overhead_smoke() -> None:
+    proc = _run("benchmarks.metrics_overhead", "--smoke")
+    assert proc.returncode == 0, proc.stderr
+    for variant in ("metrics=False", "no metrics, a do-nothing observer", "Metrics(otel=False)",
+                    "default (OpenTelemetry API, no SDK)"):
+        assert f"| {variant}" in proc.stdout
+
+
 def test_seed_table_smoke(pg_dsn: str) -> None:
     proc = _run("benchmarks.seed_table", "--smoke", "--dsn", pg_dsn)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -249,3 +249,39 @@ def test_histogram_buckets_are_cumulative_and_end_at_inf() -> None:
     assert _line(text, "planner_pool_wait_seconds_bucket", pool="primary", le="30") == 3
     assert _line(text, "planner_pool_wait_seconds_bucket", pool="primary", le="+Inf") == 4
     assert _line(text, "planner_pool_wait_seconds_count", pool="primary") == 4
+
+
+LATE_SDK = """
+import asyncio, sys
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from planner import Planner
+
+async def main():
+    async with Planner(flows=sys.argv[1], allowed_modules=["tests"]) as planner:  # the process-wide Metrics
+        await planner.run("t")                      # no SDK yet: nothing to record in OpenTelemetry
+        reader = InMemoryMetricReader()
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        await planner.run("t")
+        await planner.run("t")
+        data = reader.get_metrics_data()
+    points = [p for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+              if m.name == "planner.node.outcomes" for p in m.data.data_points]
+    print(sum(p.value for p in points))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.subprocess
+def test_a_meter_provider_set_after_the_planner_is_made_receives_the_later_runs(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "t.yaml").write_text("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", LATE_SDK, str(tmp_path)], capture_output=True, text=True, cwd=root,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "2"  # the two runs after the SDK was set

@@ -188,7 +188,10 @@ async def _readiness(code: str, env: Env) -> None:
     assert namespace["PING"].name == "healthz"
 
 
-@pytest.mark.parametrize("index", range(len(blocks("python"))))
+@pytest.mark.parametrize("index", [
+    # The tracing example sets a process-wide tracer provider: it runs in a Python of its own.
+    pytest.param(i, marks=pytest.mark.subprocess) if "set_tracer_provider" in code else i
+    for i, code in enumerate(blocks("python"))])
 async def test_the_python_example_runs(index: int, demo_dsn: str, pg_dsn: str, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     code = blocks("python")[index]

@@ -124,6 +124,42 @@ FAMILIES: tuple[Family, ...] = (
 BY_NAME = {family.name: family for family in FAMILIES}
 
 
+class _Cell:
+    """A counter's value (an object, so the hot path updates it without re-hashing its labels)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+
+class _NodeCells:
+    """The series one (flow, node, outcome) updates each time a node settles, found with one lookup."""
+
+    __slots__ = ("outcomes", "duration", "attrs")
+
+    def __init__(self, outcomes: _Cell, duration: _Histogram, attrs: dict[str, str]) -> None:
+        self.outcomes, self.duration, self.attrs = outcomes, duration, attrs
+
+
+class _FlowCells:
+    """The series one (flow, status) updates each time a run ends."""
+
+    __slots__ = ("runs", "degraded", "duration", "statements", "round_trips", "attrs", "flow_attrs")
+
+    def __init__(self, runs: _Cell, degraded: _Cell, duration: _Histogram, statements: _Histogram,
+                 round_trips: _Histogram, attrs: dict[str, str], flow_attrs: dict[str, str]) -> None:
+        self.runs, self.degraded, self.duration = runs, degraded, duration
+        self.statements, self.round_trips, self.attrs, self.flow_attrs = statements, round_trips, attrs, flow_attrs
+
+
+class _SqlCells:
+    __slots__ = ("batch", "fused", "attrs")
+
+    def __init__(self, batch: _Histogram, fused: _Histogram, attrs: dict[str, str]) -> None:
+        self.batch, self.fused, self.attrs = batch, fused, attrs
+
+
 class _Histogram:
     __slots__ = ("bounds", "counts", "sum")
 
@@ -156,30 +192,75 @@ class Metrics:
     """
 
     def __init__(self, *, meter_provider: Any = None, otel: bool = True) -> None:
-        self._counters: dict[str, dict[Labels, float]] = {f.name: {} for f in FAMILIES if f.kind == "counter"}
+        self._counters: dict[str, dict[Labels, _Cell]] = {f.name: {} for f in FAMILIES if f.kind == "counter"}
         self._histograms: dict[str, dict[Labels, _Histogram]] = {f.name: {} for f in FAMILIES if f.kind == "histogram"}
+        self._nodes: dict[tuple[str, str, str], _NodeCells] = {}
+        self._sql: dict[tuple[str, str], _SqlCells] = {}
+        self._flows: dict[tuple[str, str], _FlowCells] = {}
         self._runs: dict[str, _Run] = {}
         self._sources: weakref.WeakKeyDictionary[Any, Callable[[Any], Iterable[Sample]]] = weakref.WeakKeyDictionary()
-        self._otel = _Otel(self, meter_provider) if otel and otel_metrics is not None else None
+        self._otel: _Otel | None = None
+        # OpenTelemetry: at once with a provider given; with the global one, once an SDK has set
+        # it (until then the API would only forward to nothing, at a cost on every node).
+        self._otel_pending = otel and otel_metrics is not None
+        if self._otel_pending and meter_provider is not None:
+            self._otel, self._otel_pending = _Otel(self, meter_provider), False
+
+    def _check_otel(self) -> None:
+        provider = otel_metrics.get_meter_provider()
+        # The API's stand-in before `set_meter_provider` (a private class: matched by name), or its no-op.
+        if type(provider).__name__ == "_ProxyMeterProvider" or isinstance(provider, otel_metrics.NoOpMeterProvider):
+            return
+        self._otel, self._otel_pending = _Otel(self, provider), False
 
     # --- recording ----------------------------------------------------------------------
 
     def add(self, name: str, labels: Labels, value: float = 1.0) -> None:
         """Add to counter `name` (labels in the family's order)."""
         series = self._counters[name]
-        series[labels] = series.get(labels, 0.0) + value
+        cell = series.get(labels)
+        if cell is None:
+            cell = series[labels] = _Cell()
+        cell.value += value
         if self._otel is not None:
             self._otel.add(name, labels, value)
 
     def observe(self, name: str, labels: Labels, value: float) -> None:
         """Record `value` in histogram `name`."""
+        self._histogram(name, labels).observe(value)
+        if self._otel is not None:
+            self._otel.record(name, labels, value)
+
+    def _histogram(self, name: str, labels: Labels) -> _Histogram:
         series = self._histograms[name]
         histogram = series.get(labels)
         if histogram is None:
             histogram = series[labels] = _Histogram(BY_NAME[name].buckets)
-        histogram.observe(value)
-        if self._otel is not None:
-            self._otel.record(name, labels, value)
+        return histogram
+
+    def _node_cells(self, flow: str, node: str, outcome: str) -> _NodeCells:
+        labels = (("flow", flow), ("node", node), ("outcome", outcome))
+        outcomes = self._counters["planner_node_outcomes_total"].setdefault(labels, _Cell())
+        cells = self._nodes[flow, node, outcome] = _NodeCells(
+            outcomes, self._histogram("planner_node_duration_seconds", labels), dict(labels))
+        return cells
+
+    def _flow_cells(self, flow: str, status: str) -> _FlowCells:
+        labels, by_flow = (("flow", flow), ("status", status)), (("flow", flow),)
+        counters = self._counters
+        cells = self._flows[flow, status] = _FlowCells(
+            counters["planner_flow_runs_total"].setdefault(labels, _Cell()),
+            counters["planner_flow_runs_degraded_total"].setdefault(by_flow, _Cell()),
+            self._histogram("planner_flow_duration_seconds", labels),
+            self._histogram("planner_flow_statements", by_flow),
+            self._histogram("planner_flow_round_trips", by_flow), dict(labels), dict(by_flow))
+        return cells
+
+    def _sql_cells(self, flow: str, node: str) -> _SqlCells:
+        labels = (("flow", flow), ("node", node))
+        cells = self._sql[flow, node] = _SqlCells(self._histogram("planner_node_batch_runs", labels),
+                                                  self._histogram("planner_node_fused_nodes", labels), dict(labels))
+        return cells
 
     def watch(self, owner: Any, sample: Callable[[Any], Iterable[Sample]]) -> None:
         """Read `sample(owner)` at each collection while `owner` lives (held weakly) and until `unwatch`."""
@@ -196,18 +277,27 @@ class Metrics:
 
     def run_started(self, flow: str, run_id: str, mode: str) -> None:
         self._runs[run_id] = _Run()
+        if self._otel_pending:
+            self._check_otel()
 
     def node_started(self, flow: str, run_id: str, node: str, kind: str,
                      coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]:
         return coro
 
     def node_settled(self, flow: str, run_id: str, node: str, result: NodeResult) -> None:
-        outcome = result.state.value
-        labels = (("flow", flow), ("node", node), ("outcome", outcome))
-        self.add("planner_node_outcomes_total", labels)
-        duration = result.duration_ms
-        if duration is not None and result.attempts:  # it ran (not skipped, overridden or refused)
-            self.observe("planner_node_duration_seconds", labels, duration / 1000.0)
+        # The hot path (every node of every run): one lookup finds every series it updates.
+        outcome = result.state  # a StrEnum: the key matches the plain string (`.value` is slow)
+        cells = self._nodes.get((flow, node, outcome)) or self._node_cells(flow, node, str(outcome))
+        cells.outcomes.value += 1
+        started, finished = result.started_ms, result.finished_ms
+        # Only a node that ran has a latency (not one skipped, overridden or refused).
+        seconds = (finished - started) / 1000.0 if started is not None and finished is not None and result.attempts \
+            else None
+        if seconds is not None:
+            cells.duration.observe(seconds)
+        otel = self._otel
+        if otel is not None:
+            otel.node(cells.attrs, seconds)
         run = self._runs.get(run_id)
         if run is None:
             return
@@ -216,9 +306,11 @@ class Metrics:
         served = result.served
         if served is None or served.cached or not result.attempts:
             return
-        where = (("flow", flow), ("node", node))
-        self.observe("planner_node_batch_runs", where, served.batch)
-        self.observe("planner_node_fused_nodes", where, served.fused)
+        sql = self._sql.get((flow, node)) or self._sql_cells(flow, node)
+        sql.batch.observe(served.batch)
+        sql.fused.observe(served.fused)
+        if otel is not None:
+            otel.sql(sql.attrs, served.batch, served.fused)
         statements = served.statements * result.attempts
         run.statements += statements
         if served.statements > 1:  # a statement list is a transaction: BEGIN and COMMIT too
@@ -228,14 +320,22 @@ class Metrics:
 
     def run_finished(self, flow: str, run_id: str, status: str) -> None:
         run = self._runs.pop(run_id, None)
-        self.add("planner_flow_runs_total", (("flow", flow), ("status", status)))
+        cells = self._flows.get((flow, status)) or self._flow_cells(flow, status)
+        cells.runs.value += 1
+        otel = self._otel
+        if otel is not None:
+            otel.runs.add(1, cells.attrs)
         if run is None:
             return
-        if run.defaulted and status == "ok":
-            self.add("planner_flow_runs_degraded_total", (("flow", flow),))
-        self.observe("planner_flow_duration_seconds", (("flow", flow), ("status", status)), time.monotonic() - run.t0)
-        self.observe("planner_flow_statements", (("flow", flow),), run.statements)
-        self.observe("planner_flow_round_trips", (("flow", flow),), round(run.round_trips))
+        degraded = bool(run.defaulted) and status == "ok"
+        seconds, trips = time.monotonic() - run.t0, round(run.round_trips)
+        if degraded:
+            cells.degraded.value += 1
+        cells.duration.observe(seconds)
+        cells.statements.observe(run.statements)
+        cells.round_trips.observe(trips)
+        if otel is not None:
+            otel.run(cells, degraded, seconds, run.statements, trips)
 
     # --- collecting ---------------------------------------------------------------------
 
@@ -253,7 +353,7 @@ class Metrics:
         family = BY_NAME[name]
         key = tuple((label, labels[label]) for label in family.labels)
         if family.kind == "counter" and name in self._counters and key in self._counters[name]:
-            return self._counters[name][key] + self.samples().get(name, {}).get(key, 0.0)
+            return self._counters[name][key].value + self.samples().get(name, {}).get(key, 0.0)
         return self.samples().get(name, {}).get(key, 0.0)
 
     def histogram(self, name: str, **labels: str) -> tuple[int, float]:
@@ -278,7 +378,7 @@ class Metrics:
                     lines.append(f"{family.name}_sum{_labels(labels)} {_number(histogram.sum)}")
                     lines.append(f"{family.name}_count{_labels(labels)} {cumulative}")
                 continue
-            series = dict(self._counters.get(family.name, {}))
+            series = {labels: cell.value for labels, cell in self._counters.get(family.name, {}).items()}
             for labels, value in sampled.get(family.name, {}).items():
                 series[labels] = series.get(labels, 0.0) + value
             if not series and not family.labels:
@@ -326,6 +426,12 @@ class _Otel:
                 self.instruments[family.name] = meter.create_histogram(
                     family.otel, unit=family.unit, description=family.help,
                     explicit_bucket_boundaries_advisory=list(family.buckets))
+        instruments = self.instruments
+        self.outcomes, self.duration = instruments["planner_node_outcomes_total"], instruments["planner_node_duration_seconds"]
+        self.batch, self.fused = instruments["planner_node_batch_runs"], instruments["planner_node_fused_nodes"]
+        self.runs, self.degraded = instruments["planner_flow_runs_total"], instruments["planner_flow_runs_degraded_total"]
+        self.run_duration, self.statements = instruments["planner_flow_duration_seconds"], instruments["planner_flow_statements"]
+        self.round_trips = instruments["planner_flow_round_trips"]
 
     def add(self, name: str, labels: Labels, value: float) -> None:
         instrument = self.instruments.get(name)
@@ -334,6 +440,22 @@ class _Otel:
 
     def record(self, name: str, labels: Labels, value: float) -> None:
         self.instruments[name].record(value, dict(labels))
+
+    def run(self, cells: _FlowCells, degraded: bool, seconds: float, statements: int, trips: int) -> None:
+        if degraded:
+            self.degraded.add(1, cells.flow_attrs)
+        self.run_duration.record(seconds, cells.attrs)
+        self.statements.record(statements, cells.flow_attrs)
+        self.round_trips.record(trips, cells.flow_attrs)
+
+    def node(self, attrs: dict[str, str], seconds: float | None) -> None:
+        self.outcomes.add(1, attrs)
+        if seconds is not None:
+            self.duration.record(seconds, attrs)
+
+    def sql(self, attrs: dict[str, str], batch: int, fused: int) -> None:
+        self.batch.record(batch, attrs)
+        self.fused.record(fused, attrs)
 
 
 def _observe(metrics: Metrics, name: str) -> Callable[[Any], Iterable[Any]]:
