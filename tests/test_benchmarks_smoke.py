@@ -37,6 +37,13 @@ def test_metrics_overhead_smoke() -> None:
         assert f"| {variant}" in proc.stdout
 
 
+def test_sync_calls_smoke() -> None:
+    proc = _run("benchmarks.sync_calls", "--smoke")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| setup")]
+    assert len(rows) == 3 and all(row[5].strip() == "0" for row in rows), proc.stdout  # no wrong answer
+
+
 def test_seed_table_smoke(pg_dsn: str) -> None:
     proc = _run("benchmarks.seed_table", "--smoke", "--dsn", pg_dsn)
     assert proc.returncode == 0, proc.stderr[-2000:]
