@@ -15,7 +15,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import planner as planner_pkg
 from planner import DatabaseUnavailable, FlowInputError, Metrics, Planner
-from planner.run.metrics import FAMILIES, metrics_text
+from planner.run.metrics import FAMILIES, Family, metrics_text
 
 DEGRADED = """
 inputs: {x: int}
@@ -114,6 +114,15 @@ async def test_a_failed_run_is_counted_by_status(
         await db_planner.run("bad")
     assert metrics.value("planner_flow_runs_total", flow="bad", status="failed") == 1
     assert metrics.value("planner_node_outcomes_total", flow="bad", node="a", outcome="failed") == 1
+
+
+async def test_a_missing_required_row_is_counted_as_not_found_not_failed(
+        db_planner: Planner, metrics: Metrics, write_flow: Callable[..., Path]) -> None:
+    write_flow("nodes:\n  r: {sql: 'SELECT 1 AS v WHERE false', fetch: one, required: true}\n", name="row")
+    with pytest.raises(planner_pkg.FlowNotFound):
+        await db_planner.run("row")
+    assert metrics.value("planner_flow_runs_total", flow="row", status="not_found") == 1
+    assert metrics.value("planner_flow_runs_total", flow="row", status="failed") == 0
 
 
 async def test_statements_and_round_trips_per_run(
@@ -231,6 +240,21 @@ def test_prometheus_text_declares_every_family_once_with_valid_names() -> None:
         assert re.fullmatch(r"planner_[a-z_]+", family.name)
         assert family.kind != "counter" or family.name.endswith("_total")
         assert family.unit != "s" or family.name.endswith("_seconds")
+
+
+def _prometheus_name(family: Family) -> str:
+    """What an OpenTelemetry SDK's Prometheus exporter calls an instrument (the specification's
+    rules: dots to underscores, the unit `s` as `_seconds`, `{annotations}` dropped, `_total` on
+    counters)."""
+    name = family.otel.replace(".", "_")
+    if family.unit == "s":
+        name += "_seconds"
+    return name + "_total" if family.kind == "counter" else name
+
+
+def test_both_forms_give_one_name_per_metric() -> None:
+    # PromQL written against planner_metrics_text() works on a collector's export, and back.
+    assert [_prometheus_name(f) for f in FAMILIES] == [f.name for f in FAMILIES]
 
 
 def test_label_values_are_escaped() -> None:

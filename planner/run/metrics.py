@@ -34,6 +34,8 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from planner.errors import NotFound
+
 if TYPE_CHECKING:
     from planner.results import NodeResult
 
@@ -71,7 +73,8 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     # Runs, from the executor (the observer hooks).
     Family("planner_flow_runs_total", "planner.flow.runs", "{run}", "counter",
-           "Runs by flow and status (ok, failed, timeout; unavailable and invalid_input when refused before any node ran).",
+           "Runs by flow and status: ok; failed, not_found (a required row missing), unavailable (the database "
+           "unreachable or lost), timeout; invalid_input (refused before any node ran).",
            ("flow", "status")),
     Family("planner_flow_runs_degraded_total", "planner.flow.runs.degraded", "{run}", "counter",
            "Runs that ended ok with at least one node settled by its default (an answer built on a fallback).",
@@ -174,13 +177,24 @@ class _Histogram:
 
 
 class _Run:
-    __slots__ = ("t0", "defaulted", "statements", "round_trips")
+    __slots__ = ("t0", "defaulted", "statements", "round_trips", "failure")
 
     def __init__(self) -> None:
         self.t0 = time.monotonic()
         self.defaulted = 0
         self.statements = 0
         self.round_trips = 0.0
+        self.failure: str | None = None  # what the first failed node says a failed run was (see `_failure`)
+
+
+def _failure(error: BaseException | None) -> str:
+    """The `status` of a run that failed because of this node error: a required row that is not
+    there (`not_found`, a 404), the database lost (`unavailable`, a 503), else `failed` (a 500)."""
+    if isinstance(error, NotFound):
+        return "not_found"
+    if getattr(error, "database_unavailable", False):
+        return "unavailable"
+    return "failed"
 
 
 class Metrics:
@@ -303,6 +317,8 @@ class Metrics:
             return
         if outcome == "defaulted":
             run.defaulted += 1
+        elif outcome == "failed" and run.failure is None:
+            run.failure = _failure(result.error)
         served = result.served
         if served is None or served.cached or not result.attempts:
             return
@@ -320,6 +336,8 @@ class Metrics:
 
     def run_finished(self, flow: str, run_id: str, status: str) -> None:
         run = self._runs.pop(run_id, None)
+        if status == "failed" and run is not None and run.failure is not None:
+            status = run.failure  # as a service answers it: not_found (404), unavailable (503), failed (500)
         cells = self._flows.get((flow, status)) or self._flow_cells(flow, status)
         cells.runs.value += 1
         otel = self._otel
