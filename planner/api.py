@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from planner.compile import compile_enabled, plan_groups
 from planner.config import CallTargets, FlowSource
 from planner.db.cache import DEFAULT_SIZE, CacheBackend, CacheStats
 from planner.db.replica import ReplicaBackend, parse_max_lag, resolve_dsn
@@ -31,6 +32,7 @@ from planner.lang.loader import FileStamp, load_spec, load_text
 from planner.lang.models import OnError
 from planner.lang.sqlcheck import syntax_errors
 from planner.results import FlowResult
+from planner.run.compiled import GroupRunner
 from planner.run.executor import bind_inputs, execute_checked, resolve_mode
 from planner.run.metrics import Labels, Metrics, Sample, default_metrics
 from planner.run.observers import RunObserver, default_observers
@@ -60,6 +62,7 @@ class _Entry:
     flow: CompiledFlow
     bound: dict[str, BoundNode]
     needs_db: bool
+    compiled: tuple[GroupRunner, ...] = ()  # the flow's compiled groups (`planner.compile`)
 
 
 class Planner:
@@ -352,8 +355,19 @@ class Planner:
 
     def _bind(self, flow: CompiledFlow, stamp: FileStamp) -> _Entry:
         bound: dict[str, BoundNode] = {}
+        plain = {name: kind_of(spec.kind).bind(spec, flow.marks, self._env) for name, spec in flow.nodes.items()}
+        runners: list[GroupRunner] = []
+        serving: dict[str, GroupRunner] = {}
+        if compile_enabled():
+            for group in plan_groups(flow):
+                runner = GroupRunner(group, flow, self.backend, self.cache, {n: plain[n].args for n in group.names})
+                runners.append(runner)
+                serving.update(dict.fromkeys(group.names, runner))
         for name, spec in flow.nodes.items():
-            node = kind_of(spec.kind).bind(spec, flow.marks, self._env)
+            node = plain[name]
+            if name in serving:  # a member is bound to its group: its kind still wraps the value
+                env = dataclasses.replace(self._env, backend=serving[name].backend_for(name))
+                node = kind_of(spec.kind).bind(spec, flow.marks, env)
             if self.node_wrapper is not None:
                 node = dataclasses.replace(node, run=self.node_wrapper(flow.name, name, node.run))
             if spec.invalidates:  # outermost: only a node that ends ok drops the values
@@ -361,7 +375,7 @@ class Planner:
             bound[name] = node
         needs_db = any(kind_of(spec.kind).needs_database(spec) for spec in flow.nodes.values())
         self._size_threads(flow)
-        return _Entry(stamp, flow, bound, needs_db)
+        return _Entry(stamp, flow, bound, needs_db, tuple(runners))
 
     def _size_threads(self, flow: CompiledFlow) -> None:
         """Make room for `flow`'s sync calls: grow the threads when planner chose their number,

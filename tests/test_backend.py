@@ -35,6 +35,13 @@ from planner.db.pool import PoolBackend
 from planner.kinds.backend import Backend, Offline, Query, WrappingBackend
 from planner.views.validate import validate_paths
 
+
+@pytest.fixture(autouse=True)
+def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This module is about another mechanism: nodes run as they would without compiled groups
+    (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
+    monkeypatch.setenv("PLANNER_COMPILE", "0")
+
 Write = Callable[..., Path]
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/none"
 SECRET = "sk_live_SECRET"

@@ -20,6 +20,13 @@ from planner.db.pool import PoolBackend
 from planner.graph import CompiledFlow
 from planner.kinds.backend import Offline, Query, WrappingBackend, freeze, private_copy
 
+
+@pytest.fixture(autouse=True)
+def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This module is about another mechanism: nodes run as they would without compiled groups
+    (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
+    monkeypatch.setenv("PLANNER_COMPILE", "0")
+
 Write = Callable[..., Path]
 
 

@@ -23,6 +23,13 @@ from planner.kinds.backend import Offline
 from planner.kinds.call import CallThreads
 from tests import nodes
 
+
+@pytest.fixture(autouse=True)
+def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This module is about another mechanism: nodes run as they would without compiled groups
+    (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
+    monkeypatch.setenv("PLANNER_COMPILE", "0")
+
 ROOT = Path(__file__).resolve().parent.parent
 Write = Callable[..., Path]
 

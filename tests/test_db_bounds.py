@@ -13,6 +13,13 @@ from planner.db import pool as planner_db
 from planner.db.pool import PoolBackend
 from planner.kinds.backend import Query
 
+
+@pytest.fixture(autouse=True)
+def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This module is about another mechanism: nodes run as they would without compiled groups
+    (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
+    monkeypatch.setenv("PLANNER_COMPILE", "0")
+
 KEPT = 20
 FLOOD = 3 * KEPT
 

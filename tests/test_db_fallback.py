@@ -15,6 +15,13 @@ from planner import NodeTimeout, load_flow
 from planner.db.pool import PoolBackend
 from planner.kinds.backend import Outcome, Query
 
+
+@pytest.fixture(autouse=True)
+def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This module is about another mechanism: nodes run as they would without compiled groups
+    (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
+    monkeypatch.setenv("PLANNER_COMPILE", "0")
+
 # Read-only as far as planner can tell (a STABLE function of the user's), and slow on demand.
 SLOW_ECHO = """
 CREATE FUNCTION slow_echo(v int, ms int) RETURNS int STABLE LANGUAGE plpgsql AS

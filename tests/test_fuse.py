@@ -19,6 +19,13 @@ from planner import DatabaseUnavailable, NodeState, Planner, QueryError, load_fl
 from planner.db.fuse import FusingBackend
 from planner.kinds.backend import Query, WrappingBackend
 
+
+@pytest.fixture(autouse=True)
+def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This module is about another mechanism: nodes run as they would without compiled groups
+    (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
+    monkeypatch.setenv("PLANNER_COMPILE", "0")
+
 SIBLINGS = """
 inputs: {k: int, bad: {type: str, default: "1"}}
 nodes:

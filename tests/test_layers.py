@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("planner.results", "planner.errors", "planner.config")),
     ("lang", ("planner.lang",)),
     ("kinds", ("planner.kinds",)),
-    ("graph", ("planner.graph",)),
+    ("graph", ("planner.graph", "planner.compile")),
     ("run", ("planner.run",)),
     ("db", ("planner.db",)),
     ("facade", ("planner.api",)),

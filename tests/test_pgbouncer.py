@@ -34,6 +34,13 @@ from tests.reliability.test_faults import _assert_pool_whole, _gone, _terminate,
 from tests.test_fuse import Counting
 from tests.test_seed_flows import ACME, FLOWS, _message, _stable, con  # noqa: F401 - `con` is a fixture the seed checks use
 
+
+@pytest.fixture(autouse=True)
+def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This module is about another mechanism: nodes run as they would without compiled groups
+    (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
+    monkeypatch.setenv("PLANNER_COMPILE", "0")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # --- the seed flows through PgBouncer --------------------------------------------------------

@@ -28,6 +28,13 @@ from planner.kinds.backend import Offline
 from planner.testing.pytest_plugin import fresh_database, server_folder
 from tests.replica_pair import Pair, Server, caught_up, start_pair
 
+
+@pytest.fixture(autouse=True)
+def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This module is about another mechanism: nodes run as they would without compiled groups
+    (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
+    monkeypatch.setenv("PLANNER_COMPILE", "0")
+
 FLOWS = Path(__file__).resolve().parent.parent / "flows"
 TEMPLATE = "replica_demo_template"
 

@@ -349,6 +349,7 @@ def plan(
 
     Example: planner plan process_buffered
     """
+    from planner.compile import compile_enabled, compiled_trips, plan_groups
     from planner.graph import plan as make_plan
     from planner.graph import trips
     from planner.views.render import estimate, ms_number, plan_json, plan_rows
@@ -360,11 +361,17 @@ def plan(
     p = make_plan(compiled, recorded, recorded_fused(name, folder))  # a fused statement's time counted once
     est = estimate(compiled, p, recorded)
     cold, warm = trips(compiled), trips(compiled, warm=True)
+    groups = plan_groups(compiled) if compile_enabled() else ()
+    cold_c, warm_c = compiled_trips(compiled, groups), compiled_trips(compiled, groups, warm=True)
     if as_json:
         data = plan_json(compiled, p, recorded=recorded)
         data["round_trips"] = {"statements": cold.statements, "critical": cold.critical,
                                "statements_cache_warm": warm.statements, "critical_cache_warm": warm.critical,
-                               "fused": [list(g) for g in cold.fused_groups]}
+                               "fused": [list(g) for g in cold.fused_groups],
+                               "compiled": {"statements": cold_c.statements, "critical": cold_c.critical,
+                                            "statements_cache_warm": warm_c.statements,
+                                            "critical_cache_warm": warm_c.critical,
+                                            "groups": {g.label: list(g.names) for g in groups}}}
         typer.echo(json.dumps(data, indent=2))
         return
     mixed = est.source == "recorded runs and latency: hints"  # then each figure says which it is
@@ -381,11 +388,14 @@ def plan(
         typer.echo(f"critical path: {' -> '.join(est.critical_path)}")
     typer.echo(est.summary())
     typer.echo(_trips_line(cold, warm))
+    if groups:
+        typer.echo("compiled (" + ", ".join(f"{g.label}: {'+'.join(g.names)}" for g in groups) + "): "
+                   + _trips_line(cold_c, warm_c, fused=False) + " (planner explain shows the statements)")
     if est.unknown:
         typer.echo(f"no latency hint or record for: {', '.join(est.unknown)} (counted as 0)", err=True)
 
 
-def _trips_line(cold: Any, warm: Any) -> str:
+def _trips_line(cold: Any, warm: Any, *, fused: bool = True) -> str:
     """`statements per run: at most 7 (5 with the cache warm); longest chain of round trips: 4 (3 ...)`"""
     line = f"statements per run: at most {cold.statements}"
     if (warm.statements, warm.critical) != (cold.statements, cold.critical):
@@ -393,9 +403,55 @@ def _trips_line(cold: Any, warm: Any) -> str:
     line += f"; longest chain of round trips: {cold.critical}"
     if warm.critical != cold.critical:
         line += f" ({warm.critical} with the cache warm)"
-    if cold.fused_groups:
+    if cold.fused_groups and fused:
         line += "; fused: " + ", ".join("+".join(g) for g in cold.fused_groups)
     return line
+
+
+@app.command()
+def explain(
+    flow: Annotated[str, typer.Argument(help="Flow name or path to a .yaml file.")],
+    flows: FlowsOpt = None,
+) -> None:
+    """Print each compiled statement of a flow, its parameters, and why other SQL nodes go alone.
+
+    Each statement can be pasted into psql (`PREPARE q AS ...; EXPLAIN EXECUTE q(...)`).
+    Example: planner explain process_buffered
+    """
+    from planner.compile import explain as explain_flow
+    from planner.compile import variant
+
+    folder, name = _resolve_flow(flow, flows)
+    compiled = _planner(folder, None).load(name)
+    groups, alone = explain_flow(compiled)
+    if not groups:
+        typer.echo(f"{name}: no compiled statement (each SQL node is its own statement)")
+    shown = list(groups)
+    for group in groups:  # with the cache warm: the cached members are answered before it is sent
+        cached = frozenset(n.name for n in group.nodes if n.cache_ttl is not None)
+        warm = variant(compiled, group, cached) if cached else None
+        if warm is not None:
+            shown.append(warm)
+    for group in shown:
+        answered = ", ".join(n.name for n in group.nodes if n.name in group.known)
+        known = f" with {answered} from the cache" if group.known else ""
+        typer.echo(f"-- {group.label}{known}: {', '.join(m.name for m in group.members)} (one statement, one transaction"
+                   + (f"; timeout {group.timeout * 1000:g} ms" if group.timeout is not None else "") + ")")
+        for i, param in enumerate(group.params, start=1):
+            what = (str(param.ref) if param.kind == "ref" else f"literal {param.value!r}" if param.kind == "lit"
+                    else f"whether {param.member} runs, as its when: and references outside the statement say")
+            typer.echo(f"--   ${i}: {what}")
+        typer.echo(group.text + ";\n")
+    for node, why in alone.items():
+        typer.echo(f"-- {node} goes alone: {why}")
+    if not compile_enabled_now():
+        typer.echo("-- PLANNER_COMPILE=0 is set: this process compiles nothing", err=True)
+
+
+def compile_enabled_now() -> bool:
+    from planner.compile import compile_enabled
+
+    return compile_enabled()
 
 
 @app.command()

@@ -38,6 +38,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -222,6 +223,53 @@ class CacheBackend(WrappingBackend):
             raise own_error(exc) from exc.__cause__  # the flight's own object stays the task's
         flight.waiters -= 1
         return private_copy(value)
+
+    async def peek(self, query: Query) -> tuple[bool, Any]:
+        """For compiled groups (`planner.compile.runner`): `(True, a private copy)` of the kept
+        value of `query` (counted a hit), else `(False, None)`. Never sends a statement; the
+        first one of a process waits for the channel between processes, as a cached read does."""
+        node = query.node
+        ttl = node.cache_ttl
+        if ttl is None or not self.enabled:
+            return False, None
+        if not self.trusted:
+            await self._listen()
+            if not self.trusted:
+                self._untrusted += 1
+                return False, None
+        try:
+            found = self._store[self._key(query, ttl, self._gens.setdefault((node.flow, node.name), 0))]
+        except KeyError:
+            self._misses += 1
+            return False, None
+        except TypeError:
+            self._uncacheable += 1
+            return False, None
+        self._hits += 1
+        query.served.cached = True
+        return True, private_copy(found)
+
+    def generation(self, flow: str, node: str) -> int | None:
+        """The generation of `node`'s values now, for `keep`; None when nothing may be kept."""
+        if not self.enabled or not self.trusted:
+            return None
+        return self._gens.setdefault((flow, node), 0)
+
+    def keep(self, query: Query, value: Any, generation: int) -> None:
+        """Keep `value`, found for `query` by a compiled statement sent at `generation`, unless
+        an invalidation came since (the rule a statement of its own follows)."""
+        node = query.node
+        if (node.cache_ttl is None or not self.enabled or not self.trusted
+                or self._gens.get((node.flow, node.name)) != generation):
+            return
+        with contextlib.suppress(TypeError):
+            self._store[self._key(query, node.cache_ttl, generation)] = private_copy(value)  # the run keeps `value`
+
+    @staticmethod
+    def _key(query: Query, ttl: float, generation: int) -> Key:
+        node = query.node
+        return ((node.flow, node.name), generation, ttl, tuple(s.text for s in node.statements), node.fetch,
+                freeze(query.params))
 
     async def _fetch(self, key: Key, query: Query) -> Any:
         try:

@@ -769,6 +769,8 @@ async def _fetch(con: asyncpg.Connection, fetch: str, statement: CompiledSql, pa
 async def _fetch_raw(con: asyncpg.Connection, fetch: str, statement: CompiledSql, params: list[Any]) -> Any:
     if fetch == "all":
         return [dict(r) for r in await con.fetch(statement.text, *params)]
+    if fetch == "records":  # a compiled group's rows: `planner.run.compiled` splits them per node
+        return await con.fetch(statement.text, *params)
     if fetch == "one":
         row = await con.fetchrow(statement.text, *params)
         return None if row is None else dict(row)

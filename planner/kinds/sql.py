@@ -57,6 +57,7 @@ class SqlKind:
                 "coalesce": node.fetch != "none" and (node.coalesce is True or (read_only and node.coalesce is None)),
                 "cache_ttl": node.cache,
                 "fuse": read_only and node.fetch != "none" and node.fuse is not False,  # a status is not a row
+                "compile": node.compile is not False,
             },
         )
 

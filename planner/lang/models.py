@@ -129,6 +129,9 @@ class Settings(_Strict):
                                     "(the default). false turns coalescing off for every node of this flow.")] = True
     fuse: Annotated[bool, Field(description="Let sibling reads of one run that become ready together share one "
                                 "statement (the default). false turns fusion off for every node of this flow.")] = True
+    compile: Annotated[bool, Field(description="Send connected SQL nodes with no call: between them as one "
+                                   "statement where their data allows (the default). false turns it off for "
+                                   "this flow (PLANNER_COMPILE=0: for the process).")] = True
     on_error: _Policy = Field(
         default=None,
         description="The on_error of every node that writes none (default: the Planner's on_error=, else "
@@ -214,6 +217,8 @@ class SqlNode(_NodeBase):
                                            "error; only when the runs' writes cannot touch the same rows.")] = None
     fuse: Annotated[bool | None, Field(description="false: never send this read together with sibling reads "
                                        "of its run. Only single read-only statements are fused.")] = None
+    compile: Annotated[bool | None, Field(description="false: never send this node in one statement with the "
+                                          "SQL nodes it depends on or that depend on it (see `planner explain`).")] = None
     cache: Duration | None = Field(
         default=None,
         description="Keep the value this long per (statement, parameters), in the process; only for one "

@@ -14,7 +14,7 @@ from planner.lang.models import OnError
 from planner.lang.refs import CompiledSql, Ref
 
 KindName = Literal["sql", "call"]
-Fetch = Literal["one", "all", "value", "none"]
+Fetch = Literal["one", "all", "value", "none", "records"]  # records: the driver's rows, for compiled groups only
 FETCHES: tuple[Fetch, ...] = ("one", "all", "value", "none")
 
 
@@ -56,6 +56,7 @@ class CompiledNode:
     fuse: bool = False  # may share one statement with sibling reads of its own run
     cache_ttl: float | None = None  # `cache:` in seconds (read-only nodes only; see `planner.db.cache`)
     replica: bool = False  # may be answered by a read replica (see `replica_routes`)
+    compile: bool = False  # may be sent in one statement with the SQL nodes around it (`planner.compile`)
     # call
     call: str = ""
     args: dict[str, Any] = field(default_factory=dict)

@@ -32,6 +32,7 @@ from planner.lang.models import OnError, value_fits
 from planner.lang.refs import Unresolved
 from planner.results import FlowResult, NodeResult, NodeState, bug_reason
 from planner.run import policy
+from planner.run.compiled import RUN_GROUPS
 from planner.run.observers import RunObserver
 from planner.run.scheduler import Ready
 
@@ -161,6 +162,8 @@ class _Run:
         # Node tasks copy the context they are created in: sequential runs reach the backend
         # marked, and their queries are never shared with other runs'.
         alone = ALONE.set(True) if self.mode == "sequential" else None
+        # Compiled groups (`planner.compile`) serve this run unless it is sequential or overrides nodes.
+        groups = RUN_GROUPS.set({}) if alone is None and not self.overrides else None
         try:
             async with asyncio.timeout(self.flow.settings.timeout):
                 if self.eager:
@@ -173,6 +176,8 @@ class _Run:
         finally:
             if alone is not None:
                 ALONE.reset(alone)
+            if groups is not None:
+                RUN_GROUPS.reset(groups)
             await self._stop()
             for observer in self.observers:
                 observer.run_finished(self.flow.name, self.run_id, self._status(timed_out))

@@ -1,0 +1,252 @@
+"""Serving the nodes of a compiled group from one statement, one run at a time.
+
+Each member is bound to a backend of its own (`GroupRunner.backend_for`), so its kind's own
+`run` (the `required:` check of an SQL node, say) still wraps the value. The first member of a run that the
+executor starts sends the group's statement (every value it needs outside the group has
+settled by then, see `planner.compile.plan_groups`); every member then takes its own rows
+from that one result. The executor itself is unchanged in what it decides: it still evaluates
+each member's `when:` and references on the values (`policy.prepare`), settles skips and
+defaults, and only then asks the member for its value. So each node keeps its own state,
+value, default, skip reason and error, as without compilation.
+
+`cache:` members: when the statement is about to be sent, a cached member whose arguments are
+known (it waits for nothing in the group, or only for members the cache answered) is looked up;
+those the cache answers are left out of the statement (a variant of it, planned once per set of
+answered members) and references to them become parameters. A cached member the statement
+answered keeps its value in the cache, as its own statement would have.
+
+A member served by the statement reports it on `Served.compiled` (the group's label). A member
+runs alone, as it would without compilation, when
+- the statement failed or timed out (it is one transaction: nothing of it was written), or
+  the pool is more than half busy (`COMPILE_BELOW`: then coalescing shares each node's
+  statement with other runs', as before);
+- its guard was false in the statement while the executor found it should run (a `when:`
+  on a default value the statement could not see, say);
+- the run is sequential (`PLANNER_MODE=sequential`) or has overrides (`RUN_GROUPS` unset).
+A statement the server refuses to prepare (a type the translation got wrong) turns the group
+off for this flow version, with one warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any, Protocol
+
+from planner.compile import CompiledGroup, Member, variant
+from planner.graph import CompiledFlow
+from planner.kinds.backend import ALONE, Backend, Query, WrappingBackend
+from planner.lang.expr import evaluate
+from planner.lang.nodes import CompiledNode, RetryPolicy
+from planner.lang.refs import CompiledSql, Ref, resolve
+
+
+class ValueCache(Protocol):
+    """What compiled groups ask of the value cache (`planner.db.cache.CacheBackend`)."""
+
+    async def peek(self, query: Query) -> tuple[bool, Any]: ...
+
+    def generation(self, flow: str, node: str) -> int | None: ...
+
+    def keep(self, query: Query, value: Any, generation: int) -> None: ...
+
+logger = logging.getLogger("planner")
+
+COMPILE_BELOW = 0.5
+"""Send compiled statements while fewer than this share of the pool's connections are in use;
+above it each node goes alone, where coalescing shares it with other runs' (see BENCHMARKS.md)."""
+
+RUN_GROUPS: ContextVar[dict[int, asyncio.Future[Any]] | None] = ContextVar("planner_run_groups", default=None)
+"""Set by the executor for each run that may use compiled groups: the run's statements in flight."""
+
+_FALLBACK = None
+
+
+Outcome = dict[str, tuple[bool, Any]]
+"""What one statement gave each member it held: whether its guard held, and its value."""
+
+
+class GroupRunner:
+    """One compiled group of one flow version, for every run of it."""
+
+    def __init__(self, group: CompiledGroup, flow: CompiledFlow, backend: Backend,
+                 cache: ValueCache | None = None, args: dict[str, Callable[[dict[str, Any]], Any]] | None = None) -> None:
+        self.group, self.flow, self.backend, self.cache = group, flow, backend, cache
+        self.whens = {n.name: n.when for n in group.nodes}
+        self.args = args or {}
+        names = set(group.names)
+        # Cached members in the flow's order, with the members they wait for.
+        self.cached = [(n.name, tuple(d for d in n.deps if d in names)) for n in group.nodes
+                       if n.cache_ttl is not None and cache is not None and n.name in self.args]
+        self.variants: dict[frozenset[str], tuple[CompiledGroup, CompiledNode, dict[str, Member]] | None] = {}
+        self.variants[frozenset()] = self._prepared(group)
+        self.broken: str | None = None
+        self.below = COMPILE_BELOW
+        self.sent = 0  # statements sent (figures for tests and benchmarks)
+        self.fell_back = 0  # statements that failed: their members ran alone
+        self._layout: dict[tuple[str, ...], tuple[list[tuple[int, int]], list[int]]] = {}
+
+    def _prepared(self, group: CompiledGroup | None) -> tuple[CompiledGroup, CompiledNode, dict[str, Member]] | None:
+        if group is None:
+            return None
+        refs = tuple(p.ref if p.ref is not None else Ref(f"?{p.kind}{':' + p.member if p.member else ''}")
+                     for p in group.params)
+        node = CompiledNode(
+            name=group.label, kind="sql", index=-1, deps=(), refs=(), when=None, default=None, on_error="default",
+            timeout=group.timeout, retry=RetryPolicy(), latency=None, flow=group.flow,
+            statements=(CompiledSql(group.text, refs),), fetch="records")
+        return group, node, {m.name: m for m in group.members}
+
+    def backend_for(self, name: str) -> Backend:
+        """The backend member `name` is bound to: its queries are answered from the group's
+        statement when they can be, else passed to the planner's backend as without compilation."""
+        return _Member(self, name)
+
+    async def serve(self, name: str, query: Query) -> Any:
+        groups = RUN_GROUPS.get()
+        if groups is None or self.broken is not None or ALONE.get():
+            return await self.backend.run(query)
+        future = groups.get(self.group.number)
+        if future is None:
+            values: Any = query.run  # the run's values (`kinds.sql` binds it so)
+            future = groups[self.group.number] = asyncio.ensure_future(self._send(values))
+        try:
+            outcome = await future
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            outcome = _FALLBACK  # another member was cancelled, not this one
+        mine = None if outcome is _FALLBACK else outcome[0].get(name)
+        if mine is None or not mine[0]:
+            # Not in the statement (the cache answered it, or the statement failed), or its guard
+            # was false there while the executor found it should run: alone.
+            return await self.backend.run(query)
+        value = mine[1]
+        query.served.compiled = self.group.label
+        query.served.fused = len(outcome[0])  # the nodes in that statement (metrics count it once, as fusion's)
+        ticket = outcome[1].get(name)
+        if ticket is not None and self.cache is not None:
+            self.cache.keep(query, value, ticket)
+        return value
+
+    async def _send(self, values: dict[str, Any]) -> tuple[Outcome, dict[str, int]] | None:
+        if not self.backend.idle(self.below):
+            return _FALLBACK
+        known: dict[str, Any] = {}
+        tickets: dict[str, int] = {}  # cached members the statement answers: their generation when sent
+        if self.cached:
+            assert self.cache is not None
+            for name, inside in self.cached:
+                if any(d not in known for d in inside):
+                    continue  # waits for a member the statement answers: its arguments are not known yet
+                merged = {**values, **known} if known else values
+                try:
+                    query = self.args[name](merged)
+                except Exception:
+                    continue  # skipped or failing: the statement's guard says the same
+                hit, value = await self.cache.peek(query)
+                if hit:
+                    known[name] = value
+            for name, _ in self.cached:
+                generation = self.cache.generation(self.group.flow, name)
+                if name not in known and generation is not None:
+                    tickets[name] = generation
+        key = frozenset(known)
+        if key not in self.variants:
+            self.variants[key] = self._prepared(variant(self.flow, self.group, key))
+        prepared = self.variants[key]
+        if prepared is None:
+            return _FALLBACK
+        group, node, members = prepared
+        merged = {**values, **known} if known else values
+        params = [self._param(p, merged, members) for p in group.params]
+        self.sent += 1
+        try:
+            records = await self.backend.run(Query(node, [params], run=None))
+        except Exception as exc:
+            self.fell_back += 1
+            state = str(getattr(exc, "sqlstate", "") or "")
+            if state.startswith(("42", "0A")):  # the statement itself is wrong: never again for this version
+                self.broken = f"{type(exc).__name__}: {exc}"
+                logger.warning("flow %s: compiled statement %s does not run (%s); its nodes run alone from now on",
+                               self.group.flow, self.group.label, exc, extra={"flow": self.group.flow})
+            else:
+                logger.info("flow %s: compiled statement %s failed (%s); its nodes run alone for this run",
+                            self.group.flow, self.group.label, exc, extra={"flow": self.group.flow})
+            return _FALLBACK
+        return self._split(group, records), tickets
+
+    def _param(self, param: Any, values: dict[str, Any], members: dict[str, Member]) -> Any:
+        if param.kind == "lit":
+            return param.value
+        if param.kind == "ref":
+            try:
+                return resolve(param.ref, values)
+            except Exception:
+                return None  # the member's guard is false: its statement runs with null and is discarded
+        return self._python_guard(members[param.member], values)
+
+    def _python_guard(self, member: Member, values: dict[str, Any]) -> bool:
+        """Whether the executor would run `member`, as far as values outside the statement tell."""
+        try:
+            for ref in member.external:
+                resolve(ref, values)
+            if member.python_when:
+                when = self.whens[member.name]
+                return bool(evaluate(when, values)) if when is not None else True
+        except Exception:
+            return False
+        return True
+
+    def _split(self, group: CompiledGroup, records: list[Any]) -> Outcome:
+        members = group.members
+        if not records:
+            raise AssertionError("a compiled statement returns its guard row")
+        keys = tuple(records[0].keys())
+        known = self._layout.get(keys)
+        if known is None:
+            starts = [keys.index(f"#{m.index}") for m in members]
+            ends = [*starts[1:], len(keys)]
+            known = self._layout[keys] = ([(s, e) for s, e in zip(starts, ends, strict=True)],
+                                          [keys.index(f"?{m.index}") for m in members])
+        layout, guards_at = known
+        head = records[0]
+        rows: list[list[Any]] = [[] for _ in members]
+        for record in records[1:]:
+            k = record[0]
+            if record[layout[k - 1][0]] is not None:
+                rows[k - 1].append(record)
+        out: Outcome = {}
+        for m, (start, end), at, own in zip(members, layout, guards_at, rows, strict=True):
+            out[m.name] = (bool(head[at]), _value(m, keys[start + 1:end], own, start + 1, end))
+        return out
+
+
+class _Member(WrappingBackend):
+    """One member's backend: `run` through its group, everything else to the planner's backend."""
+
+    def __init__(self, runner: GroupRunner, name: str) -> None:
+        super().__init__(runner.backend)
+        self.runner, self.name = runner, name
+
+    async def run(self, query: Query) -> Any:
+        return await self.runner.serve(self.name, query)
+
+
+def _value(member: Member, names: tuple[str, ...], rows: list[Any], start: int, end: int) -> Any:
+    if member.fetch == "none":
+        return f"{member.status} {len(rows)}"
+    if member.fetch == "value":
+        return rows[0][start] if rows and end > start else None
+    dicts = []
+    for record in rows:
+        row: dict[str, Any] = {}
+        for key, value in zip(names, record[start:end], strict=True):
+            row.setdefault(key, value)  # asyncpg's dict(record) keeps the first of repeated names
+        dicts.append(row)
+    if member.fetch == "one":
+        return dicts[0] if dicts else None
+    return dicts
