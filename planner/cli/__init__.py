@@ -729,7 +729,7 @@ def db_url(
     out (libpq refuses it), and stderr says so. A password is shown as `***` (a terminal is
     often shared or recorded) unless `--show-password`; stderr says when one was hidden.
 
-    Example: psql "$(planner db url --show-password --database planner_demo)"
+    Example: planner db url --database planner_demo --show-password   (then: psql "$(planner db url --show-password)")
     """
     dsn = _which_database()
     dsn, pooler = _for_libpq(_on_database(dsn, database) if database else dsn)
