@@ -336,3 +336,13 @@ def test_plan_counts_round_trips_with_compilation_and_explain_prints_the_stateme
     assert '"n:store_message" AS (' in explained.output and "$2: $instance_name" in explained.output
     assert "-- process_buffered#1 with instance, webhook_config from the cache:" in explained.output
     assert "-- record goes alone" in runner.invoke(app, ["explain", "escalation", "--flows", str(FLOWS)]).output
+
+
+async def test_a_trace_names_the_compiled_statement_of_each_node_it_served(pg_dsn: str) -> None:
+    from planner.views.trace import trace_events
+
+    flow = load_flow(text=CHAIN.replace("(1 / ($b.v::int - $b.v::int))::int", "$b.v + 1"), name="chain")
+    async with Planner(dsn=pg_dsn) as planner:
+        result = await planner.run(flow, {"k": 1})
+    events = {e["name"]: e["args"] for e in trace_events(result, flow)["traceEvents"] if e.get("ph") == "X"}
+    assert {name: args.get("compiled") for name, args in events.items()} == dict.fromkeys("abcd", "chain#1")

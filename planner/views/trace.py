@@ -241,7 +241,9 @@ def trace_events(result: FlowResult, flow: CompiledFlow) -> dict[str, Any]:
             "name": name, "cat": node.state.value, "ph": "X", "pid": 1, "tid": lane_of[name] + 1,
             "ts": round(start * 1000, 1), "dur": round(max(end - start, 0.0) * 1000, 1),
             "args": {"state": node.state.value, "group": flow.group_of.get(name), "attempts": node.attempts,
-                     "error": None if node.error is None else error_text(node.error)},
+                     "error": None if node.error is None else error_text(node.error),
+                     # the compiled statement that answered it (`planner explain` prints it)
+                     **({"compiled": node.served.compiled} if node.served and node.served.compiled else {})},
         })
     return {
         "traceEvents": events,
