@@ -4,6 +4,8 @@ back with the SDK's in-memory reader)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -309,3 +311,26 @@ def test_a_meter_provider_set_after_the_planner_is_made_receives_the_later_runs(
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "2"  # the two runs after the SDK was set
+
+
+async def test_every_degraded_answer_under_load_is_counted_and_logged(
+        tmp_path: Path, metrics: Metrics, write_flow: Callable[..., Path], caplog: pytest.LogCaptureFixture) -> None:
+    # The new user's item 1 in small: more sync calls at once than threads, each allowed to wait
+    # 30 ms for one; those that cannot get one settle to their default. However many that is,
+    # each degraded answer is in the metrics (and the alert's ratio) and in the log.
+    write_flow("""
+        nodes:
+          summary: {call: tests.nodes:nap, with: {ms: 20, value: done}, timeout: 30ms, default: null}
+        """, name="shop")
+    with caplog.at_level(logging.WARNING, logger="planner"):
+        async with Planner(flows=tmp_path, allowed_modules=["tests"], metrics=metrics, call_threads=2) as planner:
+            results = await asyncio.gather(*(planner.run("shop") for _ in range(40)))
+            rejected = metrics.value("planner_call_rejected_total")
+    degraded = sum(1 for r in results if r.degraded)
+    assert degraded > 0 and all(r.status == "ok" for r in results)  # 200s, some on a fallback
+    assert metrics.value("planner_flow_runs_degraded_total", flow="shop") == degraded
+    assert metrics.value("planner_node_outcomes_total", flow="shop", node="summary", outcome="defaulted") == degraded
+    assert metrics.value("planner_flow_runs_total", flow="shop", status="ok") == 40
+    assert rejected >= 1
+    logged = [r for r in caplog.records if getattr(r, "outcome", None) == "defaulted" and getattr(r, "flow", None) == "shop"]
+    assert len(logged) == degraded
