@@ -331,3 +331,35 @@ async def test_200_concurrent_runs_with_sync_and_async_calls_all_answer_right(
         assert planner.threads.rejected == 0
     assert [r.output for r in results] == [expected] * 200
     assert not any(r.degraded for r in results)
+
+
+# --- an output entry that names a field its node's value lacks --------------------------------
+
+OUTPUT_TYPO = """
+nodes:
+  a: {call: tests.nodes:row, with: {id: 1}}
+output: {id: $a.idd}
+"""
+
+
+async def test_an_output_entry_naming_a_missing_field_fails_the_run(write_flow: Write) -> None:
+    path = write_flow(OUTPUT_TYPO)
+    with pytest.raises(FlowFailed) as info:
+        await _offline(path.parent).run("t")
+    assert "output 'id'" in str(info.value) and "'idd'" in str(info.value)
+    assert "looks like a bug in the flow" in str(info.value)
+    assert info.value.result.status == "failed" and info.value.result.output is None
+
+
+async def test_on_bug_default_makes_a_bad_output_entry_null_with_a_warning(
+        write_flow: Write, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_flow("settings: {on_bug: default}\n" + OUTPUT_TYPO.lstrip())
+    with caplog.at_level(logging.WARNING, logger="planner"):
+        result = await _offline(path.parent).run("t")
+    assert result.output == {"id": None}
+    assert any("output id" in r.getMessage() and "'idd'" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_output_entry_that_walks_into_null_is_null(write_flow: Write) -> None:
+    path = write_flow("nodes:\n  a: {call: tests.nodes:echo}\noutput: {id: $a.id}\n")
+    assert (await _offline(path.parent).run("t")).output == {"id": None}

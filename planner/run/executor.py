@@ -120,7 +120,7 @@ class _Run:
 
     __slots__ = ("flow", "bound", "values", "mode", "overrides", "observers", "run_id", "loop", "t0", "active",
                  "ready", "results", "tasks", "started", "attempts", "held", "limit", "queue", "released",
-                 "outstanding", "wake", "phase", "failed_node", "eager", "on_done", "release", "on_error", "degraded")
+                 "outstanding", "wake", "phase", "failed_node", "eager", "on_done", "release", "on_error", "degraded", "output", "bad_output")
 
     def __init__(self, flow: CompiledFlow, bound: dict[str, BoundNode], values: dict[str, Any], mode: Mode,
                  overrides: dict[str, Any], observers: Sequence[RunObserver], on_error: OnError = "default") -> None:
@@ -128,6 +128,8 @@ class _Run:
         self.observers = observers
         self.on_error = on_error
         self.degraded = False  # a node was settled by its default after a failure
+        self.output: Any = None
+        self.bad_output: str | None = None  # an `output:` entry that is a bug in the flow (on_bug: fail)
         self.run_id = f"{_RUN_PREFIX}-{next(_run_ids)}"
         self.loop = asyncio.get_running_loop()
         self.t0 = _monotonic()  # the loop's clock (asyncio's loop.time() is time.monotonic())
@@ -179,6 +181,8 @@ class _Run:
             if groups is not None:
                 RUN_GROUPS.reset(groups)
             await self._stop()
+            if not timed_out and self.phase is Phase.RUNNING:
+                self.output = self._output()  # before observers hear the status: a bad output fails the run
             for observer in self.observers:
                 observer.run_finished(self.flow.name, self.run_id, self._status(timed_out))
         return self._finish(timed_out)
@@ -329,18 +333,22 @@ class _Run:
                          len(stuck), ", ".join(names), extra={"flow": self.flow.name, "run_id": self.run_id})
 
     def _status(self, timed_out: bool) -> str:
-        return "timeout" if timed_out else "failed" if self.phase is Phase.FAILED else "ok"
+        return "timeout" if timed_out else "failed" if self.phase is Phase.FAILED or self.bad_output else "ok"
 
     def _finish(self, timed_out: bool) -> FlowResult:
         for name in self.active:
             if name not in self.results:
                 self.results[name] = (_CANCELLED, None, None, self.started.get(name), None)
         status = self._status(timed_out)
-        output = self._output() if status == "ok" else None
+        output = self.output if status == "ok" else None
         result = FlowResult(self.flow.name, self.run_id, self.mode, status, self._node_results, output, self._now(),
                             degraded=self.degraded)
         if status == "timeout":
             raise FlowTimeout(f"flow {self.flow.name!r} hit its deadline of {self.flow.settings.timeout:g}s", result=result)
+        if status == "failed" and self.bad_output is not None and self.failed_node is None:
+            raise FlowFailed(f"flow {self.flow.name!r} failed: {self.bad_output} (looks like a bug in the flow "
+                             f"({bug_reason(None)}): it fails the run; settings: {{on_bug: default}} makes the entry "
+                             "null instead)", result=result)
         if status == "failed":
             error = self.results[self.failed_node][2] if self.failed_node else None
             message = f"flow {self.flow.name!r} failed: node {self.failed_node!r}: {error}"
@@ -366,13 +374,18 @@ class _Run:
         output: dict[str, Any] = {}
         for key, get in self.flow.output_getters.items():
             # Everything has run (and written): an entry that walks into null is null, not a
-            # failure. A missing field is a typo worth a warning.
+            # failure. A missing field is a typo: a bug in the flow, which fails the run unless
+            # the flow says `on_bug: default` (then a warning and a null).
             try:
                 output[key] = get(self.values)
             except Unresolved:
                 output[key] = None
             except LookupError as exc:
-                logger.warning("flow %s: output %s: %s", self.flow.name, key, exc, extra={"flow": self.flow.name, "run_id": self.run_id})
+                if self.flow.settings.on_bug == "fail":
+                    self.bad_output = self.bad_output or f"output {key!r}: {exc}"
+                else:
+                    logger.warning("flow %s: output %s: %s", self.flow.name, key, exc,
+                                   extra={"flow": self.flow.name, "run_id": self.run_id, "bug": True})
                 output[key] = None
         return output
 
