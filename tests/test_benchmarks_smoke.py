@@ -69,14 +69,23 @@ async def test_the_proxy_process_adds_the_round_trip_asked_for_and_counts_them(p
         finally:
             await con.close()
 
-    async with ProxyProcess(pg_dsn, 0) as bare:
-        base = await ping_ms(bare.dsn)
-    async with ProxyProcess(pg_dsn, 5) as proxy:
-        before = await proxy.requests()
-        delayed = await ping_ms(proxy.dsn)
-        sent = await proxy.requests() - before
-    assert 26 <= sent <= 40, sent  # the connection's start-up, the first SELECT prepared, 25 more
-    assert abs((delayed - base) - 10.0) < 1.5, f"added {delayed - base:.2f} ms for 10 ms asked"
+    # As tests/test_latency_proxy.py: a sleep is never shorter than asked (some attempt reaches
+    # it), a busy machine only ever adds time (the least of up to three attempts is the proxy's
+    # own; 12.2 ms was seen for 10 ms asked), and 1.6x what was asked still catches a delay
+    # applied twice.
+    seen = []
+    for _ in range(3):
+        async with ProxyProcess(pg_dsn, 0) as bare:
+            base = await ping_ms(bare.dsn)
+        async with ProxyProcess(pg_dsn, 5) as proxy:
+            before = await proxy.requests()
+            delayed = await ping_ms(proxy.dsn)
+            sent = await proxy.requests() - before
+        assert 26 <= sent <= 40, sent  # the connection's start-up, the first SELECT prepared, 25 more
+        seen.append(delayed - base)
+        if max(seen) > 9.0 and min(seen) < 16.0:
+            break
+    assert max(seen) > 9.0 and min(seen) < 16.0, f"added {', '.join(f'{s:.2f}' for s in seen)} ms for 10 ms asked"
 
 
 def _fleet_rows(stdout: str) -> list[list[str]]:
