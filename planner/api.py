@@ -22,6 +22,7 @@ from typing import Any
 from planner.compile import compile_enabled, plan_groups
 from planner.config import CallTargets, FlowSource
 from planner.db.cache import DEFAULT_SIZE, CacheBackend, CacheStats
+from planner.db.catalog import EffectsBackend, catalog_of
 from planner.db.replica import ReplicaBackend, parse_max_lag, resolve_dsn
 from planner.errors import DatabaseUnavailable, FlowError, FlowFileError, FlowInputError
 from planner.graph import CompiledFlow, Plan, compile_flow, plan
@@ -164,9 +165,12 @@ class Planner:
         elif replica_dsn:
             raise TypeError("replica_dsn= applies to planner's own backend; with backend=, wrap yours in "
                             "planner.db.replica.ReplicaBackend")
-        # The outermost wrapper: a hit never reaches the database, or anything in between.
+        # A hit never reaches the database, or anything in between.
         self.cache = CacheBackend(backend, maxsize=cache_size, channel=cache_channel)
-        self.backend: Backend = self.cache
+        # The outermost: what each statement does, from the server's catalog, decides whether
+        # the wrappers below may cache, route, fuse or coalesce it (`planner.lang.effects`).
+        self.effects = EffectsBackend(self.cache, catalog_of(backend))
+        self.backend: Backend = self.effects
         self.targets = CallTargets(allowed_modules, folder=self.source.folder)
         self.threads = CallThreads(call_threads if call_threads is not None else DEFAULT_THREADS, wait_s=call_wait)
         self._threads_given = call_threads is not None
@@ -192,6 +196,7 @@ class Planner:
         self._objects: weakref.WeakKeyDictionary[CompiledFlow, _Entry] = weakref.WeakKeyDictionary()
         self._db_open = False
         self._closed = False
+        self._effects_checked: weakref.WeakSet[CompiledFlow] = weakref.WeakSet()  # `cache:` judged by the catalog
 
     @property
     def flows_dir(self) -> Path:
@@ -268,10 +273,27 @@ class Planner:
             if self.metrics is not None:
                 self.metrics.refused(entry.flow.name, "invalid_input" if isinstance(exc, FlowInputError) else "unavailable")
             raise
+        if self._db_open and entry.flow not in self._effects_checked:
+            await self._check_effects(entry)
         observers = self.observers if self.observers is not None else default_observers()
         if self.metrics is not None:
             observers = (*observers, self.metrics)
         return await execute_checked(entry.flow, entry.bound, values, chosen, overrides, observers, self.on_error)
+
+    async def _check_effects(self, entry: _Entry) -> None:
+        """Before a flow's first run on this planner, ask the server's catalog about each of its
+        single statements at once (so that its runs find every verdict known and its sibling
+        reads still start together), and refuse a flow that caches a statement the catalog does
+        not prove pure (a volatile function, a view over one, a row lock...): a `FlowFileError`
+        `PLN131` at the `cache:` line, naming the function."""
+        nodes = [(name, node) for name, node in entry.flow.nodes.items() if len(node.statements) == 1]
+        verdicts = await asyncio.gather(*(self.effects.effects(node) for _, node in nodes))
+        for (name, node), effects in zip(nodes, verdicts, strict=True):
+            if node.cache_ttl is not None and not effects.pure and effects.resolved:
+                raise entry.flow.marks.error(
+                    f"cache: a statement with effects is never cached: it {effects.why()}",
+                    ("nodes", name, "cache"), code="PLN131")
+        self._effects_checked.add(entry.flow)
 
     # --- the flow cache -----------------------------------------------------------------
 

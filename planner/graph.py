@@ -22,6 +22,9 @@ from planner.lang.models import FlowSpec, InputSpec, Settings, SqlNode
 from planner.lang.nodes import CompiledNode, RetryPolicy
 from planner.lang.refs import Getter, Ref, RefSyntaxError, Template, compile_getter, parse_value
 
+MAX_REPLICA_AFTER = 64
+"""Distinct statements a node may follow and still read the replica (`replica_routes`)."""
+
 
 @dataclass(frozen=True, eq=False)  # identity: a Planner keeps what it bound per flow object
 class CompiledFlow:
@@ -168,19 +171,38 @@ def replica_routes(nodes: dict[str, CompiledNode], order: tuple[str, ...], spec:
     is not known when a flow is compiled). A node that a node of its flow `invalidates:` reads
     the primary too: a lagging replica could otherwise put back, in the cache, the value the
     write has just dropped.
+
+    Syntax proves a write, never a read: `SELECT place_order($user)` reads by its syntax and
+    writes by its function. So a routed node carries the statements of the SQL nodes it
+    follows (`replica_after`), and it reads the replica only once the server's catalog has
+    proven each of them pure (`planner.db.catalog`). A node following more than
+    `MAX_REPLICA_AFTER` distinct statements reads the primary (bounded work per query).
     """
     invalidated = {target for node in nodes.values() for target in node.invalidates}
     after_write: set[str] = set()
+    upstream: dict[str, frozenset[str] | None] = {}  # statements of the nodes it follows; None: too many
     for name in order:  # ancestors first
         # Not proven read-only: an SQL write, or any `call:` node (`read_only` is False for them).
-        if any(dep in after_write or not nodes[dep].read_only for dep in nodes[name].deps):
+        deps = nodes[name].deps
+        if any(dep in after_write or not nodes[dep].read_only for dep in deps):
             after_write.add(name)
+            continue
+        texts: set[str] | None = set()
+        for dep in deps:
+            above = upstream.get(dep)
+            if above is None or texts is None:
+                texts = None
+                break
+            texts |= above
+            texts.update(s.text for s in nodes[dep].statements)
+        upstream[name] = None if texts is None or len(texts) > MAX_REPLICA_AFTER else frozenset(texts)
     routed = dict(nodes)
     for name, node in nodes.items():
         own = spec.nodes[name]
-        if (node.read_only and isinstance(own, SqlNode) and own.replica
+        after = upstream.get(name)
+        if (node.read_only and isinstance(own, SqlNode) and own.replica and after is not None
                 and name not in after_write and name not in invalidated):
-            routed[name] = replace(node, replica=True)
+            routed[name] = replace(node, replica=True, replica_after=tuple(sorted(after)))
     return routed
 
 

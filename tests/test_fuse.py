@@ -276,15 +276,24 @@ async def test_sequential_mode_neither_fuses_nor_coalesces(fuse_db: str) -> None
 
 
 async def test_a_member_the_server_cannot_prepare_fails_alone(fuse_db: str) -> None:
+    # A statement that never prepares is not proven pure (`planner.lang.effects`) and never
+    # fuses; one that stops preparing after its verdict was kept (its table dropped) does.
+    con = await asyncpg.connect(fuse_db)
+    await con.execute("CREATE TABLE gone_t (id int)")
     flow = load_flow(text="""
         nodes:
           ok: {sql: SELECT 1, fetch: value}
-          missing: {sql: SELECT * FROM no_such_table, default: [], on_bug: default}
+          missing: {sql: SELECT * FROM gone_t, default: [], on_bug: default}
         """, name="prepare")
     planner, counting = _planner(fuse_db, fuse=True)
-    async with planner:
-        result = await planner.run(flow)
-    assert counting.fused == [2]
+    try:
+        async with planner:
+            await planner.run(flow)
+            await con.execute("DROP TABLE gone_t")
+            result = await planner.run(flow)
+    finally:
+        await con.close()
+    assert counting.fused == [2, 2]
     assert result.values == {"ok": 1, "missing": []}
     assert result.nodes["ok"].state is NodeState.OK and result.nodes["missing"].state is NodeState.DEFAULTED
 

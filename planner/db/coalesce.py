@@ -14,7 +14,8 @@ the server only when no member waits any more. The node's `timeout` times statem
 does alone: the combined statement, and when that fails, each member's statement run again
 alone, so that a slow or bad member times out or fails alone. Identical parameters in one
 read batch are sent once (single-flight) and each run gets its own copy of the value (and of
-the error). Only single statements proven read-only are coalesced by default; a write only
+the error). Only single statements proven pure are coalesced by default (by syntax and by the
+server's catalog: `planner.lang.effects`, applied above this wrapper); a write only
 with `coalesce: true` (`CompiledNode.coalesce`), and two writes with identical parameters
 never share a statement. `PLANNER_COALESCE=0` turns coalescing off for the process.
 """
@@ -38,7 +39,9 @@ MAX_WRITE_BATCH = 32  # runs sharing one write: past this, the server's cost per
 # (one combined write holds every member's CTEs; planning it grows faster than its size)
 MAX_ALONE = 1024  # statements remembered as impossible to share; past this the oldest is forgotten
 
-_BatchKey = tuple[str, str, float | None]  # statement text, fetch, timeout: what a batch's statement depends on
+# Statement text, fetch, timeout, read-only: what a batch's statement depends on (a statement
+# whose verdict changed, `planner.lang.effects`, starts batches of its new kind).
+_BatchKey = tuple[str, str, float | None, bool]
 
 
 @dataclass(eq=False)
@@ -109,7 +112,7 @@ class CoalescingBackend(WrappingBackend):
         text = node.statements[0].text
         # Runs share a batch only when they would send the same statement, fetch its rows the
         # same way and time it the same way: the batch runs with its first member's node.
-        key: _BatchKey = (text, node.fetch, node.timeout)
+        key: _BatchKey = (text, node.fetch, node.timeout, node.read_only)
         batch = self._pending.get(key)
         limit = self.max_batch if node.read_only else min(self.max_batch, MAX_WRITE_BATCH)
         if batch is None or not batch.admits(query.params[0], limit):

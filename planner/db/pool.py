@@ -30,7 +30,6 @@ from planner.db.channel import Listener
 from planner.db.dsn import redact_dsn
 from planner.db.embedded import embedded_allowed, embedded_dsn, planner_home
 from planner.db.pooler import (
-    _VOLATILE_SQL,
     STATEMENT_CACHE,
     TRANSACTION_POOLER,
     PoolerConnection,
@@ -524,9 +523,8 @@ class PoolBackend:
 
     async def _batch_text(self, con: asyncpg.Connection, node: CompiledNode) -> str | None:
         """The combined statement for `node` (cached), or None when it cannot be shared safely:
-        a parameter that is itself an array (unnest would flatten it), a call of a volatile
-        function (two runs must not share one `random()`), or a statement that does not fit
-        in a subquery (the combined form is prepared once to find out)."""
+        a parameter that is itself an array (unnest would flatten it), or a statement that does
+        not fit in a subquery (the combined form is prepared once to find out)."""
         statement = node.statements[0]
         key = f"{node.fetch}\0{statement.text}"
         if key in self._combined:
@@ -534,7 +532,9 @@ class PoolBackend:
         prepared = await con.prepare(statement.text)
         types = prepared.get_parameters()
         text: str | None = None
-        if types and all(t.kind == "scalar" for t in types) and not await _volatile(con, node.functions):
+        # Only statements proven pure come here as reads (`planner.lang.effects`): a volatile
+        # function makes the node a write before it reaches the pool.
+        if types and all(t.kind == "scalar" for t in types):
             # Names of the batch's own that no statement uses: an alias `b` of the statement
             # must not capture a parameter written `b.p1`.
             names = [f'"?p{i + 1}"' for i in range(len(types))]
@@ -739,14 +739,6 @@ def _stale(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", None) in _STALE_SQLSTATES
 
 
-
-
-async def _volatile(con: asyncpg.Connection, functions: frozenset[str]) -> bool:
-    """Whether any function the statement calls (any overload of its name) is volatile."""
-    if not functions:
-        return False
-    names = [f.split(".")[-1].lower() for f in functions]
-    return bool(await con.fetchval(_VOLATILE_SQL, names))
 
 
 async def _query(con: asyncpg.Connection, query: Query) -> Any:

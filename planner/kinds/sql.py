@@ -55,6 +55,9 @@ class SqlKind:
                 "functions": frozenset(f for i in infos for f in i.functions),
                 # Reads are shared unless turned off; a write only when its author says it may be.
                 "coalesce": node.fetch != "none" and (node.coalesce is True or (read_only and node.coalesce is None)),
+                # Its author's word that it may be combined with other runs' as a write: what a
+                # read the catalog does not prove pure still may do (`planner.lang.effects`).
+                "coalesce_writes": node.fetch != "none" and node.coalesce is True,
                 "cache_ttl": node.cache,
                 "fuse": read_only and node.fetch != "none" and node.fuse is not False,  # a status is not a row
                 "compile": node.compile is not False,

@@ -51,12 +51,16 @@ class CompiledNode:
     required: bool = False  # `fetch: one` with `required: true`: no row is the node's error (`NotFound`)
     read_only: bool = False  # one statement, proven to write nothing (see `planner.lang.sqlinfo`)
     session: bool = False  # may change its connection's session (reset before reuse)
-    functions: frozenset[str] = frozenset()  # functions it calls (a backend may ask if they are volatile)
+    functions: frozenset[str] = frozenset()  # functions it calls, as written (the catalog judges them)
     coalesce: bool = False  # may share one statement with other runs' (read-only, and not turned off)
+    coalesce_writes: bool = False  # `coalesce: true`: may share one even when it is not proven pure
     fuse: bool = False  # may share one statement with sibling reads of its own run
     cache_ttl: float | None = None  # `cache:` in seconds (read-only nodes only; see `planner.db.cache`)
     replica: bool = False  # may be answered by a read replica (see `replica_routes`)
     compile: bool = False  # may be sent in one statement with the SQL nodes around it (`planner.compile`)
+    # The statements of the SQL nodes it follows: with `replica`, each must be proven pure by the
+    # server's catalog before this node reads the replica (read-your-writes, `planner.lang.effects`).
+    replica_after: tuple[str, ...] = ()
     # call
     call: str = ""
     args: dict[str, Any] = field(default_factory=dict)

@@ -3,9 +3,10 @@
 `analyze` answers three questions at compile time, once per statement:
 - `read_only`: one plain query that writes nothing and locks nothing: no INSERT/UPDATE/DELETE/
   MERGE anywhere (data-modifying CTEs included), no `SELECT ... INTO`, no `FOR UPDATE/SHARE`,
-  and no call of a function known to act on the database or the session. Functions of the
-  user's own are listed in `functions` so a backend can ask the server whether they are
-  volatile before treating the statement as shareable between runs.
+  and no call of a built-in function with effects (`planner.lang.builtin_effects`, generated from
+  the catalog). That is necessary, not sufficient: the functions, operators and views it
+  uses are judged by the server's catalog before anything is shared (`planner.lang.effects`,
+  `planner.db.catalog`). `functions` lists the names it calls, as written.
 - `session`: whether it may change its connection's session (SET, RESET, set_config,
   SET ROLE, LISTEN, PREPARE, DECLARE, temporary tables, session advisory locks...), in which
   case the connection is reset before anyone else uses it.
@@ -24,14 +25,8 @@ from pglast.parser import parse_sql_json
 from pglast.stream import RawStream
 from pglast.visitors import Visitor
 
-# Built-in functions with effects beyond computing a value (or that depend on the session).
-_EFFECTFUL = frozenset({
-    "set_config", "nextval", "setval", "currval", "lastval", "txid_current", "pg_current_xact_id",
-    "pg_notify", "pg_sleep", "pg_sleep_for", "pg_sleep_until", "pg_terminate_backend", "pg_cancel_backend",
-    "pg_reload_conf", "pg_rotate_logfile", "pg_switch_wal", "pg_create_restore_point", "lo_import", "lo_export",
-    "lo_create", "lo_unlink", "lo_put", "lo_from_bytea", "dblink", "dblink_exec", "random", "gen_random_uuid",
-    "uuid_generate_v4", "clock_timestamp", "timeofday", "setseed", "pg_stat_reset", "pg_advisory_lock",
-})
+from planner.lang.builtin_effects import BUILTIN_EFFECTS
+
 # Those that change the session itself (the connection must be reset after them).
 _SESSION_FUNCTIONS = frozenset({"set_config", "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
                                 "pg_try_advisory_lock_shared", "setseed", "nextval", "setval"})
@@ -93,9 +88,11 @@ def analyze(text: str) -> SqlInfo:
                 session = session or (rel or {}).get("relpersistence") == "t"
             elif name == "FuncCall" and isinstance(body, dict):
                 parts = [str(p.get("String", {}).get("sval", "")) for p in body.get("funcname", [])]
-                function = parts[-1].lower() if parts else ""
+                function = parts[-1] if parts else ""
                 functions.add(".".join(parts))
-                if function in _EFFECTFUL or function.startswith(("pg_advisory", "pg_try_advisory")):
+                # The offline approximation of the catalog's verdict (`planner.db.catalog`): a
+                # built-in it lists as having effects, called by its name or as pg_catalog's.
+                if function in BUILTIN_EFFECTS and (len(parts) == 1 or parts[0] == "pg_catalog"):
                     effectful = True
                     if function in _SESSION_FUNCTIONS or (function.startswith(("pg_advisory", "pg_try_advisory"))
                                                           and "xact" not in function):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from planner.config import CallTargets
 from planner.errors import FlowFileError, QueryError
@@ -21,6 +22,9 @@ from planner.kinds.backend import Backend, Offline
 from planner.lang.loader import load_spec
 from planner.lang.refs import CompiledSql, Ref, name_params
 from planner.lang.sqlcheck import syntax_errors
+
+if TYPE_CHECKING:
+    from planner.db.catalog import Catalog
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,11 @@ def _at(flow: CompiledFlow, node: str | None, where: tuple[str | int, ...], code
     return Finding(flow.marks.file, line, column, node, code, message)
 
 
-async def check_database(flow: CompiledFlow, backend: Backend, *, prepared: list[int] | None = None) -> list[Finding]:
+async def check_database(flow: CompiledFlow, backend: Backend, *, prepared: list[int] | None = None,
+                         catalog: Catalog | None = None) -> list[Finding]:
     """Prepare every statement on the server; check `$node.field` against the columns returned.
+    With `catalog` (the same server's), a `cache:` node whose statement is not proven pure
+    (a volatile function, a view over one, a row lock...) is PLN131, naming what it calls.
 
     `prepared`, when given, gets the number of statements the server prepared appended to it."""
     findings: list[Finding] = []
@@ -78,6 +85,11 @@ async def check_database(flow: CompiledFlow, backend: Backend, *, prepared: list
                 findings.append(_sql_finding(flow, name, where, statement, exc))
                 continue
             findings += _param_types(flow, name, where, statement, list(described.parameter_types))
+            if catalog is not None and node.cache_ttl is not None and node.read_only:
+                effects = await catalog.effects(statement.text)
+                if not effects.pure and effects.resolved:
+                    findings.append(_at(flow, name, ("nodes", name, "cache"), "PLN131",
+                                        f"cache: a statement with effects is never cached: it {effects.why()}"))
             if index == len(node.statements) - 1:
                 columns[name] = set(described.columns)
     for name, node in flow.nodes.items():
@@ -172,6 +184,7 @@ async def validate_report(paths: list[Path], dsn: str | None) -> Report:
             flows.append(flow)
     if dsn is None or not flows:
         return Report(findings, len(paths), 0)
+    from planner.db.catalog import catalog_of
     from planner.db.pool import PoolBackend
 
     # With a server, the server judges the syntax (its parser is the one that will run the
@@ -180,11 +193,16 @@ async def validate_report(paths: list[Path], dsn: str | None) -> Report:
 
     prepared: list[int] = []
     backend = PoolBackend(dsn=dsn, min_size=1, max_size=1)
+    catalog = catalog_of(backend)
     try:
         for flow in flows:
-            findings += await check_database(flow, backend, prepared=prepared)
+            findings += await check_database(flow, backend, prepared=prepared, catalog=catalog)
     finally:
-        await backend.close()
+        try:
+            if catalog is not None:
+                await catalog.close()
+        finally:
+            await backend.close()
     return Report(findings, len(paths), sum(prepared))
 
 

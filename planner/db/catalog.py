@@ -1,0 +1,484 @@
+"""What a statement does, asked of the server's catalog (the verdicts of `planner.lang.effects`).
+
+`resolve(con, text)` asks the server itself which objects a statement uses, then judges them:
+
+1. In a transaction that is always rolled back, the statement is prepared (for its parameter
+   types), each `$n` is replaced by `NULL::<its type>` on pglast's tree (never by pasting
+   text), and a temporary view is created over it as a subquery: `SELECT 1 FROM (<stmt>) s`.
+2. The view's rewrite rule is the server's own parse of the statement, with every object
+   resolved to its oid: overloads, schema-qualified and quoted names, functions in FROM, WHERE
+   and CTEs, operators (-> the function behind them), aggregates and window functions (-> their
+   support functions), casts, table samples, and relations. Views are followed into their own
+   rules, tables with row-level security into their policies, domains into their constraints,
+   types into their input and output functions, recursively.
+3. Every function reached is judged by `pg_proc`: volatile (`random()`, `nextval`,
+   `clock_timestamp`, `gen_random_uuid`, `pg_advisory_*`, `pg_notify`, a user's
+   `claim_job()`...) is a write; so is a built-in the catalog marks parallel unsafe (it assigns
+   a transaction id, a sequence value or session state: `txid_current`,
+   `pg_current_xact_id`...), and a function of the user's in an untrusted procedural language
+   (PostgreSQL does not keep it from acting outside the database, whatever its volatility).
+   Row locks in a view (`FOR UPDATE`) and foreign tables (what their server does is not
+   known) are writes too.
+
+`Catalog` keeps one verdict per statement text for `max_age` seconds (a function redefined
+from STABLE to VOLATILE is seen within that time), resolves each text once however many runs
+ask at the same moment, and forgets a text at once when the server says its statement went
+stale (a migration). `EffectsBackend`, the outermost wrapper of a `Planner`'s stack, gives each
+query the node its verdict allows (`planner.lang.effects.as_run`), so that the cache, replica
+routing, fusion and coalescing below it decide from one verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pglast
+from pglast import ast
+from pglast.stream import RawStream
+from pglast.visitors import Visitor
+
+from planner.errors import QueryError
+from planner.kinds.backend import Backend, Query, WrappingBackend
+from planner.lang.effects import Effects, as_run, of_syntax
+
+logger = logging.getLogger("planner")
+
+MAX_AGE = 60.0
+"""Seconds a verdict is kept before the catalog is asked again."""
+RETRY_AFTER = 5.0  # a statement that could not be resolved is asked again after this
+LOCK_TIMEOUT = 0.25  # seconds a question waits for a lock on what the statement reads
+STATEMENT_TIMEOUT = 5.0  # seconds each statement of a question may take
+MAX_STATEMENTS = 4096  # verdicts kept; past this the oldest is forgotten
+_FIRST_NORMAL_OID = 16384  # FirstNormalObjectId: objects below are the server's own (built in)
+_VIEW = "planner_effects_probe"
+# What a statement whose objects changed under it gets: a cached plan that must not change its
+# result type (0A000), a column, table, function or type gone or changed (42703, 42P01, 42883,
+# 42704, 42804), a column count that no longer matches (42P10).
+_SCHEMA_CHANGED = frozenset({"0A000", "42703", "42P01", "42883", "42704", "42804", "42P10"})
+
+# The oids of a stored query tree (nodeToString): functions, operators, aggregates, window
+# functions, table-sample methods, relations and types.
+_OIDS = re.compile(r":(funcid|opfuncid|opno|aggfnoid|winfnoid|tsmhandler|relid|resulttype|consttype|opnos) "
+                   r"(\(o[ 0-9]*\)|\d+)")
+_FUNCTION_FIELDS = frozenset({"funcid", "opfuncid", "aggfnoid", "winfnoid", "tsmhandler"})
+
+_EXPAND = """
+SELECT 'f' AS kind, op.oprcode::oid AS oid, NULL::text AS tree, NULL::text AS name
+  FROM pg_operator op WHERE op.oid = ANY($1::oid[])
+UNION ALL
+SELECT 'f', f, NULL, NULL FROM pg_aggregate a
+ CROSS JOIN LATERAL unnest(ARRAY[a.aggtransfn, a.aggfinalfn, a.aggcombinefn, a.aggmtransfn, a.aggminvtransfn,
+                                 a.aggmfinalfn]::oid[]) AS f
+ WHERE a.aggfnoid = ANY($2::oid[]) AND f <> 0
+UNION ALL
+SELECT 't', NULL, r.ev_action::text, c.oid::regclass::text FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
+ WHERE c.oid = ANY($3::oid[]) AND c.relkind = 'v'
+UNION ALL
+SELECT 't', NULL, x, c.oid::regclass::text FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
+ CROSS JOIN LATERAL unnest(ARRAY[p.polqual::text, p.polwithcheck::text]) AS x
+ WHERE c.oid = ANY($3::oid[]) AND c.relrowsecurity AND x IS NOT NULL
+UNION ALL
+SELECT 'foreign', c.oid, NULL, c.oid::regclass::text FROM pg_class c WHERE c.oid = ANY($3::oid[]) AND c.relkind = 'f'
+UNION ALL
+SELECT 'f', f, NULL, NULL FROM pg_type t CROSS JOIN LATERAL unnest(ARRAY[t.typinput, t.typoutput]::oid[]) AS f
+ WHERE t.oid = ANY($4::oid[]) AND f <> 0
+UNION ALL
+SELECT 'y', t.typbasetype, NULL, NULL FROM pg_type t WHERE t.oid = ANY($4::oid[]) AND t.typtype = 'd'
+UNION ALL
+SELECT 't', NULL, c.conbin::text, c.contypid::regtype::text FROM pg_constraint c
+ WHERE c.contypid = ANY($4::oid[]) AND c.conbin IS NOT NULL
+"""
+
+_JUDGE = """
+SELECT CASE WHEN n.nspname = 'pg_catalog' THEN '' ELSE quote_ident(n.nspname) || '.' END
+       || quote_ident(p.proname) || '(' || pg_get_function_identity_arguments(p.oid) || ')' AS signature,
+       p.provolatile::text AS volatility, p.proparallel::text AS parallel, l.lanname AS language,
+       l.lanpltrusted AS trusted, p.oid < $2 AS builtin
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang
+ WHERE p.oid = ANY($1::oid[])
+ ORDER BY 1
+"""
+
+# Languages whose non-volatile functions PostgreSQL keeps read-only (SQL and PL/pgSQL refuse
+# data-modifying statements in them) or that are the server's and its extensions' own code.
+_CHECKED_LANGUAGES = frozenset({"sql", "plpgsql", "internal", "c"})
+
+
+class StatementRefused(Exception):
+    """The server did not prepare the statement itself (its runs get the error)."""
+
+
+class _Bind(Visitor):
+    """Replace each `$n` by `NULL::<type of $n>`, on the tree."""
+
+    def __init__(self, types: list[str]) -> None:
+        super().__init__()
+        # Each type as the server spells it (`format_type`: `integer[]`, `public."My Type"`),
+        # parsed into a type name: a name of the catalog's, never a value of a run's.
+        self.types = [_type_name(t) for t in types]
+
+    def visit(self, ancestors: object, node: ast.Node) -> ast.Node | None:
+        if isinstance(node, ast.ParamRef):
+            return ast.TypeCast(arg=ast.A_Const(isnull=True), typeName=self.types[int(node.number or 0) - 1])
+        return None
+
+
+def _type_name(spelled: str) -> ast.TypeName:
+    stmt = pglast.parse_sql(f"SELECT NULL::{spelled}")[0].stmt
+    target = stmt.targetList[0].val  # type: ignore[union-attr]
+    if not isinstance(target, ast.TypeCast) or not isinstance(target.typeName, ast.TypeName):
+        raise ValueError(f"not a type name: {spelled!r}")
+    return target.typeName
+
+
+def probe_text(text: str, types: list[str]) -> str:
+    """The view's query for statement `text` whose parameters have `types` (as `format_type`
+    spells them): `SELECT 1 FROM (<text, each $n a typed NULL>) AS s`. Raises `ValueError` for
+    anything but one plain query."""
+    tree = pglast.parse_sql(text)
+    if len(tree) != 1 or not isinstance(tree[0].stmt, ast.SelectStmt):
+        raise ValueError("only one plain query can be resolved")
+    _Bind(types)(tree)
+    return f"SELECT 1 FROM ({RawStream()(tree[0].stmt)}) AS s"
+
+
+async def resolve(con: Any, text: str) -> Effects:
+    """The catalog's verdict on `text` (one plain query, `$n` parameters), asked on asyncpg
+    connection `con` in a transaction that is rolled back. Raises what the server raises
+    (a statement that does not prepare, no right to create a temporary view)."""
+    transaction = con.transaction()
+    await transaction.start()
+    try:
+        # Preparing and creating the view lock what the statement reads (ACCESS SHARE), as its
+        # own run would: behind a migration's exclusive lock, give up soon (the statement is a
+        # write until asked again) rather than hold up the questions of every other statement.
+        await con.execute(f"SET LOCAL lock_timeout = {int(LOCK_TIMEOUT * 1000)}; "
+                          f"SET LOCAL statement_timeout = {int(STATEMENT_TIMEOUT * 1000)}")
+        try:
+            prepared = await con.prepare(text)
+        except Exception as exc:
+            raise StatementRefused(f"{type(exc).__name__}: {exc}") from exc
+        oids = [t.oid for t in prepared.get_parameters()]
+        types = [row[0] for row in await con.fetch(
+            "SELECT format_type(t, NULL) FROM unnest($1::oid[]) WITH ORDINALITY AS p(t, n) ORDER BY n", oids)]
+        await con.execute(f"CREATE TEMPORARY VIEW {_VIEW} AS {probe_text(text, types)}")
+        rule = await con.fetchval("SELECT ev_action::text FROM pg_rewrite WHERE ev_class = $1::regclass",
+                                  f"pg_temp.{_VIEW}")
+        return await _judge(con, rule)
+    finally:
+        await transaction.rollback()
+
+
+async def _judge(con: Any, rule: str) -> Effects:
+    functions: set[int] = set()
+    seen: dict[str, set[int]] = {"op": set(), "agg": set(), "rel": set(), "type": set()}
+    reasons: list[str] = []
+    trees: list[tuple[str | None, str]] = [(None, rule)]
+    while trees:
+        new: dict[str, set[int]] = {"op": set(), "agg": set(), "rel": set(), "type": set()}
+        for owner, tree in trees:
+            if "ROWMARKCLAUSE" in tree and owner is not None:
+                reasons.append(f"locks rows (FOR UPDATE/SHARE in {owner})")
+            for field, value in _OIDS.findall(tree):
+                oids = [int(v) for v in value[2:-1].split()] if value.startswith("(o") else [int(value)]
+                for oid in oids:
+                    if oid == 0:
+                        continue
+                    if field in _FUNCTION_FIELDS:
+                        functions.add(oid)
+                    kind = {"opno": "op", "opnos": "op", "aggfnoid": "agg", "relid": "rel",
+                            "resulttype": "type", "consttype": "type"}.get(field)
+                    if kind is not None and oid not in seen[kind]:
+                        seen[kind].add(oid)
+                        new[kind].add(oid)
+        trees = []
+        if not any(new.values()):
+            break
+        rows = await con.fetch(_EXPAND, list(new["op"]), list(new["agg"]), list(new["rel"]), list(new["type"]))
+        for row in rows:
+            if row["kind"] == "f":
+                functions.add(int(row["oid"]))
+            elif row["kind"] == "t":
+                trees.append((row["name"], row["tree"]))
+            elif row["kind"] == "foreign":
+                reasons.append(f"reads foreign table {row['name']} (what its server does is not known)")
+            elif row["kind"] == "y" and int(row["oid"]) not in seen["type"]:
+                seen["type"].add(int(row["oid"]))
+                trees.append((None, f":resulttype {int(row['oid'])}"))
+    named: list[str] = []
+    for row in await con.fetch(_JUDGE, list(functions), _FIRST_NORMAL_OID):
+        signature = row["signature"]
+        if row["volatility"] == "v":
+            reasons.append(f"calls volatile function {signature}")
+        elif row["builtin"] and row["parallel"] == "u":
+            reasons.append(f"calls {signature}, which the catalog marks parallel unsafe (it may assign a "
+                           "transaction id, a sequence value or session state)")
+        elif not row["builtin"] and row["language"] not in _CHECKED_LANGUAGES and not row["trusted"]:
+            reasons.append(f"calls {signature}, written in the untrusted language {row['language']} "
+                           "(PostgreSQL does not keep it from acting outside the database)")
+        else:
+            continue
+        named.append(signature)
+    return Effects(pure=not reasons, resolved=True, reasons=tuple(dict.fromkeys(reasons)), functions=tuple(named))
+
+
+Connect = Callable[[], Any]  # an async context manager giving an asyncpg connection
+
+
+class Catalog:
+    """Verdicts per statement text, from one server (see the module's docstring).
+
+    `acquire()` must return an async context manager giving a connection (an asyncpg pool's
+    `acquire`)."""
+
+    def __init__(self, acquire: Callable[[], Any], *, max_age: float = MAX_AGE,
+                 timer: Callable[[], float] = time.monotonic) -> None:
+        self._acquire = acquire
+        self.max_age = max_age
+        self._timer = timer
+        self._known: dict[str, tuple[Effects, float]] = {}  # text -> (verdict, asked again after)
+        self._flights: dict[str, asyncio.Future[Effects]] = {}
+        self._warned: set[str] = set()
+        self.resolutions = 0  # statements resolved on the server (a figure for tests)
+
+    def known(self, text: str) -> Effects | None:
+        """The verdict kept for `text`, if still fresh."""
+        entry = self._known.get(text)
+        if entry is None or entry[1] <= self._timer():
+            return None
+        return entry[0]
+
+    def current(self, text: str) -> Effects | None:
+        """The verdict kept for `text` without waiting: fresh, or past `max_age` while it is
+        being asked again in the background (so a run is not held up by the refresh, and the
+        reads of one run that start together still reach fusion in the same turn of the loop).
+        None when nothing is kept (never asked, or dropped after a schema change)."""
+        entry = self._known.get(text)
+        if entry is None:
+            return None
+        if entry[1] <= self._timer() and text not in self._flights:
+            self._start(text)
+        return entry[0]
+
+    def _start(self, text: str) -> asyncio.Future[Effects]:
+        flight = self._flights[text] = asyncio.ensure_future(self._resolve(text))
+        flight.add_done_callback(lambda _f: self._flights.pop(text, None))
+        return flight
+
+    async def effects(self, text: str) -> Effects:
+        """The verdict on `text`: kept, or resolved now (once, however many ask at once).
+        Never raises for the statement's sake: a statement the server cannot resolve is
+        `pure=False`, with the reason, and a WARNING is logged once for it."""
+        verdict = self.known(text)
+        if verdict is not None:
+            return verdict
+        flight = self._flights.get(text) or self._start(text)
+        return await asyncio.shield(flight)
+
+    async def _resolve(self, text: str) -> Effects:
+        try:
+            async with self._acquire() as con:
+                verdict = await resolve(con, text)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reason = f"could not be resolved on the server ({type(exc).__name__}: {exc})"
+            # A statement the server refuses to prepare fails its runs with that error anyway;
+            # anything else (no TEMP right, a read-only server...) is a degradation: said once.
+            if isinstance(exc, StatementRefused):
+                logger.debug("statement treated as a write: %s", reason)
+            elif text not in self._warned:
+                self._warned.add(text)
+                logger.warning("statement treated as a write (never shared, cached or sent to a replica): %s: %s",
+                               reason, " ".join(text.split())[:200])
+            verdict = Effects(pure=False, reasons=(reason,))
+            self._keep(text, verdict, RETRY_AFTER)
+            return verdict
+        self.resolutions += 1
+        self._warned.discard(text)
+        self._keep(text, verdict, self.max_age)
+        return verdict
+
+    def _keep(self, text: str, verdict: Effects, age: float) -> None:
+        known = self._known
+        known.pop(text, None)
+        known[text] = (verdict, self._timer() + age)
+        while len(known) > MAX_STATEMENTS:
+            del known[next(iter(known))]
+
+    async def close(self) -> None:
+        """Stop the questions under way; close the connection it asks on, if it has one of its own."""
+        for flight in list(self._flights.values()):
+            flight.cancel()
+        await asyncio.gather(*self._flights.values(), return_exceptions=True)
+        close = getattr(self._acquire, "close", None)
+        if close is not None:
+            await close()
+
+    def forget(self, text: str | None = None) -> None:
+        """Ask the catalog again for `text` (every statement when None) at its next use."""
+        if text is None:
+            self._known.clear()
+        else:
+            self._known.pop(text, None)
+
+
+class EffectsBackend(WrappingBackend):
+    """Gives each query the node its statement's verdict allows (`planner.lang.effects.as_run`).
+
+    With `catalog` None (a backend of the caller's own without planner's pool) it passes every
+    query on as compiled: its effects are judged by syntax alone (`planner.lang.sqlinfo`)."""
+
+    def __init__(self, inner: Backend, catalog: Catalog | None) -> None:
+        super().__init__(inner)
+        self.catalog = catalog
+
+    async def run(self, query: Query) -> Any:
+        catalog = self.catalog
+        node = query.node
+        if catalog is None or not node.read_only:
+            return await self.inner.run(query)  # a write by its syntax: nothing to ask
+        text = node.statements[0].text
+        effects = catalog.current(text) or await catalog.effects(text)
+        after_write = False
+        if node.replica:
+            for before in node.replica_after:
+                if not (catalog.current(before) or await catalog.effects(before)).pure:
+                    after_write = True
+                    break
+        query.node = as_run(node, effects, after_write=after_write)
+        try:
+            return await self.inner.run(query)
+        except QueryError as exc:
+            if exc.sqlstate in _SCHEMA_CHANGED:
+                catalog.forget(text)  # what it calls may have changed with the schema
+            raise
+
+    async def close(self) -> None:
+        try:
+            if self.catalog is not None:
+                await self.catalog.close()
+        finally:
+            await self.inner.close()
+
+    async def effects(self, node: Any) -> Effects:
+        """The verdict on `node`'s statement (`of_syntax` for a write by syntax, or without a catalog)."""
+        if self.catalog is None or not node.read_only:
+            return of_syntax(node)
+        return await self.catalog.effects(node.statements[0].text)
+
+
+def catalog_of(backend: Backend) -> Catalog | None:
+    """A `Catalog` over the primary of planner's stack `backend` (followed through its wrappers'
+    `inner`), or None when it ends in a backend of the caller's own.
+
+    It asks on a connection of its own (opened at the first question, to the database the pool
+    opened), never one of the pool's: a statement's first run must not wait behind the runs
+    that hold the pool, nor take a connection from them. A borrowed pool (`pool=`, no DSN) is
+    asked on one of its connections."""
+    pool = sys.modules.get("planner.db.pool")  # not loaded: no pool of planner's to find (and asyncpg stays unloaded)
+    if pool is None:
+        return None
+    seen: Backend | None = backend
+    while seen is not None and not isinstance(seen, pool.PoolBackend):
+        seen = getattr(seen, "inner", None)
+    if seen is None:
+        return None
+    return Catalog(_OwnConnection(seen))
+
+
+class _OwnConnection:
+    """One connection for catalog questions, one question at a time (`Catalog`'s `acquire`)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.con: Any = None
+        self.lock = asyncio.Lock()
+
+    def __call__(self) -> _OwnConnection:
+        return self
+
+    async def __aenter__(self) -> Any:
+        from planner.db.pooler import connect
+
+        await self.lock.acquire()
+        try:
+            pool = await self.backend.pool()
+            dsn = self.backend._connected_dsn
+            if dsn is None:  # a borrowed pool: no DSN to open a connection of its own with
+                self.borrowed = pool
+                self.con = await pool.acquire()
+            elif self.con is None or self.con.is_closed():
+                self.con = await connect(dsn, pooler=self.backend.pooler)
+        except BaseException:
+            self.lock.release()
+            raise
+        return self.con
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if self.backend._connected_dsn is None and self.con is not None:
+                con, self.con = self.con, None
+                await self.borrowed.release(con)
+            elif exc[0] is not None and self.con is not None:
+                con, self.con = self.con, None  # in an unknown state (cancelled mid-question): not reused
+                con.terminate()
+        finally:
+            self.lock.release()
+
+    async def close(self) -> None:
+        con, self.con = self.con, None
+        if con is not None and self.backend._connected_dsn is not None:
+            await con.close()
+
+
+BUILTIN_EFFECTS = """
+SELECT DISTINCT proname::text FROM pg_proc
+ WHERE pronamespace = 'pg_catalog'::regnamespace AND (provolatile = 'v' OR proparallel = 'u')
+ ORDER BY 1
+"""
+"""The built-in functions `resolve` judges to have effects, by name: what
+`planner.lang.builtin_effects` lists for judging statements offline (`python -m planner.db.catalog DSN`
+writes it)."""
+
+
+async def builtin_effects_source(dsn: str) -> tuple[str, int]:
+    """The text of `planner/builtin_effects.py` from the catalog of the server at `dsn`, and how
+    many names it lists."""
+    from planner.db.pooler import connect
+
+    con = await connect(dsn)
+    try:
+        version = await con.fetchval("SHOW server_version")
+        names = [row[0] for row in await con.fetch(BUILTIN_EFFECTS)]
+    finally:
+        await con.close()
+    body = "\n".join(f"    {json.dumps(name)}," for name in names)
+    return f'''"""Built-in functions with effects, by name: the offline approximation of `planner.db.catalog`.
+
+Generated by `python -m planner.db.catalog DSN` from PostgreSQL {version}'s catalog (every
+`pg_catalog` function with an overload that is volatile or parallel unsafe); checked against
+the server's catalog by tests/test_effects.py. `planner.lang.sqlinfo` counts a statement calling one
+of these as a write at compile time, before any server is asked. Do not edit by hand.
+"""
+
+BUILTIN_EFFECTS: frozenset[str] = frozenset({{
+{body}
+}})
+''', len(names)
+
+
+if __name__ == "__main__":  # pragma: no cover - a maintainer's tool
+    from pathlib import Path
+
+    target = Path(__file__).parent.parent / "lang" / "builtin_effects.py"
+    source, count = asyncio.run(builtin_effects_source(sys.argv[1]))
+    target.write_text(source, encoding="utf-8")
+    print(count, "names written to", target)

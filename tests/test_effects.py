@@ -1,0 +1,364 @@
+"""One effects model (`planner.lang.effects`, `planner.db.catalog`): what a statement does comes from the
+server's catalog, and every sharing mechanism (single-flight, coalescing, fusion, the cache,
+replica routing, read-your-writes) takes its decision from that one verdict.
+
+The table below is the specification: statement -> share? coalesce? fuse? cache? replica?
+write (for read-your-writes)? Then the behaviours the table stands for, on a real server:
+job claims and orders are never merged, a cached statement with effects is refused, a
+verdict is asked again when it ages or the schema changes, and the read after an order sees it
+with a replica (tests/test_replica.py's pair, started here for this module).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from planner import FlowFileError, Planner, load_flow
+from planner.db.catalog import BUILTIN_EFFECTS as BUILTIN_QUERY
+from planner.db.catalog import Catalog, probe_text, resolve
+from planner.lang.builtin_effects import BUILTIN_EFFECTS
+from planner.lang.effects import UNRESOLVED, Decisions, Effects, as_run, decide, of_syntax
+from planner.testing.pytest_plugin import server_folder
+from planner.views.validate import validate_paths
+
+SCHEMA = """
+CREATE TABLE jobs (id serial PRIMARY KEY, name text NOT NULL, claimed boolean NOT NULL DEFAULT false);
+INSERT INTO jobs (name) SELECT 'job-' || i FROM generate_series(1, 20) i;
+CREATE TABLE orders (id serial PRIMARY KEY, user_id int NOT NULL);
+CREATE SEQUENCE tickets;
+CREATE FUNCTION claim_job() RETURNS text LANGUAGE sql AS $$
+  UPDATE jobs SET claimed = true
+   WHERE id = (SELECT id FROM jobs WHERE NOT claimed ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+  RETURNING name $$;
+CREATE FUNCTION claim_job_id() RETURNS int LANGUAGE sql AS $$
+  UPDATE jobs SET claimed = true
+   WHERE id = (SELECT id FROM jobs WHERE NOT claimed ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+  RETURNING id $$;
+CREATE FUNCTION place_order(u int) RETURNS int LANGUAGE sql AS $$
+  INSERT INTO orders (user_id) VALUES (u) RETURNING id $$;
+CREATE SCHEMA shop;
+CREATE FUNCTION shop."Place Order"(u int) RETURNS int LANGUAGE sql AS $$
+  INSERT INTO orders (user_id) VALUES (u) RETURNING id $$;
+CREATE FUNCTION job_name(i int) RETURNS text STABLE LANGUAGE sql AS $$ SELECT name FROM jobs WHERE id = i $$;
+CREATE FUNCTION pick(i int) RETURNS int IMMUTABLE LANGUAGE sql AS $$ SELECT i $$;
+CREATE FUNCTION pick(t text) RETURNS int VOLATILE LANGUAGE sql AS $$ SELECT nextval('tickets')::int $$;
+CREATE VIEW claimed_now AS SELECT claim_job() AS job;
+CREATE VIEW claimed_later AS SELECT job FROM claimed_now;
+CREATE VIEW pending AS SELECT id, name FROM jobs WHERE NOT claimed;
+CREATE FUNCTION takes(a int, b int) RETURNS boolean VOLATILE LANGUAGE sql AS $$ SELECT a = nextval('tickets') $$;
+CREATE OPERATOR ==> (LEFTARG = int, RIGHTARG = int, FUNCTION = takes);
+CREATE TYPE ticket AS (n bigint);
+CREATE FUNCTION issue(i int) RETURNS ticket VOLATILE LANGUAGE sql AS $$ SELECT ROW(nextval('tickets'))::ticket $$;
+CREATE CAST (int AS ticket) WITH FUNCTION issue(int);
+"""
+
+PURE = Decisions(share=True, coalesce=True, fuse=True, cache=True, replica=True, write=False)
+WRITE = Decisions(share=False, coalesce=False, fuse=False, cache=False, replica=False, write=True)
+
+# statement -> decisions, for a node with `fetch: one` and every sharing left on.
+TABLE: list[tuple[str, Decisions]] = [
+    ("SELECT id, name FROM jobs WHERE id = $i", PURE),
+    ("SELECT count(*) AS n FROM jobs WHERE id = ANY($i::int[])", PURE),  # an array parameter
+    ("SELECT job_name($i) AS name, now() AS at", PURE),  # STABLE functions: pure
+    ("SELECT pick($i::int) AS n", PURE),  # the IMMUTABLE overload (an untyped $i would be text)
+    ("SELECT * FROM pending WHERE id = $i", PURE),  # a view over a table
+    ("SELECT claim_job() AS job", WRITE),
+    ("SELECT * FROM claim_job() AS job", WRITE),  # in FROM
+    ("SELECT name FROM jobs WHERE id = claim_job_id()", WRITE),  # in WHERE
+    ("WITH c AS (SELECT claim_job() AS job) SELECT job FROM c", WRITE),  # in a CTE
+    ("SELECT place_order($i) AS id", WRITE),
+    ("SELECT public.place_order($i) AS id", WRITE),  # schema-qualified
+    ('SELECT "place_order"($i) AS id', WRITE),  # quoted
+    ('SELECT shop."Place Order"($i) AS id', WRITE),  # another schema, a quoted name with a space
+    ("SELECT pick($t) AS n", WRITE),  # the VOLATILE overload (a text argument)
+    ("SELECT job FROM claimed_now", WRITE),  # a view over a volatile function
+    ("SELECT job FROM claimed_later", WRITE),  # a view over that view
+    ("SELECT $i ==> 1 AS taken", WRITE),  # an operator backed by a volatile function
+    ("SELECT ($i::int)::ticket AS t", WRITE),  # a cast through a volatile function
+    ("SELECT count(*) AS n FROM jobs TABLESAMPLE BERNOULLI (50)", WRITE),  # a random sample
+    ("SELECT id FROM jobs WHERE id = $i FOR UPDATE", WRITE),  # locks rows (syntax)
+    ("SELECT nextval('tickets') AS n", WRITE),  # built-ins: the catalog's rule, offline its list
+    ("SELECT random() AS r", WRITE),
+    ("SELECT txid_current() AS x", WRITE),  # STABLE, but assigns a transaction id: parallel unsafe
+]
+
+
+@pytest.fixture
+async def db(planner_database: str) -> str:
+    con = await asyncpg.connect(planner_database)
+    try:
+        await con.execute(SCHEMA)
+    finally:
+        await con.close()
+    return planner_database
+
+
+def _node(text: str, *, cache: bool = True) -> Any:
+    spec = f"inputs: {{i: int, t: str}}\nnodes:\n  n: {{sql: {text!r}, fetch: one{', cache: 10s' if cache else ''}}}\n"
+    try:
+        return load_flow(text=spec, name="t").nodes["n"]
+    except FlowFileError:  # `cache:` on a write by its syntax is refused at compile time
+        return load_flow(text=spec.replace(", cache: 10s", ""), name="t").nodes["n"]
+
+
+async def _verdict(con: asyncpg.Connection, node: Any) -> Effects:
+    return await resolve(con, node.statements[0].text) if node.read_only else of_syntax(node)
+
+
+async def test_every_sharing_decision_comes_from_the_one_verdict(db: str) -> None:
+    con = await asyncpg.connect(db)
+    try:
+        got = {}
+        for text, _ in TABLE:
+            node = _node(text)
+            decided = decide(node, await _verdict(con, node))
+            # A write by its syntax has no `cache:` to keep (refused at compile time).
+            got[text] = decided if node.cache_ttl is not None or decided.write else None
+    finally:
+        await con.close()
+    assert got == dict(TABLE)
+
+
+async def test_the_verdict_names_the_function_schema_and_overload(db: str) -> None:
+    con = await asyncpg.connect(db)
+    try:
+        order = await resolve(con, "SELECT shop.\"Place Order\"($1) AS id")
+        overload = await resolve(con, "SELECT pick($1::text)")
+        view = await resolve(con, "SELECT job FROM claimed_later")
+    finally:
+        await con.close()
+    assert order.functions == ('shop."Place Order"(u integer)',) and "volatile" in order.why()
+    assert overload.functions == ("public.pick(t text)",)
+    assert view.functions == ("public.claim_job()",)
+
+
+@pytest.mark.parametrize("call", [
+    "random()", "nextval('tickets')", "clock_timestamp()", "gen_random_uuid()", "pg_advisory_xact_lock(1)",
+    "pg_advisory_lock(1)", "pg_notify('c', 'x')", "txid_current()", "pg_current_xact_id()",
+    "pg_logical_emit_message(false, 'p', 'm')", "setseed(0.5)", "set_config('a.b', 'c', true)",
+])
+async def test_built_in_functions_with_effects_fall_out_of_the_catalog_rule(db: str, call: str) -> None:
+    con = await asyncpg.connect(db)
+    try:
+        verdict = await resolve(con, f"SELECT {call}")
+    finally:
+        await con.close()
+    assert not verdict.pure and verdict.resolved and verdict.functions
+
+
+async def test_the_offline_list_is_the_catalogs_own(db: str) -> None:
+    """`planner/builtin_effects.py` is generated by `python -m planner.db.catalog DSN`: regenerate it
+    when this fails after a PostgreSQL upgrade."""
+    con = await asyncpg.connect(db)
+    try:
+        names = {row[0] for row in await con.fetch(BUILTIN_QUERY)}
+    finally:
+        await con.close()
+    assert names == BUILTIN_EFFECTS
+
+
+def test_offline_a_built_in_with_effects_is_a_write_and_anything_else_unresolved() -> None:
+    assert not _node("SELECT random() AS r").read_only
+    assert not _node("SELECT pg_catalog.nextval('s') AS n").read_only
+    assert _node("SELECT myschema.random() AS r").read_only  # not the built-in: the catalog judges it
+    assert of_syntax(_node("SELECT claim_job() AS j")) == UNRESOLVED
+    assert decide(_node("SELECT 1 AS one"), UNRESOLVED) == WRITE  # not proven is not pure
+
+
+def test_a_write_keeps_coalescing_only_when_its_author_says_so() -> None:
+    spec = "nodes:\n  n: {sql: 'SELECT claim_job() AS j', fetch: one, coalesce: true}\n"
+    node = load_flow(text=spec, name="t").nodes["n"]
+    verdict = Effects(pure=False, resolved=True, reasons=("calls volatile function claim_job()",))
+    run = as_run(node, verdict)
+    assert (run.coalesce, run.read_only, run.fuse, run.replica) == (True, False, False, False)
+
+
+def test_parameters_become_typed_nulls_on_the_tree_never_pasted_values() -> None:
+    text = probe_text("SELECT $1 AS a, '$2' AS b FROM t WHERE x = $2 AND y = $3",
+                      ["integer[]", 'public."My Type"', "character varying(3)"])
+    assert text == "SELECT 1 FROM (SELECT CAST(NULL AS integer[]) AS a, '$2' AS b FROM t " \
+                   "WHERE x = CAST(NULL AS public.\"My Type\") AND y = CAST(NULL AS varchar(3))) AS s"
+
+
+# --- behaviours on a real server -------------------------------------------------------------
+
+CLAIM = """
+nodes:
+  claim: {{sql: "{sql}", fetch: value}}
+"""
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT claim_job()", "SELECT * FROM claim_job()", "SELECT job FROM claimed_now",
+    "WITH c AS (SELECT claim_job() AS job) SELECT job FROM c",
+])
+async def test_five_concurrent_job_claims_each_get_a_different_job(db: str, tmp_path: Path, sql: str) -> None:
+    (tmp_path / "claim.yaml").write_text(CLAIM.format(sql=sql))
+    async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:
+        results = await asyncio.gather(*(planner.run("claim") for _ in range(5)))
+    jobs = [r.nodes["claim"].value for r in results]
+    assert len(set(jobs)) == 5, jobs
+    assert all(r.nodes["claim"].served is not None and r.nodes["claim"].served.batch == 1 for r in results)
+
+
+ORDER = """
+inputs: {user: int}
+nodes:
+  order: {sql: "SELECT place_order($user) AS id", fetch: value}
+"""
+
+
+async def test_concurrent_orders_of_one_user_are_each_a_row(db: str, tmp_path: Path) -> None:
+    (tmp_path / "order.yaml").write_text(ORDER)
+    async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:
+        # The first finds the connection free; the others would wait for it, together.
+        results = await asyncio.gather(*(planner.run("order", {"user": 7}) for _ in range(3)))
+    con = await asyncpg.connect(db)
+    try:
+        rows = await con.fetchval("SELECT count(*) FROM orders WHERE user_id = 7")
+    finally:
+        await con.close()
+    assert rows == 3 and len({r.nodes["order"].value for r in results}) == 3
+
+
+CACHED_CLAIM = """
+nodes:
+  claim: {sql: "SELECT job FROM claimed_now", fetch: value, cache: 30s}
+"""
+
+
+async def test_caching_a_statement_with_effects_is_refused_at_bind_naming_the_function(db: str, tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(CACHED_CLAIM)
+    async with Planner(flows=tmp_path, dsn=db) as planner:
+        with pytest.raises(FlowFileError, match=r"claim_job\(\)") as caught:
+            await planner.run("c")
+    assert caught.value.line == 3 and caught.value.code == "PLN131"
+    con = await asyncpg.connect(db)
+    try:
+        assert await con.fetchval("SELECT count(*) FROM jobs WHERE claimed") == 0  # nothing ran
+    finally:
+        await con.close()
+
+
+async def test_validate_with_the_database_names_the_function_a_cached_statement_calls(db: str, tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(CACHED_CLAIM)
+    findings = await validate_paths([tmp_path / "c.yaml"], db)
+    assert [(f.code, f.line) for f in findings] == [("PLN131", 3)]
+    assert "claim_job()" in findings[0].message
+
+
+async def test_a_verdict_is_asked_again_once_it_is_older_than_max_age(db: str) -> None:
+    now = [0.0]
+    pool = await asyncpg.create_pool(db, min_size=1, max_size=1)
+    try:
+        catalog = Catalog(pool.acquire, max_age=60, timer=lambda: now[0])
+        text = "SELECT job_name($1) AS name"
+        assert (await catalog.effects(text)).pure
+        async with pool.acquire() as con:
+            await con.execute("ALTER FUNCTION job_name(int) VOLATILE")
+        assert (await catalog.effects(text)).pure  # kept: not older than max_age
+        now[0] = 61.0
+        assert (await catalog.effects(text)).functions == ("public.job_name(i integer)",)
+    finally:
+        await pool.close()
+
+
+async def test_a_changed_schema_makes_the_next_run_ask_the_catalog_again(db: str, tmp_path: Path) -> None:
+    (tmp_path / "n.yaml").write_text("inputs: {i: int}\nnodes:\n  n: {sql: 'SELECT job_name($i) AS name', fetch: value}\n")
+    async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:
+        assert (await planner.run("n", {"i": 1})).nodes["n"].value == "job-1"
+        catalog = planner.effects.catalog
+        assert catalog is not None and catalog.resolutions == 1
+        con = await asyncpg.connect(db)
+        try:
+            await con.execute("DROP FUNCTION job_name(int)")
+            assert (await planner.run("n", {"i": 1})).nodes["n"].state == "defaulted"  # 42883: no such function
+            await con.execute("CREATE FUNCTION job_name(i int) RETURNS text VOLATILE LANGUAGE sql "
+                              "AS $$ SELECT name FROM jobs WHERE id = i $$")
+        finally:
+            await con.close()
+        await planner.run("n", {"i": 1})
+        assert catalog.resolutions == 2
+        text = planner.load("n").nodes["n"].statements[0].text
+        assert catalog.known(text) == Effects(pure=False, resolved=True, functions=("public.job_name(i integer)",),
+                                              reasons=("calls volatile function public.job_name(i integer)",))
+
+
+async def test_a_statement_the_server_cannot_resolve_is_a_write(db: str, caplog: pytest.LogCaptureFixture) -> None:
+    role = f"plain_{os.getpid()}"  # roles belong to the server, shared by every test database
+    database = db.split("@/", 1)[1].split("?", 1)[0]
+    admin = await asyncpg.connect(db)
+    try:
+        await admin.execute(f"REVOKE TEMPORARY ON DATABASE {database} FROM PUBLIC; CREATE ROLE {role} LOGIN; "
+                            f"GRANT SELECT ON jobs TO {role}")
+        plain = await asyncpg.create_pool(db.replace("postgres:@", f"{role}:@", 1), min_size=1, max_size=1)
+        try:
+            with caplog.at_level(logging.WARNING, logger="planner"):
+                verdict = await Catalog(plain.acquire).effects("SELECT id FROM jobs")
+        finally:
+            await plain.close()
+        await admin.execute(f"REVOKE SELECT ON jobs FROM {role}; DROP ROLE {role}")
+    finally:
+        await admin.close()
+    assert not verdict.pure and "could not be resolved" in verdict.why()
+    assert any("treated as a write" in r.getMessage() for r in caplog.records)
+
+
+# --- read-your-writes with a replica ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Any]:
+    from tests.replica_pair import start_pair
+
+    # Outside pytest's numbered temporary folders, which another test run may delete under it.
+    with server_folder() as folder:
+        started = start_pair(folder)
+        try:
+            yield started
+        finally:
+            started.close()
+
+
+ORDER_THEN_READ = """
+inputs: {user: int}
+nodes:
+  order: {sql: "SELECT place_order($user) AS id", fetch: value}
+  seen: {sql: "SELECT count(*) FROM orders WHERE id = $order", fetch: value}
+  again: {sql: "SELECT count(*) FROM orders WHERE user_id = $user", fetch: value, after: [order]}
+"""
+
+
+async def test_the_read_after_a_function_that_writes_sees_the_write_with_a_replica(pair: Any, tmp_path: Path) -> None:
+    from tests.replica_pair import caught_up
+
+    con = await asyncpg.connect(pair.primary.dsn())
+    try:
+        await con.execute("DROP TABLE IF EXISTS orders; DROP FUNCTION IF EXISTS place_order(int);"
+                          "CREATE TABLE orders (id serial PRIMARY KEY, user_id int NOT NULL);"
+                          "CREATE FUNCTION place_order(u int) RETURNS int LANGUAGE sql AS "
+                          "$$ INSERT INTO orders (user_id) VALUES (u) RETURNING id $$")
+    finally:
+        await con.close()
+    await caught_up(pair)
+    replica = await asyncpg.connect(pair.replica.dsn())
+    await replica.execute("SELECT pg_wal_replay_pause()")  # the replica lags: it never has the order
+    try:
+        (tmp_path / "o.yaml").write_text(ORDER_THEN_READ)
+        async with Planner(flows=tmp_path, dsn=pair.primary.dsn(), replica_dsn=pair.replica.dsn(),
+                           replica_max_lag="1h") as planner:
+            await planner.run("o", {"user": 1})
+            result = await planner.run("o", {"user": 1})
+    finally:
+        await replica.execute("SELECT pg_wal_replay_resume()")
+        await replica.close()
+    assert result.nodes["seen"].value == 1 and result.nodes["again"].value == 2
+    assert not result.nodes["seen"].served.replica and not result.nodes["again"].served.replica  # type: ignore[union-attr]
