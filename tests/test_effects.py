@@ -272,7 +272,7 @@ async def test_a_verdict_is_asked_again_once_it_is_older_than_max_age(db: str) -
 
 
 async def test_a_changed_schema_makes_the_next_run_ask_the_catalog_again(db: str, tmp_path: Path) -> None:
-    (tmp_path / "n.yaml").write_text("inputs: {i: int}\nnodes:\n  n: {sql: 'SELECT job_name($i) AS name', fetch: value}\n")
+    (tmp_path / "n.yaml").write_text("inputs: {i: int}\nnodes:\n  n: {sql: 'SELECT job_name($i) AS name', fetch: value, on_bug: default}\n")
     async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:
         assert (await planner.run("n", {"i": 1})).nodes["n"].value == "job-1"
         catalog = planner.effects.catalog

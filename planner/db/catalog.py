@@ -55,6 +55,7 @@ MAX_AGE = 60.0
 RETRY_AFTER = 5.0  # a statement that could not be resolved is asked again after this
 LOCK_TIMEOUT = 0.25  # seconds a question waits for a lock on what the statement reads
 STATEMENT_TIMEOUT = 5.0  # seconds each statement of a question may take
+IDLE_CLOSE = 1.0  # seconds without a question after which the catalog's own connection is closed
 MAX_STATEMENTS = 4096  # verdicts kept; past this the oldest is forgotten
 _FIRST_NORMAL_OID = 16384  # FirstNormalObjectId: objects below are the server's own (built in)
 _VIEW = "planner_effects_probe"
@@ -318,9 +319,9 @@ class Catalog:
         for flight in list(self._flights.values()):
             flight.cancel()
         await asyncio.gather(*self._flights.values(), return_exceptions=True)
-        close = getattr(self._acquire, "close", None)
-        if close is not None:
-            await close()
+        stop = getattr(self._acquire, "stop", None)
+        if stop is not None:
+            await stop()
 
     def forget(self, text: str | None = None) -> None:
         """Ask the catalog again for `text` (every statement when None) at its next use."""
@@ -395,12 +396,18 @@ def catalog_of(backend: Backend) -> Catalog | None:
 
 
 class _OwnConnection:
-    """One connection for catalog questions, one question at a time (`Catalog`'s `acquire`)."""
+    """One connection for catalog questions, one question at a time (`Catalog`'s `acquire`),
+    closed once no question has been asked for `IDLE_CLOSE` seconds: questions come in bursts
+    (a flow's first run, a refresh a minute later), and a process holds its pool and the
+    cache's listening connection only between them (docs/service.md's sizing)."""
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
         self.con: Any = None
+        self.borrowed: Any = None
         self.lock = asyncio.Lock()
+        self.used = 0.0
+        self.closer: asyncio.Task[None] | None = None
 
     def __call__(self) -> _OwnConnection:
         return self
@@ -424,19 +431,44 @@ class _OwnConnection:
 
     async def __aexit__(self, *exc: object) -> None:
         try:
-            if self.backend._connected_dsn is None and self.con is not None:
-                con, self.con = self.con, None
+            con = self.con
+            if con is None:
+                return
+            if exc[0] is not None and (isinstance(exc[1], asyncio.CancelledError) or con.is_in_transaction()):
+                self.con = None  # in an unknown state (cancelled mid-question): never reused
+                if self.borrowed is None:
+                    con.terminate()
+                else:
+                    await self.borrowed.release(con)  # the pool resets or drops it
+            elif self.borrowed is not None:
+                self.con = None
                 await self.borrowed.release(con)
-            elif exc[0] is not None and self.con is not None:
-                con, self.con = self.con, None  # in an unknown state (cancelled mid-question): not reused
-                con.terminate()
+            else:
+                self.used = asyncio.get_running_loop().time()
+                if self.closer is None or self.closer.done():
+                    self.closer = asyncio.get_running_loop().create_task(self._close_when_idle())
         finally:
             self.lock.release()
 
+    async def _close_when_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.con is not None:
+            await asyncio.sleep(max(0.0, self.used + IDLE_CLOSE - loop.time()))
+            if loop.time() >= self.used + IDLE_CLOSE and not self.lock.locked():
+                await self.close()
+
     async def close(self) -> None:
         con, self.con = self.con, None
-        if con is not None and self.backend._connected_dsn is not None:
+        if con is not None and self.borrowed is None:
             await con.close()
+
+    async def stop(self) -> None:
+        """Close the connection and stop the idle timer (the planner is closing)."""
+        closer, self.closer = self.closer, None
+        if closer is not None and closer is not asyncio.current_task():
+            closer.cancel()
+            await asyncio.gather(closer, return_exceptions=True)
+        await self.close()
 
 
 BUILTIN_EFFECTS = """
