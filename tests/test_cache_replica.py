@@ -35,7 +35,7 @@ def cached(write_flow: Callable[..., Path]) -> Path:
         inputs: {note: str}
         nodes:
           count:
-            sql: SELECT count(*) AS n, pg_is_in_recovery() AS standby FROM notes WHERE note = $note
+            sql: SELECT count(*) AS n, standby() AS standby FROM notes WHERE note = $note
             fetch: one
             cache: 60s
             on_error: fail
@@ -44,7 +44,7 @@ def cached(write_flow: Callable[..., Path]) -> Path:
         inputs: {note: str, write: bool}
         nodes:
           count:
-            sql: SELECT count(*) AS n, pg_is_in_recovery() AS standby FROM notes WHERE note = $note
+            sql: SELECT count(*) AS n, standby() AS standby FROM notes WHERE note = $note
             fetch: one
             cache: 60s
             on_error: fail
@@ -60,7 +60,7 @@ def cached(write_flow: Callable[..., Path]) -> Path:
         inputs: {note: str}
         nodes:
           count:
-            sql: SELECT count(*) AS n, pg_is_in_recovery() AS standby FROM notes WHERE note = $note
+            sql: SELECT count(*) AS n, standby() AS standby FROM notes WHERE note = $note
             fetch: one
             cache: 60s
             on_error: fail

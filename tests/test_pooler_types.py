@@ -44,7 +44,7 @@ async def admin(demo_dsn: str) -> AsyncIterator[asyncpg.Connection]:
 @pytest.fixture
 async def pooled(demo_dsn: str, pgbouncer: PgBouncer) -> AsyncIterator[Planner]:
     async with Planner(dsn=pgbouncer.dsn(demo_dsn), min_size=1, max_size=1, cache_size=0) as planner:
-        assert planner.backend.inner.inner.inner.pooler == "transaction"  # type: ignore[attr-defined]
+        assert planner.pools["primary"].pooler == "transaction"
         yield planner
 
 

@@ -157,6 +157,11 @@ async def template(pair: Pair) -> str:
     try:
         await data.load(con, scale=data.Scale.tiny())
         await con.execute("CREATE TABLE notes (id serial PRIMARY KEY, note text NOT NULL)")
+        # Which server answered, in a flow: pg_is_in_recovery() itself is VOLATILE (its answer
+        # changes on promotion), so a statement calling it is never routed to the replica
+        # (`planner.lang.effects`); this STABLE wrapper is a read like any other.
+        await con.execute("CREATE FUNCTION standby() RETURNS boolean STABLE LANGUAGE sql AS "
+                          "'SELECT pg_is_in_recovery()'")
     finally:
         await con.close()
     return TEMPLATE
@@ -189,25 +194,25 @@ async def db(databases: Databases) -> AsyncIterator[tuple[str, str]]:
 def flows(write_flow: Callable[..., Path]) -> Path:
     write_flow("""
         nodes:
-          standby: {sql: SELECT pg_is_in_recovery(), fetch: value, on_error: fail}
-          pinned: {sql: SELECT pg_is_in_recovery(), fetch: value, on_error: fail, replica: false}
+          standby: {sql: SELECT standby(), fetch: value, on_error: fail}
+          pinned: {sql: SELECT standby(), fetch: value, on_error: fail, replica: false}
     """, name="where")
     write_flow("""
         inputs: {note: str}
         nodes:
           write: {sql: "INSERT INTO notes (note) VALUES ($note) RETURNING id", fetch: value, on_error: fail}
           read:
-            sql: SELECT count(*) AS n, pg_is_in_recovery() AS standby FROM notes WHERE id = $write
+            sql: SELECT count(*) AS n, standby() AS standby FROM notes WHERE id = $write
             fetch: one
             on_error: fail
           ordered:
-            sql: SELECT count(*) AS n, pg_is_in_recovery() AS standby FROM notes WHERE note = $note
+            sql: SELECT count(*) AS n, standby() AS standby FROM notes WHERE note = $note
             fetch: one
             after: [write]
             on_error: fail
-          later: {sql: "SELECT $read.n::bigint AS n, pg_is_in_recovery() AS standby", fetch: one, on_error: fail}
+          later: {sql: "SELECT $read.n::bigint AS n, standby() AS standby", fetch: one, on_error: fail}
           sibling:
-            sql: SELECT count(*) AS n, pg_is_in_recovery() AS standby FROM notes WHERE note = $note
+            sql: SELECT count(*) AS n, standby() AS standby FROM notes WHERE note = $note
             fetch: one
             on_error: fail
     """, name="ryw")
@@ -215,7 +220,7 @@ def flows(write_flow: Callable[..., Path]) -> Path:
         inputs: {note: str}
         nodes:
           count:
-            sql: SELECT count(*) AS n, pg_is_in_recovery() AS standby FROM notes WHERE note = $note
+            sql: SELECT count(*) AS n, standby() AS standby FROM notes WHERE note = $note
             fetch: one
             on_error: fail
     """, name="count")
@@ -336,8 +341,8 @@ async def test_an_error_only_the_replica_gives_is_answered_by_the_primary(
     primary, replica = db
     path = write_flow("""
         nodes:
-          odd: {sql: "SELECT 1 / (CASE WHEN pg_is_in_recovery() THEN 0 ELSE 1 END)", fetch: value, on_error: fail}
-          broken: {sql: "SELECT 1 / (CASE WHEN pg_is_in_recovery() THEN 0 ELSE 0 END)", fetch: value}
+          odd: {sql: "SELECT 1 / (CASE WHEN standby() THEN 0 ELSE 1 END)", fetch: value, on_error: fail}
+          broken: {sql: "SELECT 1 / (CASE WHEN standby() THEN 0 ELSE 0 END)", fetch: value}
     """, name="odd")
     async with Planner(flows=path.parent, dsn=primary, replica_dsn=replica) as planner:
         result = await planner.run("odd")
@@ -485,7 +490,7 @@ async def test_a_replica_stopped_under_load_fails_no_run(
 # it runs in recovery, so only the replica is slow to answer it.
 STANDBY_SLEEP = """
 CREATE FUNCTION standby_sleep(s float8) RETURNS bool STABLE LANGUAGE plpgsql AS
-$$ BEGIN IF pg_is_in_recovery() THEN PERFORM pg_sleep(s); END IF; RETURN pg_is_in_recovery(); END $$
+$$ BEGIN IF standby() THEN PERFORM pg_sleep(s); END IF; RETURN standby(); END $$
 """
 
 
@@ -535,7 +540,7 @@ async def test_a_read_that_runs_over_its_timeout_on_the_replica_only_is_answered
     path = write_flow("""
         nodes:
           slow: {sql: "SELECT standby_sleep(30)", fetch: value, timeout: 300ms, on_error: fail}
-          where: {sql: "SELECT pg_is_in_recovery()", fetch: value, on_error: fail}
+          where: {sql: "SELECT standby()", fetch: value, on_error: fail}
     """, name="slow")
     async with Planner(flows=path.parent, dsn=primary, replica_dsn=replica) as planner:
         result = await planner.run("slow")
@@ -552,7 +557,7 @@ async def test_a_read_a_stalled_replica_does_not_answer_within_its_timeout_is_an
     primary, replica = db
     path = write_flow("""
         nodes:
-          standby: {sql: SELECT pg_is_in_recovery(), fetch: value, timeout: 500ms, on_error: fail}
+          standby: {sql: SELECT standby(), fetch: value, timeout: 500ms, on_error: fail}
     """, name="timed")
     async with Planner(flows=path.parent, dsn=primary, replica_dsn=replica) as planner:
         assert (await planner.run("timed")).nodes["standby"].value is True

@@ -104,6 +104,8 @@ def decide(node: CompiledNode, effects: Effects, *, after_write: bool = False) -
 
 def as_run(node: CompiledNode, effects: Effects, *, after_write: bool = False) -> CompiledNode:
     """`node` with its sharing fields set from `decide` (the node itself when nothing changes)."""
+    if effects.pure and not after_write:
+        return node  # the compiled fields already say what a pure statement may do (the hot path)
     d = decide(node, effects, after_write=after_write)
     read_only = node.read_only and not d.write  # coalescing merges identical parameters of read-only nodes only
     cache_ttl = node.cache_ttl if d.cache else None
