@@ -140,6 +140,32 @@ async def test_the_verdict_names_the_function_schema_and_overload(db: str) -> No
     assert view.functions == ("public.claim_job()",)
 
 
+@pytest.mark.parametrize(("setup", "statement"), [
+    pytest.param("CREATE FUNCTION add_noisy(s int, v int) RETURNS int VOLATILE LANGUAGE sql AS $$ SELECT s + v $$;"
+                 "CREATE AGGREGATE noisy_sum(int) (SFUNC = add_noisy, STYPE = int, INITCOND = '0')",
+                 "SELECT noisy_sum(id) AS n FROM jobs", id="an-aggregate-whose-step-is-volatile"),
+    pytest.param("CREATE FUNCTION seen(i int) RETURNS boolean VOLATILE LANGUAGE sql AS $$ SELECT true $$;"
+                 "ALTER TABLE jobs ENABLE ROW LEVEL SECURITY; ALTER TABLE jobs FORCE ROW LEVEL SECURITY;"
+                 "CREATE POLICY watched ON jobs USING (seen(id))",
+                 "SELECT id FROM jobs", id="a-row-level-security-policy-calling-a-volatile-function"),
+    pytest.param("CREATE FUNCTION checked(i int) RETURNS boolean VOLATILE LANGUAGE sql AS $$ SELECT i > 0 $$;"
+                 "CREATE DOMAIN positive AS int CHECK (checked(VALUE))",
+                 "SELECT $1::int::positive AS p", id="a-cast-to-a-domain-whose-check-is-volatile"),
+    pytest.param("", "SELECT count(*) OVER (ORDER BY random()) AS n FROM jobs", id="a-window-ordered-by-random"),
+    pytest.param("", "SELECT id FROM jobs WHERE id IN (SELECT claim_job_id())", id="a-subquery-in-where"),
+    pytest.param("", "SELECT (SELECT job FROM claimed_now) AS j", id="a-scalar-subquery-over-a-view"),
+])
+async def test_effects_hidden_behind_other_objects_are_found(db: str, setup: str, statement: str) -> None:
+    con = await asyncpg.connect(db)
+    try:
+        if setup:
+            await con.execute(setup)
+        verdict = await resolve(con, statement)
+    finally:
+        await con.close()
+    assert not verdict.pure and verdict.functions, verdict
+
+
 @pytest.mark.parametrize("call", [
     "random()", "nextval('tickets')", "clock_timestamp()", "gen_random_uuid()", "pg_advisory_xact_lock(1)",
     "pg_advisory_lock(1)", "pg_notify('c', 'x')", "txid_current()", "pg_current_xact_id()",
