@@ -37,7 +37,7 @@ from planner.db.pooler import (
     pooler_mode,
     split_pooler,
 )
-from planner.db.translate import _reraise, translate
+from planner.db.translate import POOLER_HINT, _reraise, translate
 from planner.db.wire import StaleResult, repeatable
 from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
 from planner.kinds.backend import Described, Outcome, Query
@@ -48,6 +48,7 @@ from planner.results import error_text
 from planner.run.policy import timed
 
 logger = logging.getLogger("planner")
+RETIRED_POOL_S = 5.0  # how long a pool replaced by `_adopt_pooler` stays open for the statements that took it
 CONNECT_TIMEOUT_S = 60.0  # how long opening one connection may take (asyncpg's default, said aloud in errors)
 _RELEASE_TIMEOUT_S = 2.0  # a connection that cannot be reset in this time (a frozen backend) is terminated
 # The cache channel's listening connection is asked `SELECT 1` this often, and lost when the
@@ -122,6 +123,7 @@ class PoolBackend:
         self._full_reset = full_reset
         self._lock = asyncio.Lock()
         self._releases: set[asyncio.Task[None]] = set()
+        self._retired: list[asyncpg.Pool] = []  # pools replaced when planner found a pooler (`_adopt_pooler`)
         self._baseline: tuple[str | None, ...] | None = None
         # What planner learnt of each statement text, kept per text (see `STATEMENTS_KEPT`):
         kept = STATEMENTS_KEPT
@@ -248,9 +250,37 @@ class PoolBackend:
                 value = await (_query(con, query) if timeout is None else timed(_query(con, query), timeout))
         except BaseException as exc:  # CancelledError too: the connection must still go back
             self._release_later(pool, con, query.node.session)
+            self._adopt_pooler(exc)
             _reraise(exc)  # BEGIN/COMMIT or the socket; statements translate their own
         self._release_later(pool, con, query.node.session)
         return value
+
+    def _adopt_pooler(self, exc: BaseException) -> None:
+        """A transaction-mode pooler planner was not told of has just answered (its error says
+        so first, see `translate.POOLER_HINT`): from now on run as if told, on a new pool of an
+        owned pool's DSN (unnamed statements, nothing kept between transactions); the old pool
+        closes once its connections are back. The statements that failed before stay failed:
+        the DSN should still say so, and the WARNING says how."""
+        if self.pooler == TRANSACTION_POOLER or not self._owned or not str(exc).startswith(POOLER_HINT):
+            return
+        self.pooler = TRANSACTION_POOLER
+        old, self._pool = self._pool, None
+        shown = redact_dsn(self._connected_dsn) if self._connected_dsn else "the DSN"
+        logger.warning("planner: runs behind a transaction-mode pooler from now on (a new pool of %s, no prepared "
+                       "statement kept): say so in the DSN (?pgbouncer=transaction) so that no statement fails first",
+                       shown, extra={"database": shown, "outcome": "pooler_adopted"})
+        if old is not None:
+            # Not closed at once: a statement that took the old pool a moment ago may still ask
+            # it for a connection (a closing pool refuses). `close()` closes it sooner if asked.
+            self._retired.append(old)
+            asyncio.get_running_loop().call_later(RETIRED_POOL_S, self._close_retired, old)
+
+    def _close_retired(self, pool: asyncpg.Pool) -> None:
+        if pool in self._retired:
+            self._retired.remove(pool)
+            closing = asyncio.get_running_loop().create_task(pool.close())
+            self._releases.add(closing)
+            closing.add_done_callback(self._releases.discard)
 
     def idle(self, share: float = 1.0) -> bool:
         """Whether fewer of planner's statements hold or wait for a connection than `share` of
@@ -323,6 +353,7 @@ class PoolBackend:
                 outcomes = await self._batch_on(con, node, params)
         except BaseException as exc:  # CancelledError too: the connection must still go back
             self._release_later(pool, con, node.session)
+            self._adopt_pooler(exc)
             _reraise(exc)
         self._release_later(pool, con, node.session)
         return await self._again(pool, outcomes) if isinstance(outcomes, _Again) else outcomes
@@ -451,6 +482,7 @@ class PoolBackend:
                 outcomes = await self._fused_on(con, queries)
         except BaseException as exc:  # CancelledError too: the connection must still go back
             self._release_later(pool, con, False)
+            self._adopt_pooler(exc)
             _reraise(exc)
         self._release_later(pool, con, False)
         return await self._again(pool, outcomes) if isinstance(outcomes, _Again) else outcomes
@@ -577,6 +609,8 @@ class PoolBackend:
             await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = None
         await self.drain()
+        while self._retired:
+            await self._retired.pop().close()
         if self._pool is not None and self._owned:
             pool, self._pool = self._pool, None
             await pool.close()
