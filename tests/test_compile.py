@@ -346,3 +346,35 @@ async def test_a_trace_names_the_compiled_statement_of_each_node_it_served(pg_ds
         result = await planner.run(flow, {"k": 1})
     events = {e["name"]: e["args"] for e in trace_events(result, flow)["traceEvents"] if e.get("ph") == "X"}
     assert {name: args.get("compiled") for name, args in events.items()} == dict.fromkeys("abcd", "chain#1")
+
+
+async def test_a_group_that_hits_its_smallest_timeout_runs_its_nodes_alone(pg_dsn: str) -> None:
+    flow = load_flow(text="""
+    inputs: {k: int}
+    nodes:
+      a: {sql: "SELECT $k::int AS v", fetch: one}
+      slow: {sql: "SELECT count(*) + $a.v FROM generate_series(1, 200000000)", fetch: value, timeout: 100ms, default: -1}
+      fast: {sql: "SELECT $a.v + 1 AS v", fetch: one}
+    """, name="slow")
+    async with Planner(dsn=pg_dsn) as planner:
+        result = await planner.run(flow, {"k": 1})
+        (runner,) = planner._object(flow).compiled
+    assert runner.fell_back == 1 and runner.broken is None
+    assert result.nodes["slow"].state == "defaulted" and "timed out" in str(result.nodes["slow"].error)
+    assert result.values["fast"] == {"v": 2} and result.nodes["fast"].state == "ok"
+
+
+async def test_a_required_member_without_a_row_fails_as_it_would_alone(pg_dsn: str) -> None:
+    from planner import FlowNotFound
+
+    flow = load_flow(text="""
+    inputs: {k: int}
+    nodes:
+      a: {sql: "SELECT $k::int AS v WHERE $k::int > 5", fetch: one, required: true}
+      b: {sql: "SELECT $a.v + 1 AS v", fetch: one}
+    """, name="required")
+    async with Planner(dsn=pg_dsn) as planner:
+        with pytest.raises(FlowNotFound) as caught:
+            await planner.run(flow, {"k": 1})
+        (runner,) = planner._object(flow).compiled
+    assert runner.sent == 1 and caught.value.result.nodes["a"].state == "failed"
