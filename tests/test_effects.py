@@ -235,6 +235,18 @@ async def test_five_concurrent_job_claims_each_get_a_different_job(db: str, tmp_
     assert all(r.nodes["claim"].served is not None and r.nodes["claim"].served.batch == 1 for r in results)
 
 
+async def test_job_claims_combined_with_coalesce_true_still_each_get_a_different_job(db: str, tmp_path: Path) -> None:
+    # Parameters of their own: writes with identical parameters never share a statement at all.
+    (tmp_path / "claim.yaml").write_text(
+        "inputs: {n: int}\nnodes:\n  claim: {sql: 'SELECT claim_job() AS job, $n::int AS n', fetch: one, coalesce: true}\n")
+    async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:
+        results = await asyncio.gather(*(planner.run("claim", {"n": n}) for n in range(6)))
+    jobs = [r.nodes["claim"].value["job"] for r in results]
+    assert len(set(jobs)) == 6, jobs
+    # Combined as writes (each run its own member), never merged into one answer.
+    assert max(r.nodes["claim"].served.batch for r in results) > 1  # type: ignore[union-attr]
+
+
 ORDER = """
 inputs: {user: int}
 nodes:
