@@ -378,3 +378,21 @@ async def test_a_required_member_without_a_row_fails_as_it_would_alone(pg_dsn: s
             await planner.run(flow, {"k": 1})
         (runner,) = planner._object(flow).compiled
     assert runner.sent == 1 and caught.value.result.nodes["a"].state == "failed"
+
+
+async def test_process_buffered_compiled_through_pgbouncer_matches_sequential_direct(
+        demo_dsn: str, twin_dsn: str, pgbouncer: Any) -> None:
+    compiled = Planner(flows=FLOWS, dsn=pgbouncer.dsn(demo_dsn))
+    sequential = Planner(flows=FLOWS, dsn=twin_dsn, mode="sequential")
+    try:
+        for message in ("hello", "hello"):
+            a = await compiled.run("process_buffered", _message(message=message))
+            b = await sequential.run("process_buffered", _message(message=message))
+            assert {n: (r.state, _strip_times(r.value)) for n, r in a.nodes.items()} == \
+                {n: (r.state, _strip_times(r.value)) for n, r in b.nodes.items()}
+        (runner,) = compiled._cache["process_buffered"].compiled
+        assert (runner.sent, runner.fell_back, runner.broken) == (2, 0, None)
+    finally:
+        await compiled.close()
+        await sequential.close()
+    assert await _tables(demo_dsn) == await _tables(twin_dsn)
