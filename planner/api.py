@@ -24,13 +24,14 @@ from planner.config import CallTargets, FlowSource
 from planner.db.cache import DEFAULT_SIZE, CacheBackend, CacheStats
 from planner.db.catalog import EffectsBackend, catalog_of
 from planner.db.replica import ReplicaBackend, parse_max_lag, resolve_dsn
-from planner.errors import DatabaseUnavailable, FlowError, FlowFileError, FlowInputError
+from planner.errors import DatabaseUnavailable, FlowError, FlowFileError, FlowInputError, QueryError
 from planner.graph import CompiledFlow, Plan, compile_flow, plan
 from planner.kinds import BindEnv, BoundNode, kind_of
 from planner.kinds.backend import Backend
 from planner.kinds.call import DEFAULT_THREADS, MAX_AUTO_THREADS, WAIT_S, CallThreads, sync_calls_at_once
 from planner.lang.loader import FileStamp, load_spec, load_text
 from planner.lang.models import OnError
+from planner.lang.refs import name_params
 from planner.lang.sqlcheck import syntax_errors
 from planner.results import FlowResult
 from planner.run.compiled import GroupRunner
@@ -53,6 +54,9 @@ QUIET_S = 0.25
 its own monotonic clock (never the file's mtime against the wall clock): a writer that
 truncates and then writes (`cat >`, scp) is never caught half way. A file replaced by rename
 (write elsewhere, then `mv`: complete at once) is taken by the very next run."""
+
+EDIT_CHECK_S = 5.0
+"""How long a hot edit's changed statement may take to be prepared on the server."""
 
 _NO_FILE = FileStamp(0, 0, 0, 0, 0)  # a flow given as an object, not read from a file
 
@@ -306,11 +310,48 @@ class Planner:
             return entry  # the last good version, for now
         pending = self._reloading.get(name)
         if pending is None:
-            pending = self._reloading[name] = asyncio.ensure_future(
-                asyncio.to_thread(self._reload, name, path, stamp, entry))
+            pending = self._reloading[name] = asyncio.ensure_future(self._reload_checked(name, path, stamp, entry))
             pending.add_done_callback(lambda _f: self._reloading.pop(name, None))
-        # Compiling runs on a thread: the loop goes on serving other runs meanwhile.
         return await asyncio.shield(pending)
+
+    async def _reload_checked(self, name: str, path: Path, stamp: FileStamp, entry: _Entry | None) -> _Entry:
+        """`_reload` for a run: compiled on a thread (the loop goes on serving other runs), and a
+        hot edit's changed statements prepared on the server once the pool is open."""
+        try:
+            new = await asyncio.to_thread(self._compile, path, stamp, entry)
+            if entry is not None and self._db_open:
+                await self._check_on_server(new.flow, entry.flow)
+        except FlowError as exc:
+            return self._refuse(name, stamp, entry, exc)
+        return self._accept(name, new)
+
+    async def _check_on_server(self, flow: CompiledFlow, running: CompiledFlow) -> None:
+        """Prepare each statement the edit changed (as `planner validate --db` does): one the
+        server refuses as a bug of the flow (SQLSTATE class 42: syntax, an unknown table, column
+        or function, wrong types) is a `FlowFileError` at its node. A server that cannot be
+        asked (down, busy past `EDIT_CHECK_S`) does not hold the edit back: it is logged."""
+        for name, node in flow.nodes.items():
+            old = running.nodes.get(name)
+            known = {st.text for st in old.statements} if old is not None else set()
+            for index, statement in enumerate(node.statements):
+                if statement.text in known:
+                    continue
+                try:
+                    await asyncio.wait_for(self.backend.describe(statement.text), EDIT_CHECK_S)
+                except QueryError as exc:
+                    if not exc.is_bug:
+                        logger.warning("flow %s: node %s's edited statement was not checked on the server: %s",
+                                       flow.name, name, exc, extra={"flow": flow.name})
+                        continue
+                    where = ("nodes", name, "sql") + ((index,) if len(node.statements) > 1 else ())
+                    line, column = flow.marks.at(where)
+                    raise FlowFileError(f"the server refuses this statement: {name_params(str(exc), statement)}",
+                                        file=flow.marks.file, line=line, column=column, node=name,
+                                        code="PLN400") from exc
+                except (TimeoutError, FlowError) as exc:
+                    why = f"no answer within {EDIT_CHECK_S:g} s" if isinstance(exc, TimeoutError) else str(exc)
+                    logger.warning("flow %s: node %s's edited statement was not checked on the server: %s",
+                                   flow.name, name, why, extra={"flow": flow.name})
 
     def _ready(self, name: str, entry: _Entry, stamp: FileStamp) -> bool:
         """Whether the file of a running flow, changed to `stamp`, is to be loaded now.
@@ -348,22 +389,32 @@ class Planner:
 
     def _reload(self, name: str, path: Path, stamp: FileStamp, entry: _Entry | None) -> _Entry:
         try:
-            flow = compile_flow(load_spec(path))
-            read = flow.loaded.stamp or stamp  # the stamp of the very file that was read
-            if FileStamp.of(path.stat()) != read:
-                raise FlowFileError("the file changed while it was read; trying again on the next run", file=path)
-            if entry is not None:  # a hot edit replaces a running version only once `planner validate` passes it
-                _check_edit(flow, self._env)
-            new = self._bind(flow, read)
+            new = self._compile(path, stamp, entry)
         except FlowError as exc:
-            self._failed[name] = stamp
-            if entry is None:
-                raise
-            if str(self.reload_errors.get(name)) != str(exc):
-                logger.error("flow %s: edit does not load, still running the last good version: %s", name, exc,
-                             extra={"flow": name})
-            self.reload_errors[name] = exc
-            return entry
+            return self._refuse(name, stamp, entry, exc)
+        return self._accept(name, new)
+
+    def _compile(self, path: Path, stamp: FileStamp, entry: _Entry | None) -> _Entry:
+        flow = compile_flow(load_spec(path))
+        read = flow.loaded.stamp or stamp  # the stamp of the very file that was read
+        if FileStamp.of(path.stat()) != read:
+            raise FlowFileError("the file changed while it was read; trying again on the next run", file=path)
+        if entry is not None:  # a hot edit replaces a running version only once `planner validate` passes it
+            _check_edit(flow, self._env)
+        return self._bind(flow, read)
+
+    def _refuse(self, name: str, stamp: FileStamp, entry: _Entry | None, exc: FlowError) -> _Entry:
+        """Keep the last good version (none: raise), and say why once per failing file."""
+        self._failed[name] = stamp
+        if entry is None:
+            raise exc
+        if str(self.reload_errors.get(name)) != str(exc):
+            logger.error("flow %s: edit does not load, still running the last good version: %s", name, exc,
+                         extra={"flow": name})
+        self.reload_errors[name] = exc
+        return entry
+
+    def _accept(self, name: str, new: _Entry) -> _Entry:
         self.reload_errors.pop(name, None)
         self._seen.pop(name, None)
         self._cache[name] = new

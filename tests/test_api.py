@@ -15,6 +15,7 @@ import planner as planner_pkg
 from planner import FlowError, FlowFileError, FlowInputError, Planner, load_flow, load_flows, run_flow
 from planner.api import QUIET_S
 from planner.config import module_allowed
+from planner.errors import DatabaseUnavailable
 
 Write = Callable[..., Path]
 
@@ -305,3 +306,47 @@ async def test_a_broken_edit_is_not_compiled_again_until_it_changes(
     for _ in range(3):
         assert (await planner.run("t")).values["a"] == 1
     assert len(compiles) == 1
+
+
+# With the pool open, a hot edit's changed statements are also prepared on the server, as
+# `planner validate --db` does: what only the catalog knows is refused too.
+SERVER_REFUSED_EDITS = {
+    "an unknown table": ("SELECT amount FROM paymnts", "paymnts"),
+    "an unknown column": ("SELECT amount_due FROM whatsapp_instances", "amount_due"),
+    "an unknown function": ("SELECT no_such_function(1)", "no_such_function"),
+    "a type that does not fit": ("SELECT instance_name + 1 FROM whatsapp_instances", "operator does not exist"),
+}
+
+
+@pytest.mark.parametrize("edit", SERVER_REFUSED_EDITS)
+async def test_a_hot_edit_the_server_refuses_never_replaces_the_running_version(
+        tmp_path: Path, demo_dsn: str, caplog: pytest.LogCaptureFixture, edit: str) -> None:
+    sql, why = SERVER_REFUSED_EDITS[edit]
+    path = tmp_path / "t.yaml"
+    path.write_text("nodes:\n  a: {sql: SELECT 1, fetch: value}\n")
+    async with Planner(flows=tmp_path, dsn=demo_dsn) as planner:
+        assert (await planner.run("t")).values == {"a": 1}
+        _replace(path, f"nodes:\n  a: {{sql: '{sql}', fetch: value}}\n")
+        for _ in range(3):
+            assert (await planner.run("t")).values == {"a": 1}
+        error = planner.reload_errors["t"]
+        assert isinstance(error, FlowFileError) and error.code == "PLN400" and error.node == "a" and why in str(error)
+        assert len([r for r in caplog.records if "last good version" in r.getMessage()]) == 1
+        _replace(path, "nodes:\n  a: {sql: SELECT 2, fetch: value}\n")
+        assert (await planner.run("t")).values == {"a": 2} and "t" not in planner.reload_errors
+
+
+async def test_a_hot_edit_is_taken_when_the_server_cannot_be_asked(
+        tmp_path: Path, demo_dsn: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("nodes:\n  a: {sql: SELECT 1, fetch: value}\n")
+    async with Planner(flows=tmp_path, dsn=demo_dsn) as planner:
+        await planner.run("t")
+
+        async def unavailable(text: str) -> Any:
+            raise DatabaseUnavailable("the server is restarting")
+
+        monkeypatch.setattr(planner.backend, "describe", unavailable)
+        _replace(path, "nodes:\n  a: {sql: SELECT 2, fetch: value}\n")
+        assert (await planner.run("t")).values == {"a": 2}
+        assert any("not checked on the server" in r.getMessage() for r in caplog.records)
