@@ -55,6 +55,12 @@ def test_seed_table_smoke(pg_dsn: str) -> None:
         assert f"| {variant} |" in proc.stdout, variant
 
 
+def test_batch_split_smoke(pg_dsn: str) -> None:
+    proc = _run("benchmarks.batch_split", "--smoke", "--dsn", pg_dsn)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| fast runs' median | fast runs' p95 | slow run | batches split |" in proc.stdout
+
+
 async def test_the_proxy_process_adds_the_round_trip_asked_for_and_counts_them(pg_dsn: str) -> None:
     async def ping_ms(dsn: str) -> float:
         con = await asyncpg.connect(dsn)

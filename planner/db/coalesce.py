@@ -29,7 +29,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from planner.config import env_on
-from planner.kinds.backend import ALONE, Backend, Outcome, Query, WrappingBackend, freeze, own_error, private_copy
+from planner.kinds.backend import (
+    ALONE,
+    ANSWER,
+    Backend,
+    Outcome,
+    Query,
+    WrappingBackend,
+    freeze,
+    own_error,
+    private_copy,
+)
 from planner.lang.nodes import CompiledNode
 
 logger = logging.getLogger("planner")
@@ -151,7 +161,13 @@ class CoalescingBackend(WrappingBackend):
         outcomes: list[Outcome] | None = None
         failure: BaseException | None = None
         try:
-            outcomes = await self.inner.run_batch(batch.node, batch.params, lambda: self._start(key, batch))
+            # Members answered before the batch is over (a read batch split because it ran long)
+            # get their values at once: `_answer`.
+            answering = ANSWER.set(lambda position, outcome: _answer(batch, position, outcome))
+            try:
+                outcomes = await self.inner.run_batch(batch.node, batch.params, lambda: self._start(key, batch))
+            finally:
+                ANSWER.reset(answering)
             if outcomes is None:  # the statement cannot be shared: remember, and run each alone
                 self._unshareable(key[0])
                 batch.shared = False
@@ -195,6 +211,24 @@ class CoalescingBackend(WrappingBackend):
     def _close(self, key: _BatchKey, batch: _Batch) -> None:
         if self._pending.get(key) is batch:
             del self._pending[key]
+
+
+def _answer(batch: _Batch, position: int, outcome: Outcome) -> None:
+    """Member `position` of the statement sent (the order of `params` once it started) has its
+    outcome before the batch is over: its runs get it now (`_settle` leaves it alone later)."""
+    if batch.members is None or not 0 <= position < len(batch.members):
+        return
+    index = batch.members[position]
+    future = batch.futures[index]
+    value, error = outcome
+    if future.done() or isinstance(error, asyncio.CancelledError):
+        return  # a cancellation is the batch's to settle
+    if error is not None:
+        future.set_exception(error)
+        if not batch.waiters[index]:
+            future.exception()  # nobody waits for it any more: it is not a lost error
+    else:
+        future.set_result(value)
 
 
 def _settle(batch: _Batch, outcomes: list[Outcome] | None, failure: BaseException | None) -> None:

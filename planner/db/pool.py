@@ -17,8 +17,10 @@ import contextlib
 import json
 import logging
 import os
+import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +42,7 @@ from planner.db.pooler import (
 from planner.db.translate import POOLER_HINT, _reraise, translate
 from planner.db.wire import StaleResult, repeatable
 from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
-from planner.kinds.backend import Described, Outcome, Query
+from planner.kinds.backend import ANSWER, Described, Outcome, Query, own_error
 from planner.lang.nodes import CompiledNode
 from planner.lang.refs import CompiledSql
 from planner.lang.sqlinfo import combine_writes
@@ -56,6 +58,17 @@ _RELEASE_TIMEOUT_S = 2.0  # a connection that cannot be reset in this time (a fr
 # entry dropped) sends no error, and LISTEN alone would wait for notifications forever.
 LISTEN_HEARTBEAT_S = 5.0
 LISTEN_HEARTBEAT_TIMEOUT_S = 5.0
+# A read batch that runs long while a connection is free splits in two, each half on a
+# connection of its own (and so on, down to members alone): one slow member must not hold the
+# others' values back. "Long" is `SPLIT_FACTOR` times what the statement costs a run alone
+# (the median of its last `COSTS_KEPT` latencies, recorded as it runs alone), never less than
+# `SPLIT_MIN_S`, and `SPLIT_UNKNOWN_S` before anything is recorded. Not the batch's size: a
+# batch's members cost the server a fraction of a round trip each, so a batch of cheap members
+# ends well within the bound, and one that does not is worth running in halves side by side.
+SPLIT_FACTOR = 4.0
+SPLIT_MIN_S = 0.05
+SPLIT_UNKNOWN_S = 0.2
+COSTS_KEPT = 32
 # Entries each of `PoolBackend`'s per-statement caches keeps (least recently used dropped
 # first): a service that edits its flows while it runs makes new statement texts forever.
 STATEMENTS_KEPT = 4096
@@ -132,6 +145,8 @@ class PoolBackend:
         self._shapes: LRUCache[str, tuple[str, ...] | None] = LRUCache(kept)  # read -> its column names (None: not fusible)
         self._fused: LRUCache[str, str] = LRUCache(kept)  # reads of one run -> their fused statement
         self._refused: LRUCache[str, str | None] = LRUCache(kept)  # statements -> why they cannot run behind the pooler
+        self._costs: LRUCache[str, deque[float]] = LRUCache(kept)  # read -> its recent seconds alone (`SPLIT_FACTOR`)
+        self.splits = 0  # read batches split because they ran long with a connection free (a figure for benchmarks)
         self._busy = 0  # connections held or waited for by planner's statements
         self.waiting = 0  # statements waiting for a connection now
         self.on_wait: Callable[[float], None] | None = None  # told how long each statement waited (metrics)
@@ -246,6 +261,7 @@ class PoolBackend:
         try:
             # The node's timeout times the statements, not the wait for a connection above.
             timeout = query.timeout
+            started = time.monotonic()
             with repeatable(query.node.read_only, query.node.functions):
                 value = await (_query(con, query) if timeout is None else timed(_query(con, query), timeout))
         except BaseException as exc:  # CancelledError too: the connection must still go back
@@ -253,6 +269,8 @@ class PoolBackend:
             self._adopt_pooler(exc)
             _reraise(exc)  # BEGIN/COMMIT or the socket; statements translate their own
         self._release_later(pool, con, query.node.session)
+        if query.node.coalesce and query.node.read_only:  # what it costs a run alone: a batch of it splits past a bound
+            self._record(query.statements[0].text, time.monotonic() - started)
         return value
 
     def _adopt_pooler(self, exc: BaseException) -> None:
@@ -356,9 +374,100 @@ class PoolBackend:
             self._adopt_pooler(exc)
             _reraise(exc)
         self._release_later(pool, con, node.session)
-        return await self._again(pool, outcomes) if isinstance(outcomes, _Again) else outcomes
+        answer = ANSWER.get()
+        if isinstance(outcomes, _Again):
+            return await self._again(pool, outcomes, answer)
+        if isinstance(outcomes, _Split):
+            return await self._halves(pool, node, params, 0, answer, None)
+        return outcomes
 
-    async def _batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | _Again | None:
+    async def _halves(self, pool: asyncpg.Pool, node: CompiledNode, params: list[list[Any]], offset: int,
+                      answer: Callable[[int, Outcome], None] | None, budget: asyncio.Semaphore | None) -> list[Outcome]:
+        """A read batch ran long while a connection was free (`_within`): its members, whose
+        statement was cancelled, run again in two halves side by side, each a batch of its own
+        on a connection of its own, which splits again if it runs long too, down to members
+        alone. The slow member ends up alone; the others are answered (`answer`) as soon as
+        their half is. `offset` is the first member's index in the batch as sent.
+
+        `budget`, made at the first split, is shared by everything the batch runs from then on
+        (halves, and members run again alone when a half fails): at most half the pool's
+        connections (two at least) at once, as for any batch's re-runs (`_again`)."""
+        self.splits += 1
+        if budget is None:
+            budget = asyncio.Semaphore(max(2, self._size() // 2))
+        half = (len(params) + 1) // 2
+        first, second = await asyncio.gather(self._part(pool, node, params[:half], offset, answer, budget),
+                                             self._part(pool, node, params[half:], offset + half, answer, budget))
+        return first + second
+
+    async def _part(self, pool: asyncpg.Pool, node: CompiledNode, params: list[list[Any]], offset: int,
+                    answer: Callable[[int, Outcome], None] | None, budget: asyncio.Semaphore) -> list[Outcome]:
+        """One half of a split batch (see `_halves`): its members' outcomes, each also given to
+        `answer` as soon as it is known. A connection lost here fails this half's members only."""
+        async with budget:
+            try:
+                con = await self._acquire(pool)
+            except QueryError as exc:  # the pool cannot give a connection (the server is gone)
+                return _answered(answer, offset, [(None, exc if i == 0 else own_error(exc)) for i in range(len(params))])
+            try:
+                with repeatable(node.read_only, node.functions):
+                    outcomes = await self._batch_on(con, node, params, budget)
+            except asyncio.CancelledError:
+                self._release_later(pool, con, node.session)
+                raise
+            except Exception as exc:
+                self._release_later(pool, con, node.session)
+                error = translate(exc)
+                return _answered(answer, offset, [(None, error if i == 0 else own_error(error)) for i in range(len(params))])
+            # Its place is kept until the connection is back: a statement cancelled (split) or
+            # timed out is still being cancelled on the server until then.
+            await asyncio.shield(self._release_later(pool, con, node.session))
+        if isinstance(outcomes, _Again):
+            return await self._again(pool, outcomes, answer, offset, budget)
+        if isinstance(outcomes, _Split):
+            return await self._halves(pool, node, params, offset, answer, budget)
+        if outcomes is None:  # cannot happen: its text was shared a moment ago (a bounded cache forgot it?)
+            again = _Again([(node, node.statements[0], p) for p in params])
+            return await self._again(pool, again, answer, offset, budget)
+        return _answered(answer, offset, outcomes)
+
+    def _record(self, text: str, seconds: float) -> None:
+        costs = self._costs.get(text)
+        if costs is None:
+            costs = self._costs[text] = deque(maxlen=COSTS_KEPT)
+        costs.append(seconds)
+
+    def _split_after(self, text: str) -> float:
+        """How long a read batch of `text` runs before it splits (see `SPLIT_FACTOR`)."""
+        costs = self._costs.get(text)
+        if not costs:
+            return SPLIT_UNKNOWN_S
+        return max(SPLIT_MIN_S, SPLIT_FACTOR * statistics.median(costs))
+
+    async def _within(self, fetching: Awaitable[Any], text: str, budget: asyncio.Semaphore | None) -> Any:
+        """The rows of a read batch's statement, or `_SPLIT` when it ran past `_split_after` while a
+        connection was free (then it is cancelled on the server, and has returned when this
+        does). While every connection is taken, the batch goes on: the members would only queue
+        for connections, and the batch shares its round trip; so it does while the batch's
+        `budget` (see `_halves`) has no room for a second half. It is asked again as often."""
+        task = asyncio.ensure_future(fetching)
+        try:
+            bound = self._split_after(text)
+            while not (await asyncio.wait({task}, timeout=bound))[0]:
+                if self.idle() and (budget is None or not budget.locked()):
+                    task.cancel()
+                    await asyncio.wait({task})
+                    if task.cancelled():
+                        return _SPLIT
+                    break  # it ended meanwhile: its rows (or its error) as ever
+        except BaseException:  # the batch itself cancelled: its statement too
+            task.cancel()
+            await asyncio.wait({task})
+            raise
+        return task.result()
+
+    async def _batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]],
+                        budget: asyncio.Semaphore | None = None) -> list[Outcome] | _Again | _Split | None:
         statement = node.statements[0]
         if len(params) <= 1:  # nothing to share: the statement as it is
             return await _each_alone(con, node, statement, params)
@@ -381,7 +490,10 @@ class PoolBackend:
             columns = [list(column) for column in zip(*params, strict=True)]
             try:
                 fetching = con.fetch(text, *columns)
-                rows = await (fetching if node.timeout is None else timed(fetching, node.timeout))
+                rows = await self._within(fetching if node.timeout is None else timed(fetching, node.timeout),
+                                          statement.text, budget)
+                if isinstance(rows, _Split):
+                    return rows
             except Exception as exc:
                 if _lost(exc) or con.is_closed():
                     raise
@@ -397,7 +509,8 @@ class PoolBackend:
             break
         return _split(rows, len(params), node.fetch, row_numbers=True)
 
-    async def _again(self, pool: asyncpg.Pool, again: _Again) -> list[Outcome]:
+    async def _again(self, pool: asyncpg.Pool, again: _Again, answer: Callable[[int, Outcome], None] | None = None,
+                     offset: int = 0, budget: asyncio.Semaphore | None = None) -> list[Outcome]:
         """Each read of `again` run alone, all at once, each on a connection of its own from
         the pool, timed by its node's timeout from its own statement's start (as alone).
 
@@ -411,24 +524,25 @@ class PoolBackend:
         pool re-runs at once: a batch of hundreds that failed (often because the server is slow)
         must not put hundreds of statements ahead of every other run waiting for a connection.
         """
-        at_once = asyncio.Semaphore(max(1, self._size() // 2))
+        at_once = budget if budget is not None else asyncio.Semaphore(max(1, self._size() // 2))
 
-        async def one(node: CompiledNode, statement: CompiledSql, params: list[Any]) -> Outcome:
+        async def one(position: int, node: CompiledNode, statement: CompiledSql, params: list[Any]) -> Outcome:
             async with at_once:
                 try:
                     con = await self._acquire(pool)
                 except QueryError as exc:  # the pool cannot give a connection (the server is gone)
-                    return (None, exc)
+                    return _answered(answer, position, [(None, exc)])[0]
                 try:
                     outcome = await _alone(con, node, statement, params)
                 finally:
                     released = self._release_later(pool, con, node.session)
+                _answered(answer, position, [outcome])  # its run need not wait for the others'
                 # The place is kept until the connection is back: a statement that timed out is
                 # still being cancelled on the server until then, and the next would run beside it.
                 await asyncio.shield(released)
                 return outcome
 
-        return list(await asyncio.gather(*(one(*member) for member in again.members)))
+        return list(await asyncio.gather(*(one(offset + i, *member) for i, member in enumerate(again.members))))
 
     async def _write_batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | None:
         """Writes an author marked `coalesce: true`: one statement, so one transaction: all of
@@ -673,6 +787,22 @@ class _Again:
     again alone, once the shared statement's connection is back in the pool (`PoolBackend._again`)."""
 
     members: list[tuple[CompiledNode, CompiledSql, list[Any]]]
+
+
+class _Split:
+    """A read batch that ran long while a connection was free: its statement was cancelled and
+    its members are to run again in halves (`PoolBackend._halves`)."""
+
+
+_SPLIT = _Split()
+
+
+def _answered(answer: Callable[[int, Outcome], None] | None, offset: int, outcomes: list[Outcome]) -> list[Outcome]:
+    """Give each outcome to `answer` (member `offset`, `offset + 1`...) and return them."""
+    if answer is not None:
+        for i, outcome in enumerate(outcomes):
+            answer(offset + i, outcome)
+    return outcomes
 
 
 def _lost(exc: BaseException) -> bool:

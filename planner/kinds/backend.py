@@ -70,6 +70,14 @@ class Query:
 Outcome = tuple[Any, BaseException | None]
 """One member's share of a batch: its value, or its own error."""
 
+ANSWER: ContextVar[Callable[[int, Outcome], None] | None] = ContextVar("planner_answer", default=None)
+"""Set by whoever sends a batch (`planner.coalesce`) around its `Backend.run_batch` call: a
+backend may call it with a member's index in `params` and that member's outcome as soon as
+the outcome is known, before the whole batch is over (a read batch that runs long splits,
+and its fast members are answered while a slow one still runs). What `run_batch` returns
+still holds every member's outcome. A context variable rather than a parameter, so that any
+wrapper between the two passes it on unchanged."""
+
 
 @dataclass(frozen=True, slots=True)
 class Described:
