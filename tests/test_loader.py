@@ -93,6 +93,14 @@ def test_one_problem_is_its_own_only_problem(write_flow: Callable[..., Path]) ->
     assert err.problems == [err] and "more" not in str(err)
 
 
+@pytest.mark.parametrize("value", ["42", "{a: 1}", "true"])
+def test_a_value_no_member_of_a_union_takes_is_one_problem(write_flow: Callable[..., Path], value: str) -> None:
+    # `sql:` is a string or a list of them: both refuse 42, at one place, and that is one problem.
+    err = _error(write_flow, f"nodes:\n  a:\n    sql: {value}\n")
+    assert err.problems == [err] and "more" not in str(err)
+    assert "valid string, or " in str(err) and (err.line, err.node) == (3, "a")
+
+
 def test_wrong_type_names_the_field(write_flow: Callable[..., Path]) -> None:
     err = _error(write_flow, """
         nodes:

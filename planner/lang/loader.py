@@ -462,6 +462,20 @@ def _translate(exc: ValidationError, marks: Marks) -> FlowFileError:
         if len(loc) >= 3 and loc[0] == "nodes":
             loc = loc[:2] + loc[3:]  # drop the union tag ("sql"/"call") pydantic inserts
         messages.append((loc, _describe(err, loc)))
+    # The members of a union that all refuse one value (`sql: 42` is neither a string nor a
+    # list) are one problem at one place, said once: "... or ...".
+    places: dict[tuple[int | None, int | None, str | None], int] = {}
+    merged: list[tuple[Path_, str]] = []
+    for path, message in messages:
+        at = marks.error(message, path)
+        key = (at.line, at.column, at.node)
+        if key in places:
+            first_path, first_message = merged[places[key]]
+            merged[places[key]] = (first_path, f"{first_message}, or {message}")
+        else:
+            places[key] = len(merged)
+            merged.append((path, message))
+    messages = merged
     errors = [marks.error(message, path) for path, message in messages]
     if len(errors) == 1:
         return errors[0]
