@@ -181,3 +181,19 @@ async def test_a_combined_write_fetched_one_sends_one_row_per_member(
 ])
 def test_a_write_whose_target_rows_cannot_be_named_is_never_combined(sql: str) -> None:
     assert combine_writes(sql, 2) is None
+
+
+async def test_a_write_through_a_view_runs_one_by_one_and_is_then_never_combined(
+        write_flow: Write, stacks: Callable[..., Stack], demo_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    # A view has no ctid: the overlap guard cannot name the rows it changes, so the combined
+    # statement is refused; the members run one by one (none lost), and the statement is not
+    # combined again, with a warning, instead of being refused on every batch.
+    await tc._table(demo_dsn, COUNTERS + "; CREATE VIEW counters_v AS SELECT * FROM counters")
+    write_flow(_flow("UPDATE counters_v SET n = n + $d WHERE id = $id RETURNING n"))
+    stack = stacks(size=1)
+    first = await stack.batched(("t", {"d": run + 1, "id": 1}) for run in range(3))
+    second = await stack.batched(("t", {"d": run + 4, "id": 1}) for run in range(3))
+    assert sorted(r.values["q"] for r in first + second) == [1, 3, 6, 10, 15, 21]
+    assert await tc._fetch(demo_dsn, "SELECT n FROM counters WHERE id = 1") == [{"n": 21}]
+    assert len(stack.combined()) == 1  # the first batch tried once; the second was not combined
+    assert [r.getMessage() for r in caplog.records if "is not combined" in r.getMessage()] != []

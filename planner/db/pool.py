@@ -145,6 +145,7 @@ class PoolBackend:
         self._shapes: LRUCache[str, tuple[str, ...] | None] = LRUCache(kept)  # read -> its column names (None: not fusible)
         self._fused: LRUCache[str, str] = LRUCache(kept)  # reads of one run -> their fused statement
         self._refused: LRUCache[str, str | None] = LRUCache(kept)  # statements -> why they cannot run behind the pooler
+        self._uncombined: LRUCache[str, None] = LRUCache(kept)  # writes whose target rows cannot be named (`_never_combine`)
         self._costs: LRUCache[str, deque[float]] = LRUCache(kept)  # read -> its recent seconds alone (`SPLIT_FACTOR`)
         self.splits = 0  # read batches split because they ran long with a connection free (a figure for benchmarks)
         self._busy = 0  # connections held or waited for by planner's statements
@@ -570,6 +571,8 @@ class PoolBackend:
                 # It was written, and its rows came back in types other than described (a
                 # migration): running the members again would write twice. Each gets the error.
                 return [(None, translate(exc, statement, p)) for p in params]
+            if _unnamed_targets(exc):
+                self._never_combine(statement.text, node)
             # The server refused it (or a value could not be sent): nothing was written.
             return await _each_alone(con, node, statement, params)
         outcomes: list[Outcome] = [(None, None)] * len(params)
@@ -577,7 +580,20 @@ class PoolBackend:
             outcomes[position] = outcome
         return outcomes
 
+    def _never_combine(self, text: str, node: CompiledNode) -> None:
+        """The overlap guard of a combined write cannot name its target's rows (an updatable
+        view has no `ctid`): every batch of it would be refused. From now on it is not combined
+        (the coalescer runs its members alone, and remembers), and a warning says so once."""
+        if text not in self._uncombined:
+            logger.warning("node %r%s: its coalesce: true write is not combined: the rows it changes cannot be "
+                           "named by (tableoid, ctid) (a view?), so two runs changing one row could not be told "
+                           "apart; each run sends its own statement", node.name,
+                           f" of flow {node.flow!r}" if node.flow else "")
+        self._uncombined[text] = None
+
     def _write_text(self, text: str, members: int, fetch: str) -> str | None:
+        if text in self._uncombined:
+            return None
         key = f"{members}\0{fetch}\0{text}"
         if key not in self._writes:
             self._writes[key] = combine_writes(text, members, first_row=fetch in ("one", "value"))
@@ -803,6 +819,13 @@ def _answered(answer: Callable[[int, Outcome], None] | None, offset: int, outcom
         for i, outcome in enumerate(outcomes):
             answer(offset + i, outcome)
     return outcomes
+
+
+def _unnamed_targets(exc: BaseException) -> bool:
+    """Whether a combined write failed because its overlap guard named a system column its
+    target lacks (`column v.ctid does not exist`: a view)."""
+    text = str(exc)
+    return getattr(exc, "sqlstate", None) == "42703" and ("ctid" in text or "tableoid" in text)
 
 
 def _lost(exc: BaseException) -> bool:
