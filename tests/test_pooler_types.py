@@ -23,6 +23,7 @@ import pytest
 
 from planner import FlowFailed, Planner, QueryError, load_flow
 from planner.db.pool import PoolBackend
+from planner.kinds.backend import Query
 from planner.lang.sqlinfo import combine_writes
 from tests.pgbouncer import PgBouncer
 
@@ -202,6 +203,43 @@ async def test_a_read_calling_a_volatile_function_is_not_run_again(pooled: Plann
         await _value(pooled, flow)
     assert "changed since planner described it" in str(info.value.result.nodes["r"].error)
     assert await admin.fetchval("SELECT v FROM pt") == 2
+
+
+async def test_a_read_whose_function_shares_its_name_with_a_volatile_one_elsewhere_runs_again(
+        pooled: Planner, admin: asyncpg.Connection) -> None:
+    # Whether a stale read may run again is the catalog's verdict on the statement (one effects
+    # model), never a look-up of its functions' bare names: `public.pt_read` is STABLE, the
+    # VOLATILE `elsewhere.pt_read` is another function.
+    await admin.execute("CREATE TABLE pt (id int PRIMARY KEY, v int8); INSERT INTO pt VALUES (1, 7)")
+    await admin.execute("CREATE FUNCTION pt_read(k int) RETURNS TABLE (v int8) LANGUAGE sql STABLE AS "
+                        "'SELECT v FROM pt WHERE id = k'")
+    await admin.execute("CREATE SCHEMA elsewhere; CREATE FUNCTION elsewhere.pt_read(k int) RETURNS int "
+                        "LANGUAGE sql VOLATILE AS 'SELECT 1'")
+    flow = _flow("SELECT v, (SELECT count(*) FROM pt_read($k)) AS n FROM pt WHERE id = $k", fetch="one")
+    assert dict(await _value(pooled, flow)) == {"v": 7, "n": 1}
+    await admin.execute("ALTER TABLE pt ALTER COLUMN v TYPE float8; UPDATE pt SET v = 1.5")
+    assert dict(await _value(pooled, flow)) == {"v": 1.5, "n": 1}
+
+
+async def test_a_read_not_proven_free_of_effects_is_not_run_again_whatever_it_names(
+        demo_dsn: str, pgbouncer: PgBouncer, admin: asyncpg.Connection) -> None:
+    # A view hides the volatile function that writes: no function name in the statement. Without
+    # the catalog's verdict (a PoolBackend of its own) the read is not proven pure, so not repeatable.
+    await admin.execute("CREATE TABLE pt (id int PRIMARY KEY, v int8); INSERT INTO pt VALUES (1, 0)")
+    await admin.execute("CREATE FUNCTION pt_bump() RETURNS int8 LANGUAGE sql VOLATILE AS "
+                        "'UPDATE pt SET v = v + 1 WHERE id = 1 RETURNING v'")
+    await admin.execute("CREATE VIEW pt_bumped AS SELECT pt_bump() AS v")
+    node = _flow("SELECT v FROM pt_bumped").nodes["r"]
+    assert node.read_only and not node.functions  # by its syntax, a read that names no function
+    backend = PoolBackend(dsn=pgbouncer.dsn(demo_dsn), min_size=1, max_size=1)
+    try:
+        assert await backend.run(Query(node=node, params=[[]])) == 1
+        await admin.execute("DROP VIEW pt_bumped; CREATE VIEW pt_bumped AS SELECT pt_bump()::float8 AS v")
+        with pytest.raises(QueryError, match="changed since planner described it"):
+            await backend.run(Query(node=node, params=[[]]))
+        assert await admin.fetchval("SELECT v FROM pt") == 2  # it ran once, and was not run again
+    finally:
+        await backend.close()
 
 
 async def test_a_read_that_changed_type_is_never_served_wrong_on_many_connections(

@@ -392,7 +392,9 @@ def catalog_of(backend: Backend) -> Catalog | None:
         seen = getattr(seen, "inner", None)
     if seen is None:
         return None
-    return Catalog(_OwnConnection(seen))
+    catalog = Catalog(_OwnConnection(seen))
+    seen.verdict = catalog.known  # the pool's "may a stale read run again" is this verdict too
+    return catalog
 
 
 class _OwnConnection:

@@ -43,6 +43,7 @@ from planner.db.translate import POOLER_HINT, _reraise, translate
 from planner.db.wire import StaleResult, repeatable
 from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
 from planner.kinds.backend import ANSWER, Described, Outcome, Query, own_error
+from planner.lang.effects import Effects
 from planner.lang.nodes import CompiledNode
 from planner.lang.refs import CompiledSql
 from planner.lang.sqlinfo import combine_writes
@@ -147,6 +148,9 @@ class PoolBackend:
         self._refused: LRUCache[str, str | None] = LRUCache(kept)  # statements -> why they cannot run behind the pooler
         self._uncombined: LRUCache[str, None] = LRUCache(kept)  # writes whose target rows cannot be named (`_never_combine`)
         self._costs: LRUCache[str, deque[float]] = LRUCache(kept)  # read -> its recent seconds alone (`SPLIT_FACTOR`)
+        # The effects model's verdict on a statement text (`planner.db.catalog.Catalog.known`),
+        # set by `catalog_of`: whether a stale read may run again (`proven_pure`).
+        self.verdict: Callable[[str], Effects | None] | None = None
         self.splits = 0  # read batches split because they ran long with a connection free (a figure for benchmarks)
         self._busy = 0  # connections held or waited for by planner's statements
         self.waiting = 0  # statements waiting for a connection now
@@ -255,6 +259,16 @@ class PoolBackend:
         if self._baseline is None:
             self._baseline = _reported(con)
 
+    def proven_pure(self, node: CompiledNode) -> bool:
+        """Whether `node`'s statement is proven free of effects by the one effects model (the
+        catalog's verdict, `planner.lang.effects`): a read of it whose result went stale under
+        its description behind a pooler may run again. Not judged (no catalog) is not proven."""
+        verdict = self.verdict
+        if not node.read_only or verdict is None:
+            return False
+        effects = verdict(node.statements[0].text)
+        return effects is not None and effects.pure
+
     async def run(self, query: Query) -> Any:
         pool = self._pool or await self._first_pool()
         self._check_pooler(query.node)
@@ -263,7 +277,7 @@ class PoolBackend:
             # The node's timeout times the statements, not the wait for a connection above.
             timeout = query.timeout
             started = time.monotonic()
-            with repeatable(query.node.read_only, query.node.functions):
+            with repeatable(self.proven_pure(query.node)):
                 value = await (_query(con, query) if timeout is None else timed(_query(con, query), timeout))
         except BaseException as exc:  # CancelledError too: the connection must still go back
             self._release_later(pool, con, query.node.session)
@@ -368,7 +382,7 @@ class PoolBackend:
         con = await self._acquire(pool)
         try:
             started()
-            with repeatable(node.read_only, node.functions):
+            with repeatable(self.proven_pure(node)):
                 outcomes = await self._batch_on(con, node, params)
         except BaseException as exc:  # CancelledError too: the connection must still go back
             self._release_later(pool, con, node.session)
@@ -411,7 +425,7 @@ class PoolBackend:
             except QueryError as exc:  # the pool cannot give a connection (the server is gone)
                 return _answered(answer, offset, [(None, exc if i == 0 else own_error(exc)) for i in range(len(params))])
             try:
-                with repeatable(node.read_only, node.functions):
+                with repeatable(self.proven_pure(node)):
                     outcomes = await self._batch_on(con, node, params, budget)
             except asyncio.CancelledError:
                 self._release_later(pool, con, node.session)
@@ -471,7 +485,7 @@ class PoolBackend:
                         budget: asyncio.Semaphore | None = None) -> list[Outcome] | _Again | _Split | None:
         statement = node.statements[0]
         if len(params) <= 1:  # nothing to share: the statement as it is
-            return await _each_alone(con, node, statement, params)
+            return await _each_alone(con, node, statement, params, self.proven_pure(node))
         if not node.read_only:
             return await self._write_batch_on(con, node, params)
         again = _Again([(node, statement, p) for p in params])
@@ -534,7 +548,7 @@ class PoolBackend:
                 except QueryError as exc:  # the pool cannot give a connection (the server is gone)
                     return _answered(answer, position, [(None, exc)])[0]
                 try:
-                    outcome = await _alone(con, node, statement, params)
+                    outcome = await _alone(con, node, statement, params, self.proven_pure(node))
                 finally:
                     released = self._release_later(pool, con, node.session)
                 _answered(answer, position, [outcome])  # its run need not wait for the others'
@@ -574,7 +588,7 @@ class PoolBackend:
             if _unnamed_targets(exc):
                 self._never_combine(statement.text, node)
             # The server refused it (or a value could not be sent): nothing was written.
-            return await _each_alone(con, node, statement, params)
+            return await _each_alone(con, node, statement, params, self.proven_pure(node))
         outcomes: list[Outcome] = [(None, None)] * len(params)
         for position, outcome in zip(order, _split(rows, len(params), node.fetch, row_numbers=False), strict=True):
             outcomes[position] = outcome
@@ -608,7 +622,7 @@ class PoolBackend:
         pool = self._pool or await self._first_pool()
         con = await self._acquire(pool)
         try:
-            with repeatable(True, frozenset().union(*(q.node.functions for q in queries))):  # reads only
+            with repeatable(all(self.proven_pure(q.node) for q in queries)):  # reads only, fused when proven pure
                 outcomes = await self._fused_on(con, queries)
         except BaseException as exc:  # CancelledError too: the connection must still go back
             self._release_later(pool, con, False)
@@ -832,10 +846,11 @@ def _lost(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, ConnectionError, asyncpg.ConnectionDoesNotExistError, asyncio.CancelledError))
 
 
-async def _alone(con: asyncpg.Connection, node: CompiledNode, statement: CompiledSql, params: list[Any]) -> Outcome:
+async def _alone(con: asyncpg.Connection, node: CompiledNode, statement: CompiledSql, params: list[Any],
+                 pure: bool) -> Outcome:
     """One member's statement on its own, timed by the node's timeout: its value, or its error."""
     try:
-        with repeatable(node.read_only, node.functions):
+        with repeatable(pure):
             coro = _fetch(con, node.fetch, statement, params)
             return (await (coro if node.timeout is None else timed(coro, node.timeout)), None)
     except (QueryError, NodeTimeout) as exc:
@@ -843,7 +858,7 @@ async def _alone(con: asyncpg.Connection, node: CompiledNode, statement: Compile
 
 
 async def _each_alone(con: asyncpg.Connection, node: CompiledNode, statement: CompiledSql,
-                      members: list[list[Any]]) -> list[Outcome]:
+                      members: list[list[Any]], pure: bool) -> list[Outcome]:
     """Each member's statement alone, one after the other on `con`: a lone member, or the
     members of a write in the order the runs asked (a later one may depend on an earlier one's
     rows, so they are not run at once). A member whose statement fails keeps its own error (a
@@ -854,7 +869,7 @@ async def _each_alone(con: asyncpg.Connection, node: CompiledNode, statement: Co
         if con.is_closed():
             outcomes.append((None, QueryError("connection lost before the statement was sent", transient=True)))
         else:
-            outcomes.append(await _alone(con, node, statement, params))
+            outcomes.append(await _alone(con, node, statement, params, pure))
     return outcomes
 
 

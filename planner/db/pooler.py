@@ -15,7 +15,7 @@ from urllib.parse import unquote
 
 import asyncpg
 
-from planner.db.wire import Check, Expected, StaleResult, Wire, install, repeatable_calls
+from planner.db.wire import Check, Expected, StaleResult, Wire, install, may_run_again
 from planner.errors import DatabaseUnavailable
 
 logger = logging.getLogger("planner")
@@ -35,7 +35,6 @@ DESCRIBED_S = 5.0  # behind a transaction pooler: how long a statement's descrip
 # must use a direct DSN of its own, never this pool.
 
 STATEMENT_CACHE = 256  # prepared statements kept per connection (asyncpg's default: 100)
-_VOLATILE_SQL = "SELECT coalesce(bool_or(provolatile = 'v'), false) FROM pg_proc WHERE proname = ANY($1::text[])"
 
 _POOLER_VALUES = {"transaction": TRANSACTION_POOLER, "true": TRANSACTION_POOLER, "1": TRANSACTION_POOLER,
                   "session": None, "none": None, "false": None, "0": None, "": None}
@@ -229,9 +228,9 @@ class PoolerConnection(asyncpg.Connection):  # type: ignore[misc]
             if check.stale is None:
                 return result
             self._drop_described()
-            calls = repeatable_calls()
-            # A read runs again; one that calls a volatile function might write (a job claimed twice).
-            again = attempt == 1 and calls is not None and not (calls and await self._volatile(calls))
+            # A read proven free of effects runs again; anything else might write (a job claimed twice).
+            # The effects model's verdict decides (`wire.repeatable`), never the functions' names.
+            again = attempt == 1 and may_run_again()
             logger.info("a statement's result changed since planner described it (%s)%s", check.stale,
                         ": it runs again, described afresh" if again else "")
             if not again:
@@ -241,17 +240,6 @@ class PoolerConnection(asyncpg.Connection):  # type: ignore[misc]
                     "were not returned: decoded as the old types they would have been wrong values. "
                     "It is described afresh from its next use.") from failure
         raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _volatile(self, functions: frozenset[str]) -> bool:
-        """`_volatile` from inside an execution (asyncpg's public calls would refuse: one is in progress)."""
-        names = [f.split(".")[-1].lower() for f in functions]
-
-        def executor(statement: Any, timeout: Any) -> Any:  # asyncpg's own `_execute` builds it so
-            return self._protocol.bind_execute(state=statement, args=[names], portal_name="", limit=0,
-                                               return_extra=False, timeout=timeout)
-
-        rows, _ = await self._do_execute(_VOLATILE_SQL, executor, None)
-        return bool(rows[0][0])
 
     def _expected(self, statement: Any) -> Expected:
         last = self._last

@@ -62,27 +62,27 @@ _DESCRIBE_STATEMENT = b"D" + _INT32.pack(6) + b"S\x00"  # Describe, statement, u
 # ParameterDescription, and the asynchronous ones (notice, parameter status, notification).
 _BEFORE = frozenset(b"1tNSA")
 
-# Whether the statement being run may run again when its result turned out stale: None when
-# not, else the functions it calls (run again only if none of them is volatile). Set by whoever
-# knows it is a read (`planner.db.pool.PoolBackend`, from the node); not repeatable unless said.
-_repeatable: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("planner_wire_repeatable",
-                                                                                     default=None)
+# Whether the statement being run may run again when its result turned out stale: only when
+# the one effects model (`planner.lang.effects`, the catalog's verdict) proved it free of
+# effects. Set by whoever knows the verdict (`planner.db.pool.PoolBackend`); not repeatable
+# unless said.
+_repeatable: contextvars.ContextVar[bool] = contextvars.ContextVar("planner_wire_repeatable", default=False)
 
 
 @contextlib.contextmanager
-def repeatable(read_only: bool, functions: frozenset[str] = frozenset()) -> Iterator[None]:
+def repeatable(pure: bool) -> Iterator[None]:
     """Within this block, a statement whose result changed type under its description runs
-    again, described afresh, if `read_only` (proven to write nothing) and none of `functions`
-    (the functions it calls) is volatile; else it fails with `StaleResult`."""
-    token = _repeatable.set(functions if read_only else None)
+    again, described afresh, if `pure` (the statement's effects verdict proved it reads only);
+    else it fails with `StaleResult`."""
+    token = _repeatable.set(pure)
     try:
         yield
     finally:
         _repeatable.reset(token)
 
 
-def repeatable_calls() -> frozenset[str] | None:
-    """None if the statement being run may not run again, else the functions it calls (see `repeatable`)."""
+def may_run_again() -> bool:
+    """Whether the statement being run was proven free of effects (see `repeatable`)."""
     return _repeatable.get()
 
 
