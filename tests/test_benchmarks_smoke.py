@@ -55,6 +55,16 @@ def test_seed_table_smoke(pg_dsn: str) -> None:
         assert f"| {variant} |" in proc.stdout, variant
 
 
+def test_compiled_smoke(pg_dsn: str) -> None:
+    proc = _run("benchmarks.compiled", "--smoke", "--dsn", pg_dsn, "--rtt", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "### process_buffered" in proc.stdout and "### escalation" in proc.stdout
+    for variant in ("naive", "planner, uncompiled", "planner, compiled", "planner, compiled always", "one statement"):
+        assert f"| {variant} |" in proc.stdout, variant
+    # the compiled variants send one statement per message of process_buffered
+    assert "| planner, compiled | 1.00 | 1.00 |" in proc.stdout, proc.stdout
+
+
 def test_batch_split_smoke(pg_dsn: str) -> None:
     proc = _run("benchmarks.batch_split", "--smoke", "--dsn", pg_dsn)
     assert proc.returncode == 0, proc.stderr[-2000:]
