@@ -309,6 +309,38 @@ async def test_a_verdict_is_asked_again_once_it_is_older_than_max_age(db: str) -
         await pool.close()
 
 
+NEXT_JOB_STABLE = """CREATE OR REPLACE FUNCTION next_job() RETURNS text STABLE LANGUAGE sql AS $$
+  SELECT name FROM jobs WHERE NOT claimed ORDER BY id LIMIT 1 $$"""
+NEXT_JOB_CLAIMS = """CREATE OR REPLACE FUNCTION next_job() RETURNS text VOLATILE LANGUAGE sql AS $$
+  UPDATE jobs SET claimed = true
+   WHERE id = (SELECT id FROM jobs WHERE NOT claimed ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+  RETURNING name $$"""
+
+
+async def test_a_verdict_past_max_age_is_asked_again_before_its_statement_is_shared_again(
+        db: str, tmp_path: Path) -> None:
+    # A function redefined from STABLE to VOLATILE (CREATE OR REPLACE): once the pure verdict is
+    # older than max_age it is not used to share the statement while it is asked again.
+    con = await asyncpg.connect(db)
+    try:
+        await con.execute(NEXT_JOB_STABLE)
+        (tmp_path / "claim.yaml").write_text(CLAIM.format(sql="SELECT next_job()"))
+        async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:
+            catalog = planner.effects.catalog
+            assert catalog is not None
+            now = [0.0]
+            catalog._timer = lambda: now[0]
+            assert (await planner.run("claim")).nodes["claim"].value == "job-1"
+            await con.execute(NEXT_JOB_CLAIMS)
+            now[0] = catalog.max_age + 1
+            results = await asyncio.gather(*(planner.run("claim") for _ in range(5)))
+        jobs = [r.nodes["claim"].value for r in results]
+        assert len(set(jobs)) == 5, jobs
+        assert await con.fetchval("SELECT count(*) FROM jobs WHERE claimed") == 5
+    finally:
+        await con.close()
+
+
 async def test_a_changed_schema_makes_the_next_run_ask_the_catalog_again(db: str, tmp_path: Path) -> None:
     (tmp_path / "n.yaml").write_text("inputs: {i: int}\nnodes:\n  n: {sql: 'SELECT job_name($i) AS name', fetch: value, on_bug: default}\n")
     async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:

@@ -257,15 +257,21 @@ class Catalog:
         return entry[0]
 
     def current(self, text: str) -> Effects | None:
-        """The verdict kept for `text` without waiting: fresh, or past `max_age` while it is
-        being asked again in the background (so a run is not held up by the refresh, and the
-        reads of one run that start together still reach fusion in the same turn of the loop).
-        None when nothing is kept (never asked, or dropped after a schema change)."""
+        """The verdict kept for `text` without waiting: fresh, or a *write* past `max_age` while
+        it is being asked again in the background (so a run is not held up by the refresh, and
+        the reads of one run that start together still reach fusion in the same turn of the
+        loop). A *pure* verdict past `max_age` is never given: the function it proved pure may
+        have been redefined VOLATILE since (`CREATE OR REPLACE`), and sharing on it would hand
+        one run's claim to others; the caller waits for the refresh (`effects`). None when
+        nothing is kept (never asked, dropped after a schema change, or pure and aged)."""
         entry = self._known.get(text)
         if entry is None:
             return None
-        if entry[1] <= self._timer() and text not in self._flights:
-            self._start(text)
+        if entry[1] <= self._timer():
+            if text not in self._flights:
+                self._start(text)
+            if entry[0].pure:
+                return None
         return entry[0]
 
     def _start(self, text: str) -> asyncio.Future[Effects]:
