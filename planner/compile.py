@@ -250,12 +250,16 @@ class _When:
         raise Untranslatable("a list is compared only with `in`")
 
 
-def translate_when(tree: Expr, members: dict[str, CompiledNode], params: list[Param]) -> str:
+def translate_when(tree: Expr, members: dict[str, CompiledNode], params: list[Param],
+                   raises: list[str] | None = None) -> str:
     """`tree` (whose references all name `members`) as a SQL condition; literals are appended
-    to `params` and written as `$n`. Raises `Untranslatable`."""
+    to `params` and written as `$n`; the conditions under which Python would raise instead
+    (an ordering comparison with null) are appended to `raises`, negated. Raises `Untranslatable`."""
     when = _When(members, params)
     condition = when.truth(tree)
     guards = [f"({t}) IS NOT NULL" for t in when.not_null]
+    if raises is not None:
+        raises += guards
     return " AND ".join([*guards, f"({condition})"])
 
 
@@ -510,7 +514,9 @@ def _build(flow: CompiledFlow, number: int, nodes: list[CompiledNode], reasons: 
     ctes: list[str] = []
     built: list[Member] = []
     guards: list[str] = []
+    stops: list[str] = []  # conditions under which an earlier node failed the run (see below)
     for index, node in enumerate(present, start=1):
+        own_stops: list[str] = []
         statement = node.statements[0]
         external = tuple(dict.fromkeys(r for r in (*statement.params, *(refs_of(node.when) if node.when else ()))
                                        if r.root not in members))
@@ -528,8 +534,17 @@ def _build(flow: CompiledFlow, number: int, nodes: list[CompiledNode], reasons: 
         if node.when is not None and not python_when:
             if any(r.root not in members for r in refs_of(node.when)):
                 raise Untranslatable("its when: mixes nodes of the statement with values outside it")
-            conjuncts.append(translate_when(node.when, members, params))
+            conjuncts.append(translate_when(node.when, members, params, own_stops))
+        conjuncts += stops
         guard = " AND ".join(dict.fromkeys(conjuncts)) or "true"
+        # A node that may fail the run (on_error: fail, or the Planner's, unknown here) stops
+        # the nodes after it when it fails where the statement does not: without its row when
+        # it is `required`, or when Python's `when:` would raise. Those later nodes then write
+        # nothing in the statement (the executor runs them alone, if the run goes on).
+        if node.on_error != "default":
+            if node.required:
+                own_stops.append(f'EXISTS (SELECT 1 FROM {_ident("n:" + node.name)})')
+            stops += own_stops
         guards.append(guard)
         mapping: dict[int, str] = {}
         for k, ref in enumerate(statement.params, start=1):

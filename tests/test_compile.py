@@ -396,3 +396,32 @@ async def test_process_buffered_compiled_through_pgbouncer_matches_sequential_di
         await compiled.close()
         await sequential.close()
     assert await _tables(demo_dsn) == await _tables(twin_dsn)
+
+
+@pytest.mark.parametrize("stopper", [
+    'a: {sql: "SELECT $k::int AS v WHERE $k::int > 5", fetch: one, required: true}',
+    'a: {sql: "SELECT NULL::int AS v, $k::int AS k", fetch: one}\n      f: {sql: "SELECT 1 AS x", fetch: one, '
+    'when: "$a.v > 0", on_error: fail}',
+])
+async def test_a_node_that_fails_the_run_stops_the_writes_after_it_as_sequential_mode_does(
+        planner_database: str, stopper: str) -> None:
+    from planner import FlowFailed
+
+    con = await asyncpg.connect(planner_database)
+    await con.execute("CREATE TABLE tw (v int)")
+    last = "f" if "f:" in stopper else "a"
+    flow = load_flow(text=f"""
+    inputs: {{k: int}}
+    nodes:
+      {stopper}
+      w: {{sql: "INSERT INTO tw (v) VALUES ($k) RETURNING v", fetch: value, after: [{last}]}}
+    """, name="stops")
+    try:
+        async with Planner(dsn=planner_database) as planner:
+            with pytest.raises(FlowFailed):
+                await planner.run(flow, {"k": 1})
+            (runner,) = planner._object(flow).compiled
+        assert runner.sent == 1
+        assert await con.fetchval("SELECT count(*) FROM tw") == 0  # sequential mode writes nothing either
+    finally:
+        await con.close()

@@ -40,7 +40,7 @@ from planner.graph import CompiledFlow
 from planner.kinds.backend import ALONE, Backend, Query, WrappingBackend
 from planner.lang.expr import evaluate
 from planner.lang.nodes import CompiledNode, RetryPolicy
-from planner.lang.refs import CompiledSql, Ref, resolve
+from planner.lang.refs import CompiledSql, Ref, Unresolved, resolve
 
 
 class ValueCache(Protocol):
@@ -75,6 +75,7 @@ class GroupRunner:
                  cache: ValueCache | None = None, args: dict[str, Callable[[dict[str, Any]], Any]] | None = None) -> None:
         self.group, self.flow, self.backend, self.cache = group, flow, backend, cache
         self.whens = {n.name: n.when for n in group.nodes}
+        self.stops_run = {n.name: n.on_error != "default" for n in group.nodes}  # None: the Planner's, maybe fail
         self.args = args or {}
         names = set(group.names)
         # Cached members in the flow's order, with the members they wait for.
@@ -162,7 +163,12 @@ class GroupRunner:
             return _FALLBACK
         group, node, members = prepared
         merged = {**values, **known} if known else values
-        params = [self._param(p, merged, members) for p in group.params]
+        try:
+            params = [self._param(p, merged, members) for p in group.params]
+        except _Fails as fails:
+            if self.stops_run[str(fails)]:
+                return _FALLBACK  # it may stop the run before the nodes after it: all alone, as without compilation
+            params = [self._param(p, merged, members, lenient=True) for p in group.params]
         self.sent += 1
         try:
             records = await self.backend.run(Query(node, [params], run=None))
@@ -179,7 +185,7 @@ class GroupRunner:
             return _FALLBACK
         return self._split(group, records), tickets
 
-    def _param(self, param: Any, values: dict[str, Any], members: dict[str, Member]) -> Any:
+    def _param(self, param: Any, values: dict[str, Any], members: dict[str, Member], lenient: bool = False) -> Any:
         if param.kind == "lit":
             return param.value
         if param.kind == "ref":
@@ -187,18 +193,27 @@ class GroupRunner:
                 return resolve(param.ref, values)
             except Exception:
                 return None  # the member's guard is false: its statement runs with null and is discarded
-        return self._python_guard(members[param.member], values)
+        try:
+            return self._python_guard(members[param.member], values)
+        except _Fails:
+            if not lenient:
+                raise
+            return False  # it fails alone (it defaults: the run goes on), and writes nothing here
 
     def _python_guard(self, member: Member, values: dict[str, Any]) -> bool:
-        """Whether the executor would run `member`, as far as values outside the statement tell."""
+        """Whether the executor would run `member`, as far as values outside the statement tell.
+        Raises `_Fails` when it would fail the node instead (a typo'd field, a `when:` that
+        compares the incomparable)."""
         try:
             for ref in member.external:
                 resolve(ref, values)
             if member.python_when:
                 when = self.whens[member.name]
                 return bool(evaluate(when, values)) if when is not None else True
-        except Exception:
+        except Unresolved:
             return False
+        except Exception:
+            raise _Fails(member.name) from None
         return True
 
     def _split(self, group: CompiledGroup, records: list[Any]) -> Outcome:
@@ -223,6 +238,10 @@ class GroupRunner:
         for m, (start, end), at, own in zip(members, layout, guards_at, rows, strict=True):
             out[m.name] = (bool(head[at]), _value(m, keys[start + 1:end], own, start + 1, end))
         return out
+
+
+class _Fails(Exception):
+    """A member the executor would fail before running it (the message is its name)."""
 
 
 class _Member(WrappingBackend):
