@@ -615,10 +615,10 @@ def test_plan_shows_a_when_over_several_lines_on_one_row(tmp_path: Path) -> None
 
 
 def test_a_table_cell_is_never_read_as_rich_markup(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from planner import cli as cli_module
+    from planner.cli import common
 
-    monkeypatch.setattr(cli_module, "_is_tty", lambda: True)
-    cli_module.print_table("[bold]title[/bold]", ["error"], [["[/nope] [red]not red"]])
+    monkeypatch.setattr(common, "_is_tty", lambda: True)
+    common.print_table("[bold]title[/bold]", ["error"], [["[/nope] [red]not red"]])
     out = capsys.readouterr().out
     assert "[bold]title[/bold]" in out and "[/nope] [red]not red" in out
 
