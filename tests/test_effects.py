@@ -154,6 +154,20 @@ async def test_the_verdict_names_the_function_schema_and_overload(db: str) -> No
     pytest.param("", "SELECT count(*) OVER (ORDER BY random()) AS n FROM jobs", id="a-window-ordered-by-random"),
     pytest.param("", "SELECT id FROM jobs WHERE id IN (SELECT claim_job_id())", id="a-subquery-in-where"),
     pytest.param("", "SELECT (SELECT job FROM claimed_now) AS j", id="a-scalar-subquery-over-a-view"),
+    # What a call runs beyond the function's own declared volatility, kept in the catalog as trees:
+    pytest.param("CREATE FUNCTION stamped(t bigint DEFAULT nextval('tickets')) RETURNS bigint STABLE LANGUAGE sql "
+                 "AS $$ SELECT t $$", "SELECT stamped() AS t", id="a-default-argument-calling-a-volatile-function"),
+    pytest.param("CREATE FUNCTION named_default(k int, t bigint DEFAULT nextval('tickets')) RETURNS bigint "
+                 "IMMUTABLE LANGUAGE sql AS $$ SELECT t + k $$",
+                 "SELECT named_default(k => $1::int) AS t", id="a-named-call-filling-in-a-volatile-default"),
+    pytest.param("CREATE FUNCTION next_ticket() RETURNS bigint STABLE LANGUAGE sql BEGIN ATOMIC "
+                 "SELECT nextval('tickets'); END", "SELECT next_ticket() AS t",
+                 id="a-sql-standard-body-calling-a-volatile-function"),
+    pytest.param("CREATE FUNCTION inner_next() RETURNS bigint STABLE LANGUAGE sql BEGIN ATOMIC "
+                 "SELECT nextval('tickets'); END;"
+                 "CREATE FUNCTION outer_next() RETURNS bigint STABLE LANGUAGE sql RETURN inner_next() + 0;"
+                 "CREATE VIEW tickets_now AS SELECT outer_next() AS t",
+                 "SELECT t FROM tickets_now", id="a-body-calling-a-body-behind-a-view"),
 ])
 async def test_effects_hidden_behind_other_objects_are_found(db: str, setup: str, statement: str) -> None:
     con = await asyncpg.connect(db)

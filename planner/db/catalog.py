@@ -95,7 +95,17 @@ SELECT 'y', t.typbasetype, NULL, NULL FROM pg_type t WHERE t.oid = ANY($4::oid[]
 UNION ALL
 SELECT 't', NULL, c.conbin::text, c.contypid::regtype::text FROM pg_constraint c
  WHERE c.contypid = ANY($4::oid[]) AND c.conbin IS NOT NULL
+UNION ALL
+SELECT 't', NULL, x, NULL FROM pg_proc p
+ CROSS JOIN LATERAL unnest(ARRAY[p.proargdefaults::text, to_jsonb(p) ->> 'prosqlbody']) AS x
+ WHERE p.oid = ANY($5::oid[]) AND x IS NOT NULL
 """
+# The last part: what a call runs besides the function's own code, kept as trees with oids: the
+# defaults of its arguments (evaluated in the caller's query for every argument left out:
+# `f(t bigint DEFAULT nextval('s'))` is STABLE, `SELECT f()` takes a ticket) and a SQL-standard
+# body (`BEGIN ATOMIC ... END`, `RETURN ...`, PostgreSQL 14+; `to_jsonb` so that older servers,
+# which have no `prosqlbody`, answer NULL). A body given as a string is the function's own code,
+# trusted for its declared volatility as PL/pgSQL's is.
 
 _JUDGE = """
 SELECT CASE WHEN n.nspname = 'pg_catalog' THEN '' ELSE quote_ident(n.nspname) || '.' END
@@ -179,11 +189,18 @@ async def resolve(con: Any, text: str) -> Effects:
 
 async def _judge(con: Any, rule: str) -> Effects:
     functions: set[int] = set()
-    seen: dict[str, set[int]] = {"op": set(), "agg": set(), "rel": set(), "type": set()}
+    seen: dict[str, set[int]] = {"op": set(), "agg": set(), "rel": set(), "type": set(), "fn": set()}
     reasons: list[str] = []
     trees: list[tuple[str | None, str]] = [(None, rule)]
-    while trees:
-        new: dict[str, set[int]] = {"op": set(), "agg": set(), "rel": set(), "type": set()}
+    new: dict[str, set[int]] = {"op": set(), "agg": set(), "rel": set(), "type": set(), "fn": set()}
+
+    def function(oid: int) -> None:
+        functions.add(oid)
+        if oid not in seen["fn"]:  # its argument defaults and SQL-standard body are asked next round
+            seen["fn"].add(oid)
+            new["fn"].add(oid)
+
+    while True:
         for owner, tree in trees:
             if "ROWMARKCLAUSE" in tree and owner is not None:
                 reasons.append(f"locks rows (FOR UPDATE/SHARE in {owner})")
@@ -193,7 +210,7 @@ async def _judge(con: Any, rule: str) -> Effects:
                     if oid == 0:
                         continue
                     if field in _FUNCTION_FIELDS:
-                        functions.add(oid)
+                        function(oid)
                     kind = {"opno": "op", "opnos": "op", "aggfnoid": "agg", "relid": "rel",
                             "resulttype": "type", "consttype": "type"}.get(field)
                     if kind is not None and oid not in seen[kind]:
@@ -202,10 +219,13 @@ async def _judge(con: Any, rule: str) -> Effects:
         trees = []
         if not any(new.values()):
             break
-        rows = await con.fetch(_EXPAND, list(new["op"]), list(new["agg"]), list(new["rel"]), list(new["type"]))
+        asked = new
+        new = {"op": set(), "agg": set(), "rel": set(), "type": set(), "fn": set()}
+        rows = await con.fetch(_EXPAND, list(asked["op"]), list(asked["agg"]), list(asked["rel"]),
+                               list(asked["type"]), list(asked["fn"]))
         for row in rows:
             if row["kind"] == "f":
-                functions.add(int(row["oid"]))
+                function(int(row["oid"]))
             elif row["kind"] == "t":
                 trees.append((row["name"], row["tree"]))
             elif row["kind"] == "foreign":
