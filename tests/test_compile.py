@@ -196,6 +196,11 @@ def random_flows(draw: st.DrawFn) -> str:
             spec["when"] = when
         if default is not None and fetch != "none":
             spec["default"] = default
+        if draw(st.integers(0, 9)) == 0:
+            spec["on_error"] = "fail"  # the run stops: nothing after it may have written
+        if fetch == "one" and kind == "read_one" and draw(st.integers(0, 5)) == 0:
+            spec["sql"] = spec["sql"] + " HAVING count(*) > 1"  # no row when there is at most one
+            spec["required"] = True
         if i:
             spec["after"] = [f"n{i - 1}"]
         lines.append(f"  {name}: {json.dumps(spec)}")
@@ -226,6 +231,17 @@ async def _reset(dsn: str, rows: list[tuple[str, int]]) -> None:
         await con.close()
 
 
+async def _result(running: Any) -> Any:
+    """The run's result, failed or not."""
+    from planner import FlowFailed
+
+    try:
+        return await running
+    except FlowFailed as exc:
+        assert exc.result is not None
+        return exc.result
+
+
 async def _rows(dsn: str) -> dict[str, list[Any]]:
     """Every table's rows in the order they were inserted. Not their serial ids: a compiled
     statement that failed (and ran its nodes alone) has used sequence values, as any rolled-back
@@ -248,8 +264,7 @@ async def test_a_compiled_flow_gives_the_outcomes_and_rows_of_sequential_mode(
     flow = load_flow(text=text, name="random")
     async with Planner(dsn=first, embedded=False) as compiled, \
             Planner(dsn=second, embedded=False, mode="sequential") as sequential:
-        a = await compiled.run(flow, {"k": k})
-        b = await sequential.run(flow, {"k": k})
+        a, b = await _result(compiled.run(flow, {"k": k})), await _result(sequential.run(flow, {"k": k}))
     assert _outcomes(a) == _outcomes(b), text
     assert a.output == b.output
     assert await _rows(first) == await _rows(second), text
