@@ -440,3 +440,10 @@ async def test_a_node_that_fails_the_run_stops_the_writes_after_it_as_sequential
         assert await con.fetchval("SELECT count(*) FROM tw") == 0  # sequential mode writes nothing either
     finally:
         await con.close()
+
+
+def test_no_function_compiled_as_pure_is_a_built_in_the_catalog_lists_with_effects() -> None:
+    from planner.compile import PURE_FUNCTIONS
+    from planner.lang.builtin_effects import BUILTIN_EFFECTS
+
+    assert sorted(PURE_FUNCTIONS & BUILTIN_EFFECTS) == []
