@@ -180,6 +180,24 @@ async def test_effects_hidden_behind_other_objects_are_found(db: str, setup: str
     assert not verdict.pure and verdict.functions, verdict
 
 
+@pytest.mark.parametrize("statement", [
+    "SELECT id FROM jobs FOR UPDATE", "SELECT id FROM jobs FOR NO KEY UPDATE", "SELECT id FROM jobs FOR SHARE",
+    "SELECT id FROM jobs FOR KEY SHARE", "SELECT * FROM (SELECT id FROM jobs LIMIT 1 FOR UPDATE SKIP LOCKED) s",
+    "WITH x AS (SELECT id FROM jobs FOR SHARE) SELECT * FROM x",
+    "SELECT 1 AS one WHERE EXISTS (SELECT 1 FROM jobs FOR NO KEY UPDATE NOWAIT)",
+])
+async def test_the_catalog_counts_row_locks_anywhere_in_the_statement_as_a_write(db: str, statement: str) -> None:
+    # The syntax already says so at compile time; the catalog's verdict must agree (one model),
+    # for whoever asks it alone (`Catalog.effects`, `planner validate --db`).
+    assert not _node(statement, cache=False).read_only
+    con = await asyncpg.connect(db)
+    try:
+        verdict = await resolve(con, statement)
+    finally:
+        await con.close()
+    assert not verdict.pure and "locks rows" in verdict.why(), verdict
+
+
 @pytest.mark.parametrize("call", [
     "random()", "nextval('tickets')", "clock_timestamp()", "gen_random_uuid()", "pg_advisory_xact_lock(1)",
     "pg_advisory_lock(1)", "pg_notify('c', 'x')", "txid_current()", "pg_current_xact_id()",

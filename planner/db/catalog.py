@@ -96,7 +96,7 @@ UNION ALL
 SELECT 't', NULL, c.conbin::text, c.contypid::regtype::text FROM pg_constraint c
  WHERE c.contypid = ANY($4::oid[]) AND c.conbin IS NOT NULL
 UNION ALL
-SELECT 't', NULL, x, NULL FROM pg_proc p
+SELECT 't', NULL, x, p.oid::regprocedure::text FROM pg_proc p
  CROSS JOIN LATERAL unnest(ARRAY[p.proargdefaults::text, to_jsonb(p) ->> 'prosqlbody']) AS x
  WHERE p.oid = ANY($5::oid[]) AND x IS NOT NULL
 """
@@ -202,8 +202,8 @@ async def _judge(con: Any, rule: str) -> Effects:
 
     while True:
         for owner, tree in trees:
-            if "ROWMARKCLAUSE" in tree and owner is not None:
-                reasons.append(f"locks rows (FOR UPDATE/SHARE in {owner})")
+            if "ROWMARKCLAUSE" in tree:  # the statement's own FOR UPDATE/SHARE too, in any subquery
+                reasons.append(f"locks rows (FOR UPDATE/SHARE in {owner or 'the statement'})")
             for field, value in _OIDS.findall(tree):
                 oids = [int(v) for v in value[2:-1].split()] if value.startswith("(o") else [int(value)]
                 for oid in oids:
