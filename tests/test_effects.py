@@ -88,6 +88,7 @@ TABLE: list[tuple[str, Decisions]] = [
     ("SELECT nextval('tickets') AS n", WRITE),  # built-ins: the catalog's rule, offline its list
     ("SELECT random() AS r", WRITE),
     ("SELECT txid_current() AS x", WRITE),  # STABLE, but assigns a transaction id: parallel unsafe
+    ("SELECT job_name($i) AS name FROM pick(1) AS p", PURE),  # SQL functions whose string bodies only read
 ]
 
 
@@ -168,6 +169,14 @@ async def test_the_verdict_names_the_function_schema_and_overload(db: str) -> No
                  "CREATE FUNCTION outer_next() RETURNS bigint STABLE LANGUAGE sql RETURN inner_next() + 0;"
                  "CREATE VIEW tickets_now AS SELECT outer_next() AS t",
                  "SELECT t FROM tickets_now", id="a-body-calling-a-body-behind-a-view"),
+    pytest.param("CREATE FUNCTION str_ticket() RETURNS bigint STABLE LANGUAGE sql AS $$ SELECT nextval('tickets') $$",
+                 "SELECT str_ticket() AS t", id="a-sql-function-body-in-a-string-calling-a-volatile-function"),
+    pytest.param("CREATE FUNCTION str_claim(k int) RETURNS SETOF text STABLE LANGUAGE sql AS "
+                 "$$ SELECT job FROM claimed_now WHERE k > 0 $$",
+                 "SELECT * FROM str_claim($1::int) AS c", id="a-sql-function-in-from-whose-body-reads-a-volatile-view"),
+    pytest.param("CREATE FUNCTION str_pick(k int, t text) RETURNS int IMMUTABLE LANGUAGE sql AS "
+                 "$$ SELECT CASE WHEN k > 0 THEN pick(t) ELSE $1 END $$",
+                 "SELECT str_pick($1::int, 'a') AS p", id="a-sql-function-body-naming-its-arguments"),
 ])
 async def test_effects_hidden_behind_other_objects_are_found(db: str, setup: str, statement: str) -> None:
     con = await asyncpg.connect(db)

@@ -100,12 +100,28 @@ SELECT 't', NULL, x, p.oid::regprocedure::text FROM pg_proc p
  CROSS JOIN LATERAL unnest(ARRAY[p.proargdefaults::text, to_jsonb(p) ->> 'prosqlbody']) AS x
  WHERE p.oid = ANY($5::oid[]) AND x IS NOT NULL
 """
+_STRING_BODIES = """
+SELECT p.oid::regprocedure::text AS signature, p.proname::text AS name, p.prosrc AS source,
+       ARRAY(SELECT format_type(t, NULL) FROM unnest(p.proargtypes) WITH ORDINALITY AS a(t, n) ORDER BY n) AS types,
+       ARRAY(SELECT a.n FROM unnest(coalesce(p.proargnames, '{}'::text[])) WITH ORDINALITY AS a(n, i)
+              WHERE p.proargmodes IS NULL OR p.proargmodes[a.i::int] IN ('i', 'b', 'v') ORDER BY a.i) AS names
+  FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+ WHERE p.oid = ANY($1::oid[]) AND p.oid >= $2 AND l.lanname = 'sql' AND p.provolatile <> 'v'
+   AND to_jsonb(p) ->> 'prosqlbody' IS NULL
+"""
+# A SQL function of the user's whose body is a string, declared STABLE or IMMUTABLE: PostgreSQL
+# does not check that its body calls nothing volatile (`AS 'SELECT nextval(''s'')'` runs, and
+# takes a ticket per call). Its body is the server's to read, as the statement's own: each of its
+# statements, arguments as typed NULLs, becomes a temporary view whose rule is judged like the
+# statement's. A body that cannot be read so (a polymorphic argument, a statement other than a
+# query) is not proven pure.
+
 # The last part: what a call runs besides the function's own code, kept as trees with oids: the
 # defaults of its arguments (evaluated in the caller's query for every argument left out:
 # `f(t bigint DEFAULT nextval('s'))` is STABLE, `SELECT f()` takes a ticket) and a SQL-standard
 # body (`BEGIN ATOMIC ... END`, `RETURN ...`, PostgreSQL 14+; `to_jsonb` so that older servers,
-# which have no `prosqlbody`, answer NULL). A body given as a string is the function's own code,
-# trusted for its declared volatility as PL/pgSQL's is.
+# which have no `prosqlbody`, answer NULL). A SQL body given as a string: `_STRING_BODIES`. Any
+# other language's code (PL/pgSQL, C) is trusted for its declared volatility.
 
 _JUDGE = """
 SELECT CASE WHEN n.nspname = 'pg_catalog' THEN '' ELSE quote_ident(n.nspname) || '.' END
@@ -129,15 +145,24 @@ class StatementRefused(Exception):
 class _Bind(Visitor):
     """Replace each `$n` by `NULL::<type of $n>`, on the tree."""
 
-    def __init__(self, types: list[str]) -> None:
+    def __init__(self, types: list[str], names: tuple[str, ...] = (), function: str = "") -> None:
         super().__init__()
         # Each type as the server spells it (`format_type`: `integer[]`, `public."My Type"`),
         # parsed into a type name: a name of the catalog's, never a value of a run's.
         self.types = [_type_name(t) for t in types]
+        # A SQL function's body may name its arguments (`k`, `f.k`) as well as number them.
+        self.names = {name: i for i, name in enumerate(names) if name}
+        self.function = function
 
     def visit(self, ancestors: object, node: ast.Node) -> ast.Node | None:
         if isinstance(node, ast.ParamRef):
             return ast.TypeCast(arg=ast.A_Const(isnull=True), typeName=self.types[int(node.number or 0) - 1])
+        if isinstance(node, ast.ColumnRef) and self.names:
+            fields = [getattr(f, "sval", None) for f in node.fields or ()]
+            if len(fields) == 2 and fields[0] == self.function:
+                fields = fields[1:]
+            if len(fields) == 1 and fields[0] in self.names:
+                return ast.TypeCast(arg=ast.A_Const(isnull=True), typeName=self.types[self.names[fields[0]]])
         return None
 
 
@@ -223,6 +248,13 @@ async def _judge(con: Any, rule: str) -> Effects:
         new = {"op": set(), "agg": set(), "rel": set(), "type": set(), "fn": set()}
         rows = await con.fetch(_EXPAND, list(asked["op"]), list(asked["agg"]), list(asked["rel"]),
                                list(asked["type"]), list(asked["fn"]))
+        for body in await con.fetch(_STRING_BODIES, list(asked["fn"]), _FIRST_NORMAL_OID):
+            try:
+                for rule in await _body_rules(con, body):
+                    trees.append((body["signature"], rule))
+            except Exception as exc:  # noqa: BLE001 - whatever the server says, not proven pure
+                reasons.append(f"calls {body['signature']}, whose SQL body could not be judged "
+                               f"({type(exc).__name__}: {exc})")
         for row in rows:
             if row["kind"] == "f":
                 function(int(row["oid"]))
@@ -248,6 +280,23 @@ async def _judge(con: Any, rule: str) -> Effects:
             continue
         named.append(signature)
     return Effects(pure=not reasons, resolved=True, reasons=tuple(dict.fromkeys(reasons)), functions=tuple(named))
+
+
+async def _body_rules(con: Any, body: Any) -> list[str]:
+    """The rewrite rules of a SQL function's string body (`_STRING_BODIES`), one per statement,
+    each a temporary view made in a savepoint (a body the server refuses rolls back alone)."""
+    rules: list[str] = []
+    for number, raw in enumerate(pglast.parse_sql(body["source"])):
+        if not isinstance(raw.stmt, ast.SelectStmt):
+            raise ValueError("a statement other than a query")
+        raw.stmt = _Bind(list(body["types"]), tuple(body["names"]), body["name"])(raw.stmt)
+        view = f"{_VIEW}_body_{number}"
+        async with con.transaction():
+            await con.execute(f"CREATE TEMPORARY VIEW {view} AS SELECT 1 FROM ({RawStream()(raw.stmt)}) AS s")
+            rules.append(await con.fetchval("SELECT ev_action::text FROM pg_rewrite WHERE ev_class = $1::regclass",
+                                            f"pg_temp.{view}"))
+            await con.execute(f"DROP VIEW pg_temp.{view}")
+    return rules
 
 
 Connect = Callable[[], Any]  # an async context manager giving an asyncpg connection
