@@ -447,3 +447,31 @@ def test_no_function_compiled_as_pure_is_a_built_in_the_catalog_lists_with_effec
     from planner.lang.builtin_effects import BUILTIN_EFFECTS
 
     assert sorted(PURE_FUNCTIONS & BUILTIN_EFFECTS) == []
+
+
+async def test_a_read_the_catalog_finds_effects_in_keeps_its_group_out_of_one_statement(demo_dsn: str) -> None:
+    # `SELECT ... FROM stamp_view` reads like a plain read to the offline plan, but the view calls
+    # a volatile function that writes. One statement sees one snapshot: `seen` would miss the row.
+    con = await asyncpg.connect(demo_dsn)
+    try:
+        await con.execute("""
+            CREATE TABLE stamps (id serial PRIMARY KEY, k int);
+            CREATE FUNCTION stamp(k int) RETURNS int LANGUAGE sql VOLATILE
+              AS 'INSERT INTO stamps (k) VALUES (k) RETURNING k';
+            CREATE VIEW stamp_view AS SELECT stamp(7) AS k;
+        """)
+    finally:
+        await con.close()
+    flow = load_flow(text="""
+inputs: {k: int}
+nodes:
+  stamped: {sql: "SELECT k FROM stamp_view WHERE k = $k", fetch: one}
+  seen: {sql: "SELECT count(*) AS n FROM stamps WHERE k = $stamped.k", fetch: value}
+""", name="hidden")
+    assert [g.names for g in plan_groups(flow)] == [("stamped", "seen")]  # the offline plan takes both
+    async with Planner(dsn=demo_dsn) as planner:
+        result = await planner.run(flow, {"k": 7})
+        (runner,) = planner._object(flow).compiled
+    assert result.values["seen"] == 1  # as in sequential mode: the read after the write sees it
+    assert runner.sent == 0 and runner.broken is not None and "stamped" in runner.broken
+    assert all(r.served is None or r.served.compiled is None for r in result.nodes.values())

@@ -136,6 +136,8 @@ class GroupRunner:
     async def _send(self, values: dict[str, Any]) -> tuple[Outcome, dict[str, int]] | None:
         if not self.backend.idle(self.below):
             return _FALLBACK
+        if not await self._reads_proven_pure():
+            return _FALLBACK
         known: dict[str, Any] = {}
         tickets: dict[str, int] = {}  # cached members the statement answers: their generation when sent
         if self.cached:
@@ -184,6 +186,31 @@ class GroupRunner:
                             self.group.flow, self.group.label, exc, extra={"flow": self.group.flow})
             return _FALLBACK
         return self._split(group, records), tickets
+
+    async def _reads_proven_pure(self) -> bool:
+        """Whether the one effects model (the server's catalog, `planner.db.catalog`) agrees that
+        every member the plan took for a read only reads. The plan was made offline, from syntax
+        and a list of pure built-ins: a view over a volatile function, or a user's overload of a
+        built-in's name, looks like a read there. One statement sees one snapshot, so such a
+        member may not share it: the group goes alone, now and for this flow version."""
+        if self.broken is not None:
+            return False
+        judge = getattr(self.backend, "effects", None)  # `EffectsBackend.effects`
+        if judge is None or getattr(self.backend, "catalog", None) is None:
+            return True  # no server's catalog to ask (a backend of the caller's own): the offline plan stands
+        for node in self.group.nodes:
+            if not node.read_only:
+                continue
+            effects = await judge(node)
+            if not effects.pure and effects.resolved:
+                self.broken = f"{node.name}: {effects.why()}"
+                logger.warning("flow %s: compiled statement %s is not used: node %s is not a pure read (%s); its nodes "
+                               "run alone", self.group.flow, self.group.label, node.name, effects.why(),
+                               extra={"flow": self.group.flow})
+                return False
+            if not effects.pure:
+                return False  # not judged yet (the server could not be asked): alone this time
+        return True
 
     def _param(self, param: Any, values: dict[str, Any], members: dict[str, Member], lenient: bool = False) -> Any:
         if param.kind == "lit":
