@@ -382,6 +382,30 @@ async def test_a_verdict_past_max_age_is_asked_again_before_its_statement_is_sha
         await con.close()
 
 
+async def test_a_verdict_is_asked_under_the_search_path_the_pool_runs_with(db: str, tmp_path: Path) -> None:
+    # The database's search_path changes while the pool's connections keep the one they opened
+    # with: `claim_x()` there is the VOLATILE `shop.claim_x`, for the catalog's newer connection
+    # the STABLE `public.claim_x`. The verdict must be on the function the runs call.
+    database = db.split("@/", 1)[1].split("?", 1)[0] if "@/" in db else db.rsplit("/", 1)[1].split("?", 1)[0]
+    con = await asyncpg.connect(db)
+    try:
+        await con.execute("CREATE FUNCTION public.claim_x() RETURNS text STABLE LANGUAGE sql AS "
+                          "$$ SELECT 'nothing claimed' $$;"
+                          "CREATE FUNCTION shop.claim_x() RETURNS text LANGUAGE sql AS $$ SELECT claim_job() $$")
+        await con.execute(f'ALTER DATABASE "{database}" SET search_path = shop, public')
+        (tmp_path / "claim.yaml").write_text(CLAIM.format(sql="SELECT claim_x()"))
+        async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:
+            assert planner.effects.catalog is not None
+            await planner.pools["primary"].pool()  # the pool's connection: shop, public
+            await con.execute(f'ALTER DATABASE "{database}" RESET search_path')
+            results = await asyncio.gather(*(planner.run("claim") for _ in range(5)))
+        jobs = [r.nodes["claim"].value for r in results]
+        assert len(set(jobs)) == 5, jobs
+    finally:
+        await con.execute(f'ALTER DATABASE "{database}" RESET search_path')
+        await con.close()
+
+
 async def test_a_changed_schema_makes_the_next_run_ask_the_catalog_again(db: str, tmp_path: Path) -> None:
     (tmp_path / "n.yaml").write_text("inputs: {i: int}\nnodes:\n  n: {sql: 'SELECT job_name($i) AS name', fetch: value, on_bug: default}\n")
     async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:

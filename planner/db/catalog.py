@@ -185,10 +185,11 @@ def probe_text(text: str, types: list[str]) -> str:
     return f"SELECT 1 FROM ({RawStream()(tree[0].stmt)}) AS s"
 
 
-async def resolve(con: Any, text: str) -> Effects:
+async def resolve(con: Any, text: str, search_path: str | None = None) -> Effects:
     """The catalog's verdict on `text` (one plain query, `$n` parameters), asked on asyncpg
-    connection `con` in a transaction that is rolled back. Raises what the server raises
-    (a statement that does not prepare, no right to create a temporary view)."""
+    connection `con` in a transaction that is rolled back, under `search_path` when given (the
+    one the statement's runs have). Raises what the server raises (a statement that does not
+    prepare, no right to create a temporary view)."""
     transaction = con.transaction()
     await transaction.start()
     try:
@@ -197,6 +198,8 @@ async def resolve(con: Any, text: str) -> Effects:
         # write until asked again) rather than hold up the questions of every other statement.
         await con.execute(f"SET LOCAL lock_timeout = {int(LOCK_TIMEOUT * 1000)}; "
                           f"SET LOCAL statement_timeout = {int(STATEMENT_TIMEOUT * 1000)}")
+        if search_path is not None:  # a bound value, never pasted into the text
+            await con.fetchval("SELECT set_config('search_path', $1, true)", search_path)
         try:
             prepared = await con.prepare(text)
         except Exception as exc:
@@ -309,8 +312,12 @@ class Catalog:
     `acquire`)."""
 
     def __init__(self, acquire: Callable[[], Any], *, max_age: float = MAX_AGE,
-                 timer: Callable[[], float] = time.monotonic) -> None:
+                 timer: Callable[[], float] = time.monotonic,
+                 search_paths: Callable[[], set[str]] | None = None) -> None:
         self._acquire = acquire
+        # The search_paths the statements run with (`PoolBackend.search_paths`): the verdict is
+        # asked under that one; under several, a name may mean several functions: not proven.
+        self._search_paths = search_paths
         self.max_age = max_age
         self._timer = timer
         self._known: dict[str, tuple[Effects, float]] = {}  # text -> (verdict, asked again after)
@@ -359,16 +366,21 @@ class Catalog:
         return await asyncio.shield(flight)
 
     async def _resolve(self, text: str) -> Effects:
+        paths = sorted(self._search_paths()) if self._search_paths is not None else []
         try:
+            if len(paths) > 1:
+                raise StatementRefused(
+                    f"the pool's connections run with different search_paths ({' | '.join(paths)}): a name "
+                    "may mean another function on each (the database's search_path changed since some opened)")
             async with self._acquire() as con:
-                verdict = await resolve(con, text)
+                verdict = await resolve(con, text, paths[0] if paths else None)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             reason = f"could not be resolved on the server ({type(exc).__name__}: {exc})"
             # A statement the server refuses to prepare fails its runs with that error anyway;
             # anything else (no TEMP right, a read-only server...) is a degradation: said once.
-            if isinstance(exc, StatementRefused):
+            if isinstance(exc, StatementRefused) and len(paths) <= 1:
                 logger.debug("statement treated as a write: %s", reason)
             elif text not in self._warned:
                 self._warned.add(text)
@@ -467,7 +479,7 @@ def catalog_of(backend: Backend) -> Catalog | None:
         seen = getattr(seen, "inner", None)
     if seen is None:
         return None
-    catalog = Catalog(_OwnConnection(seen))
+    catalog = Catalog(_OwnConnection(seen), search_paths=seen.search_paths)
     seen.verdict = catalog.known  # the pool's "may a stale read run again" is this verdict too
     return catalog
 

@@ -19,6 +19,7 @@ import logging
 import os
 import statistics
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -139,6 +140,7 @@ class PoolBackend:
         self._releases: set[asyncio.Task[None]] = set()
         self._retired: list[asyncpg.Pool] = []  # pools replaced when planner found a pooler (`_adopt_pooler`)
         self._baseline: tuple[str | None, ...] | None = None
+        self._search_paths: weakref.WeakKeyDictionary[asyncpg.Connection, str] = weakref.WeakKeyDictionary()
         # What planner learnt of each statement text, kept per text (see `STATEMENTS_KEPT`):
         kept = STATEMENTS_KEPT
         self._combined: LRUCache[str, str | None] = LRUCache(kept)  # fetch, read -> its batch statement (None: not shared)
@@ -258,6 +260,16 @@ class PoolBackend:
         await _init_connection(con)
         if self._baseline is None:
             self._baseline = _reported(con)
+        # Which function a name means depends on it: the effects catalog asks under the same one
+        # (`search_paths`). A connection keeps the search_path it opened with (the database's or
+        # role's default then), so after `ALTER DATABASE ... SET search_path` the pool's older and
+        # newer connections differ; the server does not report it before PostgreSQL 18.
+        self._search_paths[con] = await con.fetchval("SELECT current_setting('search_path')")
+
+    def search_paths(self) -> set[str]:
+        """The search_paths the pool's open connections started with (empty for a borrowed pool,
+        whose connections the catalog asks on)."""
+        return {path for con, path in list(self._search_paths.items()) if not con.is_closed()}
 
     def proven_pure(self, node: CompiledNode) -> bool:
         """Whether `node`'s statement is proven free of effects by the one effects model (the
