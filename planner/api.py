@@ -431,7 +431,9 @@ class Planner:
         plain = {name: kind_of(spec.kind).bind(spec, flow.marks, self._env) for name, spec in flow.nodes.items()}
         runners: list[GroupRunner] = []
         serving: dict[str, GroupRunner] = {}
-        if compile_enabled():
+        # A node_wrapper may fail, retry or replace a node (fault injection, circuit breakers) after
+        # the compiled statement already ran its write: each node must run as its own statement.
+        if compile_enabled() and self.node_wrapper is None:
             for group in plan_groups(flow):
                 runner = GroupRunner(group, flow, self.backend, self.cache, {n: plain[n].args for n in group.names})
                 runners.append(runner)

@@ -475,3 +475,18 @@ nodes:
     assert result.values["seen"] == 1  # as in sequential mode: the read after the write sees it
     assert runner.sent == 0 and runner.broken is not None and "stamped" in runner.broken
     assert all(r.served is None or r.served.compiled is None for r in result.nodes.values())
+
+
+async def test_a_node_wrapper_turns_compilation_off_for_its_planner(pg_dsn: str) -> None:
+    # A wrapper may fail a node before it runs (fault injection, a circuit breaker): its write must
+    # not have happened already inside a statement another node sent.
+    flow = load_flow(text=CHAIN.replace("(1 / ($b.v::int - $b.v::int))::int", "$b.v + 1"), name="chain")
+
+    def passthrough(flow_name: str, node: str, run: Any) -> Any:
+        return run
+
+    async with Planner(dsn=pg_dsn, node_wrapper=passthrough) as planner:
+        result = await planner.run(flow, {"k": 1})
+        assert planner._object(flow).compiled == ()
+    assert result.values == {"a": {"v": 1}, "b": {"v": 2}, "c": {"v": 3}, "d": 20}
+    assert all(r.served is None or r.served.compiled is None for r in result.nodes.values())
