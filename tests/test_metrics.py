@@ -190,12 +190,13 @@ async def test_pool_waits_and_connections(
 async def test_sync_call_waits_and_refusals(tmp_path: Path, metrics: Metrics, write_flow: Callable[..., Path]) -> None:
     write_flow("""
         nodes:
-          slow: {call: tests.nodes:block, with: {seconds: 0.3}, default: x}
-          quick: {call: tests.nodes:quick, default: refused, timeout: 100ms}
-        """, name="sync")  # quick waits 100 ms for the one thread, then is refused (CallThreadsBusy)
+          slow: {call: tests.nodes:block, with: {seconds: 1.5}, default: x}
+          quick: {call: tests.nodes:quick, default: refused, timeout: 300ms}
+        """, name="sync")  # quick waits 300 ms for the one thread, then is refused (CallThreadsBusy)
+    # Margins for a busy 2-core machine: slow holds the thread five times longer than quick waits.
     from tests import nodes
 
-    nodes.unblock.clear()  # slow holds the thread its full 0.3 s (another test may have left it set)
+    nodes.unblock.clear()  # slow holds the thread its full 1.5 s (another test may have left it set)
     async with Planner(flows=tmp_path, allowed_modules=["tests"], metrics=metrics, call_threads=1) as p:
         result = await p.run("sync")
         assert result.output == {"slow": "unblocked", "quick": "refused"}
