@@ -58,6 +58,13 @@ CREATE OPERATOR ==> (LEFTARG = int, RIGHTARG = int, FUNCTION = takes);
 CREATE TYPE ticket AS (n bigint);
 CREATE FUNCTION issue(i int) RETURNS ticket VOLATILE LANGUAGE sql AS $$ SELECT ROW(nextval('tickets'))::ticket $$;
 CREATE CAST (int AS ticket) WITH FUNCTION issue(int);
+CREATE TABLE shop.stock (id int);
+CREATE FUNCTION shop.open_jobs() RETURNS bigint STABLE SECURITY DEFINER SET search_path = shop, pg_temp
+  LANGUAGE sql AS $$ SELECT count(*) FROM stock $$;
+CREATE FUNCTION public.ticket_of() RETURNS bigint STABLE LANGUAGE sql AS $$ SELECT 0::bigint $$;
+CREATE FUNCTION shop.ticket_of() RETURNS bigint VOLATILE LANGUAGE sql AS $$ SELECT nextval('public.tickets') $$;
+CREATE FUNCTION shop.claims_in_shop() RETURNS bigint STABLE SET search_path = shop, public
+  LANGUAGE sql AS $$ SELECT ticket_of() $$;
 """
 
 PURE = Decisions(share=True, coalesce=True, fuse=True, cache=True, replica=True, write=False)
@@ -89,6 +96,8 @@ TABLE: list[tuple[str, Decisions]] = [
     ("SELECT random() AS r", WRITE),
     ("SELECT txid_current() AS x", WRITE),  # STABLE, but assigns a transaction id: parallel unsafe
     ("SELECT job_name($i) AS name FROM pick(1) AS p", PURE),  # SQL functions whose string bodies only read
+    ("SELECT shop.open_jobs() AS n", PURE),  # a body read under its function's own search_path
+    ("SELECT shop.claims_in_shop() AS n", WRITE),  # ... which decides which function a name means
 ]
 
 

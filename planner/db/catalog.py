@@ -104,7 +104,8 @@ _STRING_BODIES = """
 SELECT p.oid::regprocedure::text AS signature, p.proname::text AS name, p.prosrc AS source,
        ARRAY(SELECT format_type(t, NULL) FROM unnest(p.proargtypes) WITH ORDINALITY AS a(t, n) ORDER BY n) AS types,
        ARRAY(SELECT a.n FROM unnest(coalesce(p.proargnames, '{}'::text[])) WITH ORDINALITY AS a(n, i)
-              WHERE p.proargmodes IS NULL OR p.proargmodes[a.i::int] IN ('i', 'b', 'v') ORDER BY a.i) AS names
+              WHERE p.proargmodes IS NULL OR p.proargmodes[a.i::int] IN ('i', 'b', 'v') ORDER BY a.i) AS names,
+       (SELECT substr(c, 13) FROM unnest(p.proconfig) AS c WHERE c LIKE 'search\\_path=%' LIMIT 1) AS search_path
   FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
  WHERE p.oid = ANY($1::oid[]) AND p.oid >= $2 AND l.lanname = 'sql' AND p.provolatile <> 'v'
    AND to_jsonb(p) ->> 'prosqlbody' IS NULL
@@ -295,7 +296,16 @@ async def _body_rules(con: Any, body: Any) -> list[str]:
         raw.stmt = _Bind(list(body["types"]), tuple(body["names"]), body["name"])(raw.stmt)
         view = f"{_VIEW}_body_{number}"
         async with con.transaction():
+            # A body runs under its function's own `SET search_path = ...` when it has one
+            # (SECURITY DEFINER functions should): its names are read under that path. Set
+            # locally, and put back (releasing the savepoint would keep it).
+            before = None
+            if body["search_path"] is not None:
+                before = await con.fetchval("SELECT current_setting('search_path')")
+                await con.fetchval("SELECT set_config('search_path', $1, true)", body["search_path"])
             await con.execute(f"CREATE TEMPORARY VIEW {view} AS SELECT 1 FROM ({RawStream()(raw.stmt)}) AS s")
+            if before is not None:
+                await con.fetchval("SELECT set_config('search_path', $1, true)", before)
             rules.append(await con.fetchval("SELECT ev_action::text FROM pg_rewrite WHERE ev_class = $1::regclass",
                                             f"pg_temp.{view}"))
             await con.execute(f"DROP VIEW pg_temp.{view}")
