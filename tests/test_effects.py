@@ -415,6 +415,29 @@ async def test_a_verdict_is_asked_under_the_search_path_the_pool_runs_with(db: s
         await con.close()
 
 
+async def test_pool_connections_with_different_search_paths_make_every_verdict_a_write(
+        db: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    database = db.split("@/", 1)[1].split("?", 1)[0] if "@/" in db else db.rsplit("/", 1)[1].split("?", 1)[0]
+    con = await asyncpg.connect(db)
+    try:
+        await con.execute(f'ALTER DATABASE "{database}" SET search_path = shop, public')
+        async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=2) as planner:
+            catalog = planner.effects.catalog
+            assert catalog is not None
+            pool = await planner.pools["primary"].pool()
+            async with pool.acquire():  # the first connection: shop, public
+                await con.execute(f'ALTER DATABASE "{database}" RESET search_path')
+                async with pool.acquire():  # a second one, opened with the default
+                    pass
+            with caplog.at_level(logging.WARNING, logger="planner"):
+                verdict = await catalog.effects("SELECT name FROM jobs WHERE id = 1")
+        assert not verdict.pure and "different search_paths" in verdict.why(), verdict
+        assert any("different search_paths" in r.getMessage() for r in caplog.records)
+    finally:
+        await con.execute(f'ALTER DATABASE "{database}" RESET search_path')
+        await con.close()
+
+
 async def test_a_changed_schema_makes_the_next_run_ask_the_catalog_again(db: str, tmp_path: Path) -> None:
     (tmp_path / "n.yaml").write_text("inputs: {i: int}\nnodes:\n  n: {sql: 'SELECT job_name($i) AS name', fetch: value, on_bug: default}\n")
     async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:
