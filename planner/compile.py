@@ -54,6 +54,7 @@ from planner.graph import CompiledFlow, Trips
 from planner.lang.expr import BoolOp, Compare, Expr, ListOf, Lit, Not, refs_of
 from planner.lang.nodes import CompiledNode
 from planner.lang.refs import Ref
+from planner.lang.sqlinfo import rename_cte
 
 __all__ = ["CompiledGroup", "Member", "Param", "compile_enabled", "compiled_trips", "effects_of", "explain",
            "plan_groups", "translate_when", "variant"]
@@ -434,12 +435,7 @@ class _Rewrite(Visitor):
         if isinstance(node, ast.ParamRef):
             replacement: ast.Node = _expr(self.mapping[int(node.number or 0)])
             return replacement
-        if isinstance(node, ast.RangeVar) and node.schemaname is None and node.relname in self.ctes:
-            return ast.RangeVar(relname=self.prefix + node.relname, inh=node.inh, relpersistence=node.relpersistence,
-                                alias=node.alias or ast.Alias(aliasname=node.relname), location=node.location)
-        if isinstance(node, ast.CommonTableExpr) and node.ctename in self.ctes:
-            node.ctename = self.prefix + node.ctename
-        return None
+        return rename_cte(node, self.ctes, lambda name: self.prefix + name)
 
 
 def _and(guard: ast.Node, where: ast.Node | None) -> ast.Node:

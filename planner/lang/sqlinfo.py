@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,9 +235,17 @@ class _Renumber(Visitor):
     def visit(self, ancestors: object, node: ast.Node) -> ast.Node | None:
         if isinstance(node, ast.ParamRef):
             return ast.ParamRef(number=int(node.number or 0) + self.offset, location=node.location)
-        if isinstance(node, ast.RangeVar) and node.schemaname is None and node.relname in self.names:
-            return ast.RangeVar(relname=node.relname + self.suffix, inh=node.inh, relpersistence=node.relpersistence,
-                                alias=node.alias or ast.Alias(aliasname=node.relname), location=node.location)
-        if isinstance(node, ast.CommonTableExpr) and node.ctename in self.names:
-            node.ctename = node.ctename + self.suffix
-        return None
+        return rename_cte(node, self.names, lambda name: name + self.suffix)
+
+
+def rename_cte(node: ast.Node, names: set[str], rename: Callable[[str], str]) -> ast.Node | None:
+    """The step of a visitor that gives the CTEs in `names` new names (a statement's own CTEs,
+    hoisted beside others' into one statement): a reference becomes one to the new name, aliased
+    by the old, so that `found.id` still means what it meant; a definition takes the new name.
+    A replacement node, or None (changed in place, or nothing to change)."""
+    if isinstance(node, ast.RangeVar) and node.schemaname is None and node.relname in names:
+        return ast.RangeVar(relname=rename(node.relname), inh=node.inh, relpersistence=node.relpersistence,
+                            alias=node.alias or ast.Alias(aliasname=node.relname), location=node.location)
+    if isinstance(node, ast.CommonTableExpr) and node.ctename in names:
+        node.ctename = rename(node.ctename)
+    return None
