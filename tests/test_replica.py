@@ -159,9 +159,11 @@ async def template(pair: Pair) -> str:
         await con.execute("CREATE TABLE notes (id serial PRIMARY KEY, note text NOT NULL)")
         # Which server answered, in a flow: pg_is_in_recovery() itself is VOLATILE (its answer
         # changes on promotion), so a statement calling it is never routed to the replica
-        # (`planner.lang.effects`); this STABLE wrapper is a read like any other.
-        await con.execute("CREATE FUNCTION standby() RETURNS boolean STABLE LANGUAGE sql AS "
-                          "'SELECT pg_is_in_recovery()'")
+        # (`planner.lang.effects`); this STABLE wrapper is a read like any other. PL/pgSQL, not SQL:
+        # the body of a SQL function is judged by the catalog like a statement (and would be
+        # found to call the volatile built-in), a PL/pgSQL one is taken at its declared volatility.
+        await con.execute("CREATE FUNCTION standby() RETURNS boolean STABLE LANGUAGE plpgsql AS "
+                          "$$ BEGIN RETURN pg_is_in_recovery(); END $$")
     finally:
         await con.close()
     return TEMPLATE
