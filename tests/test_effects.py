@@ -391,6 +391,54 @@ async def test_a_verdict_past_max_age_is_asked_again_before_its_statement_is_sha
         await con.close()
 
 
+async def test_a_function_redefined_volatile_is_seen_by_the_next_check_well_before_max_age(
+        db: str, tmp_path: Path) -> None:
+    # CREATE OR REPLACE from STABLE to VOLATILE, 10 s later (max_age is 60): the background check
+    # that a use starts every WATCH_S sees the change, and the claims are no longer shared.
+    con = await asyncpg.connect(db)
+    try:
+        await con.execute(NEXT_JOB_STABLE)
+        (tmp_path / "claim.yaml").write_text(CLAIM.format(sql="SELECT next_job()"))
+        async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:
+            catalog = planner.effects.catalog
+            assert catalog is not None
+            now = [0.0]
+            catalog._timer = lambda: now[0]
+            assert (await planner.run("claim")).nodes["claim"].value == "job-1"
+            await con.execute(NEXT_JOB_CLAIMS)
+            now[0] = 10.0
+            await planner.run("claim")  # alone: its use of the verdict starts the check
+            assert catalog._watching is not None
+            await catalog._watching
+            results = await asyncio.gather(*(planner.run("claim") for _ in range(5)))
+        jobs = [r.nodes["claim"].value for r in results]
+        assert len(set(jobs)) == 5, jobs
+    finally:
+        await con.close()
+
+
+@pytest.mark.parametrize("change", [
+    "CREATE OR REPLACE FUNCTION job_name(i int) RETURNS text VOLATILE LANGUAGE sql AS $$ SELECT name FROM jobs WHERE id = i $$",
+    "ALTER FUNCTION job_name(int) VOLATILE",
+    "CREATE FUNCTION shop.job_name(i int) RETURNS text VOLATILE LANGUAGE sql AS $$ SELECT 'x' $$",
+    "CREATE OR REPLACE VIEW pending AS SELECT id, name FROM jobs WHERE NOT claimed AND random() >= 0",
+    "CREATE POLICY p ON jobs USING (true)",
+])
+async def test_a_check_sees_each_kind_of_change_verdicts_rest_on(db: str, change: str) -> None:
+    pool = await asyncpg.create_pool(db, min_size=1, max_size=1)
+    try:
+        catalog = Catalog(pool.acquire)
+        assert (await catalog.effects("SELECT job_name(1) AS n")).pure
+        assert not await catalog.watch()  # nothing changed
+        async with pool.acquire() as con:
+            await con.execute(change)
+        assert await catalog.watch()
+        assert catalog.known("SELECT job_name(1) AS n") is None  # asked again at its next use
+    finally:
+        await catalog.close()
+        await pool.close()
+
+
 async def test_a_verdict_is_asked_under_the_search_path_the_pool_runs_with(db: str, tmp_path: Path) -> None:
     # The database's search_path changes while the pool's connections keep the one they opened
     # with: `claim_x()` there is the VOLATILE `shop.claim_x`, for the catalog's newer connection

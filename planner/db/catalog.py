@@ -52,6 +52,11 @@ logger = logging.getLogger("planner")
 
 MAX_AGE = 60.0
 """Seconds a verdict is kept before the catalog is asked again."""
+WATCH_S = 5.0
+"""Seconds between checks, while verdicts are used, that the user's functions, views, policies,
+operators, casts and domains are unchanged on the server (`Catalog.watch`): a function redefined
+from STABLE to VOLATILE (`CREATE OR REPLACE`), or one created earlier in the search_path, is
+seen within about this time rather than `MAX_AGE`."""
 RETRY_AFTER = 5.0  # a statement that could not be resolved is asked again after this
 LOCK_TIMEOUT = 0.25  # seconds a question waits for a lock on what the statement reads
 STATEMENT_TIMEOUT = 5.0  # seconds each statement of a question may take
@@ -132,6 +137,24 @@ SELECT CASE WHEN n.nspname = 'pg_catalog' THEN '' ELSE quote_ident(n.nspname) ||
   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang
  WHERE p.oid = ANY($1::oid[])
  ORDER BY 1
+"""
+
+# What verdicts rest on, as the server has it now: the row version (xmin) of every object of the
+# user's that a verdict can follow (built-in objects, below FirstNormalObjectId, never change).
+# CREATE OR REPLACE and ALTER give a row a new version; CREATE and DROP add and take rows.
+_FINGERPRINT = """
+SELECT md5(coalesce(string_agg(x, ',' ORDER BY x), '')) FROM (
+  SELECT 'p' || oid::text || ':' || xmin::text FROM pg_proc WHERE oid >= 16384
+  UNION ALL SELECT 'r' || r.oid::text || ':' || r.xmin::text FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
+   WHERE r.oid >= 16384 AND c.relpersistence <> 't'
+  UNION ALL SELECT 'o' || oid::text || ':' || xmin::text FROM pg_operator WHERE oid >= 16384
+  UNION ALL SELECT 'c' || oid::text || ':' || xmin::text FROM pg_cast WHERE oid >= 16384
+  UNION ALL SELECT 'y' || oid::text || ':' || xmin::text FROM pg_policy
+  UNION ALL SELECT 'd' || oid::text || ':' || xmin::text FROM pg_constraint WHERE contypid <> 0
+  UNION ALL SELECT 'a' || aggfnoid::oid::text || ':' || xmin::text FROM pg_aggregate WHERE aggfnoid::oid >= 16384
+  UNION ALL SELECT 'k' || oid::text || ':' || relrowsecurity::text FROM pg_class
+   WHERE oid >= 16384 AND relkind IN ('r', 'p', 'v', 'f') AND relrowsecurity
+) AS s(x)
 """
 
 # Languages whose non-volatile functions PostgreSQL keeps read-only (SQL and PL/pgSQL refuse
@@ -334,6 +357,9 @@ class Catalog:
         self._flights: dict[str, asyncio.Future[Effects]] = {}
         self._warned: set[str] = set()
         self.resolutions = 0  # statements resolved on the server (a figure for tests)
+        self._fingerprint: str | None = None  # `_FINGERPRINT` when verdicts were last asked or checked
+        self._watch_due = 0.0
+        self._watching: asyncio.Future[None] | None = None
 
     def known(self, text: str) -> Effects | None:
         """The verdict kept for `text`, if still fresh."""
@@ -353,6 +379,7 @@ class Catalog:
         entry = self._known.get(text)
         if entry is None:
             return None
+        self._maybe_watch()
         if entry[1] <= self._timer():
             if text not in self._flights:
                 self._start(text)
@@ -371,6 +398,7 @@ class Catalog:
         `pure=False`, with the reason, and a WARNING is logged once for it."""
         verdict = self.known(text)
         if verdict is not None:
+            self._maybe_watch()
             return verdict
         flight = self._flights.get(text) or self._start(text)
         return await asyncio.shield(flight)
@@ -383,6 +411,8 @@ class Catalog:
                     f"the pool's connections run with different search_paths ({' | '.join(paths)}): a name "
                     "may mean another function on each (the database's search_path changed since some opened)")
             async with self._acquire() as con:
+                # Read before the question: a change after it is seen by the next check.
+                self._saw(await con.fetchval(_FINGERPRINT))
                 verdict = await resolve(con, text, paths[0] if paths else None)
         except asyncio.CancelledError:
             raise
@@ -404,6 +434,39 @@ class Catalog:
         self._keep(text, verdict, self.max_age)
         return verdict
 
+    def _maybe_watch(self) -> None:
+        """Start a check (`watch`) in the background when one is due: it never holds a run up."""
+        if self._timer() < self._watch_due or (self._watching is not None and not self._watching.done()):
+            return
+        self._watch_due = self._timer() + WATCH_S
+        self._watching = asyncio.ensure_future(self._watch_quietly())
+
+    async def _watch_quietly(self) -> None:
+        try:
+            await self.watch()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the next check tries again; verdicts still age out
+            logger.debug("could not check the catalog for changes: %s: %s", type(exc).__name__, exc)
+
+    async def watch(self) -> bool:
+        """Check now that nothing verdicts rest on changed on the server (`_FINGERPRINT`); when
+        something did, forget every verdict (each is asked again at its next use, a pure one
+        before its statement is shared again). Returns whether something changed. Done by
+        itself every `WATCH_S` while verdicts are used."""
+        async with self._acquire() as con:
+            seen = await con.fetchval(_FINGERPRINT)
+        return self._saw(seen)
+
+    def _saw(self, fingerprint: str) -> bool:
+        changed = self._fingerprint is not None and fingerprint != self._fingerprint
+        self._fingerprint = fingerprint
+        if changed and self._known:
+            logger.info("functions, views or policies changed on the server: what each statement does is "
+                        "asked again (%d verdicts dropped)", len(self._known))
+            self._known.clear()
+        return changed
+
     def _keep(self, text: str, verdict: Effects, age: float) -> None:
         known = self._known
         known.pop(text, None)
@@ -413,6 +476,10 @@ class Catalog:
 
     async def close(self) -> None:
         """Stop the questions under way; close the connection it asks on, if it has one of its own."""
+        watching, self._watching = self._watching, None
+        if watching is not None:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
         for flight in list(self._flights.values()):
             flight.cancel()
         await asyncio.gather(*self._flights.values(), return_exceptions=True)
