@@ -174,6 +174,9 @@ class Planner:
         # The outermost: what each statement does, from the server's catalog, decides whether
         # the wrappers below may cache, route, fuse or coalesce it (`planner.lang.effects`).
         self.effects = EffectsBackend(self.cache, catalog_of(backend))
+        if "replica" in self.pools and self.effects.catalog is not None:
+            # The replica's pool decides whether a stale read may run again from the same verdict.
+            self.pools["replica"].verdict = self.effects.catalog.known
         self.backend: Backend = self.effects
         self.targets = CallTargets(allowed_modules, folder=self.source.folder)
         self.threads = CallThreads(call_threads if call_threads is not None else DEFAULT_THREADS, wait_s=call_wait)

@@ -221,6 +221,17 @@ async def test_a_read_whose_function_shares_its_name_with_a_volatile_one_elsewhe
     assert dict(await _value(pooled, flow)) == {"v": 1.5, "n": 1}
 
 
+async def test_the_replica_pool_decides_a_stale_read_from_the_same_verdict_as_the_primary(demo_dsn: str) -> None:
+    # Reads routed to a replica are the pure ones; behind a pooler, its pool must be able to run
+    # one again after a migration as the primary's does (one verdict, both pools).
+    flow = _flow("SELECT 1 AS v")
+    async with Planner(dsn=demo_dsn, replica_dsn=demo_dsn, cache_size=0) as planner:
+        await _value(planner, flow)
+        node = flow.nodes["r"]
+        assert planner.pools["primary"].proven_pure(node)
+        assert planner.pools["replica"].proven_pure(node)
+
+
 async def test_a_read_not_proven_free_of_effects_is_not_run_again_whatever_it_names(
         demo_dsn: str, pgbouncer: PgBouncer, admin: asyncpg.Connection) -> None:
     # A view hides the volatile function that writes: no function name in the statement. Without
