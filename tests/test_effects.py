@@ -423,6 +423,8 @@ async def test_a_function_redefined_volatile_is_seen_by_the_next_check_well_befo
     "CREATE FUNCTION shop.job_name(i int) RETURNS text VOLATILE LANGUAGE sql AS $$ SELECT 'x' $$",
     "CREATE OR REPLACE VIEW pending AS SELECT id, name FROM jobs WHERE NOT claimed AND random() >= 0",
     "CREATE POLICY p ON jobs USING (true)",
+    "ALTER TABLE jobs ENABLE ROW LEVEL SECURITY",
+    "CREATE DOMAIN checked_int AS int CHECK (VALUE > 0)",
 ])
 async def test_a_check_sees_each_kind_of_change_verdicts_rest_on(db: str, change: str) -> None:
     pool = await asyncpg.create_pool(db, min_size=1, max_size=1)

@@ -152,8 +152,8 @@ SELECT md5(coalesce(string_agg(x, ',' ORDER BY x), '')) FROM (
   UNION ALL SELECT 'y' || oid::text || ':' || xmin::text FROM pg_policy
   UNION ALL SELECT 'd' || oid::text || ':' || xmin::text FROM pg_constraint WHERE contypid <> 0
   UNION ALL SELECT 'a' || aggfnoid::oid::text || ':' || xmin::text FROM pg_aggregate WHERE aggfnoid::oid >= 16384
-  UNION ALL SELECT 'k' || oid::text || ':' || relrowsecurity::text FROM pg_class
-   WHERE oid >= 16384 AND relkind IN ('r', 'p', 'v', 'f') AND relrowsecurity
+  UNION ALL SELECT 'k' || oid::text || ':' || relkind::text FROM pg_class
+   WHERE oid >= 16384 AND (relkind = 'f' OR (relrowsecurity AND relkind IN ('r', 'p', 'v', 'f')))
 ) AS s(x)
 """
 
