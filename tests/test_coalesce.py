@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import pytest
 from asyncpg.connection import LoggedQuery
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from planner import FlowFailed, FlowResult, NodeState, NodeTimeout, Planner, QueryError
@@ -697,6 +697,8 @@ async def test_a_write_batch_is_bounded_more_tightly(write_flow: Write, stacks: 
 async def _table(dsn: str, ddl: str) -> None:
     con = await asyncpg.connect(dsn)
     try:
+        # A connection left holding the table's lock fails the test instead of hanging it.
+        await con.execute("SET lock_timeout = '20s'")
         await con.execute(ddl)
     finally:
         await con.close()
@@ -966,6 +968,10 @@ write_inputs = st.tuples(st.integers(0, 9), st.sampled_from(["a", "bb", "ccc", "
 
 @_few
 @given(runs=st.lists(write_inputs, min_size=10, max_size=50))
+# A value asyncpg cannot encode (an int for text) among identical writes: the run alone and the
+# member alone leave no connection inside the failed statement's implicit transaction.
+@example(runs=[(0, 5)] * 10)
+@example(runs=[(1, "a"), (2, 5)] + [(3, "bb")] * 8)
 async def test_concurrent_writes_give_every_run_what_it_gets_alone_and_write_once(
         property_flows: Callable[..., Stack], demo_dsn: str, runs: list[tuple[int, Any]]) -> None:
     # One connection: batches run one after the other, in the order their runs asked.
@@ -1001,3 +1007,41 @@ def test_coalesce_true_on_a_write_that_cannot_be_combined_is_refused_at_load(sql
     with pytest.raises(FlowFileError, match="coalesce: true needs one statement that returns rows") as info:
         load_flow(text=text, name="w")
     assert info.value.node == "w"
+
+
+# --- a value asyncpg cannot encode (planner.db.synced) ------------------------------------------
+
+
+async def test_a_read_batch_whose_values_cannot_be_encoded_leaves_no_connection_mid_statement(
+        property_flows: Callable[..., Stack], write_flow: Write) -> None:
+    # The combined statement fails to encode, then each member alone: the first member's Parse
+    # is the statement's first on the connection, and no execution ever syncs it.
+    write_flow("inputs: {label: json}\nnodes:\n  q: {sql: 'SELECT count(*) FROM wprop WHERE label = $label', fetch: value}\n",
+               name="byl")
+    stack = property_flows(size=1)
+    results = await stack.batched([("byl", {"label": 5}), ("byl", {"label": 6}), ("byl", {"label": 7})])
+    assert [r.nodes["q"].state for r in results] == [NodeState.DEFAULTED] * 3
+    assert all(isinstance(r.nodes["q"].error, QueryError) for r in results)
+    assert stack.spy.sent == [[[5], [6], [7]]]  # one batch, then each member alone
+    await stack.assert_clean()  # no backend left `active` in the failed statement's implicit transaction
+
+
+async def test_a_combined_write_whose_values_cannot_be_encoded_writes_nothing_and_leaves_nothing_open(
+        property_flows: Callable[..., Stack], demo_dsn: str) -> None:
+    stack = property_flows(size=1)
+    results = await stack.batched([("writes", {"k": 1, "label": 5}), ("writes", {"k": 2, "label": 6})])
+    assert [r.nodes["put"].state for r in results] == [NodeState.DEFAULTED] * 2
+    assert stack.spy.sent == [[[1, 5], [2, 6]]]
+    assert await _fetch(demo_dsn, "SELECT k, label FROM wprop ORDER BY k") == []
+    await stack.assert_clean()
+
+
+async def test_a_combined_write_with_a_value_that_cannot_be_encoded_writes_the_others_once(
+        property_flows: Callable[..., Stack], demo_dsn: str) -> None:
+    stack = property_flows(size=1)
+    results = await stack.batched([("writes", {"k": 1, "label": 5}), ("writes", {"k": 2, "label": "a"}),
+                                   ("writes", {"k": 3, "label": "bb"})])
+    assert [r.nodes["put"].state for r in results] == [NodeState.DEFAULTED, NodeState.OK, NodeState.OK]
+    assert await _fetch(demo_dsn, "SELECT k, label FROM wprop ORDER BY k") == [{"k": 2, "label": "a"},
+                                                                               {"k": 3, "label": "bb"}]
+    await stack.assert_clean()

@@ -40,6 +40,7 @@ from planner.db.pooler import (
     pooler_mode,
     split_pooler,
 )
+from planner.db.synced import SyncedConnection, settle
 from planner.db.translate import POOLER_HINT, _reraise, translate
 from planner.db.wire import StaleResult, repeatable
 from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
@@ -196,7 +197,7 @@ class PoolBackend:
                         # Combined writes are one statement per batch size: room for them. Behind
                         # a transaction pooler, none: asyncpg then sends unnamed statements only.
                         statement_cache_size=0 if pooled else STATEMENT_CACHE,
-                        connection_class=PoolerConnection if pooled else asyncpg.Connection,
+                        connection_class=PoolerConnection if pooled else SyncedConnection,
                         timeout=CONNECT_TIMEOUT_S,
                     )
                 except TimeoutError as exc:
@@ -747,9 +748,12 @@ class PoolBackend:
         pool = self._pool or await self.pool()
         try:
             async with pool.acquire() as con:
-                prepared = await con.prepare(text)
-                return Described(tuple(t.name for t in prepared.get_parameters()),
-                                 tuple(a.name for a in prepared.get_attributes()))
+                try:
+                    prepared = await con.prepare(text)
+                    return Described(tuple(t.name for t in prepared.get_parameters()),
+                                     tuple(a.name for a in prepared.get_attributes()))
+                finally:
+                    await settle(con)  # prepared, never executed: its implicit transaction is open
         except (Exception, asyncio.CancelledError) as exc:
             _reraise(exc)
 
@@ -878,6 +882,13 @@ async def _each_alone(con: asyncpg.Connection, node: CompiledNode, statement: Co
     not yet run get a transient error."""
     outcomes: list[Outcome] = []
     for params in members:
+        if not con.is_closed():
+            # Each as alone: not inside the implicit transaction a statement before it left open
+            # by failing before it was sent (a value it could not encode, `planner.db.synced`).
+            try:
+                await settle(con)
+            except Exception:
+                con.terminate()
         if con.is_closed():
             outcomes.append((None, QueryError("connection lost before the statement was sent", transient=True)))
         else:
@@ -992,7 +1003,16 @@ async def _release(pool: asyncpg.Pool, con: asyncpg.Connection, dirty: bool, bas
                 dirty = _reported(con) != baseline
             except asyncpg.InterfaceError:
                 return  # its connection died (a terminated backend) and asyncpg took it back already
-        if dirty:
+        # A statement that failed before it was sent (a value asyncpg could not encode) after its
+        # Parse, or a prepare() alone, left the server in an implicit transaction holding its
+        # locks (`planner.db.synced`): ended before anyone else gets the connection.
+        try:
+            async with asyncio.timeout(_RELEASE_TIMEOUT_S):
+                await settle(con)
+        except Exception as exc:
+            logger.warning("connection terminated: its open statement could not be ended: %s", error_text(exc))
+            con.terminate()
+        if dirty and not con.is_closed():
             try:
                 async with asyncio.timeout(_RELEASE_TIMEOUT_S):
                     await con.execute(RESET_SESSION)

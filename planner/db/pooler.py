@@ -15,6 +15,7 @@ from urllib.parse import unquote
 
 import asyncpg
 
+from planner.db.synced import SyncedConnection
 from planner.db.wire import Check, Expected, StaleResult, Wire, install, may_run_again
 from planner.errors import DatabaseUnavailable
 
@@ -148,7 +149,7 @@ def _children(node: Any) -> list[Any]:
     return children
 
 
-class PoolerConnection(asyncpg.Connection):  # type: ignore[misc]
+class PoolerConnection(SyncedConnection):
     """A connection behind a transaction pooler. asyncpg's statement cache is off there (its
     named statements would not survive the transaction), so asyncpg sends every statement
     unnamed: one round trip to describe it, a second to run it. This keeps what the server
