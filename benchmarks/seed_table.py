@@ -621,9 +621,11 @@ def _category(path: str, fn: str) -> str:
         if any(w in fn for w in ("send", "recv", "socket")):
             return "socket I/O"
         return "other C builtins"
-    rules = [("asyncpg", "asyncpg"), ("planner/executor", "planner executor"), ("planner/refs", "planner reference resolution"),
-             ("planner/expr", "planner reference resolution"), ("planner/db", "planner db layer"),
-             ("planner/coalesce", "planner coalescing"), ("planner/cache", "planner cache"), ("planner/", "planner other"),
+    rules = [("asyncpg", "asyncpg"), ("planner/run/executor", "planner executor"), ("planner/run/compiled", "planner compiled groups"),
+             ("planner/run/metrics", "planner metrics"), ("planner/lang/refs", "planner reference resolution"),
+             ("planner/lang/expr", "planner reference resolution"), ("planner/db/coalesce", "planner coalescing"),
+             ("planner/db/cache", "planner cache"), ("planner/db/catalog", "planner effects (catalog)"),
+             ("planner/db", "planner db layer"), ("planner/", "planner other"),
              ("pydantic", "pydantic"), ("asyncio", "asyncio event loop"), ("selectors", "asyncio event loop")]
     for needle, name in rules:
         if needle in path:

@@ -287,12 +287,15 @@ def _value(member: Member, names: tuple[str, ...], rows: list[Any], start: int, 
         return f"{member.status} {len(rows)}"
     if member.fetch == "value":
         return rows[0][start] if rows and end > start else None
-    dicts = []
-    for record in rows:
-        row: dict[str, Any] = {}
-        for key, value in zip(names, record[start:end], strict=True):
-            row.setdefault(key, value)  # asyncpg's dict(record) keeps the first of repeated names
-        dicts.append(row)
+    if len(set(names)) == len(names):
+        dicts = [dict(zip(names, record[start:end], strict=True)) for record in rows]
+    else:
+        dicts = []
+        for record in rows:
+            row: dict[str, Any] = {}
+            for key, value in zip(names, record[start:end], strict=True):
+                row.setdefault(key, value)  # asyncpg's dict(record) keeps the first of repeated names
+            dicts.append(row)
     if member.fetch == "one":
         return dicts[0] if dicts else None
     return dicts
