@@ -86,22 +86,6 @@ def bind_inputs(flow: CompiledFlow, given: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-async def execute(
-    flow: CompiledFlow,
-    bound: dict[str, BoundNode],
-    inputs: dict[str, Any],
-    *,
-    mode: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    observers: Sequence[RunObserver] = (),
-    on_error: OnError = "default",
-) -> FlowResult:
-    """Run `flow` once. Returns the result, or raises `FlowFailed` (carrying it) on failure.
-    `on_error` is what a failure does to a node whose flow says nothing (see `policy.fails_run`)."""
-    return await execute_checked(flow, bound, bind_inputs(flow, inputs), resolve_mode(flow, mode), overrides, observers,
-                                 on_error)
-
-
 async def execute_checked(
     flow: CompiledFlow,
     bound: dict[str, BoundNode],
