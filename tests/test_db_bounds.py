@@ -10,6 +10,7 @@ import pytest
 
 from planner import QueryError, load_flow
 from planner.db import pool as planner_db
+from planner.db import shared as planner_shared
 from planner.db.pool import PoolBackend
 from planner.kinds.backend import Query
 
@@ -34,8 +35,10 @@ nodes:
 
 
 def _caches(backend: PoolBackend) -> dict[str, MutableMapping[object, object]]:
-    """Every mapping the backend keeps: those keyed by statement are the ones that could grow."""
-    return {name: value for name, value in vars(backend).items() if isinstance(value, MutableMapping)}
+    """Every mapping the backend and its shared statements keep: those keyed by statement are
+    the ones that could grow."""
+    kept = {**{f"shared.{n}": v for n, v in vars(backend.shared).items()}, **vars(backend)}
+    return {name: value for name, value in kept.items() if isinstance(value, MutableMapping)}
 
 
 async def test_a_flood_of_distinct_statements_keeps_every_statement_cache_bounded(
@@ -46,6 +49,7 @@ async def test_a_flood_of_distinct_statements_keeps_every_statement_cache_bounde
     finally:
         await con.close()
     monkeypatch.setattr(planner_db, "STATEMENTS_KEPT", KEPT)
+    monkeypatch.setattr(planner_shared, "STATEMENTS_KEPT", KEPT)
     # Transaction-pooler rules on a direct server: the session statements are refused (and
     # remembered) without being sent; the reads and writes run as usual.
     backend = PoolBackend(dsn=demo_dsn, min_size=1, max_size=2, pooler="transaction")

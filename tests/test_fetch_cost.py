@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planner import load_flow
-from planner.db.pool import PoolBackend, _fetch
+from planner.db.pool import PoolBackend
+from planner.db.shared import _fetch
 from planner.kinds.backend import Query
 from planner.lang.nodes import CompiledNode
 
@@ -87,8 +88,8 @@ async def test_batched_and_fused_members_read_no_more_rows_than_alone(
             read, value = await _rows_read(con, alone_one)
             alone_read += read
             alone.append(value)
-        batched_read, batched = await _rows_read(con, lambda: backend._batch_on(con, node, [[k] for k in members]))
-        fused_read, fused = await _rows_read(con, lambda: backend._fused_on(con, [Query(node, [[k]]) for k in members]))
+        batched_read, batched = await _rows_read(con, lambda: backend.shared._batch_on(con, node, [[k] for k in members]))
+        fused_read, fused = await _rows_read(con, lambda: backend.shared._fused_on(con, [Query(node, [[k]]) for k in members]))
     finally:
         await con.close()
     assert batched == [(value, None) for value in alone]
@@ -105,7 +106,7 @@ async def test_a_fused_read_of_one_row_stops_at_its_first_row(cost_db: str, fetc
     con = await asyncpg.connect(cost_db)
     try:
         await con.execute("INSERT INTO cost_t SELECT g, g % 10 FROM generate_series(1, 20000) g")
-        read, outcomes = await _rows_read(con, lambda: backend._fused_on(con, [Query(node, [[0]]), Query(node, [[5]])]))
+        read, outcomes = await _rows_read(con, lambda: backend.shared._fused_on(con, [Query(node, [[0]]), Query(node, [[5]])]))
     finally:
         await con.close()
     assert read == 1 + 5  # the first row with k >= 0, and the first (id 5) with k >= 5

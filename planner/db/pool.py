@@ -17,18 +17,14 @@ import contextlib
 import json
 import logging
 import os
-import statistics
 import time
 import weakref
-from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 from cachetools import LRUCache
 
-from planner.db.admin import quote_ident
 from planner.db.channel import Listener
 from planner.db.dsn import redact_dsn
 from planner.db.embedded import embedded_allowed, embedded_dsn, planner_home
@@ -40,15 +36,14 @@ from planner.db.pooler import (
     pooler_mode,
     split_pooler,
 )
+from planner.db.shared import STATEMENTS_KEPT, SharedStatements, _query
 from planner.db.synced import SyncedConnection, settle
-from planner.db.translate import POOLER_HINT, _reraise, translate
-from planner.db.wire import StaleResult, repeatable
-from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
-from planner.kinds.backend import ANSWER, Described, Outcome, Query, own_error
+from planner.db.translate import POOLER_HINT, _reraise
+from planner.db.wire import repeatable
+from planner.errors import DatabaseUnavailable, QueryError
+from planner.kinds.backend import Described, Outcome, Query
 from planner.lang.effects import Effects
 from planner.lang.nodes import CompiledNode
-from planner.lang.refs import CompiledSql
-from planner.lang.sqlinfo import combine_writes
 from planner.results import error_text
 from planner.run.policy import timed
 
@@ -61,21 +56,6 @@ _RELEASE_TIMEOUT_S = 2.0  # a connection that cannot be reset in this time (a fr
 # entry dropped) sends no error, and LISTEN alone would wait for notifications forever.
 LISTEN_HEARTBEAT_S = 5.0
 LISTEN_HEARTBEAT_TIMEOUT_S = 5.0
-# A read batch that runs long while a connection is free splits in two, each half on a
-# connection of its own (and so on, down to members alone): one slow member must not hold the
-# others' values back. "Long" is `SPLIT_FACTOR` times what the statement costs a run alone
-# (the median of its last `COSTS_KEPT` latencies, recorded as it runs alone), never less than
-# `SPLIT_MIN_S`, and `SPLIT_UNKNOWN_S` before anything is recorded. Not the batch's size: a
-# batch's members cost the server a fraction of a round trip each, so a batch of cheap members
-# ends well within the bound, and one that does not is worth running in halves side by side.
-SPLIT_FACTOR = 4.0
-SPLIT_MIN_S = 0.05
-SPLIT_UNKNOWN_S = 0.2
-COSTS_KEPT = 32
-# Entries each of `PoolBackend`'s per-statement caches keeps (least recently used dropped
-# first): a service that edits its flows while it runs makes new statement texts forever.
-STATEMENTS_KEPT = 4096
-
 # What a flow statement may leave behind on its session, undone before the connection is
 # reused. RESET ALL leaves the role alone, hence SET SESSION AUTHORIZATION DEFAULT (which
 # also resets the role); asyncpg's own reset query lacks it.
@@ -141,20 +121,14 @@ class PoolBackend:
         self._releases: set[asyncio.Task[None]] = set()
         self._retired: list[asyncpg.Pool] = []  # pools replaced when planner found a pooler (`_adopt_pooler`)
         self._baseline: tuple[str | None, ...] | None = None
+        self.shared = SharedStatements(self)
         self._search_paths: weakref.WeakKeyDictionary[asyncpg.Connection, str] = weakref.WeakKeyDictionary()
         # What planner learnt of each statement text, kept per text (see `STATEMENTS_KEPT`):
         kept = STATEMENTS_KEPT
-        self._combined: LRUCache[str, str | None] = LRUCache(kept)  # fetch, read -> its batch statement (None: not shared)
-        self._writes: LRUCache[str, str | None] = LRUCache(kept)  # members, write -> the combined write
-        self._shapes: LRUCache[str, tuple[str, ...] | None] = LRUCache(kept)  # read -> its column names (None: not fusible)
-        self._fused: LRUCache[str, str] = LRUCache(kept)  # reads of one run -> their fused statement
         self._refused: LRUCache[str, str | None] = LRUCache(kept)  # statements -> why they cannot run behind the pooler
-        self._uncombined: LRUCache[str, None] = LRUCache(kept)  # writes whose target rows cannot be named (`_never_combine`)
-        self._costs: LRUCache[str, deque[float]] = LRUCache(kept)  # read -> its recent seconds alone (`SPLIT_FACTOR`)
         # The effects model's verdict on a statement text (`planner.db.catalog.Catalog.known`),
         # set by `catalog_of`: whether a stale read may run again (`proven_pure`).
         self.verdict: Callable[[str], Effects | None] | None = None
-        self.splits = 0  # read batches split because they ran long with a connection free (a figure for benchmarks)
         self._busy = 0  # connections held or waited for by planner's statements
         self.waiting = 0  # statements waiting for a connection now
         self.on_wait: Callable[[float], None] | None = None  # told how long each statement waited (metrics)
@@ -298,7 +272,7 @@ class PoolBackend:
             _reraise(exc)  # BEGIN/COMMIT or the socket; statements translate their own
         self._release_later(pool, con, query.node.session)
         if query.node.coalesce and query.node.read_only:  # what it costs a run alone: a batch of it splits past a bound
-            self._record(query.statements[0].text, time.monotonic() - started)
+            self.shared._record(query.statements[0].text, time.monotonic() - started)
         return value
 
     def _adopt_pooler(self, exc: BaseException) -> None:
@@ -379,370 +353,15 @@ class PoolBackend:
         return self._size()
 
     async def run_batch(self, node: CompiledNode, params: list[list[Any]], started: Callable[[], None]) -> list[Outcome] | None:
-        """Run `node`'s one statement for each parameter list, as one statement on one connection.
-
-        `started()` is called once a connection is in hand (no more members can join); it may
-        leave members out of `params` (runs that stopped waiting), which is read only after it.
-        Each member of `params` then gets its own outcome: its value exactly as `run` would have
-        returned it, or its own error. The node's timeout times the statements, as in `run`.
-        When the combined statement fails (a member's bad value, a constraint, a read that took
-        too long), each member runs again alone, so that one member's failure is only that
-        member's: a read's members all at once, each on a connection of its own (`_again`); a
-        write's one after the other on the batch's connection, in the order the runs asked.
-        """
-        pool = self._pool or await self._first_pool()
-        self._check_pooler(node)
-        con = await self._acquire(pool)
-        try:
-            started()
-            with repeatable(self.proven_pure(node)):
-                outcomes = await self._batch_on(con, node, params)
-        except BaseException as exc:  # CancelledError too: the connection must still go back
-            self._release_later(pool, con, node.session)
-            self._adopt_pooler(exc)
-            _reraise(exc)
-        self._release_later(pool, con, node.session)
-        answer = ANSWER.get()
-        if isinstance(outcomes, _Again):
-            return await self._again(pool, outcomes, answer)
-        if isinstance(outcomes, _Split):
-            return await self._halves(pool, node, params, 0, answer, None)
-        return outcomes
-
-    async def _halves(self, pool: asyncpg.Pool, node: CompiledNode, params: list[list[Any]], offset: int,
-                      answer: Callable[[int, Outcome], None] | None, budget: asyncio.Semaphore | None) -> list[Outcome]:
-        """A read batch ran long while a connection was free (`_within`): its members, whose
-        statement was cancelled, run again in two halves side by side, each a batch of its own
-        on a connection of its own, which splits again if it runs long too, down to members
-        alone. The slow member ends up alone; the others are answered (`answer`) as soon as
-        their half is. `offset` is the first member's index in the batch as sent.
-
-        `budget`, made at the first split, is shared by everything the batch runs from then on
-        (halves, and members run again alone when a half fails): at most half the pool's
-        connections (two at least) at once, as for any batch's re-runs (`_again`)."""
-        self.splits += 1
-        if budget is None:
-            budget = asyncio.Semaphore(max(2, self._size() // 2))
-        half = (len(params) + 1) // 2
-        first, second = await asyncio.gather(self._part(pool, node, params[:half], offset, answer, budget),
-                                             self._part(pool, node, params[half:], offset + half, answer, budget))
-        return first + second
-
-    async def _part(self, pool: asyncpg.Pool, node: CompiledNode, params: list[list[Any]], offset: int,
-                    answer: Callable[[int, Outcome], None] | None, budget: asyncio.Semaphore) -> list[Outcome]:
-        """One half of a split batch (see `_halves`): its members' outcomes, each also given to
-        `answer` as soon as it is known. A connection lost here fails this half's members only."""
-        async with budget:
-            try:
-                con = await self._acquire(pool)
-            except QueryError as exc:  # the pool cannot give a connection (the server is gone)
-                return _answered(answer, offset, [(None, exc if i == 0 else own_error(exc)) for i in range(len(params))])
-            try:
-                with repeatable(self.proven_pure(node)):
-                    outcomes = await self._batch_on(con, node, params, budget)
-            except asyncio.CancelledError:
-                self._release_later(pool, con, node.session)
-                raise
-            except Exception as exc:
-                self._release_later(pool, con, node.session)
-                error = translate(exc)
-                return _answered(answer, offset, [(None, error if i == 0 else own_error(error)) for i in range(len(params))])
-            # Its place is kept until the connection is back: a statement cancelled (split) or
-            # timed out is still being cancelled on the server until then.
-            await asyncio.shield(self._release_later(pool, con, node.session))
-        if isinstance(outcomes, _Again):
-            return await self._again(pool, outcomes, answer, offset, budget)
-        if isinstance(outcomes, _Split):
-            return await self._halves(pool, node, params, offset, answer, budget)
-        if outcomes is None:  # cannot happen: its text was shared a moment ago (a bounded cache forgot it?)
-            again = _Again([(node, node.statements[0], p) for p in params])
-            return await self._again(pool, again, answer, offset, budget)
-        return _answered(answer, offset, outcomes)
-
-    def _record(self, text: str, seconds: float) -> None:
-        costs = self._costs.get(text)
-        if costs is None:
-            costs = self._costs[text] = deque(maxlen=COSTS_KEPT)
-        costs.append(seconds)
-
-    def _split_after(self, text: str) -> float:
-        """How long a read batch of `text` runs before it splits (see `SPLIT_FACTOR`)."""
-        costs = self._costs.get(text)
-        if not costs:
-            return SPLIT_UNKNOWN_S
-        return max(SPLIT_MIN_S, SPLIT_FACTOR * statistics.median(costs))
-
-    async def _within(self, fetching: Awaitable[Any], text: str, budget: asyncio.Semaphore | None) -> Any:
-        """The rows of a read batch's statement, or `_SPLIT` when it ran past `_split_after` while a
-        connection was free (then it is cancelled on the server, and has returned when this
-        does). While every connection is taken, the batch goes on: the members would only queue
-        for connections, and the batch shares its round trip; so it does while the batch's
-        `budget` (see `_halves`) has no room for a second half. It is asked again as often."""
-        task = asyncio.ensure_future(fetching)
-        try:
-            bound = self._split_after(text)
-            while not (await asyncio.wait({task}, timeout=bound))[0]:
-                if self.idle() and (budget is None or not budget.locked()):
-                    task.cancel()
-                    await asyncio.wait({task})
-                    if task.cancelled():
-                        return _SPLIT
-                    break  # it ended meanwhile: its rows (or its error) as ever
-        except BaseException:  # the batch itself cancelled: its statement too
-            task.cancel()
-            await asyncio.wait({task})
-            raise
-        return task.result()
-
-    async def _batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]],
-                        budget: asyncio.Semaphore | None = None) -> list[Outcome] | _Again | _Split | None:
-        statement = node.statements[0]
-        if len(params) <= 1:  # nothing to share: the statement as it is
-            return await _each_alone(con, node, statement, params, self.proven_pure(node))
-        if not node.read_only:
-            return await self._write_batch_on(con, node, params)
-        again = _Again([(node, statement, p) for p in params])
-        failed: str | None = None  # the combined statement that failed as a stale one would
-        while True:
-            try:
-                text = await self._batch_text(con, node)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                if _lost(exc) or con.is_closed():
-                    raise
-                # The statement itself does not prepare: each member gets the error it gets alone.
-                return again
-            if text is None:
-                return None
-            if text == failed:  # described afresh, nothing changed: it failed for another reason
-                return again
-            columns = [list(column) for column in zip(*params, strict=True)]
-            try:
-                fetching = con.fetch(text, *columns)
-                rows = await self._within(fetching if node.timeout is None else timed(fetching, node.timeout),
-                                          statement.text, budget)
-                if isinstance(rows, _Split):
-                    return rows
-            except Exception as exc:
-                if _lost(exc) or con.is_closed():
-                    raise
-                if failed is None and _stale(exc):
-                    # The parameter types written into it may be a migration old: describe
-                    # the statement again, once, and retry if that changes the combined one.
-                    failed = text
-                    self._combined.pop(f"{node.fetch}\0{statement.text}", None)
-                    continue
-                # One member's bad value fails the whole statement, and one slow member times it
-                # out: each again alone, with its own outcome (a read has no effect to undo).
-                return again
-            break
-        return _split(rows, len(params), node.fetch, row_numbers=True)
-
-    async def _again(self, pool: asyncpg.Pool, again: _Again, answer: Callable[[int, Outcome], None] | None = None,
-                     offset: int = 0, budget: asyncio.Semaphore | None = None) -> list[Outcome]:
-        """Each read of `again` run alone, all at once, each on a connection of its own from
-        the pool, timed by its node's timeout from its own statement's start (as alone).
-
-        Why so: one after the other on one connection, N members would cost N round trips, and
-        a slow member would hold the others' values back past their own timeouts. Why this keeps
-        the pool whole: the shared statement's connection is given back before a re-run asks for
-        one, so nothing holds a connection while it waits for another (batches that fall back at
-        the same time cannot starve each other of connections); and each re-run gives its
-        connection back in a `finally` that cancellation runs too (`gather` cancels every re-run
-        and waits for them all before the batch's own cancellation ends it). At most half the
-        pool re-runs at once: a batch of hundreds that failed (often because the server is slow)
-        must not put hundreds of statements ahead of every other run waiting for a connection.
-        """
-        at_once = budget if budget is not None else asyncio.Semaphore(max(1, self._size() // 2))
-
-        async def one(position: int, node: CompiledNode, statement: CompiledSql, params: list[Any]) -> Outcome:
-            async with at_once:
-                try:
-                    con = await self._acquire(pool)
-                except QueryError as exc:  # the pool cannot give a connection (the server is gone)
-                    return _answered(answer, position, [(None, exc)])[0]
-                try:
-                    outcome = await _alone(con, node, statement, params, self.proven_pure(node))
-                finally:
-                    released = self._release_later(pool, con, node.session)
-                _answered(answer, position, [outcome])  # its run need not wait for the others'
-                # The place is kept until the connection is back: a statement that timed out is
-                # still being cancelled on the server until then, and the next would run beside it.
-                await asyncio.shield(released)
-                return outcome
-
-        return list(await asyncio.gather(*(one(offset + i, *member) for i, member in enumerate(again.members))))
-
-    async def _write_batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | None:
-        """Writes an author marked `coalesce: true`: one statement, so one transaction: all of
-        it is written or none, and when the server refuses it each member runs again alone,
-        with its own outcome. (The coalescer keeps write batches small: see `MAX_WRITE_BATCH`.)
-
-        A combined write that times out is not run again: its cancel may have come after it
-        committed, and running the members again could write twice. Every member then gets
-        the timeout, as a statement of its own might have."""
-        statement = node.statements[0]
-        text = self._write_text(statement.text, len(params), node.fetch)
-        if text is None:
-            return None
-        # Members in one order whatever the batch: two batches that write the same rows take
-        # their locks in the same order, instead of deadlocking (and waiting a second for the
-        # server to notice).
-        order = sorted(range(len(params)), key=lambda i: repr(params[i]))
-        try:
-            fetching = con.fetch(text, *[value for i in order for value in params[i]])
-            rows = await (fetching if node.timeout is None else timed(fetching, node.timeout))
-        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            if _lost(exc) or con.is_closed():
-                raise
-            if isinstance(exc, StaleResult):
-                # It was written, and its rows came back in types other than described (a
-                # migration): running the members again would write twice. Each gets the error.
-                return [(None, translate(exc, statement, p)) for p in params]
-            if _unnamed_targets(exc):
-                self._never_combine(statement.text, node)
-            # The server refused it (or a value could not be sent): nothing was written.
-            return await _each_alone(con, node, statement, params, self.proven_pure(node))
-        outcomes: list[Outcome] = [(None, None)] * len(params)
-        for position, outcome in zip(order, _split(rows, len(params), node.fetch, row_numbers=False), strict=True):
-            outcomes[position] = outcome
-        return outcomes
-
-    def _never_combine(self, text: str, node: CompiledNode) -> None:
-        """The overlap guard of a combined write cannot name its target's rows (an updatable
-        view has no `ctid`): every batch of it would be refused. From now on it is not combined
-        (the coalescer runs its members alone, and remembers), and a warning says so once."""
-        if text not in self._uncombined:
-            logger.warning("node %r%s: its coalesce: true write is not combined: the rows it changes cannot be "
-                           "named by (tableoid, ctid) (a view?), so two runs changing one row could not be told "
-                           "apart; each run sends its own statement", node.name,
-                           f" of flow {node.flow!r}" if node.flow else "")
-        self._uncombined[text] = None
-
-    def _write_text(self, text: str, members: int, fetch: str) -> str | None:
-        if text in self._uncombined:
-            return None
-        key = f"{members}\0{fetch}\0{text}"
-        if key not in self._writes:
-            self._writes[key] = combine_writes(text, members, first_row=fetch in ("one", "value"))
-        return self._writes[key]
+        return await self.shared.run_batch(node, params, started)
 
     async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
-        """The reads of one run as one statement: each member's statement materialized once,
-        its columns sent back as typed arrays (`ARRAY(SELECT c ...)`), one row in all. None
-        when a member returns a column that cannot travel in an array (an array, a composite).
-        When the fused statement fails (or times out), each member runs again alone, all at
-        once, each on a connection of its own (`_again`), with its own error and timeout."""
-        pool = self._pool or await self._first_pool()
-        con = await self._acquire(pool)
-        try:
-            with repeatable(all(self.proven_pure(q.node) for q in queries)):  # reads only, fused when proven pure
-                outcomes = await self._fused_on(con, queries)
-        except BaseException as exc:  # CancelledError too: the connection must still go back
-            self._release_later(pool, con, False)
-            self._adopt_pooler(exc)
-            _reraise(exc)
-        self._release_later(pool, con, False)
-        return await self._again(pool, outcomes) if isinstance(outcomes, _Again) else outcomes
+        return await self.shared.run_fused(queries)
 
-    async def _fused_on(self, con: asyncpg.Connection, queries: list[Query]) -> list[Outcome] | _Again | None:
-        again = _Again([(q.node, q.statements[0], q.params[0]) for q in queries])
-        texts = [q.statements[0].text for q in queries]
-        # The fetch is part of the key: it decides whether a member stops at its first row.
-        key = "\0".join(f"{q.fetch}\0{text}" for q, text in zip(queries, texts, strict=True))
-        timeouts = [q.timeout for q in queries if q.timeout is not None]
-        failed: str | None = None  # the fused statement that failed as a stale one would
-        while True:
-            try:
-                shapes = [await self._columns(con, text) for text in texts]
-            except Exception as exc:
-                if _lost(exc):
-                    raise
-                # A member the server refuses to prepare: each alone, with its own error.
-                return again
-            if any(shape is None for shape in shapes):
-                return None
-            text = self._fused.get(key)
-            if text is None:
-                text = self._fused[key] = _fused_text([q.statements[0] for q in queries], [s or () for s in shapes],
-                                                       [q.fetch for q in queries])
-            if text == failed:  # described afresh, nothing changed: it failed for another reason
-                return again
-            try:
-                fetching = con.fetchrow(text, *[v for q in queries for v in q.params[0]])
-                row = await (fetching if not timeouts else timed(fetching, min(timeouts)))
-            except Exception as exc:
-                if _lost(exc):
-                    raise
-                if failed is None and _stale(exc):
-                    # A migration may have changed a member's columns since they were
-                    # described: describe them again, once, and retry if that changes anything.
-                    failed = text
-                    for member in texts:
-                        self._shapes.pop(member, None)
-                    self._fused.pop(key, None)
-                    continue
-                # A failing (or slow) member: each again alone, with its own error and timeout.
-                return again
-            break
-        assert row is not None
-        outcomes: list[Outcome] = []
-        column = 0
-        for query, shape in zip(queries, shapes, strict=True):
-            names = shape or ()
-            arrays = [row[column + i] for i in range(len(names))]
-            column += len(names)
-            rows = [dict(zip(names, values, strict=True)) for values in zip(*arrays, strict=True)] if names else []
-            fetch = query.fetch
-            if fetch == "all":
-                outcomes.append((rows, None))
-            elif fetch == "one":
-                outcomes.append((rows[0] if rows else None, None))
-            else:  # the first column by position: names may repeat
-                outcomes.append((arrays[0][0] if names and arrays[0] else None, None))
-        return outcomes
-
-    async def _columns(self, con: asyncpg.Connection, text: str) -> tuple[str, ...] | None:
-        """The names of `text`'s columns, or None if one of them cannot be returned in an array."""
-        if text not in self._shapes:
-            prepared = await con.prepare(text)
-            attributes = prepared.get_attributes()
-            fits = attributes and all(a.type.kind == "scalar" for a in attributes)
-            self._shapes[text] = tuple(a.name for a in attributes) if fits else None
-        return self._shapes[text]
-
-    async def _batch_text(self, con: asyncpg.Connection, node: CompiledNode) -> str | None:
-        """The combined statement for `node` (cached), or None when it cannot be shared safely:
-        a parameter that is itself an array (unnest would flatten it), or a statement that does
-        not fit in a subquery (the combined form is prepared once to find out)."""
-        statement = node.statements[0]
-        key = f"{node.fetch}\0{statement.text}"
-        if key in self._combined:
-            return self._combined[key]
-        prepared = await con.prepare(statement.text)
-        types = prepared.get_parameters()
-        text: str | None = None
-        # Only statements proven pure come here as reads (`planner.lang.effects`): a volatile
-        # function makes the node a write before it reaches the pool.
-        if types and all(t.kind == "scalar" for t in types):
-            # Names of the batch's own that no statement uses: an alias `b` of the statement
-            # must not capture a parameter written `b.p1`.
-            names = [f'"?p{i + 1}"' for i in range(len(types))]
-            arrays = ", ".join(f"${i + 1}::{quote_ident(t.schema)}.{quote_ident(t.name)}[]" for i, t in enumerate(types))
-            inner = statement.render([f'("?b".{n})' for n in names]).rstrip()
-            inner = inner[:-1] if inner.endswith(";") else inner
-            # One row is all `fetch: one`/`value` reads, as alone (asyncpg asks for one row).
-            limit = " LIMIT 1" if node.fetch in ("one", "value") else ""
-            # The newline ends a trailing `-- comment` of the statement.
-            text = (f'SELECT "?b"."?ord", "?q".* FROM unnest({arrays}) WITH ORDINALITY AS "?b"({", ".join(names)}, "?ord") '
-                    f'CROSS JOIN LATERAL (SELECT "?q0".*, row_number() OVER () AS "?row" FROM ({inner}\n) AS "?q0"{limit}) '
-                    'AS "?q" ORDER BY "?b"."?ord", "?q"."?row"')
-            try:
-                await con.prepare(text)
-            except asyncpg.PostgresError as exc:
-                logger.debug("statement not shared between runs: its combined form does not prepare: %s", exc)
-                text = None
-        self._combined[key] = text
-        return text
+    @property
+    def splits(self) -> int:
+        """Read batches split because they ran long with a connection free (a figure for benchmarks)."""
+        return self.shared.splits
 
     async def describe(self, text: str) -> Described:
         pool = self._pool or await self.pool()
@@ -826,174 +445,6 @@ class PoolBackend:
         task.add_done_callback(self._releases.discard)
         return task
 
-
-@dataclass(frozen=True)
-class _Again:
-    """A shared statement failed: each of these reads (node, statement, parameters) is to run
-    again alone, once the shared statement's connection is back in the pool (`PoolBackend._again`)."""
-
-    members: list[tuple[CompiledNode, CompiledSql, list[Any]]]
-
-
-class _Split:
-    """A read batch that ran long while a connection was free: its statement was cancelled and
-    its members are to run again in halves (`PoolBackend._halves`)."""
-
-
-_SPLIT = _Split()
-
-
-def _answered(answer: Callable[[int, Outcome], None] | None, offset: int, outcomes: list[Outcome]) -> list[Outcome]:
-    """Give each outcome to `answer` (member `offset`, `offset + 1`...) and return them."""
-    if answer is not None:
-        for i, outcome in enumerate(outcomes):
-            answer(offset + i, outcome)
-    return outcomes
-
-
-def _unnamed_targets(exc: BaseException) -> bool:
-    """Whether a combined write failed because its overlap guard named a system column its
-    target lacks (`column v.ctid does not exist`: a view)."""
-    text = str(exc)
-    return getattr(exc, "sqlstate", None) == "42703" and ("ctid" in text or "tableoid" in text)
-
-
-def _lost(exc: BaseException) -> bool:
-    return isinstance(exc, (OSError, ConnectionError, asyncpg.ConnectionDoesNotExistError, asyncio.CancelledError))
-
-
-async def _alone(con: asyncpg.Connection, node: CompiledNode, statement: CompiledSql, params: list[Any],
-                 pure: bool) -> Outcome:
-    """One member's statement on its own, timed by the node's timeout: its value, or its error."""
-    try:
-        with repeatable(pure):
-            coro = _fetch(con, node.fetch, statement, params)
-            return (await (coro if node.timeout is None else timed(coro, node.timeout)), None)
-    except (QueryError, NodeTimeout) as exc:
-        return (None, exc)
-
-
-async def _each_alone(con: asyncpg.Connection, node: CompiledNode, statement: CompiledSql,
-                      members: list[list[Any]], pure: bool) -> list[Outcome]:
-    """Each member's statement alone, one after the other on `con`: a lone member, or the
-    members of a write in the order the runs asked (a later one may depend on an earlier one's
-    rows, so they are not run at once). A member whose statement fails keeps its own error (a
-    transient one too: its own retry policy decides); once the connection is lost, the members
-    not yet run get a transient error."""
-    outcomes: list[Outcome] = []
-    for params in members:
-        if not con.is_closed():
-            # Each as alone: not inside the implicit transaction a statement before it left open
-            # by failing before it was sent (a value it could not encode, `planner.db.synced`).
-            try:
-                await settle(con)
-            except Exception:
-                con.terminate()
-        if con.is_closed():
-            outcomes.append((None, QueryError("connection lost before the statement was sent", transient=True)))
-        else:
-            outcomes.append(await _alone(con, node, statement, params, pure))
-    return outcomes
-
-
-def _split(rows: list[Any], members: int, fetch: str, *, row_numbers: bool) -> list[Outcome]:
-    """Rows of the combined statement -> each member's value, as `_fetch_raw` would give it.
-    The first column is the member's ordinal; with `row_numbers` the last is a row number."""
-    grouped: list[list[Any]] = [[] for _ in range(members)]
-    for row in rows:
-        grouped[row[0] - 1].append(row)
-    outcomes: list[Outcome] = []
-    for group in grouped:
-        if fetch == "value":
-            outcomes.append((group[0][1] if group else None, None))
-            continue
-        end = -1 if row_numbers else None
-        dicts = [dict(list(r.items())[1:end]) for r in group]
-        outcomes.append((dicts if fetch == "all" else (dicts[0] if dicts else None), None))
-    return outcomes
-
-
-def _fused_text(statements: list[CompiledSql], shapes: list[tuple[str, ...]], fetches: Sequence[str]) -> str:
-    """`WITH m1 AS MATERIALIZED (...), m2 ... SELECT ARRAY(SELECT c1 FROM m1 ORDER BY "?row"), ...`:
-    each statement runs once, with its parameters numbered after the previous one's.
-
-    `shapes` (each member's column names) were learnt earlier, and a migration may have changed
-    them since: the statement is written to fail then, never to return a value of the old
-    shape (`_stale` tells such failures apart; the members are described again). A member's
-    columns are taken by name, so a column renamed or dropped is an undefined column (by
-    position only when names repeat, where a dropped one is still an error); and a count of
-    its columns that is parsed but never run (the planner folds `true OR ...` away) fails
-    when a column was added under `SELECT *`.
-
-    A member fetched `one` or `value` reads up to its first row only (`LIMIT 1`), as it does
-    alone (asyncpg asks the server for one row): a fused member keeps the cost of its fetch."""
-    ctes: list[str] = []
-    columns: list[str] = []
-    offset = 0
-    for i, (statement, names, fetch) in enumerate(zip(statements, shapes, fetches, strict=True)):
-        inner = statement.render([f"${offset + k + 1}" for k in range(len(statement.params))]).rstrip()
-        inner = inner[:-1] if inner.endswith(";") else inner
-        offset += len(statement.params)
-        if len(set(names)) == len(names):
-            taken, source = [f"q.{quote_ident(name)}" for name in names], "q"
-        else:
-            taken = [f"q.c{k + 1}" for k in range(len(names))]
-            source = f"q({', '.join(f'c{k + 1}' for k in range(len(names)))})"
-        picked = ", ".join(f"{column} AS c{k + 1}" for k, column in enumerate(taken))
-        count = f"true OR EXISTS (SELECT q.* UNION ALL SELECT {', '.join(['NULL'] * len(names))})"
-        # The newline ends a trailing `-- comment` of the statement.
-        limit = " LIMIT 1" if fetch in ("one", "value") else ""
-        ctes.append(f'm{i + 1} AS MATERIALIZED (SELECT {picked}, row_number() OVER () AS "?row" '
-                    f"FROM ({inner}\n) AS {source} WHERE {count}{limit})")
-        columns += [f'ARRAY(SELECT c{k + 1} FROM m{i + 1} ORDER BY "?row")' for k in range(len(names))]
-    return f"WITH {', '.join(ctes)} SELECT {', '.join(columns)}"
-
-
-# What a statement built from an earlier description gets once a migration changed what it
-# describes: a column renamed or dropped (42703), more or fewer columns than it names (42P10;
-# 42601 from `_fused_text`'s count), a column's type changed under a parameter whose type was
-# written into it (42804 datatype mismatch, 42883 no such operator), and asyncpg's own word
-# for a result that changed (it retries those once by itself; this is the second time).
-_STALE_SQLSTATES = frozenset({"42703", "42P10", "42601", "42804", "42883"})
-
-
-def _stale(exc: BaseException) -> bool:
-    """Whether `exc` may mean that a statement planner built from a cached description is stale."""
-    if isinstance(exc, (asyncpg.exceptions.InvalidCachedStatementError, asyncpg.exceptions.OutdatedSchemaCacheError)):
-        return True
-    return isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", None) in _STALE_SQLSTATES
-
-
-
-
-async def _query(con: asyncpg.Connection, query: Query) -> Any:
-    statements, fetch, params = query.statements, query.fetch, query.params
-    if len(statements) == 1:
-        return await _fetch(con, fetch, statements[0], params[0])
-    async with con.transaction():
-        for statement, values in zip(statements, params, strict=True):
-            value = await _fetch(con, fetch, statement, values)
-    return value
-
-
-async def _fetch(con: asyncpg.Connection, fetch: str, statement: CompiledSql, params: list[Any]) -> Any:
-    try:
-        return await _fetch_raw(con, fetch, statement, params)
-    except Exception as exc:
-        _reraise(exc, statement, params)  # here the failing statement is known: `$2` becomes `$conversation.id`
-
-
-async def _fetch_raw(con: asyncpg.Connection, fetch: str, statement: CompiledSql, params: list[Any]) -> Any:
-    if fetch == "all":
-        return [dict(r) for r in await con.fetch(statement.text, *params)]
-    if fetch == "records":  # a compiled group's rows: `planner.run.compiled` splits them per node
-        return await con.fetch(statement.text, *params)
-    if fetch == "one":
-        row = await con.fetchrow(statement.text, *params)
-        return None if row is None else dict(row)
-    if fetch == "value":
-        return await con.fetchval(statement.text, *params)
-    return await con.execute(statement.text, *params)
 
 
 async def _release(pool: asyncpg.Pool, con: asyncpg.Connection, dirty: bool, baseline: tuple[str | None, ...] | None) -> None:
