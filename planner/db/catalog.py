@@ -220,8 +220,8 @@ async def resolve(con: Any, text: str, search_path: str | None = None) -> Effect
         # Preparing and creating the view lock what the statement reads (ACCESS SHARE), as its
         # own run would: behind a migration's exclusive lock, give up soon (the statement is a
         # write until asked again) rather than hold up the questions of every other statement.
-        await con.execute(f"SET LOCAL lock_timeout = {int(LOCK_TIMEOUT * 1000)}; "
-                          f"SET LOCAL statement_timeout = {int(STATEMENT_TIMEOUT * 1000)}")
+        await con.fetchval("SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)",
+                           f"{int(LOCK_TIMEOUT * 1000)}ms", f"{int(STATEMENT_TIMEOUT * 1000)}ms")
         if search_path is not None:  # a bound value, never pasted into the text
             await con.fetchval("SELECT set_config('search_path', $1, true)", search_path)
         try:
@@ -231,7 +231,7 @@ async def resolve(con: Any, text: str, search_path: str | None = None) -> Effect
         oids = [t.oid for t in prepared.get_parameters()]
         types = [row[0] for row in await con.fetch(
             "SELECT format_type(t, NULL) FROM unnest($1::oid[]) WITH ORDINALITY AS p(t, n) ORDER BY n", oids)]
-        await con.execute(f"CREATE TEMPORARY VIEW {_VIEW} AS {probe_text(text, types)}")
+        await con.execute(_create_view(_VIEW, probe_text(text, types)))
         rule = await con.fetchval("SELECT ev_action::text FROM pg_rewrite WHERE ev_class = $1::regclass",
                                   f"pg_temp.{_VIEW}")
         return await _judge(con, rule)
@@ -326,13 +326,30 @@ async def _body_rules(con: Any, body: Any) -> list[str]:
             if body["search_path"] is not None:
                 before = await con.fetchval("SELECT current_setting('search_path')")
                 await con.fetchval("SELECT set_config('search_path', $1, true)", body["search_path"])
-            await con.execute(f"CREATE TEMPORARY VIEW {view} AS SELECT 1 FROM ({RawStream()(raw.stmt)}) AS s")
+            await con.execute(_create_view(view, "SELECT 1 FROM (" + RawStream()(raw.stmt) + ") AS s"))
             if before is not None:
                 await con.fetchval("SELECT set_config('search_path', $1, true)", before)
             rules.append(await con.fetchval("SELECT ev_action::text FROM pg_rewrite WHERE ev_class = $1::regclass",
                                             f"pg_temp.{view}"))
-            await con.execute(f"DROP VIEW pg_temp.{view}")
+            await con.execute(_drop_view(view))
     return rules
+
+
+
+def _create_view(name: str, select: str) -> str:
+    """`CREATE TEMPORARY VIEW name AS select`. DDL takes no bound parameters: `name` is planner's
+    own (quoted), and `select` is a flow's statement text as pglast printed it, its `$n` already
+    typed NULLs (`probe_text`): no value is ever part of it."""
+    from planner.db.admin import quote_ident  # admin loads asyncpg: `import planner` must not
+
+    return "CREATE TEMPORARY VIEW " + quote_ident(name) + " AS " + select
+
+
+
+def _drop_view(name: str) -> str:
+    from planner.db.admin import quote_ident
+
+    return "DROP VIEW pg_temp." + quote_ident(name)
 
 
 Connect = Callable[[], Any]  # an async context manager giving an asyncpg connection
