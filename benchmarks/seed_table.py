@@ -625,6 +625,7 @@ def _category(path: str, fn: str) -> str:
              ("planner/run/metrics", "planner metrics"), ("planner/lang/refs", "planner reference resolution"),
              ("planner/lang/expr", "planner reference resolution"), ("planner/db/coalesce", "planner coalescing"),
              ("planner/db/cache", "planner cache"), ("planner/db/catalog", "planner effects (catalog)"),
+             ("planner/db/effects", "planner effects (catalog)"),
              ("planner/db", "planner db layer"), ("planner/", "planner other"),
              ("pydantic", "pydantic"), ("asyncio", "asyncio event loop"), ("selectors", "asyncio event loop")]
     for needle, name in rules:

@@ -22,7 +22,8 @@ from typing import Any
 from planner.compile import compile_enabled, plan_groups
 from planner.config import CallTargets, FlowSource
 from planner.db.cache import DEFAULT_SIZE, CacheBackend, CacheStats
-from planner.db.catalog import EffectsBackend, catalog_of
+from planner.db.catalog import catalog_of
+from planner.db.effects import EffectsBackend
 from planner.db.replica import ReplicaBackend, parse_max_lag, resolve_dsn
 from planner.errors import DatabaseUnavailable, FlowError, FlowFileError, FlowInputError, QueryError
 from planner.graph import CompiledFlow, Plan, compile_flow, plan

@@ -23,9 +23,8 @@
 `Catalog` keeps one verdict per statement text for `max_age` seconds (a function redefined
 from STABLE to VOLATILE is seen within that time), resolves each text once however many runs
 ask at the same moment, and forgets a text at once when the server says its statement went
-stale (a migration). `EffectsBackend`, the outermost wrapper of a `Planner`'s stack, gives each
-query the node its verdict allows (`planner.lang.effects.as_run`), so that the cache, replica
-routing, fusion and coalescing below it decide from one verdict.
+stale (a migration). `planner.db.effects.EffectsBackend`, the outermost wrapper of a
+`Planner`'s stack, asks it.
 """
 
 from __future__ import annotations
@@ -44,9 +43,8 @@ from pglast import ast
 from pglast.stream import RawStream
 from pglast.visitors import Visitor
 
-from planner.errors import QueryError
-from planner.kinds.backend import Backend, Query, WrappingBackend
-from planner.lang.effects import Effects, as_run, of_syntax
+from planner.kinds.backend import Backend
+from planner.lang.effects import Effects
 
 logger = logging.getLogger("planner")
 
@@ -64,10 +62,6 @@ IDLE_CLOSE = 1.0  # seconds without a question after which the catalog's own con
 MAX_STATEMENTS = 4096  # verdicts kept; past this the oldest is forgotten
 _FIRST_NORMAL_OID = 16384  # FirstNormalObjectId: objects below are the server's own (built in)
 _VIEW = "planner_effects_probe"
-# What a statement whose objects changed under it gets: a cached plan that must not change its
-# result type (0A000), a column, table, function or type gone or changed (42703, 42P01, 42883,
-# 42704, 42804), a column count that no longer matches (42P10).
-_SCHEMA_CHANGED = frozenset({"0A000", "42703", "42P01", "42883", "42704", "42804", "42P10"})
 
 # The oids of a stored query tree (nodeToString): functions, operators, aggregates, window
 # functions, table-sample methods, relations and types.
@@ -510,51 +504,6 @@ class Catalog:
             self._known.clear()
         else:
             self._known.pop(text, None)
-
-
-class EffectsBackend(WrappingBackend):
-    """Gives each query the node its statement's verdict allows (`planner.lang.effects.as_run`).
-
-    With `catalog` None (a backend of the caller's own without planner's pool) it passes every
-    query on as compiled: its effects are judged by syntax alone (`planner.lang.sqlinfo`)."""
-
-    def __init__(self, inner: Backend, catalog: Catalog | None) -> None:
-        super().__init__(inner)
-        self.catalog = catalog
-
-    async def run(self, query: Query) -> Any:
-        catalog = self.catalog
-        node = query.node
-        if catalog is None or not node.read_only:
-            return await self.inner.run(query)  # a write by its syntax: nothing to ask
-        text = node.statements[0].text
-        effects = catalog.current(text) or await catalog.effects(text)
-        after_write = False
-        if node.replica:
-            for before in node.replica_after:
-                if not (catalog.current(before) or await catalog.effects(before)).pure:
-                    after_write = True
-                    break
-        query.node = as_run(node, effects, after_write=after_write)
-        try:
-            return await self.inner.run(query)
-        except QueryError as exc:
-            if exc.sqlstate in _SCHEMA_CHANGED:
-                catalog.forget(text)  # what it calls may have changed with the schema
-            raise
-
-    async def close(self) -> None:
-        try:
-            if self.catalog is not None:
-                await self.catalog.close()
-        finally:
-            await self.inner.close()
-
-    async def effects(self, node: Any) -> Effects:
-        """The verdict on `node`'s statement (`of_syntax` for a write by syntax, or without a catalog)."""
-        if self.catalog is None or not node.read_only:
-            return of_syntax(node)
-        return await self.catalog.effects(node.statements[0].text)
 
 
 def catalog_of(backend: Backend) -> Catalog | None:
