@@ -626,6 +626,7 @@ def _category(path: str, fn: str) -> str:
              ("planner/lang/expr", "planner reference resolution"), ("planner/db/coalesce", "planner coalescing"),
              ("planner/db/cache", "planner cache"), ("planner/db/catalog", "planner effects (catalog)"),
              ("planner/db/effects", "planner effects (catalog)"),
+             ("planner/db/judge", "planner effects (catalog)"), ("planner/lang/probe", "planner effects (catalog)"),
              ("planner/db", "planner db layer"), ("planner/", "planner other"),
              ("pydantic", "pydantic"), ("asyncio", "asyncio event loop"), ("selectors", "asyncio event loop")]
     for needle, name in rules:

@@ -6,7 +6,7 @@
   and no call of a built-in function with effects (`planner.lang.builtin_effects`, generated from
   the catalog). That is necessary, not sufficient: the functions, operators and views it
   uses are judged by the server's catalog before anything is shared (`planner.lang.effects`,
-  `planner.db.catalog`). `functions` lists the names it calls, as written.
+  `planner.db.judge`). `functions` lists the names it calls, as written.
 - `session`: whether it may change its connection's session (SET, RESET, set_config,
   SET ROLE, LISTEN, PREPARE, DECLARE, temporary tables, session advisory locks...), in which
   case the connection is reset before anyone else uses it.
@@ -91,7 +91,7 @@ def analyze(text: str) -> SqlInfo:
                 parts = [str(p.get("String", {}).get("sval", "")) for p in body.get("funcname", [])]
                 function = parts[-1] if parts else ""
                 functions.add(".".join(parts))
-                # The offline approximation of the catalog's verdict (`planner.db.catalog`): a
+                # The offline approximation of the catalog's verdict (`planner.db.judge`): a
                 # built-in it lists as having effects, called by its name or as pg_catalog's.
                 if function in BUILTIN_EFFECTS and (len(parts) == 1 or parts[0] == "pg_catalog"):
                     effectful = True
