@@ -17,10 +17,11 @@ from planner.errors import FlowError, FlowFileError, FlowGraphError
 from planner.kinds import kind_for_model, kind_of
 from planner.lang.expr import Expr, ExprSyntaxError, Lit, refs_of
 from planner.lang.expr import parse as parse_expr
-from planner.lang.loader import LoadedFlow, Marks, unexpected_error
+from planner.lang.loader import LoadedFlow, unexpected_error
 from planner.lang.models import FlowSpec, InputSpec, Settings, SqlNode
 from planner.lang.nodes import CompiledNode, RetryPolicy
 from planner.lang.refs import Getter, Ref, RefSyntaxError, Template, compile_getter, parse_value
+from planner.lang.safeyaml import Marks
 
 MAX_REPLICA_AFTER = 64
 """Distinct statements a node may follow and still read the replica (`replica_routes`)."""

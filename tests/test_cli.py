@@ -264,13 +264,13 @@ def test_dot_has_clusters_and_every_edge() -> None:
 def test_schema_validates_the_seed_flows_and_rejects_a_bad_one() -> None:
     import jsonschema
 
-    from planner.lang.loader import _parse_yaml
+    from planner.lang.safeyaml import parse_yaml
 
     schema = json.loads(cli("schema").stdout)
     assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
     jsonschema.Draft7Validator.check_schema(schema)
     for path in FLOWS.glob("*.yaml"):
-        data, _ = _parse_yaml(path.read_text(), str(path))
+        data, _ = parse_yaml(path.read_text(), str(path))
         assert list(jsonschema.Draft7Validator(schema).iter_errors(data)) == [], path
         assert list(jsonschema.Draft202012Validator(schema).iter_errors(data)) == [], path
     both = {"nodes": {"a": {"sql": "SELECT 1", "call": "m:f"}}}

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
     from planner.errors import FlowFileError
     from planner.kinds.backend import Backend
     from planner.kinds.call import CallThreads
-    from planner.lang.loader import Marks
     from planner.lang.nodes import CompiledNode
     from planner.lang.refs import Ref
+    from planner.lang.safeyaml import Marks
     from planner.results import Served
 
 NodeRun = Callable[[Any], Coroutine[Any, Any, Any]]

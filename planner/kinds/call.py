@@ -27,8 +27,8 @@ from planner.lang.refs import RefSyntaxError, compile_getter, parse_value
 
 if TYPE_CHECKING:
     from planner.config import CallTargets
-    from planner.lang.loader import Marks
     from planner.lang.nodes import CompiledNode
+    from planner.lang.safeyaml import Marks
 
 logger = logging.getLogger("planner")
 

@@ -13,8 +13,8 @@ from planner.lang.sqlinfo import SqlInfo, analyze, combine_writes
 from planner.results import Served
 
 if TYPE_CHECKING:
-    from planner.lang.loader import Marks
     from planner.lang.nodes import CompiledNode
+    from planner.lang.safeyaml import Marks
 
 
 class SqlKind:
