@@ -21,10 +21,9 @@ from typing import Any
 
 from planner.compile import compile_enabled, plan_groups
 from planner.config import CallTargets, FlowSource
-from planner.db.cache import DEFAULT_SIZE, CacheBackend, CacheStats
-from planner.db.catalog import catalog_of
-from planner.db.effects import EffectsBackend
-from planner.db.replica import ReplicaBackend, parse_max_lag, resolve_dsn
+from planner.db.cache import DEFAULT_SIZE, CacheStats
+from planner.db.replica import ReplicaBackend
+from planner.db.stack import CACHE_CHANNEL, build_stack
 from planner.errors import DatabaseUnavailable, FlowError, FlowFileError, FlowInputError, QueryError
 from planner.graph import CompiledFlow, Plan, compile_flow, plan
 from planner.kinds import BindEnv, BoundNode, kind_of
@@ -46,9 +45,6 @@ NodeRun = Callable[[Any], Coroutine[Any, Any, Any]]
 NodeWrapper = Callable[[str, str, NodeRun], NodeRun]
 """`wrapper(flow, node, run) -> run`: wraps each node's execution (tests inject faults with it;
 instrumentation can time it). It sees the node's resolved arguments and returns its value."""
-
-CACHE_CHANNEL = "planner_cache"
-"""The LISTEN/NOTIFY channel that carries cache invalidations between processes."""
 
 QUIET_S = 0.25
 """A flow file rewritten in place is taken once planner has seen it unchanged for this long, on
@@ -147,38 +143,15 @@ class Planner:
         self.on_error = resolve_on_error(on_error)
         self.source = FlowSource.resolve(flows)
         self.mode = mode
-        self.replica: ReplicaBackend | None = None
-        self.pools: dict[str, Any] = {}  # planner's own PoolBackends by role (primary, replica): metrics read them
-        if backend is None:
-            from planner.db.coalesce import CoalescingBackend
-            from planner.db.fuse import FusingBackend
-            from planner.db.pool import PoolBackend
-            from planner.db.pooler import TRANSACTION_POOLER
-
-            primary = PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset,
-                                  embedded=embedded, pooler=pooler)
-            if primary.pooler == TRANSACTION_POOLER and cache_channel is not None:
-                cache_channel = None  # LISTEN cannot pass a transaction pooler: the cache stays per process
-            backend = FusingBackend(CoalescingBackend(primary))
-            self.pools["primary"] = primary
-            replica = resolve_dsn(replica_dsn)
-            if replica is not None:  # the same stack on the replica's own pool, routed per node
-                secondary = self.pools["replica"] = PoolBackend(
-                    dsn=replica, min_size=min_size, max_size=max_size, full_reset=full_reset, pooler=pooler)
-                backend = self.replica = ReplicaBackend(backend, FusingBackend(CoalescingBackend(secondary)),
-                                                        dsn=replica, max_lag=parse_max_lag(replica_max_lag))
-        elif replica_dsn:
-            raise TypeError("replica_dsn= applies to planner's own backend; with backend=, wrap yours in "
-                            "planner.db.replica.ReplicaBackend")
-        # A hit never reaches the database, or anything in between.
-        self.cache = CacheBackend(backend, maxsize=cache_size, channel=cache_channel)
-        # The outermost: what each statement does, from the server's catalog, decides whether
-        # the wrappers below may cache, route, fuse or coalesce it (`planner.lang.effects`).
-        self.effects = EffectsBackend(self.cache, catalog_of(backend))
-        if "replica" in self.pools and self.effects.catalog is not None:
-            # The replica's pool decides whether a stale read may run again from the same verdict.
-            self.pools["replica"].verdict = self.effects.catalog.known
-        self.backend: Backend = self.effects
+        # The database stack, built in one place (`planner.db.stack`): its parts by name.
+        self.stack = build_stack(dsn=dsn, pool=pool, backend=backend, min_size=min_size, max_size=max_size,
+                                 full_reset=full_reset, embedded=embedded, pooler=pooler, replica_dsn=replica_dsn,
+                                 replica_max_lag=replica_max_lag, cache_size=cache_size, cache_channel=cache_channel)
+        self.replica: ReplicaBackend | None = self.stack.replica
+        self.pools: dict[str, Any] = self.stack.pools  # planner's own PoolBackends by role (primary, replica): metrics read them
+        self.cache = self.stack.cache
+        self.effects = self.stack.effects
+        self.backend: Backend = self.stack.backend
         self.targets = CallTargets(allowed_modules, folder=self.source.folder)
         self.threads = CallThreads(call_threads if call_threads is not None else DEFAULT_THREADS, wait_s=call_wait)
         self._threads_given = call_threads is not None

@@ -1,0 +1,121 @@
+"""The one place that builds a `Planner`'s database stack: `build_stack(...) -> Stack`.
+
+    EffectsBackend -> CacheBackend -> [ReplicaBackend ->] FusingBackend -> CoalescingBackend -> PoolBackend
+       (outermost)                     (replica side: FusingBackend -> CoalescingBackend -> PoolBackend)
+
+Each wrapper decides *how* a query reaches the database, never *what* it returns (see
+`planner.kinds.backend`). `Stack` names every part, so that nobody reaches the pool through
+`backend.inner.inner...`: `stack.pools["primary"]` is the primary's `PoolBackend`,
+`stack.cache` the value cache, `stack.replica` the router (None without a replica),
+`stack.effects` the outermost wrapper (`stack.backend`) and its catalog.
+
+`Planner.__init__` calls `build_stack`; tests and benchmarks that need a part of the stack
+build one here (or read `planner.stack`). Its arguments are `Planner`'s database keywords,
+plain, each meaning what it means there (see `planner.api.Planner`):
+
+- `dsn`/`pool`: the primary (an owned pool from a DSN, or a borrowed asyncpg pool); neither:
+  `DATABASE_URL`, else the embedded server (`embedded=False` forbids it). `min_size`,
+  `max_size`, `full_reset`, `pooler` configure the pool(s).
+- `backend`: a backend of the caller's own, used as given instead of planner's pools: only
+  the cache and the effects wrapper go above it. A `PoolBackend` found under it (its
+  wrappers' `inner`) still gives the catalog its connection.
+- `replica_dsn` (None: `DATABASE_REPLICA_URL`; "" for none) and `replica_max_lag`: a read
+  replica with a stack of its own, routed per node (`planner.db.replica`).
+- `cache_size`, `cache_channel` (None: invalidations stay in this process; always None
+  behind a transaction-mode pooler, which LISTEN cannot pass).
+
+Adding a wrapper to planner's stack is a change of this module (and of the wrapper's own).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from planner.db.cache import DEFAULT_SIZE, CacheBackend
+from planner.db.catalog import Catalog, catalog_of
+from planner.db.effects import EffectsBackend
+from planner.db.replica import ReplicaBackend, parse_max_lag, resolve_dsn
+from planner.kinds.backend import Backend
+
+if TYPE_CHECKING:
+    from planner.db.pool import PoolBackend
+
+CACHE_CHANNEL = "planner_cache"
+"""The LISTEN/NOTIFY channel that carries cache invalidations between processes."""
+
+
+@dataclass
+class Stack:
+    """A built stack, its parts by name. `backend` is the outermost: what runs every query."""
+
+    backend: Backend
+    effects: EffectsBackend
+    cache: CacheBackend
+    replica: ReplicaBackend | None = None
+    pools: dict[str, PoolBackend] = field(default_factory=dict)  # planner's own pools by role (primary, replica)
+
+    @property
+    def catalog(self) -> Catalog | None:
+        """The server's verdicts on statements (None over a backend with no planner pool under it)."""
+        return self.effects.catalog
+
+    @property
+    def primary(self) -> PoolBackend | None:
+        """The primary's pool, when planner built it."""
+        return self.pools.get("primary")
+
+    async def close(self) -> None:
+        """Close every part, outermost first (each closes what it wraps)."""
+        await self.backend.close()
+
+
+def build_stack(
+    *,
+    dsn: str | None = None,
+    pool: Any = None,
+    backend: Backend | None = None,
+    min_size: int = 2,
+    max_size: int = 10,
+    full_reset: bool = False,
+    embedded: bool | None = None,
+    pooler: str | None = None,
+    replica_dsn: str | None = None,
+    replica_max_lag: str | float | None = None,
+    cache_size: int = DEFAULT_SIZE,
+    cache_channel: str | None = CACHE_CHANNEL,
+) -> Stack:
+    """Build planner's database stack (see the module's docstring). Opens nothing: the pools
+    connect at their first use. Raises `TypeError` for `replica_dsn` with `backend`, and
+    `ValueError` for a bad `pooler` or `replica_max_lag`."""
+    pools: dict[str, PoolBackend] = {}
+    replica: ReplicaBackend | None = None
+    if backend is None:
+        from planner.db.coalesce import CoalescingBackend
+        from planner.db.fuse import FusingBackend
+        from planner.db.pool import PoolBackend
+        from planner.db.pooler import TRANSACTION_POOLER
+
+        primary = pools["primary"] = PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size,
+                                                 full_reset=full_reset, embedded=embedded, pooler=pooler)
+        if primary.pooler == TRANSACTION_POOLER:
+            cache_channel = None  # LISTEN cannot pass a transaction pooler: the cache stays per process
+        backend = FusingBackend(CoalescingBackend(primary))
+        replica_at = resolve_dsn(replica_dsn)
+        if replica_at is not None:  # the same stack on the replica's own pool, routed per node
+            secondary = pools["replica"] = PoolBackend(dsn=replica_at, min_size=min_size, max_size=max_size,
+                                                       full_reset=full_reset, pooler=pooler)
+            backend = replica = ReplicaBackend(backend, FusingBackend(CoalescingBackend(secondary)),
+                                               dsn=replica_at, max_lag=parse_max_lag(replica_max_lag))
+    elif replica_dsn:
+        raise TypeError("replica_dsn= applies to planner's own backend; with backend=, wrap yours in "
+                        "planner.db.replica.ReplicaBackend")
+    # A hit never reaches the database, or anything in between.
+    cache = CacheBackend(backend, maxsize=cache_size, channel=cache_channel)
+    # The outermost: what each statement does, from the server's catalog, decides whether the
+    # wrappers below may cache, route, fuse or coalesce it (`planner.lang.effects`).
+    effects = EffectsBackend(cache, catalog_of(backend))
+    if "replica" in pools and effects.catalog is not None:
+        # The replica's pool decides whether a stale read may run again from the same verdict.
+        pools["replica"].verdict = effects.catalog.known
+    return Stack(effects, effects, cache, replica, pools)
