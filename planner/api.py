@@ -257,9 +257,8 @@ class Planner:
         if self._db_open and entry.flow not in self._effects_checked:
             await self._check_effects(entry)
         observers = self.observers if self.observers is not None else default_observers()
-        if self.metrics is not None:
-            observers = (*observers, self.metrics)
-        return await execute_checked(entry.flow, entry.bound, values, chosen, overrides, observers, self.on_error)
+        return await execute_checked(entry.flow, entry.bound, values, chosen, overrides, observers, self.on_error,
+                                     self.metrics)
 
     async def _check_effects(self, entry: _Entry) -> None:
         """Before a flow's first run on this planner, ask the server's catalog about each of its

@@ -335,3 +335,51 @@ async def test_every_degraded_answer_under_load_is_counted_and_logged(
     assert rejected >= 1
     logged = [r for r in caplog.records if getattr(r, "outcome", None) == "defaulted" and getattr(r, "flow", None) == "shop"]
     assert len(logged) == degraded
+
+
+async def test_a_run_is_recorded_when_it_ends_not_node_by_node(
+        tmp_path: Path, metrics: Metrics, write_flow: Callable[..., Path]) -> None:
+    # Each node's outcome is counted from the run's records in one pass when the run ends (a
+    # per-node hook cost a zero-latency node several microseconds): while `held` still waits,
+    # `first`, already settled, is not yet in the figures.
+    from tests import nodes
+
+    write_flow("""
+        nodes:
+          first: {call: tests.nodes:step, with: {tag: first, signal: first_done}}
+          held: {call: tests.nodes:step, with: {tag: held, wait: release, x: $first}}
+        """, name="late")
+    async with Planner(flows=tmp_path, allowed_modules=["tests"], metrics=metrics) as p:
+        run = asyncio.create_task(p.run("late"))
+        await nodes.event("first_done").wait()
+        await asyncio.sleep(0)  # `first` settles
+        assert metrics.value("planner_node_outcomes_total", flow="late", node="first", outcome="ok") == 0
+        nodes.event("release").set()
+        await run
+    assert metrics.value("planner_node_outcomes_total", flow="late", node="first", outcome="ok") == 1
+    assert metrics.value("planner_node_outcomes_total", flow="late", node="held", outcome="ok") == 1
+    assert metrics.value("planner_flow_runs_total", flow="late", status="ok") == 1
+
+
+async def test_every_outcome_is_counted_and_only_nodes_that_ran_have_a_latency(
+        tmp_path: Path, metrics: Metrics, write_flow: Callable[..., Path]) -> None:
+    # One run settles a node of each outcome but `defaulted` (counted above): `fails` fails the
+    # run while `slow` runs (cancelled) and `gated` is skipped by its `when`.
+    write_flow("""
+        nodes:
+          ok: {call: tests.nodes:echo, with: {value: 1}}
+          gated: {call: tests.nodes:echo, with: {value: 2}, when: "$ok == 0"}
+          slow: {call: tests.nodes:sleep, with: {ms: 5000, tag: slow}}
+          fails: {call: tests.nodes:fail, with: {x: $ok}, on_error: fail}
+        """, name="mixed")
+    async with Planner(flows=tmp_path, allowed_modules=["tests"], metrics=metrics) as p:
+        with pytest.raises(planner_pkg.FlowFailed) as failed:
+            await p.run("mixed")
+    assert failed.value.result.states() == {"ok": "ok", "gated": "skipped", "slow": "cancelled", "fails": "failed"}
+    for node, outcome, ran in (("ok", "ok", True), ("gated", "skipped", False), ("slow", "cancelled", True),
+                               ("fails", "failed", True)):
+        assert metrics.value("planner_node_outcomes_total", flow="mixed", node=node, outcome=outcome) == 1, node
+        count, _ = metrics.histogram("planner_node_duration_seconds", flow="mixed", node=node, outcome=outcome)
+        assert count == (1 if ran else 0), node
+    assert metrics.value("planner_flow_runs_total", flow="mixed", status="failed") == 1
+    assert metrics.histogram("planner_flow_duration_seconds", flow="mixed", status="failed")[0] == 1

@@ -24,16 +24,16 @@ from functools import partial
 from typing import Any, Literal
 
 from planner.config import did_you_mean
-from planner.errors import FlowFailed, FlowInputError, FlowNotFound, FlowTimeout, NodeError, NotFound
+from planner.errors import FlowInputError, NodeError
 from planner.graph import CompiledFlow
 from planner.kinds import BoundNode
 from planner.kinds.backend import ALONE
 from planner.lang.models import OnError, value_fits
-from planner.lang.refs import Unresolved
-from planner.results import FlowResult, NodeResult, NodeState, bug_reason
+from planner.results import FlowResult, NodeState
 from planner.run import policy
 from planner.run.compiled import RUN_GROUPS
-from planner.run.observers import RunObserver
+from planner.run.ledger import Ledger, Record, flow_output, node_result
+from planner.run.observers import RunObserver, RunRecorder
 from planner.run.scheduler import Ready
 
 logger = logging.getLogger("planner")
@@ -94,26 +94,30 @@ async def execute_checked(
     overrides: dict[str, Any] | None,
     observers: Sequence[RunObserver] = (),
     on_error: OnError = "default",
+    recorder: RunRecorder | None = None,
 ) -> FlowResult:
-    """`execute` for inputs already passed through `bind_inputs` and a mode from `resolve_mode`."""
-    return await _Run(flow, bound, values, mode, overrides or {}, observers, on_error).main()
+    """Run `flow` once, for inputs already passed through `bind_inputs` and a mode from `resolve_mode`.
+
+    `observers` hear of each node as it starts and settles; `recorder` (a Planner's `Metrics`) is
+    given the run's `Ledger` once, when it ends. Returns the result or raises `FlowFailed` (or one
+    of its kinds) or `FlowTimeout`, carrying it."""
+    return await _Run(flow, bound, values, mode, overrides or {}, observers, on_error, recorder).main()
 
 
 class _Run:
     """The state of one run. Every node ends in `results` exactly once, through `_settle`."""
 
-    __slots__ = ("flow", "bound", "values", "mode", "overrides", "observers", "run_id", "loop", "t0", "active",
-                 "ready", "results", "tasks", "started", "attempts", "held", "limit", "queue", "released",
-                 "outstanding", "wake", "phase", "failed_node", "eager", "on_done", "release", "on_error", "degraded", "output", "bad_output")
+    __slots__ = ("flow", "bound", "values", "mode", "overrides", "observers", "recorder", "run_id", "loop", "t0",
+                 "active", "ready", "results", "tasks", "started", "attempts", "held", "limit", "queue", "released",
+                 "outstanding", "wake", "phase", "failed_node", "eager", "on_done", "release", "on_error", "degraded")
 
     def __init__(self, flow: CompiledFlow, bound: dict[str, BoundNode], values: dict[str, Any], mode: Mode,
-                 overrides: dict[str, Any], observers: Sequence[RunObserver], on_error: OnError = "default") -> None:
+                 overrides: dict[str, Any], observers: Sequence[RunObserver], on_error: OnError = "default",
+                 recorder: RunRecorder | None = None) -> None:
         self.flow, self.bound, self.values, self.mode, self.overrides = flow, bound, values, mode, overrides
-        self.observers = observers
+        self.observers, self.recorder = observers, recorder
         self.on_error = on_error
         self.degraded = False  # a node was settled by its default after a failure
-        self.output: Any = None
-        self.bad_output: str | None = None  # an `output:` entry that is a bug in the flow (on_bug: fail)
         self.run_id = f"{_RUN_PREFIX}-{next(_run_ids)}"
         self.loop = asyncio.get_running_loop()
         self.t0 = _monotonic()  # the loop's clock (asyncio's loop.time() is time.monotonic())
@@ -125,7 +129,8 @@ class _Run:
             self.active = flow.nodes.keys()
             waiting = flow.indegree.copy()
         self.ready = Ready(flow.successors, waiting)
-        self.results: dict[str, tuple[NodeState, Any, BaseException | None, float | None, float | None]] = {}
+        # Plain records while nodes run; the Ledger builds NodeResults from them at the end (if asked).
+        self.results: dict[str, Record] = {}
         self.tasks: dict[str, asyncio.Task[Any]] = {}
         self.started: dict[str, float] = {}
         self.attempts: dict[str, int] = {}
@@ -143,6 +148,8 @@ class _Run:
 
     async def main(self) -> FlowResult:
         timed_out = False
+        output: Any = None
+        bad_output: str | None = None  # an `output:` entry that is a bug in the flow (on_bug: fail)
         for observer in self.observers:
             observer.run_started(self.flow.name, self.run_id, self.mode)
         # Node tasks copy the context they are created in: sequential runs reach the backend
@@ -166,10 +173,17 @@ class _Run:
                 RUN_GROUPS.reset(groups)
             await self._stop()
             if not timed_out and self.phase is Phase.RUNNING:
-                self.output = self._output()  # before observers hear the status: a bad output fails the run
+                # Before anyone hears the status: a bad output fails the run.
+                output, bad_output = flow_output(self.flow, self.values, self.results, self.run_id)
+            status = "timeout" if timed_out else "failed" if self.phase is Phase.FAILED or bad_output else "ok"
+            ledger = Ledger(self.flow, self.bound, self.run_id, self.mode, self.results, self.started, self.attempts,
+                            self.held, degraded=self.degraded, failed_node=self.failed_node, on_error=self.on_error,
+                            status=status, elapsed_ms=self._now())
+            if self.recorder is not None:
+                self.recorder.run_ended(ledger)  # the nodes settled so far; not those `finish` adds
             for observer in self.observers:
-                observer.run_finished(self.flow.name, self.run_id, self._status(timed_out))
-        return self._finish(timed_out)
+                observer.run_finished(self.flow.name, self.run_id, status)
+        return ledger.finish(self.active, output, bad_output)
 
     async def _release(self, names: Iterable[str], outstanding: int) -> None:
         """Start `names` and wait until `outstanding` more nodes have settled (or the run stops)."""
@@ -269,8 +283,7 @@ class _Run:
         self.results[name] = (state, value, error, self.started.get(name), (_monotonic() - self.t0) * 1000.0)
         self.values[name] = value
         if self.observers:
-            for observer in self.observers:
-                observer.node_settled(self.flow.name, self.run_id, name, self._node_result(name))
+            self._observe_settled(name)
         if self.phase is not Phase.RUNNING:
             return
         self.ready.done(name, self.release if self.eager else None)
@@ -278,12 +291,10 @@ class _Run:
         if self.outstanding == 0:
             self._wake()
 
-    def _node_result(self, name: str) -> NodeResult:
-        state, value, error, started, finished = self.results[name]
-        args = self.held.get(name)
-        served = self.bound[name].served(args) if args is not None else None  # type: ignore[misc]
-        attempts = 0 if started is None else self.attempts.get(name, 1)
-        return NodeResult(state, value, error, attempts, started, finished, served)
+    def _observe_settled(self, name: str) -> None:
+        result = node_result(self.results[name], self.bound[name], self.held.get(name), self.attempts.get(name, 1))
+        for observer in self.observers:
+            observer.node_settled(self.flow.name, self.run_id, name, result)
 
     def _wake(self) -> None:
         if not self.wake.done():
@@ -315,63 +326,6 @@ class _Run:
             names = sorted(name for name, task in self.tasks.items() if task in stuck)
             logger.error("flow %s: %d node(s) ignored cancellation and were left running: %s", self.flow.name,
                          len(stuck), ", ".join(names), extra={"flow": self.flow.name, "run_id": self.run_id})
-
-    def _status(self, timed_out: bool) -> str:
-        return "timeout" if timed_out else "failed" if self.phase is Phase.FAILED or self.bad_output else "ok"
-
-    def _finish(self, timed_out: bool) -> FlowResult:
-        for name in self.active:
-            if name not in self.results:
-                self.results[name] = (_CANCELLED, None, None, self.started.get(name), None)
-        status = self._status(timed_out)
-        output = self.output if status == "ok" else None
-        result = FlowResult(self.flow.name, self.run_id, self.mode, status, self._node_results, output, self._now(),
-                            degraded=self.degraded)
-        if status == "timeout":
-            raise FlowTimeout(f"flow {self.flow.name!r} hit its deadline of {self.flow.settings.timeout:g}s", result=result)
-        if status == "failed" and self.bad_output is not None and self.failed_node is None:
-            raise FlowFailed(f"flow {self.flow.name!r} failed: {self.bad_output} (looks like a bug in the flow "
-                             f"({bug_reason(None)}): it fails the run; settings: {{on_bug: default}} makes the entry "
-                             "null instead)", result=result)
-        if status == "failed":
-            error = self.results[self.failed_node][2] if self.failed_node else None
-            message = f"flow {self.flow.name!r} failed: node {self.failed_node!r}: {error}"
-            if self.failed_node and policy.failed_as_bug(self.flow.nodes[self.failed_node], error, self.on_error):
-                message += (f" (looks like a bug in the flow ({bug_reason(error)}): such an error fails the run "
-                            "whatever on_error says; on_bug: default lets the node default)")
-            if getattr(error, "database_unavailable", False):  # the database went away, not a bug: a 503
-                from planner.errors import FlowDatabaseLost
-
-                raise FlowDatabaseLost(message, result=result, cause=error)
-            if isinstance(error, NotFound):  # a row the flow requires is not there: a 404
-                raise FlowNotFound(message, result=result, cause=error)
-            raise FlowFailed(message, result=result)
-        return result
-
-    def _node_results(self) -> dict[str, NodeResult]:
-        results = self.results
-        return {name: self._node_result(name) for name in self.flow.order if name in results}
-
-    def _output(self) -> Any:
-        if self.flow.output_getters is None:
-            return {name: self.values[name] for name in self.flow.order if name in self.results}
-        output: dict[str, Any] = {}
-        for key, get in self.flow.output_getters.items():
-            # Everything has run (and written): an entry that walks into null is null, not a
-            # failure. A missing field is a typo: a bug in the flow, which fails the run unless
-            # the flow says `on_bug: default` (then a warning and a null).
-            try:
-                output[key] = get(self.values)
-            except Unresolved:
-                output[key] = None
-            except LookupError as exc:
-                if self.flow.settings.on_bug == "fail":
-                    self.bad_output = self.bad_output or f"output {key!r}: {exc}"
-                else:
-                    logger.warning("flow %s: output %s: %s", self.flow.name, key, exc,
-                                   extra={"flow": self.flow.name, "run_id": self.run_id, "bug": True})
-                output[key] = None
-        return output
 
     def _now(self) -> float:
         return (_monotonic() - self.t0) * 1000.0

@@ -1,7 +1,8 @@
 """Metrics: what a service graphs and alerts on, as OpenTelemetry instruments and as Prometheus text.
 
-`Metrics` is a `RunObserver` (runs, node outcomes, latencies, statements and round trips per
-run, batch and fused sizes) and a registry of *sources*: objects read when the metrics are
+`Metrics` is a run recorder (runs, node outcomes, latencies, statements and round trips per
+run, batch and fused sizes: each run recorded once, when it ends, from its records; see
+`planner.run.observers.RunRecorder`) and a registry of *sources*: objects read when the metrics are
 collected (a Planner's pools, cache and sync-call threads), so nothing is threaded through the
 backends but two small hooks that time the waits (`PoolBackend.on_wait`, `CallThreads.on_wait`).
 
@@ -25,19 +26,18 @@ by the service's own flows. Parameters and values are never labels.
 
 from __future__ import annotations
 
-import bisect
 import math
 import os
-import time
 import weakref
-from collections.abc import Callable, Coroutine, Iterable
+from bisect import bisect_left as _bisect
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from planner.errors import NotFound
 
 if TYPE_CHECKING:
-    from planner.results import NodeResult
+    from planner.run.ledger import Ledger
 
 try:
     from opentelemetry import metrics as otel_metrics
@@ -172,19 +172,8 @@ class _Histogram:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # `le`: value <= bound
+        self.counts[_bisect(self.bounds, value)] += 1  # `le`: value <= bound
         self.sum += value
-
-
-class _Run:
-    __slots__ = ("t0", "defaulted", "statements", "round_trips", "failure")
-
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-        self.defaulted = 0
-        self.statements = 0
-        self.round_trips = 0.0
-        self.failure: str | None = None  # what the first failed node says a failed run was (see `_failure`)
 
 
 def _failure(error: BaseException | None) -> str:
@@ -198,7 +187,7 @@ def _failure(error: BaseException | None) -> str:
 
 
 class Metrics:
-    """planner's metrics: a `RunObserver`, sources read at collection, and both exposition forms.
+    """planner's metrics: a recorder of runs, sources read at collection, and both exposition forms.
 
     A `Planner` records into the process-wide `default_metrics()` unless given `metrics=`
     (another `Metrics`, or False for none). `meter_provider` is OpenTelemetry's (default: the
@@ -211,7 +200,6 @@ class Metrics:
         self._nodes: dict[tuple[str, str, str], _NodeCells] = {}
         self._sql: dict[tuple[str, str], _SqlCells] = {}
         self._flows: dict[tuple[str, str], _FlowCells] = {}
-        self._runs: dict[str, _Run] = {}
         self._sources: weakref.WeakKeyDictionary[Any, Callable[[Any], Iterable[Sample]]] = weakref.WeakKeyDictionary()
         self._otel: _Otel | None = None
         # OpenTelemetry: at once with a provider given; with the global one, once an SDK has set
@@ -287,73 +275,64 @@ class Metrics:
         """A run refused before any node ran (`unavailable`, `invalid_input`): counted, no latency."""
         self.add("planner_flow_runs_total", (("flow", flow), ("status", status)))
 
-    # --- RunObserver --------------------------------------------------------------------
+    # --- recording runs (the executor's RunRecorder) ----------------------------------------
 
-    def run_started(self, flow: str, run_id: str, mode: str) -> None:
-        self._runs[run_id] = _Run()
+    def run_ended(self, ledger: Ledger) -> None:
+        """Record a finished run: its status, latency, statements and round trips, and every node it
+        settled, in one pass over the run's records (nothing is recorded while the run goes on)."""
         if self._otel_pending:
             self._check_otel()
-
-    def node_started(self, flow: str, run_id: str, node: str, kind: str,
-                     coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]:
-        return coro
-
-    def node_settled(self, flow: str, run_id: str, node: str, result: NodeResult) -> None:
-        # The hot path (every node of every run): one lookup finds every series it updates.
-        outcome = result.state  # a StrEnum: the key matches the plain string (`.value` is slow)
-        cells = self._nodes.get((flow, node, outcome)) or self._node_cells(flow, node, str(outcome))
-        cells.outcomes.value += 1
-        started, finished = result.started_ms, result.finished_ms
-        # Only a node that ran has a latency (not one skipped, overridden or refused).
-        seconds = (finished - started) / 1000.0 if started is not None and finished is not None and result.attempts \
-            else None
-        if seconds is not None:
-            cells.duration.observe(seconds)
-        otel = self._otel
-        if otel is not None:
-            otel.node(cells.attrs, seconds)
-        run = self._runs.get(run_id)
-        if run is None:
-            return
-        if outcome == "defaulted":
-            run.defaulted += 1
-        elif outcome == "failed" and run.failure is None:
-            run.failure = _failure(result.error)
-        served = result.served
-        if served is None or served.cached or not result.attempts:
-            return
-        sql = self._sql.get((flow, node)) or self._sql_cells(flow, node)
-        sql.batch.observe(served.batch)
-        sql.fused.observe(served.fused)
-        if otel is not None:
-            otel.sql(sql.attrs, served.batch, served.fused)
-        statements = served.statements * result.attempts
-        run.statements += statements
-        if served.statements > 1:  # a statement list is a transaction: BEGIN and COMMIT too
-            run.round_trips += statements + 2 * result.attempts
-        else:  # the members of a fused group share its one round trip
-            run.round_trips += statements / served.fused
-
-    def run_finished(self, flow: str, run_id: str, status: str) -> None:
-        run = self._runs.pop(run_id, None)
-        if status == "failed" and run is not None and run.failure is not None:
-            status = run.failure  # as a service answers it: not_found (404), unavailable (503), failed (500)
-        cells = self._flows.get((flow, status)) or self._flow_cells(flow, status)
-        cells.runs.value += 1
-        otel = self._otel
-        if otel is not None:
-            otel.runs.add(1, cells.attrs)
-        if run is None:
-            return
-        degraded = bool(run.defaulted) and status == "ok"
-        seconds, trips = time.monotonic() - run.t0, round(run.round_trips)
+        flow, otel, nodes = ledger.flow.name, self._otel, self._nodes
+        for node, (outcome, _value, _error, started, finished) in ledger.records.items():
+            # One lookup finds every series the node updates; `outcome` is a StrEnum, so the key
+            # matches the plain string (`.value` is slow).
+            cells = nodes.get((flow, node, outcome)) or self._node_cells(flow, node, str(outcome))
+            cells.outcomes.value += 1
+            if started is not None and finished is not None:  # only a node that ran has a latency
+                seconds = (finished - started) / 1000.0
+                duration = cells.duration  # `_Histogram.observe`, inlined: this runs for every node
+                duration.counts[_bisect(duration.bounds, seconds)] += 1
+                duration.sum += seconds
+                if otel is not None:
+                    otel.node(cells.attrs, seconds)
+            elif otel is not None:
+                otel.node(cells.attrs, None)
+        statements, round_trips = self._sql_nodes(flow, ledger)
+        status = ledger.status
+        if status == "failed" and ledger.failed_node is not None:
+            status = _failure(ledger.failed_error())  # as a service answers it: not_found, unavailable, failed
+        run = self._flows.get((flow, status)) or self._flow_cells(flow, status)
+        degraded = ledger.degraded and status == "ok"
+        seconds, trips = ledger.elapsed_ms / 1000.0, round(round_trips)
+        run.runs.value += 1
         if degraded:
-            cells.degraded.value += 1
-        cells.duration.observe(seconds)
-        cells.statements.observe(run.statements)
-        cells.round_trips.observe(trips)
+            run.degraded.value += 1
+        run.duration.observe(seconds)
+        run.statements.observe(statements)
+        run.round_trips.observe(trips)
         if otel is not None:
-            otel.run(cells, degraded, seconds, run.statements, trips)
+            otel.runs.add(1, run.attrs)
+            otel.run(run, degraded, seconds, statements, trips)
+
+    def _sql_nodes(self, flow: str, ledger: Ledger) -> tuple[int, float]:
+        """Record how each SQL node of the run was served; the run's statements and round trips."""
+        statements, round_trips = 0, 0.0
+        otel = self._otel
+        for node, served, attempts in ledger.served():
+            if served.cached:  # answered from memory: no statement, no round trip
+                continue
+            sql = self._sql.get((flow, node)) or self._sql_cells(flow, node)
+            sql.batch.observe(served.batch)
+            sql.fused.observe(served.fused)
+            if otel is not None:
+                otel.sql(sql.attrs, served.batch, served.fused)
+            sent = served.statements * attempts
+            statements += sent
+            if served.statements > 1:  # a statement list is a transaction: BEGIN and COMMIT too
+                round_trips += sent + 2 * attempts
+            else:  # the members of a fused group share its one round trip
+                round_trips += sent / served.fused
+        return statements, round_trips
 
     # --- collecting ---------------------------------------------------------------------
 
