@@ -305,7 +305,7 @@ class Planner:
         """Prepare each statement the edit changed (as `planner validate --db` does): one the
         server refuses as a bug of the flow (SQLSTATE class 42: syntax, an unknown table, column
         or function, wrong types) is a `FlowFileError` at its node. A server that cannot be
-        asked (down, busy past `EDIT_CHECK_S`) does not hold the edit back: it is logged."""
+        asked (down, busy past `EDIT_CHECK_S`) does not delay the edit: it is logged."""
         for name, node in flow.nodes.items():
             old = running.nodes.get(name)
             known = {st.text for st in old.statements} if old is not None else set()

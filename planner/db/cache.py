@@ -75,7 +75,7 @@ class CacheStats:
     hits: int  # served from the cache: no statement sent
     misses: int  # statements sent for cached nodes
     joined: int  # waited for another run's statement for the same key instead of sending one
-    size: int  # values held now
+    size: int  # values kept now
     maxsize: int
     invalidations: int  # invalidation requests (`invalidate`, `invalidates:`)
     dropped: int  # values those requests removed
@@ -279,7 +279,7 @@ class CacheBackend(WrappingBackend):
             raise
         # Kept only if no invalidation came meanwhile (the write may have happened after the read).
         if self._gens.get(key[_PAIR]) == key[_GEN]:
-            self._store[key] = value  # the inner backend's own object: nobody else holds it
+            self._store[key] = value  # the inner backend's own object: nobody else refers to it
         self._landed(key)
         return value
 

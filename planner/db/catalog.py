@@ -86,7 +86,7 @@ class Catalog:
 
     def current(self, text: str) -> Effects | None:
         """The verdict kept for `text` without waiting: fresh, or a *write* past `max_age` while
-        it is being asked again in the background (so a run is not held up by the refresh, and
+        it is being asked again in the background (so a run does not wait for the refresh, and
         the reads of one run that start together still reach fusion in the same turn of the
         loop). A *pure* verdict past `max_age` is never given: the function it proved pure may
         have been redefined VOLATILE since (`CREATE OR REPLACE`), and sharing on it would hand
@@ -151,7 +151,7 @@ class Catalog:
         return verdict
 
     def _maybe_watch(self) -> None:
-        """Start a check (`watch`) in the background when one is due: it never holds a run up."""
+        """Start a check (`watch`) in the background when one is due: no run waits for it."""
         if self._timer() < self._watch_due or (self._watching is not None and not self._watching.done()):
             return
         self._watch_due = self._timer() + WATCH_S
@@ -216,8 +216,8 @@ def catalog_of(backend: Backend) -> Catalog | None:
     `inner`), or None when it ends in a backend of the caller's own.
 
     It asks on a connection of its own (opened at the first question, to the database the pool
-    opened), never one of the pool's: a statement's first run must not wait behind the runs
-    that hold the pool, nor take a connection from them. A borrowed pool (`pool=`, no DSN) is
+    opened), never one of the pool's: a statement's first execution must not wait for the pool's
+    connections to be given back, nor take one from the statements that use them. A borrowed pool (`pool=`, no DSN) is
     asked on one of its connections."""
     pool = sys.modules.get("planner.db.pool")  # not loaded: no pool of planner's to find (and asyncpg stays unloaded)
     if pool is None:
@@ -235,8 +235,8 @@ def catalog_of(backend: Backend) -> Catalog | None:
 class _OwnConnection:
     """One connection for catalog questions, one question at a time (`Catalog`'s `acquire`),
     closed once no question has been asked for `IDLE_CLOSE` seconds: questions come in bursts
-    (a flow's first run, a refresh a minute later), and a process holds its pool and the
-    cache's listening connection only between them (docs/service.md's sizing)."""
+    (a flow's first run, a refresh a minute later), and between them a process has only its
+    pool and the cache's listening connection open (docs/service.md's sizing)."""
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend

@@ -119,6 +119,6 @@ async def _stop_listening(con: Any, pool: asyncpg.Pool | None, channel: str, not
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
                 lost = True  # it must not go back to the user's pool still listening
         if lost and not con.is_closed():
-            con.terminate()  # a silent connection would hold up the pool's reset
+            con.terminate()  # a silent connection would delay the pool's reset
     with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError, TimeoutError):
         await pool.release(con, timeout=_RELEASE_TIMEOUT_S)  # fails only by terminating it: the slot is back anyway

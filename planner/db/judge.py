@@ -132,7 +132,7 @@ async def resolve(con: Any, text: str, search_path: str | None = None) -> Effect
     try:
         # Preparing and creating the view lock what the statement reads (ACCESS SHARE), as its
         # own run would: behind a migration's exclusive lock, give up soon (the statement is a
-        # write until asked again) rather than hold up the questions of every other statement.
+        # write until asked again) rather than delay the questions of every other statement.
         await con.fetchval("SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)",
                            f"{int(LOCK_TIMEOUT * 1000)}ms", f"{int(STATEMENT_TIMEOUT * 1000)}ms")
         if search_path is not None:  # a bound value, never pasted into the text

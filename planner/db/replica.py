@@ -150,7 +150,7 @@ class ReplicaBackend(WrappingBackend):
         self._downs = 0  # times it was marked down: a check begun before the last one cannot bring it up
         self._checked = asyncio.Event()
         self._wake = asyncio.Event()  # set: the monitor checks now, not after its interval
-        self._held: set[asyncio.Timeout] = set()  # the time limits of the reads the replica has now
+        self._in_flight: set[asyncio.Timeout] = set()  # the time limits of the reads on the replica now
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -189,11 +189,11 @@ class ReplicaBackend(WrappingBackend):
         limit = asyncio.timeout(query.timeout)
         try:
             async with limit:
-                self._held.add(limit)
+                self._in_flight.add(limit)
                 try:
                     value = await self.replica.run(query)
                 finally:
-                    self._held.discard(limit)
+                    self._in_flight.discard(limit)
         except (QueryError, DatabaseUnavailable) as exc:
             self._failed(exc)
         except (NodeTimeout, TimeoutError) as exc:
@@ -361,7 +361,7 @@ class ReplicaBackend(WrappingBackend):
         self._retry_at = now + self._wait
         self._downs += 1
         self._set("down", reason)
-        for limit in self._held:  # the reads it still holds go to the primary now
+        for limit in self._in_flight:  # the reads still on it go to the primary now
             if not limit.expired():
                 limit.reschedule(now)
 

@@ -232,7 +232,7 @@ class SharedStatements:
         the pool, timed by its node's timeout from its own statement's start (as alone).
 
         Why so: one after the other on one connection, N members would cost N round trips, and
-        a slow member would hold the others' values back past their own timeouts. Why this keeps
+        a slow member would delay the others' values past their own timeouts. Why this keeps
         the pool whole: the shared statement's connection is given back before a re-run asks for
         one, so nothing holds a connection while it waits for another (batches that fall back at
         the same time cannot starve each other of connections); and each re-run gives its

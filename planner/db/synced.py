@@ -16,7 +16,7 @@ statement runs in the same transaction, its `now()` the time of the abandoned Pa
   pooler keeps the server connection with the client until the transaction ends).
 asyncpg ends the sequence itself when the server refuses the Parse or a cancel comes during it.
 
-What. `SyncedConnection.unsynced` says whether the last statement on it may have been left so:
+What. `SyncedConnection` keeps whether the last statement on it may have been left so:
 set by every statement lookup (`_get_statement`, which may send that Parse), cleared when an
 execution completes (its Sync was answered, the server's error too). `settle()` then ends the
 implicit transaction with a ROLLBACK (nothing of it ran, nothing is undone that a caller was
@@ -35,13 +35,9 @@ class SyncedConnection(asyncpg.Connection):  # type: ignore[misc]
     """An asyncpg connection that tracks whether the server may be mid extended-protocol
     sequence (a Parse not yet followed by a Sync), and can end it (`settle`). See the module."""
 
+    # Whether a statement on it may have left the server after its Parse, before a Sync (an
+    # implicit transaction open, holding the statement's locks).
     _unsynced = False
-
-    @property
-    def unsynced(self) -> bool:
-        """Whether a statement on this connection may have left the server after its Parse,
-        before a Sync (an implicit transaction open, holding the statement's locks)."""
-        return self._unsynced
 
     async def settle(self) -> bool:
         """End an implicit transaction left open by a statement that was prepared and never

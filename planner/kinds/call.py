@@ -258,13 +258,13 @@ class CallThreads:
         call.future.cancel()
 
     def _refused(self, call: _Call, where: str, waited_s: float, *, full: bool) -> CallThreadsBusy:
-        held = f"{self._abandoned} of them still running calls that timed out: a thread cannot be stopped"
+        stuck = f"{self._abandoned} of them still running calls that timed out: a thread cannot be stopped"
         if full:
-            why = (f"all {self.size} threads for sync calls are busy ({held}) and {self._queued} calls already "
+            why = (f"all {self.size} threads for sync calls are busy ({stuck}) and {self._queued} calls already "
                    f"wait for one (at most {self.max_queued} may); not started")
         else:
             why = (f"all {self.size} threads for sync calls stayed busy for the {waited_s * 1000:g} ms this call "
-                   f"could wait ({held}; {self._queued} calls still waiting); not started")
+                   f"could wait ({stuck}; {self._queued} calls still waiting); not started")
         logger.warning("%s%s: raise call_threads, make the function async def, or lower the load",
                        f"{where}: " if where else "", why,
                        extra={"call_threads": self.size, "call_queued": self._queued, "outcome": "call_rejected"})

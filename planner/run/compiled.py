@@ -65,7 +65,7 @@ _FALLBACK = None
 
 
 Outcome = dict[str, tuple[bool, Any]]
-"""What one statement gave each member it held: whether its guard held, and its value."""
+"""What one statement gave each of its members: whether the member's guard was true, and its value."""
 
 
 class GroupRunner:

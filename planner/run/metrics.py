@@ -114,7 +114,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("planner_cache_invalidations_total", "planner.cache.invalidations", "{request}", "counter",
            "Invalidation requests (invalidate(), invalidates:).", ()),
     Family("planner_cache_entries", "planner.cache.entries", "{entry}", "gauge",
-           "Values the cache holds now.", ()),
+           "Values the cache keeps now.", ()),
     # Sync call: nodes (CallThreads).
     Family("planner_call_wait_seconds", "planner.call.wait", "s", "histogram",
            "How long sync call: nodes waited for a thread.", (), SECONDS),

@@ -212,12 +212,12 @@ def _null_reason(ref: Ref | None, values: _NodeValues) -> str | None:
         return None
     value = values[ref.root]
     for i, key in enumerate(ref.path):
-        held = "$" + ".".join((ref.root, *ref.path[:i]))
+        prefix = "$" + ".".join((ref.root, *ref.path[:i]))
         if value is None:
-            return f"{held} is null"
+            return f"{prefix} is null"
         if isinstance(value, (list, tuple)) and key.isdigit():
             if int(key) >= len(value):
-                return f"{held} has no item {key}"
+                return f"{prefix} has no item {key}"
             value = value[int(key)]
         elif isinstance(value, dict) or hasattr(value, "get"):
             value = value.get(key)
