@@ -83,16 +83,16 @@ class Gate:
 
 
 class Spy(WrappingBackend):
-    """Records what reaches the pool: each batch's parameters as sent, each statement alone."""
+    """Records what reaches the pool: each batch's parameters as sent, each statement of one run."""
 
     def __init__(self, inner: PoolBackend) -> None:
         super().__init__(inner)
         self.sent: list[list[list[Any]]] = []  # per batch that got its connection: its members' parameters
         self.shared: list[bool] = []  # per batch: whether it was sent as one statement
-        self.alone: list[list[Any]] = []  # parameters of statements sent alone
+        self.single: list[list[Any]] = []  # parameters of statements sent for one run each
 
     async def run(self, query: Query) -> Any:
-        self.alone.append(query.params[0] if query.params else [])
+        self.single.append(query.params[0] if query.params else [])
         return await self.inner.run(query)
 
     async def run_batch(self, node: CompiledNode, params: list[list[Any]],
@@ -301,15 +301,15 @@ async def test_each_run_gets_its_own_result_as_alone(write_flow: Write, stacks: 
     await stack.assert_clean()
 
 
-async def test_a_request_that_finds_a_free_connection_goes_at_once_alone(write_flow: Write,
-                                                                      stacks: Callable[..., Stack]) -> None:
+async def test_a_request_that_finds_a_free_connection_goes_at_once_direct(write_flow: Write,
+                                                                       stacks: Callable[..., Stack]) -> None:
     write_flow("inputs: {n: int}\nnodes:\n  q: {sql: 'SELECT $n::int AS n', fetch: value}\n")
     stack = stacks(size=2)
     stack.load("t")
     results = await asyncio.gather(*(stack.planner.run("t", {"n": n}) for n in range(2)))  # two runs, two connections
     assert [r.values["q"] for r in results] == [0, 1]
     # Straight through to the pool: no batch was made, so no timer or task stood in between.
-    assert stack.coalescer.alone == 2 and stack.spy.sent == [] and stack.spy.alone == [[0], [1]]
+    assert stack.coalescer.direct == 2 and stack.spy.sent == [] and stack.spy.single == [[0], [1]]
     assert all(r.nodes["q"].served.batch == 1 for r in results)  # type: ignore[union-attr]
 
 
@@ -327,7 +327,7 @@ async def test_a_burst_before_the_pool_is_open_still_coalesces(pg_dsn: str) -> N
     finally:
         await pool.close()
     assert values == list(range(40))
-    assert coalescer.alone <= 4  # one per connection; the other runs shared batches
+    assert coalescer.direct <= 4  # one per connection; the other runs shared batches
     assert coalescer.batches >= 1
 
 
@@ -620,7 +620,7 @@ async def test_coalescing_can_be_turned_off(write_flow: Write, stacks: Callable[
     stack = stacks(size=1)
     results = await stack.batched(("t", {"n": n}) for n in range(3))
     assert [r.values["q"] for r in results] == [0, 1, 2]
-    assert stack.spy.sent == [] and stack.spy.alone[-3:] == [[0], [1], [2]]
+    assert stack.spy.sent == [] and stack.spy.single[-3:] == [[0], [1], [2]]
     assert {r.nodes["q"].served.batch for r in results} == {1}  # type: ignore[union-attr]
 
 
@@ -649,11 +649,11 @@ async def test_the_statements_remembered_as_unshareable_are_bounded(write_flow: 
     for k in range(3):
         write_flow(f"inputs: {{xs: list}}\nnodes:\n  q: {{sql: 'SELECT cardinality($xs::int[]) + {k} AS n', "
                    "fetch: value}\n", name=f"v{k}")
-    stack = stacks(size=1, max_alone=2)
+    stack = stacks(size=1, max_unshareable=2)
     results = await stack.batched((f"v{k}", {"xs": [7] * n}) for k in range(3) for n in range(2))
     assert [r.values["q"] for r in results] == [0, 1, 1, 2, 2, 3]
     assert stack.spy.shared == [False] * 3  # three batches, none of which could be shared
-    assert len(stack.coalescer._alone) == 2
+    assert len(stack.coalescer._unshareable) == 2
 
 
 async def test_a_write_is_not_coalesced_unless_its_author_opts_in(write_flow: Write, stacks: Callable[..., Stack]) -> None:

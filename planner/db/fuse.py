@@ -2,9 +2,9 @@
 
 When the executor starts several nodes at once (the reads that waited for the same node),
 their tasks all take their first step in the same turn of the event loop. `FusingBackend`
-collects the fusible queries of one run that arrive in that turn and sends them, one turn
-later, as one statement on one connection (see `PoolBackend.run_fused`): one round trip and
-one connection where there were several. No timer is involved: a lone read waits one turn
+collects the fusible queries of one run that arrive in that turn (a batch of
+`planner.db.batcher`) and sends them, one turn later, as one statement on one connection
+(see `PoolBackend.run_fused`): one round trip and one connection where there were several. No timer is involved: a lone read waits one turn
 of the loop, not a clock.
 
 Fusion serves a quiet service (few runs, most connections free): while fewer than half of
@@ -14,7 +14,7 @@ answers one node for each of a dozen runs does more than one that answers three 
 run, and a connection taken by a fused statement under load is one the batches wait for.
 (Measured: fusing whenever a connection was free cut the seed flow's throughput at 200 runs
 in flight by a third; BENCHMARKS.md.) Each node keeps its own value, type, state and error: a
-failure inside the fused statement makes each member run again alone, and a member's own
+failure inside the fused statement makes each member run again separately, and a member's own
 timeout or cancellation ends only its own wait.
 """
 
@@ -24,17 +24,10 @@ import asyncio
 from typing import Any
 
 from planner.config import env_on
-from planner.kinds.backend import ALONE, Backend, Outcome, Query, WrappingBackend, own_error
+from planner.db.batcher import Batch, Batcher
+from planner.kinds.backend import ALONE, Backend, Outcome, Query, WrappingBackend
 
 FUSE_BELOW = 0.5  # fuse while fewer than this share of the pool's connections are in use
-
-
-class _Group:
-    __slots__ = ("members", "task")
-
-    def __init__(self) -> None:
-        self.members: list[tuple[Query, asyncio.Future[Any]]] = []
-        self.task: asyncio.Task[None] | None = None
 
 
 class FusingBackend(WrappingBackend):
@@ -43,86 +36,48 @@ class FusingBackend(WrappingBackend):
     def __init__(self, inner: Backend, *, enabled: bool | None = None) -> None:
         super().__init__(inner)
         self.enabled = env_on("PLANNER_FUSE") if enabled is None else enabled
-        self._groups: dict[int, _Group] = {}
+        # One batch per run (the id of its `Query.run`), dispatched on the loop's next turn.
+        self._batcher: Batcher[Query] = Batcher(self._send)
         self.fused = 0  # statements that served more than one node (a figure for benchmarks)
 
     async def run(self, query: Query) -> Any:
         if not self.enabled or not query.node.fuse or query.run is None or ALONE.get():
             return await self.inner.run(query)
         key = id(query.run)
-        group = self._groups.get(key)
-        if group is None:
-            group = self._groups[key] = _Group()
-            asyncio.get_running_loop().call_soon(self._flush, key)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        group.members.append((query, future))
-        try:
-            value = await future
-        except asyncio.CancelledError:
-            if group.task is not None and all(f.done() for _, f in group.members):
-                group.task.cancel()  # nobody waits: cancel the statement on the server
-            raise
-        if value is _ALONE:  # sent from the node's own task: its cancellation reaches the server
+        batch = self._batcher.pending(key)
+        if batch is None:
+            batch = self._batcher.open(key)
+        value = await batch.wait(batch.join(query))
+        if value is _DIRECT:  # sent from the node's own task: its cancellation reaches the server
             return await self.inner.run(query)
         return value
 
-    def _flush(self, key: int) -> None:
-        group = self._groups.pop(key)
-        live = [(q, f) for q, f in group.members if not f.done()]
-        if not live:
-            return
-        if len(live) == 1 or not self.inner.idle(FUSE_BELOW):
-            _send_alone(live)
-            return
-        group.task = asyncio.get_running_loop().create_task(self._send(live))
-
-    async def _alone(self, query: Query, future: asyncio.Future[Any]) -> None:
-        try:
-            value = await self.inner.run(query)
-        except Exception as exc:
-            _deliver(future, (None, exc))
-        else:
-            _deliver(future, (value, None))
-
-    async def _send(self, members: list[tuple[Query, asyncio.Future[Any]]]) -> None:
-        # Asked again, now: the groups flushed in one turn all saw the pool as it was before any
-        # of them took a connection (a burst of runs would fuse them all, far past FUSE_BELOW).
-        # From here to the pool counting its connection nothing yields, so the answer holds.
-        if not self.inner.idle(FUSE_BELOW):
-            _send_alone(members)
-            return
-        queries = [q for q, _ in members]
-        try:
-            outcomes = await self.inner.run_fused(queries)
-        except Exception as exc:
-            # Every member fails, each with an error object of its own: each node raises it.
-            for index, (_, future) in enumerate(members):
-                _deliver(future, (None, exc if index == 0 else own_error(exc)))
-            return
-        if outcomes is None:  # not fusible (a column type that cannot travel in an array): each alone
-            await asyncio.gather(*(self._alone(q, f) for q, f in members))
-            return
+    async def _send(self, batch: Batch[Query]) -> list[Outcome]:
+        # The batch's first step, one turn after its first member joined: its siblings have too.
+        members = batch.start()
+        # From this question to the pool counting the fused statement's connection nothing
+        # yields, so the answer holds: the batches of a burst of runs see each other's.
+        if len(members) < 2 or not self.inner.idle(FUSE_BELOW):
+            return [(_DIRECT, None)] * len(members)
+        queries = [member.item for member in members]
+        # A failure of the fused statement itself: every member fails, each with an error object
+        # of its own (the batcher's), and each node raises it.
+        outcomes = await self.inner.run_fused(queries)
+        if outcomes is None:  # not fusible (a column type that cannot travel in an array): each separately
+            batch.shared = False
+            return list(await asyncio.gather(*(self._separately(q) for q in queries)))
         self.fused += 1
-        for (query, future), outcome in zip(members, outcomes, strict=True):
-            query.served.fused = len(members)
-            _deliver(future, outcome)
+        for query in queries:
+            query.served.fused = len(queries)
+        return outcomes
+
+    async def _separately(self, query: Query) -> Outcome:
+        try:
+            return (await self.inner.run(query), None)
+        except Exception as exc:
+            return (None, exc)
 
 
-_ALONE = object()
-"""What a member's future holds when it is to go on its own (from its own task)."""
-
-
-def _send_alone(members: list[tuple[Query, asyncio.Future[Any]]]) -> None:
-    for _query, future in members:
-        if not future.done():
-            future.set_result(_ALONE)
-
-
-def _deliver(future: asyncio.Future[Any], outcome: Outcome) -> None:
-    if future.done():
-        return
-    value, error = outcome
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
+_DIRECT = object()
+"""A member's value when it is to go direct, from its own task: it is the only member, or the
+pool is too busy to fuse."""
