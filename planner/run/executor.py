@@ -108,7 +108,7 @@ class _Run:
     """The state of one run. Every node ends in `results` exactly once, through `_settle`."""
 
     __slots__ = ("flow", "bound", "values", "mode", "overrides", "observers", "recorder", "run_id", "loop", "t0",
-                 "active", "ready", "results", "tasks", "started", "attempts", "held", "limit", "queue", "released",
+                 "active", "ready", "results", "tasks", "started", "attempts", "served_args", "limit", "queue", "released",
                  "outstanding", "wake", "phase", "failed_node", "eager", "on_done", "release", "on_error", "degraded")
 
     def __init__(self, flow: CompiledFlow, bound: dict[str, BoundNode], values: dict[str, Any], mode: Mode,
@@ -134,9 +134,9 @@ class _Run:
         self.tasks: dict[str, asyncio.Task[Any]] = {}
         self.started: dict[str, float] = {}
         self.attempts: dict[str, int] = {}
-        self.held: dict[str, Any] = {}  # args of running nodes whose kind reports how it was served
+        self.served_args: dict[str, Any] = {}  # args of started nodes whose kind reports how it was served
         self.limit = flow.settings.max_concurrency or 1 << 30
-        self.queue: deque[tuple[BoundNode, Any]] = deque()  # ready with their args, held back by max_concurrency
+        self.queue: deque[tuple[BoundNode, Any]] = deque()  # ready with their args, waiting for max_concurrency
         self.released: deque[str] = deque()
         self.outstanding = 0
         self.wake: asyncio.Future[None] = self.loop.create_future()
@@ -177,7 +177,7 @@ class _Run:
                 output, bad_output = flow_output(self.flow, self.values, self.results, self.run_id)
             status = "timeout" if timed_out else "failed" if self.phase is Phase.FAILED or bad_output else "ok"
             ledger = Ledger(self.flow, self.bound, self.run_id, self.mode, self.results, self.started, self.attempts,
-                            self.held, degraded=self.degraded, failed_node=self.failed_node, on_error=self.on_error,
+                            self.served_args, degraded=self.degraded, failed_node=self.failed_node, on_error=self.on_error,
                             status=status, elapsed_ms=self._now())
             if self.recorder is not None:
                 self.recorder.run_ended(ledger)  # the nodes settled so far; not those `finish` adds
@@ -238,7 +238,7 @@ class _Run:
         else:
             coro = policy.attempts(node, args, partial(self.attempts.__setitem__, name), self.flow.name, self.run_id)
         if node.served is not None:
-            self.held[name] = args
+            self.served_args[name] = args
         if self.observers:
             for observer in self.observers:
                 coro = observer.node_started(self.flow.name, self.run_id, name, node.spec.kind, coro)
@@ -292,7 +292,7 @@ class _Run:
             self._wake()
 
     def _observe_settled(self, name: str) -> None:
-        result = node_result(self.results[name], self.bound[name], self.held.get(name), self.attempts.get(name, 1))
+        result = node_result(self.results[name], self.bound[name], self.served_args.get(name), self.attempts.get(name, 1))
         for observer in self.observers:
             observer.node_settled(self.flow.name, self.run_id, name, result)
 
@@ -322,7 +322,7 @@ class _Run:
             await asyncio.wait(pending, timeout=STOP_GRACE_S)  # cancelled again while cleaning up
             raise
         if stuck:
-            # A node that swallows cancellation must not hold the run past its deadline.
+            # A node that swallows cancellation must not keep the run going past its deadline.
             names = sorted(name for name, task in self.tasks.items() if task in stuck)
             logger.error("flow %s: %d node(s) ignored cancellation and were left running: %s", self.flow.name,
                          len(stuck), ", ".join(names), extra={"flow": self.flow.name, "run_id": self.run_id})

@@ -34,22 +34,22 @@ class Ledger:
     `finish` adds those that never did (cancelled before they started) before the result is built.
     """
 
-    __slots__ = ("flow", "bound", "run_id", "mode", "records", "started", "attempts", "held", "degraded",
+    __slots__ = ("flow", "bound", "run_id", "mode", "records", "started", "attempts", "served_args", "degraded",
                  "failed_node", "on_error", "status", "elapsed_ms")
 
     def __init__(self, flow: CompiledFlow, bound: Mapping[str, BoundNode], run_id: str, mode: str,
                  records: dict[str, Record], started: dict[str, float], attempts: dict[str, int],
-                 held: dict[str, Any], *, degraded: bool, failed_node: str | None, on_error: OnError,
+                 served_args: dict[str, Any], *, degraded: bool, failed_node: str | None, on_error: OnError,
                  status: str, elapsed_ms: float) -> None:
         self.flow, self.bound, self.run_id, self.mode = flow, bound, run_id, mode
-        self.records, self.started, self.attempts, self.held = records, started, attempts, held
+        self.records, self.started, self.attempts, self.served_args = records, started, attempts, served_args
         self.degraded, self.failed_node, self.on_error = degraded, failed_node, on_error
         self.status = status  # ok, failed or timeout (as FlowResult.status)
         self.elapsed_ms = elapsed_ms
 
     def node_result(self, name: str) -> NodeResult:
         """The `NodeResult` of a settled node."""
-        return node_result(self.records[name], self.bound[name], self.held.get(name), self.attempts.get(name, 1))
+        return node_result(self.records[name], self.bound[name], self.served_args.get(name), self.attempts.get(name, 1))
 
     def node_results(self) -> dict[str, NodeResult]:
         """Every node's `NodeResult`, in the flow's order."""
@@ -63,7 +63,7 @@ class Ledger:
     def served(self) -> Iterator[tuple[str, Served, int]]:
         """(node, how it was served, attempts) for each SQL node that was started and settled."""
         records, bound, attempts = self.records, self.bound, self.attempts
-        for name, args in self.held.items():
+        for name, args in self.served_args.items():
             if name in records:
                 served = bound[name].served(args)  # type: ignore[misc]
                 if served is not None:
