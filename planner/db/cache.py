@@ -10,9 +10,10 @@
 - A value is kept per (flow, node, statement texts, fetch, parameters) for the node's duration,
   in a bounded LRU (`cachetools.TLRUCache`: a time-to-use per entry, least recently used
   evicted first when full).
-- Single flight: concurrent misses for one key send one statement. It runs in a task of its own,
-  awaited by every run that asked; a run that gives up (cancelled, its deadline) leaves the
-  others waiting, and the statement is cancelled only when nobody waits any more.
+- Single flight: concurrent misses for one key send one statement. It runs in a task of its own
+  (a batch of one member, `planner.db.batcher`), awaited by every run that asked; a run that
+  gives up (cancelled, its deadline) leaves the others waiting, and the statement is cancelled
+  only when nobody waits any more.
 - Only values the inner backend returned are kept: never an error (each waiting run gets the
   failure as its own attempt's, and its own retry policy decides) and never a node's default
   (defaults are applied above the backend, by the executor).
@@ -44,12 +45,13 @@ import os
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from cachetools import TLRUCache
 
 from planner.config import env_on
-from planner.kinds.backend import Backend, Query, WrappingBackend, freeze, own_error, private_copy
+from planner.db.batcher import Batch, Batcher
+from planner.kinds.backend import Backend, Outcome, Query, WrappingBackend, freeze, private_copy
 
 DEFAULT_SIZE = 4096
 """How many values a `CacheBackend` keeps at most (all nodes together) before evicting the least
@@ -121,16 +123,6 @@ def _expires(key: Key, value: Any, now: float) -> float:
     return now + ttl
 
 
-class _Flight:
-    """One statement in flight for a key, and how many runs wait for it."""
-
-    __slots__ = ("task", "waiters")
-
-    def __init__(self, task: asyncio.Task[Any]) -> None:
-        self.task = task
-        self.waiters = 0
-
-
 class CacheBackend(WrappingBackend):
     """Serves `cache:` nodes from memory; passes every other query to `inner` untouched.
 
@@ -159,7 +151,8 @@ class CacheBackend(WrappingBackend):
         self.maxsize = maxsize
         self._timer = timer
         self._store = _Store(maxsize, timer)
-        self._inflight: dict[Key, _Flight] = {}
+        # Single flight: one batch per key, of one member that every run missing it waits for.
+        self._flights: Batcher[Query] = Batcher(self._fetch, private=True)
         self._gens: dict[Pair, int] = {}  # every (flow, node) seen; bumped by each invalidation
         self._hits = self._misses = self._joined = self._invalidations = self._dropped = self._uncacheable = 0
         self._untrusted = 0
@@ -197,32 +190,17 @@ class CacheBackend(WrappingBackend):
             self._hits += 1
             query.served.cached = True
             return private_copy(found)
-        flight = self._inflight.get(key)
+        flight = self._flights.pending(key)
         if flight is None:
             self._misses += 1
             query.served.cached = False  # a retry of a run that joined a flight before
             query.fresh_after = self._fence(pair)
-            flight = self._inflight[key] = _Flight(asyncio.get_running_loop().create_task(self._fetch(key, query)))
-            flight.task.add_done_callback(_retrieve)
+            flight = self._flights.open(key)
         else:
             self._joined += 1
             query.served.cached = True  # no statement was sent for this run
-        flight.waiters += 1
-        try:
-            value = await asyncio.shield(flight.task)
-        except asyncio.CancelledError:
-            flight.waiters -= 1
-            if flight.waiters == 0 and not flight.task.done():
-                # Nobody waits any more: stop the statement, and let the next miss start afresh.
-                if self._inflight.get(key) is flight:
-                    del self._inflight[key]
-                flight.task.cancel()
-            raise
-        except Exception as exc:
-            flight.waiters -= 1
-            raise own_error(exc) from exc.__cause__  # the flight's own object stays the task's
-        flight.waiters -= 1
-        return private_copy(value)
+        # Every run gets its own copy of the value (it is kept) and of the error.
+        return await flight.wait(flight.join(query, share=key))
 
     async def peek(self, query: Query) -> tuple[bool, Any]:
         """For compiled groups (`planner.compile.runner`): `(True, a private copy)` of the kept
@@ -271,22 +249,14 @@ class CacheBackend(WrappingBackend):
         return ((node.flow, node.name), generation, ttl, tuple(s.text for s in node.statements), node.fetch,
                 freeze(query.params))
 
-    async def _fetch(self, key: Key, query: Query) -> Any:
-        try:
-            value = await self.inner.run(query)
-        except BaseException:
-            self._landed(key)
-            raise
+    async def _fetch(self, flight: Batch[Query]) -> list[Outcome]:
+        """The statement of a flight (`_flights`): open to newcomers until its value lands."""
+        key = cast(Key, flight.key)
+        value = await self.inner.run(flight.members[0].item)
         # Kept only if no invalidation came meanwhile (the write may have happened after the read).
         if self._gens.get(key[_PAIR]) == key[_GEN]:
             self._store[key] = value  # the inner backend's own object: nobody else refers to it
-        self._landed(key)
-        return value
-
-    def _landed(self, key: Key) -> None:
-        flight = self._inflight.get(key)
-        if flight is not None and flight.task is asyncio.current_task():
-            del self._inflight[key]
+        return [(value, None)]
 
     # --- the channel between processes ---------------------------------------------------
 
@@ -435,10 +405,3 @@ class CacheBackend(WrappingBackend):
         size = self.size if expire else len(self._store)
         return CacheStats(self.enabled, self._hits, self._misses, self._joined, size, self.maxsize,
                           self._invalidations, self._dropped, self._uncacheable, self._untrusted, self.trusted)
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    """Mark a flight's failure as seen: the runs that waited re-raise their own copies."""
-    if not task.cancelled():
-        task.exception()
-
