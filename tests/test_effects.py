@@ -28,7 +28,7 @@ from planner.db.judge import BUILTIN_EFFECTS as BUILTIN_QUERY
 from planner.db.judge import resolve
 from planner.lang import probe
 from planner.lang.builtin_effects import BUILTIN_EFFECTS
-from planner.lang.effects import UNRESOLVED, Decisions, Effects, as_run, decide, of_syntax
+from planner.lang.effects import UNRESOLVED, Decisions, Effects, as_allowed, decide, of_syntax
 from planner.lang.probe import body_probe_texts, probe_text
 from planner.testing.pytest_plugin import server_folder
 from planner.views.validate import validate_paths
@@ -257,8 +257,8 @@ def test_a_write_keeps_coalescing_only_when_its_author_says_so() -> None:
     spec = "nodes:\n  n: {sql: 'SELECT claim_job() AS j', fetch: one, coalesce: true}\n"
     node = load_flow(text=spec, name="t").nodes["n"]
     verdict = Effects(pure=False, resolved=True, reasons=("calls volatile function claim_job()",))
-    run = as_run(node, verdict)
-    assert (run.coalesce, run.read_only, run.fuse, run.replica) == (True, False, False, False)
+    allowed = as_allowed(node, verdict)
+    assert (allowed.coalesce, allowed.read_only, allowed.fuse, allowed.replica) == (True, False, False, False)
 
 
 def test_parameters_become_typed_nulls_on_the_tree_never_pasted_values() -> None:

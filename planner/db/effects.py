@@ -1,8 +1,8 @@
-"""`EffectsBackend`, the outermost wrapper of a `Planner`'s stack: each query runs as the node its
-statement's verdict allows (`planner.lang.effects.as_run`), so that the cache, replica routing,
+"""`EffectsBackend`, the outermost wrapper of a `Planner`'s stack: each query is sent on as the node
+its statement's verdict allows (`planner.lang.effects.as_allowed`), so that the cache, replica routing,
 fusion and coalescing below it decide from one verdict. The verdict is the server's
 (`planner.db.catalog.Catalog`); a statement that fails because the schema changed under it is
-asked again at its next run.
+asked again before it is next sent.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 from planner.db.catalog import Catalog
 from planner.errors import QueryError
 from planner.kinds.backend import Backend, Query, WrappingBackend
-from planner.lang.effects import Effects, as_run, of_syntax
+from planner.lang.effects import Effects, as_allowed, of_syntax
 
 # What a statement whose objects changed under it gets: a cached plan that must not change its
 # result type (0A000), a column, table, function or type gone or changed (42703, 42P01, 42883,
@@ -21,7 +21,7 @@ _SCHEMA_CHANGED = frozenset({"0A000", "42703", "42P01", "42883", "42704", "42804
 
 
 class EffectsBackend(WrappingBackend):
-    """Gives each query the node its statement's verdict allows (`planner.lang.effects.as_run`).
+    """Gives each query the node its statement's verdict allows (`planner.lang.effects.as_allowed`).
 
     With `catalog` None (a backend of the caller's own without planner's pool) it passes every
     query on as compiled: its effects are judged by syntax alone (`planner.lang.sqlinfo`)."""
@@ -43,7 +43,7 @@ class EffectsBackend(WrappingBackend):
                 if not (catalog.current(before) or await catalog.effects(before)).pure:
                     after_write = True
                     break
-        query.node = as_run(node, effects, after_write=after_write)
+        query.node = as_allowed(node, effects, after_write=after_write)
         try:
             return await self.inner.run(query)
         except QueryError as exc:

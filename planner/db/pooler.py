@@ -16,7 +16,7 @@ from urllib.parse import unquote
 import asyncpg
 
 from planner.db.synced import SyncedConnection
-from planner.db.wire import Check, Expected, StaleResult, Wire, install, may_run_again
+from planner.db.wire import Check, Expected, StaleResult, Wire, install, may_send_again
 from planner.errors import DatabaseUnavailable
 
 logger = logging.getLogger("planner")
@@ -152,7 +152,7 @@ def _children(node: Any) -> list[Any]:
 class PoolerConnection(SyncedConnection):
     """A connection behind a transaction pooler. asyncpg's statement cache is off there (its
     named statements would not survive the transaction), so asyncpg sends every statement
-    unnamed: one round trip to describe it, a second to run it. This keeps what the server
+    unnamed: one round trip to describe it, a second to execute it. This keeps what the server
     said of each statement (parameter and column types) and sends it unnamed again with each
     use (Parse, Describe, Bind, Execute, Sync): one round trip, on whatever server connection
     the pooler picks.
@@ -160,7 +160,7 @@ class PoolerConnection(SyncedConnection):
     A description is never trusted blindly (`planner.db.wire`): each use pins its parameter types
     in the Parse and compares the column types the server announces with it before a row is
     decoded. After a migration (`int8 -> float8`, a column added under `SELECT *`, a view
-    redefined) a statement proven free of effects runs again, described afresh (the right
+    redefined) a statement proven free of effects is sent again, described afresh (the right
     value); any other raises `StaleResult` naming the column (a clear error, its rows never
     decoded with the old types). A description is also dropped after `DESCRIBED_S` and after
     any error. Where the wire cannot be watched, no description is kept (see `wire.install`)."""
@@ -229,15 +229,15 @@ class PoolerConnection(SyncedConnection):
             if check.stale is None:
                 return result
             self._drop_described()
-            # A read proven free of effects runs again; anything else might write (a job claimed twice).
+            # A read proven free of effects is sent again; anything else might write (a job claimed twice).
             # The effects model's verdict decides (`wire.repeatable`), never the functions' names.
-            again = attempt == 1 and may_run_again()
+            again = attempt == 1 and may_send_again()
             logger.info("a statement's result changed since planner described it (%s)%s", check.stale,
-                        ": it runs again, described afresh" if again else "")
+                        ": it is sent again, described afresh" if again else "")
             if not again:
                 raise StaleResult(
                     f"the statement's result changed since planner described it: {check.stale} (a migration?). "
-                    "It ran on the server (in a transaction, that is rolled back with it), and its rows "
+                    "It was executed on the server (in a transaction, that is rolled back with it), and its rows "
                     "were not returned: decoded as the old types they would have been wrong values. "
                     "It is described afresh from its next use.") from failure
         raise AssertionError("unreachable")  # pragma: no cover
@@ -254,7 +254,7 @@ class PoolerConnection(SyncedConnection):
             self._drop_described()
             raise asyncpg.exceptions.ProtocolError(
                 f"{exc}: the statement's result changed since planner described it (a migration?); "
-                "it ran, and it is described again from its next use") from exc
+                "it was executed, and it is described again from its next use") from exc
         except BaseException:
             self._drop_described()  # perhaps a description gone stale: ask again
             raise

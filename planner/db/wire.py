@@ -19,7 +19,7 @@ What. Each execution's Parse goes out with
 `Wire` reads that answer as it arrives, before asyncpg decodes a row, and compares each
 column's name and type with the description the rows will be decoded with. A difference makes
 the execution *stale*: its decoded rows are never returned. `PoolerConnection` then drops its
-descriptions and runs a statement proven free of effects again, described afresh (`repeatable`),
+descriptions and sends a statement proven free of effects again, described afresh (`repeatable`),
 and raises `StaleResult`, naming the column and both types, for any other.
 
 How (asyncpg internals, pinned by tests/test_wire.py against `ASYNCPG_CHECKED`). asyncpg's
@@ -62,7 +62,7 @@ _DESCRIBE_STATEMENT = b"D" + _INT32.pack(6) + b"S\x00"  # Describe, statement, u
 # ParameterDescription, and the asynchronous ones (notice, parameter status, notification).
 _BEFORE = frozenset(b"1tNSA")
 
-# Whether the statement being run may run again when its result turned out stale: only when
+# Whether the statement being executed may be sent again when its result turned out stale: only when
 # the one effects model (`planner.lang.effects`, the catalog's verdict) proved it free of
 # effects. Set by whoever knows the verdict (`planner.db.pool.PoolBackend`); not repeatable
 # unless said.
@@ -71,8 +71,8 @@ _repeatable: contextvars.ContextVar[bool] = contextvars.ContextVar("planner_wire
 
 @contextlib.contextmanager
 def repeatable(pure: bool) -> Iterator[None]:
-    """Within this block, a statement whose result changed type under its description runs
-    again, described afresh, if `pure` (the statement's effects verdict proved it reads only);
+    """Within this block, a statement whose result changed type under its description is
+    sent again, described afresh, if `pure` (the statement's effects verdict proved it reads only);
     else it fails with `StaleResult`."""
     token = _repeatable.set(pure)
     try:
@@ -81,8 +81,8 @@ def repeatable(pure: bool) -> Iterator[None]:
         _repeatable.reset(token)
 
 
-def may_run_again() -> bool:
-    """Whether the statement being run was proven free of effects (see `repeatable`)."""
+def may_send_again() -> bool:
+    """Whether the statement being executed was proven free of effects (see `repeatable`)."""
     return _repeatable.get()
 
 

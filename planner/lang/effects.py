@@ -20,7 +20,7 @@ mechanisms, all from the one verdict:
 | `replica` | yes, unless a node it follows may write | never: the primary |
 | `write`: later nodes of the run read their own writes (the primary) | no | yes |
 
-`as_run(node, effects)` is the node as the database wrappers see it: a node whose statement is
+`as_allowed(node, effects)` is the node as its verdict allows it, as the database wrappers see it: a node whose statement is
 not proven pure loses `read_only`, `fuse`, `cache_ttl` and `replica`, and keeps `coalesce`
 only when its author wrote `coalesce: true`. The wrappers (cache, replica routing, fusion,
 coalescing, the pool's batch path) read those fields and nothing else, so they cannot
@@ -102,7 +102,7 @@ def decide(node: CompiledNode, effects: Effects, *, after_write: bool = False) -
     )
 
 
-def as_run(node: CompiledNode, effects: Effects, *, after_write: bool = False) -> CompiledNode:
+def as_allowed(node: CompiledNode, effects: Effects, *, after_write: bool = False) -> CompiledNode:
     """`node` with its sharing fields set from `decide` (the node itself when nothing changes)."""
     if effects.pure and not after_write:
         return node  # the compiled fields already say what a pure statement may do (the hot path)
