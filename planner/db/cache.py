@@ -123,6 +123,61 @@ def _expires(key: Key, value: Any, now: float) -> float:
     return now + ttl
 
 
+class _Values:
+    """What a cache keeps and what an invalidation changes there: the values (a `_Store`), the
+    generation of every (flow, node) seen (bumped by each invalidation that names it: a value
+    read at an older one is not kept) and the fences (when an invalidation last named what)."""
+
+    __slots__ = ("store", "gens", "fences", "_maxsize", "_timer")
+
+    def __init__(self, maxsize: int, timer: Callable[[], float]) -> None:
+        self._maxsize, self._timer = maxsize, timer
+        self.store = _Store(maxsize, timer)
+        self.gens: dict[Pair, int] = {}  # every (flow, node) seen; bumped by each invalidation
+        # When an invalidation last named (flow, node) (None: any): a refill must be as fresh.
+        # On planner's clock (`time.monotonic`), never the injectable `timer`: a replica compares it.
+        self.fences: dict[tuple[str | None, str | None], float] = {}
+
+    def generation(self, pair: Pair) -> int:
+        return self.gens.setdefault(pair, 0)
+
+    def keep(self, key: Key, value: Any) -> None:
+        """Keep `value` unless an invalidation came since `key`'s generation (the write may have
+        happened after the read)."""
+        if self.gens.get(key[_PAIR]) == key[_GEN]:
+            self.store[key] = value
+
+    def invalidate(self, flow: str | None, node: str | None) -> int:
+        """Drop what (flow, node) names (None: any), seen here or not: a refill of it must see
+        every write committed by now. Returns how many values were dropped."""
+        store, gens, dropped = self.store, self.gens, 0
+        for pair in [p for p in gens if (node is None or p[1] == node) and (flow is None or p[0] == flow)]:
+            gens[pair] += 1
+            for key in store.index.pop(pair, ()):
+                if store.pop(key, _MISSING) is not _MISSING:
+                    dropped += 1
+        self.fences[(flow, node)] = time.monotonic()
+        return dropped
+
+    def forget_all(self, *, fence: bool = True) -> None:
+        for pair in self.gens:
+            self.gens[pair] += 1
+        self.store = _Store(self._maxsize, self._timer)
+        if fence:
+            self.fences.clear()
+            self.fences[(None, None)] = time.monotonic()
+
+    def fence(self, pair: Pair) -> float | None:
+        """The latest invalidation that named `pair`: its refill must be at least that fresh."""
+        fences = self.fences
+        if not fences:
+            return None
+        flow, node = pair
+        times = [t for t in (fences.get(pair), fences.get((flow, None)), fences.get((None, node)),
+                             fences.get((None, None))) if t is not None]
+        return max(times) if times else None
+
+
 class CacheBackend(WrappingBackend):
     """Serves `cache:` nodes from memory; passes every other query to `inner` untouched.
 
@@ -149,17 +204,12 @@ class CacheBackend(WrappingBackend):
         self._first_state: asyncio.Event | None = None
         self._origin = os.urandom(6).hex()  # who sent a notification: our own are not news
         self.maxsize = maxsize
-        self._timer = timer
-        self._store = _Store(maxsize, timer)
+        self._values = _Values(maxsize, timer)
         # Single flight: one batch per key, of one member that every run missing it waits for.
         self._flights: Batcher[Query] = Batcher(self._fetch, private=True)
-        self._gens: dict[Pair, int] = {}  # every (flow, node) seen; bumped by each invalidation
         self._hits = self._misses = self._joined = self._invalidations = self._dropped = self._uncacheable = 0
         self._untrusted = 0
         self._sends: set[asyncio.Task[None]] = set()
-        # When an invalidation last named (flow, node) (None: any): a refill must be as fresh.
-        # On planner's clock (`time.monotonic`), never the injectable `timer`: a replica compares it.
-        self._fences: dict[tuple[str | None, str | None], float] = {}
 
     # --- running ------------------------------------------------------------------------
 
@@ -170,17 +220,15 @@ class CacheBackend(WrappingBackend):
         return self._cached(query, ttl)
 
     async def _cached(self, query: Query, ttl: float) -> Any:
-        if not self.trusted:
-            await self._listen()  # the first cached reads of a process wait until it listens
-            if not self.trusted:
-                self._untrusted += 1
-                return await self.inner.run(query)  # served by the database until the channel is back
+        if not self.trusted and not await self._trusted_after_listening():
+            return await self.inner.run(query)  # served by the database until the channel is back
         node = query.node
         pair = (node.flow, node.name)
-        gen = self._gens.setdefault(pair, 0)
+        values = self._values
         try:
-            key = (pair, gen, ttl, tuple(s.text for s in node.statements), node.fetch, freeze(query.params))
-            found = self._store[key]
+            key = (pair, values.generation(pair), ttl, tuple(s.text for s in node.statements), node.fetch,
+                   freeze(query.params))
+            found = values.store[key]
         except KeyError:
             pass
         except TypeError:  # a parameter that cannot be hashed: run it, uncached
@@ -194,7 +242,7 @@ class CacheBackend(WrappingBackend):
         if flight is None:
             self._misses += 1
             query.served.cached = False  # a retry of a run that joined a flight before
-            query.fresh_after = self._fence(pair)
+            query.fresh_after = values.fence(pair)
             flight = self._flights.open(key)
         else:
             self._joined += 1
@@ -208,15 +256,10 @@ class CacheBackend(WrappingBackend):
         first one of a process waits for the channel between processes, as a cached read does."""
         node = query.node
         ttl = node.cache_ttl
-        if ttl is None or not self.enabled:
+        if ttl is None or not self.enabled or (not self.trusted and not await self._trusted_after_listening()):
             return False, None
-        if not self.trusted:
-            await self._listen()
-            if not self.trusted:
-                self._untrusted += 1
-                return False, None
         try:
-            found = self._store[self._key(query, ttl, self._gens.setdefault((node.flow, node.name), 0))]
+            found = self._values.store[self._key(query, ttl, self._values.generation((node.flow, node.name)))]
         except KeyError:
             self._misses += 1
             return False, None
@@ -231,17 +274,17 @@ class CacheBackend(WrappingBackend):
         """The generation of `node`'s values now, for `keep`; None when nothing may be kept."""
         if not self.enabled or not self.trusted:
             return None
-        return self._gens.setdefault((flow, node), 0)
+        return self._values.generation((flow, node))
 
     def keep(self, query: Query, value: Any, generation: int) -> None:
         """Keep `value`, found for `query` by a compiled statement sent at `generation`, unless
         an invalidation came since (the rule a statement of its own follows)."""
         node = query.node
-        if (node.cache_ttl is None or not self.enabled or not self.trusted
-                or self._gens.get((node.flow, node.name)) != generation):
+        if node.cache_ttl is None or not self.enabled or not self.trusted:
             return
         with contextlib.suppress(TypeError):
-            self._store[self._key(query, node.cache_ttl, generation)] = private_copy(value)  # the run keeps `value`
+            # The run keeps `value`: a copy is kept.
+            self._values.keep(self._key(query, node.cache_ttl, generation), private_copy(value))
 
     @staticmethod
     def _key(query: Query, ttl: float, generation: int) -> Key:
@@ -251,14 +294,19 @@ class CacheBackend(WrappingBackend):
 
     async def _fetch(self, flight: Batch[Query]) -> list[Outcome]:
         """The statement of a flight (`_flights`): open to newcomers until its value lands."""
-        key = cast(Key, flight.key)
         value = await self.inner.run(flight.members[0].item)
-        # Kept only if no invalidation came meanwhile (the write may have happened after the read).
-        if self._gens.get(key[_PAIR]) == key[_GEN]:
-            self._store[key] = value  # the inner backend's own object: nobody else refers to it
+        self._values.keep(cast(Key, flight.key), value)  # the inner backend's own object: nobody else refers to it
         return [(value, None)]
 
     # --- the channel between processes ---------------------------------------------------
+
+    async def _trusted_after_listening(self) -> bool:
+        """Asked while values are not trusted: whether they are once the first cached reads of
+        a process have waited for it to listen. A query that finds them untrusted is counted."""
+        await self._listen()
+        if not self.trusted:
+            self._untrusted += 1
+        return self.trusted
 
     async def _listen(self) -> None:
         if self.channel is None:
@@ -278,7 +326,7 @@ class CacheBackend(WrappingBackend):
         if listening and not self.trusted:
             # What was kept before may have gone stale while nobody listened, and so may what a
             # lagging replica would refill it with. (On the first connection nothing was kept.)
-            self._forget_all(fence=self._first_state is not None and self._first_state.is_set())
+            self._values.forget_all(fence=self._first_state is not None and self._first_state.is_set())
         self.trusted = listening
         if self._first_state is not None:
             self._first_state.set()
@@ -289,13 +337,11 @@ class CacheBackend(WrappingBackend):
             return  # our own: already dropped here
         flow, _, node = rest.partition("\t")
         if flow == "*" and node in ("*", ""):
-            self._forget_all()
+            self._values.forget_all()
             return
         # A node in every flow (`*`), or one pair; named even if this process never ran it:
         # its first read here must not come from before the write either.
-        pattern = (None if flow == "*" else flow, None if node == "*" else node)
-        self._dropped += self._drop(self._matching(*pattern))
-        self._fenced(*pattern)
+        self._dropped += self._values.invalidate(None if flow == "*" else flow, None if node == "*" else node)
 
     def _publish(self, pairs: Iterable[tuple[str | None, str | None]] | None) -> None:
         """Tell the other processes (in the background: the run does not wait for it)."""
@@ -316,31 +362,6 @@ class CacheBackend(WrappingBackend):
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
 
-    def _forget_all(self, *, fence: bool = True) -> None:
-        for pair in self._gens:
-            self._gens[pair] += 1
-        self._store = _Store(self.maxsize, self._timer)
-        if fence:
-            self._fences.clear()
-            self._fenced(None, None)
-
-    def _fenced(self, flow: str | None, node: str | None) -> None:
-        """Refills of what (flow, node) names (None: any) must see every write committed by now."""
-        self._fences[(flow, node)] = time.monotonic()
-
-    def _fence(self, pair: Pair) -> float | None:
-        """The latest invalidation that named `pair`: its refill must be at least that fresh."""
-        fences = self._fences
-        if not fences:
-            return None
-        flow, node = pair
-        times = [t for t in (fences.get(pair), fences.get((flow, None)), fences.get((None, node)),
-                             fences.get((None, None))) if t is not None]
-        return max(times) if times else None
-
-    def _matching(self, flow: str | None, node: str | None) -> list[Pair]:
-        return [p for p in self._gens if (node is None or p[1] == node) and (flow is None or p[0] == flow)]
-
     # --- invalidation -------------------------------------------------------------------
 
     def invalidate(self, node: str | None = None, *, flow: str | None = None) -> int:
@@ -349,24 +370,13 @@ class CacheBackend(WrappingBackend):
         self._invalidations += 1
         if node is None and flow is None:
             dropped = self.size
-            self._forget_all()
+            self._values.forget_all()
             self._publish(None)
         else:
-            dropped = self._drop(self._matching(flow, node))
-            self._fenced(flow, node)
+            dropped = self._values.invalidate(flow, node)
             # What was asked, not the pairs seen here: another process may hold a node this one never ran.
             self._publish([(flow, node)])
         self._dropped += dropped
-        return dropped
-
-    def _drop(self, pairs: Iterable[Pair]) -> int:
-        store, gens, dropped = self._store, self._gens, 0
-        for pair in pairs:
-            if pair in gens:
-                gens[pair] += 1
-            for key in store.index.pop(pair, ()):
-                if store.pop(key, _MISSING) is not _MISSING:
-                    dropped += 1
         return dropped
 
     def invalidating(self, flow: str, nodes: Iterable[str], run: NodeRun) -> NodeRun:
@@ -379,9 +389,7 @@ class CacheBackend(WrappingBackend):
         async def run_then_invalidate(args: Any) -> Any:
             value = await run(args)
             self._invalidations += 1
-            self._dropped += self._drop(pairs)
-            for pair in pairs:
-                self._fenced(*pair)
+            self._dropped += sum(self._values.invalidate(*pair) for pair in pairs)
             self._publish(pairs)
             return value
 
@@ -396,12 +404,12 @@ class CacheBackend(WrappingBackend):
 
     @property
     def size(self) -> int:
-        self._store.expire()
-        return len(self._store)
+        self._values.store.expire()
+        return len(self._values.store)
 
     def stats(self, *, expire: bool = True) -> CacheStats:
         """The counters; `expire=False` counts expired values not yet removed in `size` and changes
         nothing (safe from another thread: an OpenTelemetry exporter's)."""
-        size = self.size if expire else len(self._store)
+        size = self.size if expire else len(self._values.store)
         return CacheStats(self.enabled, self._hits, self._misses, self._joined, size, self.maxsize,
                           self._invalidations, self._dropped, self._uncacheable, self._untrusted, self.trusted)
