@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import statistics
 import time
@@ -36,7 +37,7 @@ import asyncpg
 from benchmarks import handwritten
 from benchmarks.latency_proxy import ProxyProcess
 from benchmarks.seed_table import FLOWS, ServerCpu, _pool, _warm_users, inputs, machine
-from planner import Planner, load_flow
+from planner import Planner, Settings, load_flow
 from planner.compile import plan_groups
 from planner.demo.run import demo_dsn, percentile, steady_load
 from planner.lang.refs import resolve
@@ -89,22 +90,14 @@ async def variant(name: str, flow: str, dsn: str, size: int) -> AsyncIterator[tu
         finally:
             await pool.close()
         return
-    # PLANNER_COMPILE is read when a flow version is bound (its first run): set for the variant's life.
-    saved = os.environ.get("PLANNER_COMPILE")
-    os.environ["PLANNER_COMPILE"] = "0" if name == "planner, uncompiled" else "1"
-    try:
-        async with Planner(flows=FLOWS, dsn=dsn, min_size=size, max_size=size) as planner:
-            runners = (await planner._entry(flow)).compiled
-            assert bool(runners) == (name != "planner, uncompiled"), name
-            if name == "planner, compiled always":
-                for runner in runners:
-                    runner.below = 2.0  # compiled whatever the pool's load
-            yield (lambda i: planner.run(flow, i)), planner.backend.drain
-    finally:
-        if saved is None:
-            os.environ.pop("PLANNER_COMPILE", None)
-        else:
-            os.environ["PLANNER_COMPILE"] = saved
+    settings = dataclasses.replace(Settings.from_env(), compile=name != "planner, uncompiled")
+    async with Planner(flows=FLOWS, dsn=dsn, min_size=size, max_size=size, settings=settings) as planner:
+        runners = (await planner._entry(flow)).compiled
+        assert bool(runners) == (name != "planner, uncompiled"), name
+        if name == "planner, compiled always":
+            for runner in runners:
+                runner.below = 2.0  # compiled whatever the pool's load
+        yield (lambda i: planner.run(flow, i)), planner.backend.drain
 
 
 async def _keep(con: asyncpg.Connection) -> None:

@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import os
 import platform
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import asyncpg
 
 from benchmarks import handwritten
 from benchmarks.latency_proxy import ProxyProcess
-from planner import FlowResult, Planner
+from planner import FlowResult, Planner, Settings
 from planner import __version__ as planner_version
 from planner.db.coalesce import CoalescingBackend
 from planner.db.fuse import FusingBackend
@@ -108,35 +109,15 @@ async def _warm_users(dsn: str) -> None:
 # --- the variants ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def switches(*, coalesce: bool, cache: bool) -> Iterator[None]:
-    """PLANNER_COALESCE / PLANNER_FUSE / PLANNER_CACHE set as asked, restored after. They are
-    read when a Planner is made, so a Planner made inside keeps them for its life. Fusion goes
-    with coalescing: `coalesce=False` is "no statement shared", the behaviour before both."""
-    saved = {k: os.environ.get(k) for k in ("PLANNER_COALESCE", "PLANNER_FUSE", "PLANNER_CACHE")}
-    os.environ["PLANNER_COALESCE"] = "1" if coalesce else "0"
-    os.environ["PLANNER_FUSE"] = "1" if coalesce else "0"
-    os.environ["PLANNER_CACHE"] = "1" if cache else "0"
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _planner(dsn: str, size: int, *, coalesce: bool = True, cache: bool = True) -> Planner:
-    with switches(coalesce=coalesce, cache=cache):
-        planner = Planner(flows=FLOWS, dsn=dsn, min_size=size, max_size=size)
+    # Fusion goes with coalescing: `coalesce=False` is "no statement shared", the behaviour before both.
+    settings = dataclasses.replace(Settings.from_env(), coalesce=coalesce, fuse=coalesce, cache=cache)
+    planner = Planner(flows=FLOWS, dsn=dsn, min_size=size, max_size=size, settings=settings)
     fuser = planner.cache.inner
     coalescer = getattr(fuser, "inner", None)
-    assert planner.cache.enabled == cache, "PLANNER_CACHE was not read when the Planner was made"
-    assert isinstance(fuser, FusingBackend) and fuser.enabled == coalesce, \
-        "PLANNER_FUSE was not read when the Planner was made"
-    assert isinstance(coalescer, CoalescingBackend) and coalescer.enabled == coalesce, \
-        "PLANNER_COALESCE was not read when the Planner was made"
+    assert planner.cache.enabled == cache
+    assert isinstance(fuser, FusingBackend) and fuser.enabled == coalesce
+    assert isinstance(coalescer, CoalescingBackend) and coalescer.enabled == coalesce
     return planner
 
 

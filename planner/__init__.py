@@ -5,7 +5,7 @@ The public API is what `__all__` lists; every other module is private.
 
 import logging
 
-from planner.api import Planner, load_flow, load_flows, run_flow
+from planner.api import Planner, load_flow, load_flows, metrics_text, run_flow
 from planner.errors import (
     CallThreadsBusy,
     DatabaseUnavailable,
@@ -25,7 +25,8 @@ from planner.errors import (
 )
 from planner.graph import CompiledFlow, Plan
 from planner.results import FlowResult, NodeResult, NodeState
-from planner.run.metrics import Metrics, metrics_text
+from planner.run.metrics import Metrics
+from planner.settings import Settings
 
 _DISTRIBUTION = "planner-flows"  # the name on PyPI (pyproject's `name`); the import name is `planner`
 
@@ -76,6 +77,7 @@ __all__ = [
     "Planner",
     "QueryError",
     "ReferenceFieldError",
+    "Settings",
     "load_flow",
     "load_flows",
     "metrics_text",

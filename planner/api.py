@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.compile import compile_enabled, plan_groups
+from planner.compile import plan_groups
 from planner.config import CallTargets, FlowSource
 from planner.db.cache import DEFAULT_SIZE, CacheStats
 from planner.db.replica import ReplicaBackend
@@ -38,6 +38,7 @@ from planner.run.compiled import GroupRunner
 from planner.run.executor import bind_inputs, execute_checked, resolve_mode
 from planner.run.metrics import Labels, Metrics, Sample, default_metrics
 from planner.run.observers import RunObserver, default_observers
+from planner.settings import Settings
 
 logger = logging.getLogger("planner")
 
@@ -139,20 +140,27 @@ class Planner:
         pooler: str | None = None,
         metrics: Metrics | bool | None = None,
         on_error: str | None = None,
+        settings: Settings | None = None,
     ) -> None:
-        self.on_error = resolve_on_error(on_error)
-        self.source = FlowSource.resolve(flows)
+        # The environment is read here, once (`Settings.from_env`), unless settings are given.
+        self.settings = settings = settings if settings is not None else Settings.from_env()
+        self.on_error = resolve_on_error(on_error, settings.on_error)
+        self.source = FlowSource(Path(flows) if flows is not None else settings.flows)
         self.mode = mode
         # The database stack, built in one place (`planner.db.stack`): its parts by name.
-        self.stack = build_stack(dsn=dsn, pool=pool, backend=backend, min_size=min_size, max_size=max_size,
-                                 full_reset=full_reset, embedded=embedded, pooler=pooler, replica_dsn=replica_dsn,
-                                 replica_max_lag=replica_max_lag, cache_size=cache_size, cache_channel=cache_channel)
+        self.stack = build_stack(
+            dsn=dsn, pool=pool, backend=backend, min_size=min_size, max_size=max_size, full_reset=full_reset,
+            embedded=embedded, pooler=pooler, cache_size=cache_size, cache_channel=cache_channel,
+            replica_dsn=replica_dsn if replica_dsn is not None else settings.replica_dsn,
+            replica_max_lag=replica_max_lag if replica_max_lag is not None else settings.replica_max_lag,
+            **_from_settings(settings))
         self.replica: ReplicaBackend | None = self.stack.replica
         self.pools: dict[str, Any] = self.stack.pools  # planner's own PoolBackends by role (primary, replica): metrics read them
         self.cache = self.stack.cache
         self.effects = self.stack.effects
         self.backend: Backend = self.stack.backend
-        self.targets = CallTargets(allowed_modules, folder=self.source.folder)
+        self.targets = CallTargets(allowed_modules if allowed_modules is not None else settings.allowed_modules,
+                                   folder=self.source.folder)
         self.threads = CallThreads(call_threads if call_threads is not None else DEFAULT_THREADS, wait_s=call_wait)
         self._threads_given = call_threads is not None
         self._concurrency = concurrency if concurrency is not None else max_size
@@ -160,7 +168,9 @@ class Planner:
         self.observers = observers
         # Metrics are on by default (a defaulted node must show somewhere): the process-wide
         # registry unless another is given, none with metrics=False or PLANNER_METRICS=0.
-        chosen = default_metrics() if metrics is None or metrics is True else metrics or None
+        if metrics is None:
+            metrics = settings.metrics
+        chosen = default_metrics() if metrics is True else metrics or None
         self.metrics: Metrics | None = chosen
         if chosen is not None:
             chosen.watch(self, _samples)
@@ -246,7 +256,7 @@ class Planner:
         entry = await self._entry(flow) if isinstance(flow, str) else self._object(flow)
         try:
             values = bind_inputs(entry.flow, inputs or {})
-            chosen = resolve_mode(entry.flow, mode or self.mode)
+            chosen = resolve_mode(entry.flow, self.settings.mode or mode or self.mode)
             if not self._db_open and entry.needs_db and _runs_sql(entry, overrides):
                 await self.backend.open()  # raises DatabaseUnavailable before any node runs
                 self._db_open = True
@@ -409,7 +419,7 @@ class Planner:
         serving: dict[str, GroupRunner] = {}
         # A node_wrapper may fail, retry or replace a node (fault injection, circuit breakers) after
         # the compiled statement already ran its write: each node must run as its own statement.
-        if compile_enabled() and self.node_wrapper is None:
+        if self.settings.compile and self.node_wrapper is None:
             for group in plan_groups(flow):
                 runner = GroupRunner(group, flow, self.backend, self.cache, {n: plain[n].args for n in group.names})
                 runners.append(runner)
@@ -473,6 +483,13 @@ def _samples(planner: Planner) -> list[Sample]:
     return out
 
 
+def _from_settings(settings: Settings) -> dict[str, Any]:
+    """What the environment says about the database stack, for `build_stack`."""
+    return {"coalesce": settings.coalesce, "fuse": settings.fuse, "cache": settings.cache,
+            "database_url": settings.database_url, "embedded_default": settings.embedded,
+            "default_pooler": settings.pooler}
+
+
 def _timer(metrics: Metrics, name: str, labels: Labels) -> Callable[[float], None]:
     def observe(seconds: float) -> None:
         metrics.observe(name, labels, seconds)
@@ -493,17 +510,16 @@ def _check_edit(flow: CompiledFlow, env: BindEnv) -> None:
                             node=first.node, code=first.code)
 
 
-def resolve_on_error(given: str | None) -> OnError:
-    """`on_error=`, else `PLANNER_ON_ERROR`, else "default". Raises `ValueError` for another value."""
-    source = "on_error="
+def resolve_on_error(given: str | None, default: OnError = "default") -> OnError:
+    """`on_error=`, else `default` (the settings' `PLANNER_ON_ERROR`). Raises `ValueError` for another value."""
     if given is None:
-        given, source = os.environ.get("PLANNER_ON_ERROR") or "default", "PLANNER_ON_ERROR"
+        return default
     chosen = given.strip().lower()
     if chosen == "default":
         return "default"
     if chosen == "fail":
         return "fail"
-    raise ValueError(f"{source} {given!r}: choose default or fail")
+    raise ValueError(f"on_error= {given!r}: choose default or fail")
 
 
 def _runs_sql(entry: _Entry, overrides: dict[str, Any] | None) -> bool:
@@ -537,6 +553,15 @@ def load_flow(path: str | os.PathLike[str] | None = None, *, text: str | None = 
 def load_flows(folder: str | os.PathLike[str]) -> dict[str, CompiledFlow]:
     """Every `*.yaml` / `*.yml` flow of a folder, by name. Raises on the first broken file."""
     return {path.stem: load_flow(path) for path in FlowSource(Path(folder)).paths()}
+
+
+def metrics_text() -> str:
+    """The process-wide metrics (`planner.run.metrics.default_metrics`) in Prometheus' text format;
+    empty when `PLANNER_METRICS=0` (read at each call: this is the edge a `/metrics` route calls).
+
+    A FastAPI route: `return Response(planner.metrics_text(), media_type=planner.run.metrics.CONTENT_TYPE)`.
+    """
+    return default_metrics().text() if Settings.from_env().metrics else ""
 
 
 _default: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Planner] = weakref.WeakKeyDictionary()

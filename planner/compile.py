@@ -40,7 +40,6 @@ Nothing here runs anything: `plan_groups` is pure, called once per flow version.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +55,7 @@ from planner.lang.nodes import CompiledNode
 from planner.lang.refs import Ref
 from planner.lang.sqlinfo import rename_cte
 
-__all__ = ["CompiledGroup", "Member", "Param", "compile_enabled", "compiled_trips", "effects_of", "explain",
+__all__ = ["CompiledGroup", "Member", "Param", "compiled_trips", "effects_of", "explain",
            "plan_groups", "translate_when", "variant"]
 
 # Built-in functions that compute a value from their arguments (or the transaction's start
@@ -74,11 +73,6 @@ PURE_FUNCTIONS = frozenset({
     "string_agg", "strpos", "substr", "substring", "sum", "timezone", "to_char", "to_json", "to_jsonb",
     "to_timestamp", "transaction_timestamp", "trim", "trunc", "unnest", "upper",
 })
-
-
-def compile_enabled() -> bool:
-    """`PLANNER_COMPILE=0` (or false/off/no) turns compilation off for the process."""
-    return os.environ.get("PLANNER_COMPILE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 @dataclass(frozen=True, slots=True)

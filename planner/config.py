@@ -1,8 +1,9 @@
-"""Configuration, resolved once at the edge: where flows come from and what `call:` may call.
+"""Configuration, resolved at the edge (`planner.settings`) and given here: where flows come
+from and what `call:` may call.
 
-`FlowSource` is the one place that knows the flows folder (`PLANNER_FLOWS`, default `./flows`)
-and the `.yaml` / `.yml` lookup. `CallTargets` is one Planner's allow-list: the packages named
-by `PLANNER_ALLOWED_MODULES` or the caller, else the demo's flow functions and the Python
+`FlowSource` is the one place that knows a flows folder and the `.yaml` / `.yml` lookup.
+`CallTargets` is one Planner's allow-list: the packages it is given (a Planner gives the
+caller's, else the settings' `PLANNER_ALLOWED_MODULES`), else the demo's flow functions and the Python
 modules next to the flows. Modules of a flows folder are imported under a private package of
 that folder (never by putting the folder on `sys.path`), so two Planners with different
 folders, each holding a `helpers.py`, get their own functions, and nothing a folder holds can
@@ -15,7 +16,6 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import os
 import re
 import sys
 import threading
@@ -43,11 +43,6 @@ class FlowSource:
 
     folder: Path
 
-    @classmethod
-    def resolve(cls, folder: str | os.PathLike[str] | None = None) -> FlowSource:
-        """`folder`, else `PLANNER_FLOWS`, else `./flows`."""
-        return cls(Path(folder if folder is not None else os.environ.get("PLANNER_FLOWS", "flows")))
-
     def path_of(self, name: str) -> Path:
         """The file of flow `name`. Raises `FlowInputError` (not a name) or `FlowFileError` (none)."""
         if not _NAME.fullmatch(name):
@@ -73,11 +68,6 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def env_on(name: str) -> bool:
-    """A process-wide switch: on unless the variable `name` says off (`0`, `false`, `off`, `no`)."""
-    return os.environ.get(name, "").strip().lower() not in ("0", "false", "off", "no")
-
-
 def module_allowed(module: str, allowed: Iterable[str]) -> bool:
     """`myflows` allows `myflows` and `myflows.tasks`, never `myflows_evil`."""
     return any(module == a or module.startswith(a + ".") for a in allowed if a)
@@ -96,8 +86,6 @@ class CallTargets:
         self.local = _modules_in(self.folder) if self.folder is not None else []
         if allowed is not None:
             self.allowed = list(allowed)
-        elif (configured := os.environ.get("PLANNER_ALLOWED_MODULES")) is not None:
-            self.allowed = [m.strip() for m in configured.split(",") if m.strip()]
         else:
             self.allowed = [*DEFAULT_ALLOWED, *self.local]
         self._package: str | None = None

@@ -309,8 +309,12 @@ async def test_uncached_nodes_and_a_switched_off_cache_pass_straight_through() -
 def test_planner_cache_0_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     for value, on in (("0", False), ("false", False), ("off", False), ("1", True), ("", True)):
         monkeypatch.setenv("PLANNER_CACHE", value)
-        assert CacheBackend(Fake()).enabled is on
         assert Planner(flows=Path(__file__).parent).cache_stats().enabled is on
+
+
+def test_a_cache_backend_is_on_unless_told_whatever_the_environment_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLANNER_CACHE", "0")  # the environment is the facade's to read (`Settings.from_env`)
+    assert CacheBackend(Fake()).enabled is True and CacheBackend(Fake(), enabled=False).enabled is False
 
 
 # --- loading: where cache: and invalidates: may be written --------------------------------------
@@ -569,12 +573,13 @@ async def test_a_switched_off_cache_runs_every_time(write_flow: Write, demo_dsn:
 
 
 async def test_sequential_mode_still_uses_the_cache(write_flow: Write, counted: tuple[Planner, Counting],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    planner, counting = counted
-    monkeypatch.setenv("PLANNER_MODE", "sequential")
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, counting = counted
+    monkeypatch.setenv("PLANNER_MODE", "sequential")  # read by the Planner made next
     write_flow(INSTANCE)
-    for _ in range(3):
-        result = await planner.run("t", {"name": "acme"})
+    async with Planner(flows=tmp_path, backend=counting, allowed_modules=["tests"]) as planner:
+        for _ in range(3):
+            result = await planner.run("t", {"name": "acme"})
     assert result.mode == "sequential" and counting.sent["instance"] == 1
 
 

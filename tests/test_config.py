@@ -16,6 +16,7 @@ import pytest
 from planner import FlowFileError, Planner
 from planner.config import DEFAULT_ALLOWED, CallTargets
 from planner.kinds.backend import Offline
+from planner.settings import Settings, SettingsError
 from planner.views.validate import check_static
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,3 +251,93 @@ def test_planner_validate_on_the_command_line_reports_a_refused_call_target(tmp_
     findings = json.loads(proc.stdout)["findings"]
     assert [(f["node"], f["code"], f["line"]) for f in findings] == [("a", "PLN300", 3)]
     assert "planner.demo.data" in findings[0]["message"] and "not allowed" in findings[0]["message"]
+
+
+# --- Settings: the environment, read once at the edge ---------------------------------------
+
+_EVERY_VARIABLE = {
+    "PLANNER_FLOWS": "/srv/flows", "PLANNER_MODE": "sequential", "PLANNER_ON_ERROR": "FAIL",
+    "PLANNER_ALLOWED_MODULES": "myflows, other", "PLANNER_COALESCE": "0", "PLANNER_FUSE": "off",
+    "PLANNER_CACHE": "no", "PLANNER_COMPILE": "false", "PLANNER_METRICS": "0", "PLANNER_EMBEDDED": "0",
+    "PLANNER_POOLER": "transaction", "DATABASE_URL": "postgresql://db/app",
+    "DATABASE_REPLICA_URL": "postgresql://replica/app", "PLANNER_REPLICA_MAX_LAG": "500ms",
+}
+
+
+def test_settings_from_an_empty_environment_are_the_defaults() -> None:
+    assert Settings.from_env({}) == Settings()
+
+
+def test_settings_read_every_variable() -> None:
+    assert Settings.from_env(_EVERY_VARIABLE) == Settings(
+        flows=Path("/srv/flows"), mode="sequential", on_error="fail", allowed_modules=("myflows", "other"),
+        coalesce=False, fuse=False, cache=False, compile=False, metrics=False, embedded=False,
+        pooler="transaction", database_url="postgresql://db/app", replica_dsn="postgresql://replica/app",
+        replica_max_lag=0.5)
+
+
+def test_settings_read_the_process_environment_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLANNER_FUSE", "0")
+    assert Settings.from_env().fuse is False
+
+
+def test_an_allow_list_set_empty_allows_nothing_and_unset_allows_the_default() -> None:
+    assert Settings.from_env({"PLANNER_ALLOWED_MODULES": ""}).allowed_modules == ()
+    assert Settings.from_env({}).allowed_modules is None
+
+
+@pytest.mark.parametrize(("name", "value", "says"), [
+    ("PLANNER_MODE", "parallel", "PLANNER_MODE='parallel': choose eager, layered or sequential"),
+    ("PLANNER_ON_ERROR", "failure", "PLANNER_ON_ERROR='failure': choose default or fail"),
+    ("PLANNER_CACHE", "maybe", "PLANNER_CACHE='maybe': expected 1, true, on or yes"),
+    ("PLANNER_COALESCE", "2", "PLANNER_COALESCE='2'"),
+    ("PLANNER_FUSE", "nope", "PLANNER_FUSE='nope'"),
+    ("PLANNER_COMPILE", "y", "PLANNER_COMPILE='y'"),
+    ("PLANNER_METRICS", "enabled", "PLANNER_METRICS='enabled'"),
+    ("PLANNER_EMBEDDED", "never", "PLANNER_EMBEDDED='never'"),
+    ("PLANNER_POOLER", "statement", "PLANNER_POOLER 'statement': a statement-mode pooler"),
+    ("PLANNER_POOLER", "transactoin", "PLANNER_POOLER 'transactoin': expected 'transaction'"),
+    ("PLANNER_REPLICA_MAX_LAG", "soon", "PLANNER_REPLICA_MAX_LAG='soon'"),
+])
+def test_a_bad_variable_is_refused_naming_it(name: str, value: str, says: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({name: value})
+    assert says in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+async def test_a_planner_given_settings_ignores_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in _EVERY_VARIABLE.items():
+        monkeypatch.setenv(name, value)
+    planner = Planner(flows=tmp_path, backend=Offline(), settings=Settings())
+    assert planner.settings == Settings() and planner.on_error == "default"
+    assert planner.cache_stats().enabled is True and planner.metrics is not None
+    assert planner.allowed == list(DEFAULT_ALLOWED)
+
+
+def test_a_planner_made_without_settings_reads_the_environment_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLANNER_CACHE", "0")
+    planner = Planner(flows=tmp_path, backend=Offline())
+    monkeypatch.setenv("PLANNER_CACHE", "1")  # too late for this planner: the next one takes it
+    assert planner.settings.cache is False and planner.cache_stats().enabled is False
+    assert Planner(flows=tmp_path, backend=Offline()).cache_stats().enabled is True
+
+
+def test_the_planners_own_arguments_beat_its_settings(tmp_path: Path) -> None:
+    settings = Settings(flows=tmp_path / "elsewhere", on_error="fail", allowed_modules=("x",), metrics=False)
+    planner = Planner(flows=tmp_path, backend=Offline(), settings=settings, on_error="default",
+                      allowed_modules=["tests"], metrics=True)
+    assert (planner.flows_dir, planner.on_error, planner.allowed) == (tmp_path, "default", ["tests"])
+    assert planner.metrics is not None
+    assert Planner(backend=Offline(), settings=settings).flows_dir == tmp_path / "elsewhere"
+
+
+@pytest.mark.subprocess
+def test_the_command_line_says_which_variable_is_bad(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1", "PLANNER_HOME": str(tmp_path / "home"),
+           "PLANNER_COMPILE": "perhaps"}
+    (tmp_path / "f.yaml").write_text("nodes: {a: {sql: SELECT 1, fetch: value}}\n")
+    proc = subprocess.run([sys.executable, "-m", "planner", "explain", "f", "--flows", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("planner: PLANNER_COMPILE='perhaps'"), proc.stderr

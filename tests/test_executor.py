@@ -22,6 +22,7 @@ from planner import (
     Planner,
     ReferenceFieldError,
 )
+from planner.settings import Settings
 from tests import nodes
 
 Write = Callable[..., Path]
@@ -299,10 +300,25 @@ async def test_sequential_runs_one_node_at_a_time(write_flow: Write, planner: Pl
     assert _span(result.nodes["b"])[0] >= _span(result.nodes["a"])[1]
 
 
-async def test_planner_mode_environment_overrides_everything(write_flow: Write, planner: Planner, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_planner_mode_environment_overrides_everything(write_flow: Write, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     write_flow("settings: {mode: eager}\nnodes:\n  a: {call: tests.nodes:echo}\n")
     monkeypatch.setenv("PLANNER_MODE", "sequential")
+    planner = Planner(flows=tmp_path, mode="eager", allowed_modules=["tests"])
     assert (await planner.run("t", mode="layered")).mode == "sequential"
+
+
+async def test_planner_mode_is_read_when_the_planner_is_made(write_flow: Write, planner: Planner,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:echo}\n")
+    monkeypatch.setenv("PLANNER_MODE", "sequential")  # after `planner` was made: a restart takes it
+    assert (await planner.run("t")).mode == "eager"
+
+
+async def test_settings_given_to_a_planner_set_its_mode_without_the_environment(write_flow: Write, tmp_path: Path) -> None:
+    write_flow("nodes:\n  a: {call: tests.nodes:echo}\n")
+    planner = Planner(flows=tmp_path, allowed_modules=["tests"], settings=Settings(mode="layered"))
+    assert (await planner.run("t", mode="eager")).mode == "layered"
 
 
 async def test_an_unknown_mode_is_an_input_error(write_flow: Write, planner: Planner) -> None:

@@ -240,15 +240,13 @@ async def test_a_member_that_would_time_out_alone_still_times_out(fuse_db: str) 
     assert result.values["quick"] == 2
 
 
-@pytest.mark.parametrize("switch", ["node", "settings", "env"])
-async def test_fusion_can_be_turned_off(fuse_db: str, switch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("switch", ["node", "settings"])
+async def test_fusion_can_be_turned_off(fuse_db: str, switch: str) -> None:
     text = SIBLINGS
     if switch == "node":
         text = text.replace('fetch: value}\n  cast', 'fetch: value, fuse: false}\n  cast')
-    elif switch == "settings":
-        text = "settings: {fuse: false}\n" + text
     else:
-        monkeypatch.setenv("PLANNER_FUSE", "0")
+        text = "settings: {fuse: false}\n" + text
     from planner.db.pool import PoolBackend
 
     counting = Counting(PoolBackend(dsn=fuse_db))
@@ -258,6 +256,16 @@ async def test_fusion_can_be_turned_off(fuse_db: str, switch: str, monkeypatch: 
         assert counting.fused == [3] and result.nodes["count"].served.fused == 1  # type: ignore[union-attr]
     else:
         assert counting.fused == [] and counting.single == 5
+
+
+@pytest.mark.parametrize(("value", "fused"), [("0", False), ("1", True)])
+async def test_planner_fuse_0_turns_fusion_off_in_the_planners_own_stack(
+        fuse_db: str, value: str, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLANNER_FUSE", value)
+    async with Planner(dsn=fuse_db, cache_channel=None) as planner:
+        result = await planner.run(load_flow(text=SIBLINGS, name="env"), {"k": 1})
+    sizes = [node.served.fused for node in result.nodes.values() if node.served is not None]
+    assert (max(sizes) > 1) is fused, sizes
 
 
 async def test_sequential_mode_neither_fuses_nor_coalesces(fuse_db: str) -> None:

@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("graph", ("planner.graph", "planner.compile")),
     ("run", ("planner.run",)),
     ("db", ("planner.db",)),
-    ("facade", ("planner.api",)),
+    ("facade", ("planner.api", "planner.settings")),
     ("views", ("planner.views",)),
     ("edges", ("planner", "planner.__main__", "planner.cli", "planner.testing", "planner.demo")),
 ]
@@ -173,6 +173,48 @@ def test_the_scheduler_and_the_backend_protocol_import_no_other_layer() -> None:
     for module, permitted in allowed.items():
         runtime = {i.target for i in IMPORTS if i.module == module and not i.typing_only and i.target.startswith("planner")}
         assert runtime <= permitted, f"{module}: {runtime}"
+
+
+# Who may read the environment: the facade (`planner.settings` reads it once, `Settings.from_env`)
+# and the edges. Everything else gets its values passed in. The embedded server's data folder
+# (`PLANNER_HOME`) is the one exception: where that server lives is for every process on the
+# machine to agree on, not a setting of one Planner (see `planner_home`'s docstring).
+ENVIRONMENT_READERS = ("planner.api", "planner.settings", "planner.cli", "planner.demo", "planner.testing")
+ENVIRONMENT_EXCEPTIONS = {("planner.db.embedded", "planner_home")}
+_ENVIRON_NAMES = {"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"}
+
+
+def _environment_reads(path: Path) -> list[tuple[str, int]]:
+    """(enclosing function, line) of each use of `os.environ` / `os.getenv` (or their imports)."""
+    found: list[tuple[str, int]] = []
+
+    def visit(node: ast.AST, where: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) else where
+            if (isinstance(child, ast.Attribute) and child.attr in _ENVIRON_NAMES
+                    and isinstance(child.value, ast.Name) and child.value.id == "os"):
+                found.append((where, child.lineno))
+            elif isinstance(child, ast.ImportFrom) and child.module == "os" and \
+                    any(alias.name in _ENVIRON_NAMES for alias in child.names):
+                found.append((where, child.lineno))
+            visit(child, inner)
+
+    visit(ast.parse(path.read_text(), filename=str(path)), "<module>")
+    return found
+
+
+def test_the_environment_is_read_by_the_facade_and_the_edges_alone() -> None:
+    readers = {(module, where, line) for module, path in MODULES.items()
+               if module != "planner" and not module.startswith(ENVIRONMENT_READERS)
+               for where, line in _environment_reads(path)}
+    assert {(m, w) for m, w, _ in readers} == ENVIRONMENT_EXCEPTIONS, sorted(readers)
+
+
+def test_the_environment_check_sees_each_spelling(tmp_path: Path) -> None:
+    sample = tmp_path / "m.py"
+    sample.write_text("import os\nfrom os import environ\nA = os.environ.get('X')\n"
+                      "def f():\n    return os.getenv('Y')\n")
+    assert _environment_reads(sample) == [("<module>", 2), ("<module>", 3), ("f", 5)]
 
 
 def test_only_the_cli_imports_typer() -> None:

@@ -17,7 +17,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import planner as planner_pkg
 from planner import DatabaseUnavailable, FlowInputError, Metrics, Planner
-from planner.run.metrics import FAMILIES, Family, metrics_text
+from planner.api import metrics_text
+from planner.run.metrics import FAMILIES, Family
 
 DEGRADED = """
 inputs: {x: int}

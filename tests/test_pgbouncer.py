@@ -21,11 +21,13 @@ import pytest
 import planner.db.pool as planner_db
 from planner import DatabaseUnavailable, FlowFailed, NodeState, NodeTimeout, Planner, QueryError, load_flow
 from planner.db.coalesce import CoalescingBackend
+from planner.db.dsn import pooler_mode, split_pooler
 from planner.db.fuse import FusingBackend
 from planner.db.pool import PoolBackend
-from planner.db.pooler import outlives_transaction, pooler_mode, split_pooler
+from planner.db.pooler import outlives_transaction
 from planner.db.translate import translate
 from planner.lang.sqlinfo import combine_writes
+from planner.settings import Settings
 from planner.testing.pytest_plugin import fresh_database
 from planner.views.validate import validate_paths
 from tests import test_seed_flows as seed_flows
@@ -391,7 +393,8 @@ def test_statement_mode_and_unknown_values_are_refused_at_once() -> None:
 
 def test_the_argument_beats_the_dsn_which_beats_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PLANNER_POOLER", "transaction")
-    assert PoolBackend().pooler == "transaction"
+    assert PoolBackend(default_pooler=Settings.from_env().pooler).pooler == "transaction"
+    assert PoolBackend().pooler is None  # the environment is the facade's to read
     backend = PoolBackend(dsn="postgresql://u@h/db?pgbouncer=none")
     assert backend._take_pooler("postgresql://u@h/db?pgbouncer=none") == "postgresql://u@h/db"
     assert backend.pooler is None

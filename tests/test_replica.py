@@ -23,8 +23,9 @@ import pytest
 
 from planner import FlowFileError, NodeResult, NodeState, Planner, load_flow
 from planner.db.admin import create_database, with_database
-from planner.db.replica import parse_max_lag, resolve_dsn
+from planner.db.replica import parse_max_lag
 from planner.kinds.backend import Offline
+from planner.settings import Settings, SettingsError
 from planner.testing.pytest_plugin import fresh_database, server_folder
 from tests.replica_pair import Pair, Server, caught_up, start_pair
 
@@ -108,20 +109,28 @@ def test_replica_is_a_boolean_key_in_the_schema() -> None:
         load_flow(text="nodes: {a: {sql: SELECT 1, replica: sometimes}}")
 
 
-def test_max_lag_and_the_replica_come_from_arguments_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PLANNER_REPLICA_MAX_LAG", raising=False)
-    monkeypatch.delenv("DATABASE_REPLICA_URL", raising=False)
+def test_max_lag_is_a_duration_or_seconds() -> None:
     assert parse_max_lag(None) == 10.0
     assert parse_max_lag("500ms") == 0.5 and parse_max_lag(2) == 2.0
-    monkeypatch.setenv("PLANNER_REPLICA_MAX_LAG", "3s")
-    assert parse_max_lag(None) == 3.0
     for bad in ("soon", 0, -1, True, "0s"):
         with pytest.raises(ValueError):
             parse_max_lag(bad)
-    assert resolve_dsn(None) is None
-    monkeypatch.setenv("DATABASE_REPLICA_URL", "postgresql://replica/app")
-    assert resolve_dsn(None) == "postgresql://replica/app"
-    assert resolve_dsn("") is None  # turned off whatever the environment says
+
+
+def test_the_settings_read_the_replica_and_its_max_lag_from_the_environment() -> None:
+    assert (Settings.from_env({}).replica_dsn, Settings.from_env({}).replica_max_lag) == (None, 10.0)
+    given = Settings.from_env({"DATABASE_REPLICA_URL": "postgresql://replica/app", "PLANNER_REPLICA_MAX_LAG": "3s"})
+    assert (given.replica_dsn, given.replica_max_lag) == ("postgresql://replica/app", 3.0)
+    with pytest.raises(SettingsError, match="PLANNER_REPLICA_MAX_LAG='soon'"):
+        Settings.from_env({"PLANNER_REPLICA_MAX_LAG": "soon"})
+
+
+async def test_an_empty_replica_dsn_turns_the_replica_off_whatever_the_settings_say(tmp_path: Path) -> None:
+    settings = Settings(replica_dsn="postgresql://replica.invalid/app")
+    async with Planner(flows=tmp_path, dsn="postgresql://primary.invalid/app", replica_dsn="", settings=settings) as planner:
+        assert planner.replica is None
+    async with Planner(flows=tmp_path, dsn="postgresql://primary.invalid/app", settings=settings) as planner:
+        assert planner.replica is not None and planner.replica.max_lag == 10.0
 
 
 async def test_a_planner_takes_its_replica_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

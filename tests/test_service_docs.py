@@ -90,6 +90,18 @@ async def _fastapi_lifespan(code: str, env: Env) -> None:
     assert response.json()["escalate"] is True
 
 
+@runner("settings=Settings(")
+async def _settings(code: str, env: Env) -> None:
+    env.monkeypatch.chdir(ROOT)  # flows="flows"
+    env.monkeypatch.setenv("PLANNER_MODE", "layered")  # ignored by both: each was given its settings
+    namespace = await run_block(code, {"__name__": "service_doc", "dsn": env.demo_dsn})
+    async with namespace["quiet"] as quiet, namespace["other"] as other:
+        first = await quiet.run("escalation", ESCALATION)
+        second = await other.run("escalation", ESCALATION)
+        assert (first.mode, quiet.cache_stats().enabled) == ("sequential", False)
+        assert second.mode == "eager" and first.status == second.status == "ok"
+
+
 @runner("from aiohttp import web")
 async def _aiohttp_cleanup_ctx(code: str, env: Env) -> None:
     from aiohttp.test_utils import TestClient, TestServer

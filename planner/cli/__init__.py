@@ -19,6 +19,7 @@ from planner.cli.common import UsageError, _fail, _redact, app, print_table
 from planner.cli.server import _embedded_left_running, find_psql
 from planner.errors import DatabaseUnavailable, FlowError, FlowFileError, FlowInputError
 from planner.results import error_text
+from planner.settings import SettingsError
 
 __all__ = ["UsageError", "_embedded_left_running", "_fail", "app", "find_psql", "main", "print_table"]
 
@@ -34,7 +35,7 @@ def main() -> None:
         _fail("aborted", 2)
     except UsageError as exc:
         _fail(str(exc), 2)
-    except (FlowInputError, DatabaseUnavailable) as exc:
+    except (FlowInputError, DatabaseUnavailable, SettingsError) as exc:
         _fail(str(exc), 2)
     except FlowFileError as exc:
         _fail(str(exc), 1)

@@ -155,7 +155,7 @@ def plan(
 
     Example: planner plan process_buffered
     """
-    from planner.compile import compile_enabled, compiled_trips, plan_groups
+    from planner.compile import compiled_trips, plan_groups
     from planner.graph import plan as make_plan
     from planner.graph import trips
     from planner.views.render import estimate, ms_number, plan_json, plan_rows
@@ -167,7 +167,7 @@ def plan(
     p = make_plan(compiled, recorded, recorded_fused(name, folder))  # a fused statement's time counted once
     est = estimate(compiled, p, recorded)
     cold, warm = trips(compiled), trips(compiled, warm=True)
-    groups = plan_groups(compiled) if compile_enabled() else ()
+    groups = plan_groups(compiled) if compile_enabled_now() else ()
     cold_c, warm_c = compiled_trips(compiled, groups), compiled_trips(compiled, groups, warm=True)
     if as_json:
         data = plan_json(compiled, p, recorded=recorded)
@@ -255,9 +255,9 @@ def explain(
 
 
 def compile_enabled_now() -> bool:
-    from planner.compile import compile_enabled
+    from planner.settings import Settings
 
-    return compile_enabled()
+    return Settings.from_env().compile
 
 
 @app.command()
@@ -328,7 +328,9 @@ def validate(
     if fmt not in ("text", "json", "github"):
         raise UsageError(f"--format {fmt!r}: choose text, json or github")
     paths = _validate_targets(flow_args or [], flows)
-    report = asyncio.run(validate_report(paths, db))
+    from planner.settings import Settings
+
+    report = asyncio.run(validate_report(paths, db, Settings.from_env()))
     findings = report.findings
     out = render_findings(findings, fmt, checked=len(paths), prepared=None if db is None else report.prepared,
                           server=None if db is None else _shown_dsn(db))

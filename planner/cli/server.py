@@ -101,12 +101,13 @@ DatabaseOpt = Annotated[str | None, typer.Option("--database", help="Another dat
 def _which_database() -> str:
     """The DSN planner uses without `--db`: DATABASE_URL, else the embedded server's (started
     if it is not running). Raises `DatabaseUnavailable` when there is none to use."""
-    from planner.db.embedded import embedded_allowed, embedded_dsn
+    from planner.db.embedded import embedded_dsn
+    from planner.settings import Settings
 
     env = os.environ.get("DATABASE_URL")
     if env:
         return env
-    if not embedded_allowed():
+    if not Settings.from_env().embedded:
         raise DatabaseUnavailable("no database configured: DATABASE_URL is not set and PLANNER_EMBEDDED="
                                   f"{os.environ.get('PLANNER_EMBEDDED', '')} forbids the embedded server")
     try:
@@ -118,7 +119,7 @@ def _which_database() -> str:
 def _for_libpq(dsn: str) -> tuple[str, str | None]:
     """`dsn` without planner's own `?pgbouncer=` parameter, which libpq (psql) refuses, and
     that parameter's value (None when it had none)."""
-    from planner.db.pooler import split_pooler
+    from planner.db.dsn import split_pooler
 
     return split_pooler(dsn)
 
@@ -157,19 +158,20 @@ def db_status() -> None:
     Example: planner db status
     """
     from planner.db.admin import server_version
-    from planner.db.embedded import embedded_allowed, embedded_status
+    from planner.db.embedded import embedded_status
+    from planner.settings import Settings
 
     env = os.environ.get("DATABASE_URL")
     status = embedded_status()
     rows: list[tuple[str, str]] = []
     if env:
         try:
-            reachable, up = f"yes ({asyncio.run(server_version(env))})", True
+            reachable, up = f"yes ({asyncio.run(server_version(env, default_pooler=Settings.from_env().pooler))})", True
         except DatabaseUnavailable as exc:
             reachable, up = f"no: {_one_line(_redact(str(exc)))}", False
         rows += [("database", "DATABASE_URL (the embedded server is not used)"), ("url", _shown_dsn(env)),
                  ("reachable", reachable)]
-    elif not embedded_allowed():
+    elif not Settings.from_env().embedded:
         up = False
         rows.append(("database", "none: DATABASE_URL is not set and PLANNER_EMBEDDED forbids the embedded server"))
     else:

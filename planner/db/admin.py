@@ -9,12 +9,12 @@ from planner.errors import DatabaseUnavailable
 from planner.results import error_text
 
 
-async def server_version(dsn: str) -> str:
+async def server_version(dsn: str, *, default_pooler: str | None = None) -> str:
     """`PostgreSQL 17.2`: the version of the server of `dsn`, asked on a connection of its own
     (connecting gives up after 5 s). Raises `DatabaseUnavailable` (with the driver's reason)
-    when it cannot be reached."""
+    when it cannot be reached. `default_pooler`: the settings' `PLANNER_POOLER`, below the DSN's."""
     try:
-        con = await connect(dsn, connect_timeout=5.0)
+        con = await connect(dsn, default_pooler=default_pooler, connect_timeout=5.0)
     except DatabaseUnavailable:
         raise
     except Exception as exc:  # refused, unknown host, bad DSN, authentication...

@@ -32,8 +32,8 @@
   at least that fresh (`Query.fresh_after`): a read replica answers it only once proven to have
   replayed what the primary had written by then (`planner.db.replica`), else the primary does.
   A lagging replica can no longer put the value from before the write back for a whole new ttl.
-- `PLANNER_CACHE=0` (or `false`, `off`, `no`) in the environment turns the cache off for the
-  process: every query runs.
+- `PLANNER_CACHE=0` (or `false`, `off`, `no`) in the environment turns a Planner's cache off
+  (`enabled=False`, from `planner.settings.Settings`): every query runs.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from typing import Any, cast
 
 from cachetools import TLRUCache
 
-from planner.config import env_on
 from planner.db.batcher import Batch, Batcher
 from planner.kinds.backend import Backend, Outcome, Query, WrappingBackend, freeze, private_copy
 
@@ -182,7 +181,8 @@ class CacheBackend(WrappingBackend):
     """Serves `cache:` nodes from memory; passes every other query to `inner` untouched.
 
     `maxsize` bounds how many values are kept; `timer` (seconds, monotonic) decides expiry,
-    and tests inject one; `enabled=None` reads `PLANNER_CACHE` (see `planner.config.env_on`).
+    and tests inject one; `enabled=False` serves nothing from memory (a Planner passes its
+    settings' `PLANNER_CACHE`).
     """
 
     def __init__(
@@ -191,11 +191,11 @@ class CacheBackend(WrappingBackend):
         *,
         maxsize: int = DEFAULT_SIZE,
         timer: Callable[[], float] = time.monotonic,
-        enabled: bool | None = None,
+        enabled: bool = True,
         channel: str | None = None,
     ) -> None:
         super().__init__(inner)
-        self.enabled = env_on("PLANNER_CACHE") if enabled is None else enabled
+        self.enabled = enabled
         # With a channel, invalidations travel between processes (LISTEN/NOTIFY), and values
         # are trusted only while this process listens: one that lost the channel may have
         # missed a write elsewhere.

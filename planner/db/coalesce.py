@@ -27,7 +27,6 @@ import logging
 from collections.abc import Hashable
 from typing import Any
 
-from planner.config import env_on
 from planner.db.batcher import Batch, Batcher
 from planner.kinds.backend import ALONE, ANSWER, Backend, Outcome, Query, WrappingBackend, freeze
 from planner.lang.nodes import CompiledNode
@@ -47,11 +46,11 @@ _BatchKey = tuple[str, str, float | None, bool]
 class CoalescingBackend(WrappingBackend):
     """Coalesces the statements of concurrent runs (see the module's docstring)."""
 
-    def __init__(self, inner: Backend, *, max_batch: int = MAX_BATCH, enabled: bool | None = None,
+    def __init__(self, inner: Backend, *, max_batch: int = MAX_BATCH, enabled: bool = True,
                  max_unshareable: int = MAX_UNSHAREABLE) -> None:
         super().__init__(inner)
         self.max_batch = max_batch
-        self.enabled = env_on("PLANNER_COALESCE") if enabled is None else enabled
+        self.enabled = enabled  # a Planner passes `Settings.coalesce` (PLANNER_COALESCE)
         # A member is a run's query; runs with identical parameters share one (reads only).
         self._batcher: Batcher[Query] = Batcher(self._send)
         # Statements the inner backend said cannot be batched, oldest first. Bounded: flows

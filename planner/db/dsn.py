@@ -8,6 +8,9 @@ A DSN comes in three spellings, and a password can hide in each:
 
 `redact_dsn` replaces each password by `***` and leaves the rest readable. Where it cannot tell
 where a password ends, it hides more rather than less.
+
+The pooler a DSN names (`?pgbouncer=transaction`, planner's own parameter) is read here too
+(`split_pooler`, `pooler_mode`): pure string work, needing no driver.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import re
 from collections.abc import Iterable
 from urllib.parse import unquote
 
-__all__ = ["MASK", "dsn_secrets", "redact_dsn", "redact_text"]
+__all__ = ["MASK", "TRANSACTION_POOLER", "dsn_secrets", "pooler_mode", "redact_dsn", "redact_text", "split_pooler"]
+
+TRANSACTION_POOLER = "transaction"
 
 MASK = "***"
 
@@ -84,3 +89,45 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
         if len(secret) >= _MIN_SECRET:
             text = text.replace(secret, MASK)
     return text
+
+
+# --- the pooler a DSN (or a setting) names -------------------------------------------------
+
+_POOLER_VALUES = {"transaction": TRANSACTION_POOLER, "true": TRANSACTION_POOLER, "1": TRANSACTION_POOLER,
+                  "session": None, "none": None, "false": None, "0": None, "": None}
+
+
+def pooler_mode(value: str | None, source: str = "pooler") -> str | None:
+    """`"transaction"` (also `true`, `1`) or None (`session`, `none`, `false`, `0`, unset).
+    PgBouncer's statement mode cannot work: a node's statement list is one transaction."""
+    if value is None:
+        return None
+    key = value.strip().lower()
+    if key == "statement":
+        raise ValueError(f"{source} {value!r}: a statement-mode pooler cannot run planner's transactions "
+                         "(a statement list, a combined write); use pool_mode = transaction")
+    if key not in _POOLER_VALUES:
+        raise ValueError(f"{source} {value!r}: expected 'transaction', or 'session'/'none' for no pooler "
+                         "(or a session-mode one)")
+    return _POOLER_VALUES[key]
+
+
+def split_pooler(dsn: str) -> tuple[str, str | None]:
+    """`postgresql://h/db?pgbouncer=transaction&x=1` -> (`postgresql://h/db?x=1`, `"transaction"`):
+    the DSN without its `pgbouncer` query parameter, and that parameter's value (None if absent)."""
+    if "?" not in dsn:
+        return dsn, None
+    head, _, query = dsn.partition("?")
+    query, hash_, fragment = query.partition("#")
+    kept: list[str] = []
+    found: str | None = None
+    for item in query.split("&"):
+        key, _, value = item.partition("=")
+        if unquote(key).strip().lower() == "pgbouncer":
+            found = unquote(value)
+        else:
+            kept.append(item)
+    if found is None:
+        return dsn, None
+    rest = "&".join(i for i in kept if i)
+    return head + ("?" + rest if rest else "") + hash_ + fragment, found

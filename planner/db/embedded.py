@@ -11,13 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.config import env_on
-
 # --- the embedded server ------------------------------------------------------------------
 
 
 def planner_home() -> Path:
-    """planner's data folder: `PLANNER_HOME`, else the user's data directory."""
+    """planner's data folder: `PLANNER_HOME`, else the user's data directory.
+
+    The one variable read below the facade (tests/test_layers.py allows it here alone): it
+    says where the embedded server lives, which every process on the machine must agree on
+    (a Planner, `planner db stop`, the pytest plugin, a server started by another process),
+    not how one Planner behaves, and it is read at the moment the server is looked for."""
     home = os.environ.get("PLANNER_HOME")
     if home:
         return Path(home).expanduser()
@@ -48,12 +51,6 @@ def embedded_dsn(home: Path | None = None, *, database: str = "postgres") -> str
     return str(server.get_uri(database))
 
 
-
-
-def embedded_allowed(flag: bool | None = None) -> bool:
-    """Whether the embedded server may be started when no database is named: `flag` when given,
-    else `PLANNER_EMBEDDED` (0, false, off or no forbid it), else yes."""
-    return flag if flag is not None else env_on("PLANNER_EMBEDDED")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from planner.config import env_on
 from planner.db.batcher import Batch, Batcher
 from planner.kinds.backend import ALONE, Backend, Outcome, Query, WrappingBackend
 
@@ -33,9 +32,9 @@ FUSE_BELOW = 0.5  # fuse while fewer than this share of the pool's connections a
 class FusingBackend(WrappingBackend):
     """Fuses the sibling reads of one run (see the module's docstring)."""
 
-    def __init__(self, inner: Backend, *, enabled: bool | None = None) -> None:
+    def __init__(self, inner: Backend, *, enabled: bool = True) -> None:
         super().__init__(inner)
-        self.enabled = env_on("PLANNER_FUSE") if enabled is None else enabled
+        self.enabled = enabled  # a Planner passes `Settings.fuse` (PLANNER_FUSE)
         # One batch per run (the id of its `Query.run`), dispatched on the loop's next turn.
         self._batcher: Batcher[Query] = Batcher(self._send)
         self.fused = 0  # statements that served more than one node (a figure for benchmarks)

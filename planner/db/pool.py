@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 import weakref
 from collections.abc import Callable
@@ -26,16 +25,9 @@ import asyncpg
 from cachetools import LRUCache
 
 from planner.db.channel import Listener
-from planner.db.dsn import redact_dsn
-from planner.db.embedded import embedded_allowed, embedded_dsn, planner_home
-from planner.db.pooler import (
-    STATEMENT_CACHE,
-    TRANSACTION_POOLER,
-    PoolerConnection,
-    outlives_transaction,
-    pooler_mode,
-    split_pooler,
-)
+from planner.db.dsn import TRANSACTION_POOLER, pooler_mode, redact_dsn, split_pooler
+from planner.db.embedded import embedded_dsn, planner_home
+from planner.db.pooler import STATEMENT_CACHE, PoolerConnection, outlives_transaction
 from planner.db.shared import STATEMENTS_KEPT, SharedStatements, _query
 from planner.db.synced import SyncedConnection, settle
 from planner.db.translate import POOLER_HINT, _reraise
@@ -104,14 +96,20 @@ class PoolBackend:
         full_reset: bool = False,
         embedded: bool | None = None,
         pooler: str | None = None,
+        database_url: str | None = None,
+        embedded_default: bool = True,
+        default_pooler: str | None = None,
     ) -> None:
+        # The last three are the environment's (`planner.settings.Settings`: DATABASE_URL,
+        # PLANNER_EMBEDDED, PLANNER_POOLER), passed in: nothing here reads the environment.
         self._dsn, self._pool, self._owned = dsn, pool, pool is None
+        self._database_url = database_url
         self._embedded = embedded
+        self._embedded_default = embedded_default
         # Behind a transaction-mode pooler (PgBouncer's pool_mode = transaction): `pooler=`,
-        # else the DSN's `?pgbouncer=` (read when the pool opens), else `PLANNER_POOLER`.
+        # else the DSN's `?pgbouncer=` (read when the pool opens), else `default_pooler`.
         self._pooler_given = pooler is not None
-        self.pooler = pooler_mode(pooler, "pooler=") if pooler is not None else \
-            pooler_mode(os.environ.get("PLANNER_POOLER"), "PLANNER_POOLER")
+        self.pooler = pooler_mode(pooler, "pooler=") if pooler is not None else default_pooler
         if dsn is not None and not self._pooler_given and split_pooler(dsn)[1] is not None:
             with contextlib.suppress(ValueError):  # a bad value is DatabaseUnavailable when the pool opens
                 self.pooler = pooler_mode(split_pooler(dsn)[1])
@@ -144,7 +142,7 @@ class PoolBackend:
         await self.pool()
 
     async def pool(self) -> asyncpg.Pool:
-        """The pool, created at the first call: from `dsn`, else `DATABASE_URL`, else the embedded
+        """The pool, created at the first call: from `dsn`, else `database_url`, else the embedded
         server (unless `embedded=False` or `PLANNER_EMBEDDED=0`: then `DatabaseUnavailable`).
 
         Which database, and why, is logged once at WARNING on the `planner` logger (password
@@ -188,11 +186,10 @@ class PoolBackend:
         """The DSN to open, where it comes from (`dsn`, `DATABASE_URL` or `embedded`), and why."""
         if self._dsn:
             return self._dsn, "dsn", "given by the caller"
-        env = os.environ.get("DATABASE_URL")
-        if env:
-            return env, "DATABASE_URL", "no dsn= given, the environment names a server"
-        if not embedded_allowed(self._embedded):
-            off = "embedded=False" if self._embedded is False else f"PLANNER_EMBEDDED={os.environ.get('PLANNER_EMBEDDED', '')}"
+        if self._database_url:
+            return self._database_url, "DATABASE_URL", "no dsn= given, the environment names a server"
+        if not (self._embedded if self._embedded is not None else self._embedded_default):
+            off = "embedded=False" if self._embedded is False else "PLANNER_EMBEDDED=0"
             raise DatabaseUnavailable("no database configured: pass dsn= (or pool=) or set DATABASE_URL; "
                                       f"the embedded fallback is off ({off})")
         try:

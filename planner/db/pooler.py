@@ -1,27 +1,25 @@
-"""Transaction-mode poolers (PgBouncer's pool_mode = transaction): reading the mode from a DSN
-or the environment, refusing statements whose effects outlive a transaction, and
+"""Transaction-mode poolers (PgBouncer's pool_mode = transaction): refusing statements whose effects outlive a transaction, and
 `PoolerConnection`, which keeps no prepared statement on the server. `connect` opens one
-connection of planner's own through the same rules."""
+connection of planner's own through the same rules. Reading the mode (`pooler_mode`,
+`split_pooler`) is in `planner.db.dsn`, which needs no driver."""
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote
 
 import asyncpg
 
+from planner.db.dsn import TRANSACTION_POOLER, pooler_mode, split_pooler
 from planner.db.synced import SyncedConnection
 from planner.db.wire import Check, Expected, StaleResult, Wire, install, may_send_again
 from planner.errors import DatabaseUnavailable
 
 logger = logging.getLogger("planner")
 
-TRANSACTION_POOLER = "transaction"
 DESCRIBED_S = 5.0  # behind a transaction pooler: how long a statement's description is used (`PoolerConnection`)
 
 
@@ -36,46 +34,6 @@ DESCRIBED_S = 5.0  # behind a transaction pooler: how long a statement's descrip
 # must use a direct DSN of its own, never this pool.
 
 STATEMENT_CACHE = 256  # prepared statements kept per connection (asyncpg's default: 100)
-
-_POOLER_VALUES = {"transaction": TRANSACTION_POOLER, "true": TRANSACTION_POOLER, "1": TRANSACTION_POOLER,
-                  "session": None, "none": None, "false": None, "0": None, "": None}
-
-
-def pooler_mode(value: str | None, source: str = "pooler") -> str | None:
-    """`"transaction"` (also `true`, `1`) or None (`session`, `none`, `false`, `0`, unset).
-    PgBouncer's statement mode cannot work: a node's statement list is one transaction."""
-    if value is None:
-        return None
-    key = value.strip().lower()
-    if key == "statement":
-        raise ValueError(f"{source} {value!r}: a statement-mode pooler cannot run planner's transactions "
-                         "(a statement list, a combined write); use pool_mode = transaction")
-    if key not in _POOLER_VALUES:
-        raise ValueError(f"{source} {value!r}: expected 'transaction', or 'session'/'none' for no pooler "
-                         "(or a session-mode one)")
-    return _POOLER_VALUES[key]
-
-
-def split_pooler(dsn: str) -> tuple[str, str | None]:
-    """`postgresql://h/db?pgbouncer=transaction&x=1` -> (`postgresql://h/db?x=1`, `"transaction"`):
-    the DSN without its `pgbouncer` query parameter, and that parameter's value (None if absent)."""
-    if "?" not in dsn:
-        return dsn, None
-    head, _, query = dsn.partition("?")
-    query, hash_, fragment = query.partition("#")
-    kept: list[str] = []
-    found: str | None = None
-    for item in query.split("&"):
-        key, _, value = item.partition("=")
-        if unquote(key).strip().lower() == "pgbouncer":
-            found = unquote(value)
-        else:
-            kept.append(item)
-    if found is None:
-        return dsn, None
-    rest = "&".join(i for i in kept if i)
-    return head + ("?" + rest if rest else "") + hash_ + fragment, found
-
 
 def outlives_transaction(texts: Sequence[str]) -> str | None:
     """What in `texts` would leave state on the session beyond its transaction (`"it runs
@@ -269,12 +227,14 @@ class PoolerConnection(SyncedConnection):
         self._drop_described()
 
 
-async def connect(dsn: str, *, pooler: str | None = None, connect_timeout: float = 60.0) -> asyncpg.Connection:
+async def connect(dsn: str, *, pooler: str | None = None, default_pooler: str | None = None,
+                  connect_timeout: float = 60.0) -> asyncpg.Connection:
     """A connection of its own to `dsn`'s database (no pool), for planner's helpers: the
     demo, `planner db status`, creating and dropping databases. With `PoolBackend.pool()`,
     the one place a DSN planner is given reaches asyncpg: its `?pgbouncer=` is taken off
     (asyncpg would send it to the server as a setting, which refuses it) and honoured, as
-    `pooler=` and `PLANNER_POOLER` are (the argument first, then the DSN, then the variable):
+    `pooler=` and `default_pooler` are (the argument first, then the DSN, then the default,
+    which an edge takes from `Settings.pooler`, i.e. `PLANNER_POOLER`):
     behind a transaction pooler, no named prepared statement is left on the server
     (`PoolerConnection`). A bad pooler value is `DatabaseUnavailable`."""
     dsn, given = split_pooler(dsn)
@@ -284,7 +244,7 @@ async def connect(dsn: str, *, pooler: str | None = None, connect_timeout: float
         elif given is not None:
             mode = pooler_mode(given, "the DSN's pgbouncer=")
         else:
-            mode = pooler_mode(os.environ.get("PLANNER_POOLER"), "PLANNER_POOLER")
+            mode = default_pooler
     except ValueError as exc:
         raise DatabaseUnavailable(str(exc)) from None
     if mode == TRANSACTION_POOLER:

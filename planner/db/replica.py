@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import deque
 from typing import Any, Literal
@@ -58,8 +57,6 @@ from planner.results import Served, error_text
 
 logger = logging.getLogger("planner")
 
-ENV_DSN = "DATABASE_REPLICA_URL"
-ENV_MAX_LAG = "PLANNER_REPLICA_MAX_LAG"
 DEFAULT_MAX_LAG = 10.0
 """Seconds a replica may lag behind the primary before reads leave it (`PLANNER_REPLICA_MAX_LAG`)."""
 PROBE_TIMEOUT = 2.0  # a check that takes longer marks the replica down
@@ -79,19 +76,12 @@ _DOWN_STATES = ("08", "57P01", "57P02", "57P03")
 State = Literal["unknown", "up", "lagging", "down"]
 
 
-def resolve_dsn(value: str | None = None) -> str | None:
-    """The replica to use: `value`, else `DATABASE_REPLICA_URL`; None for none (an empty string
-    given here turns the replica off whatever the environment says)."""
-    if value is None:
-        value = os.environ.get(ENV_DSN)
-    return value or None
-
-
 def parse_max_lag(value: str | float | None = None) -> float:
     """`replica_max_lag` in seconds: a duration (`"500ms"`, `"2s"`) or a number of seconds;
-    None: `PLANNER_REPLICA_MAX_LAG`, else 10 s. Raises `ValueError` for anything else."""
+    None: 10 s (`Settings.replica_max_lag` holds `PLANNER_REPLICA_MAX_LAG`'s). Raises `ValueError`
+    for anything else."""
     if value is None:
-        value = os.environ.get(ENV_MAX_LAG) or DEFAULT_MAX_LAG
+        value = DEFAULT_MAX_LAG
     if isinstance(value, bool):
         raise ValueError(f"bad replica_max_lag {value!r}: give a duration such as 500ms or 2s")
     if isinstance(value, int | float):

@@ -14,15 +14,23 @@ build one here (or read `planner.stack`). Its arguments are `Planner`'s database
 plain, each meaning what it means there (see `planner.api.Planner`):
 
 - `dsn`/`pool`: the primary (an owned pool from a DSN, or a borrowed asyncpg pool); neither:
-  `DATABASE_URL`, else the embedded server (`embedded=False` forbids it). `min_size`,
+  `database_url`, else the embedded server (`embedded=False` forbids it). `min_size`,
   `max_size`, `full_reset`, `pooler` configure the pool(s).
 - `backend`: a backend of the caller's own, used as given instead of planner's pools: only
   the cache and the effects wrapper go above it. A `PoolBackend` found under it (its
   wrappers' `inner`) still gives the catalog its connection.
-- `replica_dsn` (None: `DATABASE_REPLICA_URL`; "" for none) and `replica_max_lag`: a read
-  replica with a stack of its own, routed per node (`planner.db.replica`).
+- `replica_dsn` (None or "" for none) and `replica_max_lag` (None: 10 s): a read replica with
+  a stack of its own, routed per node (`planner.db.replica`).
 - `cache_size`, `cache_channel` (None: invalidations stay in this process; always None
   behind a transaction-mode pooler, which LISTEN cannot pass).
+
+- What the environment says (`planner.settings.Settings`, read by the facade and passed in
+  here; nothing in this package reads the environment): `coalesce`, `fuse`, `cache` (the
+  switches `PLANNER_COALESCE`, `PLANNER_FUSE`, `PLANNER_CACHE`), `database_url`
+  (`DATABASE_URL`), `embedded_default` (`PLANNER_EMBEDDED`, below `embedded=`) and
+  `default_pooler` (`PLANNER_POOLER`, below `pooler=` and a DSN's `?pgbouncer=`). Their
+  defaults are the environment ignored. A `backend=` is used as given: the switches reach
+  only the wrappers built here, and the cache.
 
 Adding a wrapper to planner's stack is a change of this module (and of the wrapper's own).
 """
@@ -35,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from planner.db.cache import DEFAULT_SIZE, CacheBackend
 from planner.db.catalog import Catalog, catalog_of
 from planner.db.effects import EffectsBackend
-from planner.db.replica import ReplicaBackend, parse_max_lag, resolve_dsn
+from planner.db.replica import ReplicaBackend, parse_max_lag
 from planner.kinds.backend import Backend
 
 if TYPE_CHECKING:
@@ -84,6 +92,12 @@ def build_stack(
     replica_max_lag: str | float | None = None,
     cache_size: int = DEFAULT_SIZE,
     cache_channel: str | None = CACHE_CHANNEL,
+    coalesce: bool = True,
+    fuse: bool = True,
+    cache: bool = True,
+    database_url: str | None = None,
+    embedded_default: bool = True,
+    default_pooler: str | None = None,
 ) -> Stack:
     """Build planner's database stack (see the module's docstring). Opens nothing: the pools
     connect at their first use. Raises `TypeError` for `replica_dsn` with `backend`, and
@@ -92,30 +106,33 @@ def build_stack(
     replica: ReplicaBackend | None = None
     if backend is None:
         from planner.db.coalesce import CoalescingBackend
+        from planner.db.dsn import TRANSACTION_POOLER
         from planner.db.fuse import FusingBackend
         from planner.db.pool import PoolBackend
-        from planner.db.pooler import TRANSACTION_POOLER
 
-        primary = pools["primary"] = PoolBackend(dsn=dsn, pool=pool, min_size=min_size, max_size=max_size,
-                                                 full_reset=full_reset, embedded=embedded, pooler=pooler)
+        def shares(pool: PoolBackend) -> Backend:
+            return FusingBackend(CoalescingBackend(pool, enabled=coalesce), enabled=fuse)
+
+        primary = pools["primary"] = PoolBackend(
+            dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset, embedded=embedded,
+            pooler=pooler, database_url=database_url, embedded_default=embedded_default, default_pooler=default_pooler)
         if primary.pooler == TRANSACTION_POOLER:
             cache_channel = None  # LISTEN cannot pass a transaction pooler: the cache stays per process
-        backend = FusingBackend(CoalescingBackend(primary))
-        replica_at = resolve_dsn(replica_dsn)
-        if replica_at is not None:  # the same stack on the replica's own pool, routed per node
-            secondary = pools["replica"] = PoolBackend(dsn=replica_at, min_size=min_size, max_size=max_size,
-                                                       full_reset=full_reset, pooler=pooler)
-            backend = replica = ReplicaBackend(backend, FusingBackend(CoalescingBackend(secondary)),
-                                               dsn=replica_at, max_lag=parse_max_lag(replica_max_lag))
+        backend = shares(primary)
+        if replica_dsn:  # the same stack on the replica's own pool, routed per node
+            secondary = pools["replica"] = PoolBackend(dsn=replica_dsn, min_size=min_size, max_size=max_size,
+                                                       full_reset=full_reset, pooler=pooler, default_pooler=default_pooler)
+            backend = replica = ReplicaBackend(backend, shares(secondary), dsn=replica_dsn,
+                                               max_lag=parse_max_lag(replica_max_lag))
     elif replica_dsn:
         raise TypeError("replica_dsn= applies to planner's own backend; with backend=, wrap yours in "
                         "planner.db.replica.ReplicaBackend")
     # A hit never reaches the database, or anything in between.
-    cache = CacheBackend(backend, maxsize=cache_size, channel=cache_channel)
+    values = CacheBackend(backend, maxsize=cache_size, channel=cache_channel, enabled=cache)
     # The outermost: what each statement does, from the server's catalog, decides whether the
     # wrappers below may cache, route, fuse or coalesce it (`planner.lang.effects`).
-    effects = EffectsBackend(cache, catalog_of(backend))
+    effects = EffectsBackend(values, catalog_of(backend))
     if "replica" in pools and effects.catalog is not None:
         # The replica's pool decides whether a stale read may run again from the same verdict.
         pools["replica"].verdict = effects.catalog.known
-    return Stack(effects, effects, cache, replica, pools)
+    return Stack(effects, effects, values, replica, pools)

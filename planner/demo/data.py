@@ -14,6 +14,7 @@ from importlib import resources
 import asyncpg
 
 from planner.db.pooler import connect
+from planner.settings import Settings
 
 DATA_VERSION = "1"
 
@@ -143,7 +144,7 @@ async def _fill(con: asyncpg.Connection, scale: Scale) -> None:
 async def ensure(dsn: str, scale: Scale | None = None) -> bool:
     """Load the demo data into `dsn`'s database unless it is there already. True if it loaded."""
     scale = scale or Scale.demo()
-    con = await connect(dsn)  # not asyncpg's own: a `?pgbouncer=` is planner's, never the server's
+    con = await connect(dsn, default_pooler=Settings.from_env().pooler)  # not asyncpg's own: a `?pgbouncer=` is planner's, never the server's
     try:
         if await is_loaded(con, scale):
             return False

@@ -26,6 +26,7 @@ from planner.errors import FlowFailed, FlowTimeout
 from planner.graph import CompiledFlow
 from planner.results import error_text
 from planner.run.executor import MODES
+from planner.settings import Settings
 
 DEMO_DATABASE = "planner_demo"
 
@@ -44,7 +45,7 @@ async def demo_dsn(server_dsn: str | None, log: Callable[[str], None]) -> str:
     server = server_dsn or embedded_dsn()
     # Every connection through `connect`: a `?pgbouncer=` of the DSN given is honoured there
     # (and kept in the DSN returned, for the Planner's pool to honour too).
-    admin = await connect(server)
+    admin = await connect(server, default_pooler=Settings.from_env().pooler)
     try:
         exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DEMO_DATABASE)
     finally:
@@ -148,7 +149,8 @@ async def measure_load(dsn: str, *, in_flight: int = LOAD_IN_FLIGHT, pool: int =
     out = []
     counter = itertools.count()
     for coalesce in (True, False):
-        backend = CoalescingBackend(PoolBackend(dsn=dsn, min_size=pool, max_size=pool), enabled=coalesce)
+        primary = PoolBackend(dsn=dsn, min_size=pool, max_size=pool, default_pooler=Settings.from_env().pooler)
+        backend = CoalescingBackend(primary, enabled=coalesce)
         async with Planner(flows=seed_flows_dir(), backend=backend, allowed_modules=["planner.demo"]) as planner:
             await planner.run("process_buffered", _load_inputs(next(counter)))  # the pool open
             ok, failed, p50, failures = await _workers(planner, counter, in_flight, seconds / 4, seconds)

@@ -57,8 +57,8 @@ class Phase(enum.Enum):
 
 
 def resolve_mode(flow: CompiledFlow, mode: str | None) -> Mode:
-    """`PLANNER_MODE` beats the call's `mode=`, which beats the flow's `settings.mode`."""
-    chosen = os.environ.get("PLANNER_MODE") or mode or flow.settings.mode
+    """`mode` (the caller's: a Planner puts `PLANNER_MODE` first) beats the flow's `settings.mode`."""
+    chosen = mode or flow.settings.mode
     for known in MODES:
         if chosen == known:
             return known

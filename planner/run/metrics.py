@@ -8,7 +8,7 @@ backends but two small hooks that time the waits (`PoolBackend.on_wait`, `CallTh
 
 Two forms of the same figures:
 
-- **Prometheus text** (`Metrics.text()`, `planner.metrics_text()`): the exposition format
+- **Prometheus text** (`Metrics.text()`, `planner.metrics_text()` for the process-wide one): the exposition format
   version 0.0.4, for a `/metrics` route of a service without a collector. Written here rather
   than with `prometheus_client`: the format is small and stable, a second registry would
   have to be kept in step with this one, and `prometheus_client`'s process-wide default
@@ -27,7 +27,6 @@ by the service's own flows. Parameters and values are never labels.
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from bisect import bisect_left as _bisect
 from collections.abc import Callable, Iterable
@@ -465,21 +464,10 @@ def _observe(metrics: Metrics, name: str) -> Callable[[Any], Iterable[Any]]:
 _default: Metrics | None = None
 
 
-def default_metrics() -> Metrics | None:
-    """The process-wide `Metrics` every Planner records into by default; None when
-    `PLANNER_METRICS=0` turns metrics off."""
+def default_metrics() -> Metrics:
+    """The process-wide `Metrics` every Planner records into by default (a Planner whose
+    settings say `PLANNER_METRICS=0` records into none)."""
     global _default
-    if os.environ.get("PLANNER_METRICS", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
     if _default is None:
         _default = Metrics()
     return _default
-
-
-def metrics_text() -> str:
-    """The process-wide metrics in Prometheus' text format (an empty exposition when metrics are off).
-
-    A FastAPI route: `return Response(planner.metrics_text(), media_type=planner.run.metrics.CONTENT_TYPE)`.
-    """
-    metrics = default_metrics()
-    return metrics.text() if metrics is not None else ""

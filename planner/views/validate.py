@@ -22,6 +22,7 @@ from planner.kinds.backend import Backend, Offline
 from planner.lang.loader import load_spec
 from planner.lang.refs import CompiledSql, Ref, name_params
 from planner.lang.sqlcheck import syntax_errors
+from planner.settings import Settings
 
 if TYPE_CHECKING:
     from planner.db.catalog import Catalog
@@ -168,17 +169,20 @@ class Report:
     prepared: int  # statements the server prepared (0 without a database)
 
 
-async def validate_paths(paths: list[Path], dsn: str | None) -> list[Finding]:
+async def validate_paths(paths: list[Path], dsn: str | None, settings: Settings | None = None) -> list[Finding]:
     """Every check of every file; with `dsn`, every statement prepared on that server."""
-    return (await validate_report(paths, dsn)).findings
+    return (await validate_report(paths, dsn, settings)).findings
 
 
-async def validate_report(paths: list[Path], dsn: str | None) -> Report:
-    """`validate_paths`, with the counts `planner validate` reports."""
+async def validate_report(paths: list[Path], dsn: str | None, settings: Settings | None = None) -> Report:
+    """`validate_paths`, with the counts `planner validate` reports. `settings` (the command
+    line's `Settings.from_env()`; none: every default) give the allow-list and the pooler."""
+    settings = settings if settings is not None else Settings()
+    allowed = list(settings.allowed_modules) if settings.allowed_modules is not None else None
     findings: list[Finding] = []
     flows: list[CompiledFlow] = []
     for path in paths:
-        flow, found = check_static(path)
+        flow, found = check_static(path, allowed)
         findings += found
         if flow is not None:
             flows.append(flow)
@@ -192,7 +196,7 @@ async def validate_report(paths: list[Path], dsn: str | None) -> Report:
     findings = [f for f in findings if f.code != "PLN111"]
 
     prepared: list[int] = []
-    backend = PoolBackend(dsn=dsn, min_size=1, max_size=1)
+    backend = PoolBackend(dsn=dsn, min_size=1, max_size=1, default_pooler=settings.pooler)
     catalog = catalog_of(backend)
     try:
         for flow in flows:
