@@ -121,7 +121,7 @@ class Batch(Generic[I]):
 
     def answer(self, position: int, outcome: Outcome) -> None:
         """Member `position` of those sent has its outcome before the work is over: its waiters
-        get it now (`settle` leaves it alone later). A cancellation is the batch's to settle."""
+        get it now (`settle` skips it later). A cancellation is the batch's to settle."""
         sent = self.sent
         if sent is None or not 0 <= position < len(sent):
             return

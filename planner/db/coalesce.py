@@ -28,7 +28,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from planner.db.batcher import Batch, Batcher
-from planner.kinds.backend import ALONE, ANSWER, Backend, Outcome, Query, WrappingBackend, freeze
+from planner.kinds.backend import ANSWER, SEQUENTIAL, Backend, Outcome, Query, WrappingBackend, freeze
 from planner.lang.nodes import CompiledNode
 
 logger = logging.getLogger("planner")
@@ -63,7 +63,7 @@ class CoalescingBackend(WrappingBackend):
 
     async def run(self, query: Query) -> Any:
         node = query.node
-        if not node.coalesce or not self.enabled or ALONE.get():
+        if not node.coalesce or not self.enabled or SEQUENTIAL.get():
             return await self.inner.run(query)
         text = node.statements[0].text
         # Runs share a batch only when they would send the same statement, fetch its rows the

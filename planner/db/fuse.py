@@ -24,7 +24,7 @@ import asyncio
 from typing import Any
 
 from planner.db.batcher import Batch, Batcher
-from planner.kinds.backend import ALONE, Backend, Outcome, Query, WrappingBackend
+from planner.kinds.backend import SEQUENTIAL, Backend, Outcome, Query, WrappingBackend
 
 FUSE_BELOW = 0.5  # fuse while fewer than this share of the pool's connections are in use
 
@@ -40,7 +40,7 @@ class FusingBackend(WrappingBackend):
         self.fused = 0  # statements that served more than one node (a figure for benchmarks)
 
     async def run(self, query: Query) -> Any:
-        if not self.enabled or not query.node.fuse or query.run is None or ALONE.get():
+        if not self.enabled or not query.node.fuse or query.run is None or SEQUENTIAL.get():
             return await self.inner.run(query)
         key = id(query.run)
         batch = self._batcher.pending(key)

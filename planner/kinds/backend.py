@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from planner.lang.refs import CompiledSql
 
 
-ALONE: ContextVar[bool] = ContextVar("planner_alone", default=False)
+SEQUENTIAL: ContextVar[bool] = ContextVar("planner_sequential", default=False)
 """True inside a run in sequential mode (the rollback switch): its queries are never
 coalesced or fused with anyone else's. The cache still applies."""
 

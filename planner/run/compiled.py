@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from planner.compile import CompiledGroup, Member, variant
 from planner.graph import CompiledFlow
-from planner.kinds.backend import ALONE, Backend, Query, WrappingBackend
+from planner.kinds.backend import SEQUENTIAL, Backend, Query, WrappingBackend
 from planner.lang.expr import evaluate
 from planner.lang.nodes import CompiledNode, RetryPolicy
 from planner.lang.refs import CompiledSql, Ref, Unresolved, resolve
@@ -107,7 +107,7 @@ class GroupRunner:
 
     async def serve(self, name: str, query: Query) -> Any:
         groups = RUN_GROUPS.get()
-        if groups is None or self.broken is not None or ALONE.get():
+        if groups is None or self.broken is not None or SEQUENTIAL.get():
             return await self.backend.run(query)
         future = groups.get(self.group.number)
         if future is None:

@@ -27,7 +27,7 @@ from planner.config import did_you_mean
 from planner.errors import FlowInputError, NodeError
 from planner.graph import CompiledFlow
 from planner.kinds import BoundNode
-from planner.kinds.backend import ALONE
+from planner.kinds.backend import SEQUENTIAL
 from planner.lang.models import OnError, value_fits
 from planner.results import FlowResult, NodeState
 from planner.run import policy
@@ -154,9 +154,9 @@ class _Run:
             observer.run_started(self.flow.name, self.run_id, self.mode)
         # Node tasks copy the context they are created in: sequential runs reach the backend
         # marked, and their queries are never shared with other runs'.
-        alone = ALONE.set(True) if self.mode == "sequential" else None
+        sequential = SEQUENTIAL.set(True) if self.mode == "sequential" else None
         # Compiled groups (`planner.compile`) serve this run unless it is sequential or overrides nodes.
-        groups = RUN_GROUPS.set({}) if alone is None and not self.overrides else None
+        groups = RUN_GROUPS.set({}) if sequential is None and not self.overrides else None
         try:
             async with asyncio.timeout(self.flow.settings.timeout):
                 if self.eager:
@@ -167,8 +167,8 @@ class _Run:
         except TimeoutError:
             timed_out = True
         finally:
-            if alone is not None:
-                ALONE.reset(alone)
+            if sequential is not None:
+                SEQUENTIAL.reset(sequential)
             if groups is not None:
                 RUN_GROUPS.reset(groups)
             await self._stop()
