@@ -1,3 +1,5 @@
+"""`python -m planner`: the command line (`planner.cli.main`)."""
+
 from planner.cli import main
 
 main()

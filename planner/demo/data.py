@@ -21,6 +21,8 @@ DATA_VERSION = "1"
 
 @dataclass(frozen=True)
 class Scale:
+    """How much demo data to load: `demo()` for `planner demo`, `tiny()` for the test suite."""
+
     instances: int
     phones_per_instance: int
     messages_per_conversation: int
@@ -39,6 +41,7 @@ class Scale:
 
 
 def schema_sql() -> str:
+    """The demo's schema (`planner/demo/schema.sql`)."""
     return resources.files("planner.demo").joinpath("schema.sql").read_text()
 
 

@@ -50,27 +50,37 @@ class ExprSyntaxError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Lit:
+    """A literal: a string, number, boolean or null."""
+
     value: Any
 
 
 @dataclass(frozen=True, slots=True)
 class ListOf:
+    """A list literal `[a, b, ...]` (what `in` usually looks in)."""
+
     items: tuple[Expr, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Not:
+    """`not x`."""
+
     operand: Expr
 
 
 @dataclass(frozen=True, slots=True)
 class BoolOp:
+    """`a and b and ...`, `a or b or ...` (short-circuit, left to right)."""
+
     op: str  # "and" | "or"
     operands: tuple[Expr, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Compare:
+    """`left op right`: `==`, `!=`, `<`, `<=`, `>`, `>=`, `in` or `not in`."""
+
     op: str
     left: Expr
     right: Expr

@@ -15,6 +15,8 @@ SCHEMA_ID = "https://planner.dev/schemas/flow.schema.json"
 
 
 def flow_schema() -> dict[str, Any]:
+    """The flow format as a draft-07 JSON Schema (`planner schema`), built from the pydantic
+    models so that it cannot drift from what the loader accepts."""
     schema = FlowSpec.model_json_schema(by_alias=True, ref_template="#/definitions/{model}", mode="validation")
     definitions = schema.pop("$defs", {})
     out: dict[str, Any] = {"$schema": "http://json-schema.org/draft-07/schema#", "$id": SCHEMA_ID}

@@ -36,6 +36,9 @@ _WRITES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
 
 @dataclass(frozen=True, slots=True)
 class SqlInfo:
+    """What `analyze` found in one statement (see the module): the defaults are the safe answer
+    for a statement it could not read (not read-only, no session change known)."""
+
     read_only: bool = False
     session: bool = False
     functions: frozenset[str] = field(default_factory=frozenset)

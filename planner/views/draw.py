@@ -102,6 +102,8 @@ class Route:
 
 @dataclass(frozen=True)
 class Layout:
+    """Where `layout` put every box and edge of a flow, and the size of the drawing."""
+
     boxes: dict[str, Box]
     routes: list[Route]
     columns: int

@@ -30,6 +30,8 @@ OUTCOME_CHARS = 60  # of a node's error or skip reason in a Mermaid or DOT label
 
 @dataclass(frozen=True)
 class PlanRow:
+    """One node's line of `planner plan`: what it waits for, its group, its expected latency."""
+
     node: str
     kind: str
     waits_for: tuple[str, ...]
@@ -372,6 +374,8 @@ class Picture:
 
 def picture(flow: CompiledFlow, plan: Plan, run: RunData | None = None,
             recorded: Mapping[str, float] | None = None) -> Picture:
+    """What every drawing of `flow` shows (Mermaid, DOT, SVG, HTML): the estimate from `recorded`
+    latencies or hints, and with `run`, its outcomes and the critical path it actually took."""
     est = estimate(flow, plan, recorded)
     traced = run_critical_path(flow, run) if run is not None else ()
     return Picture(flow, plan, est, run, traced or est.critical_path, bool(traced), outcomes(flow, run))

@@ -227,6 +227,9 @@ def _null_reason(ref: Ref | None, values: _NodeValues) -> str | None:
 
 
 def trace_events(result: FlowResult, flow: CompiledFlow) -> dict[str, Any]:
+    """The run `result` of `flow` in Chrome's trace event format (Perfetto, chrome://tracing):
+    one complete event per node that started, on lanes that never overlap, and the run's
+    status, states and skip reasons in `otherData` (what `read_trace` reads back)."""
     ran = [(n, r.started_ms, r.finished_ms if r.finished_ms is not None else result.elapsed_ms)
            for n, r in result.nodes.items() if r.started_ms is not None]
     lane_of = lanes([(n, s, e) for n, s, e in ran])
@@ -255,6 +258,7 @@ def trace_events(result: FlowResult, flow: CompiledFlow) -> dict[str, Any]:
 
 
 def write_trace(result: FlowResult, flow: CompiledFlow, path: Path) -> None:
+    """Write `trace_events` of the run to `path` (`planner run --trace`)."""
     path.write_text(json.dumps(trace_events(result, flow), indent=1))
 
 
