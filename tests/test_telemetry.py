@@ -60,3 +60,36 @@ def test_runs_and_nodes_become_spans(tmp_path: Path) -> None:
 
 def test_without_an_sdk_nothing_is_traced() -> None:
     assert telemetry.tracer() is None
+
+
+LATE = textwrap.dedent("""
+    import asyncio, sys
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from planner import Planner
+
+    async def main():
+        planner = Planner(flows=sys.argv[1], allowed_modules=["tests"])
+        await planner.run("t")                      # no SDK yet: nothing traced (and the check remembered)
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        await planner.run("t")
+        print(sorted(s.name for s in exporter.get_finished_spans()))
+
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.subprocess
+def test_a_tracer_provider_set_after_a_run_traces_the_later_runs(tmp_path: Path) -> None:
+    # Whether an SDK is there is asked on every run, cheaply once the API's stand-in has answered
+    # (tracer()); a provider set later must still be found.
+    (tmp_path / "t.yaml").write_text("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", LATE, str(tmp_path)], capture_output=True, text=True, cwd=root, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "['planner.flow t', 'planner.node a']"

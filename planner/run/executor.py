@@ -109,7 +109,7 @@ class _Run:
 
     __slots__ = ("flow", "bound", "values", "mode", "overrides", "observers", "recorder", "run_id", "loop", "t0",
                  "active", "ready", "results", "tasks", "started", "attempts", "served_args", "limit", "queue", "released",
-                 "outstanding", "wake", "phase", "failed_node", "eager", "on_done", "release", "on_error", "degraded")
+                 "outstanding", "wake", "phase", "failed_node", "eager", "release", "on_error", "degraded")
 
     def __init__(self, flow: CompiledFlow, bound: dict[str, BoundNode], values: dict[str, Any], mode: Mode,
                  overrides: dict[str, Any], observers: Sequence[RunObserver], on_error: OnError = "default",
@@ -143,7 +143,6 @@ class _Run:
         self.phase = Phase.RUNNING
         self.failed_node: str | None = None
         self.eager = mode == "eager"
-        self.on_done = self._on_done  # bound once per run, not once per node
         self.release = self.released.append
 
     async def main(self) -> FlowResult:
@@ -158,12 +157,12 @@ class _Run:
         # Compiled groups (`planner.compile`) serve this run unless it is sequential or overrides nodes.
         groups = RUN_GROUPS.set({}) if sequential is None and not self.overrides else None
         try:
-            async with asyncio.timeout(self.flow.settings.timeout):
-                if self.eager:
-                    await self._release(self.ready.roots(self.flow.order), self.ready.unsettled)
-                else:
-                    steps = self.flow.groups if self.mode == "layered" else [(n,) for n in self.flow.order]
-                    await self._gated(steps)
+            deadline = self.flow.settings.timeout
+            if deadline is None:  # `asyncio.timeout(None)` would still cost a few microseconds a run
+                await self._nodes()
+            else:
+                async with asyncio.timeout(deadline):
+                    await self._nodes()
         except TimeoutError:
             timed_out = True
         finally:
@@ -184,6 +183,14 @@ class _Run:
             for observer in self.observers:
                 observer.run_finished(self.flow.name, self.run_id, status)
         return ledger.finish(self.active, output, bad_output)
+
+    async def _nodes(self) -> None:
+        """Run the nodes: eager releases the roots and waits for the last settlement; the other
+        modes release one group (or node) at a time."""
+        if self.eager:
+            await self._release(self.ready.roots(self.flow.order), self.ready.unsettled)
+        else:
+            await self._gated(self.flow.groups if self.mode == "layered" else [(n,) for n in self.flow.order])
 
     async def _release(self, names: Iterable[str], outstanding: int) -> None:
         """Start `names` and wait until `outstanding` more nodes have settled (or the run stops)."""
@@ -243,7 +250,9 @@ class _Run:
             for observer in self.observers:
                 coro = observer.node_started(self.flow.name, self.run_id, name, node.spec.kind, coro)
         task = self.tasks[name] = self.loop.create_task(coro)
-        task.add_done_callback(partial(self.on_done, name))
+        # The function and the run, not a bound method kept on the run: that would be a reference
+        # cycle, and every finished run would wait for the cyclic GC instead of being freed at once.
+        task.add_done_callback(partial(_Run._on_done, self, name))
 
     # --- settling nodes -----------------------------------------------------------------
 

@@ -204,15 +204,25 @@ class Metrics:
         # OpenTelemetry: at once with a provider given; with the global one, once an SDK has set
         # it (until then the API would only forward to nothing, at a cost on every node).
         self._otel_pending = otel and otel_metrics is not None
+        self._proxy: Any = None  # OpenTelemetry's stand-in provider, while no SDK is set (see `_check_otel`)
         if self._otel_pending and meter_provider is not None:
             self._otel, self._otel_pending = _Otel(self, meter_provider), False
 
     def _check_otel(self) -> None:
-        provider = otel_metrics.get_meter_provider()
-        # The API's stand-in before `set_meter_provider` (a private class: matched by name), or its no-op.
-        if type(provider).__name__ == "_ProxyMeterProvider" or isinstance(provider, otel_metrics.NoOpMeterProvider):
+        # Asked at the end of every run until an SDK is there. `get_meter_provider()` reads the
+        # environment each time (about 3 us); the API's stand-in (`_ProxyMeterProvider`, private:
+        # matched by name, its attribute read with a fallback) is told of the provider set later,
+        # so while it has none there is nothing to ask.
+        proxy = self._proxy
+        if proxy is not None and getattr(proxy, "_real_meter_provider", True) is None:
             return
-        self._otel, self._otel_pending = _Otel(self, provider), False
+        provider = otel_metrics.get_meter_provider()
+        if type(provider).__name__ == "_ProxyMeterProvider":
+            self._proxy = provider
+            return
+        if isinstance(provider, otel_metrics.NoOpMeterProvider):  # the API's no-op: nothing to record into
+            return
+        self._otel, self._otel_pending, self._proxy = _Otel(self, provider), False, None
 
     # --- recording ----------------------------------------------------------------------
 
@@ -282,10 +292,12 @@ class Metrics:
         if self._otel_pending:
             self._check_otel()
         flow, otel, nodes = ledger.flow.name, self._otel, self._nodes
-        for node, (outcome, _value, _error, started, finished) in ledger.records.items():
-            # One lookup finds every series the node updates; `outcome` is a StrEnum, so the key
-            # matches the plain string (`.value` is slow).
-            cells = nodes.get((flow, node, outcome)) or self._node_cells(flow, node, str(outcome))
+        for node, (state, _value, _error, started, finished) in ledger.records.items():
+            # One lookup finds every series the node updates. The key holds the state's plain
+            # string: hashing the StrEnum member itself goes through a Python-level slot (about
+            # 0.5 us), and `.value` is a slow descriptor; `_value_` is the member's own attribute.
+            outcome: str = state._value_
+            cells = nodes.get((flow, node, outcome)) or self._node_cells(flow, node, outcome)
             cells.outcomes.value += 1
             if started is not None and finished is not None:  # only a node that ran has a latency
                 seconds = (finished - started) / 1000.0
@@ -296,7 +308,7 @@ class Metrics:
                     otel.node(cells.attrs, seconds)
             elif otel is not None:
                 otel.node(cells.attrs, None)
-        statements, round_trips = self._sql_nodes(flow, ledger)
+        statements, round_trips = self._sql_nodes(flow, ledger) if ledger.served_args else (0, 0.0)
         status = ledger.status
         if status == "failed" and ledger.failed_node is not None:
             status = _failure(ledger.failed_error())  # as a service answers it: not_found, unavailable, failed

@@ -20,9 +20,22 @@ except ImportError:  # pragma: no cover - the `otel` extra is optional
     otel_context = None  # type: ignore[assignment]
 
 
+_proxy_seen = False  # `get_tracer_provider()` has answered with the API's stand-in
+
+
 def tracer() -> Any | None:
     """planner's tracer, or None when no SDK is configured (the API alone records nothing)."""
-    if trace is None or isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+    global _proxy_seen
+    if trace is None:
+        return None
+    # Asked on every run. While no provider is set, `get_tracer_provider()` looks the environment
+    # up each time (a missing key: several microseconds); once it has answered with its stand-in,
+    # the API's own global (private: read with a fallback to the full check) says whether a
+    # provider was set since.
+    if _proxy_seen and getattr(trace, "_TRACER_PROVIDER", True) is None:
+        return None
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        _proxy_seen = True
         return None
     return trace.get_tracer("planner")
 
