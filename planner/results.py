@@ -19,7 +19,7 @@ class Served:
     batch: int = 1  # how many runs shared the statement that answered this one
     fused: int = 1  # how many nodes of one run shared that statement
     replica: bool = False  # answered by the read replica (`planner.db.replica`), not the primary
-    statements: int = 1  # the node's statements (a list runs in a transaction): what one attempt sends unless cached
+    statements: int = 1  # the node's statements (a list is sent in one transaction): what one attempt sends unless cached
     compiled: str | None = None  # the compiled statement (`flow#n`, see `planner explain`) that answered it
 
 

@@ -125,13 +125,13 @@ class StatementRefused(Exception):
 async def resolve(con: Any, text: str, search_path: str | None = None) -> Effects:
     """The catalog's verdict on `text` (one plain query, `$n` parameters), asked on asyncpg
     connection `con` in a transaction that is rolled back, under `search_path` when given (the
-    one the statement's runs have). Raises what the server raises (a statement that does not
+    one the statement is executed under). Raises what the server raises (a statement that does not
     prepare, no right to create a temporary view)."""
     transaction = con.transaction()
     await transaction.start()
     try:
         # Preparing and creating the view lock what the statement reads (ACCESS SHARE), as its
-        # own run would: behind a migration's exclusive lock, give up soon (the statement is a
+        # own execution would: behind a migration's exclusive lock, give up soon (the statement is a
         # write until asked again) rather than delay the questions of every other statement.
         await con.fetchval("SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)",
                            f"{int(LOCK_TIMEOUT * 1000)}ms", f"{int(STATEMENT_TIMEOUT * 1000)}ms")

@@ -7,7 +7,7 @@ begun an implicit transaction on the server (parse analysis takes the statement'
 server stays there (`pg_stat_activity`: `active`, waiting on `ClientRead`, `xact_start` set)
 until the connection's next statement, in the pool, holding its locks (a migration's ALTER
 TABLE queues behind them, and every statement of the table behind the ALTER); and that next
-statement runs in the same transaction, its `now()` the time of the abandoned Parse. It happens
+statement is executed in the same transaction, its `now()` the time of the abandoned Parse. It happens
 - when asyncpg cannot encode an argument (`DataError`: an int where text is expected): it
   encodes only after preparing, and raises without sending anything more;
 - after `prepare()` alone (asyncpg's own reset query would end it at release; a pool planner
@@ -19,7 +19,7 @@ asyncpg ends the sequence itself when the server refuses the Parse or a cancel c
 What. `SyncedConnection` keeps whether the last statement on it may have been left so:
 set by every statement lookup (`_get_statement`, which may send that Parse), cleared when an
 execution completes (its Sync was answered, the server's error too). `settle()` then ends the
-implicit transaction with a ROLLBACK (nothing of it ran, nothing is undone that a caller was
+implicit transaction with a ROLLBACK (nothing of it was executed, nothing is undone that a caller was
 told of). `planner.db.pool.PoolBackend` settles a connection before giving it back to its pool
 and between the statements it sends one after the other on one connection.
 """

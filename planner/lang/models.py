@@ -198,10 +198,10 @@ class _NodeBase(_Strict):
 
 
 class SqlNode(_NodeBase):
-    """A node that runs SQL: one statement, or a list run in one transaction."""
+    """A node that sends SQL: one statement, or a list sent in one transaction."""
 
     sql: str | Annotated[list[str], Field(min_length=1)] = Field(
-        description="One statement, or a list run in one transaction (the last one's result is the value). "
+        description="One statement, or a list sent in one transaction (the last one's result is the value). "
         "$name and $node.field are bound parameters, never pasted text.")
     fetch: Literal["one", "all", "value", "none"] = Field(
         default="all",
@@ -213,7 +213,7 @@ class SqlNode(_NodeBase):
         "on_error then defaults to fail, so the run raises NotFound (a service answers 404).")
     coalesce: Annotated[bool | None, Field(description="Reads (one statement proven read-only) are shared with "
                                            "concurrent runs unless false. true lets a write with RETURNING join "
-                                           "a batch: one statement, one transaction, split and re-run per run on "
+                                           "a batch: one statement, one transaction, split and sent again per run on "
                                            "error; only when the runs' writes cannot touch the same rows.")] = None
     fuse: Annotated[bool | None, Field(description="false: never send this read together with sibling reads "
                                        "of its run. Only single read-only statements are fused.")] = None

@@ -124,12 +124,12 @@ def combine_writes(text: str, members: int, *, first_row: bool = False) -> str |
 
     Members must never change the same row: in one statement every part reads one snapshot,
     and a row changed by one member is skipped by the next (an increment lost, a run answered
-    `None`), which no order of separate runs could give. So each UPDATE, DELETE and MERGE of
+    `None`), which no order of separate statements could give. So each UPDATE, DELETE and MERGE of
     each member (in its CTEs or its main statement) also names its target rows, `(tableoid,
     ctid)` as the statement's snapshot sees them, in the CTE `?targets`; when two members name
     one row, `?overlap` has two rows or more and reading it as one value fails the statement
-    (21000, cardinality violation) before anything is committed: the members then run one by
-    one (`PoolBackend._write_batch_on`). An INSERT ... ON CONFLICT DO UPDATE that meets a row
+    (21000, cardinality violation) before anything is committed: the members are then sent one
+    by one (`PoolBackend._write_batch_on`). An INSERT ... ON CONFLICT DO UPDATE that meets a row
     another member changed fails on its own (21000 too); plain inserts that collide fail on
     their unique key.
     """
