@@ -25,7 +25,7 @@ def _statements(flow: str, expected: dict[str, list[tuple[str, ...]]]) -> dict[s
     compiled = load_flow(FLOWS / f"{flow}.yaml")
     out = {}
     for name, params in expected.items():
-        statements = compiled.nodes[name].statements
+        statements = compiled.nodes[name].sql.statements
         assert [tuple(str(p) for p in s.params) for s in statements] == params, (name, statements)
         out[name] = [s.text for s in statements]
     return out

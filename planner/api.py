@@ -276,10 +276,10 @@ class Planner:
         reads still start together), and refuse a flow that caches a statement the catalog does
         not prove pure (a volatile function, a view over one, a row lock...): a `FlowFileError`
         `PLN131` at the `cache:` line, naming the function."""
-        nodes = [(name, node) for name, node in entry.flow.nodes.items() if len(node.statements) == 1]
+        nodes = [(name, node) for name, node in entry.flow.nodes.items() if len(node.sql.statements) == 1]
         verdicts = await asyncio.gather(*(self.effects.effects(node) for _, node in nodes))
         for (name, node), effects in zip(nodes, verdicts, strict=True):
-            if node.cache_ttl is not None and not effects.pure and effects.resolved:
+            if node.sql.cache_ttl is not None and not effects.pure and effects.resolved:
                 raise entry.flow.marks.error(
                     f"cache: a statement with effects is never cached: it {effects.why()}",
                     ("nodes", name, "cache"), code="PLN131")
@@ -318,8 +318,8 @@ class Planner:
         asked (down, busy past `EDIT_CHECK_S`) does not delay the edit: it is logged."""
         for name, node in flow.nodes.items():
             old = running.nodes.get(name)
-            known = {st.text for st in old.statements} if old is not None else set()
-            for index, statement in enumerate(node.statements):
+            known = {st.text for st in old.sql.statements} if old is not None else set()
+            for index, statement in enumerate(node.sql.statements):
                 if statement.text in known:
                     continue
                 try:
@@ -329,7 +329,7 @@ class Planner:
                         logger.warning("flow %s: node %s's edited statement was not checked on the server: %s",
                                        flow.name, name, exc, extra={"flow": flow.name})
                         continue
-                    where = ("nodes", name, "sql") + ((index,) if len(node.statements) > 1 else ())
+                    where = ("nodes", name, "sql") + ((index,) if len(node.sql.statements) > 1 else ())
                     line, column = flow.marks.at(where)
                     raise FlowFileError(f"the server refuses this statement: {name_params(str(exc), statement)}",
                                         file=flow.marks.file, line=line, column=column, node=name,

@@ -266,9 +266,9 @@ def member_ref(ref: Ref, members: dict[str, CompiledNode]) -> str:
     """A reference to a node of the group, as a scalar subquery on its CTE."""
     node = members[ref.root]
     cte = _ident(f"n:{ref.root}")
-    if node.fetch == "one" and len(ref.path) == 1:
+    if node.sql.fetch == "one" and len(ref.path) == 1:
         return f"(SELECT {cte}.{_ident(ref.path[0])} FROM {cte} LIMIT 1)"
-    if node.fetch == "value" and not ref.path:
+    if node.sql.fetch == "value" and not ref.path:
         return f'(SELECT {cte}."#v" FROM {cte} LIMIT 1)'
     raise Untranslatable(f"{ref}: only $node.field of a `fetch: one` node or $node of a `fetch: value` node "
                          "is compiled into a reference")
@@ -282,13 +282,13 @@ def _ident(name: str) -> str:
 
 def eligible(node: CompiledNode, settings_compile: bool) -> str | None:
     """Why `node` can never be part of a compiled group, or None."""
-    if node.kind != "sql":
-        return "not an SQL node"
-    if not settings_compile or not node.compile:
+    if not node.sql.statements:
+        return "not an SQL node"  # it sends no statement of its own
+    if not settings_compile or not node.sql.compile:
         return "compile: false"
-    if len(node.statements) != 1:
+    if len(node.sql.statements) != 1:
         return "a statement list is a transaction of its own"
-    if node.session:
+    if node.sql.session:
         return "may change the session"
     return None
 
@@ -328,7 +328,7 @@ def explain(flow: CompiledFlow) -> tuple[tuple[CompiledGroup, ...], dict[str, st
     for name in flow.order:
         node = flow.nodes[name]
         why = eligible(node, flow.settings.compile)
-        effects = effects_of(node.statements[0].text) if why is None else Effects()
+        effects = effects_of(node.sql.statements[0].text) if why is None else Effects()
         if why is None and effects.refused:
             why = effects.refused
         if why is not None:
@@ -362,7 +362,7 @@ def explain(flow: CompiledFlow) -> tuple[tuple[CompiledGroup, ...], dict[str, st
             reasons.setdefault(draft.members[0].name, "no SQL node it could share a statement with")
             continue
         groups.append(_build(flow, len(groups) + 1, draft.members, reasons))
-    alone = {n: r for n, r in reasons.items() if flow.nodes[n].kind == "sql"
+    alone = {n: r for n, r in reasons.items() if flow.nodes[n].sql.statements
              and not any(n in g.names for g in groups)}
     return tuple(groups), alone
 
@@ -403,10 +403,10 @@ def _joins(node: CompiledNode, effects: Effects, draft: _Draft, inside: set[str]
 
 
 def _refs_into(node: CompiledNode, members: dict[str, CompiledNode]) -> None:
-    for ref in node.statements[0].params:
+    for ref in node.sql.statements[0].params:
         if ref.root in members:
             member_ref(ref, members)
-            if members[ref.root].fetch == "none":
+            if members[ref.root].sql.fetch == "none":
                 raise Untranslatable(f"{ref}: a command status is not compiled into a reference")
 
 
@@ -507,7 +507,7 @@ def _build(flow: CompiledFlow, number: int, nodes: list[CompiledNode], reasons: 
     stops: list[str] = []  # conditions under which an earlier node failed the run (see below)
     for index, node in enumerate(present, start=1):
         own_stops: list[str] = []
-        statement = node.statements[0]
+        statement = node.sql.statements[0]
         external = tuple(dict.fromkeys(r for r in (*statement.params, *(refs_of(node.when) if node.when else ()))
                                        if r.root not in members))
         python_when = node.when is not None and not any(r.root in members for r in refs_of(node.when))
@@ -532,7 +532,7 @@ def _build(flow: CompiledFlow, number: int, nodes: list[CompiledNode], reasons: 
         # it is `required`, or when Python's `when:` would raise. Those later nodes then write
         # nothing in the statement (the executor runs them alone, if the run goes on).
         if node.on_error != "default":
-            if node.required:
+            if node.sql.required:
                 own_stops.append(f'EXISTS (SELECT 1 FROM {_ident("n:" + node.name)})')
             stops += own_stops
         guards.append(guard)
@@ -568,9 +568,9 @@ def _build(flow: CompiledFlow, number: int, nodes: list[CompiledNode], reasons: 
             body = RawStream()(stmt)
             if guard != "true":
                 body = f'SELECT * FROM ({body}) AS "?q" WHERE {guard}'
-        columns = '("#v")' if node.fetch == "value" else ""
+        columns = '("#v")' if node.sql.fetch == "value" else ""
         ctes.append(f"{_ident('n:' + node.name)}{columns} AS ({body})")
-        built.append(Member(node.name, index, node.fetch, status, external, python_when))
+        built.append(Member(node.name, index, node.sql.fetch, status, external, python_when))
     tags = ", ".join(f"({i})" for i in range(len(built) + 1))
     guard_columns = ", ".join(f'{g} AS "?{m.index}"' for g, m in zip(guards, built, strict=True))
     joins = [f'LEFT JOIN (SELECT {guard_columns}) AS "#g" ON "#k".i = 0']
@@ -598,16 +598,16 @@ def compiled_trips(flow: CompiledFlow, groups: Iterable[CompiledGroup], *, warm:
     together: dict[tuple[str, ...], list[str]] = {}
     for name in flow.order:
         node = flow.nodes[name]
-        if name in group_of or not node.statements or (warm and node.cache_ttl is not None):
+        if name in group_of or not node.sql.statements or (warm and node.sql.cache_ttl is not None):
             cost[name] = 0
             continue
-        cost[name] = len(node.statements) + (2 if len(node.statements) > 1 else 0)
-        if node.fuse and node.cache_ttl is None:
+        cost[name] = len(node.sql.statements) + (2 if len(node.sql.statements) > 1 else 0)
+        if node.sql.fuse and node.sql.cache_ttl is None:
             together.setdefault(tuple(sorted(node.deps)), []).append(name)
     fused = tuple(tuple(names) for names in together.values() if len(names) > 1)
     # With the cache warm, a group's cached members are answered before it is sent (a group
     # left with no member sends nothing).
-    sent = {id(g): int(any(not (warm and flow.nodes[n].cache_ttl is not None) for n in g.names))
+    sent = {id(g): int(any(not (warm and flow.nodes[n].sql.cache_ttl is not None) for n in g.names))
             for g in group_of.values()}
     statements = sum(cost.values()) - sum(len(g) - 1 for g in fused) + sum(sent.values())
     finish: dict[str, int] = {}

@@ -18,7 +18,7 @@ from planner.kinds import kind_for_model, kind_of
 from planner.lang.expr import Expr, ExprSyntaxError, Lit, refs_of
 from planner.lang.expr import parse as parse_expr
 from planner.lang.loader import LoadedFlow, unexpected_error
-from planner.lang.models import FlowSpec, InputSpec, Settings, SqlNode
+from planner.lang.models import FlowSpec, InputSpec, Settings
 from planner.lang.nodes import CompiledNode, RetryPolicy
 from planner.lang.refs import Getter, Ref, RefSyntaxError, Template, compile_getter, parse_value
 from planner.lang.safeyaml import Marks
@@ -97,7 +97,7 @@ def _compile(loaded: LoadedFlow) -> CompiledFlow:
     graph.add_nodes_from(nodes)
     graph.add_edges_from((dep, name) for name, node in nodes.items() for dep in node.deps)
     order = _order(graph, nodes, marks)
-    nodes = replica_routes(nodes, order, spec)
+    nodes = replica_routes(nodes, order)
     generations = nx.topological_generations(graph)
     groups = tuple(tuple(sorted(g, key=lambda n: nodes[n].index)) for g in generations)
     successors = {name: tuple(graph.successors(name)) for name in nodes}
@@ -119,13 +119,7 @@ def _compile(loaded: LoadedFlow) -> CompiledFlow:
 
 
 def _compile_node(name: str, index: int, node: Any, spec: FlowSpec, marks: Marks, flow: str) -> CompiledNode:
-    kind = kind_for_model(node)
-    body = kind.compile(name, node, marks)
-    fields = dict(body.fields)
-    if not spec.settings.coalesce and fields.get("coalesce"):
-        fields["coalesce"] = False  # `settings: {coalesce: false}` turns it off for the whole flow
-    if not spec.settings.fuse and fields.get("fuse"):
-        fields["fuse"] = False
+    body = kind_for_model(node).compile(name, node, marks, spec.settings)
     refs: list[Ref] = list(body.refs)
     when: Expr | None = None
     if isinstance(node.when, bool):
@@ -145,24 +139,23 @@ def _compile_node(name: str, index: int, node: Any, spec: FlowSpec, marks: Marks
     deps = dict.fromkeys([r.root for r in unique_refs if r.root in spec.nodes and r.root != name] + node.after)
     return CompiledNode(
         name=name,
-        kind=kind.name,
         index=index,
         deps=tuple(deps),
         refs=unique_refs,
         when=when,
         default=node.default,
-        on_error=node.on_error or ("fail" if fields.get("required") else None) or spec.settings.on_error,
+        on_error=node.on_error or ("fail" if body.sql.required else None) or spec.settings.on_error,
         timeout=node.timeout if node.timeout is not None else spec.settings.node_timeout,
         retry=RetryPolicy(retry.attempts, retry.backoff, retry.on == "any") if retry else RetryPolicy(),
         latency=node.latency,
         flow=flow,
         bug_fails=(node.on_bug or spec.settings.on_bug) == "fail",
         invalidates=tuple(dict.fromkeys(node.invalidates)),
-        **fields,
+        body=body,
     )
 
 
-def replica_routes(nodes: dict[str, CompiledNode], order: tuple[str, ...], spec: FlowSpec) -> dict[str, CompiledNode]:
+def replica_routes(nodes: dict[str, CompiledNode], order: tuple[str, ...]) -> dict[str, CompiledNode]:
     """`nodes`, with `replica=True` on the reads a read replica may answer (`planner.db.replica`).
 
     A read may go to the replica unless it says `replica: false`, or one of its ancestors
@@ -185,7 +178,7 @@ def replica_routes(nodes: dict[str, CompiledNode], order: tuple[str, ...], spec:
     for name in order:  # ancestors first
         # Not proven read-only: an SQL write, or any `call:` node (`read_only` is False for them).
         deps = nodes[name].deps
-        if any(dep in after_write or not nodes[dep].read_only for dep in deps):
+        if any(dep in after_write or not nodes[dep].sql.read_only for dep in deps):
             after_write.add(name)
             continue
         texts: set[str] | None = set()
@@ -195,15 +188,14 @@ def replica_routes(nodes: dict[str, CompiledNode], order: tuple[str, ...], spec:
                 texts = None
                 break
             texts |= above
-            texts.update(s.text for s in nodes[dep].statements)
+            texts.update(s.text for s in nodes[dep].sql.statements)
         upstream[name] = None if texts is None or len(texts) > MAX_REPLICA_AFTER else frozenset(texts)
     routed = dict(nodes)
     for name, node in nodes.items():
-        own = spec.nodes[name]
-        after = upstream.get(name)
-        if (node.read_only and isinstance(own, SqlNode) and own.replica and after is not None
+        sql, after = node.sql, upstream.get(name)
+        if (sql.read_only and sql.replica_allowed and after is not None
                 and name not in after_write and name not in invalidated):
-            routed[name] = replace(node, replica=True, replica_after=tuple(sorted(after)))
+            routed[name] = replace(node, body=replace(sql, replica=True, replica_after=tuple(sorted(after))))
     return routed
 
 
@@ -232,7 +224,7 @@ def _check_refs(
 def _check_invalidates(nodes: dict[str, CompiledNode], loaded: LoadedFlow) -> None:
     """`invalidates:` names nodes of this flow that have `cache:`."""
     marks, spec = loaded.marks, loaded.spec
-    cached = {name for name, node in nodes.items() if node.cache_ttl is not None}
+    cached = {name for name, node in nodes.items() if node.sql.cache_ttl is not None}
     for name in nodes:
         for i, target in enumerate(spec.nodes[name].invalidates):
             where = ("nodes", name, "invalidates", i)
@@ -335,13 +327,13 @@ def trips(flow: CompiledFlow, *, warm: bool = False) -> Trips:
     cost: dict[str, int] = {}
     together: dict[tuple[str, ...], list[str]] = {}
     for name in flow.order:
-        node = flow.nodes[name]
-        if not node.statements or (warm and node.cache_ttl is not None):
+        sql = flow.nodes[name].sql
+        if not sql.statements or (warm and sql.cache_ttl is not None):
             cost[name] = 0
             continue
-        cost[name] = len(node.statements) + (2 if len(node.statements) > 1 else 0)
-        if node.fuse and node.cache_ttl is None:  # a cached read reaches the database a turn later: alone
-            together.setdefault(tuple(sorted(node.deps)), []).append(name)
+        cost[name] = len(sql.statements) + (2 if len(sql.statements) > 1 else 0)
+        if sql.fuse and sql.cache_ttl is None:  # a cached read reaches the database a turn later: alone
+            together.setdefault(tuple(sorted(flow.nodes[name].deps)), []).append(name)
     groups = tuple(tuple(names) for names in together.values() if len(names) > 1)
     statements = sum(cost.values()) - sum(len(g) - 1 for g in groups)
     finish: dict[str, int] = {}

@@ -146,3 +146,8 @@ def where(**deps: Any) -> dict[str, Any]:
     except RuntimeError:
         loop = False
     return {"ident": threading.get_ident(), "name": threading.current_thread().name, "loop": loop}
+
+
+async def with_db(db: Any) -> Any:
+    """A call that takes the pool (`db`): a `call:` node that reaches the database."""
+    return db

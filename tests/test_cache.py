@@ -347,7 +347,7 @@ def test_cache_needs_one_read_only_statement(sql: str, why: str) -> None:
 def test_cache_is_a_duration_and_only_on_sql_nodes() -> None:
     assert "bad duration" in str(_load_error("nodes:\n  a: {sql: SELECT 1, cache: 30}\n"))
     assert _load_error("nodes:\n  a: {call: tests.nodes:echo, cache: 1s}\n").node == "a"
-    assert load_flow(text="nodes:\n  a: {sql: SELECT 1, cache: 1.5m}\n").nodes["a"].cache_ttl == 90.0
+    assert load_flow(text="nodes:\n  a: {sql: SELECT 1, cache: 1.5m}\n").nodes["a"].sql.cache_ttl == 90.0
 
 
 def test_invalidates_names_cached_nodes_of_the_flow() -> None:
@@ -359,7 +359,7 @@ def test_invalidates_names_cached_nodes_of_the_flow() -> None:
     flow = load_flow(text=head + "  w: {sql: UPDATE t SET x = 1, invalidates: [instance]}\n"
                               "  c: {call: tests.nodes:echo, invalidates: [instance, instance]}\n", name="ok")
     assert flow.nodes["w"].invalidates == ("instance",) and flow.nodes["c"].invalidates == ("instance",)
-    assert flow.nodes["instance"].flow == "ok" and flow.nodes["plain"].cache_ttl is None
+    assert flow.nodes["instance"].flow == "ok" and flow.nodes["plain"].sql.cache_ttl is None
 
 
 # --- in a Planner, on the real database -----------------------------------------------------------

@@ -124,7 +124,7 @@ def _node(text: str, *, cache: bool = True) -> Any:
 
 
 async def _verdict(con: asyncpg.Connection, node: Any) -> Effects:
-    return await resolve(con, node.statements[0].text) if node.read_only else of_syntax(node)
+    return await resolve(con, node.sql.statements[0].text) if node.sql.read_only else of_syntax(node)
 
 
 async def test_every_sharing_decision_comes_from_the_one_verdict(db: str) -> None:
@@ -135,7 +135,7 @@ async def test_every_sharing_decision_comes_from_the_one_verdict(db: str) -> Non
             node = _node(text)
             decided = decide(node, await _verdict(con, node))
             # A write by its syntax has no `cache:` to keep (refused at compile time).
-            got[text] = decided if node.cache_ttl is not None or decided.write else None
+            got[text] = decided if node.sql.cache_ttl is not None or decided.write else None
     finally:
         await con.close()
     assert got == dict(TABLE)
@@ -211,7 +211,7 @@ async def test_effects_hidden_behind_other_objects_are_found(db: str, setup: str
 async def test_the_catalog_counts_row_locks_anywhere_in_the_statement_as_a_write(db: str, statement: str) -> None:
     # The syntax already says so at compile time; the catalog's verdict must agree (one model),
     # for whoever asks it alone (`Catalog.effects`, `planner validate --db`).
-    assert not _node(statement, cache=False).read_only
+    assert not _node(statement, cache=False).sql.read_only
     con = await asyncpg.connect(db)
     try:
         verdict = await resolve(con, statement)
@@ -246,9 +246,9 @@ async def test_the_offline_list_is_the_catalogs_own(db: str) -> None:
 
 
 def test_offline_a_built_in_with_effects_is_a_write_and_anything_else_unresolved() -> None:
-    assert not _node("SELECT random() AS r").read_only
-    assert not _node("SELECT pg_catalog.nextval('s') AS n").read_only
-    assert _node("SELECT myschema.random() AS r").read_only  # not the built-in: the catalog judges it
+    assert not _node("SELECT random() AS r").sql.read_only
+    assert not _node("SELECT pg_catalog.nextval('s') AS n").sql.read_only
+    assert _node("SELECT myschema.random() AS r").sql.read_only  # not the built-in: the catalog judges it
     assert of_syntax(_node("SELECT claim_job() AS j")) == UNRESOLVED
     assert decide(_node("SELECT 1 AS one"), UNRESOLVED) == WRITE  # not proven is not pure
 
@@ -258,7 +258,7 @@ def test_a_write_keeps_coalescing_only_when_its_author_says_so() -> None:
     node = load_flow(text=spec, name="t").nodes["n"]
     verdict = Effects(pure=False, resolved=True, reasons=("calls volatile function claim_job()",))
     allowed = as_allowed(node, verdict)
-    assert (allowed.coalesce, allowed.read_only, allowed.fuse, allowed.replica) == (True, False, False, False)
+    assert (allowed.sql.coalesce, allowed.sql.read_only, allowed.sql.fuse, allowed.sql.replica) == (True, False, False, False)
 
 
 def test_parameters_become_typed_nulls_on_the_tree_never_pasted_values() -> None:
@@ -524,7 +524,7 @@ async def test_a_changed_schema_makes_the_next_run_ask_the_catalog_again(db: str
             await con.close()
         await planner.run("n", {"i": 1})
         assert catalog.resolutions == 2
-        text = planner.load("n").nodes["n"].statements[0].text
+        text = planner.load("n").nodes["n"].sql.statements[0].text
         assert catalog.known(text) == Effects(pure=False, resolved=True, functions=("public.job_name(i integer)",),
                                               reasons=("calls volatile function public.job_name(i integer)",))
 

@@ -83,7 +83,7 @@ async def test_batched_and_fused_members_read_no_more_rows_than_alone(
         alone_read, alone = 0, []
         for k in members:
             def alone_one(k: int = k) -> Awaitable[Any]:
-                return _fetch(con, fetch, node.statements[0], [k])
+                return _fetch(con, fetch, node.sql.statements[0], [k])
 
             read, value = await _rows_read(con, alone_one)
             alone_read += read

@@ -323,4 +323,4 @@ async def test_members_ending_in_a_semicolon_or_a_comment_still_fuse(fuse_db: st
 
 def test_a_read_that_fetches_a_status_is_never_fused() -> None:
     flow = load_flow(text="nodes:\n  a: {sql: SELECT 1, fetch: none}\n  b: {sql: SELECT 2, fetch: value}\n", name="s")
-    assert not flow.nodes["a"].fuse and flow.nodes["b"].fuse
+    assert not flow.nodes["a"].sql.fuse and flow.nodes["b"].sql.fuse

@@ -4,8 +4,10 @@ kind writes its references."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import typing
+from pathlib import Path
 
 import pytest
 from pydantic import Tag
@@ -16,6 +18,8 @@ from planner.kinds import KINDS, kind_for_model, kind_of
 from planner.kinds.backend import Offline
 from planner.lang import models
 from planner.lang.loader import load_text
+from planner.lang.nodes import NO_SQL, CallBody, SqlBody
+from planner.lang.refs import Ref
 from planner.views.validate import check_static
 
 
@@ -51,6 +55,43 @@ def test_each_kind_is_found_from_its_model() -> None:
     assert kind_for_model(flow.loaded.spec.nodes["c"]) is KINDS["call"]
 
 
+def test_the_sql_kind_builds_an_sql_body_from_its_model() -> None:
+    flow = load_flow(text="inputs: {i: int}\nnodes:\n  s: {sql: SELECT $i AS v, fetch: one, cache: 5s}\n")
+    body = flow.nodes["s"].body
+    assert isinstance(body, SqlBody)
+    assert (body.fetch, body.read_only, body.cache_ttl, [str(r) for r in body.refs]) == ("one", True, 5.0, ["$i"])
+    assert flow.nodes["s"].sql is body and flow.nodes["s"].kind == "sql"
+
+
+def test_the_call_kind_builds_a_call_body_and_sends_no_sql() -> None:
+    flow = load_flow(text="inputs: {i: int}\nnodes:\n  c: {call: 'tests.nodes:echo', with: {value: $i}}\n")
+    node = flow.nodes["c"]
+    assert node.body == CallBody(target="tests.nodes:echo", args={"value": node.body.refs[0]}, refs=node.body.refs)
+    assert [str(r) for r in node.refs] == ["$i"]
+    assert node.sql is NO_SQL and node.sql.statements == () and node.kind == "call"
+
+
+@pytest.mark.parametrize(("body", "field"), [(SqlBody(), "fetch"), (CallBody(target="m:f"), "target")], ids=["sql", "call"])
+def test_a_body_is_frozen_and_has_slots(body: object, field: str) -> None:
+    assert not hasattr(body, "__dict__")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(body, field, "other")
+
+
+def test_flow_settings_turn_off_sharing_in_the_sql_body() -> None:
+    text = "settings: {coalesce: false, fuse: false}\nnodes:\n  s: {sql: SELECT 1 AS v}\n"
+    sql = load_flow(text=text).nodes["s"].sql
+    assert sql.read_only and not sql.coalesce and not sql.fuse
+
+
+def test_only_a_call_whose_function_takes_db_uses_the_database() -> None:
+    flow = load_flow(text="nodes:\n  s: {sql: SELECT 1}\n  c: {call: 'tests.nodes:echo'}\n"
+                          "  d: {call: 'tests.nodes:with_db'}\n  x: {call: 'nowhere:f'}\n")
+    targets = Planner(backend=Offline(), allowed_modules=["tests"]).targets
+    uses = {name: kind_of(node.kind).uses_database(node, targets) for name, node in flow.nodes.items()}
+    assert uses == {"s": True, "c": False, "d": True, "x": False}
+
+
 def test_an_unknown_kind_name_is_a_flow_error_naming_the_known_ones() -> None:
     with pytest.raises(FlowError, match=r"unknown node kind 'nope' \(known: call, sql\)"):
         kind_of("nope")
@@ -61,10 +102,22 @@ def test_an_unknown_model_is_a_flow_error() -> None:
         kind_for_model(object())
 
 
+@dataclasses.dataclass(frozen=True)
+class NopeBody:
+    """The body of a kind nobody registered."""
+
+    kind = "nope"
+    refs: tuple[Ref, ...] = ()
+
+    @property
+    def sql(self) -> SqlBody:
+        return NO_SQL
+
+
 @pytest.mark.parametrize("node", ["{sql: SELECT 1, fetch: value}", "{call: 'tests.nodes:echo', with: {value: 1}}"])
 async def test_a_node_of_an_unknown_kind_is_refused_at_bind_not_run_as_another_kind(node: str) -> None:
     flow = load_flow(text=f"nodes:\n  a: {node}\n")
-    flow.nodes["a"] = dataclasses.replace(flow.nodes["a"], kind="nope")  # type: ignore[arg-type]
+    flow.nodes["a"] = dataclasses.replace(flow.nodes["a"], body=NopeBody())  # type: ignore[arg-type]
     planner = Planner(backend=Offline(), allowed_modules=["tests"])
     with pytest.raises(FlowError, match="unknown node kind 'nope'"):
         await planner.run(flow)
@@ -77,7 +130,7 @@ def test_validate_refuses_a_node_of_an_unknown_kind(tmp_path: typing.Any, monkey
 
     def unknown_kind(loaded: typing.Any) -> typing.Any:
         flow = real(loaded)
-        flow.nodes["a"] = dataclasses.replace(flow.nodes["a"], kind="nope")  # type: ignore[arg-type]
+        flow.nodes["a"] = dataclasses.replace(flow.nodes["a"], body=NopeBody())  # type: ignore[arg-type]
         return flow
 
     monkeypatch.setattr("planner.views.validate.compile_flow", unknown_kind)
@@ -142,3 +195,66 @@ def test_an_unknown_reference_points_at_the_key_its_kind_holds_references_under(
     error = info.value
     assert (error.node, error.line) == ("a", line), str(error)
     assert "unknown reference $nope" in str(error)
+
+
+# --- no kind branches outside the kinds ------------------------------------------------------
+
+PLANNER = Path(__file__).resolve().parent.parent / "planner"
+# Where naming a kind is the job: the kinds themselves, the models that define what a node may
+# be, and the loader that validates a file against them.
+KIND_HOMES = ("kinds/", "lang/models.py", "lang/loader.py")
+KIND_TYPES = {"SqlBody", "CallBody", "SqlNode", "CallNode"}
+# The same words meaning something else: each exemption names its line's text exactly.
+NOT_KINDS = {("testing/pytest_plugin.py", "report.when == 'call'")}  # pytest's test phase
+
+
+def _names_a_kind(tree: ast.AST) -> bool:
+    """A kind's name written as a constant, alone or in a tuple, list or set."""
+    if isinstance(tree, ast.Constant):
+        return tree.value in KINDS
+    if isinstance(tree, ast.Tuple | ast.List | ast.Set):
+        return any(_names_a_kind(e) for e in tree.elts)
+    return False
+
+
+def kind_branches(source: str) -> list[tuple[int, str]]:
+    """Lines of `source` that branch on a node's kind: a comparison (or `case`) against a kind's
+    name, or an `isinstance` against a kind's model or body type."""
+    found: list[tuple[int, str]] = []
+    for tree in ast.walk(ast.parse(source)):
+        if isinstance(tree, ast.Compare) and any(_names_a_kind(side) for side in (tree.left, *tree.comparators)):
+            found.append((tree.lineno, ast.unparse(tree)))
+        elif isinstance(tree, ast.MatchValue) and _names_a_kind(tree.value):
+            found.append((tree.lineno, f"case {ast.unparse(tree.value)}"))
+        elif (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) and tree.func.id == "isinstance"
+              and len(tree.args) == 2 and {n.id for n in ast.walk(tree.args[1]) if isinstance(n, ast.Name)} & KIND_TYPES):
+            found.append((tree.lineno, ast.unparse(tree)))
+    return found
+
+
+@pytest.mark.parametrize("source", [
+    'if node.kind == "sql": pass',
+    'if "call" != spec.kind: pass',
+    'ok = node.kind in ("sql", "view")',
+    'ok = kind not in {"call"}',
+    'match node.kind:\n    case "sql": pass',
+    'ok = isinstance(node.body, SqlBody)',
+    'ok = isinstance(model, (CallNode, dict))',
+])
+def test_the_scan_finds_each_spelling_of_a_kind_branch(source: str) -> None:
+    assert kind_branches(source)
+
+
+def test_the_scan_leaves_other_comparisons_alone() -> None:
+    assert kind_branches('ok = param.kind == "lit" and fmt in ("svg", "html") and isinstance(x, str)') == []
+
+
+def test_no_module_outside_the_kinds_branches_on_a_node_kind() -> None:
+    found = []
+    for path in sorted(PLANNER.rglob("*.py")):
+        where = path.relative_to(PLANNER).as_posix()
+        if where.startswith(KIND_HOMES):
+            continue
+        found += [f"planner/{where}:{line}: {text}" for line, text in kind_branches(path.read_text())
+                  if (where, text) not in NOT_KINDS]
+    assert found == [], "ask the kind (planner.kinds.kind_of), the body or CompiledNode.sql instead:\n" + "\n".join(found)

@@ -9,6 +9,7 @@ import pytest
 
 from planner import FlowFileError, load_flow
 from planner.lang.models import parse_duration
+from planner.lang.nodes import CallBody
 
 GOOD = """
 description: ok
@@ -252,7 +253,7 @@ def test_the_error_lists_further_problems(write_flow: Callable[..., Path]) -> No
 def test_yaml_booleans_are_yaml_1_2_so_on_stays_a_key(write_flow: Callable[..., Path]) -> None:
     flow = load_flow(write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: yes}, retry: {on: any}}\n"))
     assert flow.nodes["a"].retry.on_any
-    assert flow.nodes["a"].args == {"value": "yes"}
+    assert flow.nodes["a"].body == CallBody(target="tests.nodes:echo", args={"value": "yes"})
 
 
 def test_an_input_default_must_fit_its_type(write_flow: Callable[..., Path]) -> None:

@@ -119,7 +119,7 @@ async def test_coalesced_reads_and_writes_through_pgbouncer(items_dsn: str, pgbo
     # One connection, many runs: reads and writes wait for it, so they go in batches, whose
     # parameter types planner learns by preparing the statement (unnamed, behind PgBouncer).
     flow = load_flow(text=COALESCED, name="coalesced")
-    writes_combine = combine_writes(flow.nodes["stored"].statements[0].text, 2) is not None
+    writes_combine = combine_writes(flow.nodes["stored"].sql.statements[0].text, 2) is not None
     coalescer = CoalescingBackend(PoolBackend(dsn=pgbouncer.dsn(items_dsn), min_size=1, max_size=1), enabled=True)
     async with Planner(backend=FusingBackend(coalescer, enabled=False)) as planner:
         for _ in range(2):  # the second round uses what the first one learned

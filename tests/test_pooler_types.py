@@ -241,7 +241,7 @@ async def test_a_read_not_proven_free_of_effects_is_not_run_again_whatever_it_na
                         "'UPDATE pt SET v = v + 1 WHERE id = 1 RETURNING v'")
     await admin.execute("CREATE VIEW pt_bumped AS SELECT pt_bump() AS v")
     node = _flow("SELECT v FROM pt_bumped").nodes["r"]
-    assert node.read_only and not node.functions  # by its syntax, a read that names no function
+    assert node.sql.read_only and not node.sql.functions  # by its syntax, a read that names no function
     backend = PoolBackend(dsn=pgbouncer.dsn(demo_dsn), min_size=1, max_size=1)
     try:
         assert await backend.run(Query(node=node, params=[[]])) == 1
@@ -271,7 +271,7 @@ async def test_a_combined_write_whose_returned_column_changed_type_is_not_run_ag
     # must not send each member again (that would write twice); each member gets the error.
     await admin.execute("CREATE TABLE pt (id int PRIMARY KEY, v int8); INSERT INTO pt VALUES (1, 0), (2, 0)")
     node = _flow("UPDATE pt SET v = v + 1 WHERE id = $k RETURNING v", coalesce=True).nodes["r"]
-    assert combine_writes(node.statements[0].text, 2) is not None
+    assert combine_writes(node.sql.statements[0].text, 2) is not None
     backend = PoolBackend(dsn=pgbouncer.dsn(demo_dsn), min_size=1, max_size=1)
     try:
         first = await backend.run_batch(node, [[1], [2]], lambda: None)

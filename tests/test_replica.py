@@ -41,7 +41,7 @@ TEMPLATE = "replica_demo_template"
 
 
 def _routes(text: str) -> dict[str, bool]:
-    return {name: node.replica for name, node in load_flow(text=text).nodes.items()}
+    return {name: node.sql.replica for name, node in load_flow(text=text).nodes.items()}
 
 
 # --- routing, compiled per node (no database) ------------------------------------------------
@@ -95,10 +95,10 @@ def test_a_cached_read_that_a_write_invalidates_reads_the_primary() -> None:
 
 
 def test_the_seed_flows_route_as_documented() -> None:
-    escalation = {n: s.replica for n, s in load_flow(FLOWS / "escalation.yaml").nodes.items()}
+    escalation = {n: s.sql.replica for n, s in load_flow(FLOWS / "escalation.yaml").nodes.items()}
     assert escalation == {"settings": True, "interactions": True, "decide": False, "record": False}
     buffered = load_flow(FLOWS / "process_buffered.yaml").nodes
-    assert {n for n, s in buffered.items() if s.replica} == {"instance", "webhook_config", "is_escalated"}
+    assert {n for n, s in buffered.items() if s.sql.replica} == {"instance", "webhook_config", "is_escalated"}
 
 
 def test_replica_is_a_boolean_key_in_the_schema() -> None:

@@ -234,7 +234,7 @@ def explain(
         typer.echo(f"{name}: no compiled statement (each SQL node is its own statement)")
     shown = list(groups)
     for group in groups:  # with the cache warm: the cached members are answered before it is sent
-        cached = frozenset(n.name for n in group.nodes if n.cache_ttl is not None)
+        cached = frozenset(n.name for n in group.nodes if n.sql.cache_ttl is not None)
         warm = variant(compiled, group, cached) if cached else None
         if warm is not None:
             shown.append(warm)

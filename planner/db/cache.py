@@ -214,7 +214,7 @@ class CacheBackend(WrappingBackend):
     # --- running ------------------------------------------------------------------------
 
     def run(self, query: Query) -> Coroutine[Any, Any, Any]:  # not async: no coroutine of its own
-        ttl = query.node.cache_ttl
+        ttl = query.sql.cache_ttl
         if ttl is None or not self.enabled:
             return self.inner.run(query)  # the inner coroutine itself: uncached nodes pay nothing more
         return self._cached(query, ttl)
@@ -226,7 +226,7 @@ class CacheBackend(WrappingBackend):
         pair = (node.flow, node.name)
         values = self._values
         try:
-            key = (pair, values.generation(pair), ttl, tuple(s.text for s in node.statements), node.fetch,
+            key = (pair, values.generation(pair), ttl, tuple(s.text for s in node.sql.statements), node.sql.fetch,
                    freeze(query.params))
             found = values.store[key]
         except KeyError:
@@ -255,7 +255,7 @@ class CacheBackend(WrappingBackend):
         value of `query` (counted a hit), else `(False, None)`. Never sends a statement; the
         first one of a process waits for the channel between processes, as a cached read does."""
         node = query.node
-        ttl = node.cache_ttl
+        ttl = node.sql.cache_ttl
         if ttl is None or not self.enabled or (not self.trusted and not await self._trusted_after_listening()):
             return False, None
         try:
@@ -280,16 +280,16 @@ class CacheBackend(WrappingBackend):
         """Keep `value`, found for `query` by a compiled statement sent at `generation`, unless
         an invalidation came since (the rule a statement of its own follows)."""
         node = query.node
-        if node.cache_ttl is None or not self.enabled or not self.trusted:
+        if node.sql.cache_ttl is None or not self.enabled or not self.trusted:
             return
         with contextlib.suppress(TypeError):
             # The run keeps `value`: a copy is kept.
-            self._values.keep(self._key(query, node.cache_ttl, generation), private_copy(value))
+            self._values.keep(self._key(query, node.sql.cache_ttl, generation), private_copy(value))
 
     @staticmethod
     def _key(query: Query, ttl: float, generation: int) -> Key:
         node = query.node
-        return ((node.flow, node.name), generation, ttl, tuple(s.text for s in node.statements), node.fetch,
+        return ((node.flow, node.name), generation, ttl, tuple(s.text for s in node.sql.statements), node.sql.fetch,
                 freeze(query.params))
 
     async def _fetch(self, flight: Batch[Query]) -> list[Outcome]:

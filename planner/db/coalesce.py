@@ -16,7 +16,7 @@ separately, so that a slow or bad member times out or fails by itself. Identical
 read batch are sent once (single-flight) and each run gets its own copy of the value (and of
 the error). Only single statements proven pure are coalesced by default (by syntax and by the
 server's catalog: `planner.lang.effects`, applied above this wrapper); a write only
-with `coalesce: true` (`CompiledNode.coalesce`), and two writes with identical parameters
+with `coalesce: true` (`SqlBody.coalesce`), and two writes with identical parameters
 never share a statement. `PLANNER_COALESCE=0` turns coalescing off for the process.
 """
 
@@ -63,23 +63,23 @@ class CoalescingBackend(WrappingBackend):
 
     async def run(self, query: Query) -> Any:
         node = query.node
-        if not node.coalesce or not self.enabled or SEQUENTIAL.get():
+        if not node.sql.coalesce or not self.enabled or SEQUENTIAL.get():
             return await self.inner.run(query)
-        text = node.statements[0].text
+        text = node.sql.statements[0].text
         # Runs share a batch only when they would send the same statement, fetch its rows the
         # same way and time it the same way: the batch runs with its first member's node.
-        key: _BatchKey = (text, node.fetch, node.timeout, node.read_only)
+        key: _BatchKey = (text, node.sql.fetch, node.timeout, node.sql.read_only)
         share = _freeze(query.params[0])
         batch = self._batcher.pending(key)
-        limit = self.max_batch if node.read_only else min(self.max_batch, MAX_WRITE_BATCH)
-        if batch is None or not _admits(batch, share, node.read_only, limit):
+        limit = self.max_batch if node.sql.read_only else min(self.max_batch, MAX_WRITE_BATCH)
+        if batch is None or not _admits(batch, share, node.sql.read_only, limit):
             if text in self._unshareable or self.inner.idle():
                 self.direct += 1
                 return await self.inner.run(query)  # a free connection: go now, direct
             batch = self._batcher.open(key)
         # Two runs reading the same thing share one answer (each gets its own copy of it);
         # two runs writing it both write.
-        member = batch.join(query, share, merge=node.read_only)
+        member = batch.join(query, share, merge=node.sql.read_only)
         # No timer here: the node's timeout times the statements (see `PoolBackend.run_batch`),
         # and the wait for a connection is bounded by the run's deadline only, as direct.
         try:
@@ -106,7 +106,7 @@ class CoalescingBackend(WrappingBackend):
         finally:
             ANSWER.reset(answering)
         if outcomes is None:  # the statement cannot be shared: remember, and run each separately
-            self._remember_unshareable(node.statements[0].text)
+            self._remember_unshareable(node.sql.statements[0].text)
             batch.shared = False
             if batch.sent is None:
                 started()

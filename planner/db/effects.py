@@ -33,13 +33,13 @@ class EffectsBackend(WrappingBackend):
     async def run(self, query: Query) -> Any:
         catalog = self.catalog
         node = query.node
-        if catalog is None or not node.read_only:
+        if catalog is None or not node.sql.read_only:
             return await self.inner.run(query)  # a write by its syntax: nothing to ask
-        text = node.statements[0].text
+        text = node.sql.statements[0].text
         effects = catalog.current(text) or await catalog.effects(text)
         after_write = False
-        if node.replica:
-            for before in node.replica_after:
+        if node.sql.replica:
+            for before in node.sql.replica_after:
                 if not (catalog.current(before) or await catalog.effects(before)).pure:
                     after_write = True
                     break
@@ -60,6 +60,6 @@ class EffectsBackend(WrappingBackend):
 
     async def effects(self, node: Any) -> Effects:
         """The verdict on `node`'s statement (`of_syntax` for a write by syntax, or without a catalog)."""
-        if self.catalog is None or not node.read_only:
+        if self.catalog is None or not node.sql.read_only:
             return of_syntax(node)
-        return await self.catalog.effects(node.statements[0].text)
+        return await self.catalog.effects(node.sql.statements[0].text)

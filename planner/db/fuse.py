@@ -40,7 +40,7 @@ class FusingBackend(WrappingBackend):
         self.fused = 0  # statements that served more than one node (a figure for benchmarks)
 
     async def run(self, query: Query) -> Any:
-        if not self.enabled or not query.node.fuse or query.run is None or SEQUENTIAL.get():
+        if not self.enabled or not query.sql.fuse or query.run is None or SEQUENTIAL.get():
             return await self.inner.run(query)
         key = id(query.run)
         batch = self._batcher.pending(key)

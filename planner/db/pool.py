@@ -215,11 +215,11 @@ class PoolBackend:
     def _check_pooler(self, node: CompiledNode) -> None:
         """Refuse a node whose statements would leave session state on a server connection
         that a transaction-mode pooler shares with other clients (nothing is sent)."""
-        if self.pooler != TRANSACTION_POOLER or not node.session:
+        if self.pooler != TRANSACTION_POOLER or not node.sql.session:
             return
-        key = "\0".join(s.text for s in node.statements)
+        key = "\0".join(s.text for s in node.sql.statements)
         if key not in self._refused:
-            self._refused[key] = outlives_transaction([s.text for s in node.statements])
+            self._refused[key] = outlives_transaction([s.text for s in node.sql.statements])
         reason = self._refused[key]
         if reason is not None:
             raise QueryError(
@@ -248,9 +248,9 @@ class PoolBackend:
         catalog's verdict, `planner.lang.effects`): a read of it whose result went stale under
         its description behind a pooler may run again. Not judged (no catalog) is not proven."""
         verdict = self.verdict
-        if not node.read_only or verdict is None:
+        if not node.sql.read_only or verdict is None:
             return False
-        effects = verdict(node.statements[0].text)
+        effects = verdict(node.sql.statements[0].text)
         return effects is not None and effects.pure
 
     async def run(self, query: Query) -> Any:
@@ -264,11 +264,11 @@ class PoolBackend:
             with repeatable(self.proven_pure(query.node)):
                 value = await (_query(con, query) if timeout is None else timed(_query(con, query), timeout))
         except BaseException as exc:  # CancelledError too: the connection must still go back
-            self._release_later(pool, con, query.node.session)
+            self._release_later(pool, con, query.sql.session)
             self._adopt_pooler(exc)
             _reraise(exc)  # BEGIN/COMMIT or the socket; statements translate their own
-        self._release_later(pool, con, query.node.session)
-        if query.node.coalesce and query.node.read_only:  # what it costs a run alone: a batch of it splits past a bound
+        self._release_later(pool, con, query.sql.session)
+        if query.sql.coalesce and query.sql.read_only:  # what it costs a run alone: a batch of it splits past a bound
             self.shared._record(query.statements[0].text, time.monotonic() - started)
         return value
 

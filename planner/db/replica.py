@@ -1,9 +1,9 @@
 """Read replicas: reads a replica may answer go to it, everything else to the primary.
 
-    CacheBackend --> ReplicaBackend --node.replica, replica healthy--> replica stack (its own pool)
+    CacheBackend --> ReplicaBackend --node.sql.replica, replica healthy--> replica stack (its own pool)
                                     +--anything else, or a failure--> primary stack
 
-Where a node may go is decided when its flow is compiled (`CompiledNode.replica`, see
+Where a node may go is decided when its flow is compiled (`SqlBody.replica`, see
 `planner.graph.replica_routes`): a single read-only statement, not `replica: false`, and no
 node that may write among its ancestors (references and `after:`), so a run always reads its
 own writes. Writes, statement lists, `call:` pools and `describe` always use the primary.
@@ -171,7 +171,7 @@ class ReplicaBackend(WrappingBackend):
         return moment is None or (self.proven_at is not None and self.proven_at >= moment)
 
     async def run(self, query: Query) -> Any:
-        if not query.node.replica or not self._ready() or not self.past(query.fresh_after):
+        if not query.sql.replica or not self._ready() or not self.past(query.fresh_after):
             return await self.inner.run(query)
         # The node's timeout bounds the replica's part as a whole: a stalled replica holds its
         # connections, and the reads queued behind them would otherwise wait for the run's

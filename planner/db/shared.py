@@ -87,10 +87,10 @@ class SharedStatements:
             with repeatable(self.pool.proven_pure(node)):
                 outcomes = await self._batch_on(con, node, params)
         except BaseException as exc:  # CancelledError too: the connection must still go back
-            self.pool._release_later(pool, con, node.session)
+            self.pool._release_later(pool, con, node.sql.session)
             self.pool._adopt_pooler(exc)
             _reraise(exc)
-        self.pool._release_later(pool, con, node.session)
+        self.pool._release_later(pool, con, node.sql.session)
         answer = ANSWER.get()
         if isinstance(outcomes, _Again):
             return await self._again(pool, outcomes, answer)
@@ -130,21 +130,21 @@ class SharedStatements:
                 with repeatable(self.pool.proven_pure(node)):
                     outcomes = await self._batch_on(con, node, params, budget)
             except asyncio.CancelledError:
-                self.pool._release_later(pool, con, node.session)
+                self.pool._release_later(pool, con, node.sql.session)
                 raise
             except Exception as exc:
-                self.pool._release_later(pool, con, node.session)
+                self.pool._release_later(pool, con, node.sql.session)
                 error = translate(exc)
                 return _answered(answer, offset, [(None, error if i == 0 else own_error(error)) for i in range(len(params))])
             # Its place is kept until the connection is back: a statement cancelled (split) or
             # timed out is still being cancelled on the server until then.
-            await asyncio.shield(self.pool._release_later(pool, con, node.session))
+            await asyncio.shield(self.pool._release_later(pool, con, node.sql.session))
         if isinstance(outcomes, _Again):
             return await self._again(pool, outcomes, answer, offset, budget)
         if isinstance(outcomes, _Split):
             return await self._halves(pool, node, params, offset, answer, budget)
         if outcomes is None:  # cannot happen: its text was shared a moment ago (a bounded cache forgot it?)
-            again = _Again([(node, node.statements[0], p) for p in params])
+            again = _Again([(node, node.sql.statements[0], p) for p in params])
             return await self._again(pool, again, answer, offset, budget)
         return _answered(answer, offset, outcomes)
 
@@ -185,10 +185,10 @@ class SharedStatements:
 
     async def _batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]],
                         budget: asyncio.Semaphore | None = None) -> list[Outcome] | _Again | _Split | None:
-        statement = node.statements[0]
+        statement = node.sql.statements[0]
         if len(params) <= 1:  # nothing to share: the statement as it is
             return await _each_alone(con, node, statement, params, self.pool.proven_pure(node))
-        if not node.read_only:
+        if not node.sql.read_only:
             return await self._write_batch_on(con, node, params)
         again = _Again([(node, statement, p) for p in params])
         failed: str | None = None  # the combined statement that failed as a stale one would
@@ -218,13 +218,13 @@ class SharedStatements:
                     # The parameter types written into it may be a migration old: describe
                     # the statement again, once, and retry if that changes the combined one.
                     failed = text
-                    self._combined.pop(f"{node.fetch}\0{statement.text}", None)
+                    self._combined.pop(f"{node.sql.fetch}\0{statement.text}", None)
                     continue
                 # One member's bad value fails the whole statement, and one slow member times it
                 # out: each again alone, with its own outcome (a read has no effect to undo).
                 return again
             break
-        return _split(rows, len(params), node.fetch, row_numbers=True)
+        return _split(rows, len(params), node.sql.fetch, row_numbers=True)
 
     async def _again(self, pool: asyncpg.Pool, again: _Again, answer: Callable[[int, Outcome], None] | None = None,
                      offset: int = 0, budget: asyncio.Semaphore | None = None) -> list[Outcome]:
@@ -252,7 +252,7 @@ class SharedStatements:
                 try:
                     outcome = await _alone(con, node, statement, params, self.pool.proven_pure(node))
                 finally:
-                    released = self.pool._release_later(pool, con, node.session)
+                    released = self.pool._release_later(pool, con, node.sql.session)
                 _answered(answer, position, [outcome])  # its run need not wait for the others'
                 # The place is kept until the connection is back: a statement that timed out is
                 # still being cancelled on the server until then, and the next would run beside it.
@@ -269,8 +269,8 @@ class SharedStatements:
         A combined write that times out is not run again: its cancel may have come after it
         committed, and running the members again could write twice. Every member then gets
         the timeout, as a statement of its own might have."""
-        statement = node.statements[0]
-        text = self._write_text(statement.text, len(params), node.fetch)
+        statement = node.sql.statements[0]
+        text = self._write_text(statement.text, len(params), node.sql.fetch)
         if text is None:
             return None
         # Members in one order whatever the batch: two batches that write the same rows take
@@ -292,7 +292,7 @@ class SharedStatements:
             # The server refused it (or a value could not be sent): nothing was written.
             return await _each_alone(con, node, statement, params, self.pool.proven_pure(node))
         outcomes: list[Outcome] = [(None, None)] * len(params)
-        for position, outcome in zip(order, _split(rows, len(params), node.fetch, row_numbers=False), strict=True):
+        for position, outcome in zip(order, _split(rows, len(params), node.sql.fetch, row_numbers=False), strict=True):
             outcomes[position] = outcome
         return outcomes
 
@@ -403,8 +403,8 @@ class SharedStatements:
         """The combined statement for `node` (cached), or None when it cannot be shared safely:
         a parameter that is itself an array (unnest would flatten it), or a statement that does
         not fit in a subquery (the combined form is prepared once to find out)."""
-        statement = node.statements[0]
-        key = f"{node.fetch}\0{statement.text}"
+        statement = node.sql.statements[0]
+        key = f"{node.sql.fetch}\0{statement.text}"
         if key in self._combined:
             return self._combined[key]
         prepared = await con.prepare(statement.text)
@@ -420,7 +420,7 @@ class SharedStatements:
             inner = statement.render([f'("?b".{n})' for n in names]).rstrip()
             inner = inner[:-1] if inner.endswith(";") else inner
             # One row is all `fetch: one`/`value` reads, as alone (asyncpg asks for one row).
-            limit = " LIMIT 1" if node.fetch in ("one", "value") else ""
+            limit = " LIMIT 1" if node.sql.fetch in ("one", "value") else ""
             # The newline ends a trailing `-- comment` of the statement.
             text = (f'SELECT "?b"."?ord", "?q".* FROM unnest({arrays}) WITH ORDINALITY AS "?b"({", ".join(names)}, "?ord") '
                     f'CROSS JOIN LATERAL (SELECT "?q0".*, row_number() OVER () AS "?row" FROM ({inner}\n) AS "?q0"{limit}) '
@@ -484,7 +484,7 @@ async def _alone(con: asyncpg.Connection, node: CompiledNode, statement: Compile
     """One member's statement on its own, timed by the node's timeout: its value, or its error."""
     try:
         with repeatable(pure):
-            coro = _fetch(con, node.fetch, statement, params)
+            coro = _fetch(con, node.sql.fetch, statement, params)
             return (await (coro if node.timeout is None else timed(coro, node.timeout)), None)
     except (QueryError, NodeTimeout) as exc:
         return (None, exc)

@@ -89,8 +89,8 @@ def queries_of(flow: CompiledFlow, states: Mapping[str, str]) -> int:
     total = 0
     for name, state in states.items():
         node = flow.nodes[name]
-        if node.kind == "sql" and state in ("ok", "defaulted", "failed"):
-            total += len(node.statements) + (2 if len(node.statements) > 1 else 0)
+        if node.sql.statements and state in ("ok", "defaulted", "failed"):
+            total += len(node.sql.statements) + (2 if len(node.sql.statements) > 1 else 0)
     return total
 
 

@@ -1,10 +1,12 @@
 """Node kinds: what a `sql:` or a `call:` node is, each in one module behind one protocol.
 
-A kind compiles its part of a node (its references and fields), binds a compiled node to
-what runs it, says whether it needs the database, and offers the static checks `planner
-validate` runs. Adding a kind is one module and one line in `KINDS`; everything else (graph,
-executor, validate, pictures) asks the registry and never branches on a kind's name, so an
-unknown kind is an error rather than a silent fall into another kind's branch.
+A kind builds its part of a compiled node, the *body* (`SqlBody`, `CallBody` in
+`planner.lang.nodes`: the references it holds and its own fields), binds a compiled node to
+what runs it, says whether it needs the database, how pictures draw it, and offers the static
+checks `planner validate` runs. Everything else (graph, executor, compile, validate, pictures,
+the database backends) asks the registry, the body or `CompiledNode.sql`, and never branches on
+a kind's name (`tests/test_kinds.py` scans for such branches), so an unknown kind is an error
+rather than a silent fall into another kind's branch.
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from planner.errors import FlowError
-from planner.lang.nodes import KindName
+from planner.lang.nodes import Body, KindName
 
 if TYPE_CHECKING:
     from planner.config import CallTargets
     from planner.errors import FlowFileError
     from planner.kinds.backend import Backend
     from planner.kinds.call import CallThreads
+    from planner.lang.models import Settings
     from planner.lang.nodes import CompiledNode
-    from planner.lang.refs import Ref
     from planner.lang.safeyaml import Marks
     from planner.results import Served
 
@@ -61,14 +63,6 @@ class BindEnv:
     threads: CallThreads | None = None
 
 
-@dataclass(frozen=True)
-class Body:
-    """A kind's part of a compiled node: the references it holds and its own fields."""
-
-    refs: tuple[Ref, ...]
-    fields: dict[str, Any] = field(default_factory=dict)
-
-
 class NodeKind(Protocol):
     @property
     def name(self) -> KindName:
@@ -86,11 +80,16 @@ class NodeKind(Protocol):
     def refs_at(self) -> str:
         """The key under which its references are written (errors point there)."""
 
-    def compile(self, name: str, node: Any, marks: Marks) -> Body: ...
+    def compile(self, name: str, node: Any, marks: Marks, settings: Settings) -> Body:
+        """Its body, from the validated model `node` and the flow's `settings`; raises `FlowFileError`."""
 
     def bind(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> BoundNode: ...
 
-    def needs_database(self, spec: CompiledNode) -> bool: ...
+    def needs_database(self, spec: CompiledNode) -> bool:
+        """Whether binding it needs the database opened first."""
+
+    def uses_database(self, spec: CompiledNode, targets: CallTargets) -> bool:
+        """Whether a run of it reaches the database (a replay settles such nodes from a recording)."""
 
     def check(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> list[FlowFileError]: ...
 

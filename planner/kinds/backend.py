@@ -27,7 +27,7 @@ from planner.lang.nodes import Fetch
 from planner.results import Served
 
 if TYPE_CHECKING:
-    from planner.lang.nodes import CompiledNode
+    from planner.lang.nodes import CompiledNode, SqlBody
     from planner.lang.refs import CompiledSql
 
 
@@ -55,12 +55,17 @@ class Query:
     fresh_after: float | None = None
 
     @property
+    def sql(self) -> SqlBody:
+        """The node's SQL body: what it sends, how it fetches, what it may share."""
+        return self.node.sql
+
+    @property
     def statements(self) -> tuple[CompiledSql, ...]:
-        return self.node.statements
+        return self.node.sql.statements
 
     @property
     def fetch(self) -> Fetch:
-        return self.node.fetch
+        return self.node.sql.fetch
 
     @property
     def timeout(self) -> float | None:

@@ -21,8 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from planner.errors import CallThreadsBusy, FlowFileError, NodeTimeout
-from planner.kinds import BindEnv, Body, BoundNode
-from planner.lang.models import CallNode
+from planner.kinds import BindEnv, BoundNode
+from planner.lang.models import CallNode, Settings
+from planner.lang.nodes import CallBody
 from planner.lang.refs import RefSyntaxError, compile_getter, parse_value
 
 if TYPE_CHECKING:
@@ -46,16 +47,16 @@ class CallKind:
     shape: Literal["box", "round"] = "round"
     model = CallNode
 
-    def compile(self, name: str, node: CallNode, marks: Marks) -> Body:
+    def compile(self, name: str, node: CallNode, marks: Marks, settings: Settings) -> CallBody:
         try:
             template = parse_value(node.with_)
         except RefSyntaxError as exc:
             raise marks.error(str(exc), ("nodes", name, "with")) from None
-        return Body(refs=template.refs, fields={"call": node.call, "args": template.value})
+        return CallBody(target=node.call, args=template.value, refs=template.refs)
 
     def bind(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> BoundNode:
         fn, wants_db = self._resolve(spec, marks, env)
-        args = compile_getter(spec.args)
+        args = compile_getter(_body(spec).args)
         if inspect.iscoroutinefunction(fn):
             if not wants_db:
                 # The common case, kept to one coroutine: the executor awaits the function's own.
@@ -84,6 +85,13 @@ class CallKind:
     def needs_database(self, spec: CompiledNode) -> bool:
         return False  # a `db` parameter opens the pool when the function is called
 
+    def uses_database(self, spec: CompiledNode, targets: CallTargets) -> bool:
+        try:
+            fn = targets.resolve(_body(spec).target)
+        except ValueError:
+            return False  # a run refuses it anyway, with the reason
+        return "db" in inspect.signature(fn).parameters
+
     def check(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> list[FlowFileError]:
         try:  # exactly the checks a run makes: the allow-list, and `with:` against the signature
             self._resolve(spec, marks, env)
@@ -92,19 +100,28 @@ class CallKind:
         return []
 
     def _resolve(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> tuple[Callable[..., Any], bool]:
+        body = _body(spec)
         try:
-            fn = env.targets.resolve(spec.call)
+            fn = env.targets.resolve(body.target)
         except ValueError as exc:
             raise marks.error(str(exc), ("nodes", spec.name, "call"), code="PLN300") from None
         signature = inspect.signature(fn)
         wants_db = "db" in signature.parameters
         try:
-            signature.bind(**dict.fromkeys(spec.args), **({"db": None} if wants_db else {}))
+            signature.bind(**dict.fromkeys(body.args), **({"db": None} if wants_db else {}))
         except TypeError as exc:
-            why, key = _misfit(signature, list(spec.args), wants_db, str(exc))
+            why, key = _misfit(signature, list(body.args), wants_db, str(exc))
             where = ("nodes", spec.name, "with") + ((key,) if key is not None else ())
-            raise marks.error(f"with: does not fit {spec.call}{signature}: {why}", where, code="PLN301") from None
+            raise marks.error(f"with: does not fit {body.target}{signature}: {why}", where, code="PLN301") from None
         return fn, wants_db
+
+
+def _body(spec: CompiledNode) -> CallBody:
+    """The call body of `spec`, which the registry gave to this kind."""
+    body = spec.body
+    if not isinstance(body, CallBody):
+        raise TypeError(f"node {spec.name} is a {spec.kind} node, not a call node")
+    return body
 
 
 def _misfit(signature: inspect.Signature, given: list[str], wants_db: bool, fallback: str) -> tuple[str, str | None]:
@@ -343,11 +360,11 @@ def sync_calls_at_once(groups: Sequence[Sequence[str]], nodes: Mapping[str, Comp
     for group in groups:
         count = 0
         for name in group:
-            spec = nodes[name]
-            if spec.kind != "call":
+            body = nodes[name].body
+            if not isinstance(body, CallBody):
                 continue
             try:
-                fn = targets.resolve(spec.call)
+                fn = targets.resolve(body.target)
             except ValueError:
                 continue  # binding said so already
             count += not inspect.iscoroutinefunction(fn)

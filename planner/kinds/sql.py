@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 from planner.errors import FlowFileError, NotFound
-from planner.kinds import BindEnv, Body, BoundNode
+from planner.kinds import BindEnv, BoundNode
 from planner.kinds.backend import Query
-from planner.lang.models import SqlNode
+from planner.lang.models import Settings, SqlNode
+from planner.lang.nodes import SqlBody
 from planner.lang.refs import CompiledSql, RefSyntaxError, compile_getter, compile_sql
 from planner.lang.sqlinfo import SqlInfo, analyze, combine_writes
 from planner.results import Served
 
 if TYPE_CHECKING:
+    from planner.config import CallTargets
     from planner.lang.nodes import CompiledNode
     from planner.lang.safeyaml import Marks
 
@@ -23,7 +25,7 @@ class SqlKind:
     shape: Literal["box", "round"] = "box"
     model = SqlNode
 
-    def compile(self, name: str, node: SqlNode, marks: Marks) -> Body:
+    def compile(self, name: str, node: SqlNode, marks: Marks, settings: Settings) -> SqlBody:
         texts = [node.sql] if isinstance(node.sql, str) else node.sql
         statements: list[CompiledSql] = []
         for i, text in enumerate(texts):
@@ -44,35 +46,36 @@ class SqlKind:
                 "coalesce: true needs one statement that returns rows (RETURNING, fetch: one/all/value) and "
                 "that can be combined with others (no nested or recursive WITH): a statement list is a "
                 "transaction of its own and is never shared", ("nodes", name, "coalesce"))
-        return Body(
-            refs=tuple(ref for s in statements for ref in s.params),
-            fields={
-                "statements": tuple(statements),
-                "fetch": node.fetch,
-                "required": node.required,
-                "read_only": read_only,
-                "session": any(i.session for i in infos),
-                "functions": frozenset(f for i in infos for f in i.functions),
-                # Reads are shared unless turned off; a write only when its author says it may be.
-                "coalesce": node.fetch != "none" and (node.coalesce is True or (read_only and node.coalesce is None)),
-                # Its author's word that it may be combined with other runs' as a write: what a
-                # read the catalog does not prove pure still may do (`planner.lang.effects`).
-                "coalesce_writes": node.fetch != "none" and node.coalesce is True,
-                "cache_ttl": node.cache,
-                "fuse": read_only and node.fetch != "none" and node.fuse is not False,  # a status is not a row
-                "compile": node.compile is not False,
-            },
+        return SqlBody(
+            statements=tuple(statements),
+            fetch=node.fetch,
+            required=node.required,
+            read_only=read_only,
+            session=any(i.session for i in infos),
+            functions=frozenset(f for i in infos for f in i.functions),
+            # Reads are shared unless turned off (on the node, or for the whole flow by
+            # `settings: {coalesce: false}`); a write only when its author says it may be.
+            coalesce=settings.coalesce and node.fetch != "none"
+            and (node.coalesce is True or (read_only and node.coalesce is None)),
+            # Its author's word that it may be combined with other runs' as a write: what a
+            # read the catalog does not prove pure still may do (`planner.lang.effects`).
+            coalesce_writes=node.fetch != "none" and node.coalesce is True,
+            cache_ttl=node.cache,
+            fuse=settings.fuse and read_only and node.fetch != "none" and node.fuse is not False,  # a status is not a row
+            replica_allowed=node.replica,
+            compile=node.compile is not False,
         )
 
     def bind(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> BoundNode:
-        params = compile_getter([list(st.params) for st in spec.statements])
+        body = spec.sql
+        params = compile_getter([list(st.params) for st in body.statements])
         backend = env.backend
-        count = len(spec.statements)
+        count = len(body.statements)
 
         def args(values: dict[str, Any]) -> Query:
             return Query(spec, params(values), Served(statements=count), run=values)  # one values dict per run: the run's token
 
-        if not spec.required:
+        if not body.required:
             return BoundNode(spec, args, backend.run, own_timeout=True, served=_served)
 
         async def run_required(query: Query) -> Any:
@@ -84,6 +87,9 @@ class SqlKind:
         return BoundNode(spec, args, run_required, own_timeout=True, served=_served)
 
     def needs_database(self, spec: CompiledNode) -> bool:
+        return True
+
+    def uses_database(self, spec: CompiledNode, targets: CallTargets) -> bool:
         return True
 
     def check(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> list[FlowFileError]:

@@ -70,8 +70,9 @@ def of_syntax(node: CompiledNode) -> Effects:
     """The compile-time verdict (no server): a write when the syntax says so (or the statement
     calls a built-in the catalog lists as having effects, `planner.lang.sqlinfo`), else unresolved:
     its functions, operators and views are the catalog's to judge."""
-    if not node.read_only:
-        reason = "a statement list (one transaction)" if len(node.statements) > 1 else SYNTAX_WRITE
+    sql = node.sql
+    if not sql.read_only:
+        reason = "a statement list (one transaction)" if len(sql.statements) > 1 else SYNTAX_WRITE
         return Effects(pure=False, resolved=True, reasons=(reason,))
     return UNRESOLVED
 
@@ -91,13 +92,14 @@ class Decisions:
 def decide(node: CompiledNode, effects: Effects, *, after_write: bool = False) -> Decisions:
     """The decisions for `node` whose statement has `effects`; `after_write`: a node it follows
     (references, `after:`) may write in the same run."""
-    pure = effects.pure and node.read_only
+    sql = node.sql
+    pure = effects.pure and sql.read_only
     return Decisions(
-        share=pure and node.coalesce,
-        coalesce=node.coalesce and (pure or node.coalesce_writes),
-        fuse=pure and node.fuse,
-        cache=pure and node.cache_ttl is not None,
-        replica=pure and node.replica and not after_write,
+        share=pure and sql.coalesce,
+        coalesce=sql.coalesce and (pure or sql.coalesce_writes),
+        fuse=pure and sql.fuse,
+        cache=pure and sql.cache_ttl is not None,
+        replica=pure and sql.replica and not after_write,
         write=not pure,
     )
 
@@ -107,10 +109,11 @@ def as_allowed(node: CompiledNode, effects: Effects, *, after_write: bool = Fals
     if effects.pure and not after_write:
         return node  # the compiled fields already say what a pure statement may do (the hot path)
     d = decide(node, effects, after_write=after_write)
-    read_only = node.read_only and not d.write  # coalescing merges identical parameters of read-only nodes only
-    cache_ttl = node.cache_ttl if d.cache else None
+    sql = node.sql
+    read_only = sql.read_only and not d.write  # coalescing merges identical parameters of read-only nodes only
+    cache_ttl = sql.cache_ttl if d.cache else None
     if (read_only, d.coalesce, d.fuse, cache_ttl, d.replica) == (
-            node.read_only, node.coalesce, node.fuse, node.cache_ttl, node.replica):
+            sql.read_only, sql.coalesce, sql.fuse, sql.cache_ttl, sql.replica):
         return node
-    return replace(node, read_only=read_only, coalesce=d.coalesce, fuse=d.fuse, cache_ttl=cache_ttl,
-                   replica=d.replica)
+    return replace(node, body=replace(sql, read_only=read_only, coalesce=d.coalesce, fuse=d.fuse,
+                                      cache_ttl=cache_ttl, replica=d.replica))

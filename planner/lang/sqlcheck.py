@@ -23,7 +23,7 @@ def statements_of(loaded: LoadedFlow, nodes: Mapping[str, CompiledNode]) -> list
     for name, node in nodes.items():
         source = getattr(loaded.spec.nodes[name], "sql", None)
         texts = [source] if isinstance(source, str) else list(source or ())
-        for index, (text, statement) in enumerate(zip(texts, node.statements, strict=False)):
+        for index, (text, statement) in enumerate(zip(texts, node.sql.statements, strict=False)):
             where: tuple[str | int, ...] = ("nodes", name, "sql") + ((index,) if not isinstance(source, str) else ())
             out.append((name, where, text, statement))
     return out

@@ -39,7 +39,7 @@ from planner.compile import CompiledGroup, Member, variant
 from planner.graph import CompiledFlow
 from planner.kinds.backend import SEQUENTIAL, Backend, Query, WrappingBackend
 from planner.lang.expr import evaluate
-from planner.lang.nodes import CompiledNode, RetryPolicy
+from planner.lang.nodes import CompiledNode, RetryPolicy, SqlBody
 from planner.lang.refs import CompiledSql, Ref, Unresolved, resolve
 
 
@@ -80,7 +80,7 @@ class GroupRunner:
         names = set(group.names)
         # Cached members in the flow's order, with the members they wait for.
         self.cached = [(n.name, tuple(d for d in n.deps if d in names)) for n in group.nodes
-                       if n.cache_ttl is not None and cache is not None and n.name in self.args]
+                       if n.sql.cache_ttl is not None and cache is not None and n.name in self.args]
         self.variants: dict[frozenset[str], tuple[CompiledGroup, CompiledNode, dict[str, Member]] | None] = {}
         self.variants[frozenset()] = self._prepared(group)
         self.broken: str | None = None
@@ -95,9 +95,9 @@ class GroupRunner:
         refs = tuple(p.ref if p.ref is not None else Ref(f"?{p.kind}{':' + p.member if p.member else ''}")
                      for p in group.params)
         node = CompiledNode(
-            name=group.label, kind="sql", index=-1, deps=(), refs=(), when=None, default=None, on_error="default",
+            name=group.label, index=-1, deps=(), refs=(), when=None, default=None, on_error="default",
             timeout=group.timeout, retry=RetryPolicy(), latency=None, flow=group.flow,
-            statements=(CompiledSql(group.text, refs),), fetch="records")
+            body=SqlBody(statements=(CompiledSql(group.text, refs),), fetch="records"))
         return group, node, {m.name: m for m in group.members}
 
     def backend_for(self, name: str) -> Backend:
@@ -199,7 +199,7 @@ class GroupRunner:
         if judge is None or getattr(self.backend, "catalog", None) is None:
             return True  # no server's catalog to ask (a backend of the caller's own): the offline plan stands
         for node in self.group.nodes:
-            if not node.read_only:
+            if not node.sql.read_only:
                 continue
             effects = await judge(node)
             if not effects.pure and effects.resolved:

@@ -33,7 +33,6 @@ import base64
 import datetime as dt
 import decimal
 import hashlib
-import inspect
 import ipaddress
 import json
 import os
@@ -44,6 +43,7 @@ from typing import Any
 
 from planner.api import Planner
 from planner.graph import CompiledFlow
+from planner.kinds import kind_of
 from planner.kinds.backend import Offline
 from planner.results import FlowResult, NodeState
 
@@ -81,18 +81,7 @@ def statement_hash(flow: CompiledFlow, node: str) -> str:
 def recorded_nodes(planner: Planner, flow: CompiledFlow) -> list[str]:
     """The nodes of `flow` a replay settles from the recording: those that need the database
     (every `sql:` node, and each `call:` node whose function takes a `db` parameter)."""
-    names = []
-    for name, node in flow.nodes.items():
-        if node.kind == "sql":
-            names.append(name)
-        elif node.kind == "call":
-            try:
-                fn = planner.targets.resolve(node.call)
-            except ValueError:
-                continue  # a run would refuse it anyway, with the reason
-            if "db" in inspect.signature(fn).parameters:
-                names.append(name)
-    return names
+    return [name for name, node in flow.nodes.items() if kind_of(node.kind).uses_database(node, planner.targets)]
 
 
 def offline_planner(flows: str | Path | None = None, **options: Any) -> Planner:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from html import escape
 
 from planner.graph import CompiledFlow, Plan
+from planner.kinds import kind_of
 from planner.views.render import (
     NO_LATENCY,
     STATE_FILLS,
@@ -290,7 +291,7 @@ def _node_boxes(pic: Picture, lay: Layout) -> list[str]:
         fill = STATE_FILLS.get(state or "", "#ffffff")
         stroke = RED if name in critical else STATE_STROKES.get(state or "", "#5b6270")
         width = 2.6 if name in critical else 1.3
-        rx = 26 if node.kind == "call" else 8
+        rx = 26 if kind_of(node.kind).shape == "round" else 8
         ms = expected.get(name)
         latency = "" if ms is None else f" · {ms_text(ms)}"
         when = when_text(flow, name)

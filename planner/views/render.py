@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from planner.graph import CompiledFlow, Plan
+from planner.kinds import kind_of
 from planner.views.trace import RunData
 
 MERMAID_MAX_EDGES = 500
@@ -410,7 +411,7 @@ def mermaid(flow: CompiledFlow, plan: Plan, run: RunData | None = None, *,
         lines.append(f'  subgraph g{i}["group {i}"]')
         lines.append("    direction TB")
         for name in group:
-            shape = ("[", "]") if flow.nodes[name].kind == "sql" else ("([", "])")
+            shape = ("[", "]") if kind_of(flow.nodes[name].kind).shape == "box" else ("([", "])")
             label = _mermaid_label(_node_label(pic, name))
             lines.append(f"    {_mermaid_id(name)}{shape[0]}{label}{shape[1]}")
         lines.append("  end")
@@ -468,7 +469,7 @@ def dot(flow: CompiledFlow, plan: Plan, run: RunData | None = None, *,
             tip = [name, *([f"when {when}"] if when else []), *([pic.outcomes[name]] if name in pic.outcomes else [])]
             attrs = {
                 "label": "\n".join(_node_label(pic, name)),
-                "shape": "box" if flow.nodes[name].kind == "sql" else "ellipse",
+                "shape": "box" if kind_of(flow.nodes[name].kind).shape == "box" else "ellipse",
                 "style": "filled" + (",dashed" if when else ""),
                 "fillcolor": STATE_FILLS.get(states.get(name, ""), "#ffffff"),
                 "tooltip": "\n".join(tip),

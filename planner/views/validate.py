@@ -77,8 +77,8 @@ async def check_database(flow: CompiledFlow, backend: Backend, *, prepared: list
     columns: dict[str, set[str]] = {}
     count = 0
     for name, node in flow.nodes.items():
-        for index, statement in enumerate(node.statements):
-            where: tuple[str | int, ...] = ("nodes", name, "sql") + ((index,) if len(node.statements) > 1 else ())
+        for index, statement in enumerate(node.sql.statements):
+            where: tuple[str | int, ...] = ("nodes", name, "sql") + ((index,) if len(node.sql.statements) > 1 else ())
             count += 1
             try:
                 described = await backend.describe(statement.text)
@@ -86,12 +86,12 @@ async def check_database(flow: CompiledFlow, backend: Backend, *, prepared: list
                 findings.append(_sql_finding(flow, name, where, statement, exc))
                 continue
             findings += _param_types(flow, name, where, statement, list(described.parameter_types))
-            if catalog is not None and node.cache_ttl is not None and node.read_only:
+            if catalog is not None and node.sql.cache_ttl is not None and node.sql.read_only:
                 effects = await catalog.effects(statement.text)
                 if not effects.pure and effects.resolved:
                     findings.append(_at(flow, name, ("nodes", name, "cache"), "PLN131",
                                         f"cache: a statement with effects is never cached: it {effects.why()}"))
-            if index == len(node.statements) - 1:
+            if index == len(node.sql.statements) - 1:
                 columns[name] = set(described.columns)
     for name, node in flow.nodes.items():
         for ref in node.refs:
@@ -146,14 +146,14 @@ def _field_problem(flow: CompiledFlow, ref: Ref, columns: dict[str, set[str]]) -
     if node is None or not ref.path or ref.root not in columns:
         return None
     path = list(ref.path)
-    if node.fetch == "all":
+    if node.sql.fetch == "all":
         if not path[0].isdigit():
             return f"{ref}: node {ref.root!r} fetches all rows (a list); index it, e.g. ${ref.root}.0.{path[0]}"
         path = path[1:]
         if not path:
             return None
-    if node.fetch in ("value", "none"):
-        return f"{ref}: node {ref.root!r} fetches {'a single value' if node.fetch == 'value' else 'a status'}, which has no fields"
+    if node.sql.fetch in ("value", "none"):
+        return f"{ref}: node {ref.root!r} fetches {'a single value' if node.sql.fetch == 'value' else 'a status'}, which has no fields"
     if path[0] not in columns[ref.root]:
         have = ", ".join(sorted(columns[ref.root])) or "no columns"
         return f"{ref}: node {ref.root!r} returns no column {path[0]!r} (it returns: {have})"
