@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import doctest
+import inspect
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,8 @@ import pytest
 from planner import FlowFileError, Planner, load_flow
 from planner.db.catalog import Catalog
 from planner.db.judge import BUILTIN_EFFECTS as BUILTIN_QUERY
-from planner.db.judge import resolve
+from planner.db.judge import builtin_effects_source, resolve
+from planner.lang import builtin_effects as builtin_effects_module
 from planner.lang import probe
 from planner.lang.builtin_effects import BUILTIN_EFFECTS
 from planner.lang.effects import UNRESOLVED, Decisions, Effects, as_allowed, decide, of_syntax
@@ -243,6 +246,16 @@ async def test_the_offline_list_is_the_catalogs_own(db: str) -> None:
     finally:
         await con.close()
     assert names == BUILTIN_EFFECTS
+
+
+async def test_the_offline_list_is_what_the_judges_generator_writes(db: str) -> None:
+    """`python -m planner.db.judge DSN` writes the file as it is (its server's version aside):
+    its docstring names the module that generates it."""
+    source, count = await builtin_effects_source(db)
+    shipped = inspect.getsource(builtin_effects_module)
+    version = re.compile(r"from PostgreSQL [^ ]+'s catalog")
+    assert version.sub("", source) == version.sub("", shipped)
+    assert count == len(BUILTIN_EFFECTS)
 
 
 def test_offline_a_built_in_with_effects_is_a_write_and_anything_else_unresolved() -> None:
