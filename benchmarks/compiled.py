@@ -92,7 +92,7 @@ async def variant(name: str, flow: str, dsn: str, size: int) -> AsyncIterator[tu
         return
     settings = dataclasses.replace(Settings.from_env(), compile=name != "planner, uncompiled")
     async with Planner(flows=FLOWS, dsn=dsn, min_size=size, max_size=size, settings=settings) as planner:
-        runners = (await planner._entry(flow)).compiled
+        runners = (await planner.versions.entry(flow)).compiled
         assert bool(runners) == (name != "planner, uncompiled"), name
         if name == "planner, compiled always":
             for runner in runners:

@@ -1,9 +1,8 @@
 """The facade: `Planner` (flows + database backend) and the process-wide `run_flow`.
 
 It composes the one-way pipeline: file -> `load_spec` -> `compile_flow` -> bind -> `execute`.
-Compiled flows are cached by file stamp. An edited file is recompiled on a later run, off the
-event loop, once it has stopped changing; until then, and when an edit no longer loads, the
-last good version keeps running (the error is logged and kept in `Planner.reload_errors`).
+The flow versions it serves (cached by file stamp, hot reload) are `planner.flows`'s; the
+database stack is `planner.db.stack`'s; the environment is read once (`planner.settings`).
 """
 
 from __future__ import annotations
@@ -12,10 +11,8 @@ import asyncio
 import dataclasses
 import logging
 import os
-import time
 import weakref
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +21,14 @@ from planner.config import CallTargets, FlowSource
 from planner.db.cache import DEFAULT_SIZE, CacheStats
 from planner.db.replica import ReplicaBackend
 from planner.db.stack import CACHE_CHANNEL, build_stack
-from planner.errors import DatabaseUnavailable, FlowError, FlowFileError, FlowInputError, QueryError
+from planner.errors import DatabaseUnavailable, FlowError, FlowInputError
+from planner.flows import FlowVersion, FlowVersions
 from planner.graph import CompiledFlow, Plan, compile_flow, plan
 from planner.kinds import BindEnv, BoundNode, kind_of
 from planner.kinds.backend import Backend
 from planner.kinds.call import DEFAULT_THREADS, MAX_AUTO_THREADS, WAIT_S, CallThreads, sync_calls_at_once
 from planner.lang.loader import FileStamp, load_spec, load_text
 from planner.lang.models import OnError
-from planner.lang.refs import name_params
-from planner.lang.sqlcheck import syntax_errors
 from planner.results import FlowResult
 from planner.run.compiled import GroupRunner
 from planner.run.executor import bind_inputs, execute_checked, resolve_mode
@@ -46,27 +42,6 @@ NodeRun = Callable[[Any], Coroutine[Any, Any, Any]]
 NodeWrapper = Callable[[str, str, NodeRun], NodeRun]
 """`wrapper(flow, node, run) -> run`: wraps each node's execution (tests inject faults with it;
 instrumentation can time it). It sees the node's resolved arguments and returns its value."""
-
-QUIET_S = 0.25
-"""A flow file rewritten in place is taken once planner has seen it unchanged for this long, on
-its own monotonic clock (never the file's mtime against the wall clock): a writer that
-truncates and then writes (`cat >`, scp) is never caught half way. A file replaced by rename
-(write elsewhere, then `mv`: complete at once) is taken by the very next run."""
-
-EDIT_CHECK_S = 5.0
-"""How long a hot edit's changed statement may take to be prepared on the server."""
-
-_NO_FILE = FileStamp(0, 0, 0, 0, 0)  # a flow given as an object, not read from a file
-
-
-@dataclass(frozen=True)
-class _Entry:
-    stamp: FileStamp
-    flow: CompiledFlow
-    bound: dict[str, BoundNode]
-    needs_db: bool
-    compiled: tuple[GroupRunner, ...] = ()  # the flow's compiled groups (`planner.compile`)
-
 
 class Planner:
     """Runs flows against one database backend.
@@ -177,14 +152,9 @@ class Planner:
             for role, pool in self.pools.items():
                 pool.on_wait = _timer(chosen, "planner_pool_wait_seconds", (("pool", role),))
             self.threads.on_wait = _timer(chosen, "planner_call_wait_seconds", ())
-        self.reload_errors: dict[str, FlowError] = {}
         self._env = BindEnv(self.targets, self.backend, self.threads)
         self._threads_warned: set[tuple[str, int]] = set()
-        self._cache: dict[str, _Entry] = {}
-        self._reloading: dict[str, asyncio.Future[_Entry]] = {}
-        self._failed: dict[str, FileStamp] = {}  # the stamp of a file that did not load
-        self._seen: dict[str, tuple[FileStamp, float]] = {}  # a rewrite in place: its stamp, first seen (monotonic)
-        self._objects: weakref.WeakKeyDictionary[CompiledFlow, _Entry] = weakref.WeakKeyDictionary()
+        self.versions = FlowVersions(self.source, self._env, self._bind)  # the flow cache, hot reload
         self._db_open = False
         self._closed = False
         self._effects_checked: weakref.WeakSet[CompiledFlow] = weakref.WeakSet()  # `cache:` judged by the catalog
@@ -196,6 +166,11 @@ class Planner:
     @property
     def allowed(self) -> list[str]:
         return self.targets.allowed
+
+    @property
+    def reload_errors(self) -> dict[str, FlowError]:
+        """Why the last edit of a flow did not load, by flow (its last good version still runs)."""
+        return self.versions.reload_errors
 
     async def __aenter__(self) -> Planner:
         return self
@@ -227,11 +202,7 @@ class Planner:
 
     def load(self, name: str) -> CompiledFlow:
         """The compiled flow `name`, from the cache unless its file changed."""
-        entry = self._cache.get(name)
-        path, stamp = self._stamp(name, entry)
-        if entry is not None and entry.stamp == stamp:
-            return entry.flow
-        return self._reload(name, path, stamp, entry).flow
+        return self.versions.load(name).flow
 
     def plan(self, name: str, recorded_ms: dict[str, float] | None = None) -> Plan:
         """Groups, critical path and latency estimate of flow `name`."""
@@ -253,7 +224,8 @@ class Planner:
         """
         if self._closed:
             raise FlowError("this Planner is closed")
-        entry = await self._entry(flow) if isinstance(flow, str) else self._object(flow)
+        entry = await self.versions.entry(flow, on_server=self._db_open) if isinstance(flow, str) \
+            else self.versions.of(flow)
         try:
             values = bind_inputs(entry.flow, inputs or {})
             chosen = resolve_mode(entry.flow, self.settings.mode or mode or self.mode)
@@ -270,7 +242,7 @@ class Planner:
         return await execute_checked(entry.flow, entry.bound, values, chosen, overrides, observers, self.on_error,
                                      self.metrics)
 
-    async def _check_effects(self, entry: _Entry) -> None:
+    async def _check_effects(self, entry: FlowVersion) -> None:
         """Before a flow's first run on this planner, ask the server's catalog about each of its
         single statements at once (so that its runs find every verdict known and its sibling
         reads still start together), and refuse a flow that caches a statement the catalog does
@@ -285,134 +257,7 @@ class Planner:
                     ("nodes", name, "cache"), code="PLN131")
         self._effects_checked.add(entry.flow)
 
-    # --- the flow cache -----------------------------------------------------------------
-
-    async def _entry(self, name: str) -> _Entry:
-        entry = self._cache.get(name)
-        path, stamp = self._stamp(name, entry)
-        if entry is not None and entry.stamp == stamp:
-            return entry
-        if entry is not None and not self._ready(name, entry, stamp):
-            return entry  # the last good version, for now
-        pending = self._reloading.get(name)
-        if pending is None:
-            pending = self._reloading[name] = asyncio.ensure_future(self._reload_checked(name, path, stamp, entry))
-            pending.add_done_callback(lambda _f: self._reloading.pop(name, None))
-        return await asyncio.shield(pending)
-
-    async def _reload_checked(self, name: str, path: Path, stamp: FileStamp, entry: _Entry | None) -> _Entry:
-        """`_reload` for a run: compiled on a thread (the loop goes on serving other runs), and a
-        hot edit's changed statements prepared on the server once the pool is open."""
-        try:
-            new = await asyncio.to_thread(self._compile, path, stamp, entry)
-            if entry is not None and self._db_open:
-                await self._check_on_server(new.flow, entry.flow)
-        except FlowError as exc:
-            return self._refuse(name, stamp, entry, exc)
-        return self._accept(name, new)
-
-    async def _check_on_server(self, flow: CompiledFlow, running: CompiledFlow) -> None:
-        """Prepare each statement the edit changed (as `planner validate --db` does): one the
-        server refuses as a bug of the flow (SQLSTATE class 42: syntax, an unknown table, column
-        or function, wrong types) is a `FlowFileError` at its node. A server that cannot be
-        asked (down, busy past `EDIT_CHECK_S`) does not delay the edit: it is logged."""
-        for name, node in flow.nodes.items():
-            old = running.nodes.get(name)
-            known = {st.text for st in old.sql.statements} if old is not None else set()
-            for index, statement in enumerate(node.sql.statements):
-                if statement.text in known:
-                    continue
-                try:
-                    await asyncio.wait_for(self.backend.describe(statement.text), EDIT_CHECK_S)
-                except QueryError as exc:
-                    if not exc.is_bug:
-                        logger.warning("flow %s: node %s's edited statement was not checked on the server: %s",
-                                       flow.name, name, exc, extra={"flow": flow.name})
-                        continue
-                    where = ("nodes", name, "sql") + ((index,) if len(node.sql.statements) > 1 else ())
-                    line, column = flow.marks.at(where)
-                    raise FlowFileError(f"the server refuses this statement: {name_params(str(exc), statement)}",
-                                        file=flow.marks.file, line=line, column=column, node=name,
-                                        code="PLN400") from exc
-                except (TimeoutError, FlowError) as exc:
-                    why = f"no answer within {EDIT_CHECK_S:g} s" if isinstance(exc, TimeoutError) else str(exc)
-                    logger.warning("flow %s: node %s's edited statement was not checked on the server: %s",
-                                   flow.name, name, why, extra={"flow": flow.name})
-
-    def _ready(self, name: str, entry: _Entry, stamp: FileStamp) -> bool:
-        """Whether the file of a running flow, changed to `stamp`, is to be loaded now.
-
-        Another file than the one last seen at the path (a rename: complete at once) is, at
-        first sight. The same file rewritten in place is once planner has seen it unchanged
-        for `QUIET_S` of its own monotonic clock (the file's times are never compared with
-        the clock). A file that failed to load is not tried again until it changes.
-        """
-        now = time.monotonic()
-        last = self._seen.get(name)
-        if last is None or last[0] != stamp:  # first sight of this stamp
-            previous = last[0] if last is not None else entry.stamp
-            self._seen[name] = (stamp, now)
-            return not previous.same_file(stamp) and self._failed.get(name) != stamp
-        return now - last[1] >= QUIET_S and self._failed.get(name) != stamp
-
-    def _stamp(self, name: str, entry: _Entry | None) -> tuple[Path, FileStamp]:
-        # One stat per run for a cached flow; the folder is searched only when it is not.
-        path = entry.flow.loaded.path if entry is not None else self.source.path_of(name)
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            try:
-                path = self.source.path_of(name)  # renamed (.yaml <-> .yml) or gone: search again
-            except FlowFileError:
-                self._forget(name)  # deleted: a new file of that name is a new flow (its inode may be the old one's)
-                raise
-            st = path.stat()
-        return path, FileStamp.of(st)
-
-    def _forget(self, name: str) -> None:
-        for kept in (self._cache, self._seen, self._failed, self.reload_errors):
-            kept.pop(name, None)
-
-    def _reload(self, name: str, path: Path, stamp: FileStamp, entry: _Entry | None) -> _Entry:
-        try:
-            new = self._compile(path, stamp, entry)
-        except FlowError as exc:
-            return self._refuse(name, stamp, entry, exc)
-        return self._accept(name, new)
-
-    def _compile(self, path: Path, stamp: FileStamp, entry: _Entry | None) -> _Entry:
-        flow = compile_flow(load_spec(path))
-        read = flow.loaded.stamp or stamp  # the stamp of the very file that was read
-        if FileStamp.of(path.stat()) != read:
-            raise FlowFileError("the file changed while it was read; trying again on the next run", file=path)
-        if entry is not None:  # a hot edit replaces a running version only once `planner validate` passes it
-            _check_edit(flow, self._env)
-        return self._bind(flow, read)
-
-    def _refuse(self, name: str, stamp: FileStamp, entry: _Entry | None, exc: FlowError) -> _Entry:
-        """Keep the last good version (none: raise), and say why once per failing file."""
-        self._failed[name] = stamp
-        if entry is None:
-            raise exc
-        if str(self.reload_errors.get(name)) != str(exc):
-            logger.error("flow %s: edit does not load, still running the last good version: %s", name, exc,
-                         extra={"flow": name})
-        self.reload_errors[name] = exc
-        return entry
-
-    def _accept(self, name: str, new: _Entry) -> _Entry:
-        self.reload_errors.pop(name, None)
-        self._seen.pop(name, None)
-        self._cache[name] = new
-        return new
-
-    def _object(self, flow: CompiledFlow) -> _Entry:
-        entry = self._objects.get(flow)
-        if entry is None:
-            entry = self._objects[flow] = self._bind(flow, _NO_FILE)
-        return entry
-
-    def _bind(self, flow: CompiledFlow, stamp: FileStamp) -> _Entry:
+    def _bind(self, flow: CompiledFlow, stamp: FileStamp) -> FlowVersion:
         bound: dict[str, BoundNode] = {}
         plain = {name: kind_of(spec.kind).bind(spec, flow.marks, self._env) for name, spec in flow.nodes.items()}
         runners: list[GroupRunner] = []
@@ -436,7 +281,7 @@ class Planner:
             bound[name] = node
         needs_db = any(kind_of(spec.kind).needs_database(spec) for spec in flow.nodes.values())
         self._size_threads(flow)
-        return _Entry(stamp, flow, bound, needs_db, tuple(runners))
+        return FlowVersion(stamp, flow, bound, needs_db, tuple(runners))
 
     def _size_threads(self, flow: CompiledFlow) -> None:
         """Make room for `flow`'s sync calls: grow the threads when planner chose their number,
@@ -497,19 +342,6 @@ def _timer(metrics: Metrics, name: str, labels: Labels) -> Callable[[float], Non
     return observe
 
 
-def _check_edit(flow: CompiledFlow, env: BindEnv) -> None:
-    """The offline checks of `planner validate` that compiling does not make: each kind's own
-    (call targets and their signatures) and SQL syntax (pglast). Raises the first as a
-    `FlowFileError`, saying how many more there are."""
-    problems = [exc for node in flow.nodes.values() for exc in kind_of(node.kind).check(node, flow.marks, env)]
-    problems += syntax_errors(flow.loaded, flow.nodes)
-    if problems:
-        first = problems[0]
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise FlowFileError(first.message + more, file=first.file, line=first.line, column=first.column,
-                            node=first.node, code=first.code)
-
-
 def resolve_on_error(given: str | None, default: OnError = "default") -> OnError:
     """`on_error=`, else `default` (the settings' `PLANNER_ON_ERROR`). Raises `ValueError` for another value."""
     if given is None:
@@ -522,7 +354,7 @@ def resolve_on_error(given: str | None, default: OnError = "default") -> OnError
     raise ValueError(f"on_error= {given!r}: choose default or fail")
 
 
-def _runs_sql(entry: _Entry, overrides: dict[str, Any] | None) -> bool:
+def _runs_sql(entry: FlowVersion, overrides: dict[str, Any] | None) -> bool:
     """Whether a run may send SQL: a flow whose SQL nodes are all overridden opens no pool."""
     if not overrides:
         return True

@@ -13,9 +13,9 @@ import pytest
 
 import planner as planner_pkg
 from planner import FlowError, FlowFileError, FlowInputError, Planner, load_flow, load_flows, run_flow
-from planner.api import QUIET_S
 from planner.config import module_allowed
 from planner.errors import DatabaseUnavailable
+from planner.flows import QUIET_S
 
 Write = Callable[..., Path]
 
@@ -278,7 +278,7 @@ async def test_a_flow_is_compiled_off_the_event_loop(tmp_path: Path) -> None:
     tick = asyncio.create_task(ticker())
     await asyncio.sleep(0.01)  # the ticker is ticking
     planner = Planner(flows=tmp_path, allowed_modules=["tests"])
-    await planner._entry("big")  # the load a first run makes, without running 3,000 nodes
+    await planner.versions.entry("big")  # the load a first run makes, without running 3,000 nodes
     loading.set()
     await tick
     # On the loop, the stall is the whole compile (and more: binding). On a thread, it is the
@@ -289,7 +289,7 @@ async def test_a_flow_is_compiled_off_the_event_loop(tmp_path: Path) -> None:
 async def test_a_broken_edit_is_not_compiled_again_until_it_changes(
     write_flow: Write, planner: Planner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from planner import api
+    from planner import flows
     from planner.graph import compile_flow
 
     path = write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n")
@@ -302,7 +302,7 @@ async def test_a_broken_edit_is_not_compiled_again_until_it_changes(
         compiles.append(loaded)
         return real(loaded)
 
-    monkeypatch.setattr(api, "compile_flow", counting)
+    monkeypatch.setattr(flows, "compile_flow", counting)
     for _ in range(3):
         assert (await planner.run("t")).values["a"] == 1
     assert len(compiles) == 1

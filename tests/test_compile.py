@@ -150,7 +150,7 @@ async def test_process_buffered_runs_in_one_statement_with_the_results_of_sequen
             assert set(served.values()) == {"process_buffered#1"}
             assert cached == (set() if i == 0 else {"instance", "webhook_config"})
             assert set(served) == set(a.nodes) - cached - {"mark_duplicate_processed" if i != 1 else "store_message"}
-        (runner,) = compiled._cache["process_buffered"].compiled
+        (runner,) = compiled.versions.load("process_buffered").compiled
         assert (runner.sent, runner.fell_back, runner.broken) == (3, 0, None)
     finally:
         await compiled.close()
@@ -284,7 +284,7 @@ async def test_a_chain_of_reads_is_one_statement_and_each_node_says_so(pg_dsn: s
     flow = load_flow(text=CHAIN.replace("(1 / ($b.v::int - $b.v::int))::int", "$b.v + 1"), name="chain")
     async with Planner(dsn=pg_dsn) as planner:
         result = await planner.run(flow, {"k": 1})
-        (runner,) = planner._object(flow).compiled
+        (runner,) = planner.versions.of(flow).compiled
     assert result.values == {"a": {"v": 1}, "b": {"v": 2}, "c": {"v": 3}, "d": 20}
     assert {n: r.served.compiled for n, r in result.nodes.items() if r.served} == dict.fromkeys("abcd", "chain#1")
     assert (runner.sent, runner.fell_back) == (1, 0)
@@ -294,7 +294,7 @@ async def test_a_failing_node_makes_the_group_run_alone_and_defaults_alone(pg_ds
     flow = load_flow(text=CHAIN, name="chain")
     async with Planner(dsn=pg_dsn) as planner:
         result = await planner.run(flow, {"k": 1})
-        (runner,) = planner._object(flow).compiled
+        (runner,) = planner.versions.of(flow).compiled
     assert runner.fell_back == 1 and runner.broken is None  # a division by zero is this run's, not the statement's
     assert result.nodes["c"].state == "defaulted" and result.nodes["c"].value == {"v": -1}
     assert "division by zero" in str(result.nodes["c"].error)
@@ -373,7 +373,7 @@ async def test_a_group_that_hits_its_smallest_timeout_runs_its_nodes_alone(pg_ds
     """, name="slow")
     async with Planner(dsn=pg_dsn) as planner:
         result = await planner.run(flow, {"k": 1})
-        (runner,) = planner._object(flow).compiled
+        (runner,) = planner.versions.of(flow).compiled
     assert runner.fell_back == 1 and runner.broken is None
     assert result.nodes["slow"].state == "defaulted" and "timed out" in str(result.nodes["slow"].error)
     assert result.values["fast"] == {"v": 2} and result.nodes["fast"].state == "ok"
@@ -391,7 +391,7 @@ async def test_a_required_member_without_a_row_fails_as_it_would_alone(pg_dsn: s
     async with Planner(dsn=pg_dsn) as planner:
         with pytest.raises(FlowNotFound) as caught:
             await planner.run(flow, {"k": 1})
-        (runner,) = planner._object(flow).compiled
+        (runner,) = planner.versions.of(flow).compiled
     assert runner.sent == 1 and caught.value.result.nodes["a"].state == "failed"
 
 
@@ -405,7 +405,7 @@ async def test_process_buffered_compiled_through_pgbouncer_matches_sequential_di
             b = await sequential.run("process_buffered", _message(message=message))
             assert {n: (r.state, _strip_times(r.value)) for n, r in a.nodes.items()} == \
                 {n: (r.state, _strip_times(r.value)) for n, r in b.nodes.items()}
-        (runner,) = compiled._cache["process_buffered"].compiled
+        (runner,) = compiled.versions.load("process_buffered").compiled
         assert (runner.sent, runner.fell_back, runner.broken) == (2, 0, None)
     finally:
         await compiled.close()
@@ -435,7 +435,7 @@ async def test_a_node_that_fails_the_run_stops_the_writes_after_it_as_sequential
         async with Planner(dsn=planner_database) as planner:
             with pytest.raises(FlowFailed):
                 await planner.run(flow, {"k": 1})
-            (runner,) = planner._object(flow).compiled
+            (runner,) = planner.versions.of(flow).compiled
         assert runner.sent == 1
         assert await con.fetchval("SELECT count(*) FROM tw") == 0  # sequential mode writes nothing either
     finally:
@@ -471,7 +471,7 @@ nodes:
     assert [g.names for g in plan_groups(flow)] == [("stamped", "seen")]  # the offline plan takes both
     async with Planner(dsn=demo_dsn) as planner:
         result = await planner.run(flow, {"k": 7})
-        (runner,) = planner._object(flow).compiled
+        (runner,) = planner.versions.of(flow).compiled
     assert result.values["seen"] == 1  # as in sequential mode: the read after the write sees it
     assert runner.sent == 0 and runner.broken is not None and "stamped" in runner.broken
     assert all(r.served is None or r.served.compiled is None for r in result.nodes.values())
@@ -487,6 +487,6 @@ async def test_a_node_wrapper_turns_compilation_off_for_its_planner(pg_dsn: str)
 
     async with Planner(dsn=pg_dsn, node_wrapper=passthrough) as planner:
         result = await planner.run(flow, {"k": 1})
-        assert planner._object(flow).compiled == ()
+        assert planner.versions.of(flow).compiled == ()
     assert result.values == {"a": {"v": 1}, "b": {"v": 2}, "c": {"v": 3}, "d": 20}
     assert all(r.served is None or r.served.compiled is None for r in result.nodes.values())

@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("graph", ("planner.graph", "planner.compile")),
     ("run", ("planner.run",)),
     ("db", ("planner.db",)),
-    ("facade", ("planner.api", "planner.settings")),
+    ("facade", ("planner.flows", "planner.api", "planner.settings")),
     ("views", ("planner.views",)),
     ("edges", ("planner", "planner.__main__", "planner.cli", "planner.testing", "planner.demo")),
 ]
