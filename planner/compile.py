@@ -17,7 +17,7 @@ references it needs, exactly as the executor decides it (`policy.prepare`). A wr
 is false changes nothing (the guard is written into its WHERE, or its INSERT's source); a read
 whose guard is false returns no rows. Python keeps the last word: the executor still decides
 each node's state from the values, and a node the executor runs whose guard was false in the
-statement runs again on its own (see `planner.run.compiled`).
+statement sends its own statement after it (see `planner.run.compiled`).
 
 What may not share a statement splits the group (the next round trip), decided by
 `effects_of` from PostgreSQL's parser: a node that reads or writes a table an earlier node of

@@ -123,9 +123,9 @@ class PoolBackend:
         self._search_paths: weakref.WeakKeyDictionary[asyncpg.Connection, str] = weakref.WeakKeyDictionary()
         # What planner learnt of each statement text, kept per text (see `STATEMENTS_KEPT`):
         kept = STATEMENTS_KEPT
-        self._refused: LRUCache[str, str | None] = LRUCache(kept)  # statements -> why they cannot run behind the pooler
+        self._refused: LRUCache[str, str | None] = LRUCache(kept)  # statements -> why they cannot be sent behind the pooler
         # The effects model's verdict on a statement text (`planner.db.catalog.Catalog.known`),
-        # set by `catalog_of`: whether a stale read may run again (`proven_pure`).
+        # set by `catalog_of`: whether a stale read may be sent again (`proven_pure`).
         self.verdict: Callable[[str], Effects | None] | None = None
         self._busy = 0  # connections held or waited for by planner's statements
         self.waiting = 0  # statements waiting for a connection now
@@ -246,7 +246,7 @@ class PoolBackend:
     def proven_pure(self, node: CompiledNode) -> bool:
         """Whether `node`'s statement is proven free of effects by the one effects model (the
         catalog's verdict, `planner.lang.effects`): a read of it whose result went stale under
-        its description behind a pooler may run again. Not judged (no catalog) is not proven."""
+        its description behind a pooler may be sent again. Not judged (no catalog) is not proven."""
         verdict = self.verdict
         if not node.sql.read_only or verdict is None:
             return False
@@ -268,7 +268,7 @@ class PoolBackend:
             self._adopt_pooler(exc)
             _reraise(exc)  # BEGIN/COMMIT or the socket; statements translate their own
         self._release_later(pool, con, query.sql.session)
-        if query.sql.coalesce and query.sql.read_only:  # what it costs a run alone: a batch of it splits past a bound
+        if query.sql.coalesce and query.sql.read_only:  # what it costs sent alone: a batch of it splits past a bound
             self.shared._record(query.statements[0].text, time.monotonic() - started)
         return value
 

@@ -68,14 +68,14 @@ class SharedStatements:
         self.splits = 0  # read batches split because they ran long with a connection free
 
     async def run_batch(self, node: CompiledNode, params: list[list[Any]], started: Callable[[], None]) -> list[Outcome] | None:
-        """Run `node`'s one statement for each parameter list, as one statement on one connection.
+        """Send `node`'s one statement for each parameter list, as one statement on one connection.
 
         `started()` is called once a connection is in hand (no more members can join); it may
         leave members out of `params` (runs that stopped waiting), which is read only after it.
         Each member of `params` then gets its own outcome: its value exactly as `run` would have
         returned it, or its own error. The node's timeout times the statements, as in `run`.
         When the combined statement fails (a member's bad value, a constraint, a read that took
-        too long), each member runs again alone, so that one member's failure is only that
+        too long), each member is sent again alone, so that one member's failure is only that
         member's: a read's members all at once, each on a connection of its own (`_again`); a
         write's one after the other on the batch's connection, in the order the runs asked.
         """
@@ -101,14 +101,14 @@ class SharedStatements:
     async def _halves(self, pool: asyncpg.Pool, node: CompiledNode, params: list[list[Any]], offset: int,
                       answer: Callable[[int, Outcome], None] | None, budget: asyncio.Semaphore | None) -> list[Outcome]:
         """A read batch ran long while a connection was free (`_within`): its members, whose
-        statement was cancelled, run again in two halves side by side, each a batch of its own
+        statement was cancelled, are sent again in two halves side by side, each a batch of its own
         on a connection of its own, which splits again if it runs long too, down to members
         alone. The slow member ends up alone; the others are answered (`answer`) as soon as
         their half is. `offset` is the first member's index in the batch as sent.
 
-        `budget`, made at the first split, is shared by everything the batch runs from then on
-        (halves, and members run again alone when a half fails): at most half the pool's
-        connections (two at least) at once, as for any batch's re-runs (`_again`)."""
+        `budget`, made at the first split, is shared by everything the batch sends from then on
+        (halves, and members sent again alone when a half fails): at most half the pool's
+        connections (two at least) at once, as for any batch's members sent again (`_again`)."""
         self.splits += 1
         if budget is None:
             budget = asyncio.Semaphore(max(2, self.pool._size() // 2))
@@ -228,17 +228,17 @@ class SharedStatements:
 
     async def _again(self, pool: asyncpg.Pool, again: _Again, answer: Callable[[int, Outcome], None] | None = None,
                      offset: int = 0, budget: asyncio.Semaphore | None = None) -> list[Outcome]:
-        """Each read of `again` run alone, all at once, each on a connection of its own from
+        """Each read of `again` sent alone, all at once, each on a connection of its own from
         the pool, timed by its node's timeout from its own statement's start (as alone).
 
         Why so: one after the other on one connection, N members would cost N round trips, and
         a slow member would delay the others' values past their own timeouts. Why this keeps
-        the pool whole: the shared statement's connection is given back before a re-run asks for
+        the pool whole: the shared statement's connection is given back before a read sent again asks for
         one, so nothing holds a connection while it waits for another (batches that fall back at
-        the same time cannot starve each other of connections); and each re-run gives its
-        connection back in a `finally` that cancellation runs too (`gather` cancels every re-run
+        the same time cannot starve each other of connections); and each of them gives its
+        connection back in a `finally` that cancellation runs too (`gather` cancels every one
         and waits for them all before the batch's own cancellation ends it). At most half the
-        pool re-runs at once: a batch of hundreds that failed (often because the server is slow)
+        pool's connections send them at once: a batch of hundreds that failed (often because the server is slow)
         must not put hundreds of statements ahead of every other run waiting for a connection.
         """
         at_once = budget if budget is not None else asyncio.Semaphore(max(1, self.pool._size() // 2))
@@ -255,7 +255,7 @@ class SharedStatements:
                     released = self.pool._release_later(pool, con, node.sql.session)
                 _answered(answer, position, [outcome])  # its run need not wait for the others'
                 # The place is kept until the connection is back: a statement that timed out is
-                # still being cancelled on the server until then, and the next would run beside it.
+                # still being cancelled on the server until then, and the next would be executed beside it.
                 await asyncio.shield(released)
                 return outcome
 
@@ -263,11 +263,11 @@ class SharedStatements:
 
     async def _write_batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | None:
         """Writes an author marked `coalesce: true`: one statement, so one transaction: all of
-        it is written or none, and when the server refuses it each member runs again alone,
+        it is written or none, and when the server refuses it each member is sent again alone,
         with its own outcome. (The coalescer keeps write batches small: see `MAX_WRITE_BATCH`.)
 
-        A combined write that times out is not run again: its cancel may have come after it
-        committed, and running the members again could write twice. Every member then gets
+        A combined write that times out is not sent again: its cancel may have come after it
+        committed, and sending the members again could write twice. Every member then gets
         the timeout, as a statement of its own might have."""
         statement = node.sql.statements[0]
         text = self._write_text(statement.text, len(params), node.sql.fetch)
@@ -285,7 +285,7 @@ class SharedStatements:
                 raise
             if isinstance(exc, StaleResult):
                 # It was written, and its rows came back in types other than described (a
-                # migration): running the members again would write twice. Each gets the error.
+                # migration): sending the members again would write twice. Each gets the error.
                 return [(None, translate(exc, statement, p)) for p in params]
             if _unnamed_targets(exc):
                 self._never_combine(statement.text, node)
@@ -299,7 +299,7 @@ class SharedStatements:
     def _never_combine(self, text: str, node: CompiledNode) -> None:
         """The overlap guard of a combined write cannot name its target's rows (an updatable
         view has no `ctid`): every batch of it would be refused. From now on it is not combined
-        (the coalescer runs its members alone, and remembers), and a warning says so once."""
+        (the coalescer sends its members alone, and remembers), and a warning says so once."""
         if text not in self._uncombined:
             logger.warning("node %r%s: its coalesce: true write is not combined: the rows it changes cannot be "
                            "named by (tableoid, ctid) (a view?), so two runs changing one row could not be told "
@@ -319,7 +319,7 @@ class SharedStatements:
         """The reads of one run as one statement: each member's statement materialized once,
         its columns sent back as typed arrays (`ARRAY(SELECT c ...)`), one row in all. None
         when a member returns a column that cannot travel in an array (an array, a composite).
-        When the fused statement fails (or times out), each member runs again alone, all at
+        When the fused statement fails (or times out), each member is sent again alone, all at
         once, each on a connection of its own (`_again`), with its own error and timeout."""
         pool = self.pool._pool or await self.pool._first_pool()
         con = await self.pool._acquire(pool)
@@ -436,11 +436,11 @@ class SharedStatements:
 
 # A read batch that runs long while a connection is free splits in two, each half on a
 # connection of its own (and so on, down to members alone): one slow member must not hold the
-# others' values back. "Long" is `SPLIT_FACTOR` times what the statement costs a run alone
-# (the median of its last `COSTS_KEPT` latencies, recorded as it runs alone), never less than
+# others' values back. "Long" is `SPLIT_FACTOR` times what the statement costs sent alone
+# (the median of its last `COSTS_KEPT` latencies, recorded each time it is sent alone), never less than
 # `SPLIT_MIN_S`, and `SPLIT_UNKNOWN_S` before anything is recorded. Not the batch's size: a
 # batch's members cost the server a fraction of a round trip each, so a batch of cheap members
-# ends well within the bound, and one that does not is worth running in halves side by side.
+# ends well within the bound, and one that does not is worth sending in halves side by side.
 SPLIT_FACTOR = 4.0
 SPLIT_MIN_S = 0.05
 SPLIT_UNKNOWN_S = 0.2
@@ -449,15 +449,15 @@ COSTS_KEPT = 32
 
 @dataclass(frozen=True)
 class _Again:
-    """A shared statement failed: each of these reads (node, statement, parameters) is to run
-    again alone, once the shared statement's connection is back in the pool (`PoolBackend._again`)."""
+    """A shared statement failed: each of these reads (node, statement, parameters) is to be
+    sent again alone, once the shared statement's connection is back in the pool (`PoolBackend._again`)."""
 
     members: list[tuple[CompiledNode, CompiledSql, list[Any]]]
 
 
 class _Split:
     """A read batch that ran long while a connection was free: its statement was cancelled and
-    its members are to run again in halves (`PoolBackend._halves`)."""
+    its members are to be sent again in halves (`PoolBackend._halves`)."""
 
 
 def _answered(answer: Callable[[int, Outcome], None] | None, offset: int, outcomes: list[Outcome]) -> list[Outcome]:
@@ -494,9 +494,9 @@ async def _each_alone(con: asyncpg.Connection, node: CompiledNode, statement: Co
                       members: list[list[Any]], pure: bool) -> list[Outcome]:
     """Each member's statement alone, one after the other on `con`: a lone member, or the
     members of a write in the order the runs asked (a later one may depend on an earlier one's
-    rows, so they are not run at once). A member whose statement fails keeps its own error (a
+    rows, so they are not sent at once). A member whose statement fails keeps its own error (a
     transient one too: its own retry policy decides); once the connection is lost, the members
-    not yet run get a transient error."""
+    not yet sent get a transient error."""
     outcomes: list[Outcome] = []
     for params in members:
         if not con.is_closed():

@@ -1,4 +1,4 @@
-"""`sql:` nodes: one statement, or a list run in one transaction, sent through the backend."""
+"""`sql:` nodes: one statement, or a list sent in one transaction, through the backend."""
 
 from __future__ import annotations
 
