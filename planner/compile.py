@@ -439,7 +439,7 @@ def _and(guard: ast.Node, where: ast.Node | None) -> ast.Node:
 
 
 def _guard_write(stmt: Any, guard: str) -> None:
-    """Make the write `stmt` change nothing unless `guard` holds."""
+    """Make the write `stmt` change nothing unless `guard` is true."""
     condition = _expr(guard)
     if isinstance(stmt, (ast.UpdateStmt, ast.DeleteStmt)):
         stmt.whereClause = _and(condition, stmt.whereClause)

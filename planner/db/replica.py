@@ -22,11 +22,11 @@ The replica is never a reason for a run to fail:
   failure also marks the replica down: reads go to the primary, and the monitor tries it
   again after a backoff (1 s, doubled up to 10 s) until it answers.
 - The replica has the node's `timeout` to answer, its wait for a replica connection
-  included. A read it has not answered by then runs again on the primary, timed by the
+  included. A read it has not answered by then is sent again to the primary, timed by the
   node's `timeout` there as every statement is (nothing of it is left: see docs/scaling.md),
   and the monitor checks the replica at once: one that does not answer its check within
-  `probe_timeout` is marked down. Marking it down (for any reason) sends every read it still
-  holds to the primary at once, those of nodes without a timeout included.
+  `probe_timeout` is marked down. Marking it down (for any reason) sends every read still in
+  flight on it to the primary at once, those of nodes without a timeout included.
 - Each change of state is logged once (a WARNING when reads leave the replica, with the
   reason; INFO when they come back), never once per query.
 
@@ -193,7 +193,7 @@ class ReplicaBackend(WrappingBackend):
         else:
             query.served.replica = True
             return value
-        query.served = Served(cached=query.served.cached, statements=query.served.statements)  # nothing the replica's stack did holds
+        query.served = Served(cached=query.served.cached, statements=query.served.statements)  # nothing the replica's stack did counts
         return await self.inner.run(query)
 
     def _ready(self) -> bool:
@@ -202,7 +202,7 @@ class ReplicaBackend(WrappingBackend):
         return self.usable()
 
     def _timed_out(self) -> None:
-        """A read the replica did not answer in time (or held when it was marked down): it goes
+        """A read the replica did not answer in time (or in flight on it when it was marked down): it goes
         to the primary. A slow statement is not proof of a stalled server, so the monitor,
         woken now, decides: a replica that does not answer its check is marked down."""
         self.fallbacks += 1
