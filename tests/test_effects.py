@@ -12,7 +12,6 @@ with a replica (tests/test_replica.py's pair, started here for this module).
 from __future__ import annotations
 
 import asyncio
-import doctest
 import inspect
 import logging
 import os
@@ -29,7 +28,6 @@ from planner.db.catalog import Catalog
 from planner.db.judge import BUILTIN_EFFECTS as BUILTIN_QUERY
 from planner.db.judge import builtin_effects_source, resolve
 from planner.lang import builtin_effects as builtin_effects_module
-from planner.lang import probe
 from planner.lang.builtin_effects import BUILTIN_EFFECTS
 from planner.lang.effects import UNRESOLVED, Decisions, Effects, as_allowed, decide, of_syntax
 from planner.lang.probe import body_probe_texts, probe_text
@@ -291,10 +289,6 @@ def test_a_sql_function_body_names_its_arguments_bare_or_qualified_and_each_beco
 def test_a_function_body_with_a_statement_other_than_a_query_cannot_be_probed() -> None:
     with pytest.raises(ValueError, match="other than a query"):
         body_probe_texts("SELECT 1; UPDATE t SET k = 1", [], (), "f")
-
-
-def test_the_probe_modules_examples_hold() -> None:
-    assert doctest.testmod(probe).failed == 0
 
 
 # --- behaviours on a real server -------------------------------------------------------------

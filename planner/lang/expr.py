@@ -7,7 +7,14 @@
     compare := atom (("=="|"!="|"<"|"<="|">"|">="|"in"|"not in") atom)?
     atom    := REF | NUMBER | STRING | true | false | null | "[" [expr ("," expr)*] "]" | "(" expr ")"
 
-No Python is ever evaluated: the tree holds only the node types below.
+No Python is ever evaluated: the tree has only the node types below. `and` stops at the
+first false operand, so a reference it does not reach is never resolved:
+
+    >>> when = parse('$n > 2 and $user.plan in ["pro", "team"]')
+    >>> [str(ref) for ref in refs_of(when)]
+    ['$n', '$user.plan']
+    >>> evaluate(when, {"n": 3, "user": {"plan": "pro"}}), evaluate(when, {"n": 1, "user": None})
+    (True, False)
 """
 
 from __future__ import annotations
