@@ -18,7 +18,7 @@ The replica is never a reason for a run to fail:
   within one interval (the interval is a quarter of `max_lag`, between 50 ms and 1 s). Past
   `max_lag`, reads go to the primary until the replica catches up.
 - A query the replica cannot answer (lost connection, refused, a conflict with recovery, any
-  error of the server) runs again on the primary, whose answer is the run's. A connection
+  error of the server) is sent again to the primary, whose answer is the run's. A connection
   failure also marks the replica down: reads go to the primary, and the monitor tries it
   again after a backoff (1 s, doubled up to 10 s) until it answers.
 - The replica has the node's `timeout` to answer, its wait for a replica connection
