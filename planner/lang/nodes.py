@@ -19,7 +19,6 @@ from planner.lang.refs import CompiledSql, Ref
 
 KindName = Literal["sql", "call"]
 Fetch = Literal["one", "all", "value", "none", "records"]  # records: the driver's rows, for compiled groups only
-FETCHES: tuple[Fetch, ...] = ("one", "all", "value", "none")
 
 
 @dataclass(frozen=True, slots=True)
