@@ -37,7 +37,8 @@ class Listener:
     heartbeat_s: float
     heartbeat_timeout_s: float
 
-    async def run(self) -> None:
+    async def listen(self) -> None:
+        """Listen until cancelled (the background task `PoolBackend.subscribe` starts)."""
         channel, on_message, on_state = self.channel, self.on_message, self.on_state
         delay = 0.05
         while True:

@@ -405,7 +405,7 @@ class PoolBackend:
         if self._listener is None:
             listener = Listener(channel, on_message, on_state, self._listening_connection,
                                 self._heartbeat_s, self._heartbeat_timeout_s)
-            self._listener = asyncio.get_running_loop().create_task(listener.run())
+            self._listener = asyncio.get_running_loop().create_task(listener.listen())
 
     async def _listening_connection(self) -> tuple[asyncpg.Connection, asyncpg.Pool | None] | None:
         """A connection for the cache channel: one of its own (from the DSN an owned pool was made
