@@ -24,16 +24,23 @@ if TYPE_CHECKING:
 class RunObserver(Protocol):
     """Hooks of one run. `flow`, `run_id` and `node` name what is observed."""
 
-    def run_started(self, flow: str, run_id: str, mode: str) -> None: ...
+    def run_started(self, flow: str, run_id: str, mode: str) -> None:
+        """The run began, in `mode` (eager, layered or sequential), before any node starts."""
+        ...
 
     def node_started(self, flow: str, run_id: str, node: str, kind: str,
                      coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]:
-        """Return the coroutine to run (the given one, or a wrapper around it)."""
+        """Return the coroutine the node's task awaits, every attempt of it included (the given
+        one, or a wrapper around it)."""
         ...
 
-    def node_settled(self, flow: str, run_id: str, node: str, result: NodeResult) -> None: ...
+    def node_settled(self, flow: str, run_id: str, node: str, result: NodeResult) -> None:
+        """The node has its final state (ok, defaulted, skipped, failed, cancelled)."""
+        ...
 
-    def run_finished(self, flow: str, run_id: str, status: str) -> None: ...
+    def run_finished(self, flow: str, run_id: str, status: str) -> None:
+        """The run ended with `status` (`FlowResult.status`), every node settled."""
+        ...
 
 
 class RunRecorder(Protocol):

@@ -41,10 +41,12 @@ def tracer() -> Any | None:
 
 
 def start_flow(t: Any, flow: str, mode: str, run_id: str) -> Any:
+    """The `planner.flow <name>` span of one run."""
     return t.start_span(f"planner.flow {flow}", attributes={"planner.flow": flow, "planner.mode": mode, "planner.run_id": run_id})
 
 
 def start_node(t: Any, parent: Any, flow: str, node: str, kind: str) -> Any:
+    """The `planner.node <name>` span of one node, a child of its run's span."""
     return t.start_span(f"planner.node {node}", context=trace.set_span_in_context(parent),
                         attributes={"planner.flow": flow, "planner.node": node, "planner.node.kind": kind})
 
@@ -63,6 +65,7 @@ def within(span: Any, coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any
 
 
 def end_node(span: Any, outcome: str, error: BaseException | None) -> None:
+    """End a node's span with its outcome; an error is recorded on it and makes it ERROR."""
     span.set_attribute("planner.node.outcome", outcome)
     if error is not None:
         span.record_exception(error)
@@ -71,6 +74,7 @@ def end_node(span: Any, outcome: str, error: BaseException | None) -> None:
 
 
 def end_flow(span: Any, status: str) -> None:
+    """End a run's span with its status; any status but ok makes it ERROR."""
     span.set_attribute("planner.flow.status", status)
     if status != "ok":
         span.set_status(trace.Status(trace.StatusCode.ERROR, status))
