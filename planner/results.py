@@ -97,8 +97,9 @@ class FlowResult:
     @property
     def defaulted(self) -> dict[str, BaseException]:
         """`{node: error}` for every node that failed and took its `default`, in the flow's order."""
+        defaulted = NodeState.DEFAULTED  # read once: an Enum class attribute is slow to read
         return {name: node.error for name, node in self.nodes.items()
-                if node.state is NodeState.DEFAULTED and node.error is not None}
+                if node.state is defaulted and node.error is not None}
 
     @property
     def degraded(self) -> bool:
@@ -106,7 +107,8 @@ class FlowResult:
         fallback values (see `defaulted`)."""
         if self._degraded is not None:
             return self._degraded
-        return any(node.state is NodeState.DEFAULTED for node in self.nodes.values())
+        defaulted = NodeState.DEFAULTED
+        return any(node.state is defaulted for node in self.nodes.values())
 
     def states(self) -> dict[str, str]:
         """`{node: state}`, handy in tests and logs."""

@@ -71,10 +71,10 @@ class Ledger:
 
     def finish(self, active: Iterable[str], output: Any, bad_output: str | None) -> FlowResult:
         """The run's `FlowResult`; raises `FlowTimeout`, `FlowFailed` (or one of its kinds) carrying it."""
-        records, started = self.records, self.started
+        records, started, cancelled = self.records, self.started, NodeState.CANCELLED
         for name in active:
             if name not in records:
-                records[name] = (NodeState.CANCELLED, None, None, started.get(name), None)
+                records[name] = (cancelled, None, None, started.get(name), None)
         status, name = self.status, self.flow.name
         result = FlowResult(name, self.run_id, self.mode, status, self.node_results,
                             output if status == "ok" else None, self.elapsed_ms, degraded=self.degraded)
