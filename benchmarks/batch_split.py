@@ -63,7 +63,7 @@ async def one_round(dsn: str, runs: int, slow_at: int, slow_ms: int, pool: int) 
         assert isinstance(inner, PoolBackend)
         for v in range(10):  # served alone first: its latency is recorded
             await planner.run(flow, {"v": v, "ms": 0})
-        await planner.backend.drain()
+        await planner.stack.primary.drain()
 
         async def timed(v: int) -> float:
             started = time.perf_counter()

@@ -97,7 +97,7 @@ async def variant(name: str, flow: str, dsn: str, size: int) -> AsyncIterator[tu
         if name == "planner, compiled always":
             for runner in runners:
                 runner.below = 2.0  # compiled whatever the pool's load
-        yield (lambda i: planner.run(flow, i)), planner.backend.drain
+        yield (lambda i: planner.run(flow, i)), planner.stack.primary.drain
 
 
 async def _keep(con: asyncpg.Connection) -> None:

@@ -113,8 +113,8 @@ def _planner(dsn: str, size: int, *, coalesce: bool = True, cache: bool = True) 
     # Fusion goes with coalescing: `coalesce=False` is "no statement shared", the behaviour before both.
     settings = dataclasses.replace(Settings.from_env(), coalesce=coalesce, fuse=coalesce, cache=cache)
     planner = Planner(flows=FLOWS, dsn=dsn, min_size=size, max_size=size, settings=settings)
-    fuser = planner.cache.inner
-    coalescer = getattr(fuser, "inner", None)
+    fuser = planner.stack.fusers["primary"]
+    coalescer = planner.stack.coalescers["primary"]
     assert planner.cache.enabled == cache
     assert isinstance(fuser, FusingBackend) and fuser.enabled == coalesce
     assert isinstance(coalescer, CoalescingBackend) and coalescer.enabled == coalesce
@@ -165,7 +165,7 @@ async def running(flow: str, variant: Variant, dsn: str, size: int) -> AsyncIter
             await pool.close()
         return
     async with _planner(dsn, size, coalesce=variant.coalesce, cache=variant.cache) as planner:
-        yield Running(_mode(flow, variant, planner), planner.backend.drain, planner)
+        yield Running(_mode(flow, variant, planner), planner.stack.primary.drain, planner)
 
 
 def critical_round_trips(flow: CompiledFlow, result: FlowResult) -> float:

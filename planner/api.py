@@ -152,7 +152,7 @@ class Planner:
             for role, pool in self.pools.items():
                 pool.on_wait = _timer(chosen, "planner_pool_wait_seconds", (("pool", role),))
             self.threads.on_wait = _timer(chosen, "planner_call_wait_seconds", ())
-        self._env = BindEnv(self.targets, self.backend, self.threads)
+        self._env = BindEnv(self.targets, self.backend, self.threads, self.stack.database)
         self._threads_warned: set[tuple[str, int]] = set()
         self.versions = FlowVersions(self.source, self._env, self._bind)  # the flow cache, hot reload
         self._db_open = False
@@ -266,7 +266,8 @@ class Planner:
         # the compiled statement already ran its write: each node must run as its own statement.
         if self.settings.compile and self.node_wrapper is None:
             for group in plan_groups(flow):
-                runner = GroupRunner(group, flow, self.backend, self.cache, {n: plain[n].args for n in group.names})
+                runner = GroupRunner(group, flow, self.backend, self.cache, {n: plain[n].args for n in group.names},
+                                     load=self.stack.primary_pool)
                 runners.append(runner)
                 serving.update(dict.fromkeys(group.names, runner))
         for name, spec in flow.nodes.items():

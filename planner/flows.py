@@ -115,7 +115,9 @@ class FlowVersions:
         """Prepare each statement the edit changed (as `planner validate --db` does): one the
         server refuses as a bug of the flow (SQLSTATE class 42: syntax, an unknown table, column
         or function, wrong types) is a `FlowFileError` at its node. A server that cannot be
-        asked (down, busy past `EDIT_CHECK_S`) does not delay the edit: it is logged."""
+        asked (down, busy past `EDIT_CHECK_S`; none under a caller's own backend) does not delay
+        the edit: it is logged."""
+        database = self.env.database
         for name, node in flow.nodes.items():
             old = running.nodes.get(name)
             known = {st.text for st in old.sql.statements} if old is not None else set()
@@ -123,7 +125,9 @@ class FlowVersions:
                 if statement.text in known:
                     continue
                 try:
-                    await asyncio.wait_for(self.env.backend.describe(statement.text), EDIT_CHECK_S)
+                    if database is None:
+                        raise FlowError("this planner's backend has no database to prepare it on")
+                    await asyncio.wait_for(database.describe(statement.text), EDIT_CHECK_S)
                 except QueryError as exc:
                     if not exc.is_bug:
                         logger.warning("flow %s: node %s's edited statement was not checked on the server: %s",

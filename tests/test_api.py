@@ -346,7 +346,7 @@ async def test_a_hot_edit_is_taken_when_the_server_cannot_be_asked(
         async def unavailable(text: str) -> Any:
             raise DatabaseUnavailable("the server is restarting")
 
-        monkeypatch.setattr(planner.backend, "describe", unavailable)
+        monkeypatch.setattr(planner.stack.primary, "describe", unavailable)
         _replace(path, "nodes:\n  a: {sql: SELECT 2, fetch: value}\n")
         assert (await planner.run("t")).values == {"a": 2}
         assert any("not checked on the server" in r.getMessage() for r in caplog.records)

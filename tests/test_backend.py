@@ -48,13 +48,12 @@ SECRET = "sk_live_SECRET"
 
 
 class Counting(WrappingBackend):
-    """Records every query, and every call that would open the database."""
+    """Records every query, and every call that would open the database through it."""
 
     def __init__(self, inner: Backend) -> None:
         super().__init__(inner)
         self.queries: list[Query] = []
         self.opens = 0
-        self.pools = 0
 
     async def open(self) -> None:
         self.opens += 1
@@ -63,10 +62,6 @@ class Counting(WrappingBackend):
     async def run(self, query: Query) -> Any:
         self.queries.append(query)
         return await super().run(query)
-
-    async def pool(self) -> Any:
-        self.pools += 1
-        return await super().pool()
 
 
 # --- runs that need no database -------------------------------------------------------------
@@ -95,7 +90,7 @@ async def test_a_flow_whose_sql_nodes_are_all_overridden_opens_nothing(write_flo
         result = await planner.run("t", {"x": 1}, overrides={"a": 10, "b": 20})
     assert result.values == {"a": 10, "b": 20, "c": 30}
     if isinstance(backend, Counting):
-        assert (backend.opens, backend.pools, backend.queries) == (0, 0, [])
+        assert (backend.opens, backend.queries) == (0, [])
         backend = backend.inner
     if isinstance(backend, PoolBackend):
         assert not backend.opened
@@ -263,7 +258,7 @@ async def test_a_connection_killed_from_outside_mid_query_is_planners(write_flow
 async def test_connections_killed_while_idle_in_the_pool_give_planners_errors(write_flow: Write, db_planner: Planner, demo_dsn: str) -> None:
     write_flow("nodes:\n  a: {sql: 'SELECT 1', fetch: value}\n  b: {sql: 'SELECT 2', fetch: value}\n")
     assert (await db_planner.run("t")).values == {"a": 1, "b": 2}
-    await db_planner.backend.drain()
+    await db_planner.stack.primary.drain()
     admin = await asyncpg.connect(demo_dsn)
     try:
         killed = await admin.fetchval(
@@ -287,7 +282,7 @@ async def test_a_database_dropped_under_an_open_pool_gives_planners_errors(write
     try:
         async with Planner(flows=tmp_path, dsn=with_database(pg_dsn, name), min_size=1, max_size=1) as planner:
             assert (await planner.run("t")).values == {"a": 1}
-            await planner.backend.drain()
+            await planner.stack.primary.drain()
             await drop_database(pg_dsn, name)  # WITH (FORCE): the pool's connection is killed
             errors = await _run_errors(planner)
             assert errors

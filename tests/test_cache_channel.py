@@ -321,7 +321,7 @@ async def test_a_process_with_a_cache_holds_its_pool_and_one_listening_connectio
 
         async with Planner(flows=flows, dsn=demo_dsn, min_size=2, max_size=2, metrics=False) as planner:
             await asyncio.gather(*(_threshold(planner) for _ in range(8)))  # the pool grown to its size
-            pool = await planner.cache.pool()
+            pool = await planner.stack.primary.pool()
             assert pool.get_size() == 2
             assert await _eventually(lambda: _equals(planners, 3))  # 2 pooled + the listening one
     finally:

@@ -108,15 +108,23 @@ async def test_a_lost_channel_back_holds_every_refill_to_when_it_came_back_but_t
     assert asked.fresh[-1] is not None and asked.fresh[-1] >= before
 
 
-async def test_what_invalidate_tells_other_processes_names_what_was_asked(monkeypatch: Any) -> None:
-    cache, _ = _cache()
-    cache.channel = "c"
-    sent: list[str] = []
+class Sent:
+    """A channel that records what it is asked to send (its payloads without the sender)."""
 
-    async def notify(channel: str, payload: str) -> None:
-        sent.append(payload.partition("\t")[2])
+    def __init__(self) -> None:
+        self.payloads: list[str] = []
 
-    monkeypatch.setattr(cache.inner, "notify", notify, raising=False)
+    def subscribe(self, channel: str, on_message: Any, on_state: Any) -> None:
+        return None
+
+    async def notify(self, channel: str, payload: str) -> None:
+        self.payloads.append(payload.partition("\t")[2])
+
+
+async def test_what_invalidate_tells_other_processes_names_what_was_asked() -> None:
+    channel = Sent()
+    cache = CacheBackend(Asked(), enabled=True, channel="c", via=channel)
+    sent = channel.payloads
     cache.invalidate("a")  # never run here: still told
     cache.invalidate(flow="f")
     cache.invalidate("a", flow="f")

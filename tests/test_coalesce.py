@@ -83,10 +83,12 @@ class Gate:
 
 
 class Spy(WrappingBackend):
-    """Records what reaches the pool: each batch's parameters as sent, each statement of one run."""
+    """Records what reaches the pool: each batch's parameters as sent (as the coalescer's
+    `batches`), each statement of one run (as the backend under it)."""
 
     def __init__(self, inner: PoolBackend) -> None:
         super().__init__(inner)
+        self.pool = inner
         self.sent: list[list[list[Any]]] = []  # per batch that got its connection: its members' parameters
         self.shared: list[bool] = []  # per batch: whether it was sent as one statement
         self.single: list[list[Any]] = []  # parameters of statements sent for one run each
@@ -95,13 +97,16 @@ class Spy(WrappingBackend):
         self.single.append(query.params[0] if query.params else [])
         return await self.inner.run(query)
 
+    def idle(self, share: float = 1.0) -> bool:
+        return self.pool.idle(share)
+
     async def run_batch(self, node: CompiledNode, params: list[list[Any]],
                         started: Callable[[], None]) -> list[Outcome] | None:
         def on_start() -> None:
             started()
             self.sent.append([list(p) for p in params])
 
-        outcomes = await self.inner.run_batch(node, params, on_start)
+        outcomes = await self.pool.run_batch(node, params, on_start)
         self.shared.append(outcomes is not None)
         return outcomes
 
@@ -189,8 +194,8 @@ async def outcome(run: Any) -> FlowResult:
 
 async def assert_clean(planner: Planner, dsn: str) -> None:
     """Every connection back in the pool, and no statement of this database still running."""
-    await planner.backend.drain()
-    pool = await planner.backend.pool()
+    await planner.stack.primary.drain()
+    pool = await planner.stack.primary.pool()
     assert pool.get_idle_size() == pool.get_size(), "a connection was not returned"
     con = await asyncpg.connect(dsn)
     try:
@@ -223,7 +228,7 @@ async def stacks(tmp_path: Path, demo_dsn: str, write_flow: Write) -> AsyncItera
     def make(size: int = 1, **options: Any) -> Stack:
         pool = PoolBackend(dsn=demo_dsn, min_size=size, max_size=size)
         spy = Spy(pool)
-        coalescer = CoalescingBackend(spy, **options)
+        coalescer = CoalescingBackend(spy, batches=spy, **options)
         entry = Entry(coalescer)
         planner = Planner(flows=tmp_path, backend=entry, allowed_modules=["tests"])
         made.append(planner)
@@ -321,7 +326,7 @@ async def test_a_burst_before_the_pool_is_open_still_coalesces(pg_dsn: str) -> N
     node = load_flow(text="inputs: {n: int}\nnodes:\n  q: {sql: 'SELECT $n::int AS n', fetch: value}\n",
                      name="burst").nodes["q"]
     pool = PoolBackend(dsn=pg_dsn, min_size=4, max_size=4)
-    coalescer = CoalescingBackend(pool)
+    coalescer = CoalescingBackend(pool, batches=pool)
     try:
         values = await asyncio.gather(*(coalescer.run(Query(node, [[n]])) for n in range(40)))
     finally:
@@ -632,7 +637,7 @@ async def test_the_default_planner_coalesces_unless_the_environment_says_no(
         async with Planner(flows=tmp_path, dsn=demo_dsn, min_size=1, max_size=1) as planner:
             planner.load("t")
             holder = asyncio.create_task(planner.run("hold", {"s": 0.2}))
-            await until(lambda: not planner.backend.idle())
+            await until(lambda: not planner.stack.primary.idle())
             results = await asyncio.gather(*(planner.run("t", {"n": n}) for n in range(3)))
             await holder
             assert [r.values["q"] for r in results] == [0, 1, 2]

@@ -217,7 +217,7 @@ async def test_a_call_node_with_a_db_parameter_receives_the_pool(write_flow: Wri
         "    return await db.fetchval('SELECT count(*) FROM whatsapp_instances') > 0\n"
     )
     write_flow("nodes:\n  a: {call: dbfuncs:count, with: {table_hint: x}}\n")
-    planner = Planner(flows=tmp_path, pool=await db_planner.backend.pool())
+    planner = Planner(flows=tmp_path, pool=await db_planner.stack.primary.pool())
     assert (await planner.run("t")).values["a"] is True
 
 
@@ -225,7 +225,7 @@ async def test_a_dsn_planner_owns_and_closes_its_pool(write_flow: Write, tmp_pat
     write_flow("nodes:\n  a: {sql: SELECT 1, fetch: value}\n")
     planner = Planner(flows=tmp_path, dsn=demo_dsn)
     await planner.run("t")
-    pool = await planner.backend.pool()
+    pool = await planner.stack.primary.pool()
     await planner.close()
     assert pool.is_closing()
 

@@ -65,10 +65,12 @@ async def fuse_db(demo_dsn: str) -> AsyncIterator[str]:
 
 
 class Counting(WrappingBackend):
-    """Counts what reaches the database: single queries and fused groups."""
+    """Counts what reaches the database: single queries (the backend under fusion) and fused
+    groups (fusion's `fuser`, passed on to `pool`: the pool under `inner`, or `inner` itself)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, pool: Any = None) -> None:
         super().__init__(inner)
+        self.pool = inner if pool is None else pool
         self.single = 0
         self.fused: list[int] = []
 
@@ -76,16 +78,19 @@ class Counting(WrappingBackend):
         self.single += 1
         return await self.inner.run(query)
 
+    def idle(self, share: float = 1.0) -> bool:
+        return bool(self.pool.idle(share))
+
     async def run_fused(self, queries: list[Query]) -> Any:
         self.fused.append(len(queries))
-        return await self.inner.run_fused(queries)
+        return await self.pool.run_fused(queries)
 
 
 def _planner(dsn: str, *, fuse: bool) -> tuple[Planner, Counting]:
     from planner.db.pool import PoolBackend
 
     counting = Counting(PoolBackend(dsn=dsn))
-    return Planner(backend=FusingBackend(counting, enabled=fuse)), counting
+    return Planner(backend=FusingBackend(counting, fuser=counting, enabled=fuse)), counting
 
 
 async def _fill(dsn: str, rows: list[Row]) -> None:
@@ -142,7 +147,7 @@ async def test_fusion_stops_once_half_the_pool_is_in_use(fuse_db: str, held: int
 
     await _fill(fuse_db, [(1, "a", None, None, True, None, None, None)])
     counting = Counting(PoolBackend(dsn=fuse_db, min_size=8, max_size=8))
-    planner = Planner(backend=FusingBackend(counting, enabled=True))
+    planner = Planner(backend=FusingBackend(counting, fuser=counting, enabled=True))
     nap = load_flow(text='nodes: {nap: {sql: "SELECT pg_sleep(3)::text AS napping_for_fusion", fetch: value}}',
                     name="nap")
     async with planner:
@@ -169,7 +174,7 @@ async def test_a_burst_of_runs_fuses_only_while_half_the_pool_is_free(fuse_db: s
     from planner.db.pool import PoolBackend
 
     counting = Counting(PoolBackend(dsn=fuse_db, min_size=8, max_size=8))
-    fuser = FusingBackend(counting, enabled=True)
+    fuser = FusingBackend(counting, fuser=counting, enabled=True)
     nodes = load_flow(text=SIBLINGS, name="siblings").nodes
     try:
         await counting.open()
@@ -201,8 +206,8 @@ async def test_nodes_whose_fused_statement_failed_as_a_whole_get_errors_of_their
     from planner.db.pool import PoolBackend
 
     flow = load_flow(text="nodes:\n  a: {sql: SELECT 1, fetch: value}\n  b: {sql: SELECT 2, fetch: value}\n", name="two")
-    backend = FusingBackend(PoolBackend(dsn="postgresql://postgres@/postgres?host=/tmp/planner-no-server-here"),
-                            enabled=True)
+    nowhere = PoolBackend(dsn="postgresql://postgres@/postgres?host=/tmp/planner-no-server-here")
+    backend = FusingBackend(nowhere, fuser=nowhere, enabled=True)
     run = object()  # one run: its sibling reads fuse
     try:
         errors = await asyncio.gather(*(backend.run(Query(flow.nodes[name], [[]], run=run)) for name in ("a", "b")),
@@ -250,7 +255,7 @@ async def test_fusion_can_be_turned_off(fuse_db: str, switch: str) -> None:
     from planner.db.pool import PoolBackend
 
     counting = Counting(PoolBackend(dsn=fuse_db))
-    async with Planner(backend=FusingBackend(counting)) as planner:
+    async with Planner(backend=FusingBackend(counting, fuser=counting)) as planner:
         result = await planner.run(load_flow(text=text, name="off"), {"k": 1})
     if switch == "node":
         assert counting.fused == [3] and result.nodes["count"].served.fused == 1  # type: ignore[union-attr]
@@ -273,9 +278,10 @@ async def test_sequential_mode_neither_fuses_nor_coalesces(fuse_db: str) -> None
     from planner.db.pool import PoolBackend
 
     await _fill(fuse_db, [(1, "a", None, None, None, None, None, None)])
-    counting = Counting(CoalescingBackend(PoolBackend(dsn=fuse_db, min_size=1, max_size=1), enabled=True))
+    pool = PoolBackend(dsn=fuse_db, min_size=1, max_size=1)
+    counting = Counting(CoalescingBackend(pool, batches=pool, enabled=True), pool)
     flow = load_flow(text=SIBLINGS, name="siblings")
-    async with Planner(backend=FusingBackend(counting, enabled=True)) as planner:
+    async with Planner(backend=FusingBackend(counting, fuser=counting, enabled=True)) as planner:
         results = await asyncio.gather(*(planner.run(flow, {"k": 1}, mode="sequential") for _ in range(6)))
         eager = await asyncio.gather(*(planner.run(flow, {"k": 1}) for _ in range(6)))
     assert all(r.served is None or (r.served.fused, r.served.batch) == (1, 1) for res in results for r in res.nodes.values())

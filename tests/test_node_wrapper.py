@@ -67,7 +67,7 @@ async def test_under_a_wrapper_a_sql_timeout_times_the_query_not_the_wait_for_a_
     write_flow("settings: {timeout: 3s}\nnodes:\n  a: {sql: 'SELECT 1', fetch: value, timeout: 100ms}\n")
     recorder = Recorder()
     async with Planner(flows=tmp_path, dsn=demo_dsn, min_size=1, max_size=1, node_wrapper=recorder) as planner:
-        pool = await planner.backend.pool()
+        pool = await planner.stack.primary.pool()
         held = await pool.acquire()
         run = asyncio.create_task(planner.run("t"))
         await asyncio.sleep(0.4)  # four times the node's timeout, waiting for the only connection

@@ -83,8 +83,7 @@ async def test_many_concurrent_seed_runs_on_a_small_pool_through_pgbouncer(demo_
     async with Planner(flows=FLOWS, dsn=pgbouncer.dsn(demo_dsn), min_size=2, max_size=2) as planner:
         results = await asyncio.gather(*(planner.run("process_buffered", _message(phone=f"+1777000{i:04d}", message=f"m{i}"))
                                          for i in range(40)))
-        coalescer = planner.cache.inner.inner  # type: ignore[attr-defined]
-        assert isinstance(coalescer, CoalescingBackend) and coalescer.batches > 0  # reads were shared
+        assert planner.stack.coalescers["primary"].batches > 0  # reads were shared
     assert all(r.status == "ok" and isinstance(r.output["stored"], int) for r in results)
     assert len({r.output["stored"] for r in results}) == 40
     admin = await asyncpg.connect(demo_dsn)
@@ -120,8 +119,9 @@ async def test_coalesced_reads_and_writes_through_pgbouncer(items_dsn: str, pgbo
     # parameter types planner learns by preparing the statement (unnamed, behind PgBouncer).
     flow = load_flow(text=COALESCED, name="coalesced")
     writes_combine = combine_writes(flow.nodes["stored"].sql.statements[0].text, 2) is not None
-    coalescer = CoalescingBackend(PoolBackend(dsn=pgbouncer.dsn(items_dsn), min_size=1, max_size=1), enabled=True)
-    async with Planner(backend=FusingBackend(coalescer, enabled=False)) as planner:
+    pool = PoolBackend(dsn=pgbouncer.dsn(items_dsn), min_size=1, max_size=1)
+    coalescer = CoalescingBackend(pool, batches=pool, enabled=True)
+    async with Planner(backend=FusingBackend(coalescer, fuser=pool, enabled=False)) as planner:
         for _ in range(2):  # the second round uses what the first one learned
             results = await asyncio.gather(*(planner.run(flow, {"k": k}) for k in range(1, 31)))
             for k, result in enumerate(results, start=1):
@@ -156,7 +156,7 @@ async def test_fused_reads_through_pgbouncer_equal_direct_ones(demo_dsn: str, pg
     values = []
     for dsn in (demo_dsn, pgbouncer.dsn(demo_dsn)):
         counting = Counting(PoolBackend(dsn=dsn))
-        async with Planner(backend=FusingBackend(counting, enabled=True)) as planner:
+        async with Planner(backend=FusingBackend(counting, fuser=counting, enabled=True)) as planner:
             for k in (1, 2):  # the second run uses the columns the first one learned
                 result = await planner.run(flow, {"k": k})
                 assert result.nodes["rows"].served.fused == 3  # type: ignore[union-attr]

@@ -144,10 +144,10 @@ async def test_a_plain_select_sends_no_reset_and_a_set_does(one_connection: Plan
     _flow(tmp_path, "plain", "SELECT pg_backend_pid()", pid=False)
     _flow(tmp_path, "change", "SET TimeZone = 'Pacific/Chatham'", fetch="none", pid=False)
     pid = (await one_connection.run("plain")).values["a"]
-    await one_connection.backend.drain()
+    await one_connection.stack.primary.drain()
     assert await _last_query(demo_dsn, pid) == "SELECT pg_backend_pid()"  # the run's own statement, nothing after it
     await one_connection.run("change")
-    await one_connection.backend.drain()
+    await one_connection.stack.primary.drain()
     assert await _last_query(demo_dsn, pid) == RESET_SESSION  # the same connection, reset after the SET
 
 
@@ -174,6 +174,6 @@ async def test_only_statements_that_may_change_the_session_are_released_dirty(
         _flow(tmp_path, name, sql, fetch="none")
         released.clear()
         await one_connection.run(name)
-        await one_connection.backend.drain()
+        await one_connection.stack.primary.drain()
         # node `a`, then node `pid` (a plain SELECT, never dirty)
         assert released == [name in ("set", "set_config", "role"), False], name

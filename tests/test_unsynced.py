@@ -75,7 +75,7 @@ async def test_a_value_that_cannot_be_encoded_leaves_no_open_transaction_on_the_
         result = await outcome(planner.run("writes", {"k": 1, "label": 5}))
         assert result.nodes["put"].state is NodeState.DEFAULTED
         assert isinstance(result.nodes["put"].error, QueryError)
-        await planner.backend.drain()
+        await planner.stack.primary.drain()
         assert await left_open(labels) == []
 
 
@@ -102,7 +102,7 @@ async def test_a_fused_member_that_cannot_be_encoded_leaves_no_open_transaction(
         result = await outcome(planner.run("reads", {"label": 5}))
         assert result.nodes["a"].state is NodeState.DEFAULTED
         assert result.values["b"] == 0
-        await planner.backend.drain()
+        await planner.stack.primary.drain()
         assert await left_open(labels) == []
 
 
@@ -122,6 +122,6 @@ async def test_behind_pgbouncer_a_value_that_cannot_be_encoded_leaves_no_open_tr
     async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(labels), min_size=1, max_size=1, cache_size=0) as planner:
         result = await outcome(planner.run("writes", {"k": 1, "label": 5}))
         assert result.nodes["put"].state is NodeState.DEFAULTED
-        await planner.backend.drain()
+        await planner.stack.primary.drain()
         assert await left_open(labels) == []
         assert (await planner.run("writes", {"k": 2, "label": "b"})).values["put"] == 2

@@ -50,7 +50,7 @@ from typing import Any, cast
 from cachetools import TLRUCache
 
 from planner.db.batcher import Batch, Batcher
-from planner.kinds.backend import Backend, Outcome, Query, WrappingBackend, freeze, private_copy
+from planner.kinds.backend import Backend, Channel, Outcome, Query, WrappingBackend, freeze, private_copy
 
 DEFAULT_SIZE = 4096
 """How many values a `CacheBackend` keeps at most (all nodes together) before evicting the least
@@ -182,7 +182,10 @@ class CacheBackend(WrappingBackend):
 
     `maxsize` bounds how many values are kept; `timer` (seconds, monotonic) decides expiry,
     and tests inject one; `enabled=False` serves nothing from memory (a Planner passes its
-    settings' `PLANNER_CACHE`).
+    settings' `PLANNER_CACHE`). `channel` names the LISTEN/NOTIFY channel invalidations travel
+    on between processes, `via` what carries it (a `planner.kinds.backend.Channel`: the
+    primary's `PoolBackend`); without a channel, invalidations stay in this process. Raises
+    `ValueError` for a channel without `via`.
     """
 
     def __init__(
@@ -193,8 +196,12 @@ class CacheBackend(WrappingBackend):
         timer: Callable[[], float] = time.monotonic,
         enabled: bool = True,
         channel: str | None = None,
+        via: Channel | None = None,
     ) -> None:
         super().__init__(inner)
+        if channel is not None and via is None:
+            raise ValueError(f"cache channel {channel!r} given without via= (what carries it)")
+        self.via = via
         self.enabled = enabled
         # With a channel, invalidations travel between processes (LISTEN/NOTIFY), and values
         # are trusted only while this process listens: one that lost the channel may have
@@ -313,7 +320,8 @@ class CacheBackend(WrappingBackend):
             return
         if self._first_state is None:
             self._first_state = asyncio.Event()
-            self.inner.subscribe(self.channel, self._received, self._channel_state)
+            assert self.via is not None  # a channel comes with what carries it (`__init__`)
+            self.via.subscribe(self.channel, self._received, self._channel_state)
         if self._first_state.is_set():
             return  # it answered once: from now on `trusted` says it all
         try:
@@ -349,12 +357,13 @@ class CacheBackend(WrappingBackend):
             return
         pairs = [("*", "*")] if pairs is None else [(flow or "*", node or "*") for flow, node in pairs]
         payloads = [f"{self._origin}\t{flow}\t{node}" for flow, node in pairs]
-        channel = self.channel
+        channel, via = self.channel, self.via
+        assert via is not None  # a channel comes with what carries it (`__init__`)
 
         async def send() -> None:
             for payload in payloads:
                 try:
-                    await self.inner.notify(channel, payload)
+                    await via.notify(channel, payload)
                 except Exception as exc:  # the others keep their values until their ttl ends
                     logger.warning("cache: could not tell other processes of an invalidation: %s", exc)
 

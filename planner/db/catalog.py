@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from planner.db.judge import StatementRefused, resolve
-from planner.kinds.backend import Backend
 from planner.lang.effects import Effects
+
+if TYPE_CHECKING:
+    from planner.db.pool import PoolBackend
 
 logger = logging.getLogger("planner")
 
@@ -211,24 +212,16 @@ class Catalog:
             self._known.pop(text, None)
 
 
-def catalog_of(backend: Backend) -> Catalog | None:
-    """A `Catalog` over the primary of planner's stack `backend` (followed through its wrappers'
-    `inner`), or None when it ends in a backend of the caller's own.
+def catalog_of(pool: PoolBackend) -> Catalog:
+    """A `Catalog` over planner's pool `pool` (the primary's: `planner.db.stack` gives it).
 
     It asks on a connection of its own (opened at the first question, to the database the pool
     opened), never one of the pool's: a statement's first execution must not wait for the pool's
     connections to be given back, nor take one from the statements that use them. A borrowed pool (`pool=`, no DSN) is
-    asked on one of its connections."""
-    pool = sys.modules.get("planner.db.pool")  # not loaded: no pool of planner's to find (and asyncpg stays unloaded)
-    if pool is None:
-        return None
-    seen: Backend | None = backend
-    while seen is not None and not isinstance(seen, pool.PoolBackend):
-        seen = getattr(seen, "inner", None)
-    if seen is None:
-        return None
-    catalog = Catalog(_OwnConnection(seen), search_paths=seen.search_paths)
-    seen.verdict = catalog.known  # the pool's "may a stale read run again" is this verdict too
+    asked on one of its connections. The pool's "may a stale read run again" (`verdict`) is
+    this catalog's verdict from now on."""
+    catalog = Catalog(_OwnConnection(pool), search_paths=pool.search_paths)
+    pool.verdict = catalog.known
     return catalog
 
 

@@ -1,6 +1,7 @@
 """Coalescing: the same statement of many concurrent runs sent as one (the group-commit pattern).
 
-`CoalescingBackend` wraps a backend that can run a batch (`PoolBackend.run_batch`). A query
+`CoalescingBackend` wraps a backend, and is given the pool that runs batches (`batches=`, a
+`planner.kinds.backend.Batches`: `PoolBackend.run_batch` and its `idle`). A query
 that finds a free connection goes at once, direct: coalescing adds nothing to an idle service.
 A query that would wait for a connection joins the pending batch of its statement instead;
 the batch's own task (`planner.db.batcher`) waits for one connection, closes the batch when
@@ -28,7 +29,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from planner.db.batcher import Batch, Batcher
-from planner.kinds.backend import ANSWER, SEQUENTIAL, Backend, Outcome, Query, WrappingBackend, freeze
+from planner.kinds.backend import ANSWER, SEQUENTIAL, Backend, Batches, Outcome, Query, WrappingBackend, freeze
 from planner.lang.nodes import CompiledNode
 
 logger = logging.getLogger("planner")
@@ -44,13 +45,18 @@ _BatchKey = tuple[str, str, float | None, bool]
 
 
 class CoalescingBackend(WrappingBackend):
-    """Coalesces the statements of concurrent runs (see the module's docstring)."""
+    """Coalesces the statements of concurrent runs (see the module's docstring).
 
-    def __init__(self, inner: Backend, *, max_batch: int = MAX_BATCH, enabled: bool = True,
-                 max_unshareable: int = MAX_UNSHAREABLE) -> None:
+    `inner` runs each query sent direct; `batches` (the pool under it) says whether a
+    connection is free and runs the batches. With `batches=None` nothing is coalesced."""
+
+    def __init__(self, inner: Backend, *, batches: Batches | None, max_batch: int = MAX_BATCH,
+                 enabled: bool = True, max_unshareable: int = MAX_UNSHAREABLE) -> None:
         super().__init__(inner)
         self.max_batch = max_batch
-        self.enabled = enabled  # a Planner passes `Settings.coalesce` (PLANNER_COALESCE)
+        # A Planner passes `Settings.coalesce` (PLANNER_COALESCE); nothing to batch on, nothing coalesced.
+        self.enabled = enabled and batches is not None
+        self.pool = batches
         # A member is a run's query; runs with identical parameters share one (reads only).
         self._batcher: Batcher[Query] = Batcher(self._send)
         # Statements the inner backend said cannot be batched, oldest first. Bounded: flows
@@ -62,8 +68,8 @@ class CoalescingBackend(WrappingBackend):
         self.direct = 0  # coalescible queries that found a free connection and went direct
 
     async def run(self, query: Query) -> Any:
-        node = query.node
-        if not node.sql.coalesce or not self.enabled or SEQUENTIAL.get():
+        node, pool = query.node, self.pool
+        if not node.sql.coalesce or not self.enabled or pool is None or SEQUENTIAL.get():
             return await self.inner.run(query)
         text = node.sql.statements[0].text
         # Runs share a batch only when they would send the same statement, fetch its rows the
@@ -73,7 +79,7 @@ class CoalescingBackend(WrappingBackend):
         batch = self._batcher.pending(key)
         limit = self.max_batch if node.sql.read_only else min(self.max_batch, MAX_WRITE_BATCH)
         if batch is None or not _admits(batch, share, node.sql.read_only, limit):
-            if text in self._unshareable or self.inner.idle():
+            if text in self._unshareable or pool.idle():
                 self.direct += 1
                 return await self.inner.run(query)  # a free connection: go now, direct
             batch = self._batcher.open(key)
@@ -89,6 +95,8 @@ class CoalescingBackend(WrappingBackend):
                 query.served.batch = batch.runs if batch.shared else member.sharing
 
     async def _send(self, batch: Batch[Query]) -> list[Outcome]:
+        pool = self.pool
+        assert pool is not None  # `run` coalesces nothing without it
         node = batch.members[0].item.node
         params: list[list[Any]] = []  # filled when the batch starts: the inner backend reads it then
 
@@ -102,7 +110,7 @@ class CoalescingBackend(WrappingBackend):
         # get their values at once: `Batch.answer`.
         answering = ANSWER.set(batch.answer)
         try:
-            outcomes = await self.inner.run_batch(node, params, started)
+            outcomes = await pool.run_batch(node, params, started)
         finally:
             ANSWER.reset(answering)
         if outcomes is None:  # the statement cannot be shared: remember, and run each separately

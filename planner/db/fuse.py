@@ -4,7 +4,8 @@ When the executor starts several nodes at once (the reads that waited for the sa
 their tasks all take their first step in the same turn of the event loop. `FusingBackend`
 collects the fusible queries of one run that arrive in that turn (a batch of
 `planner.db.batcher`) and sends them, one turn later, as one statement on one connection
-(see `PoolBackend.run_fused`): one round trip and one connection where there were several. No timer is involved: a lone read waits one turn
+(`fuser=`, the pool under it: `PoolBackend.run_fused`, a `planner.kinds.backend.Fuser`): one
+round trip and one connection where there were several. No timer is involved: a lone read waits one turn
 of the loop, not a clock.
 
 Fusion serves a quiet service (few runs, most connections free): while fewer than half of
@@ -24,17 +25,21 @@ import asyncio
 from typing import Any
 
 from planner.db.batcher import Batch, Batcher
-from planner.kinds.backend import SEQUENTIAL, Backend, Outcome, Query, WrappingBackend
+from planner.kinds.backend import SEQUENTIAL, Backend, Fuser, Outcome, Query, WrappingBackend
 
 FUSE_BELOW = 0.5  # fuse while fewer than this share of the pool's connections are in use
 
 
 class FusingBackend(WrappingBackend):
-    """Fuses the sibling reads of one run (see the module's docstring)."""
+    """Fuses the sibling reads of one run (see the module's docstring).
 
-    def __init__(self, inner: Backend, *, enabled: bool = True) -> None:
+    `inner` runs each query sent direct; `fuser` (the pool under it) says how busy it is and
+    runs the fused statements. With `fuser=None` nothing is fused."""
+
+    def __init__(self, inner: Backend, *, fuser: Fuser | None, enabled: bool = True) -> None:
         super().__init__(inner)
-        self.enabled = enabled  # a Planner passes `Settings.fuse` (PLANNER_FUSE)
+        self.enabled = enabled and fuser is not None  # a Planner passes `Settings.fuse` (PLANNER_FUSE)
+        self.fuser = fuser
         # One batch per run (the id of its `Query.run`), dispatched on the loop's next turn.
         self._batcher: Batcher[Query] = Batcher(self._send)
         self.fused = 0  # statements that served more than one node (a figure for benchmarks)
@@ -53,15 +58,15 @@ class FusingBackend(WrappingBackend):
 
     async def _send(self, batch: Batch[Query]) -> list[Outcome]:
         # The batch's first step, one turn after its first member joined: its siblings have too.
-        members = batch.start()
+        members, fuser = batch.start(), self.fuser
         # From this question to the pool counting the fused statement's connection nothing
         # yields, so the answer holds: the batches of a burst of runs see each other's.
-        if len(members) < 2 or not self.inner.idle(FUSE_BELOW):
+        if len(members) < 2 or fuser is None or not fuser.idle(FUSE_BELOW):
             return [(_DIRECT, None)] * len(members)
         queries = [member.item for member in members]
         # A failure of the fused statement itself: every member fails, each with an error object
         # of its own (the batcher's), and each node raises it.
-        outcomes = await self.inner.run_fused(queries)
+        outcomes = await fuser.run_fused(queries)
         if outcomes is None:  # not fusible (a column type that cannot travel in an array): each separately
             batch.shared = False
             return list(await asyncio.gather(*(self._separately(q) for q in queries)))

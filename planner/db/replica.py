@@ -6,7 +6,8 @@
 Where a node may go is decided when its flow is compiled (`SqlBody.replica`, see
 `planner.graph.replica_routes`): a single read-only statement, not `replica: false`, and no
 node that may write among its ancestors (references and `after:`), so a run always reads its
-own writes. Writes, statement lists, `call:` pools and `describe` always use the primary.
+own writes. Writes and statement lists always use the primary; so do `call:` pools and `describe`,
+which never pass this router (`planner.db.stack` gives them the primary's pool).
 
 The replica is never a reason for a run to fail:
 
@@ -51,7 +52,7 @@ from typing import Any, Literal
 
 from planner.db.dsn import dsn_secrets, redact_text
 from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
-from planner.kinds.backend import Backend, Described, Query, WrappingBackend
+from planner.kinds.backend import Backend, Database, Query, WrappingBackend
 from planner.lang.models import parse_duration
 from planner.results import Served, error_text
 
@@ -99,11 +100,11 @@ def check_interval(lag: float) -> float:
 class ReplicaBackend(WrappingBackend):
     """Sends the reads a replica may answer to `replica`, everything else to `primary` (`inner`).
 
-    `replica` is a backend over the replica's pool (`planner.api.Planner` builds the same stack
+    `replica` is a backend over the replica's pool (`planner.db.stack` builds the same stack
     as the primary's: fusion, coalescing, a pool); `dsn` is the replica's, for the monitor's
-    own connection. It routes whole queries (`run`), so it sits above fusion and coalescing and
-    each side fuses and coalesces its own; `run_fused` and `run_batch`, asked of it directly,
-    go to the primary, as do `describe` and `pool`. See the module's docstring.
+    own connection; `primary_pool` the primary's pool (`PoolBackend`), where the monitor reads
+    the primary's WAL position. It routes whole queries (`run`), so it sits above fusion and
+    coalescing and each side fuses and coalesces its own. See the module's docstring.
     """
 
     def __init__(
@@ -112,6 +113,7 @@ class ReplicaBackend(WrappingBackend):
         replica: Backend,
         *,
         dsn: str,
+        primary_pool: Database,
         max_lag: float = DEFAULT_MAX_LAG,
         interval: float | None = None,
         probe_timeout: float = PROBE_TIMEOUT,
@@ -121,6 +123,7 @@ class ReplicaBackend(WrappingBackend):
         from planner.db.pool import PoolBackend
 
         self.replica = replica
+        self.primary_pool = primary_pool
         self.max_lag = max_lag
         self.interval = check_interval(max_lag) if interval is None else interval
         self.probe_timeout = probe_timeout
@@ -326,7 +329,7 @@ class ReplicaBackend(WrappingBackend):
         now (the lag is then measured against the positions seen before)."""
         try:
             async with asyncio.timeout(self.probe_timeout):
-                pool = await self.inner.pool()
+                pool = await self.primary_pool.pool()
                 async with pool.acquire() as con:
                     row = await con.fetchrow(_PRIMARY_LSN)
         except asyncio.CancelledError:
@@ -373,13 +376,6 @@ class ReplicaBackend(WrappingBackend):
         return redact_text(text, self._secrets)
 
     # --- the rest -----------------------------------------------------------------------
-
-    async def describe(self, text: str) -> Described:
-        return await self.inner.describe(text)
-
-    async def drain(self) -> None:
-        await self.replica.drain()
-        await self.inner.drain()
 
     async def close(self) -> None:
         """Stop the monitor; close the replica's pools and the primary's."""

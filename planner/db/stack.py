@@ -4,7 +4,10 @@
        (outermost)                     (replica side: FusingBackend -> CoalescingBackend -> PoolBackend)
 
 Each wrapper decides *how* a query reaches the database, never *what* it returns (see
-`planner.kinds.backend`). `Stack` names every part, so that nobody reaches the pool through
+`planner.kinds.backend`). A wrapper wraps the narrow `Backend` (open, run, close); what else
+it needs of the pool is given here, explicitly: coalescing its `batches=`, fusion its `fuser=`,
+the cache the channel's `via=`, the replica router the primary's pool; compiled groups and
+`call:` nodes' `db` get `Stack.primary_pool` and `Stack.database` through `Planner`. `Stack` names every part, so that nobody reaches the pool through
 `backend.inner.inner...`: `stack.pools["primary"]` is the primary's `PoolBackend`,
 `stack.cache` the value cache, `stack.replica` the router (None without a replica),
 `stack.effects` the outermost wrapper (`stack.backend`) and its catalog.
@@ -21,8 +24,9 @@ plain, each meaning what it means there (see `planner.api.Planner`):
   wrappers' `inner`) still gives the catalog its connection.
 - `replica_dsn` (None or "" for none) and `replica_max_lag` (None: 10 s): a read replica with
   a stack of its own, routed per node (`planner.db.replica`).
-- `cache_size`, `cache_channel` (None: invalidations stay in this process; always None
-  behind a transaction-mode pooler, which LISTEN cannot pass).
+- `cache_size`, `cache_channel` (None: invalidations stay in this process; so they do behind
+  a transaction-mode pooler, which LISTEN cannot pass, and over a caller's own backend with no
+  planner pool under it, which has no channel to carry them).
 
 - What the environment says (`planner.settings.Settings`, read by the facade and passed in
   here; nothing in this package reads the environment): `coalesce`, `fuse`, `cache` (the
@@ -37,14 +41,17 @@ Adding a wrapper to planner's stack is a change of this module (and of the wrapp
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from planner.db.cache import DEFAULT_SIZE, CacheBackend
 from planner.db.catalog import Catalog, catalog_of
+from planner.db.coalesce import CoalescingBackend
 from planner.db.effects import EffectsBackend
+from planner.db.fuse import FusingBackend
 from planner.db.replica import ReplicaBackend, parse_max_lag
-from planner.kinds.backend import Backend
+from planner.kinds.backend import Backend, Database
 
 if TYPE_CHECKING:
     from planner.db.pool import PoolBackend
@@ -55,13 +62,22 @@ CACHE_CHANNEL = "planner_cache"
 
 @dataclass
 class Stack:
-    """A built stack, its parts by name. `backend` is the outermost: what runs every query."""
+    """A built stack, its parts by name. `backend` is the outermost: what runs every query.
+
+    `primary_pool` is the primary's `PoolBackend`: planner's own, or the one found under a
+    caller's own backend (None when there is none); compiled groups ask it how busy the pool
+    is. `database` is what `describe` (hot edits) and a `call:` node's `db` parameter use: that
+    pool, else a caller's backend that is a `Database` itself (`Offline`), else None."""
 
     backend: Backend
     effects: EffectsBackend
     cache: CacheBackend
     replica: ReplicaBackend | None = None
     pools: dict[str, PoolBackend] = field(default_factory=dict)  # planner's own pools by role (primary, replica)
+    database: Database | None = None
+    primary_pool: PoolBackend | None = None
+    fusers: dict[str, FusingBackend] = field(default_factory=dict)  # planner's own, by the role of their pool
+    coalescers: dict[str, CoalescingBackend] = field(default_factory=dict)  # likewise
 
     @property
     def catalog(self) -> Catalog | None:
@@ -69,9 +85,11 @@ class Stack:
         return self.effects.catalog
 
     @property
-    def primary(self) -> PoolBackend | None:
-        """The primary's pool, when planner built it."""
-        return self.pools.get("primary")
+    def primary(self) -> PoolBackend:
+        """`primary_pool`; `LookupError` when the stack has none (a caller's own backend without one)."""
+        if self.primary_pool is None:
+            raise LookupError("this stack has no PoolBackend of planner's: its backend is the caller's own")
+        return self.primary_pool
 
     async def close(self) -> None:
         """Close every part, outermost first (each closes what it wraps)."""
@@ -103,36 +121,62 @@ def build_stack(
     connect at their first use. Raises `TypeError` for `replica_dsn` with `backend`, and
     `ValueError` for a bad `pooler` or `replica_max_lag`."""
     pools: dict[str, PoolBackend] = {}
+    fusers: dict[str, FusingBackend] = {}
+    coalescers: dict[str, CoalescingBackend] = {}
     replica: ReplicaBackend | None = None
+    primary: PoolBackend | None
+
+    def shares(pool: PoolBackend, role: str) -> FusingBackend:
+        # Fusion and coalescing, each given the pool as what runs its shared statements.
+        coalescer = coalescers[role] = CoalescingBackend(pool, batches=pool, enabled=coalesce)
+        fuser = fusers[role] = FusingBackend(coalescer, fuser=pool, enabled=fuse)
+        return fuser
+
     if backend is None:
-        from planner.db.coalesce import CoalescingBackend
         from planner.db.dsn import TRANSACTION_POOLER
-        from planner.db.fuse import FusingBackend
-        from planner.db.pool import PoolBackend
+        from planner.db.pool import PoolBackend  # asyncpg is imported with a pool of planner's only
 
-        def shares(pool: PoolBackend) -> Backend:
-            return FusingBackend(CoalescingBackend(pool, enabled=coalesce), enabled=fuse)
-
-        primary = pools["primary"] = PoolBackend(
+        primary = pools["primary"] = own = PoolBackend(
             dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset, embedded=embedded,
             pooler=pooler, database_url=database_url, embedded_default=embedded_default, default_pooler=default_pooler)
-        if primary.pooler == TRANSACTION_POOLER:
+        if own.pooler == TRANSACTION_POOLER:
             cache_channel = None  # LISTEN cannot pass a transaction pooler: the cache stays per process
-        backend = shares(primary)
+        backend = shares(own, "primary")
         if replica_dsn:  # the same stack on the replica's own pool, routed per node
             secondary = pools["replica"] = PoolBackend(dsn=replica_dsn, min_size=min_size, max_size=max_size,
                                                        full_reset=full_reset, pooler=pooler, default_pooler=default_pooler)
-            backend = replica = ReplicaBackend(backend, shares(secondary), dsn=replica_dsn,
-                                               max_lag=parse_max_lag(replica_max_lag))
+            backend = replica = ReplicaBackend(backend, shares(secondary, "replica"), dsn=replica_dsn,
+                                               primary_pool=own, max_lag=parse_max_lag(replica_max_lag))
     elif replica_dsn:
         raise TypeError("replica_dsn= applies to planner's own backend; with backend=, wrap yours in "
                         "planner.db.replica.ReplicaBackend")
-    # A hit never reaches the database, or anything in between.
-    values = CacheBackend(backend, maxsize=cache_size, channel=cache_channel, enabled=cache)
+    else:
+        primary = pool_under(backend)
+    # A hit never reaches the database, or anything in between. Invalidations travel on the
+    # primary's pool; a caller's backend with none under it keeps them in this process.
+    channel = cache_channel if primary is not None else None
+    values = CacheBackend(backend, maxsize=cache_size, channel=channel, via=primary if channel is not None else None,
+                          enabled=cache)
     # The outermost: what each statement does, from the server's catalog, decides whether the
     # wrappers below may cache, route, fuse or coalesce it (`planner.lang.effects`).
-    effects = EffectsBackend(values, catalog_of(backend))
+    effects = EffectsBackend(values, catalog_of(primary) if primary is not None else None)
     if "replica" in pools and effects.catalog is not None:
         # The replica's pool decides whether a stale read may run again from the same verdict.
         pools["replica"].verdict = effects.catalog.known
-    return Stack(effects, effects, values, replica, pools)
+    database: Database | None = primary if primary is not None else backend if isinstance(backend, Database) else None
+    return Stack(effects, effects, values, replica, pools, database, primary, fusers, coalescers)
+
+
+def pool_under(backend: Backend) -> PoolBackend | None:
+    """Planner's `PoolBackend` at the bottom of a caller's own stack (`backend=`), followed
+    through its wrappers' `inner` once, here, so that the catalog, `describe`, `call:` pools
+    and compiled groups reach it explicitly; None when the stack ends in a backend of the
+    caller's own (then each of those is judged without it, as its docstring says)."""
+    module = sys.modules.get("planner.db.pool")  # not loaded: no pool of planner's below (asyncpg stays unloaded)
+    if module is None:
+        return None
+    seen: Any = backend
+    while seen is not None and not isinstance(seen, module.PoolBackend):
+        seen = getattr(seen, "inner", None)
+    found: PoolBackend | None = seen
+    return found

@@ -150,7 +150,7 @@ async def measure_load(dsn: str, *, in_flight: int = LOAD_IN_FLIGHT, pool: int =
     counter = itertools.count()
     for coalesce in (True, False):
         primary = PoolBackend(dsn=dsn, min_size=pool, max_size=pool, default_pooler=Settings.from_env().pooler)
-        backend = CoalescingBackend(primary, enabled=coalesce)
+        backend = CoalescingBackend(primary, batches=primary, enabled=coalesce)
         async with Planner(flows=seed_flows_dir(), backend=backend, allowed_modules=["planner.demo"]) as planner:
             await planner.run("process_buffered", _load_inputs(next(counter)))  # the pool open
             ok, failed, p50, failures = await _workers(planner, counter, in_flight, seconds / 4, seconds)

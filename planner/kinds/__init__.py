@@ -21,7 +21,7 @@ from planner.lang.nodes import Body, KindName
 if TYPE_CHECKING:
     from planner.config import CallTargets
     from planner.errors import FlowFileError
-    from planner.kinds.backend import Backend
+    from planner.kinds.backend import Backend, Database
     from planner.kinds.call import CallThreads
     from planner.lang.models import Settings
     from planner.lang.nodes import CompiledNode
@@ -56,11 +56,14 @@ class BoundNode:
 
 @dataclass(frozen=True)
 class BindEnv:
-    """What binding needs: the allow-list, the database backend, the threads for sync calls."""
+    """What binding needs: the allow-list, the database backend, the threads for sync calls, and
+    the primary database a `call:` node's `db` parameter is handed the pool of (None: there is
+    none, and such a call raises `DatabaseUnavailable`)."""
 
     targets: CallTargets
     backend: Backend
     threads: CallThreads | None = None
+    database: Database | None = None
 
 
 class NodeKind(Protocol):

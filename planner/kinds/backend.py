@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Hashable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from planner.lang.nodes import Fetch
 from planner.results import Served
@@ -76,7 +76,7 @@ Outcome = tuple[Any, BaseException | None]
 """One member's share of a batch: its value, or its own error."""
 
 ANSWER: ContextVar[Callable[[int, Outcome], None] | None] = ContextVar("planner_answer", default=None)
-"""Set by whoever sends a batch (`planner.coalesce`) around its `Backend.run_batch` call: a
+"""Set by whoever sends a batch (`planner.db.coalesce`) around its `Batches.run_batch` call: a
 backend may call it with a member's index in `params` and that member's outcome as soon as
 the outcome is known, before the whole batch is over (a read batch that runs long splits,
 and its fast members are answered while a slow one still runs). What `run_batch` returns
@@ -93,8 +93,12 @@ class Described:
 
 
 class Backend(Protocol):
-    """Runs queries. Implementations raise planner's errors only (`QueryError`,
-    `DatabaseUnavailable`, `NodeTimeout`), never a driver's."""
+    """Runs queries: what wrappers wrap and fakes fake. Implementations raise planner's errors
+    only (`QueryError`, `DatabaseUnavailable`, `NodeTimeout`), never a driver's.
+
+    What else a pool can do (run a batch, fuse reads, say how busy it is, carry notifications,
+    prepare a statement, lend its asyncpg pool) is not part of this seam: each is a narrow
+    protocol below, given explicitly to what needs it (`planner.db.stack` wires them)."""
 
     async def open(self) -> None:
         """Connect now (raises `DatabaseUnavailable`); later calls return at once."""
@@ -102,16 +106,20 @@ class Backend(Protocol):
     async def run(self, query: Query) -> Any:
         """The value of `query`: rows, one row, a value or a status, as `query.fetch` says."""
 
-    async def describe(self, text: str) -> Described:
-        """Prepare `text` on the server without running it (`planner validate --db`)."""
+    async def close(self) -> None:
+        """Finish background work and release what this backend owns."""
+
+
+class Load(Protocol):
+    """How busy a pool is: what fusion, coalescing and compiled groups decide from."""
 
     def idle(self, share: float = 1.0) -> bool:
         """Whether fewer than `share` of the connections are held or waited for: with 1, a
         query sent now would start at once (no wait for a connection)."""
 
-    async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
-        """Run the one read statement of each query (all of one run) as one statement on one
-        connection; each gets its own outcome. None when they cannot be fused (nothing sent)."""
+
+class Batches(Load, Protocol):
+    """What coalescing needs of a pool (`planner.db.coalesce`): its load, and batches."""
 
     async def run_batch(self, node: CompiledNode, params: list[list[Any]],
                         started: Callable[[], None]) -> list[Outcome] | None:
@@ -119,8 +127,17 @@ class Backend(Protocol):
         gets its own outcome. `started()` is called once the batch has its connection. None
         when this statement cannot be shared between runs (nothing was sent)."""
 
-    async def pool(self) -> Any:
-        """The connection pool handed to `call:` functions that take a `db` parameter."""
+
+class Fuser(Load, Protocol):
+    """What fusion needs of a pool (`planner.db.fuse`): its load, and fused reads."""
+
+    async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
+        """Run the one read statement of each query (all of one run) as one statement on one
+        connection; each gets its own outcome. None when they cannot be fused (nothing sent)."""
+
+
+class Channel(Protocol):
+    """Notifications between processes (LISTEN/NOTIFY): what the cache's invalidations travel on."""
 
     def subscribe(self, channel: str, on_message: Callable[[str], None], on_state: Callable[[bool], None]) -> None:
         """Listen on `channel` in the background: payloads to `on_message`, whether it listens
@@ -129,15 +146,21 @@ class Backend(Protocol):
     async def notify(self, channel: str, payload: str) -> None:
         """Send `payload` to every listener of `channel` (other processes included)."""
 
-    async def drain(self) -> None:
-        """Wait for background work (connection releases) to finish."""
 
-    async def close(self) -> None:
-        """Finish background work and release what this backend owns."""
+@runtime_checkable
+class Database(Protocol):
+    """What checks and `call:` nodes ask of the primary database besides queries: `describe` for
+    `planner validate --db` and hot edits, `pool` for a `call:` function's `db` parameter."""
+
+    async def describe(self, text: str) -> Described:
+        """Prepare `text` on the server without running it (`planner validate --db`)."""
+
+    async def pool(self) -> Any:
+        """The connection pool handed to `call:` functions that take a `db` parameter."""
 
 
 class WrappingBackend:
-    """Base of wrappers: everything is passed to `inner` unless overridden."""
+    """Base of wrappers: `open`, `run` and `close` are passed to `inner` unless overridden."""
 
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
@@ -148,37 +171,13 @@ class WrappingBackend:
     async def run(self, query: Query) -> Any:
         return await self.inner.run(query)
 
-    async def describe(self, text: str) -> Described:
-        return await self.inner.describe(text)
-
-    def idle(self, share: float = 1.0) -> bool:
-        return self.inner.idle(share)
-
-    async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
-        return await self.inner.run_fused(queries)
-
-    async def run_batch(self, node: CompiledNode, params: list[list[Any]],
-                        started: Callable[[], None]) -> list[Outcome] | None:
-        return await self.inner.run_batch(node, params, started)
-
-    async def pool(self) -> Any:
-        return await self.inner.pool()
-
-    def subscribe(self, channel: str, on_message: Callable[[str], None], on_state: Callable[[bool], None]) -> None:
-        self.inner.subscribe(channel, on_message, on_state)
-
-    async def notify(self, channel: str, payload: str) -> None:
-        await self.inner.notify(channel, payload)
-
-    async def drain(self) -> None:
-        await self.inner.drain()
-
     async def close(self) -> None:
         await self.inner.close()
 
 
 class Offline:
-    """A backend with no database: every query raises `DatabaseUnavailable`.
+    """A backend with no database: every query raises `DatabaseUnavailable`, and so do
+    `describe` and `pool` (it is a `Database` that has none).
 
     For runs whose SQL nodes are all overridden, and for checks that bind a flow but never
     run it (`planner validate` without `--db`).
@@ -196,27 +195,8 @@ class Offline:
     async def describe(self, text: str) -> Described:
         raise self._error()
 
-    def idle(self, share: float = 1.0) -> bool:
-        return True
-
-    async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
-        raise self._error()
-
-    async def run_batch(self, node: CompiledNode, params: list[list[Any]],
-                        started: Callable[[], None]) -> list[Outcome] | None:
-        raise self._error()
-
     async def pool(self) -> Any:
         raise self._error()
-
-    def subscribe(self, channel: str, on_message: Callable[[str], None], on_state: Callable[[bool], None]) -> None:
-        return None  # nothing to listen to: a cache over it stays untrusted (and unused)
-
-    async def notify(self, channel: str, payload: str) -> None:
-        return None
-
-    async def drain(self) -> None:
-        return None
 
     async def close(self) -> None:
         return None

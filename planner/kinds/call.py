@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from planner.errors import CallThreadsBusy, FlowFileError, NodeTimeout
+from planner.errors import CallThreadsBusy, DatabaseUnavailable, FlowFileError, NodeTimeout
 from planner.kinds import BindEnv, BoundNode
 from planner.lang.models import CallNode, Settings
 from planner.lang.nodes import CallBody
@@ -28,6 +28,7 @@ from planner.lang.refs import RefSyntaxError, compile_getter, parse_value
 
 if TYPE_CHECKING:
     from planner.config import CallTargets
+    from planner.kinds.backend import Database
     from planner.lang.nodes import CompiledNode
     from planner.lang.safeyaml import Marks
 
@@ -61,21 +62,21 @@ class CallKind:
             if not wants_db:
                 # The common case, kept to one coroutine: the executor awaits the function's own.
                 return BoundNode(spec, args, lambda kwargs: fn(**kwargs))
-            backend = env.backend
+            database = env.database
 
             async def run_with_db(kwargs: dict[str, Any]) -> Any:
-                kwargs["db"] = await backend.pool()
+                kwargs["db"] = await _pool(database)
                 return await fn(**kwargs)
 
             return BoundNode(spec, args, run_with_db)
         threads = env.threads or shared_threads()
-        backend = env.backend
+        database = env.database
 
         timeout, where = spec.timeout, f"node {spec.name} of flow {spec.flow}"
 
         async def run_sync(kwargs: dict[str, Any]) -> Any:
             if wants_db:
-                kwargs["db"] = await backend.pool()
+                kwargs["db"] = await _pool(database)
             return await threads.run(fn, kwargs, node_timeout=timeout, where=where)
 
         # The node's timeout is applied by `CallThreads.run`: it bounds the wait for a thread
@@ -122,6 +123,13 @@ def _body(spec: CompiledNode) -> CallBody:
     if not isinstance(body, CallBody):
         raise TypeError(f"node {spec.name} is a {spec.kind} node, not a call node")
     return body
+
+
+async def _pool(database: Database | None) -> Any:
+    """The pool a `db` parameter gets: the primary's (opened now if it was not)."""
+    if database is None:
+        raise DatabaseUnavailable("a call: node takes db, and this planner's backend has no database pool to give it")
+    return await database.pool()
 
 
 def _misfit(signature: inspect.Signature, given: list[str], wants_db: bool, fallback: str) -> tuple[str, str | None]:

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from planner.compile import CompiledGroup, Member, variant
 from planner.graph import CompiledFlow
-from planner.kinds.backend import SEQUENTIAL, Backend, Query, WrappingBackend
+from planner.kinds.backend import SEQUENTIAL, Backend, Load, Query, WrappingBackend
 from planner.lang.expr import evaluate
 from planner.lang.nodes import CompiledNode, RetryPolicy, SqlBody
 from planner.lang.refs import CompiledSql, Ref, Unresolved, resolve
@@ -72,8 +72,10 @@ class GroupRunner:
     """One compiled group of one flow version, for every run of it."""
 
     def __init__(self, group: CompiledGroup, flow: CompiledFlow, backend: Backend,
-                 cache: ValueCache | None = None, args: dict[str, Callable[[dict[str, Any]], Any]] | None = None) -> None:
-        self.group, self.flow, self.backend, self.cache = group, flow, backend, cache
+                 cache: ValueCache | None = None, args: dict[str, Callable[[dict[str, Any]], Any]] | None = None,
+                 load: Load | None = None) -> None:
+        # `load`: the pool's (None: a backend of the caller's own, judged idle)
+        self.group, self.flow, self.backend, self.cache, self.load = group, flow, backend, cache, load
         self.whens = {n.name: n.when for n in group.nodes}
         self.stops_run = {n.name: n.on_error != "default" for n in group.nodes}  # None: the Planner's, maybe fail
         self.args = args or {}
@@ -134,7 +136,7 @@ class GroupRunner:
         return value
 
     async def _send(self, values: dict[str, Any]) -> tuple[Outcome, dict[str, int]] | None:
-        if not self.backend.idle(self.below):
+        if self.load is not None and not self.load.idle(self.below):
             return _FALLBACK
         if not await self._reads_proven_pure():
             return _FALLBACK
@@ -272,7 +274,7 @@ class _Fails(Exception):
 
 
 class _Member(WrappingBackend):
-    """One member's backend: `run` through its group, everything else to the planner's backend."""
+    """One member's backend: `run` through its group, `open` and `close` to the planner's backend."""
 
     def __init__(self, runner: GroupRunner, name: str) -> None:
         super().__init__(runner.backend)

@@ -18,7 +18,7 @@ from planner.config import CallTargets
 from planner.errors import FlowFileError, QueryError
 from planner.graph import CompiledFlow, compile_flow
 from planner.kinds import BindEnv, kind_of
-from planner.kinds.backend import Backend, Offline
+from planner.kinds.backend import Database, Offline
 from planner.lang.loader import load_spec
 from planner.lang.refs import CompiledSql, Ref, name_params
 from planner.lang.sqlcheck import syntax_errors
@@ -66,7 +66,7 @@ def _at(flow: CompiledFlow, node: str | None, where: tuple[str | int, ...], code
     return Finding(flow.marks.file, line, column, node, code, message)
 
 
-async def check_database(flow: CompiledFlow, backend: Backend, *, prepared: list[int] | None = None,
+async def check_database(flow: CompiledFlow, backend: Database, *, prepared: list[int] | None = None,
                          catalog: Catalog | None = None) -> list[Finding]:
     """Prepare every statement on the server; check `$node.field` against the columns returned.
     With `catalog` (the same server's), a `cache:` node whose statement is not proven pure

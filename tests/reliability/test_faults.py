@@ -60,8 +60,8 @@ async def _terminate(dsn: str, pid: int) -> None:
 
 
 async def _assert_pool_whole(planner: Planner) -> None:
-    await planner.backend.drain()
-    pool = await planner.backend.pool()
+    await planner.stack.primary.drain()
+    pool = await planner.stack.primary.pool()
     assert pool.get_idle_size() == pool.get_size(), "a connection was not returned"
     assert await pool.fetchval("SELECT 1") == 1
 
@@ -205,7 +205,7 @@ async def test_a_frozen_backend_is_bounded_by_timeouts_and_terminated(flows: Cal
         assert result.nodes["frozen"].state is NodeState.DEFAULTED and isinstance(result.nodes["frozen"].error, NodeTimeout)
         assert result.nodes["fine"].value == 1
         t0 = time.monotonic()
-        await planner.backend.drain()  # the release gives up on the frozen connection and terminates it
+        await planner.stack.primary.drain()  # the release gives up on the frozen connection and terminates it
         assert time.monotonic() - t0 < 4.0
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -257,7 +257,7 @@ async def test_a_transaction_killed_half_way_leaves_nothing(flows: Callable[[str
 async def test_a_run_deadline_bounds_waiting_for_a_connection(flows: Callable[[str], Path], fault_dsn: str) -> None:
     folder = flows("settings: {timeout: 300ms}\nnodes:\n  a: {sql: 'SELECT 1', fetch: value}\n")
     async with Planner(flows=folder, dsn=fault_dsn, min_size=1, max_size=1) as planner:
-        pool = await planner.backend.pool()
+        pool = await planner.stack.primary.pool()
         held = await pool.acquire()  # the only connection
         try:
             t0 = time.monotonic()
@@ -272,7 +272,7 @@ async def test_a_run_deadline_bounds_waiting_for_a_connection(flows: Callable[[s
 async def test_a_node_timeout_times_the_query_not_the_wait_for_a_connection(flows: Callable[[str], Path], fault_dsn: str) -> None:
     folder = flows("settings: {timeout: 3s}\nnodes:\n  a: {sql: 'SELECT 1', fetch: value, timeout: 100ms}\n")
     async with Planner(flows=folder, dsn=fault_dsn, min_size=1, max_size=1) as planner:
-        pool = await planner.backend.pool()
+        pool = await planner.stack.primary.pool()
         held = await pool.acquire()
         run = asyncio.create_task(planner.run("f"))
         await asyncio.sleep(0.4)  # four times the node's timeout, waiting for the only connection

@@ -118,8 +118,8 @@ async def test_many_runs_with_injected_failures_lose_nothing(demo_dsn: str, soak
     objects_during = _live_objects()  # 200 runs in flight, caches warm
     rss_during = _rss_mb()
     await asyncio.gather(*workers)
-    await planner.backend.drain()
-    pool = await planner.backend.pool()
+    await planner.stack.primary.drain()
+    pool = await planner.stack.primary.pool()
     assert pool.get_idle_size() == pool.get_size()
     await planner.close()
 
