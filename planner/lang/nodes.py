@@ -102,14 +102,11 @@ class CompiledNode:
     flow: str = ""  # the flow's name (the cache keys values by flow and node)
     bug_fails: bool = True  # `on_bug: fail`: an error meaning the flow is wrong fails the run whatever on_error says
     invalidates: tuple[str, ...] = ()  # cached nodes of this flow whose values are dropped when this one is ok
-    # The SQL it sends itself (`NO_SQL` for none): a slot of its own, because the database
-    # backends read it for every query.
-    sql: SqlBody = field(init=False, repr=False, compare=False)
+    # Read from the body once, into slots of their own: the database backends read `sql` for
+    # every query, the executor's observers `kind` for every node.
+    sql: SqlBody = field(init=False, repr=False, compare=False)  # the SQL it sends itself (`NO_SQL`: none)
+    kind: KindName = field(init=False, repr=False, compare=False)  # its kind's name (`planner.kinds.kind_of`)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sql", self.body.sql)
-
-    @property
-    def kind(self) -> KindName:
-        """The name of its kind (`planner.kinds.kind_of` gives the kind itself)."""
-        return self.body.kind
+        object.__setattr__(self, "kind", self.body.kind)
