@@ -47,10 +47,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from typing import Any, Literal
 
 from planner.db.dsn import dsn_secrets, redact_text
+from planner.db.standby import Positions, ask_replica, primary_position
 from planner.errors import DatabaseUnavailable, NodeTimeout, QueryError
 from planner.kinds.backend import Backend, Database, Query, WrappingBackend
 from planner.lang.models import parse_duration
@@ -62,14 +62,6 @@ DEFAULT_MAX_LAG = 10.0
 """Seconds a replica may lag behind the primary before reads leave it (`PLANNER_REPLICA_MAX_LAG`)."""
 PROBE_TIMEOUT = 2.0  # a check that takes longer marks the replica down
 BACKOFF = (1.0, 10.0)  # first and longest wait before a replica that failed is tried again
-_MAX_SAMPLES = 1000  # primary positions kept while the replica lags (past this, only the oldest are kept)
-
-_REPLICA_STATE = ("SELECT pg_is_in_recovery() AS standby, "
-                  "(pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::numeric AS replayed")
-# The flushed position measures the lag; the insert position (every commit acknowledged by
-# then, `synchronous_commit = off` included, lies before it) proves a replica past a moment.
-_PRIMARY_LSN = ("SELECT (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::numeric AS flushed, "
-                "(pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::numeric AS inserted")
 # SQLSTATE classes and codes that mean the server (or the way to it) is gone, not the statement:
 # connection exceptions, admin or crash shutdown, cannot connect now (still starting up).
 _DOWN_STATES = ("08", "57P01", "57P02", "57P03")
@@ -133,11 +125,7 @@ class ReplicaBackend(WrappingBackend):
         self.fallbacks = 0  # queries the replica failed and the primary answered (a figure for tests)
         self._probe = PoolBackend(dsn=dsn, min_size=1, max_size=1)  # the monitor's own connection
         self._secrets = dsn_secrets(dsn)
-        self._samples: deque[tuple[float, int]] = deque()  # (time, primary position) not replayed yet
-        # (insert position, when it was asked for) not proven replayed yet; and the latest such
-        # moment proven: the replica has every write committed before it (`time.monotonic`).
-        self._asked: deque[tuple[int, float]] = deque()
-        self.proven_at: float | None = None
+        self.positions = Positions()  # how far behind it is, and what it is proven past (`planner.db.standby`)
         self._wait = backoff[0]
         self._retry_at = 0.0
         self._downs = 0  # times it was marked down: a check begun before the last one cannot bring it up
@@ -154,7 +142,7 @@ class ReplicaBackend(WrappingBackend):
         (the age of the oldest position it had not replayed at the last check grows meanwhile)."""
         if self.state != "up":
             return False
-        if not self._samples:
+        if not self.positions.behind:
             return True
         lag = self.lag()
         if lag <= self.max_lag:
@@ -165,13 +153,12 @@ class ReplicaBackend(WrappingBackend):
     def lag(self) -> float:
         """Seconds the replica is known to lag behind the primary (0 when it had replayed all
         the primary had written at the last check)."""
-        samples = self._samples
-        return asyncio.get_running_loop().time() - samples[0][0] if samples else 0.0
+        return self.positions.lag(asyncio.get_running_loop().time())
 
     def past(self, moment: float | None) -> bool:
         """Whether the replica is proven to have every write committed before `moment`
         (`time.monotonic()`; None: no such need)."""
-        return moment is None or (self.proven_at is not None and self.proven_at >= moment)
+        return self.positions.past(moment)
 
     async def run(self, query: Query) -> Any:
         if not query.sql.replica or not self._ready() or not self.past(query.fresh_after):
@@ -272,76 +259,28 @@ class ReplicaBackend(WrappingBackend):
         what reaching it raised (`TimeoutError` past `probe_timeout`). `downs`: a check begun
         before a later failure changes nothing."""
         asked = time.monotonic()  # every write committed before this lies before `inserted`
-        position, inserted = await self._primary_position()  # a busy primary never counts against the replica
+        # A primary that does not answer never counts against the replica.
+        position, inserted = await primary_position(self.primary_pool, self.probe_timeout, self._redact)
         # Taken once the position is read: the primary had written it by then, so the replica
         # lacks something at least this old while it has not replayed it (a lower bound).
         seen = asyncio.get_running_loop().time()
         async with asyncio.timeout(self.probe_timeout):
-            row = await self._ask_replica()
+            row = await ask_replica(self._probe)
         if downs is not None and downs != self._downs:
             return
         if not row["standby"]:
             self._down("it is not a standby (pg_is_in_recovery() is false): it may miss the primary's writes",
                        probe=True)
             return
-        replayed = int(row["replayed"])
-        samples = self._samples
-        while samples and samples[0][1] <= replayed:
-            samples.popleft()
-        if position is not None and position > replayed and len(samples) < _MAX_SAMPLES:
-            samples.append((seen, position))
-        self._prove(replayed, inserted, asked)
+        self.positions.record(int(row["replayed"]), position, seen, inserted, asked)
         lag = self.lag()
         if lag > self.max_lag:
             self._lagging(lag)
         else:
             self._set("up", None)
 
-    def _prove(self, replayed: int, inserted: int | None, asked: float) -> None:
-        """What the replica has now replayed proves it past the moments whose positions it reached."""
-        pending = self._asked
-        if inserted is not None:
-            if pending and len(pending) >= _MAX_SAMPLES:
-                pending.pop()  # the newest gives way: the oldest are the ones a refill waits for
-            pending.append((inserted, asked))
-        while pending and pending[0][0] <= replayed:
-            _, moment = pending.popleft()
-            self.proven_at = moment if self.proven_at is None else max(self.proven_at, moment)
-
-    async def _ask_replica(self) -> Any:
-        pool = await self._probe.pool()
-        con = await pool.acquire()
-        try:
-            row = await con.fetchrow(_REPLICA_STATE)
-        except BaseException:
-            # Dropped, not cancelled: a stalled server never acknowledges a cancel, and giving
-            # the connection back would wait for that (and the monitor with it) until it wakes.
-            con.terminate()
-            raise
-        await pool.release(con)
-        return row
-
     def _lagging(self, lag: float) -> None:
         self._set("lagging", f"it lags {lag:.1f}s behind the primary (more than replica_max_lag, {self.max_lag:g}s)")
-
-    async def _primary_position(self) -> tuple[int | None, int | None]:
-        """The primary's flushed and inserted WAL positions, or Nones when they cannot be read
-        now (the lag is then measured against the positions seen before)."""
-        try:
-            async with asyncio.timeout(self.probe_timeout):
-                pool = await self.primary_pool.pool()
-                async with pool.acquire() as con:
-                    row = await con.fetchrow(_PRIMARY_LSN)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            logger.debug("read replica: the primary's WAL position could not be read: %s",
-                         self._redact(error_text(exc)))
-            return None, None
-        if row is None:
-            return None, None
-        return (None if row["flushed"] is None else int(row["flushed"]),
-                None if row["inserted"] is None else int(row["inserted"]))
 
     def _down(self, reason: str, *, probe: bool) -> None:
         now = asyncio.get_running_loop().time()
