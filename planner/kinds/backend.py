@@ -1,8 +1,8 @@
-"""The seam between SQL nodes and the database: a `Backend` runs one node's statements.
+"""The seam between SQL nodes and the database: a `Backend` sends one node's statements.
 
     sql node --Query--> [wrappers: cache, coalescing, ...] --Query--> PoolBackend (planner.db.pool, asyncpg)
 
-A `Query` is everything a backend needs to run one SQL node once: the compiled statements,
+A `Query` is everything a backend needs to answer one SQL node once: the compiled statements,
 their bound values, how to fetch, and the node's timeout. Wrappers take an inner backend and
 decide *how* a query reaches the database (served from a cache, batched with other runs'
 queries, sent together with a sibling's), never *what* it returns: a run gets the same value
@@ -38,9 +38,9 @@ coalesced or fused with anyone else's. The cache still applies."""
 
 @dataclass(slots=True)
 class Query:
-    """One SQL node's work for one attempt: `statements` run with `params` (one list each).
+    """One SQL node's work for one attempt: `statements` sent with `params` (one list each).
 
-    One statement runs on its own; several run in one transaction on one connection, and the
+    One statement is sent by itself; several are sent in one transaction on one connection, and the
     last one's result is the value. `timeout` times the statements, never the wait for a
     connection (only the run's deadline bounds that wait).
     """
@@ -93,10 +93,10 @@ class Described:
 
 
 class Backend(Protocol):
-    """Runs queries: what wrappers wrap and fakes fake. Implementations raise planner's errors
+    """Answers queries: what wrappers wrap and fakes fake. Implementations raise planner's errors
     only (`QueryError`, `DatabaseUnavailable`, `NodeTimeout`), never a driver's.
 
-    What else a pool can do (run a batch, fuse reads, say how busy it is, carry notifications,
+    What else a pool can do (send a batch, fuse reads, say how busy it is, carry notifications,
     prepare a statement, lend its asyncpg pool) is not part of this seam: each is a narrow
     protocol below, given explicitly to what needs it (`planner.db.stack` wires them)."""
 
@@ -123,7 +123,7 @@ class Batches(Load, Protocol):
 
     async def run_batch(self, node: CompiledNode, params: list[list[Any]],
                         started: Callable[[], None]) -> list[Outcome] | None:
-        """Run `node`'s one statement once per parameter list, as one statement; each member
+        """Send `node`'s one statement once per parameter list, as one statement; each member
         gets its own outcome. `started()` is called once the batch has its connection. None
         when this statement cannot be shared between runs (nothing was sent)."""
 
@@ -132,7 +132,7 @@ class Fuser(Load, Protocol):
     """What fusion needs of a pool (`planner.db.fuse`): its load, and fused reads."""
 
     async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
-        """Run the one read statement of each query (all of one run) as one statement on one
+        """Send the one read statement of each query (all of one run) as one statement on one
         connection; each gets its own outcome. None when they cannot be fused (nothing sent)."""
 
 
@@ -153,7 +153,7 @@ class Database(Protocol):
     `planner validate --db` and hot edits, `pool` for a `call:` function's `db` parameter."""
 
     async def describe(self, text: str) -> Described:
-        """Prepare `text` on the server without running it (`planner validate --db`)."""
+        """Prepare `text` on the server without executing it (`planner validate --db`)."""
 
     async def pool(self) -> Any:
         """The connection pool handed to `call:` functions that take a `db` parameter."""
