@@ -16,9 +16,11 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import asyncpg
 import pytest
 
-from planner.testing.pytest_plugin import OWNER, runs_root, session_folder, sweep
+from planner.db.admin import create_database
+from planner.testing.pytest_plugin import OWNER, fresh_database, runs_root, server_home, session_folder, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,6 +112,43 @@ def test_the_suites_server_is_not_in_pytests_numbered_folders(planner_pg: str,
     basetemp = tmp_path_factory.getbasetemp().resolve()
     assert basetemp.parent not in Path(socket).resolve().parents
     assert basetemp not in Path(socket).resolve().parents
+
+
+def _own_server(dsn: str) -> None:
+    if server_home(dsn) is None:
+        pytest.skip("planner_pg is a server given by DSN (DATABASE_URL or --planner-dsn), not the embedded one")
+
+
+async def test_the_sessions_own_server_keeps_nothing_past_a_crash(planner_pg: str) -> None:
+    # What makes a database per test cheap: a new database is no longer fsynced file by file.
+    _own_server(planner_pg)
+    con = await asyncpg.connect(planner_pg)
+    try:
+        settings = {name: await con.fetchval("SELECT current_setting($1)", name)
+                    for name in ("fsync", "full_page_writes", "synchronous_commit")}
+    finally:
+        await con.close()
+    assert settings == {"fsync": "off", "full_page_writes": "off", "synchronous_commit": "off"}
+
+
+async def test_a_database_on_the_sessions_own_server_copies_its_templates_files(planner_pg: str) -> None:
+    # STRATEGY FILE_COPY is the one that asks for a checkpoint (WAL_LOG, the default, does not).
+    _own_server(planner_pg)
+    con = await asyncpg.connect(planner_pg)
+    requested = "SELECT num_requested FROM pg_stat_checkpointer"
+    try:
+        await con.execute("SELECT pg_stat_clear_snapshot()")
+        before = await con.fetchval(requested)
+        async with fresh_database(planner_pg, template="template1"):
+            await con.execute("SELECT pg_stat_clear_snapshot()")
+            assert await con.fetchval(requested) > before
+    finally:
+        await con.close()
+
+
+async def test_an_unknown_create_database_strategy_is_refused(planner_pg: str) -> None:
+    with pytest.raises(ValueError, match="unknown CREATE DATABASE strategy"):
+        await create_database(planner_pg, "never_made", strategy="COPY; DROP DATABASE x")  # type: ignore[arg-type]
 
 
 def _dead_pid() -> int:

@@ -12,7 +12,7 @@ import pytest
 
 from planner.db.admin import create_database, drop_database, with_database
 from planner.db.embedded import embedded_dsn
-from planner.testing.pytest_plugin import server_folder
+from planner.testing.pytest_plugin import server_folder, throwaway
 
 
 @dataclass
@@ -36,7 +36,9 @@ class FaultServer:
 def fault_server() -> Iterator[FaultServer]:
     # Outside pytest's numbered temporary folders, which another test run may delete under it.
     with server_folder() as home:
-        yield FaultServer(home, embedded_dsn(home))
+        dsn = embedded_dsn(home)
+        throwaway(dsn)  # fsync off: a restart (a fast shutdown) still loses nothing
+        yield FaultServer(home, dsn)
 
 
 @pytest.fixture
