@@ -89,7 +89,7 @@ async def test_batched_and_fused_members_read_no_more_rows_than_alone(
             alone_read += read
             alone.append(value)
         batched_read, batched = await _rows_read(con, lambda: backend.shared._batch_on(con, node, [[k] for k in members]))
-        fused_read, fused = await _rows_read(con, lambda: backend.shared._fused_on(con, [Query(node, [[k]]) for k in members]))
+        fused_read, fused = await _rows_read(con, lambda: backend.fused._fused_on(con, [Query(node, [[k]]) for k in members]))
     finally:
         await con.close()
     assert batched == [(value, None) for value in alone]
@@ -106,7 +106,7 @@ async def test_a_fused_read_of_one_row_stops_at_its_first_row(cost_db: str, fetc
     con = await asyncpg.connect(cost_db)
     try:
         await con.execute("INSERT INTO cost_t SELECT g, g % 10 FROM generate_series(1, 20000) g")
-        read, outcomes = await _rows_read(con, lambda: backend.shared._fused_on(con, [Query(node, [[0]]), Query(node, [[5]])]))
+        read, outcomes = await _rows_read(con, lambda: backend.fused._fused_on(con, [Query(node, [[0]]), Query(node, [[5]])]))
     finally:
         await con.close()
     assert read == 1 + 5  # the first row with k >= 0, and the first (id 5) with k >= 5

@@ -27,11 +27,13 @@ from cachetools import LRUCache
 from planner.db.channel import Listener
 from planner.db.dsn import TRANSACTION_POOLER, pooler_mode, redact_dsn, split_pooler
 from planner.db.embedded import embedded_dsn, planner_home
+from planner.db.fused import FusedReads
 from planner.db.pooler import STATEMENT_CACHE, PoolerConnection, outlives_transaction
 from planner.db.shared import STATEMENTS_KEPT, SharedStatements, _query
 from planner.db.synced import SyncedConnection, settle
 from planner.db.translate import POOLER_HINT, _reraise
 from planner.db.wire import repeatable
+from planner.db.writes import CombinedWrites
 from planner.errors import DatabaseUnavailable, QueryError
 from planner.kinds.backend import Described, Outcome, Query
 from planner.lang.effects import Effects
@@ -119,7 +121,8 @@ class PoolBackend:
         self._releases: set[asyncio.Task[None]] = set()
         self._retired: list[asyncpg.Pool] = []  # pools replaced when planner found a pooler (`_adopt_pooler`)
         self._baseline: tuple[str | None, ...] | None = None
-        self.shared = SharedStatements(self)
+        self.shared = SharedStatements(self, CombinedWrites(self))  # read batches and combined writes
+        self.fused = FusedReads(self.shared)  # a run's sibling reads
         self._search_paths: weakref.WeakKeyDictionary[asyncpg.Connection, str] = weakref.WeakKeyDictionary()
         # What planner learnt of each statement text, kept per text (see `STATEMENTS_KEPT`):
         kept = STATEMENTS_KEPT
@@ -353,7 +356,7 @@ class PoolBackend:
         return await self.shared.run_batch(node, params, started)
 
     async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
-        return await self.shared.run_fused(queries)
+        return await self.fused.run_fused(queries)
 
     @property
     def splits(self) -> int:

@@ -1,9 +1,9 @@
 """Shared statements: one statement for many queries, and what it costs no run.
 
-`SharedStatements` is what coalescing and fusion ask of a pool (`PoolBackend.run_batch`,
-`run_fused`): the same read of many runs as one statement (`unnest ... WITH ORDINALITY` joined
-`LATERAL`), `coalesce: true` writes combined under an overlap guard, sibling reads of one run
-fused; a batch that runs long while a connection is free split in halves. It keeps what it
+`SharedStatements` is what coalescing asks of a pool (`PoolBackend.run_batch`): the same read
+of many runs as one statement (`unnest ... WITH ORDINALITY` joined `LATERAL`), `coalesce: true`
+writes combined under an overlap guard (`planner.db.writes`); a batch that runs long while a connection is free
+split in halves. Fusion's sibling reads of one run are `planner.db.fused`'s. It keeps what it
 learnt of each statement text, and reaches connections through the pool backend it serves.
 """
 
@@ -13,7 +13,7 @@ import asyncio
 import logging
 import statistics
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,12 +23,11 @@ from cachetools import LRUCache
 from planner.db.admin import quote_ident
 from planner.db.synced import settle
 from planner.db.translate import _reraise, translate
-from planner.db.wire import StaleResult, repeatable
+from planner.db.wire import repeatable
 from planner.errors import NodeTimeout, QueryError
 from planner.kinds.backend import ANSWER, Outcome, Query, own_error
 from planner.lang.nodes import CompiledNode
 from planner.lang.refs import CompiledSql
-from planner.lang.sqlinfo import combine_writes
 from planner.run.policy import timed
 
 logger = logging.getLogger("planner")
@@ -53,17 +52,20 @@ class _Pool(Protocol):
     def proven_pure(self, node: CompiledNode) -> bool: ...
 
 
+class _Writes(Protocol):
+    """What a batch of a write asks of combined writes (`planner.db.writes.CombinedWrites`)."""
+
+    async def on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | None: ...
+
+
 class SharedStatements:
     """The shared-statement paths of one pool backend (see the module's docstring)."""
 
-    def __init__(self, pool: _Pool) -> None:
+    def __init__(self, pool: _Pool, writes: _Writes) -> None:
         self.pool = pool
         kept = STATEMENTS_KEPT
         self._combined: LRUCache[str, str | None] = LRUCache(kept)  # fetch, read -> its batch statement (None: not shared)
-        self._writes: LRUCache[str, str | None] = LRUCache(kept)  # members, write -> the combined write
-        self._shapes: LRUCache[str, tuple[str, ...] | None] = LRUCache(kept)  # read -> its column names (None: not fusible)
-        self._fused: LRUCache[str, str] = LRUCache(kept)  # reads of one run -> their fused statement
-        self._uncombined: LRUCache[str, None] = LRUCache(kept)  # writes whose target rows cannot be named (`_never_combine`)
+        self.writes = writes  # `coalesce: true` writes (`planner.db.writes.CombinedWrites`)
         self._costs: LRUCache[str, deque[float]] = LRUCache(kept)  # read -> its recent seconds alone (`SPLIT_FACTOR`)
         self.splits = 0  # read batches split because they ran long with a connection free
 
@@ -189,7 +191,7 @@ class SharedStatements:
         if len(params) <= 1:  # nothing to share: the statement as it is
             return await _each_alone(con, node, statement, params, self.pool.proven_pure(node))
         if not node.sql.read_only:
-            return await self._write_batch_on(con, node, params)
+            return await self.writes.on(con, node, params)
         again = _Again([(node, statement, p) for p in params])
         failed: str | None = None  # the combined statement that failed as a stale one would
         while True:
@@ -261,144 +263,6 @@ class SharedStatements:
 
         return list(await asyncio.gather(*(one(offset + i, *member) for i, member in enumerate(again.members))))
 
-    async def _write_batch_on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | None:
-        """Writes an author marked `coalesce: true`: one statement, so one transaction: all of
-        it is written or none, and when the server refuses it each member is sent again alone,
-        with its own outcome. (The coalescer keeps write batches small: see `MAX_WRITE_BATCH`.)
-
-        A combined write that times out is not sent again: its cancel may have come after it
-        committed, and sending the members again could write twice. Every member then gets
-        the timeout, as a statement of its own might have."""
-        statement = node.sql.statements[0]
-        text = self._write_text(statement.text, len(params), node.sql.fetch)
-        if text is None:
-            return None
-        # Members in one order whatever the batch: two batches that write the same rows take
-        # their locks in the same order, instead of deadlocking (and waiting a second for the
-        # server to notice).
-        order = sorted(range(len(params)), key=lambda i: repr(params[i]))
-        try:
-            fetching = con.fetch(text, *[value for i in order for value in params[i]])
-            rows = await (fetching if node.timeout is None else timed(fetching, node.timeout))
-        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            if _lost(exc) or con.is_closed():
-                raise
-            if isinstance(exc, StaleResult):
-                # It was written, and its rows came back in types other than described (a
-                # migration): sending the members again would write twice. Each gets the error.
-                return [(None, translate(exc, statement, p)) for p in params]
-            if _unnamed_targets(exc):
-                self._never_combine(statement.text, node)
-            # The server refused it (or a value could not be sent): nothing was written.
-            return await _each_alone(con, node, statement, params, self.pool.proven_pure(node))
-        outcomes: list[Outcome] = [(None, None)] * len(params)
-        for position, outcome in zip(order, _split(rows, len(params), node.sql.fetch, row_numbers=False), strict=True):
-            outcomes[position] = outcome
-        return outcomes
-
-    def _never_combine(self, text: str, node: CompiledNode) -> None:
-        """The overlap guard of a combined write cannot name its target's rows (an updatable
-        view has no `ctid`): every batch of it would be refused. From now on it is not combined
-        (the coalescer sends its members alone, and remembers), and a warning says so once."""
-        if text not in self._uncombined:
-            logger.warning("node %r%s: its coalesce: true write is not combined: the rows it changes cannot be "
-                           "named by (tableoid, ctid) (a view?), so two runs changing one row could not be told "
-                           "apart; each run sends its own statement", node.name,
-                           f" of flow {node.flow!r}" if node.flow else "")
-        self._uncombined[text] = None
-
-    def _write_text(self, text: str, members: int, fetch: str) -> str | None:
-        if text in self._uncombined:
-            return None
-        key = f"{members}\0{fetch}\0{text}"
-        if key not in self._writes:
-            self._writes[key] = combine_writes(text, members, first_row=fetch in ("one", "value"))
-        return self._writes[key]
-
-    async def run_fused(self, queries: list[Query]) -> list[Outcome] | None:
-        """The reads of one run as one statement: each member's statement materialized once,
-        its columns sent back as typed arrays (`ARRAY(SELECT c ...)`), one row in all. None
-        when a member returns a column that cannot travel in an array (an array, a composite).
-        When the fused statement fails (or times out), each member is sent again alone, all at
-        once, each on a connection of its own (`_again`), with its own error and timeout."""
-        pool = self.pool._pool or await self.pool._first_pool()
-        con = await self.pool._acquire(pool)
-        try:
-            with repeatable(all(self.pool.proven_pure(q.node) for q in queries)):  # reads only, fused when proven pure
-                outcomes = await self._fused_on(con, queries)
-        except BaseException as exc:  # CancelledError too: the connection must still go back
-            self.pool._release_later(pool, con, False)
-            self.pool._adopt_pooler(exc)
-            _reraise(exc)
-        self.pool._release_later(pool, con, False)
-        return await self._again(pool, outcomes) if isinstance(outcomes, _Again) else outcomes
-
-    async def _fused_on(self, con: asyncpg.Connection, queries: list[Query]) -> list[Outcome] | _Again | None:
-        again = _Again([(q.node, q.statements[0], q.params[0]) for q in queries])
-        texts = [q.statements[0].text for q in queries]
-        # The fetch is part of the key: it decides whether a member stops at its first row.
-        key = "\0".join(f"{q.fetch}\0{text}" for q, text in zip(queries, texts, strict=True))
-        timeouts = [q.timeout for q in queries if q.timeout is not None]
-        failed: str | None = None  # the fused statement that failed as a stale one would
-        while True:
-            try:
-                shapes = [await self._columns(con, text) for text in texts]
-            except Exception as exc:
-                if _lost(exc):
-                    raise
-                # A member the server refuses to prepare: each alone, with its own error.
-                return again
-            if any(shape is None for shape in shapes):
-                return None
-            text = self._fused.get(key)
-            if text is None:
-                text = self._fused[key] = _fused_text([q.statements[0] for q in queries], [s or () for s in shapes],
-                                                       [q.fetch for q in queries])
-            if text == failed:  # described afresh, nothing changed: it failed for another reason
-                return again
-            try:
-                fetching = con.fetchrow(text, *[v for q in queries for v in q.params[0]])
-                row = await (fetching if not timeouts else timed(fetching, min(timeouts)))
-            except Exception as exc:
-                if _lost(exc):
-                    raise
-                if failed is None and _stale(exc):
-                    # A migration may have changed a member's columns since they were
-                    # described: describe them again, once, and retry if that changes anything.
-                    failed = text
-                    for member in texts:
-                        self._shapes.pop(member, None)
-                    self._fused.pop(key, None)
-                    continue
-                # A failing (or slow) member: each again alone, with its own error and timeout.
-                return again
-            break
-        assert row is not None
-        outcomes: list[Outcome] = []
-        column = 0
-        for query, shape in zip(queries, shapes, strict=True):
-            names = shape or ()
-            arrays = [row[column + i] for i in range(len(names))]
-            column += len(names)
-            rows = [dict(zip(names, values, strict=True)) for values in zip(*arrays, strict=True)] if names else []
-            fetch = query.fetch
-            if fetch == "all":
-                outcomes.append((rows, None))
-            elif fetch == "one":
-                outcomes.append((rows[0] if rows else None, None))
-            else:  # the first column by position: names may repeat
-                outcomes.append((arrays[0][0] if names and arrays[0] else None, None))
-        return outcomes
-
-    async def _columns(self, con: asyncpg.Connection, text: str) -> tuple[str, ...] | None:
-        """The names of `text`'s columns, or None if one of them cannot be returned in an array."""
-        if text not in self._shapes:
-            prepared = await con.prepare(text)
-            attributes = prepared.get_attributes()
-            fits = attributes and all(a.type.kind == "scalar" for a in attributes)
-            self._shapes[text] = tuple(a.name for a in attributes) if fits else None
-        return self._shapes[text]
-
     async def _batch_text(self, con: asyncpg.Connection, node: CompiledNode) -> str | None:
         """The combined statement for `node` (cached), or None when it cannot be shared safely:
         a parameter that is itself an array (unnest would flatten it), or a statement that does
@@ -468,13 +332,6 @@ def _answered(answer: Callable[[int, Outcome], None] | None, offset: int, outcom
     return outcomes
 
 
-def _unnamed_targets(exc: BaseException) -> bool:
-    """Whether a combined write failed because its overlap guard named a system column its
-    target lacks (`column v.ctid does not exist`: a view)."""
-    text = str(exc)
-    return getattr(exc, "sqlstate", None) == "42703" and ("ctid" in text or "tableoid" in text)
-
-
 def _lost(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, ConnectionError, asyncpg.ConnectionDoesNotExistError, asyncio.CancelledError))
 
@@ -528,42 +385,6 @@ def _split(rows: list[Any], members: int, fetch: str, *, row_numbers: bool) -> l
         dicts = [dict(list(r.items())[1:end]) for r in group]
         outcomes.append((dicts if fetch == "all" else (dicts[0] if dicts else None), None))
     return outcomes
-
-
-def _fused_text(statements: list[CompiledSql], shapes: list[tuple[str, ...]], fetches: Sequence[str]) -> str:
-    """`WITH m1 AS MATERIALIZED (...), m2 ... SELECT ARRAY(SELECT c1 FROM m1 ORDER BY "?row"), ...`:
-    each statement runs once, with its parameters numbered after the previous one's.
-
-    `shapes` (each member's column names) were learnt earlier, and a migration may have changed
-    them since: the statement is written to fail then, never to return a value of the old
-    shape (`_stale` tells such failures apart; the members are described again). A member's
-    columns are taken by name, so a column renamed or dropped is an undefined column (by
-    position only when names repeat, where a dropped one is still an error); and a count of
-    its columns that is parsed but never run (the planner folds `true OR ...` away) fails
-    when a column was added under `SELECT *`.
-
-    A member fetched `one` or `value` reads up to its first row only (`LIMIT 1`), as it does
-    alone (asyncpg asks the server for one row): a fused member keeps the cost of its fetch."""
-    ctes: list[str] = []
-    columns: list[str] = []
-    offset = 0
-    for i, (statement, names, fetch) in enumerate(zip(statements, shapes, fetches, strict=True)):
-        inner = statement.render([f"${offset + k + 1}" for k in range(len(statement.params))]).rstrip()
-        inner = inner[:-1] if inner.endswith(";") else inner
-        offset += len(statement.params)
-        if len(set(names)) == len(names):
-            taken, source = [f"q.{quote_ident(name)}" for name in names], "q"
-        else:
-            taken = [f"q.c{k + 1}" for k in range(len(names))]
-            source = f"q({', '.join(f'c{k + 1}' for k in range(len(names)))})"
-        picked = ", ".join(f"{column} AS c{k + 1}" for k, column in enumerate(taken))
-        count = f"true OR EXISTS (SELECT q.* UNION ALL SELECT {', '.join(['NULL'] * len(names))})"
-        # The newline ends a trailing `-- comment` of the statement.
-        limit = " LIMIT 1" if fetch in ("one", "value") else ""
-        ctes.append(f'm{i + 1} AS MATERIALIZED (SELECT {picked}, row_number() OVER () AS "?row" '
-                    f"FROM ({inner}\n) AS {source} WHERE {count}{limit})")
-        columns += [f'ARRAY(SELECT c{k + 1} FROM m{i + 1} ORDER BY "?row")' for k in range(len(names))]
-    return f"WITH {', '.join(ctes)} SELECT {', '.join(columns)}"
 
 
 # What a statement built from an earlier description gets once a migration changed what it
