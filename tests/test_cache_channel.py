@@ -224,9 +224,9 @@ async def test_a_listening_connection_that_goes_silent_is_reported_lost_and_repl
     proxy = FreezableProxy(demo_dsn)
     async with proxy:
         backend = PoolBackend(dsn=proxy.dsn, min_size=1, max_size=1)
-        backend._heartbeat_s, backend._heartbeat_timeout_s = 0.1, 0.5
+        backend.channel._heartbeat_s, backend.channel._heartbeat_timeout_s = 0.1, 0.5
         try:
-            backend.subscribe("planner_cache", lambda _payload: None, states.append)
+            backend.channel.subscribe("planner_cache", lambda _payload: None, states.append)
             assert await _eventually(lambda: seen(True))
             proxy.freeze(True)  # no error will ever arrive: only the heartbeat can tell
             assert await _eventually(lambda: seen(True, False), seconds=10)

@@ -72,7 +72,7 @@ def test_the_stack_names_each_part_and_gives_each_wrapper_the_pool() -> None:
     assert stack.primary is primary and stack.database is primary
     assert stack.coalescers["primary"].pool is primary and stack.coalescers["replica"].pool is replica_pool
     assert stack.fusers["primary"].fuser is primary and stack.fusers["replica"].fuser is replica_pool
-    assert stack.cache.via is primary and stack.cache.channel == "c"
+    assert stack.cache.via is primary.channel and stack.cache.channel == "c"
     assert stack.replica is not None and stack.replica.primary_pool is primary
     assert stack.replica.replica is stack.fusers["replica"]
     assert stack.catalog is not None and primary.verdict == stack.catalog.known == replica_pool.verdict
@@ -88,7 +88,7 @@ def test_over_a_callers_backend_the_pool_under_it_is_found_once() -> None:
     pool = PoolBackend(dsn=NOWHERE)
     stack = build_stack(backend=WrappingBackend(WrappingBackend(pool)))
     assert stack.pools == {} and stack.primary is pool and stack.database is pool
-    assert stack.cache.via is pool and stack.catalog is not None
+    assert stack.cache.via is pool.channel and stack.catalog is not None
 
 
 def test_over_a_callers_backend_with_no_pool_there_is_no_channel_nor_catalog() -> None:

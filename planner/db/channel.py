@@ -1,6 +1,8 @@
 """The cache's channel between processes: a connection of its own LISTENing for invalidations.
 
-`PoolBackend.subscribe` starts a `Listener`; `PoolBackend.notify` sends on a pooled connection.
+`PoolChannel` is a pool backend's channel (`PoolBackend.channel`, a `planner.kinds.backend.Channel`
+that `planner.db.stack` gives the cache): `subscribe` starts a `Listener`, `notify` sends on
+a pooled connection.
 """
 
 from __future__ import annotations
@@ -9,15 +11,23 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
+from planner.db.dsn import TRANSACTION_POOLER
+from planner.db.pooler import connect
 from planner.results import error_text
 
 logger = logging.getLogger("planner")
 
+# The cache channel's listening connection is asked `SELECT 1` this often, and lost when the
+# answer takes longer than the timeout: a peer gone without a FIN (a host powered off, a NAT
+# entry dropped) sends no error, and LISTEN alone would wait for notifications forever.
+LISTEN_HEARTBEAT_S = 5.0
+LISTEN_HEARTBEAT_TIMEOUT_S = 5.0
 _RELEASE_TIMEOUT_S = 2.0  # a lent connection that cannot be UNLISTENed and released in this time is terminated
 
 
@@ -123,3 +133,62 @@ async def _stop_listening(con: Any, pool: asyncpg.Pool | None, channel: str, not
             con.terminate()  # a silent connection would delay the pool's reset
     with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError, TimeoutError):
         await pool.release(con, timeout=_RELEASE_TIMEOUT_S)  # fails only by terminating it: the slot is back anyway
+
+
+class _Pool(Protocol):
+    """What the channel needs of its pool backend (`planner.db.pool.PoolBackend`)."""
+
+    pooler: str | None
+    _pool: asyncpg.Pool | None
+    _connected_dsn: str | None
+
+    async def pool(self) -> asyncpg.Pool: ...
+    async def _first_pool(self) -> asyncpg.Pool: ...
+    def held(self, pool: asyncpg.Pool, session: bool) -> AbstractAsyncContextManager[asyncpg.Connection]: ...
+
+
+class PoolChannel:
+    """LISTEN/NOTIFY on the server of one pool backend (see the module's docstring)."""
+
+    def __init__(self, backend: _Pool) -> None:
+        self.backend = backend
+        self._listener: asyncio.Task[None] | None = None
+        self._heartbeat_s, self._heartbeat_timeout_s = LISTEN_HEARTBEAT_S, LISTEN_HEARTBEAT_TIMEOUT_S
+
+    def subscribe(self, channel: str, on_message: Callable[[str], None], on_state: Callable[[bool], None]) -> None:
+        """Keep a connection of its own LISTENing on `channel` until `close()`: `on_message` gets
+        each payload, `on_state(True)` says it listens, `on_state(False)` that it lost the
+        channel (it reconnects, backing off up to 5 s). Lost also means silent: the connection
+        is asked `SELECT 1` every `LISTEN_HEARTBEAT_S` and given up when no answer comes within
+        `LISTEN_HEARTBEAT_TIMEOUT_S` (a half-open connection never reports an error). Not a
+        pool connection: the pool keeps its size. A borrowed pool lends one of its connections
+        for it, and gets it back at `close()` (UNLISTENed: the pool's own reset may not do it),
+        or its slot back when it is lost."""
+        if self._listener is None:
+            listener = Listener(channel, on_message, on_state, self._listening_connection,
+                                self._heartbeat_s, self._heartbeat_timeout_s)
+            self._listener = asyncio.get_running_loop().create_task(listener.listen())
+
+    async def _listening_connection(self) -> tuple[asyncpg.Connection, asyncpg.Pool | None] | None:
+        """A connection for the cache channel: one of its own (from the DSN an owned pool was made
+        from), or one lent by a borrowed pool (returned to it); None behind a transaction pooler."""
+        backend = self.backend
+        pool = backend._pool or await backend.pool()
+        if backend.pooler == TRANSACTION_POOLER:
+            return None
+        if backend._connected_dsn:
+            return await connect(backend._connected_dsn, pooler=backend.pooler), None  # its own, never the pool's
+        return await pool.acquire(), pool
+
+    async def notify(self, channel: str, payload: str) -> None:
+        """`pg_notify(channel, payload)` on a pooled connection (delivered when it commits)."""
+        pool = self.backend._pool or await self.backend._first_pool()
+        async with self.backend.held(pool, False) as con:
+            await con.execute("SELECT pg_notify($1, $2)", channel, payload)
+
+    async def close(self) -> None:
+        """Stop listening (a lent connection goes back to its pool)."""
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None

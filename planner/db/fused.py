@@ -14,7 +14,6 @@ from cachetools import LRUCache
 
 from planner.db.admin import quote_ident
 from planner.db.shared import STATEMENTS_KEPT, _Again, _lost, _stale
-from planner.db.translate import _reraise
 from planner.db.wire import repeatable
 from planner.kinds.backend import Outcome, Query
 from planner.lang.refs import CompiledSql
@@ -40,15 +39,9 @@ class FusedReads:
         When the fused statement fails (or times out), each member is sent again alone, all at
         once, each on a connection of its own (`_again`), with its own error and timeout."""
         pool = self.pool._pool or await self.pool._first_pool()
-        con = await self.pool._acquire(pool)
-        try:
+        async with self.pool.held(pool, False) as con:
             with repeatable(all(self.pool.proven_pure(q.node) for q in queries)):  # reads only, fused when proven pure
                 outcomes = await self._fused_on(con, queries)
-        except BaseException as exc:  # CancelledError too: the connection must still go back
-            self.pool._release_later(pool, con, False)
-            self.pool._adopt_pooler(exc)
-            _reraise(exc)
-        self.pool._release_later(pool, con, False)
         return await self.shared._again(pool, outcomes) if isinstance(outcomes, _Again) else outcomes
 
     async def _fused_on(self, con: asyncpg.Connection, queries: list[Query]) -> list[Outcome] | _Again | None:

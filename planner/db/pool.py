@@ -18,13 +18,13 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
 from cachetools import LRUCache
 
-from planner.db.channel import Listener
+from planner.db.channel import PoolChannel
 from planner.db.dsn import TRANSACTION_POOLER, pooler_mode, redact_dsn, split_pooler
 from planner.db.embedded import embedded_dsn, planner_home
 from planner.db.fused import FusedReads
@@ -45,11 +45,6 @@ logger = logging.getLogger("planner")
 RETIRED_POOL_S = 5.0  # how long a pool replaced by `_adopt_pooler` stays open for the statements that took it
 CONNECT_TIMEOUT_S = 60.0  # how long opening one connection may take (asyncpg's default, said aloud in errors)
 _RELEASE_TIMEOUT_S = 2.0  # a connection that cannot be reset in this time (a frozen backend) is terminated
-# The cache channel's listening connection is asked `SELECT 1` this often, and lost when the
-# answer takes longer than the timeout: a peer gone without a FIN (a host powered off, a NAT
-# entry dropped) sends no error, and LISTEN alone would wait for notifications forever.
-LISTEN_HEARTBEAT_S = 5.0
-LISTEN_HEARTBEAT_TIMEOUT_S = 5.0
 # What a flow statement may leave behind on its session, undone before the connection is
 # reused. RESET ALL leaves the role alone, hence SET SESSION AUTHORIZATION DEFAULT (which
 # also resets the role); asyncpg's own reset query lacks it.
@@ -133,8 +128,7 @@ class PoolBackend:
         self._busy = 0  # connections held or waited for by planner's statements
         self.waiting = 0  # statements waiting for a connection now
         self.on_wait: Callable[[float], None] | None = None  # told how long each statement waited (metrics)
-        self._listener: asyncio.Task[None] | None = None
-        self._heartbeat_s, self._heartbeat_timeout_s = LISTEN_HEARTBEAT_S, LISTEN_HEARTBEAT_TIMEOUT_S
+        self.channel = PoolChannel(self)  # the cache's channel between processes, on this pool's server
         self._connected_dsn: str | None = None  # the DSN an owned pool was made from
 
     @property
@@ -155,54 +149,16 @@ class PoolBackend:
             return self._pool
         async with self._lock:
             if self._pool is None:
-                dsn, source, why = await self._choose()
+                dsn, source, why = await choose_dsn(self._dsn, self._database_url, self._embedded,
+                                                    self._embedded_default)
                 shown = redact_dsn(dsn)
                 logger.warning("planner uses the database %s (%s: %s)", shown, source, why,
                                extra={"database": shown, "database_source": source})
                 dsn = self._take_pooler(dsn)
                 self._connected_dsn = dsn
-                pooled = self.pooler == TRANSACTION_POOLER
-                try:
-                    self._pool = await asyncpg.create_pool(
-                        dsn,
-                        min_size=self._sizes[0],
-                        max_size=self._sizes[1],
-                        init=self._init,
-                        reset=None if self._full_reset and not pooled else _keep_session,
-                        # Combined writes are one statement per batch size: room for them. Behind
-                        # a transaction pooler, none: asyncpg then sends unnamed statements only.
-                        statement_cache_size=0 if pooled else STATEMENT_CACHE,
-                        connection_class=PoolerConnection if pooled else SyncedConnection,
-                        timeout=CONNECT_TIMEOUT_S,
-                    )
-                except TimeoutError as exc:
-                    raise DatabaseUnavailable(
-                        f"cannot reach the database: opening a connection took longer than {CONNECT_TIMEOUT_S:g} s "
-                        "(the server or the network does not answer)") from exc
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError,
-                        OverflowError) as exc:
-                    # ValueError: a DSN asyncpg cannot parse (`:notaport`); OverflowError: a port above 65535
-                    raise DatabaseUnavailable(f"cannot reach the database: {error_text(exc)}") from exc
+                self._pool = await create_pool(dsn, self._sizes, self._init, full_reset=self._full_reset,
+                                               pooled=self.pooler == TRANSACTION_POOLER)
         return self._pool
-
-    async def _choose(self) -> tuple[str, str, str]:
-        """The DSN to open, where it comes from (`dsn`, `DATABASE_URL` or `embedded`), and why."""
-        if self._dsn:
-            return self._dsn, "dsn", "given by the caller"
-        if self._database_url:
-            return self._database_url, "DATABASE_URL", "no dsn= given, the environment names a server"
-        if not (self._embedded if self._embedded is not None else self._embedded_default):
-            off = "embedded=False" if self._embedded is False else "PLANNER_EMBEDDED=0"
-            raise DatabaseUnavailable("no database configured: pass dsn= (or pool=) or set DATABASE_URL; "
-                                      f"the embedded fallback is off ({off})")
-        try:
-            # Starting the server runs pg_ctl and waits for it: not on the event loop.
-            dsn = await asyncio.to_thread(embedded_dsn)
-        except Exception as exc:
-            raise DatabaseUnavailable(f"cannot start the embedded PostgreSQL: {error_text(exc)} "
-                                      "(set DATABASE_URL to use another server)") from exc
-        return dsn, "embedded", (f"no dsn= and no DATABASE_URL, so the embedded PostgreSQL in {planner_home() / 'pgdata'}; "
-                                 "embedded=False or PLANNER_EMBEDDED=0 forbids this fallback")
 
     def _take_pooler(self, dsn: str) -> str:
         """`dsn` without its `pgbouncer=` parameter (asyncpg would send it to the server as a
@@ -216,20 +172,7 @@ class PoolBackend:
         return dsn
 
     def _check_pooler(self, node: CompiledNode) -> None:
-        """Refuse a node whose statements would leave session state on a server connection
-        that a transaction-mode pooler shares with other clients (nothing is sent)."""
-        if self.pooler != TRANSACTION_POOLER or not node.sql.session:
-            return
-        key = "\0".join(s.text for s in node.sql.statements)
-        if key not in self._refused:
-            self._refused[key] = outlives_transaction([s.text for s in node.sql.statements])
-        reason = self._refused[key]
-        if reason is not None:
-            raise QueryError(
-                f"node {node.name!r}{f' of flow {node.flow!r}' if node.flow else ''} cannot run behind a "
-                f"transaction-mode pooler (pooler='transaction'): {reason}, which would outlive its "
-                "transaction on a server connection the pooler shares with other clients. Use SET LOCAL "
-                "(or set_config(..., true)) in a statement list, or run this flow on a direct DSN.")
+        refuse_session_state(node, self.pooler, self._refused)
 
     async def _init(self, con: asyncpg.Connection) -> None:
         await _init_connection(con)
@@ -259,21 +202,31 @@ class PoolBackend:
     async def run(self, query: Query) -> Any:
         pool = self._pool or await self._first_pool()
         self._check_pooler(query.node)
-        con = await self._acquire(pool)
-        try:
+        async with self.held(pool, query.sql.session) as con:
             # The node's timeout times the statements, not the wait for a connection above.
             timeout = query.timeout
             started = time.monotonic()
             with repeatable(self.proven_pure(query.node)):
                 value = await (_query(con, query) if timeout is None else timed(_query(con, query), timeout))
-        except BaseException as exc:  # CancelledError too: the connection must still go back
-            self._release_later(pool, con, query.sql.session)
-            self._adopt_pooler(exc)
-            _reraise(exc)  # BEGIN/COMMIT or the socket; statements translate their own
-        self._release_later(pool, con, query.sql.session)
         if query.sql.coalesce and query.sql.read_only:  # what it costs sent alone: a batch of it splits past a bound
             self.shared._record(query.statements[0].text, time.monotonic() - started)
         return value
+
+    @contextlib.asynccontextmanager
+    async def held(self, pool: asyncpg.Pool, session: bool) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of `pool` for one statement (or one transaction), given back in the
+        background however the block ends (reset first when `session` says a statement may
+        have changed it, `_release_later`). An error of the block is planner's once out of it
+        (BEGIN/COMMIT or the socket; statements translate their own), and a pooler it reveals
+        is adopted (`_adopt_pooler`)."""
+        con = await self._acquire(pool)
+        try:
+            yield con
+        except BaseException as exc:  # CancelledError too: the connection must still go back
+            self._release_later(pool, con, session)
+            self._adopt_pooler(exc)
+            _reraise(exc)
+        self._release_later(pool, con, session)
 
     def _adopt_pooler(self, exc: BaseException) -> None:
         """A transaction-mode pooler planner was not told of has just answered (its error says
@@ -364,17 +317,8 @@ class PoolBackend:
         return self.shared.splits
 
     async def describe(self, text: str) -> Described:
-        pool = self._pool or await self.pool()
-        try:
-            async with pool.acquire() as con:
-                try:
-                    prepared = await con.prepare(text)
-                    return Described(tuple(t.name for t in prepared.get_parameters()),
-                                     tuple(a.name for a in prepared.get_attributes()))
-                finally:
-                    await settle(con)  # prepared, never executed: its implicit transaction is open
-        except (Exception, asyncio.CancelledError) as exc:
-            _reraise(exc)
+        """Prepare `text` on a connection of the pool, without sending it (`Database.describe`)."""
+        return await describe_on(self._pool or await self.pool(), text)
 
     async def drain(self) -> None:
         """Wait until every connection a node used is back in the pool."""
@@ -383,53 +327,13 @@ class PoolBackend:
 
     async def close(self) -> None:
         """Stop listening, wait for background releases; close the pool if this object created it."""
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
-            self._listener = None
+        await self.channel.close()
         await self.drain()
         while self._retired:
             await self._retired.pop().close()
         if self._pool is not None and self._owned:
             pool, self._pool = self._pool, None
             await pool.close()
-
-    # --- notifications (the cache's channel between processes) ----------------------------
-
-    def subscribe(self, channel: str, on_message: Callable[[str], None], on_state: Callable[[bool], None]) -> None:
-        """Keep a connection of its own LISTENing on `channel` until `close()`: `on_message` gets
-        each payload, `on_state(True)` says it listens, `on_state(False)` that it lost the
-        channel (it reconnects, backing off up to 5 s). Lost also means silent: the connection
-        is asked `SELECT 1` every `LISTEN_HEARTBEAT_S` and given up when no answer comes within
-        `LISTEN_HEARTBEAT_TIMEOUT_S` (a half-open connection never reports an error). Not a
-        pool connection: the pool keeps its size. A borrowed pool lends one of its connections
-        for it, and gets it back at `close()` (UNLISTENed: the pool's own reset may not do it),
-        or its slot back when it is lost."""
-        if self._listener is None:
-            listener = Listener(channel, on_message, on_state, self._listening_connection,
-                                self._heartbeat_s, self._heartbeat_timeout_s)
-            self._listener = asyncio.get_running_loop().create_task(listener.listen())
-
-    async def _listening_connection(self) -> tuple[asyncpg.Connection, asyncpg.Pool | None] | None:
-        """A connection for the cache channel: one of its own (from the DSN an owned pool was made
-        from), or one lent by a borrowed pool (returned to it); None behind a transaction pooler."""
-        pool = self._pool or await self.pool()
-        if self.pooler == TRANSACTION_POOLER:
-            return None
-        if self._connected_dsn:
-            return await asyncpg.connect(self._connected_dsn), None  # a connection of its own, never the pool's
-        return await pool.acquire(), pool
-
-    async def notify(self, channel: str, payload: str) -> None:
-        """`pg_notify(channel, payload)` on a pooled connection (delivered when it commits)."""
-        pool = self._pool or await self._first_pool()
-        con = await self._acquire(pool)
-        try:
-            await con.execute("SELECT pg_notify($1, $2)", channel, payload)
-        except BaseException as exc:
-            self._release_later(pool, con, False)
-            _reraise(exc)
-        self._release_later(pool, con, False)
 
     def _released(self, _task: asyncio.Task[None]) -> None:
         self._busy -= 1
@@ -445,6 +349,86 @@ class PoolBackend:
         task.add_done_callback(self._releases.discard)
         return task
 
+
+async def choose_dsn(dsn: str | None, database_url: str | None, embedded: bool | None,
+                     embedded_default: bool) -> tuple[str, str, str]:
+    """The DSN a pool opens, where it comes from (`dsn`, `DATABASE_URL` or `embedded`), and why:
+    `dsn`, else `database_url`, else the embedded server (`embedded`, else `embedded_default`,
+    allows it; else `DatabaseUnavailable`)."""
+    if dsn:
+        return dsn, "dsn", "given by the caller"
+    if database_url:
+        return database_url, "DATABASE_URL", "no dsn= given, the environment names a server"
+    if not (embedded if embedded is not None else embedded_default):
+        off = "embedded=False" if embedded is False else "PLANNER_EMBEDDED=0"
+        raise DatabaseUnavailable("no database configured: pass dsn= (or pool=) or set DATABASE_URL; "
+                                  f"the embedded fallback is off ({off})")
+    try:
+        # Starting the server runs pg_ctl and waits for it: not on the event loop.
+        started = await asyncio.to_thread(embedded_dsn)
+    except Exception as exc:
+        raise DatabaseUnavailable(f"cannot start the embedded PostgreSQL: {error_text(exc)} "
+                                  "(set DATABASE_URL to use another server)") from exc
+    return started, "embedded", (f"no dsn= and no DATABASE_URL, so the embedded PostgreSQL in {planner_home() / 'pgdata'}; "
+                                 "embedded=False or PLANNER_EMBEDDED=0 forbids this fallback")
+
+
+async def create_pool(dsn: str, sizes: tuple[int, int], init: Callable[[asyncpg.Connection], Awaitable[None]], *,
+                      full_reset: bool, pooled: bool) -> asyncpg.Pool:
+    """An asyncpg pool of `sizes` (least, most) connections to `dsn`, each set up by `init`;
+    `pooled`: behind a transaction-mode pooler. Raises `DatabaseUnavailable`."""
+    try:
+        return await asyncpg.create_pool(
+            dsn,
+            min_size=sizes[0],
+            max_size=sizes[1],
+            init=init,
+            reset=None if full_reset and not pooled else _keep_session,
+            # Combined writes are one statement per batch size: room for them. Behind
+            # a transaction pooler, none: asyncpg then sends unnamed statements only.
+            statement_cache_size=0 if pooled else STATEMENT_CACHE,
+            connection_class=PoolerConnection if pooled else SyncedConnection,
+            timeout=CONNECT_TIMEOUT_S,
+        )
+    except TimeoutError as exc:
+        raise DatabaseUnavailable(
+            f"cannot reach the database: opening a connection took longer than {CONNECT_TIMEOUT_S:g} s "
+            "(the server or the network does not answer)") from exc
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, OverflowError) as exc:
+        # ValueError: a DSN asyncpg cannot parse (`:notaport`); OverflowError: a port above 65535
+        raise DatabaseUnavailable(f"cannot reach the database: {error_text(exc)}") from exc
+
+
+def refuse_session_state(node: CompiledNode, pooler: str | None, refused: LRUCache[str, str | None]) -> None:
+    """Behind a transaction-mode `pooler`, refuse a node whose statements would leave session
+    state on a server connection that the pooler shares with other clients (nothing is sent);
+    `refused` keeps each statement list's verdict."""
+    if pooler != TRANSACTION_POOLER or not node.sql.session:
+        return
+    key = "\0".join(s.text for s in node.sql.statements)
+    if key not in refused:
+        refused[key] = outlives_transaction([s.text for s in node.sql.statements])
+    reason = refused[key]
+    if reason is not None:
+        raise QueryError(
+            f"node {node.name!r}{f' of flow {node.flow!r}' if node.flow else ''} cannot run behind a "
+            f"transaction-mode pooler (pooler='transaction'): {reason}, which would outlive its "
+            "transaction on a server connection the pooler shares with other clients. Use SET LOCAL "
+            "(or set_config(..., true)) in a statement list, or run this flow on a direct DSN.")
+
+
+async def describe_on(pool: asyncpg.Pool, text: str) -> Described:
+    """`text` prepared on a connection of `pool` and never executed: its parameter types and columns."""
+    try:
+        async with pool.acquire() as con:
+            try:
+                prepared = await con.prepare(text)
+                return Described(tuple(t.name for t in prepared.get_parameters()),
+                                 tuple(a.name for a in prepared.get_attributes()))
+            finally:
+                await settle(con)  # prepared, never executed: its implicit transaction is open
+    except (Exception, asyncio.CancelledError) as exc:
+        _reraise(exc)
 
 
 async def _release(pool: asyncpg.Pool, con: asyncpg.Connection, dirty: bool, baseline: tuple[str | None, ...] | None) -> None:

@@ -14,6 +14,7 @@ import logging
 import statistics
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,7 +44,7 @@ class _Pool(Protocol):
     _pool: asyncpg.Pool | None
 
     async def _acquire(self, pool: asyncpg.Pool) -> asyncpg.Connection: ...
-    def _adopt_pooler(self, exc: BaseException) -> None: ...
+    def held(self, pool: asyncpg.Pool, session: bool) -> AbstractAsyncContextManager[asyncpg.Connection]: ...
     def _check_pooler(self, node: CompiledNode) -> None: ...
     async def _first_pool(self) -> asyncpg.Pool: ...
     def _release_later(self, pool: asyncpg.Pool, con: asyncpg.Connection, session: bool) -> asyncio.Task[None]: ...
@@ -83,16 +84,10 @@ class SharedStatements:
         """
         pool = self.pool._pool or await self.pool._first_pool()
         self.pool._check_pooler(node)
-        con = await self.pool._acquire(pool)
-        try:
+        async with self.pool.held(pool, node.sql.session) as con:
             started()
             with repeatable(self.pool.proven_pure(node)):
                 outcomes = await self._batch_on(con, node, params)
-        except BaseException as exc:  # CancelledError too: the connection must still go back
-            self.pool._release_later(pool, con, node.sql.session)
-            self.pool._adopt_pooler(exc)
-            _reraise(exc)
-        self.pool._release_later(pool, con, node.sql.session)
         answer = ANSWER.get()
         if isinstance(outcomes, _Again):
             return await self._again(pool, outcomes, answer)

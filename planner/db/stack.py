@@ -155,7 +155,7 @@ def build_stack(
     # A hit never reaches the database, or anything in between. Invalidations travel on the
     # primary's pool; a caller's backend with none under it keeps them in this process.
     channel = cache_channel if primary is not None else None
-    values = CacheBackend(backend, maxsize=cache_size, channel=channel, via=primary if channel is not None else None,
+    values = CacheBackend(backend, maxsize=cache_size, channel=channel, via=primary.channel if primary is not None and channel is not None else None,
                           enabled=cache)
     # The outermost: what each statement does, from the server's catalog, decides whether the
     # wrappers below may cache, route, fuse or coalesce it (`planner.lang.effects`).

@@ -141,7 +141,7 @@ class Channel(Protocol):
 
     def subscribe(self, channel: str, on_message: Callable[[str], None], on_state: Callable[[bool], None]) -> None:
         """Listen on `channel` in the background: payloads to `on_message`, whether it listens
-        to `on_state` (see `PoolBackend.subscribe`)."""
+        to `on_state` (see `planner.db.channel.PoolChannel.subscribe`)."""
 
     async def notify(self, channel: str, payload: str) -> None:
         """Send `payload` to every listener of `channel` (other processes included)."""
