@@ -136,7 +136,7 @@ class _Run:
         self.ready = Ready(flow.successors, waiting)
         # Plain records while nodes run; the Ledger builds NodeResults from them at the end (if asked).
         self.results: dict[str, Record] = {}
-        self.tasks: dict[str, asyncio.Task[Any]] = {}
+        self.tasks: dict[asyncio.Task[Any], str] = {}  # running node tasks -> their node
         self.started: dict[str, float] = {}
         self.attempts: dict[str, int] = {}
         self.served_args: dict[str, Any] = {}  # args of started nodes whose kind reports how it was served
@@ -148,7 +148,7 @@ class _Run:
         self.phase = _RUNNING
         self.failed_node: str | None = None
         self.eager = mode == "eager"
-        self.release = self.released.append
+        self.release = self.released.append if self.eager else None  # what `Ready.done` hands released nodes
 
     async def main(self) -> FlowResult:
         timed_out = False
@@ -254,15 +254,16 @@ class _Run:
         if self.observers:
             for observer in self.observers:
                 coro = observer.node_started(self.flow.name, self.run_id, name, node.spec.kind, coro)
-        task = self.tasks[name] = self.loop.create_task(coro)
-        # The function and the run, not a bound method kept on the run: that would be a reference
-        # cycle, and every finished run would wait for the cyclic GC instead of being freed at once.
-        task.add_done_callback(partial(_Run._on_done, self, name))
+        task = self.loop.create_task(coro)
+        self.tasks[task] = name
+        # A method bound here, not one kept on the run (a reference cycle: every finished run would
+        # wait for the cyclic GC instead of being freed at once); the task tells the node.
+        task.add_done_callback(self._on_done)
 
     # --- settling nodes -----------------------------------------------------------------
 
-    def _on_done(self, name: str, task: asyncio.Task[Any]) -> None:
-        del self.tasks[name]
+    def _on_done(self, task: asyncio.Task[Any]) -> None:
+        name = self.tasks.pop(task)
         try:
             value = task.result()
         except asyncio.CancelledError:
@@ -300,7 +301,7 @@ class _Run:
             self._observe_settled(name)
         if self.phase is not _RUNNING:
             return
-        self.ready.done(name, self.release if self.eager else None)
+        self.ready.done(name, self.release)
         self.outstanding -= 1
         if self.outstanding == 0:
             self._wake()
@@ -319,7 +320,7 @@ class _Run:
     def _cancel_all(self) -> None:
         self.released.clear()
         self.queue.clear()
-        for task in self.tasks.values():
+        for task in self.tasks:
             task.cancel()
 
     async def _stop(self) -> None:
@@ -329,7 +330,7 @@ class _Run:
         if self.phase is _RUNNING:
             self.phase = _STOPPING  # successors must not start while we wind down
         self._cancel_all()
-        pending = list(self.tasks.values())
+        pending = list(self.tasks)
         try:
             _, stuck = await asyncio.wait(pending, timeout=STOP_GRACE_S)
         except asyncio.CancelledError:
@@ -337,7 +338,7 @@ class _Run:
             raise
         if stuck:
             # A node that swallows cancellation must not keep the run going past its deadline.
-            names = sorted(name for name, task in self.tasks.items() if task in stuck)
+            names = sorted(self.tasks[task] for task in stuck)
             logger.error("flow %s: %d node(s) ignored cancellation and were left running: %s", self.flow.name,
                          len(stuck), ", ".join(names), extra={"flow": self.flow.name, "run_id": self.run_id})
 
