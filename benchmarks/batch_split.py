@@ -25,7 +25,7 @@ from typing import Any
 
 import asyncpg
 
-from planner import Planner, load_flow
+from planner import Planner, PoolOptions, load_flow
 from planner.db.admin import create_database, with_database
 from planner.db.pool import PoolBackend
 
@@ -58,7 +58,7 @@ async def database(server: str) -> str:
 async def one_round(dsn: str, runs: int, slow_at: int, slow_ms: int, pool: int) -> tuple[list[float], float, int]:
     """The fast runs' latencies (s), the slow run's, and the batches split."""
     flow = load_flow(text=FLOW, name="split")
-    async with Planner(dsn=dsn, min_size=pool, max_size=pool) as planner:  # the default stack: coalescing on
+    async with Planner(dsn=dsn, pool_options=PoolOptions(min_size=pool, max_size=pool)) as planner:  # the default stack: coalescing on
         inner: Any = planner.pools["primary"]
         assert isinstance(inner, PoolBackend)
         for v in range(10):  # served alone first: its latency is recorded

@@ -37,7 +37,7 @@ import asyncpg
 from benchmarks import handwritten
 from benchmarks.latency_proxy import ProxyProcess
 from benchmarks.seed_table import FLOWS, ServerCpu, _pool, _warm_users, inputs, machine
-from planner import Planner, Settings, load_flow
+from planner import Planner, PoolOptions, Settings, load_flow
 from planner.compile import plan_groups
 from planner.demo.run import demo_dsn, percentile, steady_load
 from planner.lang.refs import resolve
@@ -91,7 +91,7 @@ async def variant(name: str, flow: str, dsn: str, size: int) -> AsyncIterator[tu
             await pool.close()
         return
     settings = dataclasses.replace(Settings.from_env(), compile=name != "planner, uncompiled")
-    async with Planner(flows=FLOWS, dsn=dsn, min_size=size, max_size=size, settings=settings) as planner:
+    async with Planner(flows=FLOWS, dsn=dsn, settings=settings, pool_options=PoolOptions(min_size=size, max_size=size)) as planner:
         runners = (await planner.versions.entry(flow)).compiled
         assert bool(runners) == (name != "planner, uncompiled"), name
         if name == "planner, compiled always":

@@ -17,11 +17,11 @@ from typing import Any
 
 from benchmarks.reference import reference_run, sequential_awaits
 from benchmarks.shapes import SEED_SHAPE, UNEVEN_SHAPE, chain, fan_out, flow_yaml, random_dag
-from planner import CompiledFlow, FlowResult, Planner, load_flow
+from planner import CallOptions, CompiledFlow, FlowResult, Planner, load_flow
 from planner.graph import plan
 from planner.kinds.backend import Offline
 
-_planner = Planner(backend=Offline("no database in this benchmark"), allowed_modules=["benchmarks"])
+_planner = Planner(backend=Offline("no database in this benchmark"), call_options=CallOptions(allowed_modules=["benchmarks"]))
 
 
 def build(deps: dict[str, list[str]], call: str, extra: dict[str, str] | None = None) -> tuple[CompiledFlow, None]:

@@ -45,7 +45,7 @@ from typing import Any
 
 import asyncpg
 
-from planner import FlowFailed, Planner
+from planner import FlowFailed, Planner, PoolOptions
 from planner.db.admin import with_database
 from planner.demo.latency_proxy import ProxyProcess
 from planner.demo.run import DEMO_DATABASE, demo_dsn
@@ -63,8 +63,10 @@ async def child(dsn: str, replica: str, tag: str, index: int, in_flight: int, po
     latencies: list[float] = []
     failed = 0
     counter = iter(range(10**9))
-    async with Planner(flows=os.path.join(ROOT, "flows"), dsn=dsn, replica_dsn=replica,
-                       min_size=pool, max_size=pool) as planner:
+    async with Planner(flows=os.path.join(ROOT, "flows"),
+                       dsn=dsn,
+                       replica_dsn=replica,
+                       pool_options=PoolOptions(min_size=pool, max_size=pool)) as planner:
         await planner.backend.open()  # as a service's lifespan would: pools filled, the replica checked
         if planner.replica is not None:  # the benchmark measures the replica in use, not its first check
             deadline = time.monotonic() + 10

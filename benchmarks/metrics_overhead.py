@@ -19,7 +19,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from benchmarks.shapes import SEED_SHAPE, flow_yaml
-from planner import Metrics, Planner, load_flow
+from planner import CallOptions, Metrics, Planner, load_flow
 from planner.kinds.backend import Offline
 from planner.results import NodeResult
 
@@ -48,7 +48,7 @@ async def main(smoke: bool) -> None:
     offline = Offline("no database in this benchmark")
 
     def make(**kw: Any) -> Planner:
-        return Planner(backend=offline, allowed_modules=["benchmarks"], **kw)
+        return Planner(backend=offline, **kw, call_options=CallOptions(allowed_modules=["benchmarks"]))
 
     variants = {
         "metrics=False": make(metrics=False),

@@ -36,7 +36,7 @@ import asyncpg
 
 from benchmarks import handwritten
 from benchmarks.latency_proxy import ProxyProcess
-from planner import FlowResult, Planner, Settings
+from planner import FlowResult, Planner, PoolOptions, Settings
 from planner import __version__ as planner_version
 from planner.db.coalesce import CoalescingBackend
 from planner.db.fuse import FusingBackend
@@ -112,7 +112,7 @@ async def _warm_users(dsn: str) -> None:
 def _planner(dsn: str, size: int, *, coalesce: bool = True, cache: bool = True) -> Planner:
     # Fusion goes with coalescing: `coalesce=False` is "no statement shared", the behaviour before both.
     settings = dataclasses.replace(Settings.from_env(), coalesce=coalesce, fuse=coalesce, cache=cache)
-    planner = Planner(flows=FLOWS, dsn=dsn, min_size=size, max_size=size, settings=settings)
+    planner = Planner(flows=FLOWS, dsn=dsn, settings=settings, pool_options=PoolOptions(min_size=size, max_size=size))
     fuser = planner.stack.fusers["primary"]
     coalescer = planner.stack.coalescers["primary"]
     assert planner.cache.enabled == cache

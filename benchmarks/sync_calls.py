@@ -20,7 +20,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from planner import FlowFailed, Planner
+from planner import CallOptions, FlowFailed, Planner
 from planner.kinds.backend import Offline
 
 FLOW = """
@@ -45,9 +45,9 @@ async def echo(i: int) -> int:
 """
 
 
-async def load(folder: Path, users: int, seconds: float, **planner: int | None) -> dict[str, float]:
+async def load(folder: Path, users: int, seconds: float, calls: CallOptions) -> dict[str, float]:
     """`users` users running the flow for `seconds`; what they got."""
-    subject = Planner(flows=folder, backend=Offline("no database in this benchmark"), **planner)  # type: ignore[arg-type]
+    subject = Planner(flows=folder, backend=Offline("no database in this benchmark"), call_options=calls)
     runs = wrong = degraded = failed = 0
     latencies: list[float] = []
     stop = time.monotonic() + seconds
@@ -84,13 +84,13 @@ async def main(users: int, seconds: float, call_ms: float) -> None:
         print(f"## Sync calls under load: {users} users, a {call_ms:g} ms sync call per run, {seconds:g} s each\n")
         print("| setup | threads | runs/s | share of the threads' bound | wrong | rejected | waited | p50 ms | p95 ms |")
         print("|---|---|---|---|---|---|---|---|---|")
-        setups: list[tuple[str, dict[str, int | None]]] = [
-            ("default (32 threads)", {}),
-            (f"concurrency={users}", {"concurrency": users}),
-            ("call_threads=8", {"call_threads": 8}),
+        setups: list[tuple[str, CallOptions]] = [
+            ("default (32 threads)", CallOptions()),
+            (f"concurrency={users}", CallOptions(concurrency=users)),
+            ("threads=8", CallOptions(threads=8)),
         ]
-        for name, kw in setups:
-            got = await load(folder, users, seconds, **kw)
+        for name, calls in setups:
+            got = await load(folder, users, seconds, calls)
             bound = got["threads"] / (call_ms / 1000)
             print(f"| {name} | {got['threads']:.0f} | {got['runs/s']:.0f} | {got['runs/s'] / bound:.2f} | "
                   f"{got['wrong']:.0f} | {got['rejected']:.0f} | {got['waited']:.0f} | {got['p50 ms']:.0f} | "

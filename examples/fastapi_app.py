@@ -38,6 +38,7 @@ from planner import (
     FlowTimeout,
     NotFound,
     Planner,
+    PoolOptions,
     load_flow,
     metrics_text,
 )
@@ -71,12 +72,11 @@ def create_app(dsn: str | None = None, *, flows: str | Path = FLOWS, min_size: i
         url = dsn or os.environ.get("DATABASE_URL")
         if not url:  # a service names its database; planner would otherwise start an embedded one
             raise RuntimeError("set DATABASE_URL (postgresql://user:password@host/db)")
-        planner = Planner(
-            flows=flows,
-            dsn=url,
+        sizes = PoolOptions(
             min_size=min_size if min_size is not None else int(os.environ.get("POOL_MIN_SIZE", "2")),
             max_size=max_size if max_size is not None else int(os.environ.get("POOL_MAX_SIZE", "10")),
         )
+        planner = Planner(flows=flows, dsn=url, pool_options=sizes)
         try:
             # Open the pool now: a database that is down at startup shows in the log at once.
             # The app still starts (and answers 503) so that it recovers when the database does.

@@ -6,6 +6,7 @@ The public API is what `__all__` lists; every other module is private.
 import logging
 
 from planner.api import Planner, load_flow, load_flows, metrics_text, run_flow
+from planner.db.stack import CacheOptions, PoolOptions, ReplicaOptions
 from planner.errors import (
     CallThreadsBusy,
     DatabaseUnavailable,
@@ -24,6 +25,7 @@ from planner.errors import (
     ReferenceFieldError,
 )
 from planner.graph import CompiledFlow, Plan
+from planner.kinds.call import CallOptions
 from planner.results import FlowResult, NodeResult, NodeState
 from planner.run.metrics import Metrics
 from planner.settings import Settings
@@ -55,6 +57,8 @@ def _version() -> str:
 __version__ = _version()
 
 __all__ = [
+    "CacheOptions",
+    "CallOptions",
     "CallThreadsBusy",
     "CompiledFlow",
     "DatabaseUnavailable",
@@ -75,8 +79,10 @@ __all__ = [
     "NotFound",
     "Plan",
     "Planner",
+    "PoolOptions",
     "QueryError",
     "ReferenceFieldError",
+    "ReplicaOptions",
     "Settings",
     "load_flow",
     "load_flows",

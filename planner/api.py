@@ -18,21 +18,21 @@ from typing import Any
 
 from planner.compile import plan_groups
 from planner.config import CallTargets, FlowSource
-from planner.db.cache import DEFAULT_SIZE, CacheStats
+from planner.db.cache import CacheStats
 from planner.db.replica import ReplicaBackend
-from planner.db.stack import CACHE_CHANNEL, build_stack
+from planner.db.stack import CacheOptions, PoolOptions, ReplicaOptions, build_stack
 from planner.errors import DatabaseUnavailable, FlowError, FlowInputError
 from planner.flows import FlowVersion, FlowVersions
 from planner.graph import CompiledFlow, Plan, compile_flow, plan
 from planner.kinds import BindEnv, BoundNode, kind_of
 from planner.kinds.backend import Backend
-from planner.kinds.call import DEFAULT_THREADS, MAX_AUTO_THREADS, WAIT_S, CallThreads, sync_calls_at_once
+from planner.kinds.call import DEFAULT_THREADS, MAX_AUTO_THREADS, CallOptions, CallThreads, sync_calls_at_once
 from planner.lang.loader import FileStamp, load_spec, load_text
 from planner.lang.models import OnError
 from planner.results import FlowResult
 from planner.run.compiled import GroupRunner
 from planner.run.executor import bind_inputs, execute_checked, resolve_mode
-from planner.run.metrics import Labels, Metrics, Sample, default_metrics
+from planner.run.metrics import Metrics, default_metrics, watch_planner
 from planner.run.observers import RunObserver, default_observers
 from planner.settings import Settings
 
@@ -49,45 +49,26 @@ class Planner:
     >>> async with Planner(flows="flows", dsn="postgresql://localhost/app") as planner:  # doctest: +SKIP
     ...     result = await planner.run("escalation", {"instance_id": 1, "user_phone": "+1555", "message": "hi"})
 
-    `dsn=` gives planner a pool of its own (closed with the planner); `pool=` borrows yours
-    (never closed here). Either way the backend is
-    `CacheBackend(FusingBackend(CoalescingBackend(PoolBackend(...))))` (with a replica, a
-    `ReplicaBackend` under the cache routes each read to one of two such stacks): sibling reads of one run that are
-    ready together share one statement (`planner.db.fuse`), and reads of concurrent runs that
-    would wait for a connection share one (`planner.db.coalesce`). `backend=` takes any
-    `planner.kinds.backend.Backend` instead, used as given. With none, `DATABASE_URL` is used, else the embedded
-    PostgreSQL; nothing is opened until a flow with SQL to run runs. `min_size`/`max_size`
-    size an owned pool; `full_reset=True` keeps asyncpg's reset query on release.
-    `allowed_modules` (default: `PLANNER_ALLOWED_MODULES`, else the demo's flow functions and
-    the Python modules in the flows folder) limits what `call:` nodes may call.
-    `call_threads` bounds the threads that run sync calls; a sync call that finds them all busy
-    waits in line within its node's timeout (else `call_wait` seconds) and then fails with
-    `CallThreadsBusy` (counted, logged). When not given, planner sizes the threads for each
-    flow it binds: `concurrency` (the runs a service has in flight at once; default: `max_size`)
-    times the most sync calls of one plan group, at least 32, at most 512; when given and smaller
-    than that, it warns once per flow. `node_wrapper` wraps every node's execution (see
-    `NodeWrapper`); `observers` watch every run (see `planner.run.observers.RunObserver`).
-    `metrics` records runs, node outcomes, latencies, pools, cache and sync-call threads (see
-    `planner.run.metrics`): by default into the process-wide registry (`planner.metrics_text()`),
-    or into the `Metrics` given; `metrics=False` (or `PLANNER_METRICS=0`) records nothing.
-    `cache_size` bounds the values `cache:` nodes keep (see `planner.db.cache`; `PLANNER_CACHE=0`
-    turns the cache off). Invalidations reach the other processes on the same database through
-    LISTEN/NOTIFY on `cache_channel` (None: this process only); while a process cannot listen,
-    its cache is not used (its values may have gone stale without it knowing).
-    `embedded=False` (or `PLANNER_EMBEDDED=0`) forbids the embedded fallback: with no `dsn=`,
-    `pool=` or `DATABASE_URL`, a run raises `DatabaseUnavailable`. Which database is used, and
-    why, is logged once at WARNING on the `planner` logger.
-    `replica_dsn` (default: `DATABASE_REPLICA_URL`; `""` for none) adds a read replica, with a
-    pool and a stack of its own: reads a replica may answer go to it while it is up and lags
-    less than `replica_max_lag` (a duration, default `PLANNER_REPLICA_MAX_LAG`, else 10s),
-    everything else to the primary (see `planner.db.replica`; `Planner.replica` is that backend).
-    It applies to planner's own stack: with `backend=`, wrap yours in `ReplicaBackend` instead.
-    `pooler="transaction"` (or `?pgbouncer=transaction` in the DSN, or
-    `PLANNER_POOLER=transaction`) runs behind PgBouncer's transaction mode (docs/flows.md); the
-    cache then stays in its process (LISTEN cannot pass such a pooler).
-    `on_error` (default: `PLANNER_ON_ERROR`, else "default") is what a failure does to a node
-    whose flow says nothing: "fail" makes every such failure fail the run; a node's own
-    `on_error` and its flow's `settings.on_error` win over it.
+    `flows`: the flows folder (else `PLANNER_FLOWS`, else `./flows`). `dsn=` gives planner a pool
+    of its own (closed with the planner); `pool=` borrows yours (never closed here); neither:
+    `DATABASE_URL`, else the embedded PostgreSQL (which database, and why, is logged once at
+    WARNING). Nothing is opened until a flow with SQL to run runs. The stack over the pool
+    (`planner.db.stack`: effects, cache, replica router, fusion, coalescing) is built by
+    `build_stack`; `backend=` takes any `planner.kinds.backend.Backend` instead, used as given
+    under the cache. `replica_dsn` adds a read replica (`planner.db.replica`; `""`: none).
+    `mode` is the runs' mode unless `run(mode=)` or `PLANNER_MODE` says otherwise.
+
+    Options come in groups, each a frozen dataclass documented where it is defined:
+    `pool_options=PoolOptions(min_size, max_size, full_reset, pooler, embedded)`,
+    `cache_options=CacheOptions(size, channel)`, `replica_options=ReplicaOptions(dsn, max_lag)`,
+    `call_options=CallOptions(threads, wait, concurrency, allowed_modules)`.
+
+    `node_wrapper` wraps every node's execution (`NodeWrapper`); `observers` watch every run
+    (`planner.run.observers.RunObserver`). `metrics` (`planner.run.metrics`): by default the
+    process-wide registry (`planner.metrics_text()`), or the `Metrics` given; `False` (or
+    `PLANNER_METRICS=0`) records nothing. `on_error` ("default" or "fail"; else
+    `PLANNER_ON_ERROR`) is what a failure does to a node whose flow says nothing. `settings`:
+    the environment's values (`planner.Settings`), read once here when not given.
     """
 
     def __init__(
@@ -98,21 +79,13 @@ class Planner:
         pool: Any = None,
         backend: Backend | None = None,
         mode: str | None = None,
-        allowed_modules: list[str] | None = None,
-        min_size: int = 2,
-        max_size: int = 10,
-        full_reset: bool = False,
+        replica_dsn: str | None = None,
+        pool_options: PoolOptions | None = None,
+        cache_options: CacheOptions | None = None,
+        replica_options: ReplicaOptions | None = None,
+        call_options: CallOptions | None = None,
         node_wrapper: NodeWrapper | None = None,
         observers: Sequence[RunObserver] | None = None,
-        call_threads: int | None = None,
-        call_wait: float = WAIT_S,
-        concurrency: int | None = None,
-        cache_channel: str | None = CACHE_CHANNEL,
-        cache_size: int = DEFAULT_SIZE,
-        embedded: bool | None = None,
-        replica_dsn: str | None = None,
-        replica_max_lag: str | float | None = None,
-        pooler: str | None = None,
         metrics: Metrics | bool | None = None,
         on_error: str | None = None,
         settings: Settings | None = None,
@@ -122,36 +95,31 @@ class Planner:
         self.on_error = resolve_on_error(on_error, settings.on_error)
         self.source = FlowSource(Path(flows) if flows is not None else settings.flows)
         self.mode = mode
+        pools, calls = pool_options or PoolOptions(), call_options or CallOptions()
         # The database stack, built in one place (`planner.db.stack`): its parts by name.
-        self.stack = build_stack(
-            dsn=dsn, pool=pool, backend=backend, min_size=min_size, max_size=max_size, full_reset=full_reset,
-            embedded=embedded, pooler=pooler, cache_size=cache_size, cache_channel=cache_channel,
-            replica_dsn=replica_dsn if replica_dsn is not None else settings.replica_dsn,
-            replica_max_lag=replica_max_lag if replica_max_lag is not None else settings.replica_max_lag,
-            **_from_settings(settings))
+        self.stack = build_stack(dsn=dsn, pool=pool, backend=backend, pool_options=pools,
+                                 cache_options=cache_options or CacheOptions(),
+                                 replica_options=_replica(replica_dsn, replica_options, settings),
+                                 **_from_settings(settings))
         self.replica: ReplicaBackend | None = self.stack.replica
         self.pools: dict[str, Any] = self.stack.pools  # planner's own PoolBackends by role (primary, replica): metrics read them
         self.cache = self.stack.cache
         self.effects = self.stack.effects
         self.backend: Backend = self.stack.backend
-        self.targets = CallTargets(allowed_modules if allowed_modules is not None else settings.allowed_modules,
-                                   folder=self.source.folder)
-        self.threads = CallThreads(call_threads if call_threads is not None else DEFAULT_THREADS, wait_s=call_wait)
-        self._threads_given = call_threads is not None
-        self._concurrency = concurrency if concurrency is not None else max_size
+        allowed = calls.allowed_modules if calls.allowed_modules is not None else settings.allowed_modules
+        self.targets = CallTargets(allowed, folder=self.source.folder)
+        self.threads = CallThreads(calls.threads if calls.threads is not None else DEFAULT_THREADS, wait_s=calls.wait)
+        self._threads_given = calls.threads is not None
+        self._concurrency = calls.concurrency if calls.concurrency is not None else pools.max_size
         self.node_wrapper = node_wrapper
         self.observers = observers
         # Metrics are on by default (a defaulted node must show somewhere): the process-wide
         # registry unless another is given, none with metrics=False or PLANNER_METRICS=0.
-        if metrics is None:
-            metrics = settings.metrics
-        chosen = default_metrics() if metrics is True else metrics or None
+        wanted = settings.metrics if metrics is None else metrics
+        chosen = default_metrics() if wanted is True else wanted or None
         self.metrics: Metrics | None = chosen
         if chosen is not None:
-            chosen.watch(self, _samples)
-            for role, pool in self.pools.items():
-                pool.on_wait = _timer(chosen, "planner_pool_wait_seconds", (("pool", role),))
-            self.threads.on_wait = _timer(chosen, "planner_call_wait_seconds", ())
+            watch_planner(chosen, self)
         self._env = BindEnv(self.targets, self.backend, self.threads, self.stack.database)
         self._threads_warned: set[tuple[str, int]] = set()
         self.versions = FlowVersions(self.source, self._env, self._bind)  # the flow cache, hot reload
@@ -299,34 +267,13 @@ class Planner:
         if (flow.name, needed) in self._threads_warned:
             return
         self._threads_warned.add((flow.name, needed))
-        given = "call_threads=" + str(self.threads.size) if self._threads_given else f"at most {MAX_AUTO_THREADS}"
+        given = f"CallOptions(threads={self.threads.size})" if self._threads_given else f"at most {MAX_AUTO_THREADS}"
         logger.warning(
-            "flow %s: up to %d sync call(s) at once x %d runs in flight (concurrency=) may need %d threads, and "
+            "flow %s: up to %d sync call(s) at once x %d runs in flight (CallOptions.concurrency) may need %d threads, and "
             "there are %s: under that load sync calls wait for a thread (up to their timeout, else %gs) and then "
-            "fail (CallThreadsBusy). Raise call_threads, make the functions async def, or lower the concurrency",
+            "fail (CallThreadsBusy). Raise CallOptions.threads, make the functions async def, or lower the concurrency",
             flow.name, per_run, self._concurrency, needed, given, self.threads.wait_s,
             extra={"flow": flow.name, "call_threads": self.threads.size, "call_threads_needed": needed})
-
-
-def _samples(planner: Planner) -> list[Sample]:
-    """What `Metrics` reads of a planner when it collects: its pools, cache and sync-call threads."""
-    out: list[Sample] = []
-    for role, pool in planner.pools.items():
-        where: Labels = (("pool", role),)
-        out.append(("planner_pool_connections", (*where, ("state", "in_use")), pool.in_use))
-        out.append(("planner_pool_connections", (*where, ("state", "max")), pool.max_size))
-        out.append(("planner_pool_waiting", where, pool.waiting))
-    stats = planner.cache.stats(expire=False)  # read from an exporter's thread too: change nothing
-    out += [("planner_cache_hits_total", (), stats.hits), ("planner_cache_misses_total", (), stats.misses),
-            ("planner_cache_invalidations_total", (), stats.invalidations), ("planner_cache_entries", (), stats.size)]
-    threads = planner.threads
-    out += [("planner_call_threads", (("state", "busy"),), threads.busy),
-            ("planner_call_threads", (("state", "abandoned"),), threads.abandoned),
-            ("planner_call_threads", (("state", "max"),), threads.size),
-            # Calls waiting for a thread, where the threads queue them (a bounded line before them).
-            ("planner_call_threads", (("state", "queued"),), threads.queued),
-            ("planner_call_rejected_total", (), threads.rejected)]
-    return out
 
 
 def _from_settings(settings: Settings) -> dict[str, Any]:
@@ -336,11 +283,14 @@ def _from_settings(settings: Settings) -> dict[str, Any]:
             "default_pooler": settings.pooler}
 
 
-def _timer(metrics: Metrics, name: str, labels: Labels) -> Callable[[float], None]:
-    def observe(seconds: float) -> None:
-        metrics.observe(name, labels, seconds)
-
-    return observe
+def _replica(dsn: str | None, options: ReplicaOptions | None, settings: Settings) -> ReplicaOptions:
+    """`replica_dsn=` or `replica_options=` (not both with a DSN), the environment's below them."""
+    if dsn is not None and options is not None and options.dsn is not None:
+        raise TypeError("give the replica's DSN once: replica_dsn= or replica_options=ReplicaOptions(dsn=...)")
+    options = options or ReplicaOptions()
+    chosen = dsn if dsn is not None else options.dsn if options.dsn is not None else settings.replica_dsn
+    lag = options.max_lag if options.max_lag is not None else settings.replica_max_lag
+    return ReplicaOptions(dsn=chosen or None, max_lag=lag)
 
 
 def resolve_on_error(given: str | None, default: OnError = "default") -> OnError:

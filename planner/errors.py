@@ -230,10 +230,10 @@ class FlowNotFound(FlowFailed, NotFound):
 
 
 class CallThreadsBusy(NodeError):
-    """A sync `call:` waited for one of the Planner's `call_threads` as long as it could (its node's
-    timeout, else `call_wait`) and never started, or found the queue of waiting calls full.
+    """A sync `call:` waited for one of the Planner's threads (`CallOptions.threads`) as long as it could
+    (its node's timeout, else `CallOptions.wait`) and never started, or found the queue of waiting calls full.
 
     Transient: a retry may find a thread free. Every one is counted (`CallThreads.stats()`) and
-    logged at WARNING; raise `call_threads` (or lower the load) when it happens."""
+    logged at WARNING; raise `CallOptions.threads` (or lower the load) when it happens."""
 
     transient = True

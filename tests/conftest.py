@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from planner import Planner
+from planner import CallOptions, Planner
 from tests import nodes
 
 pytest_plugins = ["tests.db_fixtures"]
@@ -88,4 +88,4 @@ def write_flow(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture
 def planner(tmp_path: Path) -> Planner:
     """A Planner over `write_flow`'s folder, allowed to call `tests.nodes`."""
-    return Planner(flows=tmp_path, allowed_modules=["tests"])
+    return Planner(flows=tmp_path, call_options=CallOptions(allowed_modules=["tests"]))

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import planner as planner_pkg
-from planner import FlowError, FlowFileError, FlowInputError, Planner, load_flow, load_flows, run_flow
+from planner import CallOptions, FlowError, FlowFileError, FlowInputError, Planner, load_flow, load_flows, run_flow
 from planner.config import module_allowed
 from planner.errors import DatabaseUnavailable
 from planner.flows import QUIET_S
@@ -277,7 +277,7 @@ async def test_a_flow_is_compiled_off_the_event_loop(tmp_path: Path) -> None:
 
     tick = asyncio.create_task(ticker())
     await asyncio.sleep(0.01)  # the ticker is ticking
-    planner = Planner(flows=tmp_path, allowed_modules=["tests"])
+    planner = Planner(flows=tmp_path, call_options=CallOptions(allowed_modules=["tests"]))
     await planner.versions.entry("big")  # the load a first run makes, without running 3,000 nodes
     loading.set()
     await tick

@@ -22,12 +22,14 @@ import asyncpg
 import pytest
 
 from planner import (
+    CallOptions,
     DatabaseUnavailable,
     FlowError,
     FlowFailed,
     FlowResult,
     NodeState,
     Planner,
+    PoolOptions,
     QueryError,
     load_flow,
 )
@@ -86,7 +88,7 @@ nodes:
 async def test_a_flow_whose_sql_nodes_are_all_overridden_opens_nothing(write_flow: Write, tmp_path: Path, make: Callable[[], Backend]) -> None:
     write_flow(_OVERRIDDEN)
     backend = make()
-    async with Planner(flows=tmp_path, backend=backend, allowed_modules=["tests"]) as planner:
+    async with Planner(flows=tmp_path, backend=backend, call_options=CallOptions(allowed_modules=["tests"])) as planner:
         result = await planner.run("t", {"x": 1}, overrides={"a": 10, "b": 20})
     assert result.values == {"a": 10, "b": 20, "c": 30}
     if isinstance(backend, Counting):
@@ -99,7 +101,7 @@ async def test_a_flow_whose_sql_nodes_are_all_overridden_opens_nothing(write_flo
 @pytest.mark.parametrize("backend", [pytest.param(Offline, id="offline"), pytest.param(lambda: PoolBackend(dsn=UNREACHABLE), id="pool")])
 async def test_a_flow_with_one_sql_node_left_to_run_needs_the_database(write_flow: Write, tmp_path: Path, backend: Callable[[], Backend]) -> None:
     write_flow(_OVERRIDDEN)
-    async with Planner(flows=tmp_path, backend=backend(), allowed_modules=["tests"]) as planner:
+    async with Planner(flows=tmp_path, backend=backend(), call_options=CallOptions(allowed_modules=["tests"])) as planner:
         with pytest.raises(DatabaseUnavailable):
             await planner.run("t", {"x": 1}, overrides={"a": 10})
 
@@ -119,10 +121,10 @@ nodes:
 
 async def test_a_wrapping_backend_sees_every_sql_query_and_changes_no_value(write_flow: Write, tmp_path: Path, demo_dsn: str) -> None:
     write_flow(_LOOKUPS)
-    async with Planner(flows=tmp_path, dsn=demo_dsn, allowed_modules=["tests"]) as plain:
+    async with Planner(flows=tmp_path, dsn=demo_dsn, call_options=CallOptions(allowed_modules=["tests"])) as plain:
         expected = (await plain.run("t", {"name": "acme"})).values
     counting = Counting(PoolBackend(dsn=demo_dsn))
-    async with Planner(flows=tmp_path, backend=counting, allowed_modules=["tests"]) as planner:
+    async with Planner(flows=tmp_path, backend=counting, call_options=CallOptions(allowed_modules=["tests"])) as planner:
         result = await planner.run("t", {"name": "acme"})
     assert result.values == expected
     assert expected["pair"] == [{"doubled": 2, "name": "acme"}] and expected["echo"] == expected["count"]
@@ -149,7 +151,7 @@ async def test_an_in_memory_flow_runs_and_is_bound_once_per_flow_object() -> Non
         binds.append((flow, node))  # called when a node is bound, never when it runs
         return run
 
-    planner = Planner(backend=Offline(), allowed_modules=["tests"], node_wrapper=wrapper)
+    planner = Planner(backend=Offline(), node_wrapper=wrapper, call_options=CallOptions(allowed_modules=["tests"]))
     flow = load_flow(text=_IN_MEMORY, name="mem")
     first = await planner.run(flow, {"x": 1})
     second = await planner.run(flow, {"x": 5})
@@ -182,7 +184,7 @@ def _node_errors(result: FlowResult) -> list[BaseException]:
 
 @pytest.fixture
 async def db_planner(tmp_path: Path, demo_dsn: str) -> AsyncIterator[Planner]:
-    async with Planner(flows=tmp_path, dsn=demo_dsn, allowed_modules=["tests"]) as planner:
+    async with Planner(flows=tmp_path, dsn=demo_dsn, call_options=CallOptions(allowed_modules=["tests"])) as planner:
         yield planner
 
 
@@ -280,7 +282,7 @@ async def test_a_database_dropped_under_an_open_pool_gives_planners_errors(write
     await create_database(pg_dsn, name)
     write_flow("nodes:\n  a: {sql: 'SELECT 1', fetch: value}\n")
     try:
-        async with Planner(flows=tmp_path, dsn=with_database(pg_dsn, name), min_size=1, max_size=1) as planner:
+        async with Planner(flows=tmp_path, dsn=with_database(pg_dsn, name), pool_options=PoolOptions(min_size=1, max_size=1)) as planner:
             assert (await planner.run("t")).values == {"a": 1}
             await planner.stack.primary.drain()
             await drop_database(pg_dsn, name)  # WITH (FORCE): the pool's connection is killed

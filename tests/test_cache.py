@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from planner import FlowFailed, FlowFileError, NodeResult, NodeState, Planner, QueryError, load_flow
+from planner import CallOptions, FlowFailed, FlowFileError, NodeResult, NodeState, Planner, QueryError, load_flow
 from planner.db.cache import CacheBackend
 from planner.db.pool import PoolBackend
 from planner.graph import CompiledFlow
@@ -369,7 +369,7 @@ def test_invalidates_names_cached_nodes_of_the_flow() -> None:
 async def counted(tmp_path: Path, demo_dsn: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Planner, Counting]]:
     monkeypatch.delenv("PLANNER_CACHE", raising=False)
     counting = Counting(PoolBackend(dsn=demo_dsn))
-    async with Planner(flows=tmp_path, backend=counting, allowed_modules=["tests"]) as planner:
+    async with Planner(flows=tmp_path, backend=counting, call_options=CallOptions(allowed_modules=["tests"])) as planner:
         yield planner, counting
 
 
@@ -577,7 +577,7 @@ async def test_sequential_mode_still_uses_the_cache(write_flow: Write, counted: 
     _, counting = counted
     monkeypatch.setenv("PLANNER_MODE", "sequential")  # read by the Planner made next
     write_flow(INSTANCE)
-    async with Planner(flows=tmp_path, backend=counting, allowed_modules=["tests"]) as planner:
+    async with Planner(flows=tmp_path, backend=counting, call_options=CallOptions(allowed_modules=["tests"])) as planner:
         for _ in range(3):
             result = await planner.run("t", {"name": "acme"})
     assert result.mode == "sequential" and counting.sent["instance"] == 1

@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from planner import FlowResult, Planner
+from planner import FlowResult, Planner, PoolOptions
 from planner.db.pool import PoolBackend
 from planner.demo.latency_proxy import LatencyProxy
 
@@ -319,7 +319,7 @@ async def test_a_process_with_a_cache_holds_its_pool_and_one_listening_connectio
             return int(await probe.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"))
 
-        async with Planner(flows=flows, dsn=demo_dsn, min_size=2, max_size=2, metrics=False) as planner:
+        async with Planner(flows=flows, dsn=demo_dsn, metrics=False, pool_options=PoolOptions(min_size=2, max_size=2)) as planner:
             await asyncio.gather(*(_threshold(planner) for _ in range(8)))  # the pool grown to its size
             pool = await planner.stack.primary.pool()
             assert pool.get_size() == 2

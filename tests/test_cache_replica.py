@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from planner import Planner
+from planner import CacheOptions, Planner, ReplicaOptions
 from tests import test_replica
 from tests.replica_pair import Pair
 from tests.test_replica import _pause, _resume, _until
@@ -75,7 +75,7 @@ async def planners(db: tuple[str, str], cached: Path) -> AsyncIterator[Callable[
     made: list[Planner] = []
 
     def make() -> Planner:
-        planner = Planner(flows=cached, dsn=primary, replica_dsn=replica, replica_max_lag="60s", cache_channel=CHANNEL)
+        planner = Planner(flows=cached, dsn=primary, replica_dsn=replica, replica_options=ReplicaOptions(max_lag="60s"), cache_options=CacheOptions(channel=CHANNEL))
         made.append(planner)
         return planner
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from planner import CallThreadsBusy, NodeState, NodeTimeout, Planner
+from planner import CallOptions, CallThreadsBusy, NodeState, NodeTimeout, Planner, PoolOptions
 from planner.kinds.backend import Offline
 from planner.kinds.call import CallThreads
 from tests import nodes
@@ -50,7 +50,7 @@ async def _until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
 
 async def test_a_sync_call_that_times_out_is_defaulted_and_its_thread_counted_abandoned(write_flow: Write, tmp_path: Path) -> None:
     write_flow("nodes:\n  a: {call: tests.nodes:block, with: {seconds: 2}, timeout: 100ms, default: late}\n")
-    planner = Planner(flows=tmp_path, backend=Offline(), allowed_modules=["tests"])
+    planner = Planner(flows=tmp_path, backend=Offline(), call_options=CallOptions(allowed_modules=["tests"]))
     started = time.monotonic()
     result = await planner.run("t")
     assert time.monotonic() - started < 1.0, "the run waited for the thread"
@@ -70,7 +70,7 @@ async def test_a_sync_call_that_gets_no_thread_within_its_timeout_fails_saying_s
           stuck2: {call: tests.nodes:block, with: {seconds: 10}, timeout: 100ms}
           third: {call: tests.nodes:quick, after: [stuck1, stuck2], timeout: 300ms}
         """)
-    planner = Planner(flows=tmp_path, backend=Offline(), allowed_modules=["tests"], call_threads=2)
+    planner = Planner(flows=tmp_path, backend=Offline(), call_options=CallOptions(allowed_modules=["tests"], threads=2))
     with caplog.at_level(logging.WARNING, logger="planner"):
         result = await planner.run("t")
     third = result.nodes["third"]
@@ -80,7 +80,7 @@ async def test_a_sync_call_that_gets_no_thread_within_its_timeout_fails_saying_s
     assert ("all 2 threads for sync calls stayed busy for the 300 ms this call could wait "
             "(2 of them still running calls that timed out") in str(third.error)
     assert (planner.threads.busy, planner.threads.queued, planner.threads.rejected) == (2, 0, 1)
-    assert any("node third of flow t: all 2 threads" in r.getMessage() and "raise call_threads" in r.getMessage()
+    assert any("node third of flow t: all 2 threads" in r.getMessage() and "raise CallOptions.threads" in r.getMessage()
                for r in caplog.records)
 
 
@@ -104,7 +104,7 @@ async def test_a_real_load_of_concurrent_runs_on_few_threads_answers_every_run(w
           summary: {call: tests.nodes:nap, with: {ms: 5, value: $i}}
           other: {call: tests.nodes:echo, with: {value: $i}}
         """)
-    planner = Planner(flows=tmp_path, backend=Offline(), allowed_modules=["tests"], call_threads=8)
+    planner = Planner(flows=tmp_path, backend=Offline(), call_options=CallOptions(allowed_modules=["tests"], threads=8))
     results = await asyncio.gather(*(planner.run("t", {"i": i}) for i in range(200)))
     assert [r.values["summary"] for r in results] == list(range(200))
     assert not any(r.degraded for r in results)
@@ -180,7 +180,7 @@ nodes:
 
 async def test_a_planner_sizes_its_threads_for_its_concurrency(write_flow: Write, tmp_path: Path) -> None:
     write_flow(PARALLEL_SYNC)
-    planner = Planner(flows=tmp_path, backend=Offline(), allowed_modules=["tests"], concurrency=100)
+    planner = Planner(flows=tmp_path, backend=Offline(), call_options=CallOptions(allowed_modules=["tests"], concurrency=100))
     await planner.run("t")
     assert planner.threads.size == 200  # two sync calls in the first group, 100 runs at once
 
@@ -188,20 +188,20 @@ async def test_a_planner_sizes_its_threads_for_its_concurrency(write_flow: Write
 async def test_too_few_threads_given_for_the_concurrency_are_warned_about_once(
         write_flow: Write, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_flow(PARALLEL_SYNC)
-    planner = Planner(flows=tmp_path, backend=Offline(), allowed_modules=["tests"], concurrency=10, call_threads=4)
+    planner = Planner(flows=tmp_path, backend=Offline(), call_options=CallOptions(allowed_modules=["tests"], concurrency=10, threads=4))
     with caplog.at_level(logging.WARNING, logger="planner"):
         await planner.run("t")
         await planner.run("t")
     warnings = [r.getMessage() for r in caplog.records if "may need" in r.getMessage()]
     assert len(warnings) == 1 and planner.threads.size == 4
-    assert "flow t: up to 2 sync call(s) at once x 10 runs in flight (concurrency=) may need 20 threads" in warnings[0]
-    assert "call_threads=4" in warnings[0]
+    assert "flow t: up to 2 sync call(s) at once x 10 runs in flight (CallOptions.concurrency) may need 20 threads" in warnings[0]
+    assert "CallOptions(threads=4)" in warnings[0]
 
 
 async def test_without_concurrency_the_pool_size_is_the_runs_in_flight(write_flow: Write, tmp_path: Path,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     write_flow(PARALLEL_SYNC)
-    planner = Planner(flows=tmp_path, backend=Offline(), allowed_modules=["tests"], max_size=5, call_threads=8)
+    planner = Planner(flows=tmp_path, backend=Offline(), call_options=CallOptions(allowed_modules=["tests"], threads=8), pool_options=PoolOptions(max_size=5))
     with caplog.at_level(logging.WARNING, logger="planner"):
         await planner.run("t")
     assert any("x 5 runs in flight" in r.getMessage() and "may need 10 threads" in r.getMessage()
@@ -211,7 +211,7 @@ async def test_without_concurrency_the_pool_size_is_the_runs_in_flight(write_flo
 async def test_a_need_beyond_what_planner_sizes_by_itself_is_warned_about(write_flow: Write, tmp_path: Path,
                                                                          caplog: pytest.LogCaptureFixture) -> None:
     write_flow(PARALLEL_SYNC)
-    planner = Planner(flows=tmp_path, backend=Offline(), allowed_modules=["tests"], concurrency=1000)
+    planner = Planner(flows=tmp_path, backend=Offline(), call_options=CallOptions(allowed_modules=["tests"], concurrency=1000))
     with caplog.at_level(logging.WARNING, logger="planner"):
         await planner.run("t")
     assert planner.threads.size == 32
@@ -220,7 +220,7 @@ async def test_a_need_beyond_what_planner_sizes_by_itself_is_warned_about(write_
 
 async def test_threads_freed_by_returning_calls_serve_new_calls(write_flow: Write, tmp_path: Path) -> None:
     write_flow("nodes:\n  a: {call: tests.nodes:block, with: {seconds: 10}, timeout: 100ms}\n")
-    planner = Planner(flows=tmp_path, backend=Offline(), allowed_modules=["tests"], call_threads=1, call_wait=0.1)
+    planner = Planner(flows=tmp_path, backend=Offline(), call_options=CallOptions(allowed_modules=["tests"], threads=1, wait=0.1))
     await planner.run("t")
     (tmp_path / "q.yaml").write_text("nodes:\n  a: {call: tests.nodes:quick}\n")
     assert isinstance((await planner.run("q")).nodes["a"].error, CallThreadsBusy)
@@ -266,7 +266,7 @@ async def test_a_chain_of_sync_calls_runs_on_one_thread(write_flow: Write, tmp_p
           c: {call: tests.nodes:add, with: {a: $b, b: 1}}
           d: {call: tests.nodes:add, with: {a: $c, b: 1}}
         """)
-    planner = Planner(flows=tmp_path, backend=Offline(), allowed_modules=["tests"], call_threads=1)
+    planner = Planner(flows=tmp_path, backend=Offline(), call_options=CallOptions(allowed_modules=["tests"], threads=1))
     for _ in range(30):
         result = await planner.run("t")
         assert {n: r.error for n, r in result.nodes.items() if r.error} == {}
@@ -275,7 +275,7 @@ async def test_a_chain_of_sync_calls_runs_on_one_thread(write_flow: Write, tmp_p
 
 async def test_an_exception_of_a_sync_call_is_the_nodes_error(write_flow: Write, tmp_path: Path) -> None:
     write_flow("nodes:\n  a: {call: tests.nodes:add, with: {a: 1, b: x}, default: 0}\n")
-    planner = Planner(flows=tmp_path, backend=Offline(), allowed_modules=["tests"])
+    planner = Planner(flows=tmp_path, backend=Offline(), call_options=CallOptions(allowed_modules=["tests"]))
     node = (await planner.run("t")).nodes["a"]
     assert node.state is NodeState.DEFAULTED and isinstance(node.error, TypeError)
     assert planner.threads.busy == 0

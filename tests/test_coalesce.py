@@ -22,7 +22,7 @@ from asyncpg.connection import LoggedQuery
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from planner import FlowFailed, FlowResult, NodeState, NodeTimeout, Planner, QueryError
+from planner import CallOptions, FlowFailed, FlowResult, NodeState, NodeTimeout, Planner, PoolOptions, QueryError
 from planner.db.coalesce import MAX_WRITE_BATCH, CoalescingBackend
 from planner.db.pool import PoolBackend
 from planner.kinds.backend import Outcome, Query, WrappingBackend
@@ -230,7 +230,7 @@ async def stacks(tmp_path: Path, demo_dsn: str, write_flow: Write) -> AsyncItera
         spy = Spy(pool)
         coalescer = CoalescingBackend(spy, batches=spy, **options)
         entry = Entry(coalescer)
-        planner = Planner(flows=tmp_path, backend=entry, allowed_modules=["tests"])
+        planner = Planner(flows=tmp_path, backend=entry, call_options=CallOptions(allowed_modules=["tests"]))
         made.append(planner)
         return Stack(planner, coalescer, spy, entry, pool, size, demo_dsn)
 
@@ -634,7 +634,7 @@ async def test_the_default_planner_coalesces_unless_the_environment_says_no(
     batches: dict[str, set[int]] = {}
     for setting in ("1", "0"):
         monkeypatch.setenv("PLANNER_COALESCE", setting)
-        async with Planner(flows=tmp_path, dsn=demo_dsn, min_size=1, max_size=1) as planner:
+        async with Planner(flows=tmp_path, dsn=demo_dsn, pool_options=PoolOptions(min_size=1, max_size=1)) as planner:
             planner.load("t")
             holder = asyncio.create_task(planner.run("hold", {"s": 0.2}))
             await until(lambda: not planner.stack.primary.idle())

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planner import Planner, load_flow
+from planner import Planner, PoolOptions, load_flow
 from planner.compile import plan_groups
 from planner.testing.pytest_plugin import fresh_database
 
@@ -262,8 +262,8 @@ async def test_a_compiled_flow_gives_the_outcomes_and_rows_of_sequential_mode(
     await _reset(first, rows)
     await _reset(second, rows)
     flow = load_flow(text=text, name="random")
-    async with Planner(dsn=first, embedded=False) as compiled, \
-            Planner(dsn=second, embedded=False, mode="sequential") as sequential:
+    async with Planner(dsn=first, pool_options=PoolOptions(embedded=False)) as compiled, \
+            Planner(dsn=second, mode="sequential", pool_options=PoolOptions(embedded=False)) as sequential:
         a, b = await _result(compiled.run(flow, {"k": k})), await _result(sequential.run(flow, {"k": k}))
     assert _outcomes(a) == _outcomes(b), text
     assert a.output == b.output

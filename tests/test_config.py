@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from planner import FlowFileError, Planner
+from planner import CallOptions, FlowFileError, Planner
 from planner.config import DEFAULT_ALLOWED, CallTargets
 from planner.kinds.backend import Offline
 from planner.settings import Settings, SettingsError
@@ -58,13 +58,13 @@ async def test_creating_and_running_a_planner_leaves_sys_path_alone(tmp_path: Pa
 
 async def test_an_explicit_allow_list_naming_a_folder_module_still_imports_it(tmp_path: Path) -> None:
     folder = _folder(tmp_path / "flows", {"helpers.py": "def which():\n    return 'folder'\n"}, _HELPERS_FLOW)
-    planner = Planner(flows=folder, backend=Offline(), allowed_modules=["tests", "helpers"])
+    planner = Planner(flows=folder, backend=Offline(), call_options=CallOptions(allowed_modules=["tests", "helpers"]))
     assert (await planner.run("f")).values == {"a": "folder"}
 
 
 async def test_an_explicit_allow_list_without_the_folder_module_refuses_it(tmp_path: Path) -> None:
     folder = _folder(tmp_path / "flows", {"helpers.py": "def which():\n    return 'folder'\n"}, _HELPERS_FLOW)
-    planner = Planner(flows=folder, backend=Offline(), allowed_modules=["tests"])
+    planner = Planner(flows=folder, backend=Offline(), call_options=CallOptions(allowed_modules=["tests"]))
     with pytest.raises(FlowFileError, match="module 'helpers' is not allowed"):
         await planner.run("f")
 
@@ -325,8 +325,12 @@ def test_a_planner_made_without_settings_reads_the_environment_once(tmp_path: Pa
 
 def test_the_planners_own_arguments_beat_its_settings(tmp_path: Path) -> None:
     settings = Settings(flows=tmp_path / "elsewhere", on_error="fail", allowed_modules=("x",), metrics=False)
-    planner = Planner(flows=tmp_path, backend=Offline(), settings=settings, on_error="default",
-                      allowed_modules=["tests"], metrics=True)
+    planner = Planner(flows=tmp_path,
+                      backend=Offline(),
+                      settings=settings,
+                      on_error="default",
+                      metrics=True,
+                      call_options=CallOptions(allowed_modules=["tests"]))
     assert (planner.flows_dir, planner.on_error, planner.allowed) == (tmp_path, "default", ["tests"])
     assert planner.metrics is not None
     assert Planner(backend=Offline(), settings=settings).flows_dir == tmp_path / "elsewhere"

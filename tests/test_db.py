@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from planner import FlowFailed, NodeState, NodeTimeout, Planner, QueryError
+from planner import CallOptions, FlowFailed, NodeState, NodeTimeout, Planner, QueryError
 from planner.db.translate import translate
 
 Write = Callable[..., Path]
@@ -17,7 +17,7 @@ Write = Callable[..., Path]
 
 @pytest.fixture
 async def db_planner(tmp_path: Path, demo_dsn: str) -> AsyncIterator[Planner]:
-    async with Planner(flows=tmp_path, dsn=demo_dsn, allowed_modules=["tests"]) as planner:
+    async with Planner(flows=tmp_path, dsn=demo_dsn, call_options=CallOptions(allowed_modules=["tests"])) as planner:
         yield planner
 
 

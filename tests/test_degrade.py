@@ -13,12 +13,14 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from planner import (
+    CallOptions,
     FlowFailed,
     FlowFileError,
     FlowNotFound,
     NodeState,
     NotFound,
     Planner,
+    PoolOptions,
     QueryError,
     ReferenceFieldError,
     load_flow,
@@ -30,7 +32,7 @@ FAILING = "  a: {call: tests.nodes:fail, default: fallback}\n  b: {call: tests.n
 
 
 def _offline(folder: Path, **kw: object) -> Planner:
-    return Planner(flows=folder, backend=Offline(), allowed_modules=["tests"], **kw)  # type: ignore[arg-type]
+    return Planner(flows=folder, backend=Offline(), **kw, call_options=CallOptions(allowed_modules=["tests"]))  # type: ignore[arg-type]
 
 
 # --- what a failure does when the node says nothing ----------------------------------------
@@ -245,7 +247,7 @@ async def test_concurrent_runs_of_a_required_node_each_get_their_own_answer(writ
     import asyncio
 
     path = write_flow(REQUIRED)
-    async with Planner(flows=path.parent, dsn=demo_dsn, max_size=2) as planner:
+    async with Planner(flows=path.parent, dsn=demo_dsn, pool_options=PoolOptions(max_size=2)) as planner:
         outcomes = await asyncio.gather(*(planner.run("t", {"id": i % 2 or -1}) for i in range(20)),
                                         return_exceptions=True)
     for i, outcome in enumerate(outcomes):
@@ -324,7 +326,7 @@ async def test_200_concurrent_runs_with_sync_and_async_calls_all_answer_right(
     import asyncio
 
     path = write_flow(LOADED)
-    async with Planner(flows=path.parent, dsn=demo_dsn, allowed_modules=["tests"], call_threads=threads) as planner:
+    async with Planner(flows=path.parent, dsn=demo_dsn, call_options=CallOptions(allowed_modules=["tests"], threads=threads)) as planner:
         expected = (await planner.run("t", {"id": 1})).output
         assert expected["id"] == 1 and isinstance(expected["name"], str)
         results = await asyncio.gather(*(planner.run("t", {"id": 1}) for _ in range(200)))

@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from planner import FlowFileError, Planner, load_flow
+from planner import FlowFileError, Planner, PoolOptions, ReplicaOptions, load_flow
 from planner.db.catalog import Catalog
 from planner.db.judge import BUILTIN_EFFECTS as BUILTIN_QUERY
 from planner.db.judge import builtin_effects_source, resolve
@@ -305,7 +305,7 @@ nodes:
 ])
 async def test_five_concurrent_job_claims_each_get_a_different_job(db: str, tmp_path: Path, sql: str) -> None:
     (tmp_path / "claim.yaml").write_text(CLAIM.format(sql=sql))
-    async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:
+    async with Planner(flows=tmp_path, dsn=db, pool_options=PoolOptions(min_size=1, max_size=1)) as planner:
         results = await asyncio.gather(*(planner.run("claim") for _ in range(5)))
     jobs = [r.nodes["claim"].value for r in results]
     assert len(set(jobs)) == 5, jobs
@@ -316,7 +316,7 @@ async def test_job_claims_combined_with_coalesce_true_still_each_get_a_different
     # Parameters of their own: writes with identical parameters never share a statement at all.
     (tmp_path / "claim.yaml").write_text(
         "inputs: {n: int}\nnodes:\n  claim: {sql: 'SELECT claim_job() AS job, $n::int AS n', fetch: one, coalesce: true}\n")
-    async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:
+    async with Planner(flows=tmp_path, dsn=db, pool_options=PoolOptions(min_size=1, max_size=1)) as planner:
         results = await asyncio.gather(*(planner.run("claim", {"n": n}) for n in range(6)))
     jobs = [r.nodes["claim"].value["job"] for r in results]
     assert len(set(jobs)) == 6, jobs
@@ -333,7 +333,7 @@ nodes:
 
 async def test_concurrent_orders_of_one_user_are_each_a_row(db: str, tmp_path: Path) -> None:
     (tmp_path / "order.yaml").write_text(ORDER)
-    async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:
+    async with Planner(flows=tmp_path, dsn=db, pool_options=PoolOptions(min_size=1, max_size=1)) as planner:
         # The first finds the connection free; the others would wait for it, together.
         results = await asyncio.gather(*(planner.run("order", {"user": 7}) for _ in range(3)))
     con = await asyncpg.connect(db)
@@ -402,7 +402,7 @@ async def test_a_verdict_past_max_age_is_asked_again_before_its_statement_is_sha
     try:
         await con.execute(NEXT_JOB_STABLE)
         (tmp_path / "claim.yaml").write_text(CLAIM.format(sql="SELECT next_job()"))
-        async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:
+        async with Planner(flows=tmp_path, dsn=db, pool_options=PoolOptions(min_size=1, max_size=1)) as planner:
             catalog = planner.effects.catalog
             assert catalog is not None
             now = [0.0]
@@ -426,7 +426,7 @@ async def test_a_function_redefined_volatile_is_seen_by_the_next_check_well_befo
     try:
         await con.execute(NEXT_JOB_STABLE)
         (tmp_path / "claim.yaml").write_text(CLAIM.format(sql="SELECT next_job()"))
-        async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:
+        async with Planner(flows=tmp_path, dsn=db, pool_options=PoolOptions(min_size=1, max_size=1)) as planner:
             catalog = planner.effects.catalog
             assert catalog is not None
             now = [0.0]
@@ -480,7 +480,7 @@ async def test_a_verdict_is_asked_under_the_search_path_the_pool_runs_with(db: s
                           "CREATE FUNCTION shop.claim_x() RETURNS text LANGUAGE sql AS $$ SELECT claim_job() $$")
         await con.execute(f'ALTER DATABASE "{database}" SET search_path = shop, public')
         (tmp_path / "claim.yaml").write_text(CLAIM.format(sql="SELECT claim_x()"))
-        async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:
+        async with Planner(flows=tmp_path, dsn=db, pool_options=PoolOptions(min_size=1, max_size=1)) as planner:
             assert planner.effects.catalog is not None
             await planner.pools["primary"].pool()  # the pool's connection: shop, public
             await con.execute(f'ALTER DATABASE "{database}" RESET search_path')
@@ -498,7 +498,7 @@ async def test_pool_connections_with_different_search_paths_make_every_verdict_a
     con = await asyncpg.connect(db)
     try:
         await con.execute(f'ALTER DATABASE "{database}" SET search_path = shop, public')
-        async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=2) as planner:
+        async with Planner(flows=tmp_path, dsn=db, pool_options=PoolOptions(min_size=1, max_size=2)) as planner:
             catalog = planner.effects.catalog
             assert catalog is not None
             pool = await planner.pools["primary"].pool()
@@ -517,7 +517,7 @@ async def test_pool_connections_with_different_search_paths_make_every_verdict_a
 
 async def test_a_changed_schema_makes_the_next_run_ask_the_catalog_again(db: str, tmp_path: Path) -> None:
     (tmp_path / "n.yaml").write_text("inputs: {i: int}\nnodes:\n  n: {sql: 'SELECT job_name($i) AS name', fetch: value, on_bug: default}\n")
-    async with Planner(flows=tmp_path, dsn=db, min_size=1, max_size=1) as planner:
+    async with Planner(flows=tmp_path, dsn=db, pool_options=PoolOptions(min_size=1, max_size=1)) as planner:
         assert (await planner.run("n", {"i": 1})).nodes["n"].value == "job-1"
         catalog = planner.effects.catalog
         assert catalog is not None and catalog.resolutions == 1
@@ -597,8 +597,10 @@ async def test_the_read_after_a_function_that_writes_sees_the_write_with_a_repli
     await replica.execute("SELECT pg_wal_replay_pause()")  # the replica lags: it never has the order
     try:
         (tmp_path / "o.yaml").write_text(ORDER_THEN_READ)
-        async with Planner(flows=tmp_path, dsn=pair.primary.dsn(), replica_dsn=pair.replica.dsn(),
-                           replica_max_lag="1h") as planner:
+        async with Planner(flows=tmp_path,
+                           dsn=pair.primary.dsn(),
+                           replica_dsn=pair.replica.dsn(),
+                           replica_options=ReplicaOptions(max_lag="1h")) as planner:
             await planner.run("o", {"user": 1})
             result = await planner.run("o", {"user": 1})
     finally:

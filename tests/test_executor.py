@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from planner import (
+    CallOptions,
     FlowFailed,
     FlowFileError,
     FlowInputError,
@@ -304,7 +305,7 @@ async def test_planner_mode_environment_overrides_everything(write_flow: Write, 
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     write_flow("settings: {mode: eager}\nnodes:\n  a: {call: tests.nodes:echo}\n")
     monkeypatch.setenv("PLANNER_MODE", "sequential")
-    planner = Planner(flows=tmp_path, mode="eager", allowed_modules=["tests"])
+    planner = Planner(flows=tmp_path, mode="eager", call_options=CallOptions(allowed_modules=["tests"]))
     assert (await planner.run("t", mode="layered")).mode == "sequential"
 
 
@@ -317,7 +318,7 @@ async def test_planner_mode_is_read_when_the_planner_is_made(write_flow: Write, 
 
 async def test_settings_given_to_a_planner_set_its_mode_without_the_environment(write_flow: Write, tmp_path: Path) -> None:
     write_flow("nodes:\n  a: {call: tests.nodes:echo}\n")
-    planner = Planner(flows=tmp_path, allowed_modules=["tests"], settings=Settings(mode="layered"))
+    planner = Planner(flows=tmp_path, settings=Settings(mode="layered"), call_options=CallOptions(allowed_modules=["tests"]))
     assert (await planner.run("t", mode="eager")).mode == "layered"
 
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planner import DatabaseUnavailable, NodeState, Planner, QueryError, load_flow
+from planner import CacheOptions, DatabaseUnavailable, NodeState, Planner, QueryError, load_flow
 from planner.db.fuse import FusingBackend
 from planner.kinds.backend import Query, WrappingBackend
 
@@ -267,7 +267,7 @@ async def test_fusion_can_be_turned_off(fuse_db: str, switch: str) -> None:
 async def test_planner_fuse_0_turns_fusion_off_in_the_planners_own_stack(
         fuse_db: str, value: str, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PLANNER_FUSE", value)
-    async with Planner(dsn=fuse_db, cache_channel=None) as planner:
+    async with Planner(dsn=fuse_db, cache_options=CacheOptions(channel=None)) as planner:
         result = await planner.run(load_flow(text=SIBLINGS, name="env"), {"k": 1})
     sizes = [node.served.fused for node in result.nodes.values() if node.served is not None]
     assert (max(sizes) > 1) is fused, sizes

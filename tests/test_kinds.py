@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import Tag
 
-from planner import FlowError, FlowGraphError, Planner, load_flow
+from planner import CallOptions, FlowError, FlowGraphError, Planner, load_flow
 from planner.graph import compile_flow
 from planner.kinds import KINDS, kind_for_model, kind_of
 from planner.kinds.backend import Offline
@@ -87,7 +87,7 @@ def test_flow_settings_turn_off_sharing_in_the_sql_body() -> None:
 def test_only_a_call_whose_function_takes_db_uses_the_database() -> None:
     flow = load_flow(text="nodes:\n  s: {sql: SELECT 1}\n  c: {call: 'tests.nodes:echo'}\n"
                           "  d: {call: 'tests.nodes:with_db'}\n  x: {call: 'nowhere:f'}\n")
-    targets = Planner(backend=Offline(), allowed_modules=["tests"]).targets
+    targets = Planner(backend=Offline(), call_options=CallOptions(allowed_modules=["tests"])).targets
     uses = {name: kind_of(node.kind).uses_database(node, targets) for name, node in flow.nodes.items()}
     assert uses == {"s": True, "c": False, "d": True, "x": False}
 
@@ -118,7 +118,7 @@ class NopeBody:
 async def test_a_node_of_an_unknown_kind_is_refused_at_bind_not_run_as_another_kind(node: str) -> None:
     flow = load_flow(text=f"nodes:\n  a: {node}\n")
     flow.nodes["a"] = dataclasses.replace(flow.nodes["a"], body=NopeBody())  # type: ignore[arg-type]
-    planner = Planner(backend=Offline(), allowed_modules=["tests"])
+    planner = Planner(backend=Offline(), call_options=CallOptions(allowed_modules=["tests"]))
     with pytest.raises(FlowError, match="unknown node kind 'nope'"):
         await planner.run(flow)
 

@@ -226,12 +226,12 @@ def test_only_the_cli_imports_typer() -> None:
 def test_importing_planner_and_running_a_flow_offline_never_loads_asyncpg() -> None:
     script = textwrap.dedent("""
         import asyncio, sys
-        from planner import Planner, load_flow
+        from planner import CallOptions, Planner, load_flow
         from planner.kinds.backend import Offline
         from planner.views.validate import check_static
 
         flow = load_flow(text="nodes:\\n  a: {sql: SELECT 1}\\n  b: {call: 'tests.nodes:add', with: {a: 1, b: 2}}\\n")
-        result = asyncio.run(Planner(backend=Offline(), allowed_modules=["tests"]).run(flow, overrides={"a": 0}))
+        result = asyncio.run(Planner(backend=Offline(), call_options=CallOptions(allowed_modules=["tests"])).run(flow, overrides={"a": 0}))
         assert result.values == {"a": 0, "b": 3}, result.values
         loaded = sorted(m for m in sys.modules if m == "asyncpg" or m.startswith("asyncpg.") or m == "planner.db.pool")
         print(loaded)

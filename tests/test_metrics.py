@@ -16,7 +16,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import planner as planner_pkg
-from planner import DatabaseUnavailable, FlowInputError, Metrics, Planner
+from planner import CacheOptions, CallOptions, DatabaseUnavailable, FlowInputError, Metrics, Planner
 from planner.api import metrics_text
 from planner.run.metrics import FAMILIES, Family
 
@@ -41,7 +41,7 @@ def metrics(reader: InMemoryMetricReader) -> Metrics:
 
 @pytest.fixture
 async def db_planner(tmp_path: Path, pg_dsn: str, metrics: Metrics) -> AsyncIterator[Planner]:
-    async with Planner(flows=tmp_path, dsn=pg_dsn, allowed_modules=["tests"], metrics=metrics, cache_channel=None) as p:
+    async with Planner(flows=tmp_path, dsn=pg_dsn, metrics=metrics, call_options=CallOptions(allowed_modules=["tests"]), cache_options=CacheOptions(channel=None)) as p:
         yield p
 
 
@@ -198,7 +198,7 @@ async def test_sync_call_waits_and_refusals(tmp_path: Path, metrics: Metrics, wr
     from tests import nodes
 
     nodes.unblock.clear()  # slow holds the thread its full 1.5 s (another test may have left it set)
-    async with Planner(flows=tmp_path, allowed_modules=["tests"], metrics=metrics, call_threads=1) as p:
+    async with Planner(flows=tmp_path, metrics=metrics, call_options=CallOptions(allowed_modules=["tests"], threads=1)) as p:
         result = await p.run("sync")
         assert result.output == {"slow": "unblocked", "quick": "refused"}
         assert metrics.value("planner_call_rejected_total") == 1
@@ -222,7 +222,7 @@ async def test_runs_refused_before_any_node_are_counted(tmp_path: Path, metrics:
 
 async def test_metrics_false_records_nothing(tmp_path: Path, write_flow: Callable[..., Path]) -> None:
     write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n", name="off")
-    async with Planner(flows=tmp_path, allowed_modules=["tests"], metrics=False) as p:
+    async with Planner(flows=tmp_path, metrics=False, call_options=CallOptions(allowed_modules=["tests"])) as p:
         assert p.metrics is None
         await p.run("off")
 
@@ -230,7 +230,7 @@ async def test_metrics_false_records_nothing(tmp_path: Path, write_flow: Callabl
 async def test_planners_record_into_the_process_wide_registry_by_default(
         tmp_path: Path, write_flow: Callable[..., Path]) -> None:
     write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n", name="process_wide_probe")
-    async with Planner(flows=tmp_path, allowed_modules=["tests"]) as p:
+    async with Planner(flows=tmp_path, call_options=CallOptions(allowed_modules=["tests"])) as p:
         before = p.metrics.value("planner_flow_runs_total", flow="process_wide_probe", status="ok") if p.metrics else -1
         await p.run("process_wide_probe")
     assert _line(metrics_text(), "planner_flow_runs_total", flow="process_wide_probe", status="ok") == before + 1
@@ -284,10 +284,10 @@ import asyncio, sys
 from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from planner import Planner
+from planner import CallOptions, Planner
 
 async def main():
-    async with Planner(flows=sys.argv[1], allowed_modules=["tests"]) as planner:  # the process-wide Metrics
+    async with Planner(flows=sys.argv[1], call_options=CallOptions(allowed_modules=["tests"])) as planner:  # the process-wide Metrics
         await planner.run("t")                      # no SDK yet: nothing to record in OpenTelemetry
         reader = InMemoryMetricReader()
         metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
@@ -325,7 +325,7 @@ async def test_every_degraded_answer_under_load_is_counted_and_logged(
           summary: {call: tests.nodes:nap, with: {ms: 20, value: done}, timeout: 30ms, default: null}
         """, name="shop")
     with caplog.at_level(logging.WARNING, logger="planner"):
-        async with Planner(flows=tmp_path, allowed_modules=["tests"], metrics=metrics, call_threads=2) as planner:
+        async with Planner(flows=tmp_path, metrics=metrics, call_options=CallOptions(allowed_modules=["tests"], threads=2)) as planner:
             results = await asyncio.gather(*(planner.run("shop") for _ in range(40)))
             rejected = metrics.value("planner_call_rejected_total")
     degraded = sum(1 for r in results if r.degraded)
@@ -350,7 +350,7 @@ async def test_a_run_is_recorded_when_it_ends_not_node_by_node(
           first: {call: tests.nodes:step, with: {tag: first, signal: first_done}}
           held: {call: tests.nodes:step, with: {tag: held, wait: release, x: $first}}
         """, name="late")
-    async with Planner(flows=tmp_path, allowed_modules=["tests"], metrics=metrics) as p:
+    async with Planner(flows=tmp_path, metrics=metrics, call_options=CallOptions(allowed_modules=["tests"])) as p:
         run = asyncio.create_task(p.run("late"))
         await nodes.event("first_done").wait()
         await asyncio.sleep(0)  # `first` settles
@@ -373,7 +373,7 @@ async def test_every_outcome_is_counted_and_only_nodes_that_ran_have_a_latency(
           slow: {call: tests.nodes:sleep, with: {ms: 5000, tag: slow}}
           fails: {call: tests.nodes:fail, with: {x: $ok}, on_error: fail}
         """, name="mixed")
-    async with Planner(flows=tmp_path, allowed_modules=["tests"], metrics=metrics) as p:
+    async with Planner(flows=tmp_path, metrics=metrics, call_options=CallOptions(allowed_modules=["tests"])) as p:
         with pytest.raises(planner_pkg.FlowFailed) as failed:
             await p.run("mixed")
     assert failed.value.result.states() == {"ok": "ok", "gated": "skipped", "slow": "cancelled", "fails": "failed"}

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from planner import NodeState, NodeTimeout, Planner
+from planner import CallOptions, NodeState, NodeTimeout, Planner, PoolOptions
 from planner.kinds.backend import Offline, Query
 
 Write = Callable[..., Path]
@@ -39,7 +39,7 @@ async def test_a_node_wrapper_wraps_every_node_that_runs_and_sees_resolved_args(
           skipped: {call: tests.nodes:echo, with: {value: 1}, when: $x > 100}
         """)
     recorder = Recorder()
-    async with Planner(flows=tmp_path, dsn=demo_dsn, allowed_modules=["tests"], node_wrapper=recorder) as planner:
+    async with Planner(flows=tmp_path, dsn=demo_dsn, node_wrapper=recorder, call_options=CallOptions(allowed_modules=["tests"])) as planner:
         result = await planner.run("t", {"x": 2, "name": "acme"})
     assert result.values == {"inst": 1, "added": 3, "echoed": {"sum": 3, "tag": ["acme"]}, "skipped": None}
     assert recorder.seen == {
@@ -59,14 +59,14 @@ async def test_what_a_node_wrapper_returns_is_the_nodes_value(write_flow: Write,
 
         return wrapped
 
-    planner = Planner(flows=tmp_path, backend=Offline(), allowed_modules=["tests"], node_wrapper=doubling)
+    planner = Planner(flows=tmp_path, backend=Offline(), node_wrapper=doubling, call_options=CallOptions(allowed_modules=["tests"]))
     assert (await planner.run("t")).values == {"a": 2, "b": 4}
 
 
 async def test_under_a_wrapper_a_sql_timeout_times_the_query_not_the_wait_for_a_connection(write_flow: Write, tmp_path: Path, demo_dsn: str) -> None:
     write_flow("settings: {timeout: 3s}\nnodes:\n  a: {sql: 'SELECT 1', fetch: value, timeout: 100ms}\n")
     recorder = Recorder()
-    async with Planner(flows=tmp_path, dsn=demo_dsn, min_size=1, max_size=1, node_wrapper=recorder) as planner:
+    async with Planner(flows=tmp_path, dsn=demo_dsn, node_wrapper=recorder, pool_options=PoolOptions(min_size=1, max_size=1)) as planner:
         pool = await planner.stack.primary.pool()
         held = await pool.acquire()
         run = asyncio.create_task(planner.run("t"))
@@ -87,6 +87,6 @@ async def test_under_a_wrapper_a_sql_timeout_still_times_the_query(write_flow: W
 
 async def test_under_a_wrapper_a_call_timeout_times_the_wrapped_call(write_flow: Write, tmp_path: Path) -> None:
     write_flow("nodes:\n  a: {call: tests.nodes:sleep, with: {ms: 2000}, timeout: 100ms, default: late}\n")
-    planner = Planner(flows=tmp_path, backend=Offline(), allowed_modules=["tests"], node_wrapper=Recorder())
+    planner = Planner(flows=tmp_path, backend=Offline(), node_wrapper=Recorder(), call_options=CallOptions(allowed_modules=["tests"]))
     result = await asyncio.wait_for(planner.run("t"), 3)
     assert result.nodes["a"].state is NodeState.DEFAULTED and isinstance(result.nodes["a"].error, NodeTimeout)

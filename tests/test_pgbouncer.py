@@ -19,7 +19,17 @@ import asyncpg
 import pytest
 
 import planner.db.pool as planner_db
-from planner import DatabaseUnavailable, FlowFailed, NodeState, NodeTimeout, Planner, QueryError, load_flow
+from planner import (
+    CacheOptions,
+    DatabaseUnavailable,
+    FlowFailed,
+    NodeState,
+    NodeTimeout,
+    Planner,
+    PoolOptions,
+    QueryError,
+    load_flow,
+)
 from planner.db.coalesce import CoalescingBackend
 from planner.db.dsn import pooler_mode, split_pooler
 from planner.db.fuse import FusingBackend
@@ -80,7 +90,7 @@ async def test_the_seed_flows_give_the_same_results_through_pgbouncer_as_direct(
 
 
 async def test_many_concurrent_seed_runs_on_a_small_pool_through_pgbouncer(demo_dsn: str, pgbouncer: PgBouncer) -> None:
-    async with Planner(flows=FLOWS, dsn=pgbouncer.dsn(demo_dsn), min_size=2, max_size=2) as planner:
+    async with Planner(flows=FLOWS, dsn=pgbouncer.dsn(demo_dsn), pool_options=PoolOptions(min_size=2, max_size=2)) as planner:
         results = await asyncio.gather(*(planner.run("process_buffered", _message(phone=f"+1777000{i:04d}", message=f"m{i}"))
                                          for i in range(40)))
         assert planner.stack.coalescers["primary"].batches > 0  # reads were shared
@@ -178,7 +188,7 @@ async def test_a_statement_is_described_once_not_before_each_use(demo_dsn: str, 
 
     monkeypatch.setattr(asyncpg.Connection, "_get_statement", describe)
     flow = load_flow(text="inputs: {k: int}\nnodes: {a: {sql: 'SELECT $k::int + 1 AS v', fetch: value}}", name="one")
-    async with Planner(dsn=pgbouncer.dsn(demo_dsn), min_size=1, max_size=1, cache_size=0) as planner:
+    async with Planner(dsn=pgbouncer.dsn(demo_dsn), pool_options=PoolOptions(min_size=1, max_size=1), cache_options=CacheOptions(size=0)) as planner:
         assert (await planner.run(flow, {"k": 0})).values["a"] == 1
         # Once on the pool's connection, and once on the catalog's when it was asked what the
         # statement does (`planner.db.catalog`, a connection of its own, kept for a minute).
@@ -196,7 +206,7 @@ async def test_a_changed_result_is_described_again(demo_dsn: str, pgbouncer: PgB
     await admin.execute("CREATE TABLE pgb_shape (a int); INSERT INTO pgb_shape VALUES (1)")
     flow = load_flow(text="nodes: {r: {sql: 'SELECT * FROM pgb_shape', fetch: one, on_error: fail}}", name="shape")
     try:
-        async with Planner(dsn=pgbouncer.dsn(demo_dsn), min_size=1, max_size=1, cache_size=0) as planner:
+        async with Planner(dsn=pgbouncer.dsn(demo_dsn), pool_options=PoolOptions(min_size=1, max_size=1), cache_options=CacheOptions(size=0)) as planner:
             assert (await planner.run(flow)).values["r"] == {"a": 1}
             await admin.execute("ALTER TABLE pgb_shape ADD COLUMN b int DEFAULT 2")
             try:
@@ -207,7 +217,7 @@ async def test_a_changed_result_is_described_again(demo_dsn: str, pgbouncer: PgB
                 assert first == {"a": 1, "b": 2}
             assert (await planner.run(flow)).values["r"] == {"a": 1, "b": 2}
         monkeypatch.setattr("planner.db.pooler.DESCRIBED_S", 0.0)  # a description is used once
-        async with Planner(dsn=pgbouncer.dsn(demo_dsn), min_size=1, max_size=1, cache_size=0) as planner:
+        async with Planner(dsn=pgbouncer.dsn(demo_dsn), pool_options=PoolOptions(min_size=1, max_size=1), cache_options=CacheOptions(size=0)) as planner:
             assert (await planner.run(flow)).values["r"] == {"a": 1, "b": 2}
             await admin.execute("ALTER TABLE pgb_shape RENAME COLUMN b TO c")
             assert (await planner.run(flow)).values["r"] == {"a": 1, "c": 2}
@@ -222,7 +232,7 @@ async def test_a_backend_killed_mid_query_through_pgbouncer_is_retried(demo_dsn:
                                                                         tmp_path: Path) -> None:
     (tmp_path / "f.yaml").write_text("nodes:\n  a:\n    sql: SELECT pg_sleep(0.4) AS pgb_kill_probe\n"
                                      "    retry: {attempts: 2, backoff: 10ms}\n")
-    async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(demo_dsn), min_size=2, max_size=2) as planner:
+    async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(demo_dsn), pool_options=PoolOptions(min_size=2, max_size=2)) as planner:
         task = asyncio.create_task(planner.run("f"))
         await _terminate(demo_dsn, await _wait_for_query(demo_dsn, "pgb_kill_probe"))
         node = (await task).nodes["a"]
@@ -238,7 +248,7 @@ async def test_a_transaction_killed_half_way_through_pgbouncer_leaves_nothing(it
         "      - SELECT pg_sleep(2) AS pgb_txn_probe\n"
         "      - INSERT INTO pgb_items (k) VALUES (2)\n"
         "    on_error: fail\n")
-    async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(items_dsn), min_size=2, max_size=2) as planner:
+    async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(items_dsn), pool_options=PoolOptions(min_size=2, max_size=2)) as planner:
         task = asyncio.create_task(planner.run("f"))
         await _terminate(items_dsn, await _wait_for_query(items_dsn, "pgb_txn_probe"))
         with pytest.raises(FlowFailed):
@@ -254,7 +264,7 @@ async def test_a_transaction_killed_half_way_through_pgbouncer_leaves_nothing(it
 async def test_a_node_timeout_through_pgbouncer_cancels_on_the_server(demo_dsn: str, pgbouncer: PgBouncer,
                                                                        tmp_path: Path) -> None:
     (tmp_path / "f.yaml").write_text("nodes:\n  a: {sql: 'SELECT pg_sleep(5) AS pgb_cancel_probe', timeout: 100ms}\n")
-    async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(demo_dsn), min_size=1, max_size=1) as planner:
+    async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(demo_dsn), pool_options=PoolOptions(min_size=1, max_size=1)) as planner:
         node = (await planner.run("f")).nodes["a"]
         assert isinstance(node.error, NodeTimeout)
         assert await _gone(demo_dsn, "pgb_cancel_probe")
@@ -386,7 +396,7 @@ def test_pooler_values(value: str | None, mode: str | None) -> None:
 
 def test_statement_mode_and_unknown_values_are_refused_at_once() -> None:
     with pytest.raises(ValueError, match="statement-mode pooler cannot run"):
-        Planner(pooler="statement")
+        Planner(pool_options=PoolOptions(pooler="statement"))
     with pytest.raises(ValueError, match="expected 'transaction'"):
         PoolBackend(pooler="transactoin")
 
@@ -448,7 +458,7 @@ async def test_a_pooler_planner_was_not_told_of_is_named_first_with_what_to_add_
     monkeypatch.delenv("PLANNER_POOLER", raising=False)
     (tmp_path / "f.yaml").write_text(NOT_TOLD)
     with caplog.at_level(logging.ERROR, logger="planner"):
-        async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(demo_dsn, pooler=False), min_size=3, max_size=3) as p:
+        async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(demo_dsn, pooler=False), pool_options=PoolOptions(min_size=3, max_size=3)) as p:
             errors = await _errors_through(p)
     # Which statements fail before planner adopts the pooler (below) depends on the timing; those
     # that do, say so first. The log says it once whatever the number.
@@ -471,7 +481,7 @@ async def test_after_the_first_pooler_error_planner_runs_as_if_told(
     monkeypatch.delenv("PLANNER_POOLER", raising=False)
     (tmp_path / "f.yaml").write_text(NOT_TOLD)
     with caplog.at_level(logging.WARNING, logger="planner"):
-        async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(demo_dsn, pooler=False), min_size=3, max_size=3) as p:
+        async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(demo_dsn, pooler=False), pool_options=PoolOptions(min_size=3, max_size=3)) as p:
             first = await _errors_through(p)
             later = await _errors_through(p)
     assert len(first) < 6 * 3 * 2, first  # not every statement failed: planner adopted the pooler
@@ -483,6 +493,7 @@ async def test_after_the_first_pooler_error_planner_runs_as_if_told(
 async def test_the_dsn_the_hint_asks_for_runs_the_same_flow_cleanly(tmp_path: Path, demo_dsn: str,
                                                                     pgbouncer: PgBouncer) -> None:
     (tmp_path / "f.yaml").write_text(NOT_TOLD)
-    async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(demo_dsn, pooler=False) + "?pgbouncer=transaction",
-                       min_size=3, max_size=3) as p:
+    async with Planner(flows=tmp_path,
+                       dsn=pgbouncer.dsn(demo_dsn, pooler=False) + "?pgbouncer=transaction",
+                       pool_options=PoolOptions(min_size=3, max_size=3)) as p:
         assert await _errors_through(p) == []

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from planner import FlowFailed, FlowResult, Planner
+from planner import CallOptions, FlowFailed, FlowResult, Planner
 from planner.graph import CompiledFlow, compile_flow, plan
 from planner.kinds.backend import Offline
 from planner.lang.loader import load_text
@@ -172,7 +172,7 @@ def outcome_trace(tmp_path: Path) -> tuple[CompiledFlow, RunData]:
     import asyncio
 
     flow = _flow(OUTCOMES, name="outcomes")
-    result = asyncio.run(Planner(backend=Offline(), allowed_modules=["tests"]).run(flow, {"x": 2}))
+    result = asyncio.run(Planner(backend=Offline(), call_options=CallOptions(allowed_modules=["tests"])).run(flow, {"x": 2}))
     write_trace(result, flow, tmp_path / "t.json")
     return flow, read_trace(tmp_path / "t.json", flow)
 
@@ -207,7 +207,7 @@ def test_a_failed_node_s_error_is_on_its_box_and_in_mermaid_and_dot(tmp_path: Pa
 
     flow = _flow("nodes:\n  a: {call: tests.nodes:fail, with: {message: out of luck}, on_error: fail}\n  b: {call: tests.nodes:echo, with: {value: $a}}\n")
     with pytest.raises(FlowFailed) as info:
-        asyncio.run(Planner(backend=Offline(), allowed_modules=["tests"]).run(flow, {}))
+        asyncio.run(Planner(backend=Offline(), call_options=CallOptions(allowed_modules=["tests"])).run(flow, {}))
     result: FlowResult = info.value.result
     write_trace(result, flow, tmp_path / "t.json")
     run = read_trace(tmp_path / "t.json", flow)

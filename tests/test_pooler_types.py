@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from planner import FlowFailed, Planner, QueryError, load_flow
+from planner import CacheOptions, FlowFailed, Planner, PoolOptions, QueryError, load_flow
 from planner.db.pool import PoolBackend
 from planner.kinds.backend import Query
 from planner.lang.sqlinfo import combine_writes
@@ -44,7 +44,7 @@ async def admin(demo_dsn: str) -> AsyncIterator[asyncpg.Connection]:
 
 @pytest.fixture
 async def pooled(demo_dsn: str, pgbouncer: PgBouncer) -> AsyncIterator[Planner]:
-    async with Planner(dsn=pgbouncer.dsn(demo_dsn), min_size=1, max_size=1, cache_size=0) as planner:
+    async with Planner(dsn=pgbouncer.dsn(demo_dsn), pool_options=PoolOptions(min_size=1, max_size=1), cache_options=CacheOptions(size=0)) as planner:
         assert planner.pools["primary"].pooler == "transaction"
         yield planner
 
@@ -225,7 +225,7 @@ async def test_the_replica_pool_decides_a_stale_read_from_the_same_verdict_as_th
     # Reads routed to a replica are the pure ones; behind a pooler, its pool must be able to run
     # one again after a migration as the primary's does (one verdict, both pools).
     flow = _flow("SELECT 1 AS v")
-    async with Planner(dsn=demo_dsn, replica_dsn=demo_dsn, cache_size=0) as planner:
+    async with Planner(dsn=demo_dsn, replica_dsn=demo_dsn, cache_options=CacheOptions(size=0)) as planner:
         await _value(planner, flow)
         node = flow.nodes["r"]
         assert planner.pools["primary"].proven_pure(node)
@@ -258,7 +258,7 @@ async def test_a_read_that_changed_type_is_never_served_wrong_on_many_connection
     # Every connection of the pool has its own kept description; each one is checked.
     await admin.execute("CREATE TABLE pt (id int PRIMARY KEY, v int8); INSERT INTO pt VALUES (1, 7)")
     flow = _flow("SELECT v FROM pt WHERE id = $k")
-    async with Planner(dsn=pgbouncer.dsn(demo_dsn), min_size=4, max_size=4, cache_size=0) as planner:
+    async with Planner(dsn=pgbouncer.dsn(demo_dsn), pool_options=PoolOptions(min_size=4, max_size=4), cache_options=CacheOptions(size=0)) as planner:
         assert {r.values["r"] for r in await asyncio.gather(*(planner.run(flow, {"k": 1}) for _ in range(16)))} == {7}
         await admin.execute("ALTER TABLE pt ALTER COLUMN v TYPE float8; UPDATE pt SET v = 1.5")
         values = [r.values["r"] for r in await asyncio.gather(*(planner.run(flow, {"k": 1}) for _ in range(16)))]

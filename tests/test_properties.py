@@ -9,13 +9,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planner import CompiledFlow, FlowFailed, FlowResult, NodeState, Planner, load_flow
+from planner import CallOptions, CompiledFlow, FlowFailed, FlowResult, NodeState, Planner, load_flow
 from planner.kinds.backend import Offline
 from tests import nodes
 
 pytestmark = pytest.mark.slow
 
-_planner = Planner(backend=Offline(), allowed_modules=["tests"])  # call nodes only: no database
+_planner = Planner(backend=Offline(), call_options=CallOptions(allowed_modules=["tests"]))  # call nodes only: no database
 
 
 async def execute(flow: CompiledFlow, inputs: dict[str, Any], mode: str | None = None) -> FlowResult:

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from planner import FlowFileError, NodeResult, NodeState, Planner, load_flow
+from planner import CallOptions, FlowFileError, NodeResult, NodeState, Planner, ReplicaOptions, load_flow
 from planner.db.admin import create_database, with_database
 from planner.db.replica import parse_max_lag
 from planner.kinds.backend import Offline
@@ -399,7 +399,7 @@ async def test_a_replica_lagging_past_the_bound_sends_reads_to_the_primary(
 ) -> None:
     caplog.set_level(logging.INFO, logger="planner")
     primary, replica = db
-    async with Planner(flows=flows, dsn=primary, replica_dsn=replica, replica_max_lag="300ms") as planner:
+    async with Planner(flows=flows, dsn=primary, replica_dsn=replica, replica_options=ReplicaOptions(max_lag="300ms")) as planner:
         assert planner.replica is not None
         first = (await planner.run("count", {"note": "late"})).nodes["count"]
         assert first.value == {"n": 0, "standby": True}
@@ -446,7 +446,7 @@ async def test_a_replica_stopped_under_load_fails_no_run(
     stopped_at: float | None = None
     runs: list[tuple[float, str, Any]] = []  # (started, flow, result)
     try:
-        async with Planner(flows=flows, dsn=primary, replica_dsn=replica, allowed_modules=["planner.demo"]) as planner:
+        async with Planner(flows=flows, dsn=primary, replica_dsn=replica, call_options=CallOptions(allowed_modules=["planner.demo"])) as planner:
             assert planner.replica is not None
             planner.replica.backoff = (0.2, 0.5)
             done = asyncio.Event()

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from planner import Planner
+from planner import CallOptions, Planner
 from planner.run.metrics import FAMILIES
 from tests.test_examples import UNREACHABLE, serving
 
@@ -156,10 +156,10 @@ async def _json_formatter(code: str, env: Env) -> None:
 TRACED = """
 import asyncio, sys
 {code}
-from planner import Planner
+from planner import CallOptions, Planner
 
 async def main():
-    async with Planner(flows=sys.argv[1], allowed_modules=["tests"], metrics=False) as planner:
+    async with Planner(flows=sys.argv[1], call_options=CallOptions(allowed_modules=["tests"]), metrics=False) as planner:
         await planner.run("t")
 
 asyncio.run(main())
@@ -182,7 +182,7 @@ async def _tracing(code: str, env: Env) -> None:
 async def _metrics_route(code: str, env: Env) -> None:
     folder: Path = env.tmp_path
     (folder / "t.yaml").write_text("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n")
-    async with Planner(flows=folder, allowed_modules=["tests"]) as planner:  # the process-wide metrics
+    async with Planner(flows=folder, call_options=CallOptions(allowed_modules=["tests"])) as planner:  # the process-wide metrics
         await planner.run("t")
     app = (await run_block(code, {"__name__": "service_doc"}))["app"]
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://doc") as client:

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 import planner.db.pool
-from planner import Planner
+from planner import Planner, PoolOptions
 from planner.db.pool import RESET_SESSION
 
 Write = Callable[..., Path]
@@ -26,7 +26,7 @@ ROLE = f"planner_session_role_{os.getpid()}"
 
 @pytest.fixture
 async def one_connection(tmp_path: Path, demo_dsn: str) -> AsyncIterator[Planner]:
-    async with Planner(flows=tmp_path, dsn=demo_dsn, min_size=1, max_size=1) as planner:
+    async with Planner(flows=tmp_path, dsn=demo_dsn, pool_options=PoolOptions(min_size=1, max_size=1)) as planner:
         yield planner
 
 

@@ -15,7 +15,16 @@ from typing import Any
 
 import pytest
 
-from planner import DatabaseUnavailable, FlowFailed, Planner, load_flow
+from planner import (
+    CacheOptions,
+    CallOptions,
+    DatabaseUnavailable,
+    FlowFailed,
+    Planner,
+    PoolOptions,
+    ReplicaOptions,
+    load_flow,
+)
 from planner.db.cache import CacheBackend
 from planner.db.pool import PoolBackend
 from planner.db.stack import build_stack
@@ -59,7 +68,7 @@ async def test_a_backend_of_open_run_and_close_runs_cached_and_plain_sql_nodes(m
 
 async def test_a_call_node_that_takes_db_over_a_backend_with_no_pool_is_told_there_is_none(tmp_path: Path) -> None:
     (tmp_path / "t.yaml").write_text("nodes:\n  c: {call: tests.test_stack:takes_db, on_error: fail}\n")
-    async with Planner(flows=tmp_path, backend=Minimal(), allowed_modules=["tests"]) as planner:
+    async with Planner(flows=tmp_path, backend=Minimal(), call_options=CallOptions(allowed_modules=["tests"])) as planner:
         with pytest.raises(FlowFailed) as raised:
             await planner.run("t")
     error = raised.value.result.nodes["c"].error
@@ -67,7 +76,8 @@ async def test_a_call_node_that_takes_db_over_a_backend_with_no_pool_is_told_the
 
 
 def test_the_stack_names_each_part_and_gives_each_wrapper_the_pool() -> None:
-    stack = build_stack(dsn=NOWHERE, replica_dsn=NOWHERE + "_replica", cache_channel="c")
+    stack = build_stack(dsn=NOWHERE, replica_options=ReplicaOptions(dsn=NOWHERE + "_replica"),
+                        cache_options=CacheOptions(channel="c"))
     primary, replica_pool = stack.pools["primary"], stack.pools["replica"]
     assert stack.primary is primary and stack.database is primary
     assert stack.coalescers["primary"].pool is primary and stack.coalescers["replica"].pool is replica_pool
@@ -80,7 +90,7 @@ def test_the_stack_names_each_part_and_gives_each_wrapper_the_pool() -> None:
 
 
 def test_behind_a_transaction_pooler_the_cache_stays_in_its_process() -> None:
-    stack = build_stack(dsn=NOWHERE, pooler="transaction", cache_channel="c")
+    stack = build_stack(dsn=NOWHERE, pool_options=PoolOptions(pooler="transaction"), cache_options=CacheOptions(channel="c"))
     assert stack.cache.channel is None and stack.cache.via is None
 
 
@@ -107,4 +117,4 @@ def test_a_cache_channel_without_what_carries_it_is_refused() -> None:
 
 def test_a_replica_with_a_callers_backend_is_refused() -> None:
     with pytest.raises(TypeError, match="ReplicaBackend"):
-        build_stack(backend=Minimal(), replica_dsn=NOWHERE)
+        build_stack(backend=Minimal(), replica_options=ReplicaOptions(dsn=NOWHERE))

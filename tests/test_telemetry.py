@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from planner import Planner
+    from planner import CallOptions, Planner
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     trace.set_tracer_provider(provider)
 
     async def main():
-        planner = Planner(flows=sys.argv[1], allowed_modules=["tests"])
+        planner = Planner(flows=sys.argv[1], call_options=CallOptions(allowed_modules=["tests"]))
         await planner.run("t")
 
     asyncio.run(main())
@@ -68,10 +68,10 @@ LATE = textwrap.dedent("""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from planner import Planner
+    from planner import CallOptions, Planner
 
     async def main():
-        planner = Planner(flows=sys.argv[1], allowed_modules=["tests"])
+        planner = Planner(flows=sys.argv[1], call_options=CallOptions(allowed_modules=["tests"]))
         await planner.run("t")                      # no SDK yet: nothing traced (and the check remembered)
         exporter = InMemorySpanExporter()
         provider = TracerProvider()

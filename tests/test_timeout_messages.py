@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from planner import DatabaseUnavailable, Planner
+from planner import CallOptions, DatabaseUnavailable, Planner
 from planner.db import pool as pool_module
 from planner.db import translate as translate_module
 from planner.errors import QueryError
@@ -32,7 +32,7 @@ async def test_a_node_that_raises_a_bare_timeout_says_whose_timeout_it_was(
         tmp_path: Path, write_flow: Callable[..., Path], caplog: pytest.LogCaptureFixture) -> None:
     write_flow("nodes:\n  a: {call: tests.nodes:bare_timeout, default: null}\n", name="t")
     with caplog.at_level(logging.WARNING, logger="planner"):
-        async with Planner(flows=tmp_path, allowed_modules=["tests"], metrics=False) as planner:
+        async with Planner(flows=tmp_path, metrics=False, call_options=CallOptions(allowed_modules=["tests"])) as planner:
             result = await planner.run("t")
     assert result.nodes["a"].state == "defaulted"
     assert result.to_json()["nodes"]["a"]["error"].startswith("TimeoutError (no message: a timeout of the code")

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from planner import FlowFailed, FlowResult, NodeState, Planner, QueryError
+from planner import CacheOptions, FlowFailed, FlowResult, NodeState, Planner, PoolOptions, QueryError
 from planner.db.pool import PoolBackend
 from tests.pgbouncer import PgBouncer
 
@@ -71,7 +71,7 @@ async def left_open(dsn: str) -> list[dict[str, Any]]:
 async def test_a_value_that_cannot_be_encoded_leaves_no_open_transaction_on_the_connection(
         labels: str, write_flow: Write, tmp_path: Path) -> None:
     write_flow(WRITES, name="writes")
-    async with Planner(flows=tmp_path, dsn=labels, min_size=1, max_size=1, cache_size=0) as planner:
+    async with Planner(flows=tmp_path, dsn=labels, pool_options=PoolOptions(min_size=1, max_size=1), cache_options=CacheOptions(size=0)) as planner:
         result = await outcome(planner.run("writes", {"k": 1, "label": 5}))
         assert result.nodes["put"].state is NodeState.DEFAULTED
         assert isinstance(result.nodes["put"].error, QueryError)
@@ -83,7 +83,7 @@ async def test_the_next_run_on_the_connection_is_not_inside_the_failed_statement
         labels: str, write_flow: Write, tmp_path: Path) -> None:
     write_flow(WRITES, name="writes")
     write_flow("nodes:\n  t: {sql: 'SELECT now()', fetch: value}\n", name="clock")
-    async with Planner(flows=tmp_path, dsn=labels, min_size=1, max_size=1, cache_size=0) as planner:
+    async with Planner(flows=tmp_path, dsn=labels, pool_options=PoolOptions(min_size=1, max_size=1), cache_options=CacheOptions(size=0)) as planner:
         await outcome(planner.run("writes", {"k": 1, "label": 5}))
         observer = await asyncpg.connect(labels)
         try:
@@ -98,7 +98,7 @@ async def test_the_next_run_on_the_connection_is_not_inside_the_failed_statement
 async def test_a_fused_member_that_cannot_be_encoded_leaves_no_open_transaction(
         labels: str, write_flow: Write, tmp_path: Path) -> None:
     write_flow(READS, name="reads")
-    async with Planner(flows=tmp_path, dsn=labels, min_size=2, max_size=2, cache_size=0) as planner:
+    async with Planner(flows=tmp_path, dsn=labels, pool_options=PoolOptions(min_size=2, max_size=2), cache_options=CacheOptions(size=0)) as planner:
         result = await outcome(planner.run("reads", {"label": 5}))
         assert result.nodes["a"].state is NodeState.DEFAULTED
         assert result.values["b"] == 0
@@ -119,7 +119,7 @@ async def test_a_statement_described_and_never_run_leaves_no_open_transaction(la
 async def test_behind_pgbouncer_a_value_that_cannot_be_encoded_leaves_no_open_transaction(
         labels: str, write_flow: Write, tmp_path: Path, pgbouncer: PgBouncer) -> None:
     write_flow(WRITES, name="writes")
-    async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(labels), min_size=1, max_size=1, cache_size=0) as planner:
+    async with Planner(flows=tmp_path, dsn=pgbouncer.dsn(labels), pool_options=PoolOptions(min_size=1, max_size=1), cache_options=CacheOptions(size=0)) as planner:
         result = await outcome(planner.run("writes", {"k": 1, "label": 5}))
         assert result.nodes["put"].state is NodeState.DEFAULTED
         await planner.stack.primary.drain()

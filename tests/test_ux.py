@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from planner import (
+    CallOptions,
     DatabaseUnavailable,
     FlowDatabaseLost,
     FlowError,
@@ -22,6 +23,7 @@ from planner import (
     FlowFileError,
     NodeState,
     Planner,
+    PoolOptions,
     QueryError,
     ReferenceFieldError,
     load_flow,
@@ -181,7 +183,7 @@ async def test_a_service_can_forbid_the_embedded_fallback(write_flow: Write, mon
     else:
         monkeypatch.setenv("PLANNER_EMBEDDED", env)
     path = write_flow("nodes:\n  a: {sql: SELECT 1, fetch: value}\n")
-    async with Planner(flows=path.parent, embedded=flag) as p:
+    async with Planner(flows=path.parent, pool_options=PoolOptions(embedded=flag)) as p:
         with pytest.raises(DatabaseUnavailable, match="no database configured") as info:
             await p.run("t")
     assert says in str(info.value) and "DATABASE_URL" in str(info.value)
@@ -190,7 +192,7 @@ async def test_a_service_can_forbid_the_embedded_fallback(write_flow: Write, mon
 async def test_a_flow_without_sql_needs_no_database_even_without_the_fallback(write_flow: Write, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     path = write_flow("nodes:\n  a: {call: tests.nodes:echo, with: {value: 3}}\n")
-    async with Planner(flows=path.parent, embedded=False, allowed_modules=["tests"]) as p:
+    async with Planner(flows=path.parent, pool_options=PoolOptions(embedded=False), call_options=CallOptions(allowed_modules=["tests"])) as p:
         assert (await p.run("t")).output == {"a": 3}
 
 
@@ -225,7 +227,7 @@ async def test_a_failed_node_that_lost_the_database_raises_flow_database_lost(
         return broken if node == "order" else run
 
     path = write_flow("nodes:\n  order: {call: tests.nodes:echo, with: {value: 1}, on_error: fail}\n")
-    async with Planner(flows=path.parent, allowed_modules=["tests"], node_wrapper=wrapper) as p:
+    async with Planner(flows=path.parent, node_wrapper=wrapper, call_options=CallOptions(allowed_modules=["tests"])) as p:
         with pytest.raises(FlowFailed) as info:
             await p.run("t")
     assert isinstance(info.value, DatabaseUnavailable) is lost

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from planner import Planner, load_flow
+from planner import CacheOptions, Planner, PoolOptions, load_flow
 from planner.db import wire
 from planner.db.pooler import PoolerConnection
 from tests.pgbouncer import PgBouncer
@@ -159,7 +159,7 @@ async def test_an_unchecked_asyncpg_keeps_no_description_and_says_so(
         await admin.execute("CREATE TABLE pw (id int PRIMARY KEY, v int8); INSERT INTO pw VALUES (1, 7)")
         flow = load_flow(text="nodes: {r: {sql: 'SELECT v FROM pw WHERE id = 1', fetch: value, on_error: fail}}")
         with caplog.at_level(logging.WARNING, logger="planner"):
-            async with Planner(dsn=pgbouncer.dsn(demo_dsn), min_size=1, max_size=1, cache_size=0) as planner:
+            async with Planner(dsn=pgbouncer.dsn(demo_dsn), pool_options=PoolOptions(min_size=1, max_size=1), cache_options=CacheOptions(size=0)) as planner:
                 assert (await planner.run(flow)).values["r"] == 7
                 await admin.execute("ALTER TABLE pw ALTER COLUMN v TYPE float8; UPDATE pw SET v = 1.5")
                 assert (await planner.run(flow)).values["r"] == 1.5

@@ -13,20 +13,20 @@ the cache the channel's `via=`, the replica router the primary's pool; compiled 
 `stack.effects` the outermost wrapper (`stack.backend`) and its catalog.
 
 `Planner.__init__` calls `build_stack`; tests and benchmarks that need a part of the stack
-build one here (or read `planner.stack`). Its arguments are `Planner`'s database keywords,
-plain, each meaning what it means there (see `planner.api.Planner`):
+build one here (or read `planner.stack`). Its arguments are `Planner`'s database keywords and
+option groups (`PoolOptions`, `CacheOptions`, `ReplicaOptions`, below), each meaning what it
+means there (see `planner.api.Planner`):
 
 - `dsn`/`pool`: the primary (an owned pool from a DSN, or a borrowed asyncpg pool); neither:
-  `database_url`, else the embedded server (`embedded=False` forbids it). `min_size`,
-  `max_size`, `full_reset`, `pooler` configure the pool(s).
+  `database_url`, else the embedded server. `pool_options` configure the pool(s).
 - `backend`: a backend of the caller's own, used as given instead of planner's pools: only
   the cache and the effects wrapper go above it. A `PoolBackend` found under it (its
   wrappers' `inner`) still gives the catalog its connection.
-- `replica_dsn` (None or "" for none) and `replica_max_lag` (None: 10 s): a read replica with
-  a stack of its own, routed per node (`planner.db.replica`).
-- `cache_size`, `cache_channel` (None: invalidations stay in this process; so they do behind
-  a transaction-mode pooler, which LISTEN cannot pass, and over a caller's own backend with no
-  planner pool under it, which has no channel to carry them).
+- `replica_options`: a read replica (its `dsn`; None or "" for none) with a stack of its own,
+  routed per node (`planner.db.replica`).
+- `cache_options`: the cache's size and channel (None: invalidations stay in this process; so
+  they do behind a transaction-mode pooler, which LISTEN cannot pass, and over a caller's own
+  backend with no planner pool under it, which has no channel to carry them).
 
 - What the environment says (`planner.settings.Settings`, read by the facade and passed in
   here; nothing in this package reads the environment): `coalesce`, `fuse`, `cache` (the
@@ -58,6 +58,51 @@ if TYPE_CHECKING:
 
 CACHE_CHANNEL = "planner_cache"
 """The LISTEN/NOTIFY channel that carries cache invalidations between processes."""
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """A pool planner owns (`Planner(pool_options=PoolOptions(...))`; one per server).
+
+    `min_size`/`max_size` size it; `full_reset=True` keeps asyncpg's reset query on release
+    (planner resets a connection only when a statement may have changed its session).
+    `pooler="transaction"` runs behind PgBouncer's transaction mode (else the DSN's
+    `?pgbouncer=`, else `PLANNER_POOLER`); the cache then stays in its process (LISTEN cannot
+    pass such a pooler). `embedded=False` (else `PLANNER_EMBEDDED`) forbids the embedded
+    fallback: with no `dsn=`, `pool=` or `DATABASE_URL`, a run raises `DatabaseUnavailable`.
+    """
+
+    min_size: int = 2
+    max_size: int = 10
+    full_reset: bool = False
+    pooler: str | None = None
+    embedded: bool | None = None
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """The values `cache:` nodes keep (`Planner(cache_options=CacheOptions(...))`).
+
+    `size` bounds how many (all nodes together). Invalidations reach the other processes on the
+    same database through LISTEN/NOTIFY on `channel` (None: this process only); while a process
+    cannot listen, its cache is not used (its values may have gone stale without it knowing).
+    """
+
+    size: int = DEFAULT_SIZE
+    channel: str | None = CACHE_CHANNEL
+
+
+@dataclass(frozen=True)
+class ReplicaOptions:
+    """A read replica (`Planner(replica_options=ReplicaOptions(...))`, or `replica_dsn=` alone).
+
+    `dsn` (None: `DATABASE_REPLICA_URL`; "" for none) gets a pool and a stack of its own: reads a
+    replica may answer go to it while it is up and lags less than `max_lag` (a duration such as
+    "2s", or seconds; None: `PLANNER_REPLICA_MAX_LAG`, else 10 s), everything else to the primary.
+    """
+
+    dsn: str | None = None
+    max_lag: str | float | None = None
 
 
 @dataclass
@@ -101,15 +146,9 @@ def build_stack(
     dsn: str | None = None,
     pool: Any = None,
     backend: Backend | None = None,
-    min_size: int = 2,
-    max_size: int = 10,
-    full_reset: bool = False,
-    embedded: bool | None = None,
-    pooler: str | None = None,
-    replica_dsn: str | None = None,
-    replica_max_lag: str | float | None = None,
-    cache_size: int = DEFAULT_SIZE,
-    cache_channel: str | None = CACHE_CHANNEL,
+    pool_options: PoolOptions = PoolOptions(),
+    cache_options: CacheOptions = CacheOptions(),
+    replica_options: ReplicaOptions = ReplicaOptions(),
     coalesce: bool = True,
     fuse: bool = True,
     cache: bool = True,
@@ -118,8 +157,8 @@ def build_stack(
     default_pooler: str | None = None,
 ) -> Stack:
     """Build planner's database stack (see the module's docstring). Opens nothing: the pools
-    connect at their first use. Raises `TypeError` for `replica_dsn` with `backend`, and
-    `ValueError` for a bad `pooler` or `replica_max_lag`."""
+    connect at their first use. Raises `TypeError` for a replica with `backend`, and
+    `ValueError` for a bad `pooler` or `max_lag`."""
     pools: dict[str, PoolBackend] = {}
     fusers: dict[str, FusingBackend] = {}
     coalescers: dict[str, CoalescingBackend] = {}
@@ -132,31 +171,35 @@ def build_stack(
         fuser = fusers[role] = FusingBackend(coalescer, fuser=pool, enabled=fuse)
         return fuser
 
+    channel = cache_options.channel
     if backend is None:
         from planner.db.dsn import TRANSACTION_POOLER
         from planner.db.pool import PoolBackend  # asyncpg is imported with a pool of planner's only
 
-        primary = pools["primary"] = own = PoolBackend(
-            dsn=dsn, pool=pool, min_size=min_size, max_size=max_size, full_reset=full_reset, embedded=embedded,
-            pooler=pooler, database_url=database_url, embedded_default=embedded_default, default_pooler=default_pooler)
-        if own.pooler == TRANSACTION_POOLER:
-            cache_channel = None  # LISTEN cannot pass a transaction pooler: the cache stays per process
-        backend = shares(own, "primary")
-        if replica_dsn:  # the same stack on the replica's own pool, routed per node
-            secondary = pools["replica"] = PoolBackend(dsn=replica_dsn, min_size=min_size, max_size=max_size,
-                                                       full_reset=full_reset, pooler=pooler, default_pooler=default_pooler)
-            backend = replica = ReplicaBackend(backend, shares(secondary, "replica"), dsn=replica_dsn,
-                                               primary_pool=own, max_lag=parse_max_lag(replica_max_lag))
-    elif replica_dsn:
+        def own(**where: Any) -> PoolBackend:
+            return PoolBackend(min_size=pool_options.min_size, max_size=pool_options.max_size,
+                               full_reset=pool_options.full_reset, pooler=pool_options.pooler,
+                               default_pooler=default_pooler, **where)
+
+        primary = pools["primary"] = first = own(dsn=dsn, pool=pool, embedded=pool_options.embedded,
+                                                 database_url=database_url, embedded_default=embedded_default)
+        if first.pooler == TRANSACTION_POOLER:
+            channel = None  # LISTEN cannot pass a transaction pooler: the cache stays per process
+        backend = shares(first, "primary")
+        if replica_options.dsn:  # the same stack on the replica's own pool, routed per node
+            secondary = pools["replica"] = own(dsn=replica_options.dsn)
+            backend = replica = ReplicaBackend(backend, shares(secondary, "replica"), dsn=replica_options.dsn,
+                                               primary_pool=first, max_lag=parse_max_lag(replica_options.max_lag))
+    elif replica_options.dsn:
         raise TypeError("replica_dsn= applies to planner's own backend; with backend=, wrap yours in "
                         "planner.db.replica.ReplicaBackend")
     else:
         primary = pool_under(backend)
     # A hit never reaches the database, or anything in between. Invalidations travel on the
     # primary's pool; a caller's backend with none under it keeps them in this process.
-    channel = cache_channel if primary is not None else None
-    values = CacheBackend(backend, maxsize=cache_size, channel=channel, via=primary.channel if primary is not None and channel is not None else None,
-                          enabled=cache)
+    channel = channel if primary is not None else None
+    values = CacheBackend(backend, maxsize=cache_options.size, channel=channel,
+                          via=primary.channel if primary is not None and channel is not None else None, enabled=cache)
     # The outermost: what each statement does, from the server's catalog, decides whether the
     # wrappers below may cache, route, fuse or coalesce it (`planner.lang.effects`).
     effects = EffectsBackend(values, catalog_of(primary) if primary is not None else None)

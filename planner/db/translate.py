@@ -57,7 +57,7 @@ POOLER_SQLSTATES = ("26000", "42P05")
 connection: what a transaction-mode pooler does to a client that keeps prepared statements."""
 POOLER_HINT = ("a transaction-mode pooler (PgBouncer's pool_mode = transaction) is between planner and the "
                "server, and planner was not told: add ?pgbouncer=transaction to the DSN (&pgbouncer=transaction "
-               "when it has a query already), or pass Planner(pooler='transaction'), or set "
+               "when it has a query already), or pass Planner(pool_options=PoolOptions(pooler='transaction')), or set "
                "PLANNER_POOLER=transaction")
 _pooler_told = False
 

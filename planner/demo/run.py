@@ -24,6 +24,7 @@ from planner.db.pooler import connect
 from planner.demo import data
 from planner.errors import FlowFailed, FlowTimeout
 from planner.graph import CompiledFlow
+from planner.kinds.call import CallOptions
 from planner.results import error_text
 from planner.run.executor import MODES
 from planner.settings import Settings
@@ -151,7 +152,7 @@ async def measure_load(dsn: str, *, in_flight: int = LOAD_IN_FLIGHT, pool: int =
     for coalesce in (True, False):
         primary = PoolBackend(dsn=dsn, min_size=pool, max_size=pool, default_pooler=Settings.from_env().pooler)
         backend = CoalescingBackend(primary, batches=primary, enabled=coalesce)
-        async with Planner(flows=seed_flows_dir(), backend=backend, allowed_modules=["planner.demo"]) as planner:
+        async with Planner(flows=seed_flows_dir(), backend=backend, call_options=CallOptions(allowed_modules=["planner.demo"])) as planner:
             await planner.run("process_buffered", _load_inputs(next(counter)))  # the pool open
             ok, failed, p50, failures = await _workers(planner, counter, in_flight, seconds / 4, seconds)
             out.append(LoadFigures(in_flight, pool, seconds, coalesce, ok, failed, p50, failures))
@@ -284,7 +285,7 @@ async def run_demo(
     async with contextlib.AsyncExitStack() as stack:
         if rtt_ms:
             dsn = (await stack.enter_async_context(ProxyProcess(dsn, rtt_ms / 2))).dsn
-        async with Planner(flows=seed_flows_dir(), dsn=dsn, allowed_modules=["planner.demo"]) as planner:
+        async with Planner(flows=seed_flows_dir(), dsn=dsn, call_options=CallOptions(allowed_modules=["planner.demo"])) as planner:
             for flow in ("process_buffered", "escalation"):
                 figures = await measure(planner, flow, runs)
                 out["flows"][flow] = {"plan": planner.plan(flow), "compiled": planner.load(flow), "figures": figures}

@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from planner.errors import CallThreadsBusy, DatabaseUnavailable, FlowFileError, NodeTimeout
@@ -40,6 +41,26 @@ WAIT_S = 10.0  # how long a sync call of a node without a timeout may wait for a
 QUEUE_PER_THREAD = 32  # calls that may wait for a thread at once, per thread...
 QUEUE_MIN = 1024  # ...and at least this many: a burst of requests on a few threads is ordinary load
 MAX_AUTO_THREADS = 512  # a Planner sizes its threads up to this many by itself (`sync_calls_at_once`)
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """How a Planner runs `call:` nodes (`Planner(call_options=CallOptions(...))`).
+
+    `allowed_modules` limits what they may call (None: `PLANNER_ALLOWED_MODULES`, else the
+    demo's flow functions and the Python modules of the flows folder). `threads` bounds the
+    threads that run sync calls; a sync call that finds them all busy waits in line within its
+    node's timeout (else `wait` seconds) and then fails with `CallThreadsBusy` (counted,
+    logged). None: planner sizes them for each flow it binds, `concurrency` (the runs a service
+    has in flight at once; None: the pool's `max_size`) times the most sync calls of one plan
+    group, at least 32, at most 512; a number given and smaller than that is warned of once
+    per flow.
+    """
+
+    threads: int | None = None
+    wait: float = WAIT_S
+    concurrency: int | None = None
+    allowed_modules: Sequence[str] | None = None
 
 
 class CallKind:
@@ -290,7 +311,7 @@ class CallThreads:
         else:
             why = (f"all {self.size} threads for sync calls stayed busy for the {waited_s * 1000:g} ms this call "
                    f"could wait ({stuck}; {self._queued} calls still waiting); not started")
-        logger.warning("%s%s: raise call_threads, make the function async def, or lower the load",
+        logger.warning("%s%s: raise CallOptions.threads, make the function async def, or lower the load",
                        f"{where}: " if where else "", why,
                        extra={"call_threads": self.size, "call_queued": self._queued, "outcome": "call_rejected"})
         return CallThreadsBusy(why)

@@ -31,11 +31,12 @@ import weakref
 from bisect import bisect_left as _bisect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from planner.errors import NotFound
 
 if TYPE_CHECKING:
+    from planner.kinds.call import CallThreads
     from planner.run.ledger import Ledger
 
 try:
@@ -483,3 +484,47 @@ def default_metrics() -> Metrics:
     if _default is None:
         _default = Metrics()
     return _default
+
+
+class Watched(Protocol):
+    """What `watch_planner` reads of a Planner: its pools by role, its cache, its sync-call threads."""
+
+    pools: dict[str, Any]
+    cache: Any
+    threads: CallThreads
+
+
+def watch_planner(metrics: Metrics, planner: Watched) -> None:
+    """Read `planner`'s pools, cache and sync-call threads whenever `metrics` collect (until
+    `metrics.unwatch(planner)`), and time how long statements and sync calls wait."""
+    metrics.watch(planner, _samples)
+    for role, pool in planner.pools.items():
+        pool.on_wait = _timer(metrics, "planner_pool_wait_seconds", (("pool", role),))
+    planner.threads.on_wait = _timer(metrics, "planner_call_wait_seconds", ())
+
+
+def _samples(planner: Watched) -> list[Sample]:
+    out: list[Sample] = []
+    for role, pool in planner.pools.items():
+        where: Labels = (("pool", role),)
+        out.append(("planner_pool_connections", (*where, ("state", "in_use")), pool.in_use))
+        out.append(("planner_pool_connections", (*where, ("state", "max")), pool.max_size))
+        out.append(("planner_pool_waiting", where, pool.waiting))
+    stats = planner.cache.stats(expire=False)  # read from an exporter's thread too: change nothing
+    out += [("planner_cache_hits_total", (), stats.hits), ("planner_cache_misses_total", (), stats.misses),
+            ("planner_cache_invalidations_total", (), stats.invalidations), ("planner_cache_entries", (), stats.size)]
+    threads = planner.threads
+    out += [("planner_call_threads", (("state", "busy"),), threads.busy),
+            ("planner_call_threads", (("state", "abandoned"),), threads.abandoned),
+            ("planner_call_threads", (("state", "max"),), threads.size),
+            # Calls waiting for a thread, where the threads queue them (a bounded line before them).
+            ("planner_call_threads", (("state", "queued"),), threads.queued),
+            ("planner_call_rejected_total", (), threads.rejected)]
+    return out
+
+
+def _timer(metrics: Metrics, name: str, labels: Labels) -> Callable[[float], None]:
+    def observe(seconds: float) -> None:
+        metrics.observe(name, labels, seconds)
+
+    return observe

@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from planner import FlowFailed, FlowTimeout, NodeState, NodeTimeout, Planner, QueryError
+from planner import FlowFailed, FlowTimeout, NodeState, NodeTimeout, Planner, PoolOptions, QueryError
 from tests.reliability.conftest import FaultServer
 
 pytestmark = pytest.mark.slow
@@ -81,7 +81,7 @@ async def make_planner(fault_dsn: str) -> AsyncIterator[Callable[[Path], Planner
     made: list[Planner] = []
 
     def make(folder: Path) -> Planner:
-        planner = Planner(flows=folder, dsn=fault_dsn, min_size=2, max_size=4)
+        planner = Planner(flows=folder, dsn=fault_dsn, pool_options=PoolOptions(min_size=2, max_size=4))
         made.append(planner)
         return planner
 
@@ -227,7 +227,7 @@ async def test_five_hundred_runs_on_a_pool_of_five_all_settle(flows: Callable[[s
         "  c: {sql: 'SELECT 3 FROM pg_sleep(0.002)', fetch: value}\n"
         "  d: {sql: 'SELECT $a::int + $b::int + $c::int AS total', fetch: value}\n"
     )
-    async with Planner(flows=folder, dsn=fault_dsn, min_size=5, max_size=5) as planner:
+    async with Planner(flows=folder, dsn=fault_dsn, pool_options=PoolOptions(min_size=5, max_size=5)) as planner:
         results = await asyncio.wait_for(asyncio.gather(*(planner.run("f") for _ in range(500))), timeout=120)
         assert all(r.status == "ok" and r.values["d"] == 6 for r in results)
         await _assert_pool_whole(planner)
@@ -256,7 +256,7 @@ async def test_a_transaction_killed_half_way_leaves_nothing(flows: Callable[[str
 
 async def test_a_run_deadline_bounds_waiting_for_a_connection(flows: Callable[[str], Path], fault_dsn: str) -> None:
     folder = flows("settings: {timeout: 300ms}\nnodes:\n  a: {sql: 'SELECT 1', fetch: value}\n")
-    async with Planner(flows=folder, dsn=fault_dsn, min_size=1, max_size=1) as planner:
+    async with Planner(flows=folder, dsn=fault_dsn, pool_options=PoolOptions(min_size=1, max_size=1)) as planner:
         pool = await planner.stack.primary.pool()
         held = await pool.acquire()  # the only connection
         try:
@@ -271,7 +271,7 @@ async def test_a_run_deadline_bounds_waiting_for_a_connection(flows: Callable[[s
 
 async def test_a_node_timeout_times_the_query_not_the_wait_for_a_connection(flows: Callable[[str], Path], fault_dsn: str) -> None:
     folder = flows("settings: {timeout: 3s}\nnodes:\n  a: {sql: 'SELECT 1', fetch: value, timeout: 100ms}\n")
-    async with Planner(flows=folder, dsn=fault_dsn, min_size=1, max_size=1) as planner:
+    async with Planner(flows=folder, dsn=fault_dsn, pool_options=PoolOptions(min_size=1, max_size=1)) as planner:
         pool = await planner.stack.primary.pool()
         held = await pool.acquire()
         run = asyncio.create_task(planner.run("f"))

@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from planner import FlowFailed, FlowResult, NodeState, Planner
+from planner import FlowFailed, FlowResult, NodeState, Planner, PoolOptions
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +91,7 @@ async def test_many_runs_with_injected_failures_lose_nothing(demo_dsn: str, soak
     runs = 100_000 if soak else 10_000
     rng = random.Random(20261125)
     counts: Counter[str] = Counter()
-    planner = Planner(flows=FLOWS, dsn=demo_dsn, min_size=10, max_size=10, node_wrapper=fault_injector(rng, counts))
+    planner = Planner(flows=FLOWS, dsn=demo_dsn, node_wrapper=fault_injector(rng, counts), pool_options=PoolOptions(min_size=10, max_size=10))
     tasks_before = len(asyncio.all_tasks())
     messages: dict[str, bool] = {}  # message -> stored by its run
     statuses: Counter[str] = Counter()
