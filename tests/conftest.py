@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,6 +65,32 @@ def soak(request: pytest.FixtureRequest) -> bool:
     import os
 
     return bool(request.config.getoption("--soak") or os.environ.get("PLANNER_SOAK"))
+
+
+def _is_python(program: object) -> bool:
+    """Whether `program` (a Popen's first argument) starts Python: the interpreter or a script of
+    this environment's (`planner`, `pytest`)."""
+    path = Path(os.fsdecode(program)) if isinstance(program, (str, bytes, os.PathLike)) else None
+    return path is not None and (path.name.startswith("python") or path.parent == Path(sys.executable).parent)
+
+
+@pytest.fixture(autouse=True)
+def _python_processes_only_in_their_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that starts Python in a process of its own costs a second or more (the interpreter,
+    planner's imports, often a server): it belongs to the `subprocess` tier, and says so by its
+    mark, so that the default tier stays fast. Servers (PostgreSQL, PgBouncer) may be started."""
+    if request.node.get_closest_marker("subprocess"):
+        return
+    start = subprocess.Popen.__init__
+
+    def checked(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
+        program = kwargs.get("executable") or (args if isinstance(args, (str, bytes, os.PathLike)) else args[0])
+        if _is_python(program):
+            pytest.fail(f"{request.node.nodeid} starts Python in a process of its own ({os.fsdecode(program)}): "
+                        "mark it @pytest.mark.subprocess (docs/testing.md, tiers)", pytrace=False)
+        start(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", checked)
 
 
 @pytest.fixture(autouse=True)

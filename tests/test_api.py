@@ -254,6 +254,7 @@ def test_load_flows_reads_a_folder(write_flow: Write, tmp_path: Path) -> None:
     assert sorted(load_flows(tmp_path)) == ["one", "two"]
 
 
+@pytest.mark.slow  # compiles a 3,000-node flow three times
 async def test_a_flow_is_compiled_off_the_event_loop(tmp_path: Path) -> None:
     # A large flow takes a while to compile; the loop must go on serving other runs meanwhile.
     lines = ["nodes:"] + [f"  n{i}: {{call: tests.nodes:echo, with: {{value: {i}, prev: $n{i - 1}}}}}" if i else

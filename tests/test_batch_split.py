@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import pytest
+
 from planner import FlowResult, NodeState
 from tests import test_coalesce as tc
 from tests.test_coalesce import Stack, Write
@@ -45,6 +47,7 @@ async def _start(stack: Stack, slow: int, runs: int, held: int) -> tuple[list[as
     return tasks, rest if rest is not None else gate
 
 
+@pytest.mark.slow  # a member sleeps 3 s on the server
 async def test_the_fast_members_of_a_batch_are_answered_while_a_slow_one_still_runs(
         write_flow: Write, stacks: Callable[..., Stack]) -> None:
     write_flow(ECHO)
@@ -62,6 +65,7 @@ async def test_the_fast_members_of_a_batch_are_answered_while_a_slow_one_still_r
     await stack.assert_clean()
 
 
+@pytest.mark.slow  # a member sleeps 3 s on the server
 async def test_a_batch_that_runs_long_while_no_connection_is_free_is_not_split(
         write_flow: Write, stacks: Callable[..., Stack]) -> None:
     write_flow(ECHO)

@@ -583,6 +583,7 @@ async def test_sequential_mode_still_uses_the_cache(write_flow: Write, counted: 
     assert result.mode == "sequential" and counting.sent["instance"] == 1
 
 
+@pytest.mark.subprocess  # runs the planner command
 def test_run_json_reports_the_cache(demo_dsn: str, tmp_path: Path) -> None:
     from tests.test_cli import cli
 

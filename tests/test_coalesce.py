@@ -935,6 +935,7 @@ async def property_flows(stacks: Callable[..., Stack], demo_dsn: str, write_flow
     return stacks
 
 
+@pytest.mark.slow  # 8 examples of 20-100 runs each, alone and coalesced
 @_few
 @given(runs=st.lists(st.tuples(read_inputs, cancel_after), min_size=20, max_size=100), size=st.integers(1, 3))
 async def test_concurrent_reads_give_every_run_what_it_gets_alone(
@@ -969,6 +970,7 @@ async def test_concurrent_reads_give_every_run_what_it_gets_alone(
 write_inputs = st.tuples(st.integers(0, 9), st.sampled_from(["a", "bb", "ccc", "dddd", None, 5]))
 
 
+@pytest.mark.slow  # 8 examples of 10-50 runs each, alone and coalesced
 @_few
 @given(runs=st.lists(write_inputs, min_size=10, max_size=50))
 # A value asyncpg cannot encode (an int for text) among identical writes: the run alone and the

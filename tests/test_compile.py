@@ -253,6 +253,7 @@ async def _rows(dsn: str) -> dict[str, list[Any]]:
         await con.close()
 
 
+@pytest.mark.slow  # 40 generated flows, each on two databases
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=random_flows(), k=st.integers(0, 2),
        rows=st.lists(st.tuples(st.sampled_from(TABLES), st.integers(-1, 3)), max_size=5))

@@ -41,6 +41,7 @@ def _caches(backend: PoolBackend) -> dict[str, MutableMapping[object, object]]:
     return {name: value for name, value in kept.items() if isinstance(value, MutableMapping)}
 
 
+@pytest.mark.slow  # a flood of distinct statements
 async def test_a_flood_of_distinct_statements_keeps_every_statement_cache_bounded(
         demo_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     con = await asyncpg.connect(demo_dsn)

@@ -86,6 +86,7 @@ async def _batch_of_slow_members(dsn: str, pool: int, slow: int) -> tuple[list[O
     return outcomes, most
 
 
+@pytest.mark.slow  # waits out a timeout of slow statements
 async def test_a_timed_out_read_batch_runs_its_members_again_at_once(slow_dsn: str) -> None:
     _, most = await _batch_of_slow_members(slow_dsn, pool=8, slow=3)
     # The slow ones ran again side by side, not one after the other (the quick one, the same
@@ -93,6 +94,7 @@ async def test_a_timed_out_read_batch_runs_its_members_again_at_once(slow_dsn: s
     assert 3 <= most <= 4
 
 
+@pytest.mark.slow  # members sleep on the server until a timeout
 async def test_a_failed_batch_runs_again_at_most_half_the_pool_at_once(slow_dsn: str) -> None:
     # A big batch that failed (often: the server is slow) must not put all its members ahead
     # of every other run waiting for a connection.
@@ -100,6 +102,7 @@ async def test_a_failed_batch_runs_again_at_most_half_the_pool_at_once(slow_dsn:
     assert most == 2  # half the pool of 4, never more
 
 
+@pytest.mark.slow  # waits out a 1 s timeout of 5 s statements
 async def test_a_timed_out_fused_group_runs_its_members_again_at_once(slow_dsn: str) -> None:
     nodes = load_flow(text="""
         nodes:

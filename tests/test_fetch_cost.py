@@ -69,6 +69,7 @@ async def _rows_read(con: asyncpg.Connection, work: Callable[[], Awaitable[Any]]
     return int(read), value
 
 
+@pytest.mark.slow  # 40 generated batches, each run three ways
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ks=st.lists(st.integers(0, 9), max_size=80), sql=st.sampled_from(STATEMENTS),
        fetch=st.sampled_from(["one", "value", "all"]), members=st.lists(st.integers(-1, 10), min_size=2, max_size=4))

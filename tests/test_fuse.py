@@ -103,6 +103,7 @@ async def _fill(dsn: str, rows: list[Row]) -> None:
         await con.close()
 
 
+@pytest.mark.slow  # 15 generated tables, each read fused and unfused
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=rows_strategy, k=st.integers(0, 3))
 async def test_fused_and_unfused_reads_give_the_same_values_and_types(fuse_db: str, rows: list[Row], k: int) -> None:
@@ -138,6 +139,7 @@ async def test_fused_nodes_say_so_on_their_result(fuse_db: str) -> None:
         "root": 1, "rows": 4, "first": 4, "count": 4, "cast": 4}
 
 
+@pytest.mark.slow  # holds connections with 3 s sleeps on the server
 @pytest.mark.parametrize(("held", "fused"), [(0, [4]), (2, [4]), (4, [])])
 async def test_fusion_stops_once_half_the_pool_is_in_use(fuse_db: str, held: int, fused: list[int]) -> None:
     # Under load a round trip shared by the same read of many runs does more than one shared

@@ -132,6 +132,7 @@ def test_positional_parameters_in_sql_point_to_the_named_form(write_flow: Callab
     assert "SQL line 2" in str(info.value) and "$user_phone" in str(info.value)
 
 
+@pytest.mark.slow  # loads and plans a 5,000-node flow
 def test_five_thousand_nodes_load_and_plan(write_flow: Callable[..., Path]) -> None:
     lines = ["inputs: {x: int}", "nodes:"]
     for i in range(5000):

@@ -358,6 +358,7 @@ def test_a_mutated_flow_loads_or_fails_with_a_flow_file_error(fuzz_file: Path, t
     _only_a_specific_flow_file_error(fuzz_file, text.encode("utf-8", "surrogatepass"))
 
 
+@pytest.mark.slow  # 200 generated flows
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=generated_flows())
 def test_a_generated_flow_loads_or_fails_with_a_flow_file_error(fuzz_file: Path, text: str) -> None:

@@ -185,6 +185,7 @@ async def test_escalation_on_troubled_interactions_above_the_threshold(seed: Pla
     assert result.output["reason"] == "3 troubled interactions (threshold 3)"
 
 
+@pytest.mark.slow  # every seed flow in three modes
 async def test_the_three_modes_give_the_same_results_on_the_seed_flows(pg_dsn: str, demo_template: str) -> None:
     from planner.testing.pytest_plugin import fresh_database
 
@@ -198,6 +199,7 @@ async def test_the_three_modes_give_the_same_results_on_the_seed_flows(pg_dsn: s
     assert outputs[0] == outputs[1] == outputs[2]
 
 
+@pytest.mark.slow  # every seed flow with and without the cache
 async def test_the_cache_changes_no_result_of_the_seed_flows(pg_dsn: str, demo_template: str,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from planner.testing.pytest_plugin import fresh_database

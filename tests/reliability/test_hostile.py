@@ -114,6 +114,7 @@ nasty = st.text(alphabet=st.characters(blacklist_categories=["Cs"], blacklist_ch
 _counter = iter(range(10**9))
 
 
+@pytest.mark.slow  # 60 texts, each a run on the database
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=nasty)
 async def test_any_text_is_stored_and_read_back_exactly(echo_planner: Planner, text: str) -> None:
