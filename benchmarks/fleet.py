@@ -14,11 +14,11 @@ behind a latency proxy process of its own (`--rtt-ms`), so the proxies also coun
 trips each server was sent.
 
 - `--via pgbouncer` puts a PgBouncer in transaction mode (the suite's launcher,
-  tests/pgbouncer.py) between the proxy and the server, as a pooler beside the database would
+  tests/support/pgbouncer.py) between the proxy and the server, as a pooler beside the database would
   be; the processes know it from `?pgbouncer=transaction`. Its pool is `--bouncer-pool`, by
   default the fleet's `processes x pool`: the same server connections as direct.
 - `--replica` runs every configuration on a primary of the benchmark's own with a streaming
-  replica (tests/replica_pair.py), with and without `replica_dsn=`; through PgBouncer, the
+  replica (tests/support/replica_pair.py), with and without `replica_dsn=`; through PgBouncer, the
   replica has a PgBouncer of its own.
 
 The parent samples the servers' connections (`pg_stat_activity`) and the machine's CPU while
@@ -188,7 +188,7 @@ class _Cpu:
 async def _through(setup: Setup, servers: Servers, pool_size: int | None,
                    one_way_ms: float) -> AsyncIterator[tuple[ProxyProcess, ProxyProcess | None]]:
     """Latency proxies (and PgBouncers, for `pgbouncer`) in front of the servers of `setup`."""
-    from tests import pgbouncer  # the suite's launcher: the benchmark runs from a checkout
+    from tests.support import pgbouncer  # the suite's launcher: the benchmark runs from a checkout
 
     bouncers: list[pgbouncer.PgBouncer] = []
     try:
@@ -299,7 +299,7 @@ async def _servers(args: argparse.Namespace) -> AsyncIterator[Servers]:
     if not args.replica:
         yield Servers(await demo_dsn(args.dsn or os.environ.get("DATABASE_URL"), quiet), None)
         return
-    from tests.replica_pair import caught_up, start_pair
+    from tests.support.replica_pair import caught_up, start_pair
 
     with tempfile.TemporaryDirectory(prefix="planner-fleet-") as base:
         pair = await asyncio.to_thread(start_pair, Path(base))

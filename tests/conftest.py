@@ -1,4 +1,4 @@
-"""Fixtures shared by the suite. Database fixtures live in `tests/db_fixtures.py`."""
+"""Fixtures shared by the suite. Database fixtures live in `tests/support/db_fixtures.py`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from planner import CallOptions, Planner
 from tests import nodes
 
-pytest_plugins = ["tests.db_fixtures"]
+pytest_plugins = ["tests.support.db_fixtures"]
 
 
 # The tiers (docs/testing.md): `pytest` alone runs the default tier, every test not marked with

@@ -20,7 +20,7 @@ import pytest
 
 from planner import CacheOptions, Planner, ReplicaOptions
 from tests import test_replica
-from tests.replica_pair import Pair
+from tests.support.replica_pair import Pair
 from tests.test_replica import _pause, _resume, _until
 
 # The streaming pair and its databases: test_replica's fixtures (a pair of this module's own).

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.pgbouncer import PgBouncer
+from tests.support.pgbouncer import PgBouncer
 
 pytestmark = pytest.mark.subprocess
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncpg
 
 from planner.demo import data
-from tests.pgbouncer import PgBouncer
+from tests.support.pgbouncer import PgBouncer
 
 
 async def test_ensure_through_pgbouncer_loads_the_demo_data(planner_database: str, pgbouncer: PgBouncer) -> None:

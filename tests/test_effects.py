@@ -561,7 +561,7 @@ async def test_a_statement_the_server_cannot_resolve_is_a_write(db: str, caplog:
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Any]:
-    from tests.replica_pair import start_pair
+    from tests.support.replica_pair import start_pair
 
     # Outside pytest's numbered temporary folders, which another test run may delete under it.
     with server_folder() as folder:
@@ -582,7 +582,7 @@ nodes:
 
 
 async def test_the_read_after_a_function_that_writes_sees_the_write_with_a_replica(pair: Any, tmp_path: Path) -> None:
-    from tests.replica_pair import caught_up
+    from tests.support.replica_pair import caught_up
 
     con = await asyncpg.connect(pair.primary.dsn())
     try:

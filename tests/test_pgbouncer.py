@@ -2,7 +2,7 @@
 from one transaction to the next): the seed flows, coalescing, fusion, faults and `validate --db`
 through it, and the clear errors for what cannot work there. See docs/flows.md, "Behind PgBouncer".
 
-The PgBouncer is the suite's own (`tests/pgbouncer.py`): missing, these tests fail, never skip.
+The PgBouncer is the suite's own (`tests/support/pgbouncer.py`): missing, these tests fail, never skip.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from planner.settings import Settings
 from planner.testing.pytest_plugin import fresh_database
 from planner.views.validate import validate_paths
 from tests import test_seed_flows as seed_flows
-from tests.pgbouncer import PgBouncer
 from tests.reliability.test_faults import _assert_pool_whole, _gone, _terminate, _wait_for_query
+from tests.support.pgbouncer import PgBouncer
 from tests.test_fuse import Counting
 from tests.test_seed_flows import ACME, FLOWS, _message, _stable, con  # noqa: F401 - `con` is a fixture the seed checks use
 

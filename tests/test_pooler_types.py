@@ -25,7 +25,7 @@ from planner import CacheOptions, FlowFailed, Planner, PoolOptions, QueryError, 
 from planner.db.pool import PoolBackend
 from planner.kinds.backend import Query
 from planner.lang.sqlinfo import combine_writes
-from tests.pgbouncer import PgBouncer
+from tests.support.pgbouncer import PgBouncer
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """Read replicas (`planner.db.replica`): routing compiled per node, and a real streaming replica.
 
-The replica tests run a primary and a replica of their own (`tests.replica_pair`: initdb,
+The replica tests run a primary and a replica of their own (`tests.support.replica_pair`: initdb,
 pg_basebackup -R, pg_ctl), never the suite's shared server.
 """
 
@@ -27,7 +27,7 @@ from planner.db.replica import parse_max_lag
 from planner.kinds.backend import Offline
 from planner.settings import Settings, SettingsError
 from planner.testing.pytest_plugin import fresh_database, server_folder
-from tests.replica_pair import Pair, Server, caught_up, start_pair
+from tests.support.replica_pair import Pair, Server, caught_up, start_pair
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,7 @@ from planner.db.admin import with_database
 from planner.errors import DatabaseUnavailable
 from planner.testing import Cassette, CassetteError, CassetteMismatch, decode, encode, offline_planner, statement_hash
 from planner.testing.pytest_plugin import FlowReplay, _Templates, apply_schema, schema_database, schema_texts
-from tests.pgbouncer import PgBouncer
+from tests.support.pgbouncer import PgBouncer
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_FLOWS = ROOT / "flows"

@@ -16,7 +16,7 @@ import pytest
 
 from planner import CacheOptions, FlowFailed, FlowResult, NodeState, Planner, PoolOptions, QueryError
 from planner.db.pool import PoolBackend
-from tests.pgbouncer import PgBouncer
+from tests.support.pgbouncer import PgBouncer
 
 Write = Callable[..., Path]
 

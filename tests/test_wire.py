@@ -19,7 +19,7 @@ import pytest
 from planner import CacheOptions, Planner, PoolOptions, load_flow
 from planner.db import wire
 from planner.db.pooler import PoolerConnection
-from tests.pgbouncer import PgBouncer
+from tests.support.pgbouncer import PgBouncer
 
 
 def test_the_installed_asyncpg_is_one_the_wire_was_checked_with() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from planner.db.admin import create_database, drop_database, with_database
 from planner.testing.pytest_plugin import fresh_database
-from tests.pgbouncer import PgBouncer, PgBouncerError, start, stop
+from tests.support.pgbouncer import PgBouncer, PgBouncerError, start, stop
 
 TEMPLATE = "planner_test_template"
 

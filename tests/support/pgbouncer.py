@@ -1,6 +1,6 @@
 """A PgBouncer of the suite's own, in transaction mode, in front of the suite's server.
 
-The `pgbouncer` fixture (session, in tests/db_fixtures.py) starts the `pgbouncer` binary (Debian's 1.18 in CI: `apt-get install
+The `pgbouncer` fixture (session, in tests/support/db_fixtures.py) starts the `pgbouncer` binary (Debian's 1.18 in CI: `apt-get install
 pgbouncer`; its absence fails the tests that need it, it never skips them) on a free port of
 127.0.0.1 in front of `planner_pg`: `pool_mode = transaction`, `default_pool_size = 5`, every
 database of the server reachable under its own name. `pgbouncer.dsn(server_dsn)` turns a DSN of
