@@ -12,10 +12,24 @@ from typing import Any
 import pytest
 
 import planner as planner_pkg
-from planner import CallOptions, FlowError, FlowFileError, FlowInputError, Planner, load_flow, load_flows, run_flow
+from planner import (
+    CacheOptions,
+    CallOptions,
+    FlowError,
+    FlowFileError,
+    FlowInputError,
+    Planner,
+    PoolOptions,
+    ReplicaOptions,
+    Settings,
+    load_flow,
+    load_flows,
+    run_flow,
+)
 from planner.config import module_allowed
 from planner.errors import DatabaseUnavailable
 from planner.flows import QUIET_S
+from planner.kinds.backend import Offline
 
 Write = Callable[..., Path]
 
@@ -351,3 +365,45 @@ async def test_a_hot_edit_is_taken_when_the_server_cannot_be_asked(
         _replace(path, "nodes:\n  a: {sql: SELECT 2, fetch: value}\n")
         assert (await planner.run("t")).values == {"a": 2}
         assert any("not checked on the server" in r.getMessage() for r in caplog.records)
+
+
+# --- options in groups ----------------------------------------------------------------------
+
+
+def test_the_keywords_now_grouped_are_refused_by_name() -> None:
+    for old in ("min_size", "max_size", "allowed_modules", "call_threads", "cache_size", "replica_max_lag"):
+        with pytest.raises(TypeError, match=old):
+            Planner(**{old: 1})  # type: ignore[arg-type]
+
+
+def test_pool_options_size_each_pool_planner_owns(tmp_path: Path) -> None:
+    planner = Planner(flows=tmp_path, dsn="postgresql://primary.invalid/app", replica_dsn="postgresql://replica.invalid/app",
+                      pool_options=PoolOptions(min_size=1, max_size=3), settings=Settings())
+    assert {role: pool.max_size for role, pool in planner.pools.items()} == {"primary": 3, "replica": 3}
+
+
+def test_cache_options_bound_the_values_kept(tmp_path: Path) -> None:
+    planner = Planner(flows=tmp_path, backend=Offline(), cache_options=CacheOptions(size=7, channel=None))
+    assert planner.cache_stats().maxsize == 7
+
+
+def test_replica_options_beat_the_settings(tmp_path: Path) -> None:
+    settings = Settings(replica_dsn="postgresql://other.invalid/app", replica_max_lag=5.0)
+    given = ReplicaOptions(dsn="postgresql://replica.invalid/app", max_lag="2s")
+    planner = Planner(flows=tmp_path, dsn="postgresql://primary.invalid/app", replica_options=given, settings=settings)
+    assert planner.replica is not None and planner.replica.max_lag == 2.0
+    only_lag = Planner(flows=tmp_path, dsn="postgresql://primary.invalid/app", settings=settings,
+                       replica_options=ReplicaOptions(max_lag="1s"))
+    assert only_lag.replica is not None and only_lag.replica.max_lag == 1.0  # the settings' DSN, its own lag
+
+
+def test_the_replicas_dsn_given_twice_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="give the replica's DSN once"):
+        Planner(flows=tmp_path, dsn="postgresql://primary.invalid/app", replica_dsn="postgresql://a.invalid/app",
+                replica_options=ReplicaOptions(dsn="postgresql://b.invalid/app"))
+
+
+def test_call_options_set_the_allow_list_and_the_threads(tmp_path: Path) -> None:
+    planner = Planner(flows=tmp_path, backend=Offline(),
+                      call_options=CallOptions(threads=3, wait=0.5, allowed_modules=["tests"]))
+    assert (planner.allowed, planner.threads.size, planner.threads.wait_s) == (["tests"], 3, 0.5)

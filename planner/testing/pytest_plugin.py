@@ -39,7 +39,7 @@ import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -48,10 +48,20 @@ from planner.db.admin import create_database, drop_database, with_database
 from planner.db.embedded import embedded_dsn, embedded_status, stop_embedded
 from planner.db.pooler import connect
 from planner.results import error_text
+from planner.settings import Settings
+
+if TYPE_CHECKING:
+    import asyncpg
 
 _numbers = itertools.count(1)
 RECORD_MODES = ("once", "none", "all")
 
+
+async def _connect(dsn: str) -> asyncpg.Connection:
+    """`planner.db.pooler.connect` with the environment's pooler (`PLANNER_POOLER`) below the
+    DSN's `?pgbouncer=`, as planner's own connections have it (the plugin is an edge: it reads
+    the environment through `Settings`)."""
+    return await connect(dsn, default_pooler=Settings.from_env().pooler)
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--planner-dsn", default=None, help="PostgreSQL server for planner's fixtures (default: DATABASE_URL, else embedded)")
@@ -201,7 +211,7 @@ def throwaway(dsn: str) -> None:
     """Make the server behind `dsn`, started for this session alone, durable no more
     (`THROWAWAY_SETTINGS`, through `ALTER SYSTEM`; none needs a restart)."""
     async def apply() -> None:
-        con = await connect(dsn)
+        con = await _connect(dsn)
         try:
             for statement in THROWAWAY_SETTINGS:
                 await con.execute(statement)
@@ -326,7 +336,7 @@ async def apply_schema(dsn: str, texts: list[tuple[str, str]]) -> None:
     """Run each piece of SQL on `dsn` (several statements per piece are fine)."""
     import asyncpg
 
-    con = await connect(dsn)  # not asyncpg's own: a `?pgbouncer=` is planner's, never the server's
+    con = await _connect(dsn)  # not asyncpg's own: a `?pgbouncer=` is planner's, never the server's
     try:
         for where, sql in texts:
             try:
@@ -341,7 +351,7 @@ async def _disconnect_all(server: str, name: str) -> None:
     """End every session on database `name`. A pooler in front of the server (PgBouncer) keeps
     its server connection to the template once the schema's client connection is closed, and
     `CREATE DATABASE ... TEMPLATE` refuses a template anyone is connected to."""
-    con = await connect(server)
+    con = await _connect(server)
     try:
         await con.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                            "WHERE datname = $1 AND pid <> pg_backend_pid()", name)
@@ -458,7 +468,7 @@ class FlowReplay:
         """Run `sql` on the recording database (returns its status); nothing when replaying."""
         if self.dsn is None:
             return None
-        con = await connect(self.dsn)
+        con = await _connect(self.dsn)
         try:
             return str(await con.execute(sql, *args))
         finally:
