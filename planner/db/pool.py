@@ -125,9 +125,7 @@ class PoolBackend:
         # The effects model's verdict on a statement text (`planner.db.catalog.Catalog.known`),
         # set by `catalog_of`: whether a stale read may be sent again (`proven_pure`).
         self.verdict: Callable[[str], Effects | None] | None = None
-        self._busy = 0  # connections held or waited for by planner's statements
-        self.waiting = 0  # statements waiting for a connection now
-        self.on_wait: Callable[[float], None] | None = None  # told how long each statement waited (metrics)
+        self.load = PoolLoad(self._size)  # how busy it is: what sharing decides from, and metrics read
         self.channel = PoolChannel(self)  # the cache's channel between processes, on this pool's server
         self._connected_dsn: str | None = None  # the DSN an owned pool was made from
 
@@ -256,54 +254,18 @@ class PoolBackend:
             closing.add_done_callback(self._releases.discard)
 
     def idle(self, share: float = 1.0) -> bool:
-        """Whether fewer of planner's statements hold or wait for a connection than `share` of
-        the pool: with 1, whether a statement sent now finds a connection
-        without waiting. (asyncpg's idle count cannot tell: a connection just released is
-        counted idle while a waiter is about to take it.)"""
-        return self._busy < self._size() * share
+        """`PoolLoad.idle` (what fusion and coalescing ask of the pool they are given)."""
+        return self.load.idle(share)
 
     def _size(self) -> int:
         """The pool's most connections (a borrowed pool's own)."""
         return self._sizes[1] if self._owned or self._pool is None else self._pool.get_max_size()
 
     async def _first_pool(self) -> asyncpg.Pool:
-        # Counted busy while the pool opens: the statements of a burst that arrive meanwhile see
-        # each other (and join batches) instead of all finding an unopened pool idle and all
-        # going alone, one connection each.
-        self._busy += 1
-        try:
-            return await self.pool()
-        finally:
-            self._busy -= 1
+        return await self.load.opening(self.pool)
 
     async def _acquire(self, pool: asyncpg.Pool) -> asyncpg.Connection:
-        self._busy += 1  # until `_release` has given it back
-        self.waiting += 1
-        asked = time.monotonic()
-        try:
-            con = await pool.acquire()
-        except TimeoutError as exc:  # only a new connection times out: the pool's own wait has no timeout
-            self._busy -= 1
-            raise QueryError(f"no connection: opening a new pooled connection took longer than {CONNECT_TIMEOUT_S:g} s "
-                             "(the server or the network does not answer)", transient=True) from exc
-        except BaseException as exc:
-            self._busy -= 1
-            _reraise(exc)
-        finally:
-            self.waiting -= 1
-        if self.on_wait is not None:
-            self.on_wait(time.monotonic() - asked)
-        return con
-
-    @property
-    def in_use(self) -> int:
-        """Connections held by planner's statements now (those waiting for one not counted)."""
-        return max(0, self._busy - self.waiting)
-
-    @property
-    def max_size(self) -> int:
-        """The pool's most connections (a borrowed pool's own once it is known)."""
-        return self._size()
+        return await self.load.acquire(pool)  # counted until `_release_later`'s task is done
 
     async def run_batch(self, node: CompiledNode, params: list[list[Any]], started: Callable[[], None]) -> list[Outcome] | None:
         return await self.shared.run_batch(node, params, started)
@@ -335,19 +297,78 @@ class PoolBackend:
             pool, self._pool = self._pool, None
             await pool.close()
 
-    def _released(self, _task: asyncio.Task[None]) -> None:
-        self._busy -= 1
-
     def _release_later(self, pool: asyncpg.Pool, con: asyncpg.Connection, session: bool) -> asyncio.Task[None]:
         # A borrowed pool, or a full reset, leaves resetting to asyncpg. Behind a transaction
         # pooler nothing is reset: the next statement may reach another server connection
         # anyway (and statements that would leave session state are refused, `_check_pooler`).
         check = self._owned and not self._full_reset and self.pooler != TRANSACTION_POOLER
         task = asyncio.get_running_loop().create_task(_release(pool, con, check and session, self._baseline if check else None))
-        task.add_done_callback(self._released)
+        task.add_done_callback(self.load.released)
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
         return task
+
+
+class PoolLoad:
+    """How busy a pool backend is: planner's statements holding or waiting for one of `size()`
+    connections (a `planner.kinds.backend.Load`: fusion, coalescing and compiled groups decide
+    from it; metrics read `in_use`, `waiting`, `max_size` and are told each wait, `on_wait`).
+    asyncpg's idle count cannot tell: a connection just released is counted idle while a waiter
+    is about to take it."""
+
+    def __init__(self, size: Callable[[], int]) -> None:
+        self.size = size
+        self.busy = 0  # connections held or waited for by planner's statements
+        self.waiting = 0  # statements waiting for a connection now
+        self.on_wait: Callable[[float], None] | None = None  # told how long each statement waited (metrics)
+
+    def idle(self, share: float = 1.0) -> bool:
+        """Whether fewer of planner's statements hold or wait for a connection than `share` of
+        the pool: with 1, whether a statement sent now finds a connection without waiting."""
+        return self.busy < self.size() * share
+
+    @property
+    def in_use(self) -> int:
+        """Connections held by planner's statements now (those waiting for one not counted)."""
+        return max(0, self.busy - self.waiting)
+
+    @property
+    def max_size(self) -> int:
+        """The pool's most connections (a borrowed pool's own once it is known)."""
+        return self.size()
+
+    async def opening(self, pool: Callable[[], Awaitable[asyncpg.Pool]]) -> asyncpg.Pool:
+        """`pool()`, counted busy while the pool opens: the statements of a burst that arrive
+        meanwhile see each other (and join batches) instead of all finding an unopened pool idle
+        and all going alone, one connection each."""
+        self.busy += 1
+        try:
+            return await pool()
+        finally:
+            self.busy -= 1
+
+    async def acquire(self, pool: asyncpg.Pool) -> asyncpg.Connection:
+        """A connection of `pool`, counted busy until `released` (its release's task is done)."""
+        self.busy += 1
+        self.waiting += 1
+        asked = time.monotonic()
+        try:
+            con = await pool.acquire()
+        except TimeoutError as exc:  # only a new connection times out: the pool's own wait has no timeout
+            self.busy -= 1
+            raise QueryError(f"no connection: opening a new pooled connection took longer than {CONNECT_TIMEOUT_S:g} s "
+                             "(the server or the network does not answer)", transient=True) from exc
+        except BaseException as exc:
+            self.busy -= 1
+            _reraise(exc)
+        finally:
+            self.waiting -= 1
+        if self.on_wait is not None:
+            self.on_wait(time.monotonic() - asked)
+        return con
+
+    def released(self, _task: asyncio.Task[None]) -> None:
+        self.busy -= 1
 
 
 async def choose_dsn(dsn: str | None, database_url: str | None, embedded: bool | None,

@@ -4,7 +4,7 @@
 run, batch and fused sizes: each run recorded once, when it ends, from its records; see
 `planner.run.observers.RunRecorder`) and a registry of *sources*: objects read when the metrics are
 collected (a Planner's pools, cache and sync-call threads), so nothing is threaded through the
-backends but two small hooks that time the waits (`PoolBackend.on_wait`, `CallThreads.on_wait`).
+backends but two small hooks that time the waits (`PoolLoad.on_wait`, `CallThreads.on_wait`).
 
 Two forms of the same figures:
 
@@ -499,7 +499,7 @@ def watch_planner(metrics: Metrics, planner: Watched) -> None:
     `metrics.unwatch(planner)`), and time how long statements and sync calls wait."""
     metrics.watch(planner, _samples)
     for role, pool in planner.pools.items():
-        pool.on_wait = _timer(metrics, "planner_pool_wait_seconds", (("pool", role),))
+        pool.load.on_wait = _timer(metrics, "planner_pool_wait_seconds", (("pool", role),))
     planner.threads.on_wait = _timer(metrics, "planner_call_wait_seconds", ())
 
 
@@ -507,9 +507,9 @@ def _samples(planner: Watched) -> list[Sample]:
     out: list[Sample] = []
     for role, pool in planner.pools.items():
         where: Labels = (("pool", role),)
-        out.append(("planner_pool_connections", (*where, ("state", "in_use")), pool.in_use))
-        out.append(("planner_pool_connections", (*where, ("state", "max")), pool.max_size))
-        out.append(("planner_pool_waiting", where, pool.waiting))
+        out.append(("planner_pool_connections", (*where, ("state", "in_use")), pool.load.in_use))
+        out.append(("planner_pool_connections", (*where, ("state", "max")), pool.load.max_size))
+        out.append(("planner_pool_waiting", where, pool.load.waiting))
     stats = planner.cache.stats(expire=False)  # read from an exporter's thread too: change nothing
     out += [("planner_cache_hits_total", (), stats.hits), ("planner_cache_misses_total", (), stats.misses),
             ("planner_cache_invalidations_total", (), stats.invalidations), ("planner_cache_entries", (), stats.size)]
