@@ -430,7 +430,7 @@ async def test_a_replica_lagging_past_the_bound_sends_reads_to_the_primary(
 
         await _until(back)
     warnings = _replica_logs(caplog, logging.WARNING)
-    assert len(warnings) == 1 and "lagging" in warnings[0] and "replica_max_lag" in warnings[0]
+    assert len(warnings) == 1 and "lagging" in warnings[0] and "ReplicaOptions.max_lag" in warnings[0]
     assert len(_replica_logs(caplog, logging.INFO)) == 1
 
 

@@ -280,7 +280,7 @@ class ReplicaBackend(WrappingBackend):
             self._set("up", None)
 
     def _lagging(self, lag: float) -> None:
-        self._set("lagging", f"it lags {lag:.1f}s behind the primary (more than its max_lag, {self.max_lag:g}s)")
+        self._set("lagging", f"it lags {lag:.1f}s behind the primary (more than ReplicaOptions.max_lag, {self.max_lag:g}s)")
 
     def _down(self, reason: str, *, probe: bool) -> None:
         now = asyncio.get_running_loop().time()
