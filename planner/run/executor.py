@@ -228,9 +228,15 @@ class _Run:
         if self.overrides and name in self.overrides:
             self._settle(name, _OK, self.overrides[name], None)
             return
-        node = self.bound[name]
+        node, values = self.bound[name], self.values
         try:
-            args = policy.prepare(node, self.values)
+            if node.spec.when is None:  # `policy.prepare`'s common case, inlined: this runs for every node
+                try:
+                    args = node.args(values)
+                except Exception:  # prepare says what it means (a skip, or which NodeError); args are pure
+                    args = policy.prepare(node, values)
+            else:
+                args = policy.prepare(node, values)
         except NodeError as exc:
             self.started[name] = self._now()
             self._failed(name, exc)
@@ -277,8 +283,9 @@ class _Run:
             self._settle(name, _OK, value, None)
         if self.queue and self.phase is _RUNNING:
             self._launch(*self.queue.popleft())
-        if self.released:
-            self._drain()
+        released = self.released
+        while released and self.phase is _RUNNING:  # `_drain`, inlined: this runs for every node
+            self._start(released.popleft())
 
     def _failed(self, name: str, error: BaseException) -> None:
         spec = self.flow.nodes[name]
