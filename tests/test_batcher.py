@@ -126,7 +126,7 @@ async def test_members_nobody_waits_for_when_it_starts_are_left_out() -> None:
     await turns()
     connected.set()
     assert await staying == [2]
-    assert batch.sent == [kept] and gone.future.cancelled()
+    assert batch.sent == [kept] and gone.futures[0].cancelled()
 
 
 async def test_a_started_batch_takes_no_newcomers() -> None:
@@ -214,6 +214,7 @@ class Scenario:
     early: frozenset[int]  # positions (in the batch as sent) answered before the end
     broken: bool  # the whole work raises at its end
     private: bool
+    triage: str  # "none": no triage; "pass": one that lets the work run; "answer": one that answers
 
 
 scenarios = st.builds(
@@ -226,6 +227,7 @@ scenarios = st.builds(
     early=st.frozensets(st.integers(0, 7)),
     broken=st.booleans(),
     private=st.booleans(),
+    triage=st.sampled_from(["none", "pass", "answer"]),
 )
 
 
@@ -239,11 +241,16 @@ class Record:
 async def play(scenario: Scenario) -> tuple[list[Any], list[Member[int] | None], list[bool], Record]:
     record = Record()
 
+    def own(sent: list[Member[int]]) -> list[Outcome]:
+        return [(None, Failed(m.item)) if m.item in scenario.failing else ([m.item], None) for m in sent]
+
+    def triage(batch: Batch[int]) -> list[Outcome] | None:
+        return own(batch.start()) if scenario.triage == "answer" else None
+
     async def work(batch: Batch[int]) -> list[Outcome]:
         await turns(scenario.start_after)
-        sent = batch.start()
-        outcomes: list[Outcome] = [
-            (None, Failed(m.item)) if m.item in scenario.failing else ([m.item], None) for m in sent]
+        sent = batch.start() if batch.sent is None else batch.sent
+        outcomes = own(sent)
         for position in sorted(scenario.early):
             if position < len(sent):
                 record.early[id(sent[position])] = outcomes[position]
@@ -253,7 +260,8 @@ async def play(scenario: Scenario) -> tuple[list[Any], list[Member[int] | None],
             raise Broken()
         return outcomes
 
-    batcher: Batcher[int] = Batcher(work, private=scenario.private)
+    batcher: Batcher[int] = Batcher(work, private=scenario.private,
+                                    triage=None if scenario.triage == "none" else triage)
     members: list[Member[int] | None] = [None] * len(scenario.asks)
 
     async def waiter(index: int, ask: Ask) -> Any:
@@ -290,7 +298,7 @@ def test_any_interleaving_gives_each_surviving_waiter_exactly_its_own_outcome(sc
         assert member is not None
         value, error = record.early.get(id(member), (None, None))
         if id(member) not in record.early:
-            if scenario.broken:
+            if scenario.broken and scenario.triage != "answer":
                 error = Broken()
             elif member.item in scenario.failing:
                 error = Failed(member.item)
@@ -327,6 +335,28 @@ def test_the_property_sees_shared_members_cancellations_and_failures() -> None:
 
     look()
     assert seen == {"cancelled among survivors", "shared member", "failure"}
+
+
+async def test_a_triage_that_answers_a_batch_makes_no_task_for_it() -> None:
+    async def work(batch: Batch[int]) -> list[Outcome]:
+        raise AssertionError("not sent")
+
+    batch = Batcher(work, triage=lambda b: [(-m.item, None) for m in b.start()]).open("k")
+    assert await batch.wait(batch.join(3)) == -3 and batch.task is None
+
+
+async def test_a_triage_that_lets_the_batch_go_sends_it_to_the_work_a_turn_later() -> None:
+    looked: list[int] = []
+
+    def triage(batch: Batch[int]) -> list[Outcome] | None:
+        looked.extend(m.item for m in batch.start())
+        return None
+
+    async def work(batch: Batch[int]) -> list[Outcome]:
+        return [([m.item], None) for m in batch.sent or []]
+
+    batch = Batcher(work, triage=triage).open("k")
+    assert await batch.wait(batch.join(4)) == [4] and looked == [4] and batch.task is not None
 
 
 @pytest.mark.parametrize("private", [False, True])

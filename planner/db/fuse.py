@@ -40,8 +40,8 @@ class FusingBackend(WrappingBackend):
         super().__init__(inner)
         self.enabled = enabled and fuser is not None  # a Planner passes `Settings.fuse` (PLANNER_FUSE)
         self.fuser = fuser
-        # One batch per run (the id of its `Query.run`), dispatched on the loop's next turn.
-        self._batcher: Batcher[Query] = Batcher(self._send)
+        # One batch per run (the id of its `Query.run`), looked at on the loop's next turn.
+        self._batcher: Batcher[Query] = Batcher(self._send, triage=self._triage)
         self.fused = 0  # statements that served more than one node (a figure for benchmarks)
 
     async def run(self, query: Query) -> Any:
@@ -56,12 +56,20 @@ class FusingBackend(WrappingBackend):
             return await self.inner.run(query)
         return value
 
-    async def _send(self, batch: Batch[Query]) -> list[Outcome]:
-        # The batch's first step, one turn after its first member joined: its siblings have too.
+    def _triage(self, batch: Batch[Query]) -> list[Outcome] | None:
+        """One turn after the batch's first member joined (its siblings have too): every member
+        goes direct, or the batch is sent (`_send`, a turn later)."""
         members, fuser = batch.start(), self.fuser
-        # From this question to the pool counting the fused statement's connection nothing
-        # yields, so the answer holds: the batches of a burst of runs see each other's.
         if len(members) < 2 or fuser is None or not fuser.idle(FUSE_BELOW):
+            return [(_DIRECT, None)] * len(members)
+        return None
+
+    async def _send(self, batch: Batch[Query]) -> list[Outcome]:
+        members, fuser = batch.sent or [], self.fuser
+        # Asked again, now: the batches triaged in one turn all saw the pool as it was before any
+        # of them took a connection (a burst of runs would fuse them all, far past FUSE_BELOW).
+        # From here to the pool counting its connection nothing yields, so the answer holds.
+        if fuser is None or not fuser.idle(FUSE_BELOW):
             return [(_DIRECT, None)] * len(members)
         queries = [member.item for member in members]
         # A failure of the fused statement itself: every member fails, each with an error object
