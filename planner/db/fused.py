@@ -1,7 +1,7 @@
 """Fused reads: the sibling reads of one run as one statement (`PoolBackend.run_fused`, what
 fusion asks of a pool: `planner.db.fuse`). Each member's statement is materialized once and
 its columns sent back as typed arrays, one row in all; a member that fails makes each run
-again alone (`SharedStatements._again`). It keeps each read's columns and each fused text.
+again separately (`SharedStatements._again`). It keeps each read's columns and each fused text.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 class FusedReads:
     """The fused-read path of one pool backend (see the module's docstring); its connections
-    and its reruns alone are those of `shared`'s pool."""
+    and its members' reruns (separately) are those of `shared`'s pool."""
 
     def __init__(self, shared: SharedStatements) -> None:
         self.shared, self.pool = shared, shared.pool
@@ -36,7 +36,7 @@ class FusedReads:
         """The reads of one run as one statement: each member's statement materialized once,
         its columns sent back as typed arrays (`ARRAY(SELECT c ...)`), one row in all. None
         when a member returns a column that cannot travel in an array (an array, a composite).
-        When the fused statement fails (or times out), each member is sent again alone, all at
+        When the fused statement fails (or times out), each member is sent again separately, all at
         once, each on a connection of its own (`_again`), with its own error and timeout."""
         pool = self.pool._pool or await self.pool._first_pool()
         async with self.pool.held(pool, False) as con:
@@ -57,7 +57,7 @@ class FusedReads:
             except Exception as exc:
                 if _lost(exc):
                     raise
-                # A member the server refuses to prepare: each alone, with its own error.
+                # A member the server refuses to prepare: each separately, with its own error.
                 return again
             if any(shape is None for shape in shapes):
                 return None
@@ -81,7 +81,7 @@ class FusedReads:
                         self._shapes.pop(member, None)
                     self._fused.pop(key, None)
                     continue
-                # A failing (or slow) member: each again alone, with its own error and timeout.
+                # A failing (or slow) member: each again separately, with its own error and timeout.
                 return again
             break
         assert row is not None
@@ -124,7 +124,7 @@ def _fused_text(statements: list[CompiledSql], shapes: list[tuple[str, ...]], fe
     when a column was added under `SELECT *`.
 
     A member fetched `one` or `value` reads up to its first row only (`LIMIT 1`), as it does
-    alone (asyncpg asks the server for one row): a fused member keeps the cost of its fetch."""
+    sent direct (asyncpg asks the server for one row): a fused member keeps the cost of its fetch."""
     ctes: list[str] = []
     columns: list[str] = []
     offset = 0

@@ -206,7 +206,7 @@ class PoolBackend:
             started = time.monotonic()
             with repeatable(self.proven_pure(query.node)):
                 value = await (_query(con, query) if timeout is None else timed(_query(con, query), timeout))
-        if query.sql.coalesce and query.sql.read_only:  # what it costs sent alone: a batch of it splits past a bound
+        if query.sql.coalesce and query.sql.read_only:  # what it costs sent direct: a batch of it splits past a bound
             self.shared._record(query.statements[0].text, time.monotonic() - started)
         return value
 
@@ -340,7 +340,7 @@ class PoolLoad:
     async def opening(self, pool: Callable[[], Awaitable[asyncpg.Pool]]) -> asyncpg.Pool:
         """`pool()`, counted busy while the pool opens: the statements of a burst that arrive
         meanwhile see each other (and join batches) instead of all finding an unopened pool idle
-        and all going alone, one connection each."""
+        and all going direct, one connection each."""
         self.busy += 1
         try:
             return await pool()

@@ -67,7 +67,7 @@ class SharedStatements:
         kept = STATEMENTS_KEPT
         self._combined: LRUCache[str, str | None] = LRUCache(kept)  # fetch, read -> its batch statement (None: not shared)
         self.writes = writes  # `coalesce: true` writes (`planner.db.writes.CombinedWrites`)
-        self._costs: LRUCache[str, deque[float]] = LRUCache(kept)  # read -> its recent seconds alone (`SPLIT_FACTOR`)
+        self._costs: LRUCache[str, deque[float]] = LRUCache(kept)  # read -> its recent seconds sent direct (`SPLIT_FACTOR`)
         self.splits = 0  # read batches split because they ran long with a connection free
 
     async def run_batch(self, node: CompiledNode, params: list[list[Any]], started: Callable[[], None]) -> list[Outcome] | None:
@@ -78,7 +78,7 @@ class SharedStatements:
         Each member of `params` then gets its own outcome: its value exactly as `run` would have
         returned it, or its own error. The node's timeout times the statements, as in `run`.
         When the combined statement fails (a member's bad value, a constraint, a read that took
-        too long), each member is sent again alone, so that one member's failure is only that
+        too long), each member is sent again separately, so that one member's failure is only that
         member's: a read's members all at once, each on a connection of its own (`_again`); a
         write's one after the other on the batch's connection, in the order the runs asked.
         """
@@ -99,12 +99,12 @@ class SharedStatements:
                       answer: Callable[[int, Outcome], None] | None, budget: asyncio.Semaphore | None) -> list[Outcome]:
         """A read batch ran long while a connection was free (`_within`): its members, whose
         statement was cancelled, are sent again in two halves side by side, each a batch of its own
-        on a connection of its own, which splits again if it runs long too, down to members
-        alone. The slow member ends up alone; the others are answered (`answer`) as soon as
+        on a connection of its own, which splits again if it runs long too, down to single
+        members. The slow member ends up in a batch of its own; the others are answered (`answer`) as soon as
         their half is. `offset` is the first member's index in the batch as sent.
 
         `budget`, made at the first split, is shared by everything the batch sends from then on
-        (halves, and members sent again alone when a half fails): at most half the pool's
+        (halves, and members sent again separately when a half fails): at most half the pool's
         connections (two at least) at once, as for any batch's members sent again (`_again`)."""
         self.splits += 1
         if budget is None:
@@ -184,7 +184,7 @@ class SharedStatements:
                         budget: asyncio.Semaphore | None = None) -> list[Outcome] | _Again | _Split | None:
         statement = node.sql.statements[0]
         if len(params) <= 1:  # nothing to share: the statement as it is
-            return await _each_alone(con, node, statement, params, self.pool.proven_pure(node))
+            return await _each_separately(con, node, statement, params, self.pool.proven_pure(node))
         if not node.sql.read_only:
             return await self.writes.on(con, node, params)
         again = _Again([(node, statement, p) for p in params])
@@ -195,7 +195,7 @@ class SharedStatements:
             except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 if _lost(exc) or con.is_closed():
                     raise
-                # The statement itself does not prepare: each member gets the error it gets alone.
+                # The statement itself does not prepare: each member gets the error it gets sent direct.
                 return again
             if text is None:
                 return None
@@ -218,15 +218,15 @@ class SharedStatements:
                     self._combined.pop(f"{node.sql.fetch}\0{statement.text}", None)
                     continue
                 # One member's bad value fails the whole statement, and one slow member times it
-                # out: each again alone, with its own outcome (a read has no effect to undo).
+                # out: each again separately, with its own outcome (a read has no effect to undo).
                 return again
             break
         return _split(rows, len(params), node.sql.fetch, row_numbers=True)
 
     async def _again(self, pool: asyncpg.Pool, again: _Again, answer: Callable[[int, Outcome], None] | None = None,
                      offset: int = 0, budget: asyncio.Semaphore | None = None) -> list[Outcome]:
-        """Each read of `again` sent alone, all at once, each on a connection of its own from
-        the pool, timed by its node's timeout from its own statement's start (as alone).
+        """Each read of `again` sent separately, all at once, each on a connection of its own from
+        the pool, timed by its node's timeout from its own statement's start (as direct).
 
         Why so: one after the other on one connection, N members would cost N round trips, and
         a slow member would delay the others' values past their own timeouts. Why this keeps
@@ -247,7 +247,7 @@ class SharedStatements:
                 except QueryError as exc:  # the pool cannot give a connection (the server is gone)
                     return _answered(answer, position, [(None, exc)])[0]
                 try:
-                    outcome = await _alone(con, node, statement, params, self.pool.proven_pure(node))
+                    outcome = await _send_one(con, node, statement, params, self.pool.proven_pure(node))
                 finally:
                     released = self.pool._release_later(pool, con, node.sql.session)
                 _answered(answer, position, [outcome])  # its run need not wait for the others'
@@ -278,7 +278,7 @@ class SharedStatements:
             arrays = ", ".join(f"${i + 1}::{quote_ident(t.schema)}.{quote_ident(t.name)}[]" for i, t in enumerate(types))
             inner = statement.render([f'("?b".{n})' for n in names]).rstrip()
             inner = inner[:-1] if inner.endswith(";") else inner
-            # One row is all `fetch: one`/`value` reads, as alone (asyncpg asks for one row).
+            # One row is all `fetch: one`/`value` reads, as direct (asyncpg asks for one row).
             limit = " LIMIT 1" if node.sql.fetch in ("one", "value") else ""
             # The newline ends a trailing `-- comment` of the statement.
             text = (f'SELECT "?b"."?ord", "?q".* FROM unnest({arrays}) WITH ORDINALITY AS "?b"({", ".join(names)}, "?ord") '
@@ -294,9 +294,9 @@ class SharedStatements:
 
 
 # A read batch that runs long while a connection is free splits in two, each half on a
-# connection of its own (and so on, down to members alone): one slow member must not hold the
-# others' values back. "Long" is `SPLIT_FACTOR` times what the statement costs sent alone
-# (the median of its last `COSTS_KEPT` latencies, recorded each time it is sent alone), never less than
+# connection of its own (and so on, down to single members): one slow member must not hold the
+# others' values back. "Long" is `SPLIT_FACTOR` times what the statement costs sent direct
+# (the median of its last `COSTS_KEPT` latencies, recorded each time it is sent direct), never less than
 # `SPLIT_MIN_S`, and `SPLIT_UNKNOWN_S` before anything is recorded. Not the batch's size: a
 # batch's members cost the server a fraction of a round trip each, so a batch of cheap members
 # ends well within the bound, and one that does not is worth sending in halves side by side.
@@ -309,7 +309,7 @@ COSTS_KEPT = 32
 @dataclass(frozen=True)
 class _Again:
     """A shared statement failed: each of these reads (node, statement, parameters) is to be
-    sent again alone, once the shared statement's connection is back in the pool (`PoolBackend._again`)."""
+    sent again separately, once the shared statement's connection is back in the pool (`PoolBackend._again`)."""
 
     members: list[tuple[CompiledNode, CompiledSql, list[Any]]]
 
@@ -331,8 +331,8 @@ def _lost(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, ConnectionError, asyncpg.ConnectionDoesNotExistError, asyncio.CancelledError))
 
 
-async def _alone(con: asyncpg.Connection, node: CompiledNode, statement: CompiledSql, params: list[Any],
-                 pure: bool) -> Outcome:
+async def _send_one(con: asyncpg.Connection, node: CompiledNode, statement: CompiledSql, params: list[Any],
+                    pure: bool) -> Outcome:
     """One member's statement on its own, timed by the node's timeout: its value, or its error."""
     try:
         with repeatable(pure):
@@ -342,9 +342,9 @@ async def _alone(con: asyncpg.Connection, node: CompiledNode, statement: Compile
         return (None, exc)
 
 
-async def _each_alone(con: asyncpg.Connection, node: CompiledNode, statement: CompiledSql,
-                      members: list[list[Any]], pure: bool) -> list[Outcome]:
-    """Each member's statement alone, one after the other on `con`: a lone member, or the
+async def _each_separately(con: asyncpg.Connection, node: CompiledNode, statement: CompiledSql,
+                           members: list[list[Any]], pure: bool) -> list[Outcome]:
+    """Each member's statement separately, one after the other on `con`: a lone member, or the
     members of a write in the order the runs asked (a later one may depend on an earlier one's
     rows, so they are not sent at once). A member whose statement fails keeps its own error (a
     transient one too: its own retry policy decides); once the connection is lost, the members
@@ -352,7 +352,7 @@ async def _each_alone(con: asyncpg.Connection, node: CompiledNode, statement: Co
     outcomes: list[Outcome] = []
     for params in members:
         if not con.is_closed():
-            # Each as alone: not inside the implicit transaction a statement before it left open
+            # Each as direct: not inside the implicit transaction a statement before it left open
             # by failing before it was sent (a value it could not encode, `planner.db.synced`).
             try:
                 await settle(con)
@@ -361,7 +361,7 @@ async def _each_alone(con: asyncpg.Connection, node: CompiledNode, statement: Co
         if con.is_closed():
             outcomes.append((None, QueryError("connection lost before the statement was sent", transient=True)))
         else:
-            outcomes.append(await _alone(con, node, statement, params, pure))
+            outcomes.append(await _send_one(con, node, statement, params, pure))
     return outcomes
 
 

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import asyncpg
 from cachetools import LRUCache
 
-from planner.db.shared import STATEMENTS_KEPT, _each_alone, _lost, _split
+from planner.db.shared import STATEMENTS_KEPT, _each_separately, _lost, _split
 from planner.db.translate import translate
 from planner.db.wire import StaleResult
 from planner.kinds.backend import Outcome
@@ -37,7 +37,7 @@ class CombinedWrites:
 
     async def on(self, con: asyncpg.Connection, node: CompiledNode, params: list[list[Any]]) -> list[Outcome] | None:
         """Writes an author marked `coalesce: true`: one statement, so one transaction: all of
-        it is written or none, and when the server refuses it each member is sent again alone,
+        it is written or none, and when the server refuses it each member is sent again separately,
         with its own outcome. (The coalescer keeps write batches small: see `MAX_WRITE_BATCH`.)
 
         A combined write that times out is not sent again: its cancel may have come after it
@@ -64,7 +64,7 @@ class CombinedWrites:
             if _unnamed_targets(exc):
                 self.never_combine(statement.text, node)
             # The server refused it (or a value could not be sent): nothing was written.
-            return await _each_alone(con, node, statement, params, self.pool.proven_pure(node))
+            return await _each_separately(con, node, statement, params, self.pool.proven_pure(node))
         outcomes: list[Outcome] = [(None, None)] * len(params)
         for position, outcome in zip(order, _split(rows, len(params), node.sql.fetch, row_numbers=False), strict=True):
             outcomes[position] = outcome
@@ -73,7 +73,7 @@ class CombinedWrites:
     def never_combine(self, text: str, node: CompiledNode) -> None:
         """The overlap guard of a combined write cannot name its target's rows (an updatable
         view has no `ctid`): every batch of it would be refused. From now on it is not combined
-        (the coalescer sends its members alone, and remembers), and a warning says so once."""
+        (the coalescer sends its members separately, and remembers), and a warning says so once."""
         if text not in self._uncombined:
             logger.warning("node %r%s: its coalesce: true write is not combined: the rows it changes cannot be "
                            "named by (tableoid, ctid) (a view?), so two runs changing one row could not be told "
