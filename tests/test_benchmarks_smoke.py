@@ -37,6 +37,13 @@ def test_metrics_overhead_smoke() -> None:
         assert f"| {variant}" in proc.stdout
 
 
+def test_batcher_overhead_smoke() -> None:
+    proc = _run("benchmarks.batcher_overhead", "--smoke")
+    assert proc.returncode == 0, proc.stderr
+    for case in ("coalescing, pool busy", "fusion, 3 sibling reads", "fusion, lone reads", "cache single flight"):
+        assert f"| {case}" in proc.stdout, case
+
+
 def test_sync_calls_smoke() -> None:
     proc = _run("benchmarks.sync_calls", "--smoke")
     assert proc.returncode == 0, proc.stderr
