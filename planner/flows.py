@@ -20,7 +20,7 @@ from pathlib import Path
 from planner.config import FlowSource
 from planner.errors import FlowError, FlowFileError, QueryError
 from planner.graph import CompiledFlow, compile_flow
-from planner.kinds import BindEnv, BoundNode, kind_of
+from planner.kinds import BindEnv, BoundNode, kind_of, written_statements
 from planner.lang.loader import FileStamp, load_spec
 from planner.lang.refs import name_params
 from planner.lang.sqlcheck import syntax_errors
@@ -223,7 +223,7 @@ def _check_edit(flow: CompiledFlow, env: BindEnv) -> None:
     (call targets and their signatures) and SQL syntax (pglast). Raises the first as a
     `FlowFileError`, saying how many more there are."""
     problems = [exc for node in flow.nodes.values() for exc in kind_of(node.kind).check(node, flow.marks, env)]
-    problems += syntax_errors(flow.loaded, flow.nodes)
+    problems += syntax_errors(flow.loaded, flow.nodes, written_statements(flow.loaded))
     if problems:
         first = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -204,6 +204,10 @@ PLANNER = Path(__file__).resolve().parent.parent / "planner"
 # be, and the loader that validates a file against them.
 KIND_HOMES = ("kinds/", "lang/models.py", "lang/loader.py")
 KIND_TYPES = {"SqlBody", "CallBody", "SqlNode", "CallNode"}
+# The fields only some kinds' models have (`sql`, `fetch`, `call`, `with_`...): reading one
+# through getattr/hasattr asks "which kind is this?" without saying so.
+KIND_FIELDS = frozenset(set().union(*(set(k.model.model_fields) for k in KINDS.values()))
+                        - set.intersection(*(set(k.model.model_fields) for k in KINDS.values())))
 # The same words meaning something else: each exemption names its line's text exactly.
 NOT_KINDS = {("testing/pytest_plugin.py", "report.when == 'call'")}  # pytest's test phase
 
@@ -219,7 +223,8 @@ def _names_a_kind(tree: ast.AST) -> bool:
 
 def kind_branches(source: str) -> list[tuple[int, str]]:
     """Lines of `source` that branch on a node's kind: a comparison (or `case`) against a kind's
-    name, or an `isinstance` against a kind's model or body type."""
+    name, an `isinstance` against a kind's model or body type, or a `getattr`/`hasattr` of a
+    field only some kinds' models have."""
     found: list[tuple[int, str]] = []
     for tree in ast.walk(ast.parse(source)):
         if isinstance(tree, ast.Compare) and any(_names_a_kind(side) for side in (tree.left, *tree.comparators)):
@@ -228,6 +233,9 @@ def kind_branches(source: str) -> list[tuple[int, str]]:
             found.append((tree.lineno, f"case {ast.unparse(tree.value)}"))
         elif (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) and tree.func.id == "isinstance"
               and len(tree.args) == 2 and {n.id for n in ast.walk(tree.args[1]) if isinstance(n, ast.Name)} & KIND_TYPES):
+            found.append((tree.lineno, ast.unparse(tree)))
+        elif (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) and tree.func.id in ("getattr", "hasattr")
+              and len(tree.args) >= 2 and isinstance(tree.args[1], ast.Constant) and tree.args[1].value in KIND_FIELDS):
             found.append((tree.lineno, ast.unparse(tree)))
     return found
 
@@ -240,6 +248,10 @@ def kind_branches(source: str) -> list[tuple[int, str]]:
     'match node.kind:\n    case "sql": pass',
     'ok = isinstance(node.body, SqlBody)',
     'ok = isinstance(model, (CallNode, dict))',
+    'sql = getattr(spec, "sql", None)',
+    'target = getattr(spec, "call")',
+    'ok = hasattr(model, "with_")',
+    'fetch = getattr(loaded.spec.nodes[name], "fetch", "all")',
 ])
 def test_the_scan_finds_each_spelling_of_a_kind_branch(source: str) -> None:
     assert kind_branches(source)
@@ -247,6 +259,12 @@ def test_the_scan_finds_each_spelling_of_a_kind_branch(source: str) -> None:
 
 def test_the_scan_leaves_other_comparisons_alone() -> None:
     assert kind_branches('ok = param.kind == "lit" and fmt in ("svg", "html") and isinstance(x, str)') == []
+    assert kind_branches('name = getattr(node, "name"); t = getattr(node, "timeout", None)') == []
+
+
+def test_the_kind_fields_the_scan_looks_for_are_the_kinds_own() -> None:
+    assert {"sql", "fetch", "call", "with_"} <= KIND_FIELDS
+    assert not {"when", "default", "timeout"} & KIND_FIELDS
 
 
 def test_no_module_outside_the_kinds_branches_on_a_node_kind() -> None:

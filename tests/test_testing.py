@@ -406,3 +406,27 @@ def test_the_planner_replay_fixture_records_once_then_replays_without_a_database
     test.write_text(PROJECT_TEST.replace("    result = await planner_replay.run", "    return\n    result = await planner_replay.run"))
     fewer = _pytest(project, "--planner-record=none", dsn="postgresql://nobody@127.0.0.1:1/nowhere")
     assert fewer.returncode == 1 and "the test replayed 0 run(s) of the 1 recorded" in fewer.stdout
+
+
+def test_the_hash_covers_what_the_nodes_kind_says_identifies_its_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    from planner.api import load_flow
+    from planner.kinds import KINDS
+
+    flow = load_flow(SEED_FLOWS / "escalation.yaml")
+    before = statement_hash(flow, "settings"), statement_hash(flow, "decide")
+    monkeypatch.setattr(type(KINDS["sql"]), "identity", lambda self, node: {"sql": ["SELECT 2"], "fetch": "one"})
+    assert statement_hash(flow, "settings") != before[0]
+    assert statement_hash(flow, "decide") == before[1]
+
+
+@pytest.mark.parametrize(("node", "edit"), [("settings", ("fetch: one", "fetch: all")),
+                                            ("settings", ("WHERE id = $instance_id", "WHERE id = $instance_id + 0")),
+                                            ("decide", ("message: $message}", "message: $user_phone}")),
+                                            ("decide", ("escalation:needs_escalation", "escalation:other"))])
+def test_an_edit_to_a_nodes_work_changes_its_hash(node: str, edit: tuple[str, str]) -> None:
+    from planner.api import load_flow
+
+    text = (SEED_FLOWS / "escalation.yaml").read_text()
+    assert edit[0] in text
+    old, new = load_flow(text=text, name="escalation"), load_flow(text=text.replace(*edit), name="escalation")
+    assert statement_hash(old, node) != statement_hash(new, node)

@@ -23,12 +23,14 @@ if TYPE_CHECKING:
     from planner.errors import FlowFileError
     from planner.kinds.backend import Backend, Database
     from planner.kinds.call import CallThreads
+    from planner.lang.loader import LoadedFlow
     from planner.lang.models import Settings
     from planner.lang.nodes import CompiledNode
     from planner.lang.safeyaml import Marks
     from planner.results import Served
 
 NodeRun = Callable[[Any], Coroutine[Any, Any, Any]]
+Where = tuple[str | int, ...]  # a place in a flow file, as `Marks` finds it: ("nodes", name, "sql", 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,16 @@ class NodeKind(Protocol):
 
     def check(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> list[FlowFileError]: ...
 
+    def identity(self, node: Any) -> dict[str, Any]:
+        """What identifies the work a node does, from its validated model `node`: what a
+        recording's hash covers (`planner.testing.statement_hash`), so that an edit to it makes
+        the recording stale. JSON-able (`repr` for the rest)."""
+
+    def written(self, name: str, node: Any) -> list[tuple[Where, str]]:
+        """Each statement its body sends (`CompiledNode.sql.statements`, in order) as its author
+        wrote it in the validated model `node`: where in the file, and the text. Empty when it
+        sends none."""
+
 
 def _registry() -> dict[str, NodeKind]:
     from planner.kinds.call import CALL
@@ -113,6 +125,12 @@ def kind_of(name: str) -> NodeKind:
         return KINDS[name]
     except KeyError:
         raise FlowError(f"unknown node kind {name!r} (known: {', '.join(sorted(KINDS))})") from None
+
+
+def written_statements(loaded: LoadedFlow) -> dict[str, list[tuple[Where, str]]]:
+    """Each node's statements as written (`NodeKind.written`), by node name: what
+    `planner.lang.sqlcheck` checks at the author's line."""
+    return {name: kind_for_model(node).written(name, node) for name, node in loaded.spec.nodes.items()}
 
 
 def kind_for_model(node: Any) -> NodeKind:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from planner.errors import CallThreadsBusy, DatabaseUnavailable, FlowFileError, NodeTimeout
-from planner.kinds import BindEnv, BoundNode
+from planner.kinds import BindEnv, BoundNode, Where
 from planner.lang.models import CallNode, Settings
 from planner.lang.nodes import CallBody
 from planner.lang.refs import RefSyntaxError, compile_getter, parse_value
@@ -75,6 +75,12 @@ class CallKind:
         except RefSyntaxError as exc:
             raise marks.error(str(exc), ("nodes", name, "with")) from None
         return CallBody(target=node.call, args=template.value, refs=template.refs)
+
+    def identity(self, node: CallNode) -> dict[str, Any]:
+        return {"call": node.call, "with": node.with_}
+
+    def written(self, name: str, node: CallNode) -> list[tuple[Where, str]]:
+        return []  # a call sends no statement of its own (its `db` parameter is the function's)
 
     def bind(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> BoundNode:
         fn, wants_db = self._resolve(spec, marks, env)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 from planner.errors import FlowFileError, NotFound
-from planner.kinds import BindEnv, BoundNode
+from planner.kinds import BindEnv, BoundNode, Where
 from planner.kinds.backend import Query
 from planner.lang.models import Settings, SqlNode
 from planner.lang.nodes import SqlBody
@@ -26,10 +26,8 @@ class SqlKind:
     model = SqlNode
 
     def compile(self, name: str, node: SqlNode, marks: Marks, settings: Settings) -> SqlBody:
-        texts = [node.sql] if isinstance(node.sql, str) else node.sql
         statements: list[CompiledSql] = []
-        for i, text in enumerate(texts):
-            where: tuple[str | int, ...] = ("nodes", name, "sql") + ((i,) if isinstance(node.sql, list) else ())
+        for where, text in self.written(name, node):
             try:
                 statements.append(compile_sql(text))
             except RefSyntaxError as exc:
@@ -65,6 +63,14 @@ class SqlKind:
             replica_allowed=node.replica,
             compile=node.compile is not False,
         )
+
+    def identity(self, node: SqlNode) -> dict[str, Any]:
+        return {"sql": [node.sql] if isinstance(node.sql, str) else list(node.sql), "fetch": node.fetch}
+
+    def written(self, name: str, node: SqlNode) -> list[tuple[Where, str]]:
+        if isinstance(node.sql, str):
+            return [(("nodes", name, "sql"), node.sql)]
+        return [(("nodes", name, "sql", i), text) for i, text in enumerate(node.sql)]
 
     def bind(self, spec: CompiledNode, marks: Marks, env: BindEnv) -> BoundNode:
         body = spec.sql

@@ -6,7 +6,7 @@ pass it before it replaces the version that runs (`planner.api.Planner`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from planner.errors import FlowFileError
 from planner.lang.loader import LoadedFlow
@@ -17,23 +17,25 @@ from planner.lang.sqlinfo import analyze
 SYNTAX = "PLN111"
 
 
-def statements_of(loaded: LoadedFlow, nodes: Mapping[str, CompiledNode]) -> list[tuple[str, tuple[str | int, ...], str, CompiledSql]]:
+Written = Mapping[str, Sequence[tuple[tuple[str | int, ...], str]]]
+"""Each node's statements as its author wrote them: where in the file, and the text
+(`planner.kinds.written_statements`; the kinds, above this layer, know where they keep them)."""
+
+
+def statements_of(nodes: Mapping[str, CompiledNode], written: Written) -> list[tuple[str, tuple[str | int, ...], str, CompiledSql]]:
     """Every statement of the flow: `(node, where in the file, source text, compiled)`."""
     out = []
     for name, node in nodes.items():
-        source = getattr(loaded.spec.nodes[name], "sql", None)
-        texts = [source] if isinstance(source, str) else list(source or ())
-        for index, (text, statement) in enumerate(zip(texts, node.sql.statements, strict=False)):
-            where: tuple[str | int, ...] = ("nodes", name, "sql") + ((index,) if not isinstance(source, str) else ())
+        for (where, text), statement in zip(written.get(name, ()), node.sql.statements, strict=False):
             out.append((name, where, text, statement))
     return out
 
 
-def syntax_errors(loaded: LoadedFlow, nodes: Mapping[str, CompiledNode]) -> list[FlowFileError]:
+def syntax_errors(loaded: LoadedFlow, nodes: Mapping[str, CompiledNode], written: Written) -> list[FlowFileError]:
     """Each statement that does not parse, as a `FlowFileError` (code `PLN111`) at its line and
     column in the file."""
     errors = []
-    for name, where, text, statement in statements_of(loaded, nodes):
+    for name, where, text, statement in statements_of(nodes, written):
         info = analyze(statement.text)
         if info.error is None:
             continue

@@ -43,7 +43,7 @@ from typing import Any
 
 from planner.api import Planner
 from planner.graph import CompiledFlow
-from planner.kinds import kind_of
+from planner.kinds import kind_for_model, kind_of
 from planner.kinds.backend import Offline
 from planner.results import FlowResult, NodeState
 
@@ -65,15 +65,11 @@ class CassetteMismatch(AssertionError):
 
 
 def statement_hash(flow: CompiledFlow, node: str) -> str:
-    """A hash of what node `node` sends to the database: its SQL text (every statement) and
-    `fetch`, or for a `call:` node its target and `with:`. Anything else (`when`, `default`,
-    timeouts) may change without a new recording."""
+    """A hash of what identifies node `node`'s work, as its kind says (`NodeKind.identity`): an
+    `sql:` node's SQL text (every statement) and `fetch`, a `call:` node's target and `with:`.
+    Anything else (`when`, `default`, timeouts) may change without a new recording."""
     spec = flow.loaded.spec.nodes[node]
-    sql = getattr(spec, "sql", None)
-    if sql is not None:
-        what: dict[str, Any] = {"sql": [sql] if isinstance(sql, str) else list(sql), "fetch": getattr(spec, "fetch", None)}
-    else:
-        what = {"call": getattr(spec, "call", None), "with": getattr(spec, "with_", None)}
+    what = kind_for_model(spec).identity(spec)
     text = json.dumps(what, sort_keys=True, default=repr, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

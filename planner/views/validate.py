@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from planner.config import CallTargets
 from planner.errors import FlowFileError, QueryError
 from planner.graph import CompiledFlow, compile_flow
-from planner.kinds import BindEnv, kind_of
+from planner.kinds import BindEnv, kind_of, written_statements
 from planner.kinds.backend import Database, Offline
 from planner.lang.loader import load_spec
 from planner.lang.refs import CompiledSql, Ref, name_params
@@ -58,7 +58,7 @@ def check_static(path: Path, allowed: list[str] | None = None) -> tuple[Compiled
 def check_syntax(flow: CompiledFlow) -> list[Finding]:
     """PostgreSQL's own parser (pglast) over every statement, no database needed: a syntax error
     is `PLN111`, reported at its line and column in the file (`planner.lang.sqlcheck`)."""
-    return [_from_error(exc, flow.loaded.path) for exc in syntax_errors(flow.loaded, flow.nodes)]
+    return [_from_error(exc, flow.loaded.path) for exc in syntax_errors(flow.loaded, flow.nodes, written_statements(flow.loaded))]
 
 
 def _at(flow: CompiledFlow, node: str | None, where: tuple[str | int, ...], code: str, message: str) -> Finding:
