@@ -379,7 +379,7 @@ def test_the_keywords_now_grouped_are_refused_by_name() -> None:
 def test_pool_options_size_each_pool_planner_owns(tmp_path: Path) -> None:
     planner = Planner(flows=tmp_path, dsn="postgresql://primary.invalid/app", replica_dsn="postgresql://replica.invalid/app",
                       pool_options=PoolOptions(min_size=1, max_size=3), settings=Settings())
-    assert {role: pool.max_size for role, pool in planner.pools.items()} == {"primary": 3, "replica": 3}
+    assert {role: pool.load.max_size for role, pool in planner.pools.items()} == {"primary": 3, "replica": 3}
 
 
 def test_cache_options_bound_the_values_kept(tmp_path: Path) -> None:
