@@ -22,6 +22,7 @@ from planner import (
     FlowFailed,
     Planner,
     PoolOptions,
+    QueryError,
     ReplicaOptions,
     load_flow,
 )
@@ -118,3 +119,18 @@ def test_a_cache_channel_without_what_carries_it_is_refused() -> None:
 def test_a_replica_with_a_callers_backend_is_refused() -> None:
     with pytest.raises(TypeError, match="ReplicaBackend"):
         build_stack(backend=Minimal(), replica_options=ReplicaOptions(dsn=NOWHERE))
+
+
+async def test_a_connection_held_for_a_block_goes_back_and_its_error_is_planners(demo_dsn: str) -> None:
+    backend = PoolBackend(dsn=demo_dsn, min_size=1, max_size=1)
+    try:
+        pool = await backend.pool()
+        with pytest.raises(QueryError) as raised:
+            async with backend.held(pool, False) as con:
+                assert backend.load.in_use == 1 and not backend.idle()
+                await con.execute("SELECT 1 / 0")
+        await backend.drain()
+        assert raised.value.sqlstate == "22012"  # the driver's error, translated at the boundary
+        assert pool.get_idle_size() == pool.get_size() == 1 and backend.load.in_use == 0 and backend.idle()
+    finally:
+        await backend.close()
