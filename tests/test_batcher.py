@@ -283,6 +283,7 @@ async def play(scenario: Scenario) -> tuple[list[Any], list[Member[int] | None],
     return results, members, cancelled, record
 
 
+@pytest.mark.slow  # 400 generated interleavings
 @settings(max_examples=400, deadline=None)
 @given(scenarios)
 def test_any_interleaving_gives_each_surviving_waiter_exactly_its_own_outcome(scenario: Scenario) -> None:
@@ -313,6 +314,7 @@ def test_any_interleaving_gives_each_surviving_waiter_exactly_its_own_outcome(sc
     assert len(objects) == len(set(objects))
 
 
+@pytest.mark.slow  # 200 generated interleavings
 def test_the_property_sees_shared_members_cancellations_and_failures() -> None:
     """The strategy reaches the cases the property is about (not only lone, lucky waiters)."""
     seen = set()

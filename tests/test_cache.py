@@ -585,7 +585,7 @@ async def test_sequential_mode_still_uses_the_cache(write_flow: Write, counted: 
 
 @pytest.mark.subprocess  # runs the planner command
 def test_run_json_reports_the_cache(demo_dsn: str, tmp_path: Path) -> None:
-    from tests.test_cli import cli
+    from tests.support.cli import cli
 
     proc = cli("run", "escalation", "-i", "instance_id=1", "-i", "user_phone=+15550000001", "-i", "message=hi",
                "--json", "--db", demo_dsn, env={"PLANNER_HOME": str(tmp_path / "home"), "PLANNER_CACHE": "1"})

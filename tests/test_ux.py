@@ -2,7 +2,7 @@
 error that is a bug in the flow, a database that went away mid-run, and load errors that say
 what to write instead.
 
-CLI behaviour is tested through the console script in `tests/test_cli.py`.
+CLI behaviour is tested through the console script in `tests/cli/`.
 """
 
 from __future__ import annotations
