@@ -17,10 +17,17 @@ class Served:
 
     cached: bool = False  # from the cache: no statement was sent
     batch: int = 1  # how many runs shared the statement that answered this one
-    fused: int = 1  # how many nodes of one run shared that statement
+    fused: int = 1  # how many nodes of one run fusion (`planner.db.fuse`) sent in that statement
     replica: bool = False  # answered by the read replica (`planner.db.replica`), not the primary
     statements: int = 1  # the node's statements (a list is sent in one transaction): what one attempt sends unless cached
     compiled: str | None = None  # the compiled statement (`flow#n`, see `planner explain`) that answered it
+    compiled_nodes: int = 1  # how many nodes of one run that compiled statement answered (1: not compiled)
+
+    @property
+    def run_share(self) -> int:
+        """How many nodes of one run the one statement that answered this node answered: fusion's
+        `fused` or a compiled group's `compiled_nodes` (1: its own). They share one round trip."""
+        return max(self.fused, self.compiled_nodes)
 
 
 class NodeState(enum.StrEnum):

@@ -148,6 +148,7 @@ async def test_statements_and_round_trips_per_run(
 async def test_a_fused_group_is_one_round_trip(
         db_planner: Planner, metrics: Metrics, write_flow: Callable[..., Path]) -> None:
     write_flow("""
+        settings: {compile: false}
         nodes:
           a: {sql: "SELECT 1 AS v", fetch: one}
           b: {sql: "SELECT 2 AS w", fetch: one}
@@ -159,6 +160,23 @@ async def test_a_fused_group_is_one_round_trip(
     assert metrics.histogram("planner_flow_statements", flow="fused") == (1, 3.0)
     assert metrics.histogram("planner_flow_round_trips", flow="fused") == (1, 1.0)
     assert metrics.histogram("planner_node_fused_nodes", flow="fused", node="a") == (1, 3.0)
+    assert {r.served.compiled for r in result.nodes.values() if r.served is not None} == {None}
+
+
+async def test_a_compiled_statement_is_one_round_trip_and_not_reported_as_fused(
+        db_planner: Planner, metrics: Metrics, write_flow: Callable[..., Path]) -> None:
+    write_flow("""
+        nodes:
+          a: {sql: "SELECT 1 AS v", fetch: one}
+          b: {sql: "SELECT 2 AS w", fetch: one}
+          c: {sql: "SELECT 3 AS u", fetch: one}
+        """, name="compiled")
+    result = await db_planner.run("compiled")
+    served = {n: r.served for n, r in result.nodes.items() if r.served is not None}
+    assert {n: (s.compiled, s.compiled_nodes, s.fused) for n, s in served.items()} == {
+        n: ("compiled#1", 3, 1) for n in "abc"}
+    assert metrics.histogram("planner_flow_round_trips", flow="compiled") == (1, 1.0)
+    assert metrics.histogram("planner_node_fused_nodes", flow="compiled", node="a") == (1, 1.0)
 
 
 async def test_cache_hits_and_misses_are_read_from_the_cache(

@@ -289,7 +289,7 @@ async def test_fused_sibling_reads_after_a_type_change_get_the_new_values(
         pooled: Planner, admin: asyncpg.Connection) -> None:
     await admin.execute("CREATE TABLE pt (id int PRIMARY KEY, v int8, at timestamp)")
     await admin.execute("INSERT INTO pt VALUES (1, 7, '2026-12-06 10:00')")
-    flow = load_flow(text=json.dumps({"inputs": {"k": "int"}, "nodes": {
+    flow = load_flow(text=json.dumps({"inputs": {"k": "int"}, "settings": {"compile": False}, "nodes": {  # fusion's path
         "v": {"sql": "SELECT v FROM pt WHERE id = $k", "fetch": "value", "on_error": "fail"},
         "at": {"sql": "SELECT at FROM pt WHERE id = $k", "fetch": "value", "on_error": "fail"}}}), name="siblings")
     first = await pooled.run(flow, {"k": 1})

@@ -129,7 +129,7 @@ class GroupRunner:
             return await self.backend.run(query)
         value = mine[1]
         query.served.compiled = self.group.label
-        query.served.fused = len(outcome[0])  # the nodes in that statement (metrics count it once, as fusion's)
+        query.served.compiled_nodes = len(outcome[0])  # they share its round trip (metrics count it once)
         ticket = outcome[1].get(name)
         if ticket is not None and self.cache is not None:
             self.cache.keep(query, value, ticket)

@@ -342,8 +342,8 @@ class Metrics:
             statements += sent
             if served.statements > 1:  # a statement list is a transaction: BEGIN and COMMIT too
                 round_trips += sent + 2 * attempts
-            else:  # the members of a fused group share its one round trip
-                round_trips += sent / served.fused
+            else:  # the members of a fused group or a compiled statement share its one round trip
+                round_trips += sent / served.run_share
         return statements, round_trips
 
     # --- collecting ---------------------------------------------------------------------

@@ -50,15 +50,15 @@ def _read_fused(path: Path) -> dict[str, list[float]]:
 
 def record(result: FlowResult, folder: str | os.PathLike[str]) -> None:
     """Add this run's node durations to the flow's statistics (atomically replaced), and how
-    many nodes shared each one's statement (fusion), so that the plan counts a fused
-    statement's time once."""
+    many nodes shared each one's statement (fusion or a compiled group), so that the plan
+    counts a shared statement's time once."""
     path = stats_path(result.flow, folder)
     stats: dict[str, object] = dict(_read(path))
     fused = _read_fused(path)
     for name, node in result.nodes.items():
         if node.state is NodeState.OK and node.duration_ms is not None and node.attempts:
             stats[name] = ([*_read_list(stats, name), round(node.duration_ms, 3)])[-KEEP:]
-            share = node.served.fused if node.served is not None else 1
+            share = node.served.run_share if node.served is not None else 1
             fused[name] = [*fused.get(name, []), share][-KEEP:]
     stats[FUSED] = fused
     path.parent.mkdir(parents=True, exist_ok=True)
