@@ -235,7 +235,8 @@ class Planner:
         if self.settings.compile and self.node_wrapper is None:
             for group in plan_groups(flow):
                 runner = GroupRunner(group, flow, self.backend, self.cache, {n: plain[n].args for n in group.names},
-                                     load=self.stack.primary_pool)
+                                     load=self.stack.primary_pool,
+                                     judge=self.effects.effects if self.stack.catalog is not None else None)
                 runners.append(runner)
                 serving.update(dict.fromkeys(group.names, runner))
         for name, spec in flow.nodes.items():

@@ -478,6 +478,43 @@ nodes:
     assert all(r.served is None or r.served.compiled is None for r in result.nodes.values())
 
 
+HIDDEN = """
+inputs: {k: int}
+nodes:
+  stamped: {sql: "SELECT k FROM stamp_view WHERE k = $k", fetch: one}
+  seen: {sql: "SELECT count(*) AS n FROM stamps WHERE k = $stamped.k", fetch: value}
+"""
+
+
+async def test_the_purity_check_asks_the_judge_it_is_given_whatever_backend_it_holds() -> None:
+    # The backend is not an EffectsBackend (a wrapper above it, say): the check must still run.
+    from planner.kinds.backend import Offline
+    from planner.lang.effects import Effects
+    from planner.run.compiled import GroupRunner
+
+    flow = load_flow(text=HIDDEN, name="hidden")
+    (group,) = plan_groups(flow)
+    asked: list[str] = []
+
+    async def judge(node: Any) -> Effects:
+        asked.append(node.name)
+        return Effects(pure=False, resolved=True, reasons=("calls volatile function stamp(integer)",))
+
+    runner = GroupRunner(group, flow, Offline("no database"), judge=judge)
+    assert await runner._reads_proven_pure() is False
+    assert asked == ["stamped"] and runner.broken is not None and "stamp(integer)" in runner.broken
+
+
+async def test_without_a_judge_the_offline_plan_stands() -> None:
+    from planner.kinds.backend import Offline
+    from planner.run.compiled import GroupRunner
+
+    flow = load_flow(text=HIDDEN, name="hidden")
+    (group,) = plan_groups(flow)
+    runner = GroupRunner(group, flow, Offline("no database"))
+    assert await runner._reads_proven_pure() is True and runner.broken is None
+
+
 async def test_a_node_wrapper_turns_compilation_off_for_its_planner(pg_dsn: str) -> None:
     # A wrapper may fail a node before it runs (fault injection, a circuit breaker): its write must
     # not have happened already inside a statement another node sent.

@@ -31,16 +31,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, Protocol
 
 from planner.compile import CompiledGroup, Member, variant
 from planner.graph import CompiledFlow
 from planner.kinds.backend import SEQUENTIAL, Backend, Load, Query, WrappingBackend
+from planner.lang.effects import Effects
 from planner.lang.expr import evaluate
 from planner.lang.nodes import CompiledNode, RetryPolicy, SqlBody
 from planner.lang.refs import CompiledSql, Ref, Unresolved, resolve
+
+Judge = Callable[[CompiledNode], Awaitable[Effects]]
+"""The server catalog's verdict on a node's statement (`planner.db.effects.EffectsBackend.effects`)."""
 
 
 class ValueCache(Protocol):
@@ -73,9 +77,11 @@ class GroupRunner:
 
     def __init__(self, group: CompiledGroup, flow: CompiledFlow, backend: Backend,
                  cache: ValueCache | None = None, args: dict[str, Callable[[dict[str, Any]], Any]] | None = None,
-                 load: Load | None = None) -> None:
-        # `load`: the pool's (None: a backend of the caller's own, judged idle)
+                 load: Load | None = None, judge: Judge | None = None) -> None:
+        # `load`: the pool's (None: a backend of the caller's own, judged idle). `judge`: the
+        # server's catalog (None: there is none to ask, and the offline plan stands).
         self.group, self.flow, self.backend, self.cache, self.load = group, flow, backend, cache, load
+        self.judge = judge
         self.whens = {n.name: n.when for n in group.nodes}
         self.stops_run = {n.name: n.on_error != "default" for n in group.nodes}  # None: the Planner's, maybe fail
         self.args = args or {}
@@ -197,8 +203,8 @@ class GroupRunner:
         member may not share it: the group goes alone, now and for this flow version."""
         if self.broken is not None:
             return False
-        judge = getattr(self.backend, "effects", None)  # `EffectsBackend.effects`
-        if judge is None or getattr(self.backend, "catalog", None) is None:
+        judge = self.judge
+        if judge is None:
             return True  # no server's catalog to ask (a backend of the caller's own): the offline plan stands
         for node in self.group.nodes:
             if not node.sql.read_only:
