@@ -191,6 +191,8 @@ class FlowVersions:
             raise FlowFileError("the file changed while it was read; trying again on the next run", file=path)
         if entry is not None:  # a hot edit replaces a running version only once `planner validate` passes it
             _check_edit(flow, self.env)
+        # Back into the Planner (`Planner._bind`, given at construction): binding needs its
+        # backend, threads and compiled groups, which this cache of versions does not hold.
         return self._bind(flow, read)
 
     def _refuse(self, name: str, stamp: FileStamp, entry: FlowVersion | None, exc: FlowError) -> FlowVersion:

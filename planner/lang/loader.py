@@ -126,27 +126,23 @@ def _file_kind(mode: int) -> str:
 def load_text(text: str, *, file: str | Path = "<string>", name: str = "flow") -> LoadedFlow:
     """Validate a flow given as YAML text. Raises `FlowFileError`."""
     try:
-        return _load_text(text, file, name)
+        data, marks = parse_yaml(text, str(file))
+        if not isinstance(data, dict):
+            raise FlowFileError("a flow file must be a mapping with at least `nodes:`", file=file, line=1)
+        try:
+            spec = FlowSpec.model_validate(data)
+        except ValidationError as exc:
+            raise _translate(exc, marks) from None
+        clash = next((n for n in spec.nodes if n in spec.inputs), None)
+        if clash is not None:
+            raise marks.error(f"{clash!r} is both an input and a node", ("nodes", clash))
+        if spec.name is not None and spec.name != name:
+            raise marks.error(f"`name: {spec.name}` does not match the file name {name!r}", ("name",))
+        return LoadedFlow(name=name, path=Path(file), spec=spec, marks=marks)
     except (FlowError, MemoryError):
         raise  # running out of memory is the process's condition, not the file's
-    except Exception as exc:
+    except Exception as exc:  # the backstop: whatever no check above caught still names the file
         raise unexpected_error(exc, file) from exc
-
-
-def _load_text(text: str, file: str | Path, name: str) -> LoadedFlow:
-    data, marks = parse_yaml(text, str(file))
-    if not isinstance(data, dict):
-        raise FlowFileError("a flow file must be a mapping with at least `nodes:`", file=file, line=1)
-    try:
-        spec = FlowSpec.model_validate(data)
-    except ValidationError as exc:
-        raise _translate(exc, marks) from None
-    clash = next((n for n in spec.nodes if n in spec.inputs), None)
-    if clash is not None:
-        raise marks.error(f"{clash!r} is both an input and a node", ("nodes", clash))
-    if spec.name is not None and spec.name != name:
-        raise marks.error(f"`name: {spec.name}` does not match the file name {name!r}", ("name",))
-    return LoadedFlow(name=name, path=Path(file), spec=spec, marks=marks)
 
 
 def _translate(exc: ValidationError, marks: Marks) -> FlowFileError:
