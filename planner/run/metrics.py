@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from planner.errors import NotFound
+from planner.results import NodeState
 
 if TYPE_CHECKING:
     from planner.kinds.call import CallThreads
@@ -125,6 +126,7 @@ FAMILIES: tuple[Family, ...] = (
            "Sync calls that never started for want of a thread (the node failed or defaulted).", ()),
 )
 BY_NAME = {family.name: family for family in FAMILIES}
+_OK = NodeState.OK  # read once: an Enum class attribute is slow to read
 
 
 class _Cell:
@@ -143,6 +145,17 @@ class _NodeCells:
 
     def __init__(self, outcomes: _Cell, duration: _Histogram, attrs: dict[str, str]) -> None:
         self.outcomes, self.duration, self.attrs = outcomes, duration, attrs
+
+
+class _NodeRow:
+    """The series of one (flow, node): those of outcome `ok` at hand (nearly every settlement),
+    the others by outcome."""
+
+    __slots__ = ("ok", "others")
+
+    def __init__(self) -> None:
+        self.ok: _NodeCells | None = None
+        self.others: dict[str, _NodeCells] = {}
 
 
 class _FlowCells:
@@ -197,7 +210,7 @@ class Metrics:
     def __init__(self, *, meter_provider: Any = None, otel: bool = True) -> None:
         self._counters: dict[str, dict[Labels, _Cell]] = {f.name: {} for f in FAMILIES if f.kind == "counter"}
         self._histograms: dict[str, dict[Labels, _Histogram]] = {f.name: {} for f in FAMILIES if f.kind == "histogram"}
-        self._nodes: dict[tuple[str, str, str], _NodeCells] = {}
+        self._rows: dict[str, dict[str, _NodeRow]] = {}  # flow -> node -> its series
         self._sql: dict[tuple[str, str], _SqlCells] = {}
         self._flows: dict[tuple[str, str], _FlowCells] = {}
         self._sources: weakref.WeakKeyDictionary[Any, Callable[[Any], Iterable[Sample]]] = weakref.WeakKeyDictionary()
@@ -250,11 +263,14 @@ class Metrics:
             histogram = series[labels] = _Histogram(BY_NAME[name].buckets)
         return histogram
 
-    def _node_cells(self, flow: str, node: str, outcome: str) -> _NodeCells:
+    def _node_cells(self, flow: str, node: str, row: _NodeRow, outcome: str) -> _NodeCells:
         labels = (("flow", flow), ("node", node), ("outcome", outcome))
         outcomes = self._counters["planner_node_outcomes_total"].setdefault(labels, _Cell())
-        cells = self._nodes[flow, node, outcome] = _NodeCells(
-            outcomes, self._histogram("planner_node_duration_seconds", labels), dict(labels))
+        cells = _NodeCells(outcomes, self._histogram("planner_node_duration_seconds", labels), dict(labels))
+        if outcome == "ok":
+            row.ok = cells
+        else:
+            row.others[outcome] = cells
         return cells
 
     def _flow_cells(self, flow: str, status: str) -> _FlowCells:
@@ -292,13 +308,19 @@ class Metrics:
         settled, in one pass over the run's records (nothing is recorded while the run goes on)."""
         if self._otel_pending:
             self._check_otel()
-        flow, otel, nodes = ledger.flow.name, self._otel, self._nodes
+        flow, otel = ledger.flow.name, self._otel
+        rows = self._rows.get(flow) or self._rows.setdefault(flow, {})
         for node, (state, _value, _error, started, finished) in ledger.records.items():
-            # One lookup finds every series the node updates. The key holds the state's plain
-            # string: hashing the StrEnum member itself goes through a Python-level slot (about
-            # 0.5 us), and `.value` is a slow descriptor; `_value_` is the member's own attribute.
-            outcome: str = state._value_
-            cells = nodes.get((flow, node, outcome)) or self._node_cells(flow, node, outcome)
+            # One lookup (the node's name, its hash cached) finds every series the node updates.
+            # Not the state as a key: hashing a StrEnum member goes through a Python-level slot
+            # (about 0.5 us), and `.value` is a slow descriptor; `_value_` is its own attribute.
+            row = rows.get(node)
+            if row is None:
+                row = rows[node] = _NodeRow()
+            if state is _OK:
+                cells = row.ok or self._node_cells(flow, node, row, "ok")
+            else:
+                cells = row.others.get(state._value_) or self._node_cells(flow, node, row, state._value_)
             cells.outcomes.value += 1
             if started is not None and finished is not None:  # only a node that ran has a latency
                 seconds = (finished - started) / 1000.0
