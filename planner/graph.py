@@ -70,52 +70,48 @@ def compile_flow(loaded: LoadedFlow) -> CompiledFlow:
     """Derive the dependency graph of a validated flow. Raises `FlowGraphError` (or, for
     a malformed reference or expression, `FlowFileError`), never anything else."""
     try:
-        return _compile(loaded)
+        spec, marks = loaded.spec, loaded.marks
+        nodes: dict[str, CompiledNode] = {}
+        for index, (name, node) in enumerate(spec.nodes.items()):
+            nodes[name] = _compile_node(name, index, node, spec, marks, loaded.name)
+        output: dict[str, Template] | None = None
+        if spec.output is not None:
+            output = {}
+            for key, value in spec.output.items():
+                try:
+                    output[key] = parse_value(value)
+                except RefSyntaxError as exc:
+                    raise marks.error(str(exc), ("output", key)) from None
+        known = set(spec.inputs) | set(nodes)
+        _check_refs(nodes, output, known, loaded)
+        _check_invalidates(nodes, loaded)
+        graph = nx.DiGraph()
+        graph.add_nodes_from(nodes)
+        graph.add_edges_from((dep, name) for name, node in nodes.items() for dep in node.deps)
+        order = _order(graph, nodes, marks)
+        nodes = replica_routes(nodes, order)
+        generations = nx.topological_generations(graph)
+        groups = tuple(tuple(sorted(g, key=lambda n: nodes[n].index)) for g in generations)
+        successors = {name: tuple(graph.successors(name)) for name in nodes}
+        return CompiledFlow(
+            name=loaded.name,
+            loaded=loaded,
+            inputs=dict(spec.inputs),
+            settings=spec.settings,
+            nodes=nodes,
+            graph=graph,
+            order=order,
+            groups=groups,
+            group_of={name: i + 1 for i, group in enumerate(groups) for name in group},
+            successors=successors,
+            indegree={name: len(node.deps) for name, node in nodes.items()},
+            output=output,
+            output_getters=None if output is None else {k: compile_getter(t.value) for k, t in output.items()},
+        )
     except (FlowError, MemoryError):
         raise  # running out of memory is the process's condition, not the file's
-    except Exception as exc:
+    except Exception as exc:  # the backstop: whatever no check caught still names the file
         raise unexpected_error(exc, loaded.marks.file) from exc
-
-
-def _compile(loaded: LoadedFlow) -> CompiledFlow:
-    spec, marks = loaded.spec, loaded.marks
-    nodes: dict[str, CompiledNode] = {}
-    for index, (name, node) in enumerate(spec.nodes.items()):
-        nodes[name] = _compile_node(name, index, node, spec, marks, loaded.name)
-    output: dict[str, Template] | None = None
-    if spec.output is not None:
-        output = {}
-        for key, value in spec.output.items():
-            try:
-                output[key] = parse_value(value)
-            except RefSyntaxError as exc:
-                raise marks.error(str(exc), ("output", key)) from None
-    known = set(spec.inputs) | set(nodes)
-    _check_refs(nodes, output, known, loaded)
-    _check_invalidates(nodes, loaded)
-    graph = nx.DiGraph()
-    graph.add_nodes_from(nodes)
-    graph.add_edges_from((dep, name) for name, node in nodes.items() for dep in node.deps)
-    order = _order(graph, nodes, marks)
-    nodes = replica_routes(nodes, order)
-    generations = nx.topological_generations(graph)
-    groups = tuple(tuple(sorted(g, key=lambda n: nodes[n].index)) for g in generations)
-    successors = {name: tuple(graph.successors(name)) for name in nodes}
-    return CompiledFlow(
-        name=loaded.name,
-        loaded=loaded,
-        inputs=dict(spec.inputs),
-        settings=spec.settings,
-        nodes=nodes,
-        graph=graph,
-        order=order,
-        groups=groups,
-        group_of={name: i + 1 for i, group in enumerate(groups) for name in group},
-        successors=successors,
-        indegree={name: len(node.deps) for name, node in nodes.items()},
-        output=output,
-        output_getters=None if output is None else {k: compile_getter(t.value) for k, t in output.items()},
-    )
 
 
 def _compile_node(name: str, index: int, node: Any, spec: FlowSpec, marks: Marks, flow: str) -> CompiledNode:

@@ -113,34 +113,6 @@ class GroupRunner:
         statement when they can be, else passed to the planner's backend as without compilation."""
         return _Member(self, name)
 
-    async def serve(self, name: str, query: Query) -> Any:
-        groups = RUN_GROUPS.get()
-        if groups is None or self.broken is not None or SEQUENTIAL.get():
-            return await self.backend.run(query)
-        future = groups.get(self.group.number)
-        if future is None:
-            values: Any = query.run  # the run's values (`kinds.sql` binds it so)
-            future = groups[self.group.number] = asyncio.ensure_future(self._send(values))
-        try:
-            outcome = await future
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            outcome = _FALLBACK  # another member was cancelled, not this one
-        mine = None if outcome is _FALLBACK else outcome[0].get(name)
-        if mine is None or not mine[0]:
-            # Not in the statement (the cache answered it, or the statement failed), or its guard
-            # was false there while the executor found it should run: alone.
-            return await self.backend.run(query)
-        value = mine[1]
-        query.served.compiled = self.group.label
-        query.served.compiled_nodes = len(outcome[0])  # they share its round trip (metrics count it once)
-        ticket = outcome[1].get(name)
-        if ticket is not None and self.cache is not None:
-            self.cache.keep(query, value, ticket)
-        return value
-
     async def _send(self, values: dict[str, Any]) -> tuple[Outcome, dict[str, int]] | None:
         if self.load is not None and not self.load.idle(self.below):
             return _FALLBACK
@@ -287,7 +259,36 @@ class _Member(WrappingBackend):
         self.runner, self.name = runner, name
 
     async def run(self, query: Query) -> Any:
-        return await self.runner.serve(self.name, query)
+        """The member's value from its group's statement (the run's first member to start sends
+        it, the others await the same future), or from its own query sent down the stack."""
+        runner = self.runner
+        groups = RUN_GROUPS.get()
+        if groups is None or runner.broken is not None or SEQUENTIAL.get():
+            return await runner.backend.run(query)
+        number = runner.group.number
+        future = groups.get(number)
+        if future is None:
+            values: Any = query.run  # the run's values (`kinds.sql` binds it so)
+            future = groups[number] = asyncio.ensure_future(runner._send(values))
+        try:
+            outcome = await future
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            outcome = _FALLBACK  # another member was cancelled, not this one
+        mine = None if outcome is _FALLBACK else outcome[0].get(self.name)
+        if mine is None or not mine[0]:
+            # Not in the statement (the cache answered it, or the statement failed), or its guard
+            # was false there while the executor found it should run: alone.
+            return await runner.backend.run(query)
+        value = mine[1]
+        query.served.compiled = runner.group.label
+        query.served.compiled_nodes = len(outcome[0])  # they share its round trip (metrics count it once)
+        ticket = outcome[1].get(self.name)
+        if ticket is not None and runner.cache is not None:
+            runner.cache.keep(query, value, ticket)
+        return value
 
 
 def _value(member: Member, names: tuple[str, ...], rows: list[Any], start: int, end: int) -> Any:
