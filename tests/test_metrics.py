@@ -18,7 +18,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 import planner as planner_pkg
 from planner import CacheOptions, CallOptions, DatabaseUnavailable, FlowInputError, Metrics, Planner
 from planner.api import metrics_text
-from planner.run.metrics import FAMILIES, Family
+from planner.run.families import FAMILIES, Family
 
 DEGRADED = """
 inputs: {x: int}

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from planner import CallOptions, Planner
-from planner.run.metrics import FAMILIES
+from planner.run.families import FAMILIES
 from tests.test_examples import UNREACHABLE, serving
 
 ROOT = Path(__file__).resolve().parent.parent
