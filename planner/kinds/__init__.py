@@ -2,11 +2,13 @@
 
 A kind builds its part of a compiled node, the *body* (`SqlBody`, `CallBody` in
 `planner.lang.nodes`: the references it holds and its own fields), binds a compiled node to
-what runs it, says whether it needs the database, how pictures draw it, and offers the static
-checks `planner validate` runs. Everything else (graph, executor, compile, validate, pictures,
-the database backends) asks the registry, the body or `CompiledNode.sql`, and never branches on
-a kind's name (`tests/test_kinds.py` scans for such branches), so an unknown kind is an error
-rather than a silent fall into another kind's branch.
+what runs it, says whether it needs the database, how pictures draw it, what identifies its
+work (a recording's hash), where its statements are written (the syntax check), and offers the
+static checks `planner validate` runs. Everything else (graph, executor, compile, validate,
+pictures, recordings, the database backends) asks the registry, the body or `CompiledNode.sql`,
+and never branches on a kind's name nor reads a kind's own field through `getattr`
+(`tests/test_kinds.py` scans for both), so an unknown kind is an error rather than a silent
+fall into another kind's branch.
 """
 
 from __future__ import annotations
