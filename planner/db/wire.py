@@ -22,7 +22,7 @@ the execution *stale*: its decoded rows are never returned. `PoolerConnection` t
 descriptions and sends a statement proven free of effects again, described afresh (`repeatable`),
 and raises `StaleResult`, naming the column and both types, for any other.
 
-How (asyncpg internals, pinned by tests/test_wire.py against `ASYNCPG_CHECKED`). asyncpg's
+How (asyncpg internals, pinned by tests/db/test_wire.py against `ASYNCPG_CHECKED`). asyncpg's
 protocol is compiled and writes through its transport: `Wire` takes the transport's place on
 both sides (its `write`, and the protocol the transport calls with what arrives), for the one
 Parse of the checked execution and the few messages before its first row; everything else
@@ -50,7 +50,7 @@ import asyncpg
 
 logger = logging.getLogger("planner")
 
-# asyncpg releases whose internals `Wire` was read against (tests/test_wire.py pins it): a
+# asyncpg releases whose internals `Wire` was read against (tests/db/test_wire.py pins it): a
 # release outside them still works, described before each use, and says so once.
 ASYNCPG_CHECKED = ("0.29", "0.30", "0.31", "0.32")
 

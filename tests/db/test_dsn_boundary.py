@@ -14,7 +14,7 @@ import ast
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "planner"
 OPENERS = frozenset({"connect", "create_pool"})
 BOUNDARY = ("planner/db/pool.py", "planner/db/pooler.py")  # the pool; one connection of its own

@@ -1,6 +1,6 @@
 """How fresh a cache refill must be after an invalidation (`Query.fresh_after`), without a database.
 
-The replica side (a real streaming replica, paused) is in tests/test_cache_replica.py; here, what
+The replica side (a real streaming replica, paused) is in tests/db/test_cache_replica.py; here, what
 the cache asks of whatever is below it, for each way an invalidation arrives.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from planner.db.cache import CacheBackend
 from planner.kinds.backend import Offline, Query
-from tests.test_cache import _flow, _query
+from tests.db.test_cache import _flow, _query
 
 OTHER = """
 inputs: {x: json}

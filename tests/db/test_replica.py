@@ -36,7 +36,7 @@ def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
     (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
     monkeypatch.setenv("PLANNER_COMPILE", "0")
 
-FLOWS = Path(__file__).resolve().parent.parent / "flows"
+FLOWS = Path(__file__).resolve().parents[2] / "flows"
 TEMPLATE = "replica_demo_template"
 
 
@@ -102,7 +102,7 @@ def test_the_seed_flows_route_as_documented() -> None:
 
 
 def test_replica_is_a_boolean_key_in_the_schema() -> None:
-    schema = json.loads((Path(__file__).resolve().parent.parent / "planner" / "flow.schema.json").read_text())
+    schema = json.loads((Path(__file__).resolve().parents[2] / "planner" / "flow.schema.json").read_text())
     prop = json.dumps(schema)
     assert '"replica"' in prop and "never to a read replica" in prop
     with pytest.raises(FlowFileError, match="replica"):

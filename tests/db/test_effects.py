@@ -6,7 +6,7 @@ The table below is the specification: statement -> share? coalesce? fuse? cache?
 write (for read-your-writes)? Then the behaviours the table stands for, on a real server:
 job claims and orders are never merged, a cached statement with effects is refused, a
 verdict is asked again when it ages or the schema changes, and the read after an order sees it
-with a replica (tests/test_replica.py's pair, started here for this module).
+with a replica (tests/db/test_replica.py's pair, started here for this module).
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ import asyncpg
 import pytest
 
 from planner import CacheOptions, Planner, ReplicaOptions
-from tests import test_replica
+from tests.db import test_replica
+from tests.db.test_replica import _pause, _resume, _until
 from tests.support.replica_pair import Pair
-from tests.test_replica import _pause, _resume, _until
 
 # The streaming pair and its databases: test_replica's fixtures (a pair of this module's own).
 pair, template, databases, db = test_replica.pair, test_replica.template, test_replica.databases, test_replica.db

@@ -2,7 +2,7 @@
 
 `planner.db.wire` watches the Parse asyncpg writes for an unnamed statement and the description
 the server sends back (see its module doc). These tests fail when a new asyncpg changes any of
-it: then add the release to `ASYNCPG_CHECKED` only once tests/test_pooler_types.py passes with it.
+it: then add the release to `ASYNCPG_CHECKED` only once tests/db/test_pooler_types.py passes with it.
 """
 
 from __future__ import annotations

@@ -41,9 +41,9 @@ from planner.settings import Settings
 from planner.testing.pytest_plugin import fresh_database
 from planner.views.validate import validate_paths
 from tests import test_seed_flows as seed_flows
+from tests.db.test_fuse import Counting
 from tests.reliability.test_faults import _assert_pool_whole, _gone, _terminate, _wait_for_query
 from tests.support.pgbouncer import PgBouncer
-from tests.test_fuse import Counting
 from tests.test_seed_flows import ACME, FLOWS, _message, _stable, con  # noqa: F401 - `con` is a fixture the seed checks use
 
 
@@ -53,7 +53,7 @@ def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
     (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
     monkeypatch.setenv("PLANNER_COMPILE", "0")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # --- the seed flows through PgBouncer --------------------------------------------------------
 # Every check of tests/test_seed_flows.py that runs the flows on its `seed` planner runs here

@@ -21,8 +21,8 @@ import asyncpg
 import pytest
 
 from planner.lang.sqlinfo import combine_writes
-from tests import test_coalesce as tc
-from tests.test_coalesce import Stack, Write
+from tests.db import test_coalesce as tc
+from tests.db.test_coalesce import Stack, Write
 
 stacks = tc.stacks  # the same fixture: planners over CoalescingBackend(Spy(PoolBackend))
 

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import pytest
 
 from planner import FlowResult, NodeState
-from tests import test_coalesce as tc
-from tests.test_coalesce import Stack, Write
+from tests.db import test_coalesce as tc
+from tests.db.test_coalesce import Stack, Write
 
 stacks = tc.stacks  # the same fixture: planners over CoalescingBackend(Spy(PoolBackend))
 

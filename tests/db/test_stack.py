@@ -68,7 +68,7 @@ async def test_a_backend_of_open_run_and_close_runs_cached_and_plain_sql_nodes(m
 
 
 async def test_a_call_node_that_takes_db_over_a_backend_with_no_pool_is_told_there_is_none(tmp_path: Path) -> None:
-    (tmp_path / "t.yaml").write_text("nodes:\n  c: {call: tests.test_stack:takes_db, on_error: fail}\n")
+    (tmp_path / "t.yaml").write_text("nodes:\n  c: {call: tests.db.test_stack:takes_db, on_error: fail}\n")
     async with Planner(flows=tmp_path, backend=Minimal(), call_options=CallOptions(allowed_modules=["tests"])) as planner:
         with pytest.raises(FlowFailed) as raised:
             await planner.run("t")
