@@ -143,7 +143,7 @@ def test_five_thousand_nodes_load_and_plan(write_flow: Callable[..., Path]) -> N
     p = plan(load_flow(path))
     elapsed = time.perf_counter() - t0
     assert len(p.critical_path) == 5000  # every node follows its predecessor
-    # Only a guard against a hang: how time grows with size is tests/test_linear_load.py's job
+    # Only a guard against a hang: how time grows with size is tests/lang/test_linear_load.py's job
     # (ratios), and the speed itself a benchmark's (about 1 s here, quiet machine).
     assert elapsed < 15.0, f"{elapsed:.2f}s"
 
