@@ -7,7 +7,7 @@ work (a recording's hash), where its statements are written (the syntax check), 
 static checks `planner validate` runs. Everything else (graph, executor, compile, validate,
 pictures, recordings, the database backends) asks the registry, the body or `CompiledNode.sql`,
 and never branches on a kind's name nor reads a kind's own field through `getattr`
-(`tests/test_kinds.py` scans for both), so an unknown kind is an error rather than a silent
+(`tests/kinds/test_kinds.py` scans for both), so an unknown kind is an error rather than a silent
 fall into another kind's branch.
 """
 

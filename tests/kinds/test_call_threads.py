@@ -30,7 +30,7 @@ def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
     (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
     monkeypatch.setenv("PLANNER_COMPILE", "0")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 Write = Callable[..., Path]
 
 

@@ -199,7 +199,7 @@ def test_an_unknown_reference_points_at_the_key_its_kind_holds_references_under(
 
 # --- no kind branches outside the kinds ------------------------------------------------------
 
-PLANNER = Path(__file__).resolve().parent.parent / "planner"
+PLANNER = Path(__file__).resolve().parents[2] / "planner"
 # Where naming a kind is the job: the kinds themselves, the models that define what a node may
 # be, and the loader that validates a file against them.
 KIND_HOMES = ("kinds/", "lang/models.py", "lang/loader.py")
