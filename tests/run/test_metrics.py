@@ -326,7 +326,7 @@ def test_a_meter_provider_set_after_the_planner_is_made_receives_the_later_runs(
     import sys
 
     (tmp_path / "t.yaml").write_text("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", LATE_SDK, str(tmp_path)], capture_output=True, text=True, cwd=root,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr

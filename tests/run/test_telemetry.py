@@ -44,7 +44,7 @@ def test_runs_and_nodes_become_spans(tmp_path: Path) -> None:
         "  b: {call: tests.nodes:fail, default: 0}\n"
         "  c: {call: tests.nodes:echo, with: {value: $a}, when: 'false'}\n"
     )
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, cwd=root, timeout=60)
     assert proc.returncode == 0, proc.stderr
     spans = {s["name"]: s for s in json.loads(proc.stdout.strip().splitlines()[-1])}
@@ -89,7 +89,7 @@ def test_a_tracer_provider_set_after_a_run_traces_the_later_runs(tmp_path: Path)
     # Whether an SDK is there is asked on every run, cheaply once the API's stand-in has answered
     # (tracer()); a provider set later must still be found.
     (tmp_path / "t.yaml").write_text("nodes:\n  a: {call: tests.nodes:echo, with: {value: 1}}\n")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", LATE, str(tmp_path)], capture_output=True, text=True, cwd=root, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "['planner.flow t', 'planner.node a']"
