@@ -12,7 +12,7 @@ them; an edge that skips columns leaves its source into that gap, runs along a l
 two rows of boxes (rows line up across columns, and a gap grows when it holds more lanes), and
 comes down to its target in the gap before the target's column. So no edge passes under a box:
 each piece of a polyline, with the curve drawn for it, stays inside the box its two points
-span, and that box meets no node's box (`tests/test_layout.py` checks it on random graphs).
+span, and that box meets no node's box (`tests/views/test_layout.py` checks it on random graphs).
 
 Every string that reaches the page, wherever it came from (the flow file, a trace file), goes
 through `_esc`: made `plain` (no control characters XML forbids) and then HTML-escaped, quotes

@@ -220,7 +220,7 @@ def test_a_failed_node_s_error_is_on_its_box_and_in_mermaid_and_dot(tmp_path: Pa
 def test_an_older_trace_without_reasons_shows_the_when_as_written(tmp_path: Path) -> None:
     import json
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     flow = compile_flow(load_text((root / "flows" / "process_buffered.yaml").read_text(), name="process_buffered"))
     data = json.loads((root / "docs" / "process_buffered.trace.json").read_text())
     data["otherData"].pop("skipped", None)

@@ -23,7 +23,7 @@ from planner.views import draw, render
 from planner.views.render import plain, when_text
 from planner.views.trace import RunData, Span, TraceError, read_trace, write_trace
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED_TRACE = ROOT / "docs" / "process_buffered.trace.json"
 
 PAYLOADS = [

@@ -191,7 +191,7 @@ def test_the_seed_flows_are_drawn_clear_of_boxes() -> None:
 
     from planner.api import load_flow
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     for name in ("process_buffered", "escalation"):
         flow = load_flow(root / "flows" / f"{name}.yaml")
         _check_layout(flow, layout(flow, plan(flow)))
