@@ -27,7 +27,7 @@ from planner.testing import Cassette, CassetteError, CassetteMismatch, decode, e
 from planner.testing.pytest_plugin import FlowReplay, _Templates, apply_schema, schema_database, schema_texts
 from tests.support.pgbouncer import PgBouncer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED_FLOWS = ROOT / "flows"
 
 SCHEMA = """

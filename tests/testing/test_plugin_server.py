@@ -22,7 +22,7 @@ import pytest
 from planner.db.admin import create_database
 from planner.testing.pytest_plugin import OWNER, fresh_database, runs_root, server_home, session_folder, sweep
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run_project(project: Path, root: Path) -> subprocess.CompletedProcess[str]:

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from planner.demo import data
 from planner.testing.pytest_plugin import schema_paths
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "testing.md"
 FLOWS = ROOT / "flows"
 SEED = "INSERT INTO whatsapp_instances (instance_name, escalation_enabled, escalation_keywords) VALUES ('acme', true, '{agent}');\n"
