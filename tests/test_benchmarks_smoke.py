@@ -92,7 +92,7 @@ async def test_the_proxy_process_adds_the_round_trip_asked_for_and_counts_them(p
         finally:
             await con.close()
 
-    # As tests/test_latency_proxy.py: a sleep is never shorter than asked (some attempt reaches
+    # As tests/demo/test_latency_proxy.py: a sleep is never shorter than asked (some attempt reaches
     # it), a busy machine only ever adds time (the least of up to three attempts is the proxy's
     # own; 12.2 ms was seen for 10 ms asked), and 1.6x what was asked still catches a delay
     # applied twice.
