@@ -151,7 +151,7 @@ class _Run:
         self.release = self.released.append if self.eager else None  # what `Ready.done` hands released nodes
 
     async def main(self) -> FlowResult:
-        timed_out = False
+        timed_out = cancelled = False
         output: Any = None
         bad_output: str | None = None  # an `output:` entry that is a bug in the flow (on_bug: fail)
         for observer in self.observers:
@@ -170,16 +170,20 @@ class _Run:
                     await self._nodes()
         except TimeoutError:
             timed_out = True
+        except asyncio.CancelledError:
+            cancelled = True  # the caller gave up (a client gone, a shutdown): no answer, and not an "ok" run
+            raise
         finally:
             if sequential is not None:
                 SEQUENTIAL.reset(sequential)
             if groups is not None:
                 RUN_GROUPS.reset(groups)
             await self._stop()
-            if not timed_out and self.phase is _RUNNING:
+            if not timed_out and not cancelled and self.phase is _RUNNING:
                 # Before anyone hears the status: a bad output fails the run.
                 output, bad_output = flow_output(self.flow, self.values, self.results, self.run_id)
-            status = "timeout" if timed_out else "failed" if self.phase is _FAILED_RUN or bad_output else "ok"
+            status = ("timeout" if timed_out else "cancelled" if cancelled
+                      else "failed" if self.phase is _FAILED_RUN or bad_output else "ok")
             ledger = Ledger(self.flow, self.bound, self.run_id, self.mode, self.results, self.started, self.attempts,
                             self.served_args, degraded=self.degraded, failed_node=self.failed_node, on_error=self.on_error,
                             status=status, elapsed_ms=self._now())

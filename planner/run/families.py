@@ -33,7 +33,8 @@ FAMILIES: tuple[Family, ...] = (
     # Runs, from the executor (the observer hooks).
     Family("planner_flow_runs_total", "planner.flow.runs", "{run}", "counter",
            "Runs by flow and status: ok; failed, not_found (a required row missing), unavailable (the database "
-           "unreachable or lost), timeout; invalid_input (refused before any node ran).",
+           "unreachable or lost), timeout; invalid_input (refused before any node ran); cancelled (the caller "
+           "cancelled the run: no answer).",
            ("flow", "status")),
     Family("planner_flow_runs_degraded_total", "planner.flow.runs.degraded", "{run}", "counter",
            "Runs that ended ok with at least one node settled by its default (an answer built on a fallback).",

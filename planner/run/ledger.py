@@ -44,7 +44,7 @@ class Ledger:
         self.flow, self.bound, self.run_id, self.mode = flow, bound, run_id, mode
         self.records, self.started, self.attempts, self.served_args = records, started, attempts, served_args
         self.degraded, self.failed_node, self.on_error = degraded, failed_node, on_error
-        self.status = status  # ok, failed or timeout (as FlowResult.status)
+        self.status = status  # ok, failed or timeout (as FlowResult.status); cancelled: the caller gave up (no result)
         self.elapsed_ms = elapsed_ms
 
     def node_result(self, name: str) -> NodeResult:

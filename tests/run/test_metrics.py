@@ -402,3 +402,22 @@ async def test_every_outcome_is_counted_and_only_nodes_that_ran_have_a_latency(
         assert count == (1 if ran else 0), node
     assert metrics.value("planner_flow_runs_total", flow="mixed", status="failed") == 1
     assert metrics.histogram("planner_flow_duration_seconds", flow="mixed", status="failed")[0] == 1
+
+
+async def test_a_run_its_caller_cancels_is_counted_as_cancelled_not_ok(
+        tmp_path: Path, metrics: Metrics, write_flow: Callable[..., Path]) -> None:
+    # A client that goes away cancels its run: that is no answer, and counting it as an "ok" run
+    # (as it was) would hide every request a slow flow lost behind the success rate.
+    from tests import nodes
+
+    write_flow("nodes:\n  held: {call: tests.nodes:step, with: {tag: held, signal: started, wait: never}}\n",
+               name="gone")
+    async with Planner(flows=tmp_path, metrics=metrics, call_options=CallOptions(allowed_modules=["tests"])) as p:
+        run = asyncio.create_task(p.run("gone"))
+        await nodes.event("started").wait()
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+    assert metrics.value("planner_flow_runs_total", flow="gone", status="cancelled") == 1
+    assert metrics.value("planner_flow_runs_total", flow="gone", status="ok") == 0
+    assert metrics.value("planner_node_outcomes_total", flow="gone", node="held", outcome="cancelled") == 1
