@@ -7,7 +7,7 @@ is free, is cancelled and split: its halves run side by side on connections of t
 splitting again as long as they run long, and each member is answered as soon as its part is.
 While no connection is free, the batch goes on (its members would only queue).
 
-Batches are forced as in `test_coalesce.py`: the pool's connections are held until every run
+Batches are forced as in `tests/support/stacks.py`: the pool's connections are held until every run
 has joined the batch. What is tested is the behaviour (who is answered while what still runs),
 not the time; `benchmarks/batch_split.py` measures the time.
 """
@@ -20,10 +20,8 @@ from collections.abc import Callable
 import pytest
 
 from planner import FlowResult, NodeState
-from tests.db import test_coalesce as tc
-from tests.db.test_coalesce import Stack, Write
-
-stacks = tc.stacks  # the same fixture: planners over CoalescingBackend(Spy(PoolBackend))
+from tests.support import stacks as support
+from tests.support.stacks import Stack, Write
 
 ECHO = """
 inputs: {v: int, ms: int}
@@ -32,14 +30,14 @@ nodes:
 """
 
 
-async def _start(stack: Stack, slow: int, runs: int, held: int) -> tuple[list[asyncio.Task[FlowResult]], tc.Gate]:
+async def _start(stack: Stack, slow: int, runs: int, held: int) -> tuple[list[asyncio.Task[FlowResult]], support.Gate]:
     """`runs` runs of ECHO that join one batch (every connection held meanwhile), run `slow`
     taking 3 s and the others none; the batch gets its connection, `held` others stay held."""
     stack.load("t")
     rest = await stack.hold("gate2", connections=held) if held else None
     gate = await stack.hold("gate", connections=stack.size - held)
     before = stack.entry.count()
-    tasks = [asyncio.create_task(tc.outcome(stack.planner.run("t", {"v": v, "ms": 3000 if v == slow else 0})))
+    tasks = [asyncio.create_task(support.outcome(stack.planner.run("t", {"v": v, "ms": 3000 if v == slow else 0})))
              for v in range(runs)]
     await stack.joined(before + runs)
     await gate.release()

@@ -10,23 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
-from asyncpg.connection import LoggedQuery
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from planner import CallOptions, FlowFailed, FlowResult, NodeState, NodeTimeout, Planner, PoolOptions, QueryError
+from planner import FlowResult, NodeState, NodeTimeout, Planner, PoolOptions, QueryError
 from planner.db.coalesce import MAX_WRITE_BATCH, CoalescingBackend
 from planner.db.pool import PoolBackend
-from planner.kinds.backend import Outcome, Query, WrappingBackend
-from planner.lang.nodes import CompiledNode
+from planner.kinds.backend import Query
+from tests.support.stacks import (
+    HOLD,
+    Stack,
+    Write,
+    fetch_rows,
+    outcome,
+    run_ddl,
+    until,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -34,210 +39,6 @@ def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
     """This module is about another mechanism: nodes run as they would without compiled groups
     (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
     monkeypatch.setenv("PLANNER_COMPILE", "0")
-
-Write = Callable[..., Path]
-
-HOLD = """
-inputs: {s: float}
-nodes:
-  hold: {sql: "SELECT pg_sleep($s)", fetch: value}   # pg_sleep has effects: never coalesced
-"""
-GATE = """
-nodes:
-  wait: {sql: "SELECT count(*) FROM {table}", fetch: value, coalesce: false}   # blocks while the test locks {table}
-"""
-
-# Read-only as far as planner can tell (a STABLE function of the user's), and slow on demand.
-SLOW_ECHO = """
-CREATE FUNCTION slow_echo(v int, ms int) RETURNS int STABLE LANGUAGE plpgsql AS
-$$ BEGIN PERFORM pg_sleep(ms / 1000.0); RETURN v; END $$
-"""
-
-
-class Entry(WrappingBackend):
-    """Counts the queries that reach the coalescer, by flow: a query counted here has joined its batch
-    (or gone alone), for `CoalescingBackend.run` joins before it first awaits."""
-
-    def __init__(self, inner: CoalescingBackend) -> None:
-        super().__init__(inner)
-        self.flows: list[str] = []
-
-    async def run(self, query: Query) -> Any:
-        self.flows.append(query.node.flow)
-        return await self.inner.run(query)
-
-    def count(self) -> int:
-        return sum(1 for flow in self.flows if not flow.startswith("gate"))
-
-
-@dataclass
-class Gate:
-    """Statements holding connections, blocked until `release()`."""
-
-    con: asyncpg.Connection
-    holders: list[asyncio.Task[FlowResult]]
-
-    async def release(self) -> None:
-        await self.con.close()  # its transaction ends, and its lock with it
-        await asyncio.gather(*self.holders)
-
-
-class Spy(WrappingBackend):
-    """Records what reaches the pool: each batch's parameters as sent (as the coalescer's
-    `batches`), each statement of one run (as the backend under it)."""
-
-    def __init__(self, inner: PoolBackend) -> None:
-        super().__init__(inner)
-        self.pool = inner
-        self.sent: list[list[list[Any]]] = []  # per batch that got its connection: its members' parameters
-        self.shared: list[bool] = []  # per batch: whether it was sent as one statement
-        self.single: list[list[Any]] = []  # parameters of statements sent for one run each
-
-    async def run(self, query: Query) -> Any:
-        self.single.append(query.params[0] if query.params else [])
-        return await self.inner.run(query)
-
-    def idle(self, share: float = 1.0) -> bool:
-        return self.pool.idle(share)
-
-    async def run_batch(self, node: CompiledNode, params: list[list[Any]],
-                        started: Callable[[], None]) -> list[Outcome] | None:
-        def on_start() -> None:
-            started()
-            self.sent.append([list(p) for p in params])
-
-        outcomes = await self.pool.run_batch(node, params, on_start)
-        self.shared.append(outcomes is not None)
-        return outcomes
-
-
-@dataclass
-class Stack:
-    """A planner over `CoalescingBackend(Spy(PoolBackend))` with a pool of `size` connections."""
-
-    planner: Planner
-    coalescer: CoalescingBackend
-    spy: Spy
-    entry: Entry
-    pool: PoolBackend
-    size: int
-    dsn: str
-    log: list[LoggedQuery] = field(default_factory=list)  # every statement the pool's connections ran
-
-    async def watch(self) -> None:
-        """Log what every connection of the pool runs (and how it ended) into `log`."""
-        if self.log:
-            return
-        pool = await self.pool.pool()
-        connections = [await pool.acquire() for _ in range(self.size)]
-        for con in connections:
-            con.add_query_logger(self.log.append)
-            await pool.release(con)
-        self.log.append(LoggedQuery("-- watching", (), None, 0.0, None, None, None))
-
-    def combined(self) -> list[LoggedQuery]:
-        """The combined statements sent (reads and writes), in order."""
-        return [q for q in self.log if '"?ord"' in q.query]
-
-    def failed(self) -> list[LoggedQuery]:
-        return [q for q in self.log if q.exception is not None]
-
-    def load(self, *names: str) -> None:
-        for name in names:
-            self.planner.load(name)  # compiled before the runs start: they reach the pool together
-
-    async def hold(self, table: str = "gate", connections: int | None = None) -> Gate:
-        """Take `connections` (all) of the pool until the gate is released; returns once they are taken."""
-        self.load(table)
-        await self.watch()
-        con = await asyncpg.connect(self.dsn)
-        await con.execute(f"BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-        holders = [asyncio.create_task(self.planner.run(table)) for _ in range(connections or self.size)]
-        await until(lambda: self.entry.flows.count(table) == len(holders))
-        return Gate(con, holders)
-
-    async def joined(self, queries: int) -> None:
-        """Wait until `queries` more queries of the test's flows have reached the coalescer."""
-        await until(lambda: self.entry.count() >= queries)
-
-    async def batched(self, runs: Iterable[tuple[str, dict[str, Any]]], queries: int | None = None) -> list[FlowResult]:
-        """Start `runs` while the pool is held; open the gate once their first `queries` (one
-        per run) have joined: they share statements."""
-        runs = list(runs)
-        self.load(*{flow for flow, _ in runs})
-        gate = await self.hold()
-        before = self.entry.count()
-        tasks = [asyncio.create_task(outcome(self.planner.run(flow, inputs))) for flow, inputs in runs]
-        await self.joined(before + (len(runs) if queries is None else queries))
-        await gate.release()
-        return list(await asyncio.gather(*tasks))
-
-    async def assert_clean(self) -> None:
-        await assert_clean(self.planner, self.dsn)
-
-
-async def until(condition: Callable[[], Any], seconds: float = 5.0) -> None:
-    """Wait until `condition()` holds (polled: what it watches has no event to wait on)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("the condition never held")
-        await asyncio.sleep(0.002)
-
-
-async def outcome(run: Any) -> FlowResult:
-    try:
-        return await run  # type: ignore[no-any-return]
-    except FlowFailed as exc:
-        return exc.result
-
-
-async def assert_clean(planner: Planner, dsn: str) -> None:
-    """Every connection back in the pool, and no statement of this database still running."""
-    await planner.stack.primary.drain()
-    pool = await planner.stack.primary.pool()
-    assert pool.get_idle_size() == pool.get_size(), "a connection was not returned"
-    con = await asyncpg.connect(dsn)
-    try:
-        for _ in range(60):  # a cancel request is asynchronous: give the server a moment
-            active = await con.fetch("SELECT query FROM pg_stat_activity WHERE datname = current_database() "
-                                     "AND pid <> pg_backend_pid() AND state <> 'idle'")
-            if not active:
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"statements left running: {[r['query'] for r in active]}")
-    finally:
-        await con.close()
-
-
-@pytest.fixture
-async def stacks(tmp_path: Path, demo_dsn: str, write_flow: Write) -> AsyncIterator[Callable[..., Stack]]:
-    """`stacks(size=1, enabled=True, max_batch=...)`: planners over the flows of `write_flow`."""
-    con = await asyncpg.connect(demo_dsn)
-    try:
-        await con.execute(SLOW_ECHO)
-        await con.execute("CREATE FUNCTION vol_echo(v int) RETURNS int VOLATILE LANGUAGE sql AS 'SELECT v'")
-        await con.execute("CREATE TABLE gate (); CREATE TABLE gate2 ()")
-    finally:
-        await con.close()
-    write_flow(HOLD, name="hold")
-    for table in ("gate", "gate2"):
-        write_flow(GATE.replace("{table}", table), name=table)
-    made: list[Planner] = []
-
-    def make(size: int = 1, **options: Any) -> Stack:
-        pool = PoolBackend(dsn=demo_dsn, min_size=size, max_size=size)
-        spy = Spy(pool)
-        coalescer = CoalescingBackend(spy, batches=spy, **options)
-        entry = Entry(coalescer)
-        planner = Planner(flows=tmp_path, backend=entry, call_options=CallOptions(allowed_modules=["tests"]))
-        made.append(planner)
-        return Stack(planner, coalescer, spy, entry, pool, size, demo_dsn)
-
-    yield make
-    for planner in made:
-        await planner.close()
-
 
 def summary(result: FlowResult) -> dict[str, tuple[Any, ...]]:
     """What a run must give with or without coalescing: per node its state, value, attempts,
@@ -492,7 +293,7 @@ async def test_runs_whose_batch_failed_as_a_whole_get_errors_of_their_own(
         write_flow: Write, stacks: Callable[..., Stack], demo_dsn: str) -> None:
     # A combined write that runs over its timeout is not run again: every member gets the
     # timeout, and each run must raise an object of its own (raising writes its traceback).
-    await _table(demo_dsn, "CREATE TABLE slow_notes (id serial PRIMARY KEY, label text NOT NULL)")
+    await run_ddl(demo_dsn, "CREATE TABLE slow_notes (id serial PRIMARY KEY, label text NOT NULL)")
     write_flow("""
         inputs: {label: str}
         nodes:
@@ -697,26 +498,8 @@ async def test_a_write_batch_is_bounded_more_tightly(write_flow: Write, stacks: 
 # --- writes (coalesce: true) -------------------------------------------------------------
 
 
-async def _table(dsn: str, ddl: str) -> None:
-    con = await asyncpg.connect(dsn)
-    try:
-        # A connection left holding the table's lock fails the test instead of hanging it.
-        await con.execute("SET lock_timeout = '20s'")
-        await con.execute(ddl)
-    finally:
-        await con.close()
-
-
-async def _fetch(dsn: str, sql: str) -> list[dict[str, Any]]:
-    con = await asyncpg.connect(dsn)
-    try:
-        return [dict(r) for r in await con.fetch(sql)]
-    finally:
-        await con.close()
-
-
 async def test_a_write_batch_gives_each_run_its_own_rows(write_flow: Write, stacks: Callable[..., Stack], demo_dsn: str) -> None:
-    await _table(demo_dsn, "CREATE TABLE notes (id serial PRIMARY KEY, label text NOT NULL)")
+    await run_ddl(demo_dsn, "CREATE TABLE notes (id serial PRIMARY KEY, label text NOT NULL)")
     write_flow("""
         inputs: {label: str}
         nodes:
@@ -727,7 +510,7 @@ async def test_a_write_batch_gives_each_run_its_own_rows(write_flow: Write, stac
     assert [r.values["q"]["label"] for r in results] == ["n0", "n1", "n2", "n3"]
     assert {r.nodes["q"].served.batch for r in results} == {4}  # type: ignore[union-attr]
     assert len(stack.combined()) == 1 and stack.failed() == []
-    rows = await _fetch(demo_dsn, "SELECT id, label FROM notes ORDER BY id")
+    rows = await fetch_rows(demo_dsn, "SELECT id, label FROM notes ORDER BY id")
     assert sorted(rows, key=lambda r: r["label"]) == [r.values["q"] for r in results]
 
 
@@ -745,26 +528,26 @@ nodes:
 
 async def test_write_members_that_collide_on_a_unique_key_get_their_results_alone(
         write_flow: Write, stacks: Callable[..., Stack], demo_dsn: str) -> None:
-    await _table(demo_dsn, "CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL)")
+    await run_ddl(demo_dsn, "CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL)")
     write_flow(UPSERT)
     runs = [("t", {"k": 1, "v": "a"}), ("t", {"k": 1, "v": "b"}), ("t", {"k": 2, "v": "c"})]
     expected = await alone(stacks(size=1, enabled=False).planner, runs)
-    after_alone = await _fetch(demo_dsn, "SELECT k, v FROM kv ORDER BY k")
-    await _table(demo_dsn, "TRUNCATE kv")
+    after_alone = await fetch_rows(demo_dsn, "SELECT k, v FROM kv ORDER BY k")
+    await run_ddl(demo_dsn, "TRUNCATE kv")
     stack = stacks(size=1)
     results = await stack.batched(runs)
     assert [len(members) for members in stack.spy.sent] == [3]
     assert [q.exception is not None for q in stack.combined()] == [True]  # one statement, refused, then each alone
     assert [r.values["q"] for r in results] == [r.values["q"] for r in expected] == [
         {"k": 1, "v": "a", "inserted": True}, {"k": 1, "v": "b", "inserted": False}, {"k": 2, "v": "c", "inserted": True}]
-    assert await _fetch(demo_dsn, "SELECT k, v FROM kv ORDER BY k") == after_alone
+    assert await fetch_rows(demo_dsn, "SELECT k, v FROM kv ORDER BY k") == after_alone
 
 
 async def test_writes_with_identical_parameters_never_share_a_statement(
         write_flow: Write, stacks: Callable[..., Stack], demo_dsn: str) -> None:
     # A find-or-create that relies on seeing the rows of the runs before it: in one statement
     # the second member would not see the first's row, and create a second one.
-    await _table(demo_dsn, "CREATE TABLE tags (id serial PRIMARY KEY, name text NOT NULL, info jsonb)")
+    await run_ddl(demo_dsn, "CREATE TABLE tags (id serial PRIMARY KEY, name text NOT NULL, info jsonb)")
     write_flow("""
         inputs: {name: str, info: json}
         nodes:
@@ -783,14 +566,14 @@ async def test_writes_with_identical_parameters_never_share_a_statement(
     results = await stack.batched(runs)
     assert [r.values["q"]["created"] for r in results] == [True, False, True]
     assert results[0].values["q"]["id"] == results[1].values["q"]["id"]
-    assert await _fetch(demo_dsn, "SELECT name, count(*) AS n FROM tags GROUP BY name ORDER BY name") == [
+    assert await fetch_rows(demo_dsn, "SELECT name, count(*) AS n FROM tags GROUP BY name ORDER BY name") == [
         {"name": "a", "n": 1}, {"name": "b", "n": 1}]
     assert all(len({repr(p) for p in members}) == len(members) for members in stack.spy.sent)
 
 
 async def test_two_batches_writing_the_same_rows_do_not_deadlock(
         write_flow: Write, stacks: Callable[..., Stack], demo_dsn: str) -> None:
-    await _table(demo_dsn, "CREATE TABLE acct (id int PRIMARY KEY, n int NOT NULL); INSERT INTO acct VALUES (1, 0), (2, 0)")
+    await run_ddl(demo_dsn, "CREATE TABLE acct (id int PRIMARY KEY, n int NOT NULL); INSERT INTO acct VALUES (1, 0), (2, 0)")
     write_flow("""
         inputs: {id: int, d: int}
         nodes:
@@ -816,7 +599,7 @@ async def test_two_batches_writing_the_same_rows_do_not_deadlock(
     elapsed = time.perf_counter() - started
     assert [len(members) for members in stack.spy.sent] == [2, 2]
     assert all(r.status == "ok" and r.nodes["q"].state is NodeState.OK for r in results)
-    assert await _fetch(demo_dsn, "SELECT id, n FROM acct ORDER BY id") == [{"id": 1, "n": 11}, {"id": 2, "n": 11}]
+    assert await fetch_rows(demo_dsn, "SELECT id, n FROM acct ORDER BY id") == [{"id": 1, "n": 11}, {"id": 2, "n": 11}]
     # A deadlock is noticed only after the server's deadlock_timeout (1 s).
     assert elapsed < 1.0, f"took {elapsed:.2f}s: the batches waited for each other"
     await stack.assert_clean()
@@ -824,7 +607,7 @@ async def test_two_batches_writing_the_same_rows_do_not_deadlock(
 
 async def test_a_member_that_violates_a_constraint_fails_alone_and_the_others_are_written_once(
         write_flow: Write, stacks: Callable[..., Stack], demo_dsn: str) -> None:
-    await _table(demo_dsn, "CREATE TABLE notes (id serial PRIMARY KEY, label text NOT NULL CHECK (length(label) < 5))")
+    await run_ddl(demo_dsn, "CREATE TABLE notes (id serial PRIMARY KEY, label text NOT NULL CHECK (length(label) < 5))")
     write_flow("""
         inputs: {label: str}
         nodes:
@@ -838,13 +621,13 @@ async def test_a_member_that_violates_a_constraint_fails_alone_and_the_others_ar
     assert [r.nodes["q"].state for r in results] == [NodeState.OK, NodeState.DEFAULTED, NodeState.OK, NodeState.OK]
     error = results[1].nodes["q"].error
     assert isinstance(error, QueryError) and error.sqlstate == "23514"
-    assert await _fetch(demo_dsn, "SELECT label, count(*) AS n FROM notes GROUP BY label ORDER BY label") == [
+    assert await fetch_rows(demo_dsn, "SELECT label, count(*) AS n FROM notes GROUP BY label ORDER BY label") == [
         {"label": "a", "n": 1}, {"label": "b", "n": 1}, {"label": "c", "n": 1}]
 
 
 async def test_a_write_member_cancelled_while_it_waited_is_not_written(
         write_flow: Write, stacks: Callable[..., Stack], demo_dsn: str) -> None:
-    await _table(demo_dsn, "CREATE TABLE notes (id serial PRIMARY KEY, label text NOT NULL)")
+    await run_ddl(demo_dsn, "CREATE TABLE notes (id serial PRIMARY KEY, label text NOT NULL)")
     write_flow("""
         inputs: {label: str}
         nodes:
@@ -860,7 +643,7 @@ async def test_a_write_member_cancelled_while_it_waited_is_not_written(
     await gate.release()
     done = await asyncio.gather(*runs, return_exceptions=True)
     assert isinstance(done[1], asyncio.CancelledError)
-    assert await _fetch(demo_dsn, "SELECT label FROM notes ORDER BY label") == [{"label": "a"}, {"label": "c"}]
+    assert await fetch_rows(demo_dsn, "SELECT label FROM notes ORDER BY label") == [{"label": "a"}, {"label": "c"}]
 
 
 # --- properties: many runs at once give what each gives alone ------------------------------
@@ -922,7 +705,7 @@ _few = settings(max_examples=8, deadline=None, suppress_health_check=list(Health
 @pytest.fixture
 async def property_flows(stacks: Callable[..., Stack], demo_dsn: str, write_flow: Write) -> Callable[..., Stack]:
     """`stacks`, with the flows of the properties written."""
-    await _table(demo_dsn, "CREATE TABLE wprop (k int PRIMARY KEY, label text NOT NULL CHECK (length(label) < 4))")
+    await run_ddl(demo_dsn, "CREATE TABLE wprop (k int PRIMARY KEY, label text NOT NULL CHECK (length(label) < 4))")
     write_flow(READS, name="reads")
     write_flow("""
         inputs: {k: int, label: json}
@@ -983,13 +766,13 @@ async def test_concurrent_writes_give_every_run_what_it_gets_alone_and_write_onc
     inputs = [("writes", {"k": k, "label": label}) for k, label in runs]
     reference, stack = property_flows(size=1, enabled=False), property_flows(size=1)
     try:
-        await _table(demo_dsn, "TRUNCATE wprop")
+        await run_ddl(demo_dsn, "TRUNCATE wprop")
         expected = await alone(reference.planner, inputs)
-        written = await _fetch(demo_dsn, "SELECT k, label FROM wprop ORDER BY k")
-        await _table(demo_dsn, "TRUNCATE wprop")
+        written = await fetch_rows(demo_dsn, "SELECT k, label FROM wprop ORDER BY k")
+        await run_ddl(demo_dsn, "TRUNCATE wprop")
         results = await stack.batched(inputs)
         assert [summary(r) for r in results] == [summary(r) for r in expected]
-        assert await _fetch(demo_dsn, "SELECT k, label FROM wprop ORDER BY k") == written
+        assert await fetch_rows(demo_dsn, "SELECT k, label FROM wprop ORDER BY k") == written
         assert stack.coalescer.batches > 0 or len(set(runs)) == 1, "no batch formed"  # identical writes never share
         await stack.assert_clean()
     finally:
@@ -1037,7 +820,7 @@ async def test_a_combined_write_whose_values_cannot_be_encoded_writes_nothing_an
     results = await stack.batched([("writes", {"k": 1, "label": 5}), ("writes", {"k": 2, "label": 6})])
     assert [r.nodes["put"].state for r in results] == [NodeState.DEFAULTED] * 2
     assert stack.spy.sent == [[[1, 5], [2, 6]]]
-    assert await _fetch(demo_dsn, "SELECT k, label FROM wprop ORDER BY k") == []
+    assert await fetch_rows(demo_dsn, "SELECT k, label FROM wprop ORDER BY k") == []
     await stack.assert_clean()
 
 
@@ -1047,6 +830,6 @@ async def test_a_combined_write_with_a_value_that_cannot_be_encoded_writes_the_o
     results = await stack.batched([("writes", {"k": 1, "label": 5}), ("writes", {"k": 2, "label": "a"}),
                                    ("writes", {"k": 3, "label": "bb"})])
     assert [r.nodes["put"].state for r in results] == [NodeState.DEFAULTED, NodeState.OK, NodeState.OK]
-    assert await _fetch(demo_dsn, "SELECT k, label FROM wprop ORDER BY k") == [{"k": 2, "label": "a"},
+    assert await fetch_rows(demo_dsn, "SELECT k, label FROM wprop ORDER BY k") == [{"k": 2, "label": "a"},
                                                                                {"k": 3, "label": "bb"}]
     await stack.assert_clean()

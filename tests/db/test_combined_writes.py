@@ -8,7 +8,7 @@ MERGE, in one table or two) make the combined statement fail before anything is 
 then run one by one: every run gets what some order of separate runs would have given it.
 Members that do not overlap still share one statement.
 
-Batches are forced as in `test_coalesce.py`: the pool's one connection is held until every
+Batches are forced as in `tests/support/stacks.py`: the pool's one connection is held until every
 run has joined the batch.
 """
 
@@ -21,10 +21,8 @@ import asyncpg
 import pytest
 
 from planner.lang.sqlinfo import combine_writes
-from tests.db import test_coalesce as tc
-from tests.db.test_coalesce import Stack, Write
-
-stacks = tc.stacks  # the same fixture: planners over CoalescingBackend(Spy(PoolBackend))
+from tests.support import stacks as support
+from tests.support.stacks import Stack, Write
 
 COUNTERS = "CREATE TABLE counters (id int PRIMARY KEY, name text UNIQUE NOT NULL, n int NOT NULL DEFAULT 0); " \
            "INSERT INTO counters (id, name) SELECT g, 'c' || g FROM generate_series(1, 8) g"
@@ -66,13 +64,13 @@ def _flow(sql: str) -> str:
 @pytest.mark.parametrize("variant", list(INCREMENTS))
 async def test_six_increments_of_one_counter_in_one_batch_end_at_their_sum(
         variant: str, write_flow: Write, stacks: Callable[..., Stack], demo_dsn: str) -> None:
-    await tc._table(demo_dsn, COUNTERS)
+    await support.run_ddl(demo_dsn, COUNTERS)
     sql = INCREMENTS[variant]
     write_flow(_flow(sql))
     stack = stacks(size=1)
     results = await stack.batched(("t", _params(sql, run)) for run in range(6))
     assert [len(members) for members in stack.spy.sent] == [6]  # they did share a batch
-    rows = await tc._fetch(demo_dsn, "SELECT n FROM counters WHERE id = 1")
+    rows = await support.fetch_rows(demo_dsn, "SELECT n FROM counters WHERE id = 1")
     assert rows == [{"n": 21}]  # 1 + 2 + ... + 6: no increment lost
     # Each run saw its own row after its update: the values are the running sums of one order.
     seen = sorted((r.values["q"], run + 1) for run, r in enumerate(results))
@@ -86,7 +84,7 @@ async def test_six_increments_of_one_counter_in_one_batch_end_at_their_sum(
 @pytest.mark.parametrize("variant", [v for v in INCREMENTS if v != "upsert"])
 async def test_increments_of_different_counters_still_share_one_statement(
         variant: str, write_flow: Write, stacks: Callable[..., Stack], demo_dsn: str) -> None:
-    await tc._table(demo_dsn, COUNTERS)
+    await support.run_ddl(demo_dsn, COUNTERS)
     sql = INCREMENTS[variant]
     write_flow(_flow(sql))
     stack = stacks(size=1)
@@ -102,7 +100,7 @@ async def test_a_delete_and_an_update_of_one_row_by_two_members_keep_an_order_of
     # In either order of separate runs, row 5 ends deleted. In one statement the member that
     # ran second skipped row 5 without a word: row 5 stayed, and the deleter was told it
     # deleted nothing.
-    await tc._table(demo_dsn, COUNTERS)
+    await support.run_ddl(demo_dsn, COUNTERS)
     write_flow("""
         inputs: {del: int, upd: int}
         nodes:
@@ -120,12 +118,12 @@ async def test_a_delete_and_an_update_of_one_row_by_two_members_keep_an_order_of
     assert [len(members) for members in stack.spy.sent] == [2]
     assert results[0].values["q"] == {"deleted": [5], "updated": [1]}
     assert results[1].values["q"] in ({"deleted": [3], "updated": None}, {"deleted": [3], "updated": [1]})
-    assert await tc._fetch(demo_dsn, "SELECT id, n FROM counters WHERE id IN (2, 3, 5) ORDER BY id") == [{"id": 2, "n": 1}]
+    assert await support.fetch_rows(demo_dsn, "SELECT id, n FROM counters WHERE id IN (2, 3, 5) ORDER BY id") == [{"id": 2, "n": 1}]
 
 
 async def test_members_that_overlap_in_a_second_table_only_run_one_by_one(
         write_flow: Write, stacks: Callable[..., Stack], demo_dsn: str) -> None:
-    await tc._table(demo_dsn, COUNTERS + "; CREATE TABLE totals (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); "
+    await support.run_ddl(demo_dsn, COUNTERS + "; CREATE TABLE totals (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); "
                                          "INSERT INTO totals (id) VALUES (1), (2)")
     write_flow("""
         inputs: {id: int, total: int, d: int}
@@ -142,13 +140,13 @@ async def test_members_that_overlap_in_a_second_table_only_run_one_by_one(
     results = await stack.batched(("t", {"id": run + 1, "total": 1, "d": run + 1}) for run in range(4))
     assert [r.values["q"]["counter"] for r in results] == [1, 2, 3, 4]
     assert sorted(r.values["q"]["total"] for r in results) == [1, 3, 6, 10]  # running sums: each saw its own
-    assert await tc._fetch(demo_dsn, "SELECT n FROM totals WHERE id = 1") == [{"n": 10}]
+    assert await support.fetch_rows(demo_dsn, "SELECT n FROM totals WHERE id = 1") == [{"n": 10}]
 
 
 async def test_a_combined_write_fetched_one_sends_one_row_per_member(
         write_flow: Write, stacks: Callable[..., Stack], demo_dsn: str) -> None:
     # Alone, `fetch: one` asks the server for one row; combined, each member sends no more.
-    await tc._table(demo_dsn, COUNTERS)
+    await support.run_ddl(demo_dsn, COUNTERS)
     write_flow("""
         inputs: {low: int, d: int}
         nodes:
@@ -159,7 +157,7 @@ async def test_a_combined_write_fetched_one_sends_one_row_per_member(
     results = await stack.batched([("t", {"low": 1, "d": 1}), ("t", {"low": 5, "d": 2})])
     assert [r.values["q"]["n"] for r in results] == [1, 2]
     assert len(stack.combined()) == 1 and stack.failed() == []
-    assert await tc._fetch(demo_dsn, "SELECT sum(n) AS s FROM counters") == [{"s": 4 + 8}]  # every row written
+    assert await support.fetch_rows(demo_dsn, "SELECT sum(n) AS s FROM counters") == [{"s": 4 + 8}]  # every row written
     text = combine_writes("UPDATE counters SET n = n + $1 WHERE id >= $2 AND id < $2 + 4 RETURNING id, n", 2,
                           first_row=True)
     assert text is not None
@@ -188,12 +186,12 @@ async def test_a_write_through_a_view_runs_one_by_one_and_is_then_never_combined
     # A view has no ctid: the overlap guard cannot name the rows it changes, so the combined
     # statement is refused; the members run one by one (none lost), and the statement is not
     # combined again, with a warning, instead of being refused on every batch.
-    await tc._table(demo_dsn, COUNTERS + "; CREATE VIEW counters_v AS SELECT * FROM counters")
+    await support.run_ddl(demo_dsn, COUNTERS + "; CREATE VIEW counters_v AS SELECT * FROM counters")
     write_flow(_flow("UPDATE counters_v SET n = n + $d WHERE id = $id RETURNING n"))
     stack = stacks(size=1)
     first = await stack.batched(("t", {"d": run + 1, "id": 1}) for run in range(3))
     second = await stack.batched(("t", {"d": run + 4, "id": 1}) for run in range(3))
     assert sorted(r.values["q"] for r in first + second) == [1, 3, 6, 10, 15, 21]
-    assert await tc._fetch(demo_dsn, "SELECT n FROM counters WHERE id = 1") == [{"n": 21}]
+    assert await support.fetch_rows(demo_dsn, "SELECT n FROM counters WHERE id = 1") == [{"n": 21}]
     assert len(stack.combined()) == 1  # the first batch tried once; the second was not combined
     assert [r.getMessage() for r in caplog.records if "is not combined" in r.getMessage()] != []
