@@ -107,13 +107,15 @@ TABLE: list[tuple[str, Decisions]] = [
 
 
 @pytest.fixture
-async def db(planner_database: str) -> str:
-    con = await asyncpg.connect(planner_database)
-    try:
-        await con.execute(SCHEMA)
-    finally:
-        await con.close()
-    return planner_database
+def planner_schema() -> str:
+    """SCHEMA, applied once to a template database that each test's `db` copies."""
+    return SCHEMA
+
+
+@pytest.fixture
+async def db(planner_flow_dsn: str) -> str:
+    """A database of the test's own with SCHEMA (the plugin's `planner_flow_dsn`)."""
+    return planner_flow_dsn
 
 
 def _node(text: str, *, cache: bool = True) -> Any:
