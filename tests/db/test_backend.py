@@ -34,8 +34,9 @@ from planner import (
     load_flow,
 )
 from planner.db.pool import PoolBackend
-from planner.kinds.backend import Backend, Offline, Query, WrappingBackend
+from planner.kinds.backend import Backend, Offline
 from planner.views.validate import validate_paths
+from tests.support.spies import Counting
 
 
 @pytest.fixture(autouse=True)
@@ -47,23 +48,6 @@ def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
 Write = Callable[..., Path]
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/none"
 SECRET = "sk_live_SECRET"
-
-
-class Counting(WrappingBackend):
-    """Records every query, and every call that would open the database through it."""
-
-    def __init__(self, inner: Backend) -> None:
-        super().__init__(inner)
-        self.queries: list[Query] = []
-        self.opens = 0
-
-    async def open(self) -> None:
-        self.opens += 1
-        await super().open()
-
-    async def run(self, query: Query) -> Any:
-        self.queries.append(query)
-        return await super().run(query)
 
 
 # --- runs that need no database -------------------------------------------------------------

@@ -18,7 +18,8 @@ from planner import CallOptions, FlowFailed, FlowFileError, NodeResult, NodeStat
 from planner.db.cache import CacheBackend
 from planner.db.pool import PoolBackend
 from planner.graph import CompiledFlow
-from planner.kinds.backend import Offline, Query, WrappingBackend, freeze, private_copy
+from planner.kinds.backend import Offline, Query, freeze, private_copy
+from tests.support.spies import Counting
 
 
 @pytest.fixture(autouse=True)
@@ -67,18 +68,6 @@ class Fake(Offline):
     @property
     def sent(self) -> int:
         return sum(self.calls.values())
-
-
-class Counting(WrappingBackend):
-    """Below the cache: counts the statements that really go to the database, per node."""
-
-    def __init__(self, inner: Any) -> None:
-        super().__init__(inner)
-        self.sent: Counter[str] = Counter()
-
-    async def run(self, query: Query) -> Any:
-        self.sent[query.node.name] += 1
-        return await self.inner.run(query)
 
 
 TWO = """

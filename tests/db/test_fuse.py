@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from planner import CacheOptions, DatabaseUnavailable, NodeState, Planner, QueryError, load_flow
 from planner.db.fuse import FusingBackend
-from planner.kinds.backend import Query, WrappingBackend
+from planner.kinds.backend import Query
+from tests.support.spies import Counting
 
 
 @pytest.fixture(autouse=True)
@@ -62,28 +63,6 @@ async def fuse_db(demo_dsn: str) -> AsyncIterator[str]:
     finally:
         await con.close()
     yield demo_dsn
-
-
-class Counting(WrappingBackend):
-    """Counts what reaches the database: single queries (the backend under fusion) and fused
-    groups (fusion's `fuser`, passed on to `pool`: the pool under `inner`, or `inner` itself)."""
-
-    def __init__(self, inner: Any, pool: Any = None) -> None:
-        super().__init__(inner)
-        self.pool = inner if pool is None else pool
-        self.single = 0
-        self.fused: list[int] = []
-
-    async def run(self, query: Query) -> Any:
-        self.single += 1
-        return await self.inner.run(query)
-
-    def idle(self, share: float = 1.0) -> bool:
-        return bool(self.pool.idle(share))
-
-    async def run_fused(self, queries: list[Query]) -> Any:
-        self.fused.append(len(queries))
-        return await self.pool.run_fused(queries)
 
 
 def _planner(dsn: str, *, fuse: bool) -> tuple[Planner, Counting]:

@@ -41,9 +41,9 @@ from planner.settings import Settings
 from planner.testing.pytest_plugin import fresh_database
 from planner.views.validate import validate_paths
 from tests import test_seed_flows as seed_flows
-from tests.db.test_fuse import Counting
 from tests.reliability.test_faults import _assert_pool_whole, _gone, _terminate, _wait_for_query
 from tests.support.pgbouncer import PgBouncer
+from tests.support.spies import Counting
 from tests.test_seed_flows import ACME, FLOWS, _message, _stable, con  # noqa: F401 - `con` is a fixture the seed checks use
 
 
@@ -371,6 +371,7 @@ async def test_validate_with_a_database_through_pgbouncer_finds_what_direct_find
     assert {f.node for f in through} == {"inst", "uses", "typed", "two"}
 
 
+@pytest.mark.subprocess  # runs the planner command
 def test_planner_validate_db_through_pgbouncer(demo_dsn: str, pgbouncer: PgBouncer) -> None:
     proc = subprocess.run([sys.executable, "-m", "planner", "validate", "--db", pgbouncer.dsn(demo_dsn)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
