@@ -77,6 +77,7 @@ def test_db_status_through_pgbouncer_honours_the_dsn_parameter(pg_dsn: str, pgbo
     assert re.search(r"^reachable:\s+yes \(PostgreSQL \d+", status.stdout, re.M)
 
 
+@pytest.mark.slow  # runs the demo: it makes its database, data and load table (14 s)
 def test_demo_names_its_database_before_any_table(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
