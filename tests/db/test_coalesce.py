@@ -678,7 +678,7 @@ nodes:
   slow:                       # slower than its timeout for some runs
     sql: SELECT slow_echo($k::int, $ms::int) AS v
     fetch: value
-    timeout: 100ms
+    timeout: 500ms            # 5x the fast runs' worst seen under a loaded machine (~100 ms)
     default: -1
   twice:
     sql: SELECT $parsed::int * 2 AS n
@@ -694,7 +694,7 @@ read_inputs = st.fixed_dictionaries({
     "a": st.one_of(st.none(), st.integers(-3, 3).map(str), st.sampled_from(["x", "1.5", " 7", ""])),
     "b": st.sampled_from([1, 2, True, 1.0, 2.5, "3", None, [1]]),
     "k": st.integers(0, 6),
-    "ms": st.sampled_from([0] * 15 + [250]),
+    "ms": st.sampled_from([0] * 15 + [1000]),
     "j": st.one_of(st.none(), st.integers(0, 3).map(lambda n: {"n": n}), st.just({"n": [1, None]}), st.just("text")),
 })
 cancel_after = st.one_of(st.none(), st.none(), st.none(), st.none(), st.none(), st.floats(0, 0.06))
