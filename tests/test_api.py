@@ -293,12 +293,15 @@ async def test_a_flow_is_compiled_off_the_event_loop(tmp_path: Path) -> None:
     tick = asyncio.create_task(ticker())
     await asyncio.sleep(0.01)  # the ticker is ticking
     planner = Planner(flows=tmp_path, call_options=CallOptions(allowed_modules=["tests"]))
+    before = len(gaps)
     await planner.versions.entry("big")  # the load a first run makes, without running 3,000 nodes
     loading.set()
     await tick
-    # On the loop, the stall is the whole compile (and more: binding). On a thread, it is the
-    # longest stretch the compile holds the GIL in one C call (libyaml composing the document).
-    assert max(gaps) < 0.6 * compile_s, f"the loop stalled {max(gaps) * 1000:.0f} ms of a {compile_s * 1000:.0f} ms compile"
+    # On the loop, the loop turns about twice while the flow loads (the compile is one stretch).
+    # On a thread, it turns all along, between the GIL stretches of the compile (libyaml composing
+    # the document holds it longest). A count of turns, not a time: a loaded machine slows both.
+    turns = len(gaps) - before
+    assert turns >= 20, f"the loop turned {turns} times during a {compile_s * 1000:.0f} ms compile"
 
 
 async def test_a_broken_edit_is_not_compiled_again_until_it_changes(
