@@ -51,8 +51,22 @@ from planner.demo.latency_proxy import ProxyProcess
 from planner.demo.run import DEMO_DATABASE, demo_dsn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Only the connections this configuration opened (`backend_start` from $1, the server's clock when
+# it began): a server connection an earlier configuration or a neighbour left (a PgBouncer keeps
+# its idle server connections for minutes) is not this fleet's.
 SERVER_CONNECTIONS = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                      "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
+                      "AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND backend_start >= $1")
+SERVER_NOW = "SELECT clock_timestamp()"
+
+
+async def _server_now(dsn: str | None) -> Any:
+    if dsn is None:
+        return None
+    con = await asyncpg.connect(dsn)
+    try:
+        return await con.fetchval(SERVER_NOW)
+    finally:
+        await con.close()
 
 
 async def child(dsn: str, replica: str, tag: str, index: int, in_flight: int, pool: int,
@@ -212,6 +226,8 @@ async def _through(setup: Setup, servers: Servers, pool_size: int | None,
 async def run_one(args: argparse.Namespace, servers: Servers, n: int, setup: Setup, *, kill_one: bool) -> Row:
     """`n` processes on `setup` for `--seconds`: their figures, and what the table holds."""
     bouncer_pool = (args.bouncer_pool or n * args.pool) if setup.via == "pgbouncer" else None
+    since = await _server_now(servers.primary)
+    replica_since = await _server_now(servers.replica) if setup.replica else None
     async with _through(setup, servers, bouncer_pool, args.rtt_ms / 2) as (proxy, replica_proxy):
         tag = f"{os.getpid()}-{n}-{time.time_ns()}"
         procs = [await asyncio.create_subprocess_exec(
@@ -240,9 +256,9 @@ async def run_one(args: argparse.Namespace, servers: Servers, n: int, setup: Set
         t0 = time.perf_counter()
         killed = False
         while time.perf_counter() - t0 < args.seconds:
-            seen = max(seen, await admin.fetchval(SERVER_CONNECTIONS))
+            seen = max(seen, await admin.fetchval(SERVER_CONNECTIONS, since))
             if replica_admin is not None:
-                replica_seen = max(replica_seen, await replica_admin.fetchval(SERVER_CONNECTIONS))
+                replica_seen = max(replica_seen, await replica_admin.fetchval(SERVER_CONNECTIONS, replica_since))
             if kill_one and n > 1 and not killed and time.perf_counter() - t0 > args.seconds / 2:
                 procs[0].kill()  # SIGKILL mid-load: no cleanup, connections dropped by the server
                 killed = True
