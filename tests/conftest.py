@@ -113,6 +113,14 @@ def _reset_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes run as they would without compiled groups (`PLANNER_COMPILE=0`): for modules about
+    another mechanism (`pytestmark = pytest.mark.usefixtures("uncompiled")`); tests/test_compile.py
+    covers compilation."""
+    monkeypatch.setenv("PLANNER_COMPILE", "0")
+
+
+@pytest.fixture
 def write_flow(tmp_path: Path) -> Callable[..., Path]:
     """Write a flow file into a fresh flows folder: `write_flow(yaml, name="t")`."""
 

@@ -38,12 +38,8 @@ from planner.kinds.backend import Backend, Offline
 from planner.views.validate import validate_paths
 from tests.support.spies import Counting
 
-
-@pytest.fixture(autouse=True)
-def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This module is about another mechanism: nodes run as they would without compiled groups
-    (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
-    monkeypatch.setenv("PLANNER_COMPILE", "0")
+# This module is about another mechanism: nodes run as they would without compiled groups.
+pytestmark = pytest.mark.usefixtures("uncompiled")
 
 Write = Callable[..., Path]
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/none"

@@ -22,12 +22,8 @@ from planner import FlowResult, Planner, PoolOptions
 from planner.db.pool import PoolBackend
 from planner.demo.latency_proxy import LatencyProxy
 
-
-@pytest.fixture(autouse=True)
-def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This module is about another mechanism: nodes run as they would without compiled groups
-    (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
-    monkeypatch.setenv("PLANNER_COMPILE", "0")
+# This module is about another mechanism: nodes run as they would without compiled groups.
+pytestmark = pytest.mark.usefixtures("uncompiled")
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -33,12 +33,8 @@ from tests.support.stacks import (
     until,
 )
 
-
-@pytest.fixture(autouse=True)
-def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This module is about another mechanism: nodes run as they would without compiled groups
-    (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
-    monkeypatch.setenv("PLANNER_COMPILE", "0")
+# This module is about another mechanism: nodes run as they would without compiled groups.
+pytestmark = pytest.mark.usefixtures("uncompiled")
 
 def summary(result: FlowResult) -> dict[str, tuple[Any, ...]]:
     """What a run must give with or without coalescing: per node its state, value, attempts,

@@ -15,12 +15,8 @@ from planner import NodeTimeout, load_flow
 from planner.db.pool import PoolBackend
 from planner.kinds.backend import Outcome, Query
 
-
-@pytest.fixture(autouse=True)
-def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This module is about another mechanism: nodes run as they would without compiled groups
-    (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
-    monkeypatch.setenv("PLANNER_COMPILE", "0")
+# This module is about another mechanism: nodes run as they would without compiled groups.
+pytestmark = pytest.mark.usefixtures("uncompiled")
 
 # Read-only as far as planner can tell (a STABLE function of the user's), and slow on demand.
 SLOW_ECHO = """

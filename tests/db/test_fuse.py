@@ -20,12 +20,8 @@ from planner.db.fuse import FusingBackend
 from planner.kinds.backend import Query
 from tests.support.spies import Counting
 
-
-@pytest.fixture(autouse=True)
-def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This module is about another mechanism: nodes run as they would without compiled groups
-    (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
-    monkeypatch.setenv("PLANNER_COMPILE", "0")
+# This module is about another mechanism: nodes run as they would without compiled groups.
+pytestmark = pytest.mark.usefixtures("uncompiled")
 
 SIBLINGS = """
 inputs: {k: int, bad: {type: str, default: "1"}}

@@ -46,12 +46,8 @@ from tests.support.pgbouncer import PgBouncer
 from tests.support.spies import Counting
 from tests.test_seed_flows import ACME, FLOWS, _message, _stable, con  # noqa: F401 - `con` is a fixture the seed checks use
 
-
-@pytest.fixture(autouse=True)
-def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This module is about another mechanism: nodes run as they would without compiled groups
-    (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
-    monkeypatch.setenv("PLANNER_COMPILE", "0")
+# This module is about another mechanism: nodes run as they would without compiled groups.
+pytestmark = pytest.mark.usefixtures("uncompiled")
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -29,12 +29,8 @@ from planner.settings import Settings, SettingsError
 from planner.testing.pytest_plugin import fresh_database, server_folder
 from tests.support.replica_pair import Pair, Server, caught_up, start_pair
 
-
-@pytest.fixture(autouse=True)
-def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This module is about another mechanism: nodes run as they would without compiled groups
-    (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
-    monkeypatch.setenv("PLANNER_COMPILE", "0")
+# This module is about another mechanism: nodes run as they would without compiled groups.
+pytestmark = pytest.mark.usefixtures("uncompiled")
 
 FLOWS = Path(__file__).resolve().parents[2] / "flows"
 TEMPLATE = "replica_demo_template"

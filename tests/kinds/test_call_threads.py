@@ -23,12 +23,8 @@ from planner.kinds.backend import Offline
 from planner.kinds.call import CallThreads
 from tests import nodes
 
-
-@pytest.fixture(autouse=True)
-def _uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This module is about another mechanism: nodes run as they would without compiled groups
-    (`PLANNER_COMPILE=0`; tests/test_compile.py covers compilation)."""
-    monkeypatch.setenv("PLANNER_COMPILE", "0")
+# This module is about another mechanism: nodes run as they would without compiled groups.
+pytestmark = pytest.mark.usefixtures("uncompiled")
 
 ROOT = Path(__file__).resolve().parents[2]
 Write = Callable[..., Path]
